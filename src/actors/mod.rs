@@ -1,0 +1,14 @@
+//! Actors: one `PaymentActor` per live payment, serializing its transitions; the
+//! `PaymentRegistry` that activates, passivates and restarts them; mailbox accounting.
+//!
+//! actix has no accessor for a mailbox's length, so every send and receipt is counted here,
+//! per actor and per actor kind.
+
+pub mod mailbox;
+pub mod payment;
+pub mod payment_flow;
+pub mod registry;
+
+pub use mailbox::{ActorStats, Mailbox};
+pub use payment::{IdemKey, Op, PaymentActor, PaymentCall, Reply};
+pub use registry::PaymentRegistry;

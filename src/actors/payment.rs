@@ -1,0 +1,219 @@
+//! `PaymentActor`: one per live payment. It owns the payment's state and handles one message
+//! at a time to completion (`AtomicResponse`: no other message starts while one awaits), so two
+//! captures, or a refund and a PSP event, can never interleave.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use dashmap::DashMap;
+use futures_util::FutureExt;
+use tracing::Instrument;
+
+use super::mailbox::Mailbox;
+use super::payment_flow::{process, Live, PaymentDeps};
+use super::registry::ActorEntry;
+use crate::domain::{MerchantId, Money, PaymentId, RefundId};
+use crate::error::ApiError;
+
+/// How long an actor whose payment could not be loaded keeps answering with that error before
+/// it stops, so a burst of calls for a missing id costs one load.
+const FAILED_LINGER: Duration = Duration::from_millis(200);
+
+/// The idempotency record a call completes in its commit.
+#[derive(Debug, Clone)]
+pub struct IdemKey {
+    pub merchant: MerchantId,
+    pub key: String,
+}
+
+/// A merchant's operation on a payment.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Authorize (and with automatic capture, capture). `created`: this confirms a payment the
+    /// same request created, so the answer is `201`.
+    Confirm {
+        payment_method: Option<String>,
+        created: bool,
+    },
+    Capture {
+        amount: Option<Money>,
+    },
+    Cancel,
+    /// `resume`: the refund an interrupted request with the same idempotency key created.
+    Refund {
+        amount: Option<Money>,
+        reason: Option<String>,
+        resume: Option<RefundId>,
+    },
+    /// Catch up with the PSP after the customer completed 3-D Secure.
+    Sync,
+}
+
+impl Op {
+    fn name(&self) -> &'static str {
+        match self {
+            Op::Confirm { .. } => "confirm",
+            Op::Capture { .. } => "capture",
+            Op::Cancel => "cancel",
+            Op::Refund { .. } => "refund",
+            Op::Sync => "sync",
+        }
+    }
+}
+
+/// The rendered answer. `stored`: the commit already wrote it as the idempotency record.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub stored: bool,
+}
+
+#[derive(Message, Clone, Debug)]
+#[rtype(result = "Result<Reply, ApiError>")]
+pub struct PaymentCall {
+    pub merchant: MerchantId,
+    pub op: Op,
+    pub idem: Option<IdemKey>,
+}
+
+pub struct PaymentActor {
+    id: PaymentId,
+    deps: Arc<PaymentDeps>,
+    /// The registry's map, so that a stopping actor removes its own entry (and only its own:
+    /// `generation` tells incarnations apart).
+    registry: Arc<DashMap<PaymentId, ActorEntry>>,
+    generation: u64,
+    mailbox: Arc<Mailbox>,
+    /// `None` until loaded, while a message runs, or after a failure.
+    live: Option<Live>,
+    load_error: Option<ApiError>,
+    last_activity: Instant,
+    idle_timeout: Duration,
+    mailbox_capacity: usize,
+    kind: Arc<super::ActorStats>,
+}
+
+impl PaymentActor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: PaymentId,
+        deps: Arc<PaymentDeps>,
+        registry: Arc<DashMap<PaymentId, ActorEntry>>,
+        generation: u64,
+        mailbox: Arc<Mailbox>,
+        idle_timeout: Duration,
+        mailbox_capacity: usize,
+        kind: Arc<super::ActorStats>,
+    ) -> PaymentActor {
+        PaymentActor {
+            id,
+            deps,
+            registry,
+            generation,
+            mailbox,
+            live: None,
+            load_error: None,
+            last_activity: Instant::now(),
+            idle_timeout,
+            mailbox_capacity,
+            kind,
+        }
+    }
+}
+
+impl Actor for PaymentActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.mailbox_capacity);
+        self.kind.live.fetch_add(1, Ordering::Relaxed);
+        let deps = self.deps.clone();
+        let id = self.id.clone();
+        // `wait` holds every message back until the state is loaded.
+        ctx.wait(async move { deps.db.load_payment(&id).await }.into_actor(self).map(
+            |loaded, act, ctx| match loaded {
+                Ok(Some((payment, open))) => act.live = Some(Live { payment, open }),
+                Ok(None) => act.fail(ctx, ApiError::NotFound("payment")),
+                Err(e) => act.fail(ctx, e),
+            },
+        ));
+        let every = (self.idle_timeout / 4).max(Duration::from_millis(10));
+        ctx.run_interval(every, |act, ctx| {
+            if act.last_activity.elapsed() >= act.idle_timeout && act.mailbox.depth() == 0 {
+                tracing::debug!(payment_id = %act.id, "passivating idle payment actor");
+                ctx.stop();
+            }
+        });
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.kind.live.fetch_sub(1, Ordering::Relaxed);
+        self.registry
+            .remove_if(&self.id, |_, e| e.generation == self.generation);
+    }
+}
+
+impl PaymentActor {
+    fn fail(&mut self, ctx: &mut Context<Self>, error: ApiError) {
+        self.load_error = Some(error);
+        self.live = None;
+        ctx.run_later(FAILED_LINGER, |_, ctx| ctx.stop());
+    }
+}
+
+impl Handler<PaymentCall> for PaymentActor {
+    type Result = AtomicResponse<Self, Result<Reply, ApiError>>;
+
+    fn handle(&mut self, call: PaymentCall, _ctx: &mut Self::Context) -> Self::Result {
+        self.mailbox.received();
+        self.last_activity = Instant::now();
+        let span = tracing::info_span!("payment_actor", payment_id = %self.id, op = call.op.name());
+        let live = match self.live.take() {
+            Some(live) if live.payment.merchant_id == call.merchant => live,
+            Some(live) => {
+                // Another merchant's payment does not exist, as far as this caller can tell.
+                self.live = Some(live);
+                return AtomicResponse::new(Box::pin(fut::ready(Err(ApiError::NotFound("payment")))));
+            }
+            None => {
+                let e = self
+                    .load_error
+                    .clone()
+                    .unwrap_or(ApiError::Unavailable("payment actor"));
+                return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
+            }
+        };
+        let deps = self.deps.clone();
+        let work = async move {
+            let run = process(&deps, live, call.op, call.idem).instrument(span);
+            AssertUnwindSafe(run).catch_unwind().await
+        };
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(|result, act, ctx| {
+            act.last_activity = Instant::now();
+            match result {
+                Ok((reply, live, stale)) => {
+                    if stale {
+                        // Someone else wrote this payment: reload from PostgreSQL on next use.
+                        act.kind.restarts.fetch_add(1, Ordering::Relaxed);
+                        ctx.stop();
+                    } else {
+                        act.live = Some(live);
+                    }
+                    reply
+                }
+                Err(_) => {
+                    // A panic in the handler: its state is unknown. Stop; the registry starts a
+                    // fresh incarnation from PostgreSQL, and this caller's key is released.
+                    tracing::error!(payment_id = %act.id, "payment actor panicked; restarting from PostgreSQL");
+                    act.kind.restarts.fetch_add(1, Ordering::Relaxed);
+                    ctx.stop();
+                    Err(ApiError::Unavailable("payment actor"))
+                }
+            }
+        })))
+    }
+}

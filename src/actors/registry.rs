@@ -1,0 +1,137 @@
+//! `PaymentRegistry`: finds the live actor of a payment, or activates one (it loads itself
+//! from PostgreSQL); bounds live actors and mailboxes; and hands a message that found its
+//! actor stopping to the next incarnation, so a passivation never loses a call.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, Addr};
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+
+use super::mailbox::{ActorStats, Mailbox};
+use super::payment::{PaymentActor, PaymentCall, Reply};
+use super::payment_flow::PaymentDeps;
+use crate::config::ActorsConfig;
+use crate::domain::PaymentId;
+use crate::error::ApiError;
+
+/// How many incarnations one call may try: a call that meets a stopping actor goes to the next.
+const MAX_DELIVERY_TRIES: usize = 3;
+
+#[derive(Clone)]
+pub struct ActorEntry {
+    pub addr: Addr<PaymentActor>,
+    pub generation: u64,
+    pub mailbox: Arc<Mailbox>,
+}
+
+pub struct PaymentRegistry {
+    actors: Arc<DashMap<PaymentId, ActorEntry>>,
+    deps: Arc<PaymentDeps>,
+    generation: AtomicU64,
+    config: ActorsConfig,
+    pub stats: Arc<ActorStats>,
+}
+
+impl PaymentRegistry {
+    pub fn new(deps: PaymentDeps, config: ActorsConfig) -> PaymentRegistry {
+        PaymentRegistry {
+            actors: Arc::new(DashMap::new()),
+            deps: Arc::new(deps),
+            generation: AtomicU64::new(1),
+            config,
+            stats: Arc::new(ActorStats::default()),
+        }
+    }
+
+    /// Delivers `call` to the payment's actor and waits for its answer.
+    pub async fn call(&self, id: &PaymentId, call: PaymentCall) -> Result<Reply, ApiError> {
+        for _ in 0..MAX_DELIVERY_TRIES {
+            let entry = self.entry(id)?;
+            if entry.mailbox.depth() >= self.config.mailbox_capacity as i64 {
+                return Err(ApiError::Unavailable("payment actor (mailbox full)"));
+            }
+            entry.mailbox.sent();
+            match entry.addr.send(call.clone()).await {
+                Ok(reply) => return reply,
+                Err(_) => {
+                    // The actor stopped before taking the message up: it never ran, so it is
+                    // safe to give it to a fresh incarnation.
+                    entry.mailbox.dropped();
+                    self.actors.remove_if(id, |_, e| e.generation == entry.generation);
+                }
+            }
+        }
+        Err(ApiError::Unavailable("payment actor"))
+    }
+
+    fn entry(&self, id: &PaymentId) -> Result<ActorEntry, ApiError> {
+        if let Some(e) = self.actors.get(id) {
+            if e.addr.connected() {
+                return Ok(e.clone());
+            }
+        }
+        if self.actors.len() >= self.config.max_live {
+            return Err(ApiError::Unavailable("payment actors (too many live)"));
+        }
+        let entry = match self.actors.entry(id.clone()) {
+            Entry::Occupied(o) if o.get().addr.connected() => o.get().clone(),
+            Entry::Occupied(mut o) => {
+                let e = self.start(id);
+                o.insert(e.clone());
+                e
+            }
+            Entry::Vacant(v) => v.insert(self.start(id)).clone(),
+        };
+        Ok(entry)
+    }
+
+    fn start(&self, id: &PaymentId) -> ActorEntry {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let mailbox = Arc::new(Mailbox::new(self.stats.clone()));
+        let actor = PaymentActor::new(
+            id.clone(),
+            self.deps.clone(),
+            self.actors.clone(),
+            generation,
+            mailbox.clone(),
+            Duration::from_millis(self.config.idle_timeout_ms),
+            // actix's own bound sits above ours, so `send` never parks a caller: ours answers 503 first.
+            self.config.mailbox_capacity + 1,
+            self.stats.clone(),
+        );
+        ActorEntry {
+            addr: actor.start(),
+            generation,
+            mailbox,
+        }
+    }
+
+    /// Live actors with the deepest mailboxes first, at most `top`.
+    pub fn deepest(&self, top: usize) -> Vec<(PaymentId, i64, i64)> {
+        let mut all: Vec<_> = self
+            .actors
+            .iter()
+            .map(|e| {
+                (
+                    e.key().clone(),
+                    e.value().mailbox.depth(),
+                    e.value().mailbox.last_message_ms(),
+                )
+            })
+            .collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.2.cmp(&a.2)));
+        all.truncate(top);
+        all
+    }
+
+    pub fn live(&self) -> usize {
+        self.actors.len()
+    }
+
+    pub fn deps(&self) -> &PaymentDeps {
+        &self.deps
+    }
+}

@@ -1,0 +1,149 @@
+//! Idempotency records (API.md, "Idempotency"): one row per (merchant, key).
+
+use super::{pg_error, Db};
+use crate::domain::MerchantId;
+use crate::error::ApiError;
+
+/// What a request with an `Idempotency-Key` may do.
+#[derive(Debug, PartialEq)]
+pub enum Begin {
+    /// The key is ours; `resource_id` is what an earlier, interrupted attempt already created.
+    Proceed { resource_id: Option<String> },
+    /// The first request finished: answer exactly what it answered.
+    Replay { status: u16, body: Vec<u8> },
+    /// The first request is still running.
+    InFlight,
+    /// The key was used with another method, path or body.
+    Mismatch,
+}
+
+impl Db {
+    pub async fn idempotency_begin(
+        &self,
+        merchant: &MerchantId,
+        key: &str,
+        fingerprint: &[u8],
+        lease_ms: u64,
+    ) -> Result<Begin, ApiError> {
+        let client = self.client().await?;
+        let lease = lease_ms as f64 / 1000.0;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO idempotency_keys (merchant_id, key, fingerprint, locked_until)
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+                 ON CONFLICT (merchant_id, key) DO NOTHING RETURNING 1",
+            )
+            .await
+            .map_err(pg_error)?;
+        if client
+            .query_opt(&stmt, &[&merchant.as_str(), &key, &fingerprint, &lease])
+            .await
+            .map_err(pg_error)?
+            .is_some()
+        {
+            return Ok(Begin::Proceed { resource_id: None });
+        }
+        let stmt = client
+            .prepare_cached(
+                "SELECT fingerprint, response_status, response_body, locked_until < now()
+                 FROM idempotency_keys WHERE merchant_id = $1 AND key = $2",
+            )
+            .await
+            .map_err(pg_error)?;
+        let Some(row) = client
+            .query_opt(&stmt, &[&merchant.as_str(), &key])
+            .await
+            .map_err(pg_error)?
+        else {
+            // Purged between the two statements: a retry will find the key free.
+            return Ok(Begin::InFlight);
+        };
+        let stored: Vec<u8> = row.get(0);
+        if stored != fingerprint {
+            return Ok(Begin::Mismatch);
+        }
+        if let Some(status) = row.get::<_, Option<i16>>(1) {
+            return Ok(Begin::Replay {
+                status: status as u16,
+                body: row.get::<_, Option<Vec<u8>>>(2).unwrap_or_default(),
+            });
+        }
+        if !row.get::<_, bool>(3) {
+            return Ok(Begin::InFlight);
+        }
+        // The first request died without an answer (a crash, a 5xx): take the key over, once.
+        let stmt = client
+            .prepare_cached(
+                "UPDATE idempotency_keys SET locked_until = now() + make_interval(secs => $3)
+                 WHERE merchant_id = $1 AND key = $2 AND response_status IS NULL AND locked_until < now()
+                 RETURNING resource_id",
+            )
+            .await
+            .map_err(pg_error)?;
+        match client
+            .query_opt(&stmt, &[&merchant.as_str(), &key, &lease])
+            .await
+            .map_err(pg_error)?
+        {
+            Some(row) => Ok(Begin::Proceed {
+                resource_id: row.get(0),
+            }),
+            None => Ok(Begin::InFlight),
+        }
+    }
+
+    /// Stores a response that no commit of the operation stored (a 4xx the operation produced).
+    pub async fn idempotency_store(
+        &self,
+        merchant: &MerchantId,
+        key: &str,
+        status: u16,
+        body: &[u8],
+    ) -> Result<(), ApiError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE idempotency_keys SET response_status = $3, response_body = $4
+                 WHERE merchant_id = $1 AND key = $2 AND response_status IS NULL",
+            )
+            .await
+            .map_err(pg_error)?;
+        client
+            .execute(&stmt, &[&merchant.as_str(), &key, &(status as i16), &body])
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
+    /// Frees a key whose request failed with a 5xx so that it may be retried at once. The row
+    /// stays (with whatever `resource_id` it holds) so the retry continues rather than repeats.
+    pub async fn idempotency_release(&self, merchant: &MerchantId, key: &str) -> Result<(), ApiError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE idempotency_keys SET locked_until = now() - interval '1 millisecond'
+                 WHERE merchant_id = $1 AND key = $2 AND response_status IS NULL",
+            )
+            .await
+            .map_err(pg_error)?;
+        client
+            .execute(&stmt, &[&merchant.as_str(), &key])
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
+    /// Deletes at most `limit` records older than the retention; returns how many.
+    pub async fn idempotency_purge(&self, retention_hours: u64, limit: i64) -> Result<u64, ApiError> {
+        let client = self.client().await?;
+        let hours = retention_hours as i32;
+        client
+            .execute(
+                "DELETE FROM idempotency_keys WHERE ctid IN (
+                     SELECT ctid FROM idempotency_keys WHERE created_at < now() - make_interval(hours => $1) LIMIT $2)",
+                &[&hours, &limit],
+            )
+            .await
+            .map_err(pg_error)
+    }
+}

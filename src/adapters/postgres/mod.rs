@@ -1,0 +1,184 @@
+//! PostgreSQL: the pool, database creation, migrations, and the error mapping that makes an
+//! unreachable database a 503 (fail closed) rather than a guess.
+
+pub mod commit;
+pub mod idempotency;
+pub mod ledger;
+pub mod merchants;
+pub mod payments;
+pub mod refunds;
+pub mod sandbox;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use crate::config::DatabaseConfig;
+use crate::error::ApiError;
+
+/// The versioned migrations in `migrations/`, applied in order, each once.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "init", include_str!("../../../migrations/V1__init.sql"))];
+
+/// A handle on the pool. Cloning is cheap: the pool is shared.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("invalid database url: {0}")]
+    Url(String),
+    #[error("database: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(String),
+}
+
+impl Db {
+    /// Creates the database named in the URL if it is missing, then opens the pool.
+    pub async fn connect(config: &DatabaseConfig) -> Result<Db, SetupError> {
+        let mut pg: tokio_postgres::Config = config
+            .url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| SetupError::Url(e.to_string()))?;
+        pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
+        pg.options(format!("-c statement_timeout={}", config.statement_timeout_ms));
+        if pg.get_application_name().is_none() {
+            pg.application_name("payrail");
+        }
+        ensure_database(&pg).await?;
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let wait = Duration::from_millis(config.pool_wait_ms);
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .wait_timeout(Some(wait))
+            .create_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
+            .recycle_timeout(Some(wait))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| SetupError::Pool(e.to_string()))?;
+        Ok(Db { pool })
+    }
+
+    /// A pooled connection, or 503 when PostgreSQL cannot be reached in time.
+    pub async fn client(&self) -> Result<Object, ApiError> {
+        self.pool.get().await.map_err(|e| {
+            tracing::warn!(error = %e, "database pool");
+            ApiError::Unavailable("database")
+        })
+    }
+
+    /// Whether PostgreSQL answers now.
+    pub async fn ping(&self) -> bool {
+        match self.client().await {
+            Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// Connections in use and callers waiting for one.
+    pub fn pool_status(&self) -> deadpool_postgres::Status {
+        self.pool.status()
+    }
+
+    /// Applies every migration the database has not seen, under an advisory lock so that
+    /// several processes starting at once apply each one exactly once.
+    pub async fn migrate(&self) -> Result<Vec<i32>, SetupError> {
+        let mut client = self.pool.get().await.map_err(|e| SetupError::Pool(e.to_string()))?;
+        client
+            .batch_execute(
+                "SELECT pg_advisory_lock(7423001);
+                 CREATE TABLE IF NOT EXISTS payrail_migrations (
+                     version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());",
+            )
+            .await?;
+        let result = async {
+            let mut applied = Vec::new();
+            for (version, name, sql) in MIGRATIONS {
+                let done = client
+                    .query_opt("SELECT 1 FROM payrail_migrations WHERE version = $1", &[version])
+                    .await?;
+                if done.is_some() {
+                    continue;
+                }
+                let tx = client.transaction().await?;
+                tx.batch_execute(sql).await?;
+                tx.execute(
+                    "INSERT INTO payrail_migrations (version, name) VALUES ($1, $2)",
+                    &[version, name],
+                )
+                .await?;
+                tx.commit().await?;
+                applied.push(*version);
+            }
+            Ok::<_, tokio_postgres::Error>(applied)
+        }
+        .await;
+        client.batch_execute("SELECT pg_advisory_unlock(7423001)").await?;
+        Ok(result?)
+    }
+}
+
+async fn ensure_database(pg: &tokio_postgres::Config) -> Result<(), SetupError> {
+    let name = pg.get_dbname().unwrap_or("postgres").to_owned();
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(SetupError::Url(format!(
+            "database name {name:?}: use letters, digits and underscores"
+        )));
+    }
+    let mut admin = pg.clone();
+    admin.dbname("postgres");
+    let (client, connection) = admin.connect(NoTls).await?;
+    let conn = tokio::spawn(connection);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
+    if !exists {
+        // Two processes may race here; the loser's "already exists" is success.
+        if let Err(e) = client.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await {
+            if e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) {
+                return Err(e.into());
+            }
+        }
+    }
+    drop(client);
+    let _ = conn.await;
+    Ok(())
+}
+
+/// Maps a query error: connection trouble, timeouts and overload are 503 (the caller may
+/// retry); anything else is a bug or a broken invariant, 500. Only the SQLSTATE and message
+/// are logged, never the row detail.
+pub fn pg_error(e: tokio_postgres::Error) -> ApiError {
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        None => {
+            tracing::warn!(error = %e, "database connection");
+            ApiError::Unavailable("database")
+        }
+        Some(code)
+            if code.code().starts_with("08")
+                || code.code().starts_with("53")
+                || code.code().starts_with("57")
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::T_R_DEADLOCK_DETECTED =>
+        {
+            tracing::warn!(sqlstate = code.code(), "database unavailable");
+            ApiError::Unavailable("database")
+        }
+        Some(code) => {
+            let message = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+            tracing::error!(sqlstate = code.code(), %message, "database rejected a statement");
+            ApiError::Internal
+        }
+    }
+}

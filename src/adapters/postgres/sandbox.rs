@@ -1,0 +1,60 @@
+//! The sandbox PSP's tokenized cards. Brand, last four and expiry only: the number is gone
+//! before anything reaches here.
+
+use super::{pg_error, Db};
+use crate::error::ApiError;
+
+#[derive(Debug, Clone)]
+pub struct StoredCard {
+    pub id: String,
+    pub merchant_id: String,
+    pub brand: String,
+    pub last4: String,
+    pub exp_month: i16,
+    pub exp_year: i16,
+    /// The sandbox behaviour this card triggers (`success`, `declined`, …).
+    pub behaviour: String,
+}
+
+impl Db {
+    pub async fn sandbox_store_card(&self, c: &StoredCard) -> Result<(), ApiError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO sandbox_payment_methods (id, merchant_id, brand, last4, exp_month, exp_year, behaviour)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &c.id,
+                    &c.merchant_id,
+                    &c.brand,
+                    &c.last4,
+                    &c.exp_month,
+                    &c.exp_year,
+                    &c.behaviour,
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
+    pub async fn sandbox_card(&self, id: &str) -> Result<Option<StoredCard>, ApiError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, merchant_id, brand, last4::text, exp_month, exp_year, behaviour FROM sandbox_payment_methods WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(row.map(|r| StoredCard {
+            id: r.get(0),
+            merchant_id: r.get(1),
+            brand: r.get(2),
+            last4: r.get(3),
+            exp_month: r.get(4),
+            exp_year: r.get(5),
+            behaviour: r.get(6),
+        }))
+    }
+}

@@ -1,0 +1,445 @@
+//! The embedded sandbox PSP: a simulated card processor with Stripe's test tokens, so payrail
+//! runs with no outside account. Deterministic per idempotency key: the same key always gets
+//! the same answer and the same reference. Its intents live in memory, bounded by
+//! `[psp.sandbox] max_intents`; tokenized cards (brand, last four, expiry) live in PostgreSQL.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use sha2::{Digest, Sha256};
+
+use super::{AuthorizeRequest, Intent, IntentStatus, Psp, PspError, PspFuture, PspRefund, PspRefundStatus};
+use crate::adapters::postgres::sandbox::StoredCard;
+use crate::adapters::postgres::Db;
+use crate::config::SandboxPspConfig;
+use crate::domain::card::CardNumber;
+use crate::domain::{AttemptId, CaptureStrategy, Failure, MerchantId, Money};
+use crate::error::ApiError;
+
+/// What a test card does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behaviour {
+    Success,
+    Declined,
+    InsufficientFunds,
+    ThreeDSecure,
+    Dispute,
+    Fraudulent,
+}
+
+impl Behaviour {
+    fn as_str(self) -> &'static str {
+        match self {
+            Behaviour::Success => "success",
+            Behaviour::Declined => "declined",
+            Behaviour::InsufficientFunds => "insufficient_funds",
+            Behaviour::ThreeDSecure => "three_d_secure",
+            Behaviour::Dispute => "dispute",
+            Behaviour::Fraudulent => "fraudulent",
+        }
+    }
+
+    fn parse(s: &str) -> Behaviour {
+        [
+            Behaviour::Declined,
+            Behaviour::InsufficientFunds,
+            Behaviour::ThreeDSecure,
+            Behaviour::Dispute,
+            Behaviour::Fraudulent,
+        ]
+        .into_iter()
+        .find(|b| b.as_str() == s)
+        .unwrap_or(Behaviour::Success)
+    }
+
+    /// The behaviour of one of API.md's test cards; any other valid number succeeds.
+    fn of_card(pan: &CardNumber) -> Behaviour {
+        match pan.expose_digits() {
+            "4000000000000002" => Behaviour::Declined,
+            "4000000000009995" => Behaviour::InsufficientFunds,
+            "4000000000003220" => Behaviour::ThreeDSecure,
+            "4000000000000259" => Behaviour::Dispute,
+            "4100000000000019" => Behaviour::Fraudulent,
+            _ => Behaviour::Success,
+        }
+    }
+}
+
+/// API.md's named test tokens.
+fn builtin_token(token: &str) -> Option<Behaviour> {
+    Some(match token {
+        "pm_card_visa" | "pm_card_mastercard" => Behaviour::Success,
+        "pm_card_chargeDeclined" => Behaviour::Declined,
+        "pm_card_chargeDeclinedInsufficientFunds" => Behaviour::InsufficientFunds,
+        "pm_card_threeDSecureRequired" => Behaviour::ThreeDSecure,
+        "pm_card_createDispute" => Behaviour::Dispute,
+        "pm_card_riskLevelHighest" => Behaviour::Fraudulent,
+        _ => return None,
+    })
+}
+
+#[derive(Debug, Clone)]
+struct SandboxIntent {
+    amount: Money,
+    capture: CaptureStrategy,
+    status: IntentStatus,
+    client_secret: String,
+    refunded: i64,
+}
+
+#[derive(Debug, Clone)]
+enum Remembered {
+    Intent(Intent),
+    Refund(PspRefund),
+}
+
+pub struct SandboxPsp {
+    db: Db,
+    config: SandboxPspConfig,
+    /// Where 3-D Secure redirect URLs point.
+    public_url: String,
+    intents: DashMap<String, SandboxIntent>,
+    /// The answer given to each idempotency key, replayed when the key comes again.
+    answers: DashMap<String, Remembered>,
+    /// Insertion order of `intents` and `answers`, so the oldest can be forgotten at the bound.
+    /// A std Mutex: held for one push or pop, never across an await.
+    order: Mutex<VecDeque<(bool, String)>>,
+    /// Tokenized cards already read from PostgreSQL: token → (merchant, behaviour).
+    cards: DashMap<String, (String, Behaviour)>,
+}
+
+/// `pi_` (or another prefix) and 24 hex digits of the key's hash: the same key, the same reference.
+fn reference(prefix: &str, key: &AttemptId) -> String {
+    let h = Sha256::digest(key.as_str().as_bytes());
+    format!("{prefix}{}", &hex::encode(h)[..24])
+}
+
+fn invalid(code: &str, message: &str, param: Option<&str>) -> PspError {
+    PspError::Invalid {
+        code: code.into(),
+        message: message.into(),
+        param: param.map(str::to_owned),
+    }
+}
+
+impl SandboxPsp {
+    pub fn new(db: Db, config: SandboxPspConfig, public_url: String) -> SandboxPsp {
+        SandboxPsp {
+            db,
+            config,
+            public_url,
+            intents: DashMap::new(),
+            answers: DashMap::new(),
+            order: Mutex::new(VecDeque::new()),
+            cards: DashMap::new(),
+        }
+    }
+
+    /// Turns a test card into a `pm_…` token for `merchant`. The number is dropped here: only
+    /// brand, last four, expiry and the test behaviour are kept.
+    pub async fn tokenize(
+        &self,
+        merchant: &MerchantId,
+        pan: CardNumber,
+        exp_month: i16,
+        exp_year: i16,
+    ) -> Result<StoredCard, ApiError> {
+        let behaviour = Behaviour::of_card(&pan);
+        let card = StoredCard {
+            id: format!("pm_{}", uuid::Uuid::new_v4().simple()),
+            merchant_id: merchant.to_string(),
+            brand: pan.brand().to_owned(),
+            last4: pan.last4().to_owned(),
+            exp_month,
+            exp_year,
+            behaviour: behaviour.as_str().to_owned(),
+        };
+        drop(pan);
+        self.db.sandbox_store_card(&card).await?;
+        self.cards
+            .insert(card.id.clone(), (card.merchant_id.clone(), behaviour));
+        Ok(card)
+    }
+
+    /// The customer finished the 3-D Secure step: the intent is authorized (or captured, with
+    /// automatic capture). Errors with the intent's status when it was not waiting for it.
+    pub fn complete_3ds(&self, reference: &str) -> Result<(), Option<IntentStatus>> {
+        let mut intent = self.intents.get_mut(reference).ok_or(None)?;
+        if !matches!(intent.status, IntentStatus::RequiresAction { .. }) {
+            return Err(Some(intent.status.clone()));
+        }
+        intent.status = match intent.capture {
+            CaptureStrategy::Automatic => IntentStatus::Succeeded {
+                amount_captured: intent.amount.minor,
+            },
+            CaptureStrategy::Manual => IntentStatus::Authorized {
+                amount: intent.amount.minor,
+            },
+        };
+        Ok(())
+    }
+
+    async fn behaviour(&self, merchant: &MerchantId, token: &str) -> Result<Behaviour, PspError> {
+        if let Some(b) = builtin_token(token) {
+            return Ok(b);
+        }
+        let known = self.cards.get(token).map(|c| c.clone());
+        let (owner, behaviour) = match known {
+            Some(c) => c,
+            None => {
+                let card = self
+                    .db
+                    .sandbox_card(token)
+                    .await
+                    .map_err(|e| PspError::Unavailable(e.to_string()))?;
+                let card =
+                    card.ok_or_else(|| invalid("resource_missing", "No such payment method.", Some("payment_method")))?;
+                let entry = (card.merchant_id, Behaviour::parse(&card.behaviour));
+                self.cards.insert(token.to_owned(), entry.clone());
+                entry
+            }
+        };
+        if owner != merchant.as_str() {
+            return Err(invalid(
+                "resource_missing",
+                "No such payment method.",
+                Some("payment_method"),
+            ));
+        }
+        Ok(behaviour)
+    }
+
+    async fn latency(&self) {
+        if self.config.latency_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.config.latency_ms)).await;
+        }
+    }
+
+    fn remember(&self, key: &AttemptId, answer: Remembered) {
+        self.answers.insert(key.as_str().to_owned(), answer);
+        self.track(false, key.as_str().to_owned());
+    }
+
+    fn track(&self, is_intent: bool, id: String) {
+        let evicted = {
+            let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+            order.push_back((is_intent, id));
+            let mut evicted = Vec::new();
+            while order.len() > self.config.max_intents.max(1) {
+                evicted.extend(order.pop_front());
+            }
+            evicted
+        };
+        for (is_intent, id) in evicted {
+            if is_intent {
+                self.intents.remove(&id);
+            } else {
+                self.answers.remove(&id);
+            }
+        }
+    }
+
+    fn intent_view(reference: &str, i: &SandboxIntent) -> Intent {
+        Intent {
+            reference: reference.to_owned(),
+            client_secret: i.client_secret.clone(),
+            status: i.status.clone(),
+        }
+    }
+
+    fn replay(&self, key: &AttemptId) -> Option<Remembered> {
+        self.answers.get(key.as_str()).map(|a| a.clone())
+    }
+
+    async fn do_authorize(&self, req: AuthorizeRequest) -> Result<Intent, PspError> {
+        self.latency().await;
+        if let Some(Remembered::Intent(i)) = self.replay(&req.key) {
+            return Ok(i);
+        }
+        let behaviour = self.behaviour(&req.merchant_id, &req.payment_method).await?;
+        let reference = reference("pi_", &req.key);
+        let amount = req.amount.minor;
+        let status = match behaviour {
+            Behaviour::Success | Behaviour::Dispute => match req.capture {
+                CaptureStrategy::Automatic => IntentStatus::Succeeded {
+                    amount_captured: amount,
+                },
+                CaptureStrategy::Manual => IntentStatus::Authorized { amount },
+            },
+            Behaviour::ThreeDSecure => IntentStatus::RequiresAction {
+                redirect_url: format!("{}/sandbox/v1/payments/{reference}/complete_3ds", self.public_url),
+            },
+            Behaviour::Declined => declined("generic_decline", "Your card was declined."),
+            Behaviour::InsufficientFunds => declined("insufficient_funds", "Your card has insufficient funds."),
+            Behaviour::Fraudulent => IntentStatus::Failed(Failure {
+                code: "fraudulent".into(),
+                decline_code: None,
+                message: "The payment was blocked as fraudulent.".into(),
+            }),
+        };
+        let client_secret = format!(
+            "{reference}_secret_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..16]
+        );
+        let intent = SandboxIntent {
+            amount: req.amount,
+            capture: req.capture,
+            status,
+            client_secret,
+            refunded: 0,
+        };
+        let view = Self::intent_view(&reference, &intent);
+        self.intents.insert(reference.clone(), intent);
+        self.track(true, reference);
+        self.remember(&req.key, Remembered::Intent(view.clone()));
+        Ok(view)
+    }
+
+    async fn do_capture(&self, key: AttemptId, reference: String, amount: Money) -> Result<Intent, PspError> {
+        self.latency().await;
+        if let Some(Remembered::Intent(i)) = self.replay(&key) {
+            return Ok(i);
+        }
+        let view = {
+            let mut intent = self
+                .intents
+                .get_mut(&reference)
+                .ok_or_else(|| invalid("resource_missing", "No such payment intent.", None))?;
+            match intent.status {
+                IntentStatus::Authorized { amount: held }
+                    if amount.minor <= held && amount.currency == intent.amount.currency =>
+                {
+                    intent.status = IntentStatus::Succeeded {
+                        amount_captured: amount.minor,
+                    };
+                }
+                _ => {
+                    return Err(invalid(
+                        "payment_intent_unexpected_state",
+                        "This payment intent cannot be captured.",
+                        None,
+                    ))
+                }
+            }
+            Self::intent_view(&reference, &intent)
+        };
+        self.remember(&key, Remembered::Intent(view.clone()));
+        Ok(view)
+    }
+
+    async fn do_cancel(&self, key: AttemptId, reference: String) -> Result<Intent, PspError> {
+        self.latency().await;
+        if let Some(Remembered::Intent(i)) = self.replay(&key) {
+            return Ok(i);
+        }
+        let view = {
+            let mut intent = self
+                .intents
+                .get_mut(&reference)
+                .ok_or_else(|| invalid("resource_missing", "No such payment intent.", None))?;
+            match intent.status {
+                IntentStatus::Authorized { .. } | IntentStatus::RequiresAction { .. } => {
+                    intent.status = IntentStatus::Canceled
+                }
+                _ => {
+                    return Err(invalid(
+                        "payment_intent_unexpected_state",
+                        "This payment intent cannot be canceled.",
+                        None,
+                    ))
+                }
+            }
+            Self::intent_view(&reference, &intent)
+        };
+        self.remember(&key, Remembered::Intent(view.clone()));
+        Ok(view)
+    }
+
+    async fn do_refund(&self, key: AttemptId, reference: String, amount: Money) -> Result<PspRefund, PspError> {
+        self.latency().await;
+        if let Some(Remembered::Refund(r)) = self.replay(&key) {
+            return Ok(r);
+        }
+        {
+            let mut intent = self
+                .intents
+                .get_mut(&reference)
+                .ok_or_else(|| invalid("resource_missing", "No such charge.", None))?;
+            let IntentStatus::Succeeded { amount_captured } = intent.status else {
+                return Err(invalid(
+                    "charge_not_captured",
+                    "This charge has not been captured.",
+                    None,
+                ));
+            };
+            if intent.refunded + amount.minor > amount_captured {
+                return Err(invalid(
+                    "amount_too_large",
+                    "Refund amount is greater than what is left.",
+                    Some("amount"),
+                ));
+            }
+            intent.refunded += amount.minor;
+        }
+        let status = if self.config.refund_delay_ms == 0 {
+            PspRefundStatus::Succeeded
+        } else {
+            PspRefundStatus::Pending
+        };
+        let refund = PspRefund {
+            reference: reference_for_refund(&key),
+            status,
+        };
+        self.remember(&key, Remembered::Refund(refund.clone()));
+        Ok(refund)
+    }
+
+    async fn do_retrieve(&self, reference: String) -> Result<Intent, PspError> {
+        self.latency().await;
+        let intent = self
+            .intents
+            .get(&reference)
+            .ok_or_else(|| invalid("resource_missing", "No such payment intent.", None))?;
+        Ok(Self::intent_view(&reference, &intent))
+    }
+}
+
+fn reference_for_refund(key: &AttemptId) -> String {
+    reference("re_", key)
+}
+
+fn declined(decline_code: &str, message: &str) -> IntentStatus {
+    IntentStatus::Failed(Failure {
+        code: "card_declined".into(),
+        decline_code: Some(decline_code.into()),
+        message: message.into(),
+    })
+}
+
+impl Psp for SandboxPsp {
+    fn name(&self) -> &'static str {
+        "sandbox"
+    }
+
+    fn authorize(&self, req: AuthorizeRequest) -> PspFuture<'_, Intent> {
+        Box::pin(self.do_authorize(req))
+    }
+
+    fn capture(&self, key: AttemptId, reference: String, amount: Money) -> PspFuture<'_, Intent> {
+        Box::pin(self.do_capture(key, reference, amount))
+    }
+
+    fn cancel(&self, key: AttemptId, reference: String) -> PspFuture<'_, Intent> {
+        Box::pin(self.do_cancel(key, reference))
+    }
+
+    fn refund(&self, key: AttemptId, reference: String, amount: Money) -> PspFuture<'_, PspRefund> {
+        Box::pin(self.do_refund(key, reference, amount))
+    }
+
+    fn retrieve(&self, reference: String) -> PspFuture<'_, Intent> {
+        Box::pin(self.do_retrieve(reference))
+    }
+}

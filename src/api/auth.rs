@@ -1,0 +1,73 @@
+//! Who is calling: a merchant by its API key, or the operator by the admin token.
+
+use std::sync::Arc;
+
+use actix_web::HttpRequest;
+use sha2::{Digest, Sha256};
+
+use super::{AppState, MAX_CACHED_KEYS};
+use crate::adapters::postgres::merchants::{hash_key, Merchant};
+use crate::error::ApiError;
+
+fn bearer(req: &HttpRequest) -> Option<&str> {
+    req.headers()
+        .get("Authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// The merchant whose `sk_test_…`/`sk_live_…` key the request carries; 401 otherwise.
+pub async fn merchant(state: &AppState, req: &HttpRequest) -> Result<Arc<Merchant>, ApiError> {
+    let key = bearer(req).ok_or(ApiError::Authentication)?;
+    if !(key.starts_with("sk_test_") || key.starts_with("sk_live_")) || key.len() > 128 {
+        return Err(ApiError::Authentication);
+    }
+    // The lookup is by hash, so neither the map nor the index compares the secret itself.
+    let hash = hash_key(key);
+    if let Some(m) = state.merchants.get(&hash) {
+        return Ok(m.clone());
+    }
+    let m = Arc::new(
+        state
+            .db
+            .merchant_by_key_hash(&hash)
+            .await?
+            .ok_or(ApiError::Authentication)?,
+    );
+    if state.merchants.len() < MAX_CACHED_KEYS {
+        state.merchants.insert(hash, m.clone());
+    }
+    Ok(m)
+}
+
+/// Passes when the request carries the operator token; 401 otherwise.
+pub fn operator(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
+    let given = bearer(req).ok_or(ApiError::Authentication)?;
+    if constant_time_eq(given.as_bytes(), state.config.admin.token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::Authentication)
+    }
+}
+
+/// Compares two secrets in time that depends on neither: both are hashed first (so lengths
+/// leak nothing), then every byte of the digests is compared.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let (x, y) = (Sha256::digest(a), Sha256::digest(b));
+    x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn constant_time_eq_compares_exactly() {
+        assert!(constant_time_eq(b"admin_token", b"admin_token"));
+        assert!(!constant_time_eq(b"admin_token", b"admin_tokeN"));
+        assert!(!constant_time_eq(b"admin_token", b"admin_token "));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

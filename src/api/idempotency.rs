@@ -1,0 +1,129 @@
+//! `Idempotency-Key` on every POST under `/api/v1` (API.md, "Idempotency"): a retry replays
+//! the first answer byte for byte; a reuse with another request is 422; a key in flight is 409;
+//! a 5xx stores nothing and frees the key.
+
+use std::future::Future;
+
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse};
+use sha2::{Digest, Sha256};
+
+use super::{json_response, AppState};
+use crate::actors::{IdemKey, Reply};
+use crate::adapters::postgres::idempotency::Begin;
+use crate::adapters::postgres::merchants::Merchant;
+use crate::error::ApiError;
+
+/// The key, if the request carries a valid one: 1–255 printable ASCII characters.
+pub fn key(req: &HttpRequest) -> Result<String, ApiError> {
+    let key = req
+        .headers()
+        .get("Idempotency-Key")
+        .and_then(|v| v.to_str().ok())
+        .ok_or(ApiError::IdempotencyKeyMissing)?;
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(ApiError::IdempotencyKeyMissing);
+    }
+    Ok(key.to_owned())
+}
+
+/// What identifies "the same request": method, path and the exact body bytes.
+pub fn fingerprint(method: &str, path: &str, body: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(method.as_bytes());
+    h.update([0]);
+    h.update(path.as_bytes());
+    h.update([0]);
+    h.update(body);
+    h.finalize().into()
+}
+
+/// The key a running operation completes, and what an interrupted first attempt created.
+pub struct Ticket {
+    pub key: IdemKey,
+    pub resource_id: Option<String>,
+}
+
+/// Runs `op` at most once per (merchant, key) and answers as API.md says.
+pub async fn run<F, Fut>(
+    state: &AppState,
+    merchant: &Merchant,
+    req: &HttpRequest,
+    key: String,
+    body: &[u8],
+    op: F,
+) -> Result<HttpResponse, ApiError>
+where
+    F: FnOnce(Ticket) -> Fut,
+    Fut: Future<Output = Result<Reply, ApiError>>,
+{
+    let fp = fingerprint(req.method().as_str(), req.path(), body);
+    let lease = state.config.idempotency.in_flight_lease_ms;
+    match state.db.idempotency_begin(&merchant.id, &key, &fp, lease).await? {
+        Begin::Replay { status, body } => {
+            let mut resp = json_response(status, body);
+            resp.headers_mut().insert(
+                HeaderName::from_static("idempotent-replayed"),
+                HeaderValue::from_static("true"),
+            );
+            Ok(resp)
+        }
+        Begin::InFlight => Err(ApiError::IdempotencyKeyInUse),
+        Begin::Mismatch => Err(ApiError::IdempotencyKeyReused),
+        Begin::Proceed { resource_id } => {
+            let ticket = Ticket {
+                key: IdemKey {
+                    merchant: merchant.id.clone(),
+                    key: key.clone(),
+                },
+                resource_id,
+            };
+            match op(ticket).await {
+                Ok(reply) => {
+                    if !reply.stored {
+                        if let Err(e) = state
+                            .db
+                            .idempotency_store(&merchant.id, &key, reply.status, &reply.body)
+                            .await
+                        {
+                            // The operation happened; its record stays in flight until the lease
+                            // ends, and a retry then resumes from the resource it created.
+                            tracing::warn!(error = %e, "could not store an idempotent response");
+                        }
+                    }
+                    Ok(json_response(reply.status, reply.body))
+                }
+                Err(e) if e.is_replayable() => {
+                    if let Err(store) = state
+                        .db
+                        .idempotency_store(&merchant.id, &key, e.status().as_u16(), &e.body())
+                        .await
+                    {
+                        tracing::warn!(error = %store, "could not store an idempotent error");
+                    }
+                    Err(e)
+                }
+                Err(e) => {
+                    if let Err(release) = state.db.idempotency_release(&merchant.id, &key).await {
+                        tracing::warn!(error = %release, "could not release an idempotency key");
+                    }
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fingerprint;
+
+    #[test]
+    fn fingerprints_separate_method_path_and_body() {
+        let a = fingerprint("POST", "/api/v1/payments", b"{}");
+        assert_eq!(a, fingerprint("POST", "/api/v1/payments", b"{}"));
+        assert_ne!(a, fingerprint("POST", "/api/v1/payments", b"{ }"));
+        assert_ne!(a, fingerprint("PUT", "/api/v1/payments", b"{}"));
+        assert_ne!(fingerprint("POST", "/a", b"b"), fingerprint("POST", "/ab", b""));
+    }
+}

@@ -1,0 +1,358 @@
+//! `/api/v1/payments`: create, confirm, capture, cancel, read, list, audit trail.
+
+use std::collections::HashMap;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use chrono::{DateTime, Utc};
+
+use super::body::{self, Fields};
+use super::{auth, idempotency, json_value, AppState};
+use crate::actors::{Op, PaymentCall, Reply};
+use crate::adapters::postgres::commit::{Commit, IdempotencyWrite, OutboxEvent, Transition};
+use crate::adapters::postgres::merchants::Merchant;
+use crate::adapters::postgres::payments::PaymentFilter;
+use crate::domain::record::{list_object, now};
+use crate::domain::{CaptureStrategy, Payment, PaymentId, PaymentState, Status};
+use crate::error::ApiError;
+
+const CREATE_FIELDS: &[&str] = &[
+    "order_id",
+    "amount",
+    "payment_method",
+    "capture_strategy",
+    "confirm",
+    "customer_id",
+    "description",
+    "metadata",
+];
+
+/// A payment id from the path; a malformed one names no payment, so it is a 404.
+pub fn path_id(req: &HttpRequest) -> Result<PaymentId, ApiError> {
+    req.match_info()
+        .get("id")
+        .and_then(PaymentId::parse)
+        .ok_or(ApiError::NotFound("payment"))
+}
+
+/// The new payment a create request describes, validated before anything is stored.
+fn new_payment(state: &AppState, merchant: &Merchant, body: &[u8]) -> Result<(Payment, bool), ApiError> {
+    let obj = body::object(body)?;
+    let f = Fields::new(&obj, CREATE_FIELDS, "")?;
+    let order_id = f.req_str("order_id", 64)?;
+    let amount = f.req_amount("amount", &state.currencies)?;
+    let payment_method = f.opt_payment_method("payment_method")?.ok_or_else(|| {
+        ApiError::invalid(
+            "parameter_missing",
+            "payment_method is required",
+            "payment_method".to_owned(),
+        )
+    })?;
+    let capture_strategy = match f.opt_str("capture_strategy", 16)? {
+        None | Some("automatic") => CaptureStrategy::Automatic,
+        Some("manual") => CaptureStrategy::Manual,
+        Some(_) => {
+            return Err(ApiError::param(
+                "capture_strategy",
+                "capture_strategy must be automatic or manual",
+            ))
+        }
+    };
+    let confirm = f.opt_bool("confirm")?.unwrap_or(false);
+    let at = now();
+    let payment = Payment {
+        id: PaymentId::generate(),
+        merchant_id: merchant.id.clone(),
+        order_id: order_id.to_owned(),
+        currency: amount.currency,
+        state: PaymentState::new(amount.minor),
+        capture_strategy,
+        payment_method: payment_method.to_owned(),
+        psp: state.registry.deps().psp.name().to_owned(),
+        psp_reference: None,
+        client_secret: None,
+        next_action: None,
+        failure: None,
+        customer_id: f.opt_str("customer_id", 64)?.map(str::to_owned),
+        description: f.opt_str("description", 1000)?.map(str::to_owned),
+        metadata: f.opt_metadata("metadata")?.unwrap_or_default(),
+        fee_bps: merchant.fee_bps,
+        fee_fixed: merchant.fee_fixed,
+        version: 1,
+        transitions: 1,
+        created_at: at,
+        updated_at: at,
+    };
+    Ok((payment, confirm))
+}
+
+/// `POST /api/v1/payments`
+pub async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let merchant = auth::merchant(&state, &req).await?;
+    let body = body::read(&req, payload, state.config.server.body_limit_bytes).await?;
+    let key = idempotency::key(&req)?;
+    let (payment, confirm) = new_payment(&state, &merchant, &body)?;
+    let (st, m) = (&state, &merchant);
+    idempotency::run(&state, &merchant, &req, key, &body, |ticket| async move {
+        let (state, merchant) = (st, m);
+        let idem = Some(ticket.key.clone());
+        let id = match ticket.resource_id.as_deref().and_then(PaymentId::parse) {
+            // An earlier attempt with this key created the payment and died before answering.
+            Some(id) => id,
+            None => {
+                let object = serde_json::to_vec(&payment.to_object()).map_err(|_| ApiError::Internal)?;
+                let commit = Commit {
+                    transition: Some(Transition {
+                        seq: 0,
+                        from: None,
+                        to: Status::Pending,
+                        cause: "api.create".into(),
+                    }),
+                    outbox: vec![OutboxEvent {
+                        event_type: "payment.created".into(),
+                        payload: payment.to_object(),
+                    }],
+                    idempotency: Some(IdempotencyWrite {
+                        merchant_id: merchant.id.clone(),
+                        key: ticket.key.key.clone(),
+                        resource_id: Some(payment.id.to_string()),
+                        response: (!confirm).then(|| (201, object.clone())),
+                    }),
+                    payment: Some(payment.clone()),
+                    ..Commit::default()
+                };
+                state.db.commit(&commit).await.map_err(|e| match e {
+                    crate::adapters::postgres::commit::CommitError::Api(e) => e,
+                    crate::adapters::postgres::commit::CommitError::Stale => ApiError::Internal,
+                })?;
+                if !confirm {
+                    return Ok(Reply {
+                        status: 201,
+                        body: object,
+                        stored: true,
+                    });
+                }
+                payment.id.clone()
+            }
+        };
+        let op = if confirm {
+            Op::Confirm {
+                payment_method: None,
+                created: true,
+            }
+        } else {
+            // Resumed without confirm: the payment as it stands is the answer.
+            let p = state
+                .db
+                .payment_for_merchant(&merchant.id, &id)
+                .await?
+                .ok_or(ApiError::NotFound("payment"))?;
+            return Ok(Reply {
+                status: 201,
+                body: serde_json::to_vec(&p.to_object()).unwrap_or_default(),
+                stored: false,
+            });
+        };
+        state
+            .registry
+            .call(
+                &id,
+                PaymentCall {
+                    merchant: merchant.id.clone(),
+                    op,
+                    idem,
+                },
+            )
+            .await
+    })
+    .await
+}
+
+/// Runs one operation on an existing payment through its actor, idempotently.
+async fn operate(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+    parse: impl FnOnce(&AppState, &[u8]) -> Result<Op, ApiError>,
+) -> Result<HttpResponse, ApiError> {
+    let merchant = auth::merchant(&state, &req).await?;
+    let body = body::read(&req, payload, state.config.server.body_limit_bytes).await?;
+    let key = idempotency::key(&req)?;
+    let op = parse(&state, &body)?;
+    let id = path_id(&req)?;
+    let (st, m, id) = (&state, &merchant, &id);
+    idempotency::run(&state, &merchant, &req, key, &body, |ticket| async move {
+        let (state, merchant) = (st, m);
+        let op = match op {
+            Op::Refund { amount, reason, .. } => Op::Refund {
+                amount,
+                reason,
+                resume: ticket.resource_id.as_deref().and_then(crate::domain::RefundId::parse),
+            },
+            other => other,
+        };
+        state
+            .registry
+            .call(
+                id,
+                PaymentCall {
+                    merchant: merchant.id.clone(),
+                    op,
+                    idem: Some(ticket.key),
+                },
+            )
+            .await
+    })
+    .await
+}
+
+/// `POST /api/v1/payments/{id}/confirm`
+pub async fn confirm(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    operate(state, req, payload, |_, body| {
+        let obj = body::object(body)?;
+        let f = Fields::new(&obj, &["payment_method"], "")?;
+        Ok(Op::Confirm {
+            payment_method: f.opt_payment_method("payment_method")?.map(str::to_owned),
+            created: false,
+        })
+    })
+    .await
+}
+
+/// `POST /api/v1/payments/{id}/capture`
+pub async fn capture(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    operate(state, req, payload, |state, body| {
+        let obj = body::object(body)?;
+        let f = Fields::new(&obj, &["amount"], "")?;
+        Ok(Op::Capture {
+            amount: f.opt_amount("amount", &state.currencies)?,
+        })
+    })
+    .await
+}
+
+/// `POST /api/v1/payments/{id}/cancel`
+pub async fn cancel(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    operate(state, req, payload, |_, body| {
+        let obj = body::object(body)?;
+        let f = Fields::new(&obj, &["reason"], "")?;
+        f.opt_str("reason", 64)?;
+        Ok(Op::Cancel)
+    })
+    .await
+}
+
+/// `POST /api/v1/payments/{id}/refunds`
+pub async fn refund(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    operate(state, req, payload, |state, body| {
+        let obj = body::object(body)?;
+        let f = Fields::new(&obj, &["amount", "reason"], "")?;
+        Ok(Op::Refund {
+            amount: f.opt_amount("amount", &state.currencies)?,
+            reason: f.opt_str("reason", 64)?.map(str::to_owned),
+            resume: None,
+        })
+    })
+    .await
+}
+
+/// `GET /api/v1/payments/{id}`
+pub async fn get(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let merchant = auth::merchant(&state, &req).await?;
+    let id = path_id(&req)?;
+    let p = state
+        .db
+        .payment_for_merchant(&merchant.id, &id)
+        .await?
+        .ok_or(ApiError::NotFound("payment"))?;
+    Ok(json_value(200, &p.to_object()))
+}
+
+/// The query string as a map; a malformed one is a 400.
+pub fn query(req: &HttpRequest) -> Result<HashMap<String, String>, ApiError> {
+    web::Query::<HashMap<String, String>>::from_query(req.query_string())
+        .map(|q| q.into_inner())
+        .map_err(|_| ApiError::invalid("parameter_invalid", "the query string could not be parsed", None))
+}
+
+fn time_param(q: &HashMap<String, String>, name: &str) -> Result<Option<DateTime<Utc>>, ApiError> {
+    let Some(v) = q.get(name) else { return Ok(None) };
+    if let Ok(secs) = v.parse::<i64>() {
+        return DateTime::from_timestamp(secs, 0)
+            .map(Some)
+            .ok_or_else(|| ApiError::param(name, format!("{name} is out of range")));
+    }
+    DateTime::parse_from_rfc3339(v)
+        .map(|t| Some(t.with_timezone(&Utc)))
+        .map_err(|_| ApiError::param(name, format!("{name} must be an RFC 3339 timestamp or Unix seconds")))
+}
+
+/// `GET /api/v1/payments`
+pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let merchant = auth::merchant(&state, &req).await?;
+    let q = query(&req)?;
+    let limit = match q.get("limit") {
+        None => 10,
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=100).contains(l))
+            .ok_or_else(|| ApiError::param("limit", "limit must be 1 to 100"))?,
+    };
+    let filter = PaymentFilter {
+        limit,
+        starting_after: match q.get("starting_after") {
+            None => None,
+            Some(s) => Some(
+                PaymentId::parse(s)
+                    .ok_or_else(|| ApiError::param("starting_after", "starting_after must be a payment id"))?,
+            ),
+        },
+        status: match q.get("status") {
+            None => None,
+            Some(s) => {
+                Some(Status::parse(s).ok_or_else(|| ApiError::param("status", "status is not a payment status"))?)
+            }
+        },
+        order_id: q.get("order_id").cloned(),
+        created_gte: time_param(&q, "created_gte")?,
+        created_lt: time_param(&q, "created_lt")?,
+    };
+    let (payments, has_more) = state.db.list_payments(&merchant.id, &filter).await?;
+    Ok(json_value(
+        200,
+        &list_object(payments.iter().map(Payment::to_object).collect(), has_more),
+    ))
+}
+
+/// `GET /api/v1/payments/{id}/events`: the audit trail, oldest first.
+pub async fn events(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let merchant = auth::merchant(&state, &req).await?;
+    let id = path_id(&req)?;
+    state
+        .db
+        .payment_for_merchant(&merchant.id, &id)
+        .await?
+        .ok_or(ApiError::NotFound("payment"))?;
+    let transitions = state.db.payment_transitions(&id).await?;
+    Ok(json_value(200, &list_object(transitions, false)))
+}

@@ -1,0 +1,41 @@
+//! Refund reads. Creating one is an operation on its payment (`payments::refund`).
+
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::payments::path_id;
+use super::{auth, json_value, AppState};
+use crate::domain::record::list_object;
+use crate::domain::{Refund, RefundId};
+use crate::error::ApiError;
+
+/// `GET /api/v1/payments/{id}/refunds`
+pub async fn list_for_payment(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let merchant = auth::merchant(&state, &req).await?;
+    let id = path_id(&req)?;
+    state
+        .db
+        .payment_for_merchant(&merchant.id, &id)
+        .await?
+        .ok_or(ApiError::NotFound("payment"))?;
+    let refunds = state.db.refunds_of_payment(&id).await?;
+    Ok(json_value(
+        200,
+        &list_object(refunds.iter().map(Refund::to_object).collect(), false),
+    ))
+}
+
+/// `GET /api/v1/refunds/{id}`
+pub async fn get(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let merchant = auth::merchant(&state, &req).await?;
+    let id = req
+        .match_info()
+        .get("id")
+        .and_then(RefundId::parse)
+        .ok_or(ApiError::NotFound("refund"))?;
+    let refund = state
+        .db
+        .refund_for_merchant(&merchant.id, &id)
+        .await?
+        .ok_or(ApiError::NotFound("refund"))?;
+    Ok(json_value(200, &refund.to_object()))
+}

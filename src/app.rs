@@ -1,0 +1,176 @@
+//! Wiring: build the application from its configuration, then run it until stopped. Split in
+//! two so that tests start the real server on port 0 and learn its address first.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::dev::{Server, Service};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::{web, App, HttpServer};
+use dashmap::DashMap;
+use futures_util::FutureExt;
+
+use crate::actors::payment_flow::PaymentDeps;
+use crate::actors::PaymentRegistry;
+use crate::adapters::nats::{Nats, NatsError};
+use crate::adapters::postgres::{Db, SetupError};
+use crate::adapters::psp::sandbox::SandboxPsp;
+use crate::adapters::psp::Psp;
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::domain::Currency;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Database(#[from] SetupError),
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(String, std::io::Error),
+    #[error("{0}")]
+    Config(String),
+    #[error("demo merchant: {0}")]
+    Demo(crate::error::ApiError),
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    state: web::Data<AppState>,
+}
+
+impl Application {
+    /// Connects to PostgreSQL (creating the database and applying migrations) and NATS
+    /// (creating the streams), ensures the demo merchant, and binds the listener.
+    pub async fn build(config: Config) -> Result<Application, StartError> {
+        let db = Db::connect(&config.database).await?;
+        let applied = db.migrate().await?;
+        if !applied.is_empty() {
+            tracing::info!(?applied, "migrations applied");
+        }
+        let nats = Nats::connect(&config.nats).await?;
+        if config.sandbox.demo_merchant {
+            db.ensure_demo_merchant(config.payments.default_fee_bps, config.payments.default_fee_fixed)
+                .await
+                .map_err(StartError::Demo)?;
+        }
+        let sandbox = Arc::new(SandboxPsp::new(
+            db.clone(),
+            config.psp.sandbox.clone(),
+            config.server.public_url.clone(),
+        ));
+        let psp: Arc<dyn Psp> = match config.psp.provider.as_str() {
+            "sandbox" => sandbox.clone(),
+            other => {
+                return Err(StartError::Config(format!(
+                    "[psp] provider {other:?} has no adapter in this build; use \"sandbox\""
+                )))
+            }
+        };
+        let deps = PaymentDeps {
+            db: db.clone(),
+            psp,
+            psp_timeout: Duration::from_millis(config.psp.timeout_ms),
+        };
+        let registry = PaymentRegistry::new(deps, config.actors.clone());
+        let currencies = config
+            .payments
+            .currencies
+            .iter()
+            .filter_map(|c| Currency::parse(c))
+            .collect();
+        let listener =
+            TcpListener::bind(&config.server.bind).map_err(|e| StartError::Bind(config.server.bind.clone(), e))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| StartError::Bind(config.server.bind.clone(), e))?
+            .port();
+        let workers = config.server.workers;
+        let max_connections = config.server.max_connections;
+        let state = web::Data::new(AppState {
+            config,
+            db,
+            nats,
+            registry,
+            sandbox: Some(sandbox),
+            merchants: DashMap::new(),
+            currencies,
+        });
+        let app_state = state.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(app_state.clone())
+                .wrap_fn(|req, srv| {
+                    // One span per request; the request id is echoed so a caller can quote it.
+                    let started = Instant::now();
+                    let request_id = req
+                        .headers()
+                        .get("request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .filter(|v| {
+                            v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                        })
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| format!("req_{}", uuid::Uuid::new_v4().simple()));
+                    let method = req.method().to_string();
+                    let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+                    let span = tracing::info_span!("request", %request_id, %method, %route);
+                    let fut = srv.call(req);
+                    async move {
+                    let mut res = fut.await?;
+                    let status = res.status().as_u16();
+                    tracing::info!(parent: &span, status, elapsed_us = started.elapsed().as_micros() as u64, "request");
+                    if let Ok(v) = HeaderValue::from_str(&request_id) {
+                        res.headers_mut().insert(HeaderName::from_static("request-id"), v);
+                    }
+                    Ok(res)
+                }
+                .boxed_local()
+                })
+                .configure(api::routes)
+        })
+        .workers(workers)
+        .max_connections(max_connections)
+        .listen(listener)
+        .map_err(|e| StartError::Bind("listener".into(), e))?
+        .run();
+        spawn_housekeeping(state.clone());
+        Ok(Application { port, server, state })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> web::Data<AppState> {
+        self.state.clone()
+    }
+
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+/// Background upkeep: idempotency records past their retention are deleted in bounded slices.
+fn spawn_housekeeping(state: web::Data<AppState>) {
+    actix_rt::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let hours = state.config.idempotency.retention_hours;
+            // At most 100 slices of 10,000 a minute: bounded work, however large the backlog.
+            for _ in 0..100 {
+                match state.db.idempotency_purge(hours, 10_000).await {
+                    Ok(10_000) => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "idempotency purge");
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,289 @@
+//! Configuration: `config.toml`, then `PAYRAIL__SECTION__KEY` environment overrides.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub nats: NatsConfig,
+    pub admin: AdminConfig,
+    pub actors: ActorsConfig,
+    pub payments: PaymentsConfig,
+    pub idempotency: IdempotencyConfig,
+    pub psp: PspConfig,
+    pub sandbox: SandboxConfig,
+    pub webhooks: WebhooksConfig,
+    pub ratelimit: RateLimitConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerConfig {
+    pub bind: String,
+    pub public_url: String,
+    pub workers: usize,
+    pub body_limit_bytes: usize,
+    pub max_connections: usize,
+}
+
+#[derive(Clone, Deserialize)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub pool_size: usize,
+    pub pool_wait_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    // The URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &"***")
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NatsConfig {
+    pub url: String,
+    pub stream_prefix: String,
+    pub partitions: u32,
+    pub duplicate_window_secs: u64,
+    pub connect_timeout_ms: u64,
+    pub max_stream_messages: i64,
+}
+
+#[derive(Clone, Deserialize)]
+pub struct AdminConfig {
+    pub token: String,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminConfig { token: *** }")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ActorsConfig {
+    pub idle_timeout_ms: u64,
+    pub mailbox_capacity: usize,
+    pub max_live: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PaymentsConfig {
+    pub currencies: Vec<String>,
+    pub default_fee_bps: u32,
+    pub default_fee_fixed: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct IdempotencyConfig {
+    pub retention_hours: u64,
+    pub in_flight_lease_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PspConfig {
+    pub provider: String,
+    pub timeout_ms: u64,
+    pub sandbox: SandboxPspConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SandboxPspConfig {
+    pub latency_ms: u64,
+    pub refund_delay_ms: u64,
+    pub max_intents: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SandboxConfig {
+    pub demo_merchant: bool,
+}
+
+#[derive(Clone, Deserialize)]
+pub struct WebhooksConfig {
+    pub secret: String,
+    pub previous_secret: String,
+    pub tolerance_seconds: u64,
+    pub adyen_hmac_key: String,
+}
+
+impl std::fmt::Debug for WebhooksConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhooksConfig")
+            .field("secret", &"***")
+            .field("tolerance_seconds", &self.tolerance_seconds)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RateLimitConfig {
+    pub enabled: bool,
+    pub requests_per_second: u32,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogConfig {
+    pub format: String,
+    pub level: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {0}: {1}")]
+    Read(String, std::io::Error),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The repository's own config.toml, for tests and tools that run from a checkout.
+pub fn repo_config_path() -> &'static str {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")
+}
+
+impl Config {
+    /// Reads `path`, then applies the `PAYRAIL__…` variables of this process's environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.display().to_string(), e))?;
+        Config::from_toml(&text, std::env::vars())
+    }
+
+    /// Parses `text` and applies overrides from `env` (name, value) pairs.
+    pub fn from_toml(text: &str, env: impl Iterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let mut root: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        for (name, raw) in env {
+            let Some(path) = name.strip_prefix("PAYRAIL__") else {
+                continue;
+            };
+            let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+            set_path(&mut root, &keys, &raw).map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?;
+        }
+        let config: Config = toml::Value::Table(root)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.admin.token.len() < 8 {
+            return bad("[admin] token must be at least 8 characters");
+        }
+        if self.actors.mailbox_capacity == 0 || self.actors.max_live == 0 {
+            return bad("[actors] mailbox_capacity and max_live must be positive");
+        }
+        if self.database.pool_size == 0 || self.server.workers == 0 || self.nats.partitions == 0 {
+            return bad("pool_size, workers and partitions must be positive");
+        }
+        if !self
+            .nats
+            .stream_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || self.nats.stream_prefix.is_empty()
+        {
+            return bad("[nats] stream_prefix must be letters, digits or underscores");
+        }
+        for c in &self.payments.currencies {
+            if crate::domain::Currency::parse(c).is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "[payments] currencies: {c} is not an ISO 4217 code"
+                )));
+            }
+        }
+        if self.sandbox.demo_merchant && self.psp.provider != "sandbox" {
+            return bad("[sandbox] demo_merchant = true needs [psp] provider = \"sandbox\": the demo key must never reach a real PSP");
+        }
+        Ok(())
+    }
+}
+
+/// Sets `keys` inside `table` to `raw`, typed like the value it replaces: a string stays a
+/// string even when it looks like a number, and anything else is parsed as a TOML value.
+fn set_path(table: &mut toml::Table, keys: &[String], raw: &str) -> Result<(), String> {
+    let (last, parents) = keys.split_last().ok_or("empty key")?;
+    let mut t = table;
+    for k in parents {
+        t = t
+            .entry(k.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("{k} is not a section"))?;
+    }
+    let value = match t.get(last) {
+        Some(toml::Value::String(_)) => toml::Value::String(raw.to_owned()),
+        Some(_) => parse_value(raw).ok_or_else(|| format!("cannot parse {raw:?}"))?,
+        None => parse_value(raw).unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+    };
+    t.insert(last.clone(), value);
+    Ok(())
+}
+
+fn parse_value(raw: &str) -> Option<toml::Value> {
+    let doc: toml::Table = format!("v = {raw}").parse().ok()?;
+    doc.get("v").cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> String {
+        std::fs::read_to_string(repo_config_path()).unwrap()
+    }
+
+    #[test]
+    fn the_repository_config_loads() {
+        let c = Config::from_toml(&base(), std::iter::empty()).unwrap();
+        assert_eq!(c.psp.provider, "sandbox");
+        assert!(c.sandbox.demo_merchant);
+        assert_eq!(c.server.body_limit_bytes, 65536);
+    }
+
+    #[test]
+    fn environment_overrides_keep_types() {
+        let env = [
+            ("PAYRAIL__SERVER__BIND", "127.0.0.1:0"),
+            ("PAYRAIL__SERVER__WORKERS", "4"),
+            ("PAYRAIL__NATS__STREAM_PREFIX", "T123"),
+            ("PAYRAIL__ADMIN__TOKEN", "12345678"),
+            ("PAYRAIL__PSP__SANDBOX__LATENCY_MS", "250"),
+            ("PAYRAIL__PAYMENTS__CURRENCIES", "[\"USD\", \"JPY\"]"),
+            ("OTHER__THING", "x"),
+        ];
+        let c = Config::from_toml(&base(), env.iter().map(|(a, b)| (a.to_string(), b.to_string()))).unwrap();
+        assert_eq!(c.server.bind, "127.0.0.1:0");
+        assert_eq!(c.server.workers, 4);
+        assert_eq!(c.nats.stream_prefix, "T123");
+        assert_eq!(c.admin.token, "12345678");
+        assert_eq!(c.psp.sandbox.latency_ms, 250);
+        assert_eq!(c.payments.currencies, vec!["USD", "JPY"]);
+    }
+
+    #[test]
+    fn the_demo_merchant_is_refused_with_a_real_psp() {
+        let env = [("PAYRAIL__PSP__PROVIDER", "stripe")];
+        let r = Config::from_toml(&base(), env.iter().map(|(a, b)| (a.to_string(), b.to_string())));
+        assert!(matches!(r, Err(ConfigError::Invalid(m)) if m.contains("demo_merchant")));
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = Config::from_toml(&base(), std::iter::empty()).unwrap();
+        let text = format!("{c:?}");
+        assert!(!text.contains("admin_test_token") && !text.contains("whsec_") && !text.contains("postgres://"));
+    }
+}

@@ -1,0 +1,167 @@
+//! The records a payment is made of, and their public JSON shapes (API.md's Payment and
+//! Refund objects). Rendering is pure so that the payment actor can render a response before
+//! it commits, and commit that exact response as the idempotency record.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::ids::{MerchantId, PaymentId, RefundId};
+use super::money::{Currency, Money};
+use super::payment::{CaptureStrategy, PaymentState, Status};
+
+/// Why a payment failed, as the PSP said it (`card_declined` / `insufficient_funds`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub code: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decline_code: Option<String>,
+    pub message: String,
+}
+
+/// What the customer must do next (3-D Secure).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NextAction {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub redirect_url: String,
+}
+
+/// A payment as payrail keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Payment {
+    pub id: PaymentId,
+    pub merchant_id: MerchantId,
+    pub order_id: String,
+    pub currency: Currency,
+    pub state: PaymentState,
+    pub capture_strategy: CaptureStrategy,
+    pub payment_method: String,
+    pub psp: String,
+    pub psp_reference: Option<String>,
+    pub client_secret: Option<String>,
+    pub next_action: Option<NextAction>,
+    pub failure: Option<Failure>,
+    pub customer_id: Option<String>,
+    pub description: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    /// The merchant's fee when the payment was created: the price agreed then is the one charged.
+    pub fee_bps: u32,
+    pub fee_fixed: i64,
+    /// Bumped by every committed change; a commit that finds another version lost a race.
+    pub version: i32,
+    /// Status changes so far, the `seq` of the next one.
+    pub transitions: i32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Payment {
+    pub fn amount(&self) -> Money {
+        Money::new(self.state.amount, self.currency)
+    }
+
+    pub fn status(&self) -> Status {
+        self.state.status
+    }
+
+    /// API.md's Payment object.
+    pub fn to_object(&self) -> Value {
+        json!({
+            "object": "payment",
+            "payment_id": self.id,
+            "merchant_id": self.merchant_id,
+            "order_id": self.order_id,
+            "status": self.state.status.as_str(),
+            "amount": { "value": self.state.amount, "currency": self.currency },
+            "amount_capturable": self.state.capturable,
+            "amount_captured": self.state.captured,
+            "amount_refunded": self.state.refunded,
+            "capture_strategy": self.capture_strategy.as_str(),
+            "payment_method": self.payment_method,
+            "psp": self.psp,
+            "psp_reference": self.psp_reference,
+            "client_secret": self.client_secret,
+            "next_action": self.next_action,
+            "failure": self.failure,
+            "customer_id": self.customer_id,
+            "description": self.description,
+            "metadata": self.metadata,
+            "created_at": timestamp(self.created_at),
+            "updated_at": timestamp(self.updated_at),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefundStatus {
+    Pending,
+    Succeeded,
+    Failed,
+}
+
+impl RefundStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefundStatus::Pending => "pending",
+            RefundStatus::Succeeded => "succeeded",
+            RefundStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RefundStatus> {
+        [RefundStatus::Pending, RefundStatus::Succeeded, RefundStatus::Failed]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refund {
+    pub id: RefundId,
+    pub payment_id: PaymentId,
+    pub merchant_id: MerchantId,
+    pub amount: Money,
+    pub status: RefundStatus,
+    pub reason: Option<String>,
+    pub psp_reference: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Refund {
+    /// API.md's Refund object.
+    pub fn to_object(&self) -> Value {
+        json!({
+            "object": "refund",
+            "refund_id": self.id,
+            "payment_id": self.payment_id,
+            "amount": self.amount,
+            "status": self.status.as_str(),
+            "reason": self.reason,
+            "psp_reference": self.psp_reference,
+            "created_at": timestamp(self.created_at),
+            "updated_at": timestamp(self.updated_at),
+        })
+    }
+}
+
+/// RFC 3339 UTC with microseconds, the precision PostgreSQL keeps, so a timestamp read back
+/// renders exactly as it was first sent.
+pub fn timestamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Now, truncated to PostgreSQL's microsecond precision.
+pub fn now() -> DateTime<Utc> {
+    let t = Utc::now();
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+}
+
+/// `{ "object": "list", "data": [...], "has_more": bool }`.
+pub fn list_object(data: Vec<Value>, has_more: bool) -> Value {
+    json!({ "object": "list", "data": data, "has_more": has_more })
+}

@@ -1,0 +1,154 @@
+//! The one error type the API answers with. Each variant knows its HTTP status, its error
+//! `type` and `code` (API.md, "Errors"). Messages never carry request values, so a card number
+//! sent by mistake cannot come back in an error.
+
+use actix_web::http::StatusCode;
+use serde_json::json;
+
+use crate::domain::payment::{Rejection, Status};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    InvalidRequest {
+        code: &'static str,
+        message: String,
+        param: Option<String>,
+    },
+    #[error("invalid or missing API key")]
+    Authentication,
+    #[error("no such {0}")]
+    NotFound(&'static str),
+    #[error("this operation is not allowed while the payment is {}", .0.as_str())]
+    InvalidState(Status),
+    #[error("the amount is more than what is left")]
+    AmountTooLarge { param: &'static str },
+    #[error("the Idempotency-Key header is required: 1 to 255 printable ASCII characters")]
+    IdempotencyKeyMissing,
+    #[error("a request with this Idempotency-Key is still in flight")]
+    IdempotencyKeyInUse,
+    #[error("this Idempotency-Key was used with another method, path or body")]
+    IdempotencyKeyReused,
+    #[error("request body is larger than {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("too many requests")]
+    RateLimited,
+    #[error("{0} is unavailable; retry later")]
+    Unavailable(&'static str),
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    pub fn invalid(code: &'static str, message: impl Into<String>, param: impl Into<Option<String>>) -> ApiError {
+        ApiError::InvalidRequest {
+            code,
+            message: message.into(),
+            param: param.into(),
+        }
+    }
+
+    /// A parameter problem: `code` is `parameter_invalid` or a more specific one.
+    pub fn param(param: &str, message: impl Into<String>) -> ApiError {
+        ApiError::invalid("parameter_invalid", message, Some(param.to_owned()))
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest { .. } | ApiError::AmountTooLarge { .. } | ApiError::IdempotencyKeyMissing => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::Authentication => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::InvalidState(_) | ApiError::IdempotencyKeyInUse => StatusCode::CONFLICT,
+            ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ApiError::Authentication => "authentication_error",
+            ApiError::IdempotencyKeyInUse | ApiError::IdempotencyKeyReused => "idempotency_error",
+            ApiError::RateLimited => "rate_limit_error",
+            ApiError::Unavailable(_) | ApiError::Internal => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest { code, .. } => code,
+            ApiError::Authentication => "api_key_invalid",
+            ApiError::NotFound(_) => "resource_missing",
+            ApiError::InvalidState(_) => "payment_invalid_state",
+            ApiError::AmountTooLarge { .. } => "amount_too_large",
+            ApiError::IdempotencyKeyMissing => "idempotency_key_missing",
+            ApiError::IdempotencyKeyInUse => "idempotency_key_in_use",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
+            ApiError::BodyTooLarge(_) => "body_too_large",
+            ApiError::RateLimited => "rate_limited",
+            ApiError::Unavailable(_) => "dependency_unavailable",
+            ApiError::Internal => "internal_error",
+        }
+    }
+
+    fn param_name(&self) -> Option<&str> {
+        match self {
+            ApiError::InvalidRequest { param, .. } => param.as_deref(),
+            ApiError::AmountTooLarge { param } => Some(param),
+            ApiError::IdempotencyKeyMissing => Some("Idempotency-Key"),
+            _ => None,
+        }
+    }
+
+    /// The response body, exactly as API.md shapes it.
+    pub fn body(&self) -> Vec<u8> {
+        let mut error = json!({ "type": self.error_type(), "code": self.code(), "message": self.to_string() });
+        if let Some(p) = self.param_name() {
+            error["param"] = json!(p);
+        }
+        serde_json::to_vec(&json!({ "error": error })).unwrap_or_default()
+    }
+
+    /// Whether an idempotent request that ended in this error stores it for replay: only the
+    /// answers the operation itself produced (API.md, "Idempotency").
+    pub fn is_replayable(&self) -> bool {
+        !matches!(
+            self,
+            ApiError::Authentication
+                | ApiError::IdempotencyKeyInUse
+                | ApiError::IdempotencyKeyReused
+                | ApiError::IdempotencyKeyMissing
+                | ApiError::RateLimited
+                | ApiError::BodyTooLarge(_)
+        ) && self.status().as_u16() < 500
+    }
+
+    /// A state-machine rejection in the words of the API; `param` names the amount field.
+    pub fn from_rejection(r: Rejection, param: &'static str) -> ApiError {
+        match r {
+            Rejection::InvalidState(s) => ApiError::InvalidState(s),
+            Rejection::AmountTooLarge => ApiError::AmountTooLarge { param },
+            Rejection::AmountNotPositive => ApiError::param(param, "amount must be a positive integer"),
+        }
+    }
+}
+
+impl actix_web::ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status()
+    }
+
+    fn error_response(&self) -> actix_web::HttpResponse {
+        let mut resp = actix_web::HttpResponse::build(self.status());
+        resp.content_type("application/json");
+        if matches!(self, ApiError::Unavailable(_) | ApiError::RateLimited) {
+            resp.insert_header(("Retry-After", "1"));
+        }
+        resp.body(self.body())
+    }
+}

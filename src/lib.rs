@@ -1,0 +1,24 @@
+//! payrail: an actor-based payment orchestrator.
+//!
+//! # Layout
+//!
+//! - [`domain`] — pure types and rules, no I/O: [`domain::Money`] and currencies, prefixed ids,
+//!   card-data guards, ledger postings, and the payment state machine (one table, one function).
+//! - [`adapters`] — the outside world: PostgreSQL (every SQL statement lives beside the table
+//!   it owns), NATS JetStream, and the PSPs behind the [`adapters::psp::Psp`] trait, with the
+//!   embedded sandbox as the default.
+//! - [`actors`] — one `PaymentActor` per live payment, serializing its transitions; the
+//!   `PaymentRegistry` that activates, passivates and restarts them; mailbox accounting.
+//! - [`api`] — the actix-web routes of API.md, one route group per file: authentication,
+//!   idempotency, validation, and rendering of errors in one place.
+//! - [`app`] — wiring: build the application from [`config::Config`], run it until stopped.
+//!
+//! Dependencies point inward: `api` → `actors` → `adapters` → `domain`.
+
+pub mod actors;
+pub mod adapters;
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod error;

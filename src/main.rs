@@ -1,0 +1,90 @@
+//! The `payrail` command: `serve` runs the API with its actors; `migrate` applies migrations.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use payrail::adapters::postgres::Db;
+use payrail::app::Application;
+use payrail::config::Config;
+
+#[derive(Parser)]
+#[command(name = "payrail", version, about = "An actor-based payment orchestrator")]
+struct Cli {
+    /// The configuration file; PAYRAIL__SECTION__KEY variables override it.
+    #[arg(long, global = true, default_value = "config.toml")]
+    config: PathBuf,
+    /// Log format: pretty or json (overrides [log] format).
+    #[arg(long, global = true)]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP API, the payment actors and the embedded sandbox PSP.
+    Serve,
+    /// Create the database if it is missing and apply migrations.
+    Migrate,
+}
+
+fn init_tracing(config: &Config, format: Option<&str>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format.unwrap_or(&config.log.format) {
+        "json" => builder.json().init(),
+        _ => builder.init(),
+    }
+}
+
+#[actix_web::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("payrail: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&config, cli.log_format.as_deref());
+    match cli.command {
+        Command::Serve => {
+            let bind = config.server.bind.clone();
+            let app = match Application::build(config).await {
+                Ok(app) => app,
+                Err(e) => {
+                    tracing::error!(error = %e, "payrail could not start");
+                    return ExitCode::FAILURE;
+                }
+            };
+            tracing::info!(address = %bind, port = app.port(), "payrail listening");
+            match app.run_until_stopped().await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "server stopped");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Migrate => {
+            let result = async {
+                let db = Db::connect(&config.database).await?;
+                db.migrate().await
+            }
+            .await;
+            match result {
+                Ok(applied) => {
+                    tracing::info!(?applied, "migrations up to date");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "migrate failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
