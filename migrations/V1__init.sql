@@ -154,7 +154,8 @@ CREATE INDEX entries_account ON entries (account, currency);
 -- Invariant 2: every journal balances per currency, checked when the transaction commits.
 CREATE FUNCTION payrail_check_journal_balanced() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-    jid text := CASE TG_TABLE_NAME WHEN 'journals' THEN NEW.id ELSE NEW.journal_id END;
+    -- One function for both tables: entries carry journal_id, journals their own id.
+    jid text := coalesce(to_jsonb(NEW) ->> 'journal_id', to_jsonb(NEW) ->> 'id');
     d numeric;
     c numeric;
     n bigint;

@@ -74,6 +74,11 @@ pub async fn process(
         flow.run(op).await
     }
     .await;
+    let status = flow.live.payment.status().as_str();
+    match &result {
+        Ok(reply) => tracing::debug!(reply = reply.status, status, "payment message handled"),
+        Err(h) => tracing::debug!(error = h.error.code(), status, "payment message refused"),
+    }
     match result {
         Ok(reply) => (Ok(reply), flow.live, false),
         Err(h) => (Err(h.error), flow.live, h.stale),

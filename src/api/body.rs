@@ -187,7 +187,8 @@ impl<'a> Fields<'a> {
                 name.clone(),
             )
         })?;
-        if contains_pan(s) || s.chars().filter(char::is_ascii_digit).count() >= 12 {
+        let numeric = s.len() >= 12 && s.bytes().all(|b| b.is_ascii_digit() || b == b' ' || b == b'-');
+        if contains_pan(s) || numeric {
             return Err(ApiError::invalid(
                 "payment_method_invalid",
                 format!("{name} must be a pm_ token: card numbers are never accepted here; tokenize the card first"),

@@ -12,6 +12,7 @@ use super::{json_response, AppState};
 use crate::actors::{IdemKey, Reply};
 use crate::adapters::postgres::idempotency::Begin;
 use crate::adapters::postgres::merchants::Merchant;
+use crate::domain::card::contains_pan;
 use crate::error::ApiError;
 
 /// The key, if the request carries a valid one: 1–255 printable ASCII characters.
@@ -21,7 +22,8 @@ pub fn key(req: &HttpRequest) -> Result<String, ApiError> {
         .get("Idempotency-Key")
         .and_then(|v| v.to_str().ok())
         .ok_or(ApiError::IdempotencyKeyMissing)?;
-    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+    // A key is stored for a day: one that holds a card number is refused like a malformed one.
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (0x20..0x7f).contains(&b)) || contains_pan(key) {
         return Err(ApiError::IdempotencyKeyMissing);
     }
     Ok(key.to_owned())
@@ -44,20 +46,32 @@ pub struct Ticket {
     pub resource_id: Option<String>,
 }
 
-/// Runs `op` at most once per (merchant, key) and answers as API.md says.
-pub async fn run<F, Fut>(
+/// Runs `op` on the `parsed` request at most once per (merchant, key) and answers as API.md
+/// says. A request that failed validation stores nothing, but a key already used for another
+/// request is still a 422.
+pub async fn run<T, F, Fut>(
     state: &AppState,
     merchant: &Merchant,
     req: &HttpRequest,
     key: String,
     body: &[u8],
+    parsed: Result<T, ApiError>,
     op: F,
 ) -> Result<HttpResponse, ApiError>
 where
-    F: FnOnce(Ticket) -> Fut,
+    F: FnOnce(T, Ticket) -> Fut,
     Fut: Future<Output = Result<Reply, ApiError>>,
 {
     let fp = fingerprint(req.method().as_str(), req.path(), body);
+    let parsed = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            return match state.db.idempotency_fingerprint(&merchant.id, &key).await? {
+                Some(stored) if stored != fp => Err(ApiError::IdempotencyKeyReused),
+                _ => Err(e),
+            }
+        }
+    };
     let lease = state.config.idempotency.in_flight_lease_ms;
     match state.db.idempotency_begin(&merchant.id, &key, &fp, lease).await? {
         Begin::Replay { status, body } => {
@@ -78,7 +92,7 @@ where
                 },
                 resource_id,
             };
-            match op(ticket).await {
+            match op(parsed, ticket).await {
                 Ok(reply) => {
                     if !reply.stored {
                         if let Err(e) = state

@@ -94,80 +94,88 @@ pub async fn create(
     let merchant = auth::merchant(&state, &req).await?;
     let body = body::read(&req, payload, state.config.server.body_limit_bytes).await?;
     let key = idempotency::key(&req)?;
-    let (payment, confirm) = new_payment(&state, &merchant, &body)?;
+    let parsed = new_payment(&state, &merchant, &body);
     let (st, m) = (&state, &merchant);
-    idempotency::run(&state, &merchant, &req, key, &body, |ticket| async move {
-        let (state, merchant) = (st, m);
-        let idem = Some(ticket.key.clone());
-        let id = match ticket.resource_id.as_deref().and_then(PaymentId::parse) {
-            // An earlier attempt with this key created the payment and died before answering.
-            Some(id) => id,
-            None => {
-                let object = serde_json::to_vec(&payment.to_object()).map_err(|_| ApiError::Internal)?;
-                let commit = Commit {
-                    transition: Some(Transition {
-                        seq: 0,
-                        from: None,
-                        to: Status::Pending,
-                        cause: "api.create".into(),
-                    }),
-                    outbox: vec![OutboxEvent {
-                        event_type: "payment.created".into(),
-                        payload: payment.to_object(),
-                    }],
-                    idempotency: Some(IdempotencyWrite {
-                        merchant_id: merchant.id.clone(),
-                        key: ticket.key.key.clone(),
-                        resource_id: Some(payment.id.to_string()),
-                        response: (!confirm).then(|| (201, object.clone())),
-                    }),
-                    payment: Some(payment.clone()),
-                    ..Commit::default()
-                };
-                state.db.commit(&commit).await.map_err(|e| match e {
-                    crate::adapters::postgres::commit::CommitError::Api(e) => e,
-                    crate::adapters::postgres::commit::CommitError::Stale => ApiError::Internal,
-                })?;
-                if !confirm {
-                    return Ok(Reply {
-                        status: 201,
-                        body: object,
-                        stored: true,
-                    });
+    idempotency::run(
+        &state,
+        &merchant,
+        &req,
+        key,
+        &body,
+        parsed,
+        |(payment, confirm), ticket| async move {
+            let (state, merchant) = (st, m);
+            let idem = Some(ticket.key.clone());
+            let id = match ticket.resource_id.as_deref().and_then(PaymentId::parse) {
+                // An earlier attempt with this key created the payment and died before answering.
+                Some(id) => id,
+                None => {
+                    let object = serde_json::to_vec(&payment.to_object()).map_err(|_| ApiError::Internal)?;
+                    let commit = Commit {
+                        transition: Some(Transition {
+                            seq: 0,
+                            from: None,
+                            to: Status::Pending,
+                            cause: "api.create".into(),
+                        }),
+                        outbox: vec![OutboxEvent {
+                            event_type: "payment.created".into(),
+                            payload: payment.to_object(),
+                        }],
+                        idempotency: Some(IdempotencyWrite {
+                            merchant_id: merchant.id.clone(),
+                            key: ticket.key.key.clone(),
+                            resource_id: Some(payment.id.to_string()),
+                            response: (!confirm).then(|| (201, object.clone())),
+                        }),
+                        payment: Some(payment.clone()),
+                        ..Commit::default()
+                    };
+                    state.db.commit(&commit).await.map_err(|e| match e {
+                        crate::adapters::postgres::commit::CommitError::Api(e) => e,
+                        crate::adapters::postgres::commit::CommitError::Stale => ApiError::Internal,
+                    })?;
+                    if !confirm {
+                        return Ok(Reply {
+                            status: 201,
+                            body: object,
+                            stored: true,
+                        });
+                    }
+                    payment.id.clone()
                 }
-                payment.id.clone()
-            }
-        };
-        let op = if confirm {
-            Op::Confirm {
-                payment_method: None,
-                created: true,
-            }
-        } else {
-            // Resumed without confirm: the payment as it stands is the answer.
-            let p = state
-                .db
-                .payment_for_merchant(&merchant.id, &id)
-                .await?
-                .ok_or(ApiError::NotFound("payment"))?;
-            return Ok(Reply {
-                status: 201,
-                body: serde_json::to_vec(&p.to_object()).unwrap_or_default(),
-                stored: false,
-            });
-        };
-        state
-            .registry
-            .call(
-                &id,
-                PaymentCall {
-                    merchant: merchant.id.clone(),
-                    op,
-                    idem,
-                },
-            )
-            .await
-    })
+            };
+            let op = if confirm {
+                Op::Confirm {
+                    payment_method: None,
+                    created: true,
+                }
+            } else {
+                // Resumed without confirm: the payment as it stands is the answer.
+                let p = state
+                    .db
+                    .payment_for_merchant(&merchant.id, &id)
+                    .await?
+                    .ok_or(ApiError::NotFound("payment"))?;
+                return Ok(Reply {
+                    status: 201,
+                    body: serde_json::to_vec(&p.to_object()).unwrap_or_default(),
+                    stored: false,
+                });
+            };
+            state
+                .registry
+                .call(
+                    &id,
+                    PaymentCall {
+                        merchant: merchant.id.clone(),
+                        op,
+                        idem,
+                    },
+                )
+                .await
+        },
+    )
     .await
 }
 
@@ -181,31 +189,38 @@ async fn operate(
     let merchant = auth::merchant(&state, &req).await?;
     let body = body::read(&req, payload, state.config.server.body_limit_bytes).await?;
     let key = idempotency::key(&req)?;
-    let op = parse(&state, &body)?;
-    let id = path_id(&req)?;
-    let (st, m, id) = (&state, &merchant, &id);
-    idempotency::run(&state, &merchant, &req, key, &body, |ticket| async move {
-        let (state, merchant) = (st, m);
-        let op = match op {
-            Op::Refund { amount, reason, .. } => Op::Refund {
-                amount,
-                reason,
-                resume: ticket.resource_id.as_deref().and_then(crate::domain::RefundId::parse),
-            },
-            other => other,
-        };
-        state
-            .registry
-            .call(
-                id,
-                PaymentCall {
-                    merchant: merchant.id.clone(),
-                    op,
-                    idem: Some(ticket.key),
+    let parsed = path_id(&req).and_then(|id| Ok((id, parse(&state, &body)?)));
+    let (st, m) = (&state, &merchant);
+    idempotency::run(
+        &state,
+        &merchant,
+        &req,
+        key,
+        &body,
+        parsed,
+        |(id, op), ticket| async move {
+            let (state, merchant) = (st, m);
+            let op = match op {
+                Op::Refund { amount, reason, .. } => Op::Refund {
+                    amount,
+                    reason,
+                    resume: ticket.resource_id.as_deref().and_then(crate::domain::RefundId::parse),
                 },
-            )
-            .await
-    })
+                other => other,
+            };
+            state
+                .registry
+                .call(
+                    &id,
+                    PaymentCall {
+                        merchant: merchant.id.clone(),
+                        op,
+                        idem: Some(ticket.key),
+                    },
+                )
+                .await
+        },
+    )
     .await
 }
 

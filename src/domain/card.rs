@@ -70,7 +70,8 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
 }
 
 /// True when `text` holds something that looks like a card number: 13 to 19 digits that pass
-/// the Luhn check, written together or in groups split by single spaces or dashes.
+/// the Luhn check, written together or in groups split by single spaces or dashes, standing
+/// apart from letters (so the digits inside an id such as `pay_0193a8…` are not a card).
 pub fn contains_pan(text: &str) -> bool {
     let bytes = text.as_bytes();
     let mut i = 0;
@@ -79,6 +80,7 @@ pub fn contains_pan(text: &str) -> bool {
             i += 1;
             continue;
         }
+        let glued_before = i > 0 && bytes[i - 1].is_ascii_alphabetic();
         // One run: digit groups joined by single separators.
         let mut groups: Vec<&[u8]> = Vec::new();
         let mut start = i;
@@ -94,6 +96,9 @@ pub fn contains_pan(text: &str) -> bool {
             }
         }
         groups.push(&bytes[start..i]);
+        if glued_before || (i < bytes.len() && bytes[i].is_ascii_alphabetic()) {
+            continue;
+        }
         // Any whole groups in a row may be the card: "order 9 4242 4242 4242 4242" holds one.
         for first in 0..groups.len() {
             let mut digits = Vec::with_capacity(19);
@@ -137,7 +142,7 @@ mod tests {
     fn pans_are_found_inside_text_with_separators() {
         assert!(contains_pan("card 4242 4242 4242 4242 thanks"));
         assert!(contains_pan("4242-4242-4242-4242"));
-        assert!(contains_pan("x4242424242424242y"));
+        assert!(contains_pan("(4242424242424242)"));
         assert!(contains_pan("5555-5555-5555-4444 exp 12/30"));
         assert!(contains_pan("order 9 4242424242424242"));
     }
@@ -149,6 +154,7 @@ mod tests {
         assert!(!contains_pan("2026-04-03 12:00"));
         assert!(!contains_pan("4242424242424241")); // fails Luhn
         assert!(!contains_pan("1234567890123")); // fails Luhn
+        assert!(!contains_pan("pay_a4242424242424242b")); // digits inside an id
     }
 
     #[test]

@@ -92,6 +92,20 @@ impl Db {
         }
     }
 
+    /// The fingerprint a key was first used with, if it was; reads only.
+    pub async fn idempotency_fingerprint(&self, merchant: &MerchantId, key: &str) -> Result<Option<Vec<u8>>, ApiError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT fingerprint FROM idempotency_keys WHERE merchant_id = $1 AND key = $2")
+            .await
+            .map_err(pg_error)?;
+        Ok(client
+            .query_opt(&stmt, &[&merchant.as_str(), &key])
+            .await
+            .map_err(pg_error)?
+            .map(|r| r.get(0)))
+    }
+
     /// Stores a response that no commit of the operation stored (a 4xx the operation produced).
     pub async fn idempotency_store(
         &self,

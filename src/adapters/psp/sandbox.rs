@@ -148,7 +148,7 @@ impl SandboxPsp {
     ) -> Result<StoredCard, ApiError> {
         let behaviour = Behaviour::of_card(&pan);
         let card = StoredCard {
-            id: format!("pm_{}", uuid::Uuid::new_v4().simple()),
+            id: format!("pm_{}", random_base62(24)),
             merchant_id: merchant.to_string(),
             brand: pan.brand().to_owned(),
             last4: pan.last4().to_owned(),
@@ -404,6 +404,16 @@ impl SandboxPsp {
             .ok_or_else(|| invalid("resource_missing", "No such payment intent.", None))?;
         Ok(Self::intent_view(&reference, &intent))
     }
+}
+
+/// Letters and digits, so a token never holds a long run of digits.
+fn random_base62(n: usize) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::thread_rng();
+    (0..n)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 fn reference_for_refund(key: &AttemptId) -> String {

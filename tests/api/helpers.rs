@@ -1,0 +1,204 @@
+//! Start the real server in-process on port 0, against the real PostgreSQL and NATS, with a
+//! database and a stream prefix of its own, so tests run in parallel without meeting.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix_web::web;
+use awc::Client;
+use payrail::api::AppState;
+use payrail::app::Application;
+use payrail::config::{repo_config_path, Config};
+use serde_json::{json, Value};
+
+pub const DEMO_KEY: &str = "sk_test_demo";
+
+/// Every log line every test in this binary wrote, for the tests that scan them.
+pub fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "payrail=trace,actix_web=debug,actix=debug,info",
+            ))
+            .with_ansi(false)
+            .with_writer(move || LogWriter(writer.clone()))
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        buf
+    })
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut logs = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded: a test binary never needs more than 256 MiB of logs.
+        if logs.len() < 256 << 20 {
+            logs.extend_from_slice(b);
+        }
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub client: Client,
+    pub state: web::Data<AppState>,
+    pub database_url: String,
+}
+
+pub struct Response {
+    pub status: u16,
+    pub headers: awc::http::header::HeaderMap,
+    pub raw: Vec<u8>,
+    pub body: Value,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// A fresh database name: its creation time in it, so stale ones can be dropped later.
+fn database_name() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    format!(
+        "payrail_test_{secs}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
+    captured_logs();
+    let mut config = Config::load(std::path::Path::new(repo_config_path())).expect("config.toml");
+    let base = config
+        .database
+        .url
+        .rsplit_once('/')
+        .map(|(b, _)| b.to_owned())
+        .expect("database url");
+    config.database.url = format!("{base}/{}", database_name());
+    config.database.pool_size = 8;
+    config.server.bind = "127.0.0.1:0".into();
+    config.server.workers = 1;
+    config.nats.stream_prefix = format!("T{}", &uuid::Uuid::new_v4().simple().to_string()[..12]).to_uppercase();
+    configure(&mut config);
+    let database_url = config.database.url.clone();
+    let app = Application::build(config).await.expect("payrail starts");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let state = app.state();
+    actix_rt::spawn(app.run_until_stopped());
+    let client = Client::builder().timeout(Duration::from_secs(30)).finish();
+    TestApp {
+        address,
+        client,
+        state,
+        database_url,
+    }
+}
+
+impl TestApp {
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        idem: Option<&str>,
+        body: Option<&str>,
+    ) -> Response {
+        let mut req = self
+            .client
+            .request(method.parse().unwrap(), format!("{}{path}", self.address));
+        if let Some(k) = key {
+            req = req.insert_header(("Authorization", format!("Bearer {k}")));
+        }
+        if let Some(i) = idem {
+            req = req.insert_header(("Idempotency-Key", i));
+        }
+        req = req.insert_header(("Content-Type", "application/json"));
+        let mut resp = match body {
+            Some(b) => req.send_body(b.to_owned()).await,
+            None => req.send().await,
+        }
+        .expect("request sent");
+        let raw = resp.body().limit(16 << 20).await.expect("body").to_vec();
+        let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+        Response {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            raw,
+            body,
+        }
+    }
+
+    /// A POST as the demo merchant with a fresh idempotency key.
+    pub async fn post(&self, path: &str, body: Value) -> Response {
+        let key = uuid::Uuid::new_v4().to_string();
+        self.request("POST", path, Some(DEMO_KEY), Some(&key), Some(&body.to_string()))
+            .await
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.request("GET", path, Some(DEMO_KEY), None, None).await
+    }
+
+    /// Creates (and by default confirms) a payment as the demo merchant.
+    pub async fn pay(&self, amount: i64, payment_method: &str, capture: &str, confirm: bool) -> Response {
+        self.post(
+            "/api/v1/payments",
+            json!({ "order_id": "ord_test", "amount": { "value": amount, "currency": "USD" },
+                    "payment_method": payment_method, "capture_strategy": capture, "confirm": confirm }),
+        )
+        .await
+    }
+
+    /// A second merchant and its key, made through the operator API.
+    pub async fn new_merchant(&self) -> String {
+        let token = self.state.config.admin.token.clone();
+        let r = self
+            .request(
+                "POST",
+                "/admin/v1/merchants",
+                Some(&token),
+                None,
+                Some(r#"{"name":"Other Shop","default_currency":"USD"}"#),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.body["api_key"].as_str().unwrap().to_owned()
+    }
+
+    /// A direct connection to this test's database, for checks the API cannot make.
+    pub async fn sql(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        actix_rt::spawn(conn);
+        client
+    }
+
+    pub async fn count(&self, table: &str) -> i64 {
+        self.sql()
+            .await
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+impl TestApp {
+    /// A POST with a raw body, as the demo merchant, with a fresh idempotency key.
+    pub async fn post_raw(&self, path: &str, body: &str) -> Response {
+        let key = uuid::Uuid::new_v4().to_string();
+        self.request("POST", path, Some(DEMO_KEY), Some(&key), Some(body)).await
+    }
+}

@@ -1,0 +1,172 @@
+//! API.md, "Idempotency": replay byte for byte, 422 on reuse, 409 in flight, exactly once
+//! under concurrency, scoped per merchant.
+
+use futures_util::future::join_all;
+use serde_json::json;
+
+use crate::helpers::{spawn_app, DEMO_KEY};
+
+const CREATE: &str = r#"{"order_id":"ord_idem","amount":{"value":4999,"currency":"USD"},"payment_method":"pm_card_visa","confirm":true}"#;
+
+#[actix_web::test]
+async fn a_retry_replays_the_first_response_byte_for_byte() {
+    let app = spawn_app().await;
+    let first = app
+        .request("POST", "/api/v1/payments", Some(DEMO_KEY), Some("key-1"), Some(CREATE))
+        .await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    assert!(first.headers.get("idempotent-replayed").is_none());
+    let again = app
+        .request("POST", "/api/v1/payments", Some(DEMO_KEY), Some("key-1"), Some(CREATE))
+        .await;
+    assert_eq!(again.status, 201);
+    assert_eq!(again.raw, first.raw);
+    assert_eq!(again.headers.get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(app.count("payments").await, 1);
+
+    // An operation's own 4xx is stored and replayed too.
+    let p = first.body["payment_id"].as_str().unwrap();
+    let path = format!("/api/v1/payments/{p}/capture");
+    let e1 = app
+        .request("POST", &path, Some(DEMO_KEY), Some("cap-1"), Some("{}"))
+        .await;
+    assert_eq!(e1.status, 409);
+    let e2 = app
+        .request("POST", &path, Some(DEMO_KEY), Some("cap-1"), Some("{}"))
+        .await;
+    assert_eq!((e2.status, e2.raw == e1.raw), (409, true));
+    assert_eq!(e2.headers.get("idempotent-replayed").unwrap(), "true");
+}
+
+#[actix_web::test]
+async fn the_same_key_with_another_body_or_path_is_422() {
+    let app = spawn_app().await;
+    let first = app
+        .request("POST", "/api/v1/payments", Some(DEMO_KEY), Some("key-2"), Some(CREATE))
+        .await;
+    assert_eq!(first.status, 201);
+    let other_body = CREATE.replace("4999", "5000");
+    let r = app
+        .request(
+            "POST",
+            "/api/v1/payments",
+            Some(DEMO_KEY),
+            Some("key-2"),
+            Some(&other_body),
+        )
+        .await;
+    assert_eq!(
+        (
+            r.status,
+            r.body["error"]["code"].as_str(),
+            r.body["error"]["type"].as_str()
+        ),
+        (422, Some("idempotency_key_reused"), Some("idempotency_error"))
+    );
+    let p = first.body["payment_id"].as_str().unwrap();
+    let r = app
+        .request(
+            "POST",
+            &format!("/api/v1/payments/{p}/refunds"),
+            Some(DEMO_KEY),
+            Some("key-2"),
+            Some(CREATE),
+        )
+        .await;
+    assert_eq!(r.status, 422);
+    assert_eq!(app.count("payments").await, 1);
+}
+
+#[actix_web::test]
+async fn a_missing_or_malformed_key_is_400_and_nothing_is_stored() {
+    let app = spawn_app().await;
+    for key in [None, Some(""), Some(&"k".repeat(256)[..]), Some("tab\there")] {
+        let r = app
+            .request("POST", "/api/v1/payments", Some(DEMO_KEY), key, Some(CREATE))
+            .await;
+        assert_eq!(
+            (r.status, r.body["error"]["code"].as_str()),
+            (400, Some("idempotency_key_missing")),
+            "{key:?}"
+        );
+    }
+    assert_eq!(app.count("payments").await, 0);
+    assert_eq!(app.count("idempotency_keys").await, 0);
+}
+
+#[actix_web::test]
+async fn thirty_two_concurrent_requests_with_one_key_make_exactly_one_payment() {
+    let app = spawn_app().await;
+    let requests =
+        (0..32).map(|_| app.request("POST", "/api/v1/payments", Some(DEMO_KEY), Some("burst"), Some(CREATE)));
+    let responses = join_all(requests).await;
+    let created: Vec<_> = responses.iter().filter(|r| r.status == 201).collect();
+    assert!(!created.is_empty());
+    for r in &responses {
+        assert!(
+            r.status == 201 || (r.status == 409 && r.body["error"]["code"] == "idempotency_key_in_use"),
+            "{} {}",
+            r.status,
+            r.body
+        );
+    }
+    // Every 201 is the same payment, byte for byte.
+    assert!(created.iter().all(|r| r.raw == created[0].raw));
+    assert_eq!(app.count("payments").await, 1);
+    assert_eq!(app.count("journals").await, 1);
+    // Once the first finished, the key replays.
+    let after = app
+        .request("POST", "/api/v1/payments", Some(DEMO_KEY), Some("burst"), Some(CREATE))
+        .await;
+    assert_eq!((after.status, after.raw == created[0].raw), (201, true));
+}
+
+#[actix_web::test]
+async fn keys_are_scoped_per_merchant() {
+    let app = spawn_app().await;
+    let other = app.new_merchant().await;
+    let a = app
+        .request("POST", "/api/v1/payments", Some(DEMO_KEY), Some("shared"), Some(CREATE))
+        .await;
+    let b = app
+        .request("POST", "/api/v1/payments", Some(&other), Some("shared"), Some(CREATE))
+        .await;
+    assert_eq!((a.status, b.status), (201, 201));
+    assert_ne!(a.body["payment_id"], b.body["payment_id"]);
+    assert!(b.headers.get("idempotent-replayed").is_none());
+}
+
+#[actix_web::test]
+async fn twenty_concurrent_refunds_of_500_on_3000_let_exactly_six_through() {
+    let app = spawn_app().await;
+    let body = json!({ "order_id": "o", "amount": { "value": 3000, "currency": "USD" }, "payment_method": "pm_card_visa", "confirm": true });
+    let p = app.post("/api/v1/payments", body).await.body["payment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/api/v1/payments/{p}/refunds");
+    let refund = r#"{"amount":{"value":500,"currency":"USD"}}"#;
+    let keys: Vec<String> = (0..20).map(|i| format!("refund-{i}")).collect();
+    let responses = join_all(
+        keys.iter()
+            .map(|k| app.request("POST", &path, Some(DEMO_KEY), Some(k), Some(refund))),
+    )
+    .await;
+    let ok = responses.iter().filter(|r| r.status == 201).count();
+    let too_large = responses
+        .iter()
+        .filter(|r| r.status == 400 && r.body["error"]["code"] == "amount_too_large")
+        .count();
+    assert_eq!(
+        (ok, too_large),
+        (6, 14),
+        "{:?}",
+        responses.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    let payment = app.get(&format!("/api/v1/payments/{p}")).await.body;
+    assert_eq!(
+        (payment["status"].as_str(), payment["amount_refunded"].as_i64()),
+        (Some("refunded"), Some(3000))
+    );
+    assert_eq!(app.count("refunds").await, 6);
+}

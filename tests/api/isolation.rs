@@ -1,0 +1,119 @@
+//! Another merchant's objects do not exist for you: 404 on every route, never 403.
+
+use serde_json::json;
+
+use crate::helpers::{spawn_app, DEMO_KEY};
+
+#[actix_web::test]
+async fn another_merchants_payment_is_404_on_every_route() {
+    let app = spawn_app().await;
+    let other = app.new_merchant().await;
+    let r = app.pay(3000, "pm_card_threeDSecureRequired", "manual", true).await;
+    let p = r.body["payment_id"].as_str().unwrap().to_owned();
+    let reference = r.body["psp_reference"].as_str().unwrap().to_owned();
+    let captured = app.pay(3000, "pm_card_visa", "automatic", true).await.body["payment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let refund = app
+        .post(
+            &format!("/api/v1/payments/{captured}/refunds"),
+            json!({ "amount": { "value": 100, "currency": "USD" } }),
+        )
+        .await;
+    let refund = refund.body["refund_id"].as_str().unwrap().to_owned();
+
+    let routes = [
+        ("GET", format!("/api/v1/payments/{p}")),
+        ("GET", format!("/api/v1/payments/{p}/events")),
+        ("GET", format!("/api/v1/payments/{captured}/refunds")),
+        ("GET", format!("/api/v1/refunds/{refund}")),
+        ("GET", format!("/api/v1/ledger/journals?payment_id={captured}")),
+        ("POST", format!("/api/v1/payments/{p}/confirm")),
+        ("POST", format!("/api/v1/payments/{p}/capture")),
+        ("POST", format!("/api/v1/payments/{p}/cancel")),
+        ("POST", format!("/api/v1/payments/{captured}/refunds")),
+        ("POST", format!("/sandbox/v1/payments/{reference}/complete_3ds")),
+    ];
+    for (i, (method, path)) in routes.iter().enumerate() {
+        let idem = format!("iso-{i}");
+        let r = app.request(method, path, Some(&other), Some(&idem), Some("{}")).await;
+        assert_eq!(
+            (r.status, r.body["error"]["code"].as_str()),
+            (404, Some("resource_missing")),
+            "{method} {path}: {}",
+            r.body
+        );
+    }
+    // The owner still sees everything unchanged.
+    assert_eq!(
+        app.get(&format!("/api/v1/payments/{p}")).await.body["status"],
+        "requires_action"
+    );
+    assert_eq!(
+        app.get(&format!("/api/v1/payments/{captured}")).await.body["amount_refunded"],
+        100
+    );
+    // The other merchant's list and balance are empty.
+    let list = app.request("GET", "/api/v1/payments", Some(&other), None, None).await;
+    assert!(list.body["data"].as_array().unwrap().is_empty());
+}
+
+#[actix_web::test]
+async fn missing_or_wrong_credentials_are_401() {
+    let app = spawn_app().await;
+    for key in [
+        None,
+        Some("sk_test_wrong"),
+        Some("nonsense"),
+        Some(app.state.config.admin.token.as_str()),
+    ] {
+        for (method, path) in [
+            ("GET", "/api/v1/payments"),
+            ("POST", "/api/v1/payments"),
+            ("GET", "/api/v1/balance"),
+        ] {
+            let r = app.request(method, path, key, Some("k"), Some("{}")).await;
+            assert_eq!(
+                (r.status, r.body["error"]["type"].as_str()),
+                (401, Some("authentication_error")),
+                "{key:?} {path}"
+            );
+        }
+    }
+    let r = app
+        .request(
+            "POST",
+            "/admin/v1/merchants",
+            Some(DEMO_KEY),
+            None,
+            Some(r#"{"name":"x","default_currency":"USD"}"#),
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    let r = app
+        .request(
+            "POST",
+            "/admin/v1/merchants",
+            None,
+            None,
+            Some(r#"{"name":"x","default_currency":"USD"}"#),
+        )
+        .await;
+    assert_eq!(r.status, 401);
+}
+
+#[actix_web::test]
+async fn api_keys_are_stored_only_as_hashes() {
+    let app = spawn_app().await;
+    let key = app.new_merchant().await;
+    let db = app.sql().await;
+    let rows = db.query("SELECT key_hash, hint FROM api_keys", &[]).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        let hash: Vec<u8> = row.get(0);
+        let hint: String = row.get(1);
+        assert_eq!(hash.len(), 32);
+        assert!(!hint.contains(&key[8..]));
+    }
+}
