@@ -81,6 +81,9 @@ CREATE TABLE psp_attempts (
     operation   text NOT NULL CHECK (operation IN ('authorize', 'capture', 'cancel', 'refund')),
     amount      bigint CHECK (amount > 0),
     refund_id   text,
+    -- The merchant's Idempotency-Key of the request that started it: a retry with that key
+    -- is answered by this attempt's outcome once it is known.
+    idempotency_key text,
     outcome     text CHECK (outcome IN ('succeeded', 'failed', 'requires_action', 'pending', 'rejected')),
     started_at  timestamptz NOT NULL,
     finished_at timestamptz

@@ -153,8 +153,33 @@ impl Application {
     }
 }
 
-/// Background upkeep: idempotency records past their retention are deleted in bounded slices.
+/// Background upkeep: PSP attempts a crash left open are completed; idempotency records past
+/// their retention are deleted in bounded slices.
 fn spawn_housekeeping(state: web::Data<AppState>) {
+    let recovery = state.clone();
+    actix_rt::spawn(async move {
+        // DESIGN.md, "Calling the PSP safely": an attempt with no outcome is completed even if
+        // its client never comes back. Older than twice the PSP timeout: surely not in flight.
+        let every = Duration::from_millis(recovery.config.psp.timeout_ms.clamp(1_000, 30_000));
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let stale = recovery.config.psp.timeout_ms * 2;
+            let Ok(found) = recovery.db.payments_with_stale_attempts(stale, 100).await else {
+                continue;
+            };
+            for (id, merchant) in found {
+                let call = crate::actors::PaymentCall {
+                    merchant,
+                    op: crate::actors::Op::Resolve,
+                    idem: None,
+                };
+                if let Err(e) = recovery.registry.call(&id, call).await {
+                    tracing::warn!(payment_id = %id, error = %e, "could not complete an open PSP attempt yet");
+                }
+            }
+        }
+    });
     actix_rt::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {

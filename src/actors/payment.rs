@@ -50,9 +50,19 @@ pub enum Op {
     },
     /// Catch up with the PSP after the customer completed 3-D Secure.
     Sync,
+    /// Only complete the PSP attempts left open (the recovery sweeper's call).
+    Resolve,
 }
 
 impl Op {
+    /// The status of a successful answer.
+    pub fn reply_status(&self) -> u16 {
+        match self {
+            Op::Confirm { created: true, .. } | Op::Refund { .. } => 201,
+            _ => 200,
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Op::Confirm { .. } => "confirm",
@@ -60,6 +70,7 @@ impl Op {
             Op::Cancel => "cancel",
             Op::Refund { .. } => "refund",
             Op::Sync => "sync",
+            Op::Resolve => "resolve",
         }
     }
 }

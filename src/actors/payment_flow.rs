@@ -68,12 +68,19 @@ pub async fn process(
     op: Op,
     idem: Option<IdemKey>,
 ) -> (Result<Reply, ApiError>, Live, bool) {
+    let id = live.payment.id.clone();
     let mut flow = Flow { deps, live, idem };
-    let result = async {
-        flow.resolve_open_attempts().await?;
-        flow.run(op).await
+    let mut result = flow.execute(op.clone()).await;
+    if matches!(result, Err(Halt { stale: true, .. })) {
+        // Another writer moved the payment on. Reload it and run the operation once more: an
+        // attempt this one recorded before losing the race is open in what we reload, and is
+        // completed (and answered) by the open-attempt resolution, never sent twice.
+        if let Ok(Some((payment, open))) = deps.db.load_payment(&id).await {
+            tracing::info!(payment_id = %id, "reloaded after a lost write race");
+            flow.live = Live { payment, open };
+            result = flow.execute(op).await;
+        }
     }
-    .await;
     let status = flow.live.payment.status().as_str();
     match &result {
         Ok(reply) => tracing::debug!(reply = reply.status, status, "payment message handled"),
@@ -175,6 +182,14 @@ impl<'a> Flow<'a> {
         &self.live.payment
     }
 
+    async fn execute(&mut self, op: Op) -> Result<Reply, Halt> {
+        // A retry of a request whose PSP call was left open is answered by that call's outcome.
+        match self.resolve_open_attempts(op.reply_status()).await? {
+            Some(reply) => Ok(reply),
+            None => self.run(op).await,
+        }
+    }
+
     async fn run(&mut self, op: Op) -> Result<Reply, Halt> {
         match op {
             Op::Confirm {
@@ -185,6 +200,7 @@ impl<'a> Flow<'a> {
             Op::Cancel => self.cancel().await,
             Op::Refund { amount, reason, resume } => self.refund(amount, reason, resume).await,
             Op::Sync => self.sync().await,
+            Op::Resolve => Ok(self.payment_reply(200)),
         }
     }
 
@@ -205,6 +221,7 @@ impl<'a> Flow<'a> {
             id: AttemptId::generate(),
             op: PspOp::Authorize,
             refund_id: None,
+            idem_key: self.idem_key(),
         };
         self.commit(
             next,
@@ -227,6 +244,7 @@ impl<'a> Flow<'a> {
             id: AttemptId::generate(),
             op: PspOp::Capture { amount },
             refund_id: None,
+            idem_key: self.idem_key(),
         };
         let next = self.next_version();
         self.commit(
@@ -266,6 +284,7 @@ impl<'a> Flow<'a> {
             id: AttemptId::generate(),
             op: PspOp::Cancel,
             refund_id: None,
+            idem_key: self.idem_key(),
         };
         let next = self.next_version();
         self.commit(
@@ -323,6 +342,7 @@ impl<'a> Flow<'a> {
             id: AttemptId::generate(),
             op: PspOp::Refund { amount },
             refund_id: Some(refund.id.clone()),
+            idem_key: self.idem_key(),
         };
         let mut next = self.next_version();
         next.state = state;
@@ -355,7 +375,10 @@ impl<'a> Flow<'a> {
 
     /// Completes what an earlier message or incarnation started: an attempt recorded but
     /// without an outcome is sent again with the same idempotency key, and its answer applied.
-    async fn resolve_open_attempts(&mut self) -> Result<(), Halt> {
+    /// The answer to the attempt the current request's own key started is returned, rendered
+    /// with `status`, and completes that key's record.
+    async fn resolve_open_attempts(&mut self, status: u16) -> Result<Option<Reply>, Halt> {
+        let mut own = None;
         while let Some(attempt) = self.live.open.first().cloned() {
             tracing::info!(payment_id = %self.payment().id, attempt = %attempt.id, "completing an open PSP attempt");
             let refund = match &attempt.refund_id {
@@ -368,12 +391,21 @@ impl<'a> Flow<'a> {
                     .find(|r| &r.id == id),
                 None => None,
             };
-            let saved = self.idem.take();
-            let r = self.perform(attempt, "recovery", 200, refund).await;
-            self.idem = saved;
-            r?;
+            let mine = attempt.idem_key.is_some() && attempt.idem_key == self.idem_key();
+            if mine {
+                own = Some(self.perform(attempt, "recovery", status, refund).await?);
+            } else {
+                let saved = self.idem.take();
+                let r = self.perform(attempt, "recovery", status, refund).await;
+                self.idem = saved;
+                r?;
+            }
         }
-        Ok(())
+        Ok(own)
+    }
+
+    fn idem_key(&self) -> Option<String> {
+        self.idem.as_ref().map(|i| i.key.clone())
     }
 
     /// Calls the PSP for `attempt` and commits what it answers.

@@ -2,11 +2,13 @@
 //! database and a stream prefix of its own, so tests run in parallel without meeting.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix_web::web;
 use awc::Client;
+use futures_util::StreamExt;
 use payrail::api::AppState;
 use payrail::app::Application;
 use payrail::config::{repo_config_path, Config};
@@ -67,13 +69,71 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
 /// A fresh database name: its creation time in it, so stale ones can be dropped later.
 fn database_name() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     format!(
-        "payrail_test_{secs}_{}",
+        "payrail_test_{}_{}",
+        now_secs(),
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     )
+}
+
+/// A fresh stream prefix, `T<secs>X<random>`, dated like the databases.
+fn stream_prefix() -> String {
+    format!("T{}X{}", now_secs(), &uuid::Uuid::new_v4().simple().to_string()[..8]).to_uppercase()
+}
+
+/// Once per test binary: drops the databases and streams that test runs older than two hours
+/// left behind, so a developer's machine does not fill up.
+async fn clean_up_old_runs(config: &Config) {
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if DONE.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let cutoff = now_secs().saturating_sub(2 * 3600);
+    let old = |name: &str, prefix: &str, end: char| {
+        name.strip_prefix(prefix)
+            .and_then(|r| r.split(end).next())
+            .and_then(|t| t.parse::<u64>().ok())
+            .is_some_and(|t| t < cutoff)
+    };
+    let base = config
+        .database
+        .url
+        .rsplit_once('/')
+        .map(|(b, _)| b.to_owned())
+        .unwrap_or_default();
+    if let Ok((client, conn)) = tokio_postgres::connect(&format!("{base}/postgres"), tokio_postgres::NoTls).await {
+        actix_rt::spawn(conn);
+        let sql = "SELECT datname::text FROM pg_database WHERE datname LIKE 'payrail_test_%'";
+        let rows = client.query(sql, &[]).await.unwrap_or_default();
+        for name in rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .filter(|n| old(n, "payrail_test_", '_'))
+        {
+            let _ = client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .await;
+        }
+    }
+    if let Ok(nats) = async_nats::connect(config.nats.url.as_str()).await {
+        let js = async_nats::jetstream::new(nats);
+        let mut names = js.stream_names();
+        let mut stale = Vec::new();
+        while let Some(Ok(name)) = names.next().await {
+            if old(&name, "T", 'X') {
+                stale.push(name);
+            }
+        }
+        for name in stale {
+            let _ = js.delete_stream(&name).await;
+        }
+    }
 }
 
 pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
@@ -89,7 +149,8 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
     config.database.pool_size = 8;
     config.server.bind = "127.0.0.1:0".into();
     config.server.workers = 1;
-    config.nats.stream_prefix = format!("T{}", &uuid::Uuid::new_v4().simple().to_string()[..12]).to_uppercase();
+    config.nats.stream_prefix = stream_prefix();
+    clean_up_old_runs(&config).await;
     configure(&mut config);
     let database_url = config.database.url.clone();
     let app = Application::build(config).await.expect("payrail starts");

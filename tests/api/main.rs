@@ -5,4 +5,5 @@ mod idempotency;
 mod isolation;
 mod lifecycle;
 mod logs;
+mod recovery;
 mod validation;

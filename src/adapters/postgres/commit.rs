@@ -114,13 +114,22 @@ impl Db {
             let refund_id = a.refund_id.as_ref().map(|r| r.as_str());
             let stmt = tx
                 .prepare_cached(
-                    "INSERT INTO psp_attempts (id, payment_id, operation, amount, refund_id, started_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    "INSERT INTO psp_attempts (id, payment_id, operation, amount, refund_id, idempotency_key, started_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 )
                 .await
                 .map_err(pg_error)?;
             tx.execute(
                 &stmt,
-                &[&a.id.as_str(), &p.id.as_str(), &operation, &amount, &refund_id, &at],
+                &[
+                    &a.id.as_str(),
+                    &p.id.as_str(),
+                    &operation,
+                    &amount,
+                    &refund_id,
+                    &a.idem_key,
+                    &at,
+                ],
             )
             .await
             .map_err(pg_error)?;

@@ -160,10 +160,18 @@ async fn ensure_database(pg: &tokio_postgres::Config) -> Result<(), SetupError> 
 /// are logged, never the row detail.
 pub fn pg_error(e: tokio_postgres::Error) -> ApiError {
     use tokio_postgres::error::SqlState;
+    let io = std::error::Error::source(&e)
+        .map(|s| s.is::<std::io::Error>())
+        .unwrap_or(false);
     match e.code() {
-        None => {
+        None if e.is_closed() || io => {
             tracing::warn!(error = %e, "database connection");
             ApiError::Unavailable("database")
+        }
+        None => {
+            // Client-side: a parameter or type mismatch is a bug, not an outage.
+            tracing::error!(error = %e, "database statement failed in the client");
+            ApiError::Internal
         }
         Some(code)
             if code.code().starts_with("08")

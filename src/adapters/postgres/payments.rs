@@ -25,6 +25,8 @@ pub struct Attempt {
     pub op: PspOp,
     /// The refund this attempt performs, for `PspOp::Refund`.
     pub refund_id: Option<RefundId>,
+    /// The Idempotency-Key of the request that started it.
+    pub idem_key: Option<String>,
 }
 
 impl Attempt {
@@ -118,6 +120,7 @@ fn attempt_from_row(row: &tokio_postgres::Row) -> Result<Attempt, ApiError> {
         id: AttemptId::from_trusted(row.get(0)),
         op,
         refund_id: row.get::<_, Option<String>>(3).map(RefundId::from_trusted),
+        idem_key: row.get(4),
     })
 }
 
@@ -135,7 +138,7 @@ impl Db {
         let payment = payment_from_row(&row)?;
         let stmt = client
             .prepare_cached(
-                "SELECT id, operation, amount, refund_id FROM psp_attempts
+                "SELECT id, operation, amount, refund_id, idempotency_key FROM psp_attempts
                  WHERE payment_id = $1 AND outcome IS NULL ORDER BY started_at, id",
             )
             .await
@@ -143,6 +146,29 @@ impl Db {
         let attempts = client.query(&stmt, &[&id.as_str()]).await.map_err(pg_error)?;
         let attempts = attempts.iter().map(attempt_from_row).collect::<Result<_, _>>()?;
         Ok(Some((payment, attempts)))
+    }
+
+    /// Payments with a PSP attempt open for longer than `older_than_ms`: a crash or an outage
+    /// left them, and no request has come back for them. At most `limit`.
+    pub async fn payments_with_stale_attempts(
+        &self,
+        older_than_ms: u64,
+        limit: i64,
+    ) -> Result<Vec<(PaymentId, MerchantId)>, ApiError> {
+        let client = self.client().await?;
+        let secs = older_than_ms as f64 / 1000.0;
+        let rows = client
+            .query(
+                "SELECT DISTINCT p.id, p.merchant_id FROM psp_attempts a JOIN payments p ON p.id = a.payment_id
+                 WHERE a.outcome IS NULL AND a.started_at < now() - make_interval(secs => $1) LIMIT $2",
+                &[&secs, &limit],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(rows
+            .iter()
+            .map(|r| (PaymentId::from_trusted(r.get(0)), MerchantId::from_trusted(r.get(1))))
+            .collect())
     }
 
     /// The payment if it belongs to `merchant`; another merchant's payment is simply missing.
