@@ -81,8 +81,8 @@ CREATE TABLE psp_attempts (
     operation   text NOT NULL CHECK (operation IN ('authorize', 'capture', 'cancel', 'refund')),
     amount      bigint CHECK (amount > 0),
     refund_id   text,
-    -- The merchant's Idempotency-Key of the request that started it: a retry with that key
-    -- is answered by this attempt's outcome once it is known.
+    -- The SHA-256 of the Idempotency-Key of the request that started it: a retry with that
+    -- key is answered by this attempt's outcome once it is known.
     idempotency_key text,
     outcome     text CHECK (outcome IN ('succeeded', 'failed', 'requires_action', 'pending', 'rejected')),
     started_at  timestamptz NOT NULL,
@@ -105,12 +105,13 @@ CREATE TABLE refunds (
 CREATE INDEX refunds_payment ON refunds (payment_id, created_at);
 CREATE INDEX refunds_pending ON refunds (merchant_id, currency) WHERE status = 'pending';
 
--- Idempotency records, scoped per merchant. `response_status` is NULL while the first request
+-- Idempotency records, scoped per merchant. `key` is the SHA-256 (hex) of the merchant's
+-- Idempotency-Key: the key itself is never stored. `response_status` is NULL while the first request
 -- runs; `locked_until` lets a retry take over a request that died. `resource_id` is written in
 -- the same transaction as the object the request created, so a retry never creates a second.
 CREATE TABLE idempotency_keys (
     merchant_id     text NOT NULL,
-    key             text NOT NULL CHECK (length(key) BETWEEN 1 AND 255),
+    key             text NOT NULL CHECK (length(key) = 64),
     fingerprint     bytea NOT NULL,
     resource_id     text,
     response_status smallint CHECK (response_status BETWEEN 200 AND 499),

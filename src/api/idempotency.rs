@@ -12,21 +12,21 @@ use super::{json_response, AppState};
 use crate::actors::{IdemKey, Reply};
 use crate::adapters::postgres::idempotency::Begin;
 use crate::adapters::postgres::merchants::Merchant;
-use crate::domain::card::contains_pan;
 use crate::error::ApiError;
 
-/// The key, if the request carries a valid one: 1–255 printable ASCII characters.
+/// The key's SHA-256 in hex, if the request carries a valid key: 1–255 printable ASCII
+/// characters. Only the digest is ever stored or compared, so whatever a merchant puts in a
+/// key (even card data, by mistake) never reaches storage or a log.
 pub fn key(req: &HttpRequest) -> Result<String, ApiError> {
     let key = req
         .headers()
         .get("Idempotency-Key")
         .and_then(|v| v.to_str().ok())
         .ok_or(ApiError::IdempotencyKeyMissing)?;
-    // A key is stored for a day: one that holds a card number is refused like a malformed one.
-    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (0x20..0x7f).contains(&b)) || contains_pan(key) {
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (0x20..0x7f).contains(&b)) {
         return Err(ApiError::IdempotencyKeyMissing);
     }
-    Ok(key.to_owned())
+    Ok(hex::encode(Sha256::digest(key.as_bytes())))
 }
 
 /// What identifies "the same request": method, path and the exact body bytes.

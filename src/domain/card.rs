@@ -69,9 +69,10 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
     sum.is_multiple_of(10)
 }
 
-/// True when `text` holds something that looks like a card number: 13 to 19 digits that pass
-/// the Luhn check, written together or in groups split by single spaces or dashes, standing
-/// apart from letters (so the digits inside an id such as `pay_0193a8…` are not a card).
+/// True when `text` holds something that looks like a card number: 13 to 19 digits that start
+/// like a card network's number (2 to 6) and pass the Luhn check, written together or in groups
+/// split by single spaces or dashes, standing apart from letters (so the digits inside an id
+/// such as `pay_0193a8…` are not a card, nor a timestamp starting with 1).
 pub fn contains_pan(text: &str) -> bool {
     let bytes = text.as_bytes();
     let mut i = 0;
@@ -107,7 +108,7 @@ pub fn contains_pan(text: &str) -> bool {
                 if digits.len() > 19 {
                     break;
                 }
-                if digits.len() >= 13 && luhn_valid(&digits) {
+                if digits.len() >= 13 && (b'2'..=b'6').contains(&digits[0]) && luhn_valid(&digits) {
                     return true;
                 }
             }
@@ -155,6 +156,8 @@ mod tests {
         assert!(!contains_pan("4242424242424241")); // fails Luhn
         assert!(!contains_pan("1234567890123")); // fails Luhn
         assert!(!contains_pan("pay_a4242424242424242b")); // digits inside an id
+        assert!(!contains_pan("1764145911-1234560")); // Luhn-valid, but no card starts with 1
+        assert!(!contains_pan("8000000000000003")); // nor with 8
     }
 
     #[test]

@@ -51,6 +51,15 @@ async fn no_card_number_reaches_logs_responses_or_storage() {
             responses.push(app.get(&format!("/api/v1/payments/{p}/events")).await.raw);
             responses.push(app.get(&format!("/api/v1/ledger/journals?payment_id={p}")).await.raw);
         }
+        // A card number used as an Idempotency-Key by mistake: only its digest is kept.
+        let p = app.pay(100, "pm_card_visa", "manual", true).await.body["payment_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let path = format!("/api/v1/payments/{p}/capture");
+        let r = app.request("POST", &path, Some(DEMO_KEY), Some(pan), Some("{}")).await;
+        assert_eq!(r.status, 200);
+        responses.push(r.raw);
         // A raw number where a token belongs is refused without being repeated.
         let body =
             json!({ "order_id": "o", "amount": { "value": 1, "currency": "USD" }, "payment_method": pan }).to_string();
