@@ -11,6 +11,7 @@ use actix_web::{web, App, HttpServer};
 use dashmap::DashMap;
 use futures_util::FutureExt;
 
+use crate::actors::ledger_shard::Ledger;
 use crate::actors::payment_flow::PaymentDeps;
 use crate::actors::PaymentRegistry;
 use crate::adapters::nats::{Nats, NatsError};
@@ -69,8 +70,10 @@ impl Application {
                 )))
             }
         };
+        let ledger = Arc::new(Ledger::start(&db, &config.ledger));
         let deps = PaymentDeps {
             db: db.clone(),
+            ledger,
             psp,
             psp_timeout: Duration::from_millis(config.psp.timeout_ms),
         };

@@ -12,6 +12,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub actors: ActorsConfig,
     pub payments: PaymentsConfig,
+    pub ledger: LedgerConfig,
     pub idempotency: IdempotencyConfig,
     pub psp: PspConfig,
     pub sandbox: SandboxConfig,
@@ -81,6 +82,17 @@ pub struct PaymentsConfig {
     pub currencies: Vec<String>,
     pub default_fee_bps: u32,
     pub default_fee_fixed: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LedgerConfig {
+    pub shards: usize,
+    /// Arbiters (threads) the shards are spread over.
+    pub threads: usize,
+    pub max_batch: usize,
+    pub max_wait_us: u64,
+    /// Commits that may wait for one shard; past that, callers get 503.
+    pub max_pending: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -119,6 +119,7 @@ impl PaymentActor {
         idle_timeout: Duration,
         mailbox_capacity: usize,
         kind: Arc<super::ActorStats>,
+        known: Option<Live>,
     ) -> PaymentActor {
         PaymentActor {
             id,
@@ -126,7 +127,7 @@ impl PaymentActor {
             registry,
             generation,
             mailbox,
-            live: None,
+            live: known,
             load_error: None,
             last_activity: Instant::now(),
             idle_timeout,
@@ -144,14 +145,17 @@ impl Actor for PaymentActor {
         self.kind.live.fetch_add(1, Ordering::Relaxed);
         let deps = self.deps.clone();
         let id = self.id.clone();
-        // `wait` holds every message back until the state is loaded.
-        ctx.wait(async move { deps.db.load_payment(&id).await }.into_actor(self).map(
-            |loaded, act, ctx| match loaded {
-                Ok(Some((payment, open))) => act.live = Some(Live { payment, open }),
-                Ok(None) => act.fail(ctx, ApiError::NotFound("payment")),
-                Err(e) => act.fail(ctx, e),
-            },
-        ));
+        // `wait` holds every message back until the state is loaded (unless its creator
+        // handed it over).
+        if self.live.is_none() {
+            ctx.wait(async move { deps.db.load_payment(&id).await }.into_actor(self).map(
+                |loaded, act, ctx| match loaded {
+                    Ok(Some((payment, open))) => act.live = Some(Live { payment, open }),
+                    Ok(None) => act.fail(ctx, ApiError::NotFound("payment")),
+                    Err(e) => act.fail(ctx, e),
+                },
+            ));
+        }
         let every = (self.idle_timeout / 4).max(Duration::from_millis(10));
         ctx.run_interval(every, |act, ctx| {
             if act.last_activity.elapsed() >= act.idle_timeout && act.mailbox.depth() == 0 {

@@ -25,6 +25,8 @@ use crate::error::ApiError;
 /// What a payment actor needs from the world.
 pub struct PaymentDeps {
     pub db: Db,
+    /// Where every commit goes: the ledger shards' group commit.
+    pub ledger: std::sync::Arc<crate::actors::ledger_shard::Ledger>,
     pub psp: std::sync::Arc<dyn Psp>,
     pub psp_timeout: Duration,
 }
@@ -393,7 +395,14 @@ impl<'a> Flow<'a> {
             };
             let mine = attempt.idem_key.is_some() && attempt.idem_key == self.idem_key();
             if mine {
-                own = Some(self.perform(attempt, "recovery", status, refund).await?);
+                // The request that started it is here: the audit trail names its API call.
+                let cause = match attempt.op {
+                    PspOp::Authorize => "api.confirm",
+                    PspOp::Capture { .. } => "api.capture",
+                    PspOp::Cancel => "api.cancel",
+                    PspOp::Refund { .. } => "api.refund",
+                };
+                own = Some(self.perform(attempt, cause, status, refund).await?);
             } else {
                 let saved = self.idem.take();
                 let r = self.perform(attempt, "recovery", status, refund).await;
@@ -624,7 +633,7 @@ impl<'a> Flow<'a> {
             next.transitions += 1;
         }
         commit.payment = Some(next.clone());
-        self.deps.db.commit(&commit).await?;
+        self.deps.ledger.commit(commit).await?;
         self.live.payment = next;
         Ok(())
     }

@@ -12,7 +12,7 @@ use dashmap::DashMap;
 
 use super::mailbox::{ActorStats, Mailbox};
 use super::payment::{PaymentActor, PaymentCall, Reply};
-use super::payment_flow::PaymentDeps;
+use super::payment_flow::{Live, PaymentDeps};
 use crate::config::ActorsConfig;
 use crate::domain::PaymentId;
 use crate::error::ApiError;
@@ -48,8 +48,19 @@ impl PaymentRegistry {
 
     /// Delivers `call` to the payment's actor and waits for its answer.
     pub async fn call(&self, id: &PaymentId, call: PaymentCall) -> Result<Reply, ApiError> {
+        self.call_with(id, None, call).await
+    }
+
+    /// Like [`PaymentRegistry::call`]; an actor it has to start begins from `known` (a payment
+    /// just committed by its creator) instead of reading PostgreSQL.
+    pub async fn call_with(
+        &self,
+        id: &PaymentId,
+        mut known: Option<Live>,
+        call: PaymentCall,
+    ) -> Result<Reply, ApiError> {
         for _ in 0..MAX_DELIVERY_TRIES {
-            let entry = self.entry(id)?;
+            let entry = self.entry(id, &mut known)?;
             if entry.mailbox.depth() >= self.config.mailbox_capacity as i64 {
                 return Err(ApiError::Unavailable("payment actor (mailbox full)"));
             }
@@ -67,7 +78,7 @@ impl PaymentRegistry {
         Err(ApiError::Unavailable("payment actor"))
     }
 
-    fn entry(&self, id: &PaymentId) -> Result<ActorEntry, ApiError> {
+    fn entry(&self, id: &PaymentId, known: &mut Option<Live>) -> Result<ActorEntry, ApiError> {
         if let Some(e) = self.actors.get(id) {
             if e.addr.connected() {
                 return Ok(e.clone());
@@ -79,16 +90,16 @@ impl PaymentRegistry {
         let entry = match self.actors.entry(id.clone()) {
             Entry::Occupied(o) if o.get().addr.connected() => o.get().clone(),
             Entry::Occupied(mut o) => {
-                let e = self.start(id);
+                let e = self.start(id, known.take());
                 o.insert(e.clone());
                 e
             }
-            Entry::Vacant(v) => v.insert(self.start(id)).clone(),
+            Entry::Vacant(v) => v.insert(self.start(id, known.take())).clone(),
         };
         Ok(entry)
     }
 
-    fn start(&self, id: &PaymentId) -> ActorEntry {
+    fn start(&self, id: &PaymentId, known: Option<Live>) -> ActorEntry {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let mailbox = Arc::new(Mailbox::new(self.stats.clone()));
         let actor = PaymentActor::new(
@@ -101,6 +112,7 @@ impl PaymentRegistry {
             // actix's own bound sits above ours, so `send` never parks a caller: ours answers 503 first.
             self.config.mailbox_capacity + 1,
             self.stats.clone(),
+            known,
         );
         ActorEntry {
             addr: actor.start(),

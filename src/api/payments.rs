@@ -7,12 +7,14 @@ use chrono::{DateTime, Utc};
 
 use super::body::{self, Fields};
 use super::{auth, idempotency, json_value, AppState};
+use crate::actors::payment_flow::Live;
 use crate::actors::{Op, PaymentCall, Reply};
-use crate::adapters::postgres::commit::{Commit, IdempotencyWrite, OutboxEvent, Transition};
+use crate::adapters::postgres::commit::{Commit, CommitError, IdempotencyWrite, OutboxEvent, Transition};
 use crate::adapters::postgres::merchants::Merchant;
+use crate::adapters::postgres::payments::Attempt;
 use crate::adapters::postgres::payments::PaymentFilter;
 use crate::domain::record::{list_object, now};
-use crate::domain::{CaptureStrategy, Payment, PaymentId, PaymentState, Status};
+use crate::domain::{AttemptId, CaptureStrategy, Payment, PaymentId, PaymentState, PspOp, Status};
 use crate::error::ApiError;
 
 const CREATE_FIELDS: &[&str] = &[
@@ -105,75 +107,79 @@ pub async fn create(
         parsed,
         |(payment, confirm), ticket| async move {
             let (state, merchant) = (st, m);
-            let idem = Some(ticket.key.clone());
-            let id = match ticket.resource_id.as_deref().and_then(PaymentId::parse) {
-                // An earlier attempt with this key created the payment and died before answering.
-                Some(id) => id,
-                None => {
-                    let object = serde_json::to_vec(&payment.to_object()).map_err(|_| ApiError::Internal)?;
-                    let commit = Commit {
-                        transition: Some(Transition {
-                            seq: 0,
-                            from: None,
-                            to: Status::Pending,
-                            cause: "api.create".into(),
-                        }),
-                        outbox: vec![OutboxEvent {
-                            event_type: "payment.created".into(),
-                            payload: payment.to_object(),
-                        }],
-                        idempotency: Some(IdempotencyWrite {
-                            merchant_id: merchant.id.clone(),
-                            key: ticket.key.key.clone(),
-                            resource_id: Some(payment.id.to_string()),
-                            response: (!confirm).then(|| (201, object.clone())),
-                        }),
-                        payment: Some(payment.clone()),
-                        ..Commit::default()
-                    };
-                    state.db.commit(&commit).await.map_err(|e| match e {
-                        crate::adapters::postgres::commit::CommitError::Api(e) => e,
-                        crate::adapters::postgres::commit::CommitError::Stale => ApiError::Internal,
-                    })?;
-                    if !confirm {
-                        return Ok(Reply {
-                            status: 201,
-                            body: object,
-                            stored: true,
-                        });
-                    }
-                    payment.id.clone()
-                }
-            };
-            let op = if confirm {
-                Op::Confirm {
+            let call = PaymentCall {
+                merchant: merchant.id.clone(),
+                op: Op::Confirm {
                     payment_method: None,
                     created: true,
+                },
+                idem: Some(ticket.key.clone()),
+            };
+            if let Some(id) = ticket.resource_id.as_deref().and_then(PaymentId::parse) {
+                // An earlier attempt with this key created the payment and died before answering.
+                if confirm {
+                    return state.registry.call(&id, call).await;
                 }
-            } else {
-                // Resumed without confirm: the payment as it stands is the answer.
                 let p = state
                     .db
                     .payment_for_merchant(&merchant.id, &id)
                     .await?
                     .ok_or(ApiError::NotFound("payment"))?;
+                let body = serde_json::to_vec(&p.to_object()).map_err(|_| ApiError::Internal)?;
                 return Ok(Reply {
                     status: 201,
-                    body: serde_json::to_vec(&p.to_object()).unwrap_or_default(),
+                    body,
                     stored: false,
                 });
+            }
+            let object = serde_json::to_vec(&payment.to_object()).map_err(|_| ApiError::Internal)?;
+            // With confirm, the authorization attempt is recorded in the same commit as the
+            // payment; the actor, handed both, makes the PSP call as its open attempt.
+            let attempt = confirm.then(|| Attempt {
+                id: AttemptId::generate(),
+                op: PspOp::Authorize,
+                refund_id: None,
+                idem_key: Some(ticket.key.key.clone()),
+            });
+            let commit = Commit {
+                transition: Some(Transition {
+                    seq: 0,
+                    from: None,
+                    to: Status::Pending,
+                    cause: "api.create".into(),
+                }),
+                outbox: vec![OutboxEvent {
+                    event_type: "payment.created".into(),
+                    payload: payment.to_object(),
+                }],
+                idempotency: Some(IdempotencyWrite {
+                    merchant_id: merchant.id.clone(),
+                    key: ticket.key.key.clone(),
+                    resource_id: Some(payment.id.to_string()),
+                    response: (!confirm).then(|| (201, object.clone())),
+                }),
+                attempt_started: attempt.clone(),
+                payment: Some(payment.clone()),
+                ..Commit::default()
             };
-            state
-                .registry
-                .call(
-                    &id,
-                    PaymentCall {
-                        merchant: merchant.id.clone(),
-                        op,
-                        idem,
-                    },
-                )
-                .await
+            state.registry.deps().ledger.commit(commit).await.map_err(|e| match e {
+                CommitError::Api(e) => e,
+                CommitError::Stale => ApiError::Internal,
+            })?;
+            match attempt {
+                None => Ok(Reply {
+                    status: 201,
+                    body: object,
+                    stored: true,
+                }),
+                Some(attempt) => {
+                    let live = Live {
+                        payment: payment.clone(),
+                        open: vec![attempt],
+                    };
+                    state.registry.call_with(&payment.id, Some(live), call).await
+                }
+            }
         },
     )
     .await

@@ -43,6 +43,10 @@ impl Write for LogWriter {
         if logs.len() < 256 << 20 {
             logs.extend_from_slice(b);
         }
+        // PAYRAIL_TEST_LOGS=1 also shows them, for a developer chasing a failure.
+        if std::env::var_os("PAYRAIL_TEST_LOGS").is_some() {
+            std::io::stderr().write_all(b)?;
+        }
         Ok(b.len())
     }
 

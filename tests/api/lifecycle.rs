@@ -162,6 +162,11 @@ async fn automatic_capture_goes_straight_to_captured_with_one_capture_journal() 
         journals[0]["entries"][0],
         json!({ "account": "psp_clearing", "debit": 2500, "credit": 0 })
     );
+    let trail = app.get(&format!("/api/v1/payments/{}/events", id(&r.body))).await.body;
+    assert_eq!(
+        (trail["data"][1]["cause"].as_str(), trail["data"][1]["to"].as_str()),
+        (Some("api.confirm"), Some("captured"))
+    );
 }
 
 #[actix_web::test]

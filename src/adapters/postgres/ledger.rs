@@ -18,8 +18,8 @@ impl Db {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT currency::text, credit_total - debit_total FROM ledger_accounts WHERE account = $1
-                 ORDER BY currency",
+                "SELECT currency::text, sum(credit_total - debit_total)::bigint FROM ledger_accounts
+                 WHERE account = $1 GROUP BY currency",
             )
             .await
             .map_err(pg_error)?;

@@ -18,7 +18,14 @@ use crate::config::DatabaseConfig;
 use crate::error::ApiError;
 
 /// The versioned migrations in `migrations/`, applied in order, each once.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "init", include_str!("../../../migrations/V1__init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../../../migrations/V1__init.sql")),
+    (
+        2,
+        "ledger_slots",
+        include_str!("../../../migrations/V2__ledger_slots.sql"),
+    ),
+];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.
 #[derive(Clone)]

@@ -1,0 +1,244 @@
+//! `LedgerShard`: group commit. Each shard owns the merchants that hash to it (and its own
+//! balance slot of every account). Commits that arrive while it writes are gathered — at most
+//! `[ledger] max_batch`, waiting at most `[ledger] max_wait_us` for company — and written in
+//! ONE transaction; then every waiting actor is answered. A batch that fails is retried commit
+//! by commit, so one bad commit fails alone.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use super::mailbox::{ActorStats, Mailbox};
+use crate::adapters::postgres::commit::{Commit, CommitError};
+use crate::adapters::postgres::Db;
+use crate::config::LedgerConfig;
+use crate::error::ApiError;
+
+/// Batch sizes in power-of-two buckets (1, 2–3, 4–7, … 2048+), and commit times.
+#[derive(Debug, Default)]
+pub struct LedgerStats {
+    pub batches: AtomicU64,
+    pub commits: AtomicU64,
+    /// Batches that failed whole and were retried commit by commit.
+    pub split_batches: AtomicU64,
+    pub size_buckets: [AtomicU64; 12],
+    /// Σ seconds spent in batch transactions, in microseconds.
+    pub commit_micros: AtomicU64,
+}
+
+impl LedgerStats {
+    fn record(&self, size: usize, took: Duration) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.commits.fetch_add(size as u64, Ordering::Relaxed);
+        let bucket = (usize::BITS - size.max(1).leading_zeros() - 1).min(11) as usize;
+        self.size_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.commit_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// `(lower bound of the bucket, batches)` for every non-empty bucket.
+    pub fn size_distribution(&self) -> Vec<(usize, u64)> {
+        self.size_buckets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (1usize << i, n.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<(), CommitError>")]
+struct Submit(Commit);
+
+struct Queued {
+    commit: Commit,
+    reply: oneshot::Sender<Result<(), CommitError>>,
+}
+
+pub struct LedgerShard {
+    slot: i16,
+    db: Db,
+    max_batch: usize,
+    max_wait: Duration,
+    queue: VecDeque<Queued>,
+    /// A batch is being written; what arrives meanwhile waits for the next one.
+    writing: bool,
+    stats: Arc<LedgerStats>,
+}
+
+impl Actor for LedgerShard {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // The router bounds what waits here; actix's own bound must never park a sender.
+        ctx.set_mailbox_capacity(usize::MAX >> 1);
+    }
+}
+
+impl Handler<Submit> for LedgerShard {
+    type Result = ResponseFuture<Result<(), CommitError>>;
+
+    fn handle(&mut self, msg: Submit, ctx: &mut Self::Context) -> Self::Result {
+        let (reply, answer) = oneshot::channel();
+        self.queue.push_back(Queued { commit: msg.0, reply });
+        self.kick(ctx);
+        Box::pin(async move {
+            answer
+                .await
+                .unwrap_or(Err(CommitError::Api(ApiError::Unavailable("ledger"))))
+        })
+    }
+}
+
+impl LedgerShard {
+    fn kick(&mut self, ctx: &mut Context<Self>) {
+        if self.writing || self.queue.is_empty() {
+            return;
+        }
+        self.writing = true;
+        if self.queue.len() < self.max_batch && !self.max_wait.is_zero() {
+            // Give the commits that are on their way a moment to share this transaction.
+            ctx.run_later(self.max_wait, |act, ctx| act.write(ctx));
+        } else {
+            self.write(ctx);
+        }
+    }
+
+    fn write(&mut self, ctx: &mut Context<Self>) {
+        let n = self.queue.len().min(self.max_batch);
+        let batch: Vec<Queued> = self.queue.drain(..n).collect();
+        let (db, slot, stats) = (self.db.clone(), self.slot, self.stats.clone());
+        let work = async move {
+            let started = Instant::now();
+            let commits: Vec<&Commit> = batch.iter().map(|q| &q.commit).collect();
+            let result = db.commit_batch(&commits, slot).await;
+            stats.record(batch.len(), started.elapsed());
+            match result {
+                Ok(()) => batch.into_iter().for_each(|q| drop(q.reply.send(Ok(())))),
+                Err(e) if batch.len() == 1 => batch.into_iter().for_each(|q| drop(q.reply.send(Err(e.clone())))),
+                Err(e) => {
+                    tracing::info!(size = batch.len(), error = %e, "batch failed; committing one by one");
+                    stats.split_batches.fetch_add(1, Ordering::Relaxed);
+                    for q in batch {
+                        let r = db.commit_batch(&[&q.commit], slot).await;
+                        let _ = q.reply.send(r);
+                    }
+                }
+            }
+        };
+        ctx.spawn(work.into_actor(self).map(|_, act, ctx| {
+            act.writing = false;
+            act.kick(ctx);
+        }));
+    }
+}
+
+struct Shard {
+    addr: Addr<LedgerShard>,
+    mailbox: Arc<Mailbox>,
+}
+
+/// The ledger's front door: routes each commit to the shard of its journal's home account
+/// (the merchant's) and bounds what may wait there.
+pub struct Ledger {
+    shards: Vec<Shard>,
+    max_pending: i64,
+    pub stats: Arc<LedgerStats>,
+    pub kind: Arc<ActorStats>,
+}
+
+/// FNV-1a: stable across builds and platforms, so a merchant keeps its shard.
+pub fn shard_of(key: &str, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % shards.max(1) as u64) as usize
+}
+
+impl Ledger {
+    /// Starts the shards, spread over their own arbiters (threads) so that no shard shares a
+    /// thread with the HTTP workers' actors.
+    pub fn start(db: &Db, config: &LedgerConfig) -> Ledger {
+        let stats = Arc::new(LedgerStats::default());
+        let kind = Arc::new(ActorStats::default());
+        let threads = config.threads.clamp(1, config.shards.max(1));
+        let arbiters: Vec<Arbiter> = (0..threads).map(|_| Arbiter::new()).collect();
+        let shards = (0..config.shards.max(1))
+            .map(|i| {
+                let shard = LedgerShard {
+                    slot: i as i16,
+                    db: db.clone(),
+                    max_batch: config.max_batch.max(1),
+                    max_wait: Duration::from_micros(config.max_wait_us),
+                    queue: VecDeque::new(),
+                    writing: false,
+                    stats: stats.clone(),
+                };
+                kind.live.fetch_add(1, Ordering::Relaxed);
+                let addr = LedgerShard::start_in_arbiter(&arbiters[i % threads].handle(), move |_| shard);
+                Shard {
+                    addr,
+                    mailbox: Arc::new(Mailbox::new(kind.clone())),
+                }
+            })
+            .collect();
+        Ledger {
+            shards,
+            max_pending: config.max_pending as i64,
+            stats,
+            kind,
+        }
+    }
+
+    /// Commits `c` in the next batch of its shard; returns once it is durable.
+    pub async fn commit(&self, c: Commit) -> Result<(), CommitError> {
+        let home = c.payment.as_ref().map(|p| p.merchant_id.as_str()).unwrap_or_default();
+        let shard = &self.shards[shard_of(home, self.shards.len())];
+        if shard.mailbox.depth() >= self.max_pending {
+            return Err(ApiError::Unavailable("ledger (shard queue full)").into());
+        }
+        shard.mailbox.sent();
+        let result = shard.addr.send(Submit(c)).await;
+        shard.mailbox.received();
+        result.unwrap_or(Err(CommitError::Api(ApiError::Unavailable("ledger"))))
+    }
+
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Commits waiting in each shard.
+    pub fn depths(&self) -> Vec<i64> {
+        self.shards.iter().map(|s| s.mailbox.depth()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_stable_and_spread() {
+        assert_eq!(shard_of("mer_abc", 4), shard_of("mer_abc", 4));
+        let mut seen = [0usize; 4];
+        for i in 0..4000 {
+            seen[shard_of(&format!("mer_{i:032x}"), 4)] += 1;
+        }
+        assert!(seen.iter().all(|n| (800..1200).contains(n)), "{seen:?}");
+    }
+
+    #[test]
+    fn batch_sizes_fall_in_power_of_two_buckets() {
+        let s = LedgerStats::default();
+        for size in [1, 2, 3, 4, 100, 5000] {
+            s.record(size, Duration::from_micros(10));
+        }
+        assert_eq!(s.size_distribution(), vec![(1, 1), (2, 2), (4, 1), (64, 1), (2048, 1)]);
+    }
+}
