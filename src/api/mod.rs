@@ -8,6 +8,7 @@ pub mod body;
 pub mod health;
 pub mod idempotency;
 pub mod ledger;
+pub mod metrics;
 pub mod payments;
 pub mod refunds;
 pub mod sandbox;
@@ -46,6 +47,7 @@ pub const MAX_CACHED_KEYS: usize = 100_000;
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
+        .route("/metrics", web::get().to(metrics::metrics))
         .service(
             web::scope("/api/v1")
                 .route("/payments", web::post().to(payments::create))
