@@ -91,6 +91,8 @@ pub struct LedgerConfig {
     pub threads: usize,
     pub max_batch: usize,
     pub max_wait_us: u64,
+    /// Batches one shard may have in flight at once.
+    pub batches_in_flight: usize,
     /// Commits that may wait for one shard; past that, callers get 503.
     pub max_pending: usize,
 }

@@ -65,8 +65,13 @@ pub struct LedgerShard {
     max_batch: usize,
     max_wait: Duration,
     queue: VecDeque<Queued>,
-    /// A batch is being written; what arrives meanwhile waits for the next one.
-    writing: bool,
+    /// Batches being written now. What arrives meanwhile waits for the next one.
+    writing: usize,
+    /// How many batches may be written at once: while one waits for its WAL flush, the next
+    /// executes. Safe because a payment never has two commits in flight (its actor awaits each).
+    max_in_flight: usize,
+    /// A gathering pause is scheduled.
+    gathering: bool,
     stats: Arc<LedgerStats>,
 }
 
@@ -96,19 +101,28 @@ impl Handler<Submit> for LedgerShard {
 
 impl LedgerShard {
     fn kick(&mut self, ctx: &mut Context<Self>) {
-        if self.writing || self.queue.is_empty() {
+        if self.gathering || self.writing >= self.max_in_flight || self.queue.is_empty() {
             return;
         }
-        self.writing = true;
         if self.queue.len() < self.max_batch && !self.max_wait.is_zero() {
             // Give the commits that are on their way a moment to share this transaction.
-            ctx.run_later(self.max_wait, |act, ctx| act.write(ctx));
+            self.gathering = true;
+            ctx.run_later(self.max_wait, |act, ctx| {
+                act.gathering = false;
+                act.write(ctx);
+                act.kick(ctx);
+            });
         } else {
             self.write(ctx);
+            self.kick(ctx);
         }
     }
 
     fn write(&mut self, ctx: &mut Context<Self>) {
+        if self.writing >= self.max_in_flight || self.queue.is_empty() {
+            return;
+        }
+        self.writing += 1;
         let n = self.queue.len().min(self.max_batch);
         let batch: Vec<Queued> = self.queue.drain(..n).collect();
         let (db, slot, stats) = (self.db.clone(), self.slot, self.stats.clone());
@@ -131,7 +145,7 @@ impl LedgerShard {
             }
         };
         ctx.spawn(work.into_actor(self).map(|_, act, ctx| {
-            act.writing = false;
+            act.writing -= 1;
             act.kick(ctx);
         }));
     }
@@ -177,7 +191,9 @@ impl Ledger {
                     max_batch: config.max_batch.max(1),
                     max_wait: Duration::from_micros(config.max_wait_us),
                     queue: VecDeque::new(),
-                    writing: false,
+                    writing: 0,
+                    max_in_flight: config.batches_in_flight.max(1),
+                    gathering: false,
                     stats: stats.clone(),
                 };
                 kind.live.fetch_add(1, Ordering::Relaxed);
