@@ -27,6 +27,49 @@ enum Command {
     Serve,
     /// Create the database if it is missing and apply migrations.
     Migrate,
+    /// Ledger tools.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Print Σ debit − Σ credit per currency and every account whose stored balance differs
+    /// from the sum of its entries; exit non-zero on any violation.
+    Verify,
+}
+
+async fn ledger_verify(config: &Config) -> ExitCode {
+    let report = match Db::connect(&config.database).await {
+        Ok(db) => db.verify_ledger().await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("payrail ledger verify: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("journals: {}, entries: {}", report.journals, report.entries);
+    for (currency, d) in &report.imbalance_by_currency {
+        println!("{currency}: debit - credit = {d}");
+    }
+    for (account, currency, sd, sc, ed, ec) in &report.mismatched_accounts {
+        println!("MISMATCH {account} {currency}: stored debit {sd} credit {sc}, entries debit {ed} credit {ec}");
+    }
+    for j in &report.unbalanced_journals {
+        println!("UNBALANCED journal {j}");
+    }
+    if report.is_clean() {
+        println!("ledger verify: clean");
+        ExitCode::SUCCESS
+    } else {
+        println!("ledger verify: VIOLATIONS FOUND");
+        ExitCode::FAILURE
+    }
 }
 
 fn init_tracing(config: &Config, format: Option<&str>) {
@@ -69,6 +112,9 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ledger {
+            command: LedgerCommand::Verify,
+        } => ledger_verify(&config).await,
         Command::Migrate => {
             let result = async {
                 let db = Db::connect(&config.database).await?;

@@ -267,3 +267,18 @@ impl TestApp {
         self.request("POST", path, Some(DEMO_KEY), Some(&key), Some(body)).await
     }
 }
+
+impl TestApp {
+    /// A payment read as whichever of `keys` owns it.
+    pub async fn get_as(&self, keys: &[String], id: &str) -> Value {
+        for key in keys {
+            let r = self
+                .request("GET", &format!("/api/v1/payments/{id}"), Some(key), None, None)
+                .await;
+            if r.status == 200 {
+                return r.body;
+            }
+        }
+        panic!("no merchant owns {id}");
+    }
+}

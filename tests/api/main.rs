@@ -1,8 +1,10 @@
 //! Integration tests: the real server, PostgreSQL and NATS. One binary, so it links once.
 
+mod crash;
 mod helpers;
 mod idempotency;
 mod isolation;
+mod ledger;
 mod lifecycle;
 mod logs;
 mod recovery;

@@ -77,3 +77,95 @@ impl Db {
         Ok(journals.into_iter().map(|(_, j)| j).collect())
     }
 }
+
+/// What `payrail ledger verify` found.
+#[derive(Debug, Default)]
+pub struct LedgerReport {
+    /// Σ debit − Σ credit per currency over every entry: 0 in a sound ledger.
+    pub imbalance_by_currency: Vec<(String, i128)>,
+    /// (account, currency, stored debit, stored credit, Σ entry debits, Σ entry credits) where
+    /// the stored balance (summed over slots) differs from the entries.
+    pub mismatched_accounts: Vec<(String, String, i128, i128, i128, i128)>,
+    /// Journals whose entries do not balance.
+    pub unbalanced_journals: Vec<String>,
+    pub journals: i64,
+    pub entries: i64,
+}
+
+impl LedgerReport {
+    pub fn is_clean(&self) -> bool {
+        self.imbalance_by_currency.iter().all(|(_, d)| *d == 0)
+            && self.mismatched_accounts.is_empty()
+            && self.unbalanced_journals.is_empty()
+    }
+}
+
+fn big(row: &tokio_postgres::Row, i: usize) -> i128 {
+    row.get::<_, Option<String>>(i)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Db {
+    /// Checks invariants 2 and 3 over the whole ledger (a full scan: an operator's tool).
+    pub async fn verify_ledger(&self) -> Result<LedgerReport, ApiError> {
+        let client = self.client().await?;
+        let mut report = LedgerReport::default();
+        for row in client
+            .query(
+                "SELECT currency::text, (sum(debit) - sum(credit))::text FROM entries GROUP BY currency ORDER BY 1",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?
+        {
+            report.imbalance_by_currency.push((row.get(0), big(&row, 1)));
+        }
+        let rows = client
+            .query(
+                "WITH e AS (SELECT account, currency, sum(debit) AS d, sum(credit) AS c FROM entries GROUP BY 1, 2),
+                      b AS (SELECT account, currency, sum(debit_total) AS d, sum(credit_total) AS c
+                            FROM ledger_accounts GROUP BY 1, 2)
+                 SELECT coalesce(e.account, b.account), coalesce(e.currency, b.currency)::text,
+                        coalesce(b.d, 0)::text, coalesce(b.c, 0)::text, coalesce(e.d, 0)::text, coalesce(e.c, 0)::text
+                 FROM e FULL JOIN b ON b.account = e.account AND b.currency = e.currency
+                 WHERE coalesce(e.d, 0) <> coalesce(b.d, 0) OR coalesce(e.c, 0) <> coalesce(b.c, 0)
+                 ORDER BY 1, 2",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?;
+        for row in rows {
+            report.mismatched_accounts.push((
+                row.get(0),
+                row.get(1),
+                big(&row, 2),
+                big(&row, 3),
+                big(&row, 4),
+                big(&row, 5),
+            ));
+        }
+        for row in client
+            .query(
+                "SELECT j.id FROM journals j LEFT JOIN entries e ON e.journal_id = j.id
+                 GROUP BY j.id HAVING count(e.id) < 2 OR coalesce(sum(e.debit), 0) <> coalesce(sum(e.credit), 0)
+                 ORDER BY 1 LIMIT 1000",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?
+        {
+            report.unbalanced_journals.push(row.get(0));
+        }
+        let counts = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM journals), (SELECT count(*) FROM entries)",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?;
+        report.journals = counts.get(0);
+        report.entries = counts.get(1);
+        Ok(report)
+    }
+}

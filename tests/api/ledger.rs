@@ -1,0 +1,286 @@
+//! The ledger balances, provably: conservation under concurrency against a model, one journal
+//! per natural key under retries, invariants enforced by PostgreSQL itself, and no half batch
+//! after a kill -9.
+
+use std::collections::HashMap;
+
+use futures_util::future::join_all;
+use payrail::domain::platform_fee;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::helpers::{spawn_app, TestApp, DEMO_KEY};
+
+/// What the ledger must hold, computed by the test from what the API acknowledged.
+#[derive(Default, Debug)]
+struct Model {
+    payable: HashMap<String, i64>,
+    fees: i64,
+    clearing: i64,
+}
+
+/// Zipf-like: merchant k (0-based) is chosen with weight 1/(k+1).
+fn zipf(rng: &mut impl Rng, n: usize) -> usize {
+    let total: f64 = (1..=n).map(|k| 1.0 / k as f64).sum();
+    let mut x = rng.gen::<f64>() * total;
+    for k in 0..n {
+        x -= 1.0 / (k + 1) as f64;
+        if x <= 0.0 {
+            return k;
+        }
+    }
+    n - 1
+}
+
+/// The demo merchant's key and `n - 1` new merchants' keys.
+async fn merchants(app: &TestApp, n: usize) -> Vec<String> {
+    let mut out = vec![DEMO_KEY.to_owned()];
+    for _ in 1..n {
+        out.push(app.new_merchant().await);
+    }
+    out
+}
+
+#[actix_web::test]
+async fn money_is_conserved_under_concurrent_captures_and_refunds_across_skewed_merchants() {
+    let app = spawn_app().await;
+    let keys = merchants(&app, 6).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut model = Model::default();
+
+    // Round 1: payments, half captured automatically, half authorized then partly captured.
+    let plans: Vec<(usize, i64, bool, i64)> = (0..600)
+        .map(|_| {
+            let amount = rng.gen_range(100..50_000);
+            (
+                zipf(&mut rng, keys.len()),
+                amount,
+                rng.gen_bool(0.5),
+                rng.gen_range(1..=amount),
+            )
+        })
+        .collect();
+    let mut captured: Vec<(usize, String, i64)> = Vec::new();
+    for chunk in plans.chunks(48) {
+        let results = join_all(chunk.iter().map(|(m, amount, automatic, partial)| {
+            let app = &app;
+            let key = keys[*m].clone();
+            async move {
+                let body = json!({ "order_id": "o", "amount": { "value": amount, "currency": "USD" },
+                    "payment_method": "pm_card_visa", "capture_strategy": if *automatic { "automatic" } else { "manual" },
+                    "confirm": true });
+                let idem = uuid::Uuid::new_v4().to_string();
+                let r = app.request("POST", "/api/v1/payments", Some(&key), Some(&idem), Some(&body.to_string())).await;
+                assert_eq!(r.status, 201, "{}", r.body);
+                let id = r.body["payment_id"].as_str().unwrap().to_owned();
+                if *automatic {
+                    return (id, *amount);
+                }
+                let body = json!({ "amount": { "value": partial, "currency": "USD" } }).to_string();
+                let idem = uuid::Uuid::new_v4().to_string();
+                let r = app.request("POST", &format!("/api/v1/payments/{id}/capture"), Some(&key), Some(&idem), Some(&body)).await;
+                assert_eq!(r.status, 200, "{}", r.body);
+                (id, *partial)
+            }
+        }))
+        .await;
+        for ((m, ..), (id, amount)) in chunk.iter().zip(results) {
+            captured.push((*m, id, amount));
+        }
+    }
+    for (m, _, amount) in &captured {
+        let fee = platform_fee(*amount, 290, 30);
+        *model.payable.entry(keys[*m].clone()).or_default() += amount - fee;
+        model.fees += fee;
+        model.clearing += amount;
+    }
+
+    // Round 2: up to three concurrent refunds per payment, some of them too large.
+    let refunds: Vec<(usize, String, i64)> = captured
+        .iter()
+        .flat_map(|(m, id, amount)| {
+            let n = rng.gen_range(0..=3);
+            (0..n)
+                .map(|_| (*m, id.clone(), rng.gen_range(1..=*amount)))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut refunded: HashMap<String, i64> = HashMap::new();
+    for chunk in refunds.chunks(48) {
+        let results = join_all(chunk.iter().map(|(m, id, amount)| {
+            let (app, key) = (&app, keys[*m].clone());
+            async move {
+                let body = json!({ "amount": { "value": amount, "currency": "USD" } }).to_string();
+                let idem = uuid::Uuid::new_v4().to_string();
+                app.request(
+                    "POST",
+                    &format!("/api/v1/payments/{id}/refunds"),
+                    Some(&key),
+                    Some(&idem),
+                    Some(&body),
+                )
+                .await
+            }
+        }))
+        .await;
+        for ((m, id, amount), r) in chunk.iter().zip(results) {
+            match r.status {
+                201 => {
+                    assert_eq!(r.body["status"], "succeeded");
+                    *model.payable.get_mut(&keys[*m]).unwrap() -= amount;
+                    model.clearing -= amount;
+                    *refunded.entry(id.clone()).or_default() += amount;
+                }
+                400 => assert_eq!(r.body["error"]["code"], "amount_too_large"),
+                other => panic!("refund answered {other}: {}", r.body),
+            }
+        }
+    }
+    assert!(refunded.len() > 100, "the run refunded enough to mean something");
+
+    // Every payment's own numbers agree with what was acknowledged.
+    for (_, id, amount) in captured.iter().take(200) {
+        let p = app.get_as(&keys, id).await;
+        assert_eq!(p["amount_captured"], *amount);
+        assert_eq!(p["amount_refunded"], refunded.get(id).copied().unwrap_or(0));
+    }
+    // The ledger balances, and every stored balance is the sum of its entries.
+    let report = app.state.db.verify_ledger().await.unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert!(report.journals as usize >= captured.len() + refunded.len());
+    // Each merchant's balance is what the model says; the platform got exactly the fees.
+    for key in &keys {
+        let b = app.request("GET", "/api/v1/balance", Some(key), None, None).await.body;
+        let payable = b["balances"][0]["payable"].as_i64().unwrap_or(0);
+        assert_eq!(payable, model.payable.get(key).copied().unwrap_or(0), "{key}");
+    }
+    let db = app.sql().await;
+    let sum = |account: &'static str| {
+        let db = &db;
+        async move {
+            let row = db
+                .query_one("SELECT coalesce(sum(credit_total - debit_total), 0)::bigint FROM ledger_accounts WHERE account = $1", &[&account])
+                .await
+                .unwrap();
+            row.get::<_, i64>(0)
+        }
+    };
+    assert_eq!(sum("platform_fee_revenue").await, model.fees);
+    assert_eq!(-sum("psp_clearing").await, model.clearing);
+}
+
+#[actix_web::test]
+async fn a_lost_acknowledgement_retried_with_the_same_key_posts_one_journal() {
+    let app = spawn_app().await;
+    let p = app.pay(5000, "pm_card_visa", "manual", true).await.body["payment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/api/v1/payments/{p}/capture");
+    // The first answer is lost on the way back; the client retries, twice at once.
+    let _lost = app
+        .request("POST", &path, Some(DEMO_KEY), Some("cap-lost"), Some("{}"))
+        .await;
+    let retries =
+        join_all((0..2).map(|_| app.request("POST", &path, Some(DEMO_KEY), Some("cap-lost"), Some("{}")))).await;
+    for r in retries {
+        assert_eq!((r.status, r.body["status"].as_str()), (200, Some("captured")));
+        assert_eq!(r.headers.get("idempotent-replayed").unwrap(), "true");
+    }
+    let db = app.sql().await;
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM journals WHERE payment_id = $1", &[&p])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
+
+#[actix_web::test]
+async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() {
+    let app = spawn_app().await;
+    let p = app.pay(5000, "pm_card_visa", "automatic", true).await.body["payment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let merchant = app.get(&format!("/api/v1/payments/{p}")).await.body["merchant_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut db = app.sql().await;
+
+    let tx = db.transaction().await.unwrap();
+    tx.execute(
+        "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
+         VALUES ('jr_forged', $1, $2, 'refund', 'forged', 'USD', now())",
+        &[&p, &merchant],
+    )
+    .await
+    .unwrap();
+    tx.execute(
+        "INSERT INTO entries (journal_id, account, currency, debit, credit) VALUES
+         ('jr_forged', 'psp_clearing', 'USD', 100, 0), ('jr_forged', 'platform_fee_revenue', 'USD', 0, 99)",
+        &[],
+    )
+    .await
+    .unwrap();
+    let err = tx.commit().await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION),
+        "{err}"
+    );
+
+    // A journal with no entries at all is refused too.
+    let tx = db.transaction().await.unwrap();
+    tx.execute(
+        "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
+         VALUES ('jr_empty', $1, $2, 'refund', 'empty', 'USD', now())",
+        &[&p, &merchant],
+    )
+    .await
+    .unwrap();
+    assert!(tx.commit().await.is_err());
+
+    // The natural key: a second capture journal for the same attempt cannot exist.
+    let dup = db
+        .execute(
+            "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
+             SELECT 'jr_dup', payment_id, merchant_id, kind, correlation_id, currency, now() FROM journals WHERE payment_id = $1",
+            &[&p],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION));
+
+    for sql in [
+        "UPDATE entries SET debit = debit + 1",
+        "DELETE FROM entries",
+        "UPDATE journals SET kind = 'refund'",
+        "TRUNCATE entries CASCADE",
+    ] {
+        let e = db.batch_execute(sql).await.unwrap_err();
+        let message = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+        assert!(message.contains("append-only"), "{sql}: {e}");
+    }
+    // A balanced journal slipped in past the ledger's balances is caught by verify.
+    let tx = db.transaction().await.unwrap();
+    tx.execute(
+        "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
+         VALUES ('jr_sideways', $1, $2, 'refund', 'sideways', 'USD', now())",
+        &[&p, &merchant],
+    )
+    .await
+    .unwrap();
+    tx.execute(
+        "INSERT INTO entries (journal_id, account, currency, debit, credit) VALUES
+         ('jr_sideways', 'psp_clearing', 'USD', 7, 0), ('jr_sideways', 'platform_fee_revenue', 'USD', 0, 7)",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let report = app.state.db.verify_ledger().await.unwrap();
+    assert!(!report.is_clean());
+    assert_eq!(report.mismatched_accounts.len(), 2, "{report:?}");
+}
