@@ -27,6 +27,8 @@ enum Command {
     Serve,
     /// Create the database if it is missing and apply migrations.
     Migrate,
+    /// Load against a running payrail (and, with --compare-postgres, the PostgreSQL ceiling).
+    Loadgen(payrail::loadgen::LoadgenArgs),
     /// Ledger tools.
     Ledger {
         #[command(subcommand)]
@@ -115,6 +117,13 @@ async fn main() -> ExitCode {
         Command::Ledger {
             command: LedgerCommand::Verify,
         } => ledger_verify(&config).await,
+        Command::Loadgen(args) => match payrail::loadgen::run(args, &config.database.url).await {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("payrail loadgen: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Migrate => {
             let result = async {
                 let db = Db::connect(&config.database).await?;

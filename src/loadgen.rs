@@ -1,0 +1,498 @@
+//! `payrail loadgen`: load against a running payrail, and DESIGN.md's PostgreSQL ceiling
+//! measured in the same run for comparison.
+//!
+//! Closed loop by default (each connection sends its next request when the last answered).
+//! With `--rate`, open loop: request i is due at start + i/rate whether or not earlier ones
+//! answered, and its latency counts from when it was due, so a stall shows in the percentiles
+//! instead of hiding (coordinated omission corrected).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use awc::Client;
+use hdrhistogram::Histogram;
+use rand::Rng;
+use serde_json::{json, Value};
+
+/// What each simulated client does for one payment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mix {
+    /// create+confirm with automatic capture: one request per payment.
+    Automatic,
+    /// create+confirm with manual capture, then a capture of part of it.
+    Manual,
+    /// manual capture, then a refund of part of the capture.
+    Refunds,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadgenArgs {
+    /// payrail's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// The merchant key to use (with --merchants 1).
+    #[arg(long, default_value = "sk_test_demo")]
+    pub key: String,
+    /// Spread load over this many merchants (created through the operator API), chosen with a
+    /// Zipf-like skew. One merchant puts every commit on one ledger shard.
+    #[arg(long, default_value_t = 1)]
+    pub merchants: usize,
+    /// The operator token, to create merchants.
+    #[arg(long, default_value = "admin_test_token")]
+    pub admin_token: String,
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Target payments per second (open loop); 0 runs closed loop.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    #[arg(long, value_enum, default_value_t = Mix::Automatic)]
+    pub mix: Mix,
+    /// Write the JSON report here too.
+    #[arg(long)]
+    pub report: Option<std::path::PathBuf>,
+    /// Run DESIGN.md's PostgreSQL ceiling (pgbench, 32 clients) first, and print the ratio.
+    #[arg(long)]
+    pub compare_postgres: bool,
+}
+
+#[derive(Default)]
+struct Tally {
+    payments: u64,
+    requests: u64,
+    by_status: BTreeMap<String, u64>,
+}
+
+/// Runs the load (and the ceiling, if asked) and prints the summary; the report as JSON.
+pub async fn run(args: LoadgenArgs, database_url: &str) -> Result<Value, String> {
+    let ceiling = if args.compare_postgres {
+        Some(postgres_ceiling(database_url, args.duration).await?)
+    } else {
+        None
+    };
+    let client = Client::builder()
+        .timeout(Duration::from_secs(30))
+        .max_http_version(awc::http::Version::HTTP_11)
+        .finish();
+    let keys = merchant_keys(&client, &args).await?;
+    let before = scrape(&client, &args.url).await;
+
+    let hist = Rc::new(RefCell::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?,
+    ));
+    let tally = Rc::new(RefCell::new(Tally::default()));
+    let started = Instant::now();
+    let end = started + Duration::from_secs(args.duration);
+    let ticket = Rc::new(RefCell::new(0u64));
+    let mut workers = Vec::new();
+    for w in 0..args.connections.max(1) {
+        let (client, hist, tally, ticket, keys, args) = (
+            client.clone(),
+            hist.clone(),
+            tally.clone(),
+            ticket.clone(),
+            keys.clone(),
+            args.clone(),
+        );
+        workers.push(actix_rt::spawn(async move {
+            let mut n = 0u64;
+            loop {
+                // When this payment is due: now (closed loop) or on the schedule (open loop).
+                let due = if args.rate > 0 {
+                    let i = {
+                        let mut t = ticket.borrow_mut();
+                        *t += 1;
+                        *t - 1
+                    };
+                    let due = started + Duration::from_nanos(i * 1_000_000_000 / args.rate);
+                    if due >= end {
+                        break;
+                    }
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        actix_rt::time::sleep(wait).await;
+                    }
+                    due
+                } else {
+                    Instant::now()
+                };
+                if Instant::now() >= end {
+                    break;
+                }
+                n += 1;
+                let key = &keys[zipf(&mut rand::thread_rng(), keys.len())];
+                let ok = one_payment(
+                    &client,
+                    &args,
+                    key,
+                    &format!("lg-{}-{w}-{n}", started.elapsed().as_nanos()),
+                    due,
+                    &hist,
+                    &tally,
+                )
+                .await;
+                if ok {
+                    tally.borrow_mut().payments += 1;
+                }
+            }
+        }));
+    }
+    let progress = actix_rt::spawn({
+        let tally = tally.clone();
+        let total = args.duration;
+        async move {
+            loop {
+                actix_rt::time::sleep(Duration::from_secs(1)).await;
+                let secs = started.elapsed().as_secs().min(total);
+                let done = (secs * 30 / total.max(1)) as usize;
+                let t = tally.borrow();
+                let errors: u64 = t
+                    .by_status
+                    .iter()
+                    .filter(|(s, _)| !s.starts_with('2'))
+                    .map(|(_, n)| n)
+                    .sum();
+                eprint!(
+                    "\r[{}{}] {secs}/{total} s  {:.0} payments/s  errors {errors}   ",
+                    "#".repeat(done),
+                    ".".repeat(30 - done),
+                    t.payments as f64 / started.elapsed().as_secs_f64()
+                );
+            }
+        }
+    });
+    for w in workers {
+        let _ = w.await;
+    }
+    progress.abort();
+    eprintln!();
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = scrape(&client, &args.url).await;
+
+    let h = hist.borrow();
+    let t = tally.borrow();
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let rate = t.payments as f64 / elapsed;
+    let non_2xx: u64 = t
+        .by_status
+        .iter()
+        .filter(|(s, _)| !s.starts_with('2'))
+        .map(|(_, n)| n)
+        .sum();
+    let batches = batch_distribution(&before, &after);
+    let mut report = json!({
+        "url": args.url, "mix": format!("{:?}", args.mix).to_lowercase(), "connections": args.connections,
+        "merchants": keys.len(), "duration_s": elapsed, "target_rate": args.rate, "open_loop": args.rate > 0,
+        "payments": t.payments, "payments_per_s": rate, "requests": t.requests,
+        "latency_ms": { "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p99_9": ms(0.999), "max": h.max() as f64 / 1000.0,
+                        "mean": h.mean() / 1000.0 },
+        "status": t.by_status, "non_2xx": non_2xx, "ledger_batch_sizes": batches,
+    });
+    println!(
+        "payments: {} in {elapsed:.1} s = {rate:.0} payments/s ({} requests, {non_2xx} non-2xx)",
+        t.payments, t.requests
+    );
+    println!(
+        "latency per request: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        ms(0.999),
+        h.max() as f64 / 1000.0
+    );
+    println!("responses by status: {:?}", t.by_status);
+    if batches.as_object().is_some_and(|b| !b.is_empty()) {
+        println!("ledger batch sizes during the run (bucket upper bound: batches): {batches}");
+    }
+    if let Some(tps) = ceiling {
+        println!(
+            "PostgreSQL ceiling (pgbench -c 32 -j 2, same run): {tps:.0} tps; payrail / ceiling = {:.2}x",
+            rate / tps
+        );
+        report["postgres_ceiling_tps"] = json!(tps);
+        report["ratio"] = json!(rate / tps);
+    }
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_vec_pretty(&report).unwrap_or_default()).map_err(|e| e.to_string())?;
+    }
+    Ok(report)
+}
+
+/// One payment's requests; records each request's latency from `due`. True if all were 2xx.
+async fn one_payment(
+    client: &Client,
+    args: &LoadgenArgs,
+    key: &str,
+    idem: &str,
+    due: Instant,
+    hist: &RefCell<Histogram<u64>>,
+    tally: &RefCell<Tally>,
+) -> bool {
+    let amount = rand::thread_rng().gen_range(100..100_000);
+    let capture = if args.mix == Mix::Automatic {
+        "automatic"
+    } else {
+        "manual"
+    };
+    let body = json!({ "order_id": "ord_loadgen", "amount": { "value": amount, "currency": "USD" },
+                       "payment_method": "pm_card_visa", "capture_strategy": capture, "confirm": true });
+    let Some(p) = post(client, args, key, "/api/v1/payments", idem, &body, due, hist, tally).await else {
+        return false;
+    };
+    if args.mix == Mix::Automatic {
+        return true;
+    }
+    let id = p["payment_id"].as_str().unwrap_or_default().to_owned();
+    let part = json!({ "amount": { "value": amount / 2 + 1, "currency": "USD" } });
+    let now = Instant::now();
+    if post(
+        client,
+        args,
+        key,
+        &format!("/api/v1/payments/{id}/capture"),
+        &format!("{idem}-c"),
+        &part,
+        now,
+        hist,
+        tally,
+    )
+    .await
+    .is_none()
+    {
+        return false;
+    }
+    if args.mix == Mix::Refunds {
+        let refund = json!({ "amount": { "value": amount / 4 + 1, "currency": "USD" } });
+        let now = Instant::now();
+        return post(
+            client,
+            args,
+            key,
+            &format!("/api/v1/payments/{id}/refunds"),
+            &format!("{idem}-r"),
+            &refund,
+            now,
+            hist,
+            tally,
+        )
+        .await
+        .is_some();
+    }
+    true
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn post(
+    client: &Client,
+    args: &LoadgenArgs,
+    key: &str,
+    path: &str,
+    idem: &str,
+    body: &Value,
+    since: Instant,
+    hist: &RefCell<Histogram<u64>>,
+    tally: &RefCell<Tally>,
+) -> Option<Value> {
+    let sent = client
+        .post(format!("{}{path}", args.url))
+        .insert_header(("Authorization", format!("Bearer {key}")))
+        .insert_header(("Idempotency-Key", idem))
+        .send_json(body)
+        .await;
+    let micros = since.elapsed().as_micros() as u64;
+    let _ = hist.borrow_mut().record(micros.max(1));
+    let mut t = tally.borrow_mut();
+    t.requests += 1;
+    match sent {
+        Ok(mut resp) => {
+            let status = resp.status().as_u16();
+            *t.by_status.entry(status.to_string()).or_default() += 1;
+            drop(t);
+            let bytes = resp.body().await.ok()?;
+            (200..300)
+                .contains(&status)
+                .then(|| serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        }
+        Err(_) => {
+            *t.by_status.entry("connection_error".into()).or_default() += 1;
+            None
+        }
+    }
+}
+
+/// Merchant k of n is chosen with weight 1/(k+1).
+fn zipf(rng: &mut impl Rng, n: usize) -> usize {
+    if n <= 1 {
+        return 0;
+    }
+    let total: f64 = (1..=n).map(|k| 1.0 / k as f64).sum();
+    let mut x = rng.gen::<f64>() * total;
+    for k in 0..n {
+        x -= 1.0 / (k + 1) as f64;
+        if x <= 0.0 {
+            return k;
+        }
+    }
+    n - 1
+}
+
+async fn merchant_keys(client: &Client, args: &LoadgenArgs) -> Result<Vec<String>, String> {
+    if args.merchants <= 1 {
+        return Ok(vec![args.key.clone()]);
+    }
+    let mut keys = Vec::new();
+    for i in 0..args.merchants {
+        let mut resp = client
+            .post(format!("{}/admin/v1/merchants", args.url))
+            .insert_header(("Authorization", format!("Bearer {}", args.admin_token)))
+            .send_json(&json!({ "name": format!("loadgen merchant {i}"), "default_currency": "USD" }))
+            .await
+            .map_err(|e| format!("creating merchants: {e}"))?;
+        let body: Value = resp.json().await.map_err(|e| format!("creating merchants: {e}"))?;
+        keys.push(
+            body["api_key"]
+                .as_str()
+                .ok_or(format!("creating merchants: {body}"))?
+                .to_owned(),
+        );
+    }
+    Ok(keys)
+}
+
+/// payrail_ledger_batch_size_bucket counts from /metrics.
+async fn scrape(client: &Client, url: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let Ok(mut resp) = client.get(format!("{url}/metrics")).send().await else {
+        return out;
+    };
+    let Ok(body) = resp.body().limit(1 << 20).await else {
+        return out;
+    };
+    for line in String::from_utf8_lossy(&body).lines() {
+        if let Some(rest) = line.strip_prefix("payrail_ledger_batch_size_bucket{le=\"") {
+            if let Some((le, n)) = rest.split_once("\"} ") {
+                out.insert(le.to_owned(), n.trim().parse().unwrap_or(0));
+            }
+        }
+    }
+    out
+}
+
+/// Batches per size bucket during the run, from the cumulative buckets before and after.
+fn batch_distribution(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> Value {
+    let mut bounds: Vec<(u64, u64)> = after
+        .iter()
+        .filter_map(|(le, n)| {
+            le.parse::<u64>()
+                .ok()
+                .map(|b| (b, n - before.get(le).copied().unwrap_or(0)))
+        })
+        .collect();
+    bounds.sort();
+    let mut out = serde_json::Map::new();
+    let mut previous = 0;
+    for (bound, cumulative) in bounds {
+        if cumulative > previous {
+            out.insert(format!("<={bound}"), json!(cumulative - previous));
+        }
+        previous = cumulative;
+    }
+    Value::Object(out)
+}
+
+/// DESIGN.md's ceiling: pgbench, 32 clients, -j 2, on the shipped script, in a scratch database.
+async fn postgres_ceiling(database_url: &str, secs: u64) -> Result<f64, String> {
+    let pg: tokio_postgres::Config = database_url.parse().map_err(|e: tokio_postgres::Error| e.to_string())?;
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "127.0.0.1".into(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432).to_string();
+    let user = pg.get_user().unwrap_or("postgres").to_owned();
+    let mut admin = pg.clone();
+    admin.dbname("postgres");
+    let (client, conn) = admin.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+    actix_rt::spawn(conn);
+    client
+        .batch_execute("DROP DATABASE IF EXISTS payrail_ceiling")
+        .await
+        .map_err(|e| e.to_string())?;
+    client
+        .batch_execute("CREATE DATABASE payrail_ceiling")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut scratch = pg.clone();
+    scratch.dbname("payrail_ceiling");
+    let (db, conn) = scratch
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| e.to_string())?;
+    actix_rt::spawn(conn);
+    db.batch_execute(include_str!("../scripts/bench/ceiling_schema.sql"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let script = std::env::temp_dir().join(format!("payrail-ceiling-{}.sql", std::process::id()));
+    std::fs::write(&script, include_str!("../scripts/bench/ceiling.sql")).map_err(|e| e.to_string())?;
+    eprintln!("PostgreSQL ceiling: pgbench -c 32 -j 2 -T {secs} …");
+    let out = std::process::Command::new("pgbench")
+        .args([
+            "-h",
+            &host,
+            "-p",
+            &port,
+            "-U",
+            &user,
+            "-n",
+            "-c",
+            "32",
+            "-j",
+            "2",
+            "-T",
+            &secs.to_string(),
+            "-f",
+        ])
+        .arg(&script)
+        .arg("payrail_ceiling")
+        .output()
+        .map_err(|e| format!("pgbench: {e} (install postgresql-client)"))?;
+    let _ = std::fs::remove_file(&script);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("tps = ")
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .ok_or_else(|| format!("pgbench gave no tps: {text}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zipf_prefers_the_first_merchants() {
+        let mut rng = rand::thread_rng();
+        let mut seen = [0u32; 8];
+        for _ in 0..8000 {
+            seen[zipf(&mut rng, 8)] += 1;
+        }
+        assert!(seen[0] > seen[1] && seen[1] > seen[7] && seen[7] > 0, "{seen:?}");
+    }
+
+    #[test]
+    fn batch_distribution_is_the_difference_of_cumulative_buckets() {
+        let before: BTreeMap<String, u64> = [("1", 2), ("3", 2), ("7", 5), ("+Inf", 5)]
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
+        let after: BTreeMap<String, u64> = [("1", 2), ("3", 10), ("7", 20), ("+Inf", 20)]
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
+        assert_eq!(batch_distribution(&before, &after), json!({ "<=3": 8, "<=7": 7 }));
+    }
+}
