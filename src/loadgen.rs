@@ -102,13 +102,13 @@ pub async fn run(args: LoadgenArgs, database_url: &str) -> Result<Value, String>
             let mut n = 0u64;
             loop {
                 // When this payment is due: now (closed loop) or on the schedule (open loop).
-                let due = if args.rate > 0 {
+                let due = if let Some(gap_ns) = 1_000_000_000u64.checked_div(args.rate) {
                     let i = {
                         let mut t = ticket.borrow_mut();
                         *t += 1;
                         *t - 1
                     };
-                    let due = started + Duration::from_nanos(i * 1_000_000_000 / args.rate);
+                    let due = started + Duration::from_nanos(i * gap_ns);
                     if due >= end {
                         break;
                     }
@@ -304,23 +304,19 @@ async fn post(
         .await;
     let micros = since.elapsed().as_micros() as u64;
     let _ = hist.borrow_mut().record(micros.max(1));
-    let mut t = tally.borrow_mut();
-    t.requests += 1;
-    match sent {
-        Ok(mut resp) => {
-            let status = resp.status().as_u16();
-            *t.by_status.entry(status.to_string()).or_default() += 1;
-            drop(t);
-            let bytes = resp.body().await.ok()?;
-            (200..300)
-                .contains(&status)
-                .then(|| serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-        }
-        Err(_) => {
-            *t.by_status.entry("connection_error".into()).or_default() += 1;
-            None
-        }
+    let status = match &sent {
+        Ok(resp) => resp.status().as_u16().to_string(),
+        Err(_) => "connection_error".to_owned(),
+    };
+    {
+        let mut t = tally.borrow_mut();
+        t.requests += 1;
+        *t.by_status.entry(status).or_default() += 1;
     }
+    let mut resp = sent.ok()?;
+    let ok = resp.status().is_success();
+    let bytes = resp.body().await.ok()?;
+    ok.then(|| serde_json::from_slice(&bytes).unwrap_or(Value::Null))
 }
 
 /// Merchant k of n is chosen with weight 1/(k+1).
