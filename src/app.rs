@@ -21,6 +21,7 @@ use crate::adapters::psp::Psp;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::domain::Currency;
+use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -70,12 +71,14 @@ impl Application {
                 )))
             }
         };
-        let ledger = Arc::new(Ledger::start(&db, &config.ledger));
+        let metrics = Arc::new(Metrics::default());
+        let ledger = Arc::new(Ledger::start(&db, &config.ledger, metrics.clone()));
         let deps = PaymentDeps {
             db: db.clone(),
             ledger,
             psp,
             psp_timeout: Duration::from_millis(config.psp.timeout_ms),
+            metrics: metrics.clone(),
         };
         let registry = PaymentRegistry::new(deps, config.actors.clone());
         let currencies = config
@@ -100,12 +103,14 @@ impl Application {
             sandbox: Some(sandbox),
             merchants: DashMap::new(),
             currencies,
+            metrics,
         });
         let app_state = state.clone();
         let server = HttpServer::new(move || {
+            let metrics = app_state.metrics.clone();
             App::new()
                 .app_data(app_state.clone())
-                .wrap_fn(|req, srv| {
+                .wrap_fn(move |req, srv| {
                     // One span per request; the request id is echoed so a caller can quote it.
                     let started = Instant::now();
                     let request_id = req
@@ -120,10 +125,12 @@ impl Application {
                     let method = req.method().to_string();
                     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
                     let span = tracing::info_span!("request", %request_id, %method, %route);
+                    let metrics = metrics.clone();
                     let fut = srv.call(req);
                     async move {
                     let mut res = fut.await?;
                     let status = res.status().as_u16();
+                    metrics.http(&route, status, started.elapsed());
                     tracing::info!(parent: &span, status, elapsed_us = started.elapsed().as_micros() as u64, "request");
                     if let Ok(v) = HeaderValue::from_str(&request_id) {
                         res.headers_mut().insert(HeaderName::from_static("request-id"), v);

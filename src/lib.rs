@@ -12,6 +12,7 @@
 //! - [`api`] — the actix-web routes of API.md, one route group per file: authentication,
 //!   idempotency, validation, and rendering of errors in one place.
 //! - [`app`] — wiring: build the application from [`config::Config`], run it until stopped.
+//! - [`metrics`] — counters and histograms for `/metrics`, shared by every room.
 //! - [`loadgen`] — `payrail loadgen`, the load generator, with the PostgreSQL ceiling beside it.
 //!
 //! Dependencies point inward: `api` → `actors` → `adapters` → `domain`.
@@ -24,3 +25,4 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod loadgen;
+pub mod metrics;

@@ -73,6 +73,7 @@ pub struct LedgerShard {
     /// A gathering pause is scheduled.
     gathering: bool,
     stats: Arc<LedgerStats>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Actor for LedgerShard {
@@ -125,12 +126,14 @@ impl LedgerShard {
         self.writing += 1;
         let n = self.queue.len().min(self.max_batch);
         let batch: Vec<Queued> = self.queue.drain(..n).collect();
-        let (db, slot, stats) = (self.db.clone(), self.slot, self.stats.clone());
+        let (db, slot, stats, metrics) = (self.db.clone(), self.slot, self.stats.clone(), self.metrics.clone());
         let work = async move {
             let started = Instant::now();
             let commits: Vec<&Commit> = batch.iter().map(|q| &q.commit).collect();
             let result = db.commit_batch(&commits, slot).await;
             stats.record(batch.len(), started.elapsed());
+            metrics.ledger_commit.observe(started.elapsed());
+            metrics.handled("ledger_shard", started.elapsed());
             match result {
                 Ok(()) => batch.into_iter().for_each(|q| drop(q.reply.send(Ok(())))),
                 Err(e) if batch.len() == 1 => batch.into_iter().for_each(|q| drop(q.reply.send(Err(e.clone())))),
@@ -165,6 +168,15 @@ pub struct Ledger {
     pub kind: Arc<ActorStats>,
 }
 
+/// Marks a commit as taken up when its caller stops waiting, however that happens.
+struct Received<'a>(&'a Mailbox);
+
+impl Drop for Received<'_> {
+    fn drop(&mut self) {
+        self.0.received("commit");
+    }
+}
+
 /// FNV-1a: stable across builds and platforms, so a merchant keeps its shard.
 pub fn shard_of(key: &str, shards: usize) -> usize {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -178,7 +190,7 @@ pub fn shard_of(key: &str, shards: usize) -> usize {
 impl Ledger {
     /// Starts the shards, spread over their own arbiters (threads) so that no shard shares a
     /// thread with the HTTP workers' actors.
-    pub fn start(db: &Db, config: &LedgerConfig) -> Ledger {
+    pub fn start(db: &Db, config: &LedgerConfig, metrics: Arc<crate::metrics::Metrics>) -> Ledger {
         let stats = Arc::new(LedgerStats::default());
         let kind = Arc::new(ActorStats::default());
         let threads = config.threads.clamp(1, config.shards.max(1));
@@ -195,6 +207,7 @@ impl Ledger {
                     max_in_flight: config.batches_in_flight.max(1),
                     gathering: false,
                     stats: stats.clone(),
+                    metrics: metrics.clone(),
                 };
                 kind.live.fetch_add(1, Ordering::Relaxed);
                 let addr = LedgerShard::start_in_arbiter(&arbiters[i % threads].handle(), move |_| shard);
@@ -220,8 +233,9 @@ impl Ledger {
             return Err(ApiError::Unavailable("ledger (shard queue full)").into());
         }
         shard.mailbox.sent();
+        // Counted out even if this caller goes away while its commit waits.
+        let _left = Received(&shard.mailbox);
         let result = shard.addr.send(Submit(c)).await;
-        shard.mailbox.received();
         result.unwrap_or(Err(CommitError::Api(ApiError::Unavailable("ledger"))))
     }
 
@@ -229,9 +243,9 @@ impl Ledger {
         self.shards.len()
     }
 
-    /// Commits waiting in each shard.
-    pub fn depths(&self) -> Vec<i64> {
-        self.shards.iter().map(|s| s.mailbox.depth()).collect()
+    /// Each shard's mailbox: commits waiting, last message, recent messages.
+    pub fn mailboxes(&self) -> Vec<Arc<Mailbox>> {
+        self.shards.iter().map(|s| s.mailbox.clone()).collect()
     }
 }
 

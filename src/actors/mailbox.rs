@@ -1,8 +1,9 @@
 //! Mailbox accounting. Counters are relaxed atomics: they are gauges for operators and a
 //! back-pressure bound, not synchronization.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Totals for one kind of actor (`payment`, `ledger_shard`, `event_consumer`).
@@ -25,20 +26,32 @@ impl ActorStats {
     }
 }
 
+/// How many recent messages a mailbox remembers for operators.
+pub const RECENT: usize = 20;
+
 /// One actor's mailbox counter, shared by its senders (through the registry) and the actor.
 #[derive(Debug)]
 pub struct Mailbox {
     depth: AtomicI64,
     /// Milliseconds since the Unix epoch of the last message taken up; 0 before the first.
     last_message_ms: AtomicI64,
+    /// The actor's own status, as an index its kind defines (`UNKNOWN` until it says).
+    status: AtomicU8,
+    /// The last `RECENT` messages taken up: their type and time, never their content. A std
+    /// Mutex: held for one push, never across an await.
+    recent: Mutex<VecDeque<(&'static str, i64)>>,
     kind: Arc<ActorStats>,
 }
 
 impl Mailbox {
+    pub const UNKNOWN: u8 = u8::MAX;
+
     pub fn new(kind: Arc<ActorStats>) -> Mailbox {
         Mailbox {
             depth: AtomicI64::new(0),
             last_message_ms: AtomicI64::new(0),
+            status: AtomicU8::new(Mailbox::UNKNOWN),
+            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
             kind,
         }
     }
@@ -57,8 +70,8 @@ impl Mailbox {
         self.kind.mailbox_depth.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A handler took a message up.
-    pub fn received(&self) {
+    /// A handler took a message of type `name` up.
+    pub fn received(&self, name: &'static str) {
         self.left();
         self.kind.messages.fetch_add(1, Ordering::Relaxed);
         let now = SystemTime::now()
@@ -66,6 +79,11 @@ impl Mailbox {
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
         self.last_message_ms.store(now, Ordering::Relaxed);
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back((name, now));
     }
 
     /// A message left without being handled (the actor stopped first).
@@ -76,5 +94,52 @@ impl Mailbox {
     fn left(&self) {
         self.depth.fetch_sub(1, Ordering::Relaxed);
         self.kind.mailbox_depth.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn set_status(&self, status: u8) {
+        self.status.store(status, Ordering::Relaxed);
+    }
+
+    pub fn status(&self) -> u8 {
+        self.status.load(Ordering::Relaxed)
+    }
+
+    /// The recent messages, oldest first.
+    pub fn recent(&self) -> Vec<(&'static str, i64)> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depth_counts_in_and_out_per_actor_and_per_kind() {
+        let kind = Arc::new(ActorStats::default());
+        let (a, b) = (Mailbox::new(kind.clone()), Mailbox::new(kind.clone()));
+        a.sent();
+        a.sent();
+        b.sent();
+        assert_eq!((a.depth(), b.depth(), kind.depth()), (2, 1, 3));
+        a.received("capture");
+        b.dropped();
+        assert_eq!((a.depth(), b.depth(), kind.depth()), (1, 0, 1));
+        assert_eq!(a.recent().iter().map(|r| r.0).collect::<Vec<_>>(), ["capture"]);
+    }
+
+    #[test]
+    fn recent_messages_are_bounded() {
+        let m = Mailbox::new(Arc::new(ActorStats::default()));
+        for _ in 0..(RECENT + 5) {
+            m.sent();
+            m.received("sync");
+        }
+        assert_eq!(m.recent().len(), RECENT);
     }
 }

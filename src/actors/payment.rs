@@ -63,7 +63,7 @@ impl Op {
         }
     }
 
-    fn name(&self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             Op::Confirm { .. } => "confirm",
             Op::Capture { .. } => "capture",
@@ -150,7 +150,10 @@ impl Actor for PaymentActor {
         if self.live.is_none() {
             ctx.wait(async move { deps.db.load_payment(&id).await }.into_actor(self).map(
                 |loaded, act, ctx| match loaded {
-                    Ok(Some((payment, open))) => act.live = Some(Live { payment, open }),
+                    Ok(Some((payment, open))) => {
+                        act.mailbox.set_status(status_index(payment.status()));
+                        act.live = Some(Live { payment, open });
+                    }
                     Ok(None) => act.fail(ctx, ApiError::NotFound("payment")),
                     Err(e) => act.fail(ctx, e),
                 },
@@ -172,6 +175,15 @@ impl Actor for PaymentActor {
     }
 }
 
+/// A payment status as the mailbox keeps it: its place in `Status::ALL`.
+pub fn status_index(s: crate::domain::Status) -> u8 {
+    crate::domain::Status::ALL
+        .iter()
+        .position(|x| *x == s)
+        .map(|i| i as u8)
+        .unwrap_or(Mailbox::UNKNOWN)
+}
+
 impl PaymentActor {
     fn fail(&mut self, ctx: &mut Context<Self>, error: ApiError) {
         self.load_error = Some(error);
@@ -184,7 +196,7 @@ impl Handler<PaymentCall> for PaymentActor {
     type Result = AtomicResponse<Self, Result<Reply, ApiError>>;
 
     fn handle(&mut self, call: PaymentCall, _ctx: &mut Self::Context) -> Self::Result {
-        self.mailbox.received();
+        self.mailbox.received(call.op.name());
         self.last_activity = Instant::now();
         let span = tracing::info_span!("payment_actor", payment_id = %self.id, op = call.op.name());
         let live = match self.live.take() {
@@ -203,12 +215,14 @@ impl Handler<PaymentCall> for PaymentActor {
             }
         };
         let deps = self.deps.clone();
+        let started = Instant::now();
         let work = async move {
             let run = process(&deps, live, call.op, call.idem).instrument(span);
             AssertUnwindSafe(run).catch_unwind().await
         };
-        AtomicResponse::new(Box::pin(work.into_actor(self).map(|result, act, ctx| {
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(move |result, act, ctx| {
             act.last_activity = Instant::now();
+            act.deps.metrics.handled("payment", started.elapsed());
             match result {
                 Ok((reply, live, stale)) => {
                     if stale {
@@ -216,6 +230,7 @@ impl Handler<PaymentCall> for PaymentActor {
                         act.kind.restarts.fetch_add(1, Ordering::Relaxed);
                         ctx.stop();
                     } else {
+                        act.mailbox.set_status(status_index(live.payment.status()));
                         act.live = Some(live);
                     }
                     reply

@@ -29,6 +29,7 @@ pub struct PaymentDeps {
     pub ledger: std::sync::Arc<crate::actors::ledger_shard::Ledger>,
     pub psp: std::sync::Arc<dyn Psp>,
     pub psp_timeout: Duration,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// A live payment: its committed state and the PSP attempts still without an outcome.
@@ -369,7 +370,7 @@ impl<'a> Flow<'a> {
             .psp_reference
             .clone()
             .ok_or(ApiError::InvalidState(Status::RequiresAction))?;
-        let intent = self.call_psp(self.deps.psp.retrieve(reference)).await?;
+        let intent = self.call_psp("retrieve", self.deps.psp.retrieve(reference)).await?;
         let outcome = Outcome::of_intent(intent, PspOp::Authorize);
         self.apply(outcome, None, "psp.three_d_secure_completed", 200, None)
             .await
@@ -438,20 +439,26 @@ impl<'a> Flow<'a> {
                     payment_method: p.payment_method.clone(),
                     capture: p.capture_strategy,
                 };
-                self.call_psp(psp.authorize(req))
+                self.call_psp("authorize", psp.authorize(req))
                     .await
                     .map(|i| Outcome::of_intent(i, attempt.op))
             }
             PspOp::Capture { amount } => self
-                .call_psp(psp.capture(attempt.id.clone(), reference(), Money::new(amount, p.currency)))
+                .call_psp(
+                    "capture",
+                    psp.capture(attempt.id.clone(), reference(), Money::new(amount, p.currency)),
+                )
                 .await
                 .map(|i| Outcome::of_intent(i, attempt.op)),
             PspOp::Cancel => self
-                .call_psp(psp.cancel(attempt.id.clone(), reference()))
+                .call_psp("cancel", psp.cancel(attempt.id.clone(), reference()))
                 .await
                 .map(|i| Outcome::of_intent(i, attempt.op)),
             PspOp::Refund { amount } => self
-                .call_psp(psp.refund(attempt.id.clone(), reference(), Money::new(amount, p.currency)))
+                .call_psp(
+                    "refund",
+                    psp.refund(attempt.id.clone(), reference(), Money::new(amount, p.currency)),
+                )
                 .await
                 .map(|r| Outcome::of_refund(r, amount)),
         };
@@ -486,8 +493,22 @@ impl<'a> Flow<'a> {
         self.apply(outcome, Some(&attempt), cause, status, refund).await
     }
 
-    async fn call_psp<T>(&self, call: crate::adapters::psp::PspFuture<'_, T>) -> Result<T, Halt> {
-        match tokio::time::timeout(self.deps.psp_timeout, call).await {
+    async fn call_psp<T>(
+        &self,
+        operation: &'static str,
+        call: crate::adapters::psp::PspFuture<'_, T>,
+    ) -> Result<T, Halt> {
+        let started = std::time::Instant::now();
+        let answer = tokio::time::timeout(self.deps.psp_timeout, call).await;
+        let psp = self.deps.psp.name();
+        self.deps.metrics.psp_call(psp, operation, started.elapsed());
+        match &answer {
+            Ok(Ok(_)) => {}
+            Ok(Err(PspError::Invalid { .. })) => self.deps.metrics.psp_error(psp, "invalid_request"),
+            Ok(Err(PspError::Unavailable(_))) => self.deps.metrics.psp_error(psp, "unavailable"),
+            Err(_) => self.deps.metrics.psp_error(psp, "timeout"),
+        }
+        match answer {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(PspError::Invalid { code, message, param })) => {
                 let code: &'static str = match code.as_str() {
@@ -633,7 +654,14 @@ impl<'a> Flow<'a> {
             next.transitions += 1;
         }
         commit.payment = Some(next.clone());
+        let moved = commit
+            .transition
+            .as_ref()
+            .map(|t| (t.from.map(Status::as_str).unwrap_or("none"), t.to.as_str()));
         self.deps.ledger.commit(commit).await?;
+        if let Some((from, to)) = moved {
+            self.deps.metrics.transition(from, to);
+        }
         self.live.payment = next;
         Ok(())
     }

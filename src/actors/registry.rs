@@ -121,22 +121,25 @@ impl PaymentRegistry {
         }
     }
 
-    /// Live actors with the deepest mailboxes first, at most `top`.
-    pub fn deepest(&self, top: usize) -> Vec<(PaymentId, i64, i64)> {
+    /// Live actors with the deepest mailboxes first (then the most recently busy), at most `top`.
+    pub fn deepest(&self, top: usize) -> Vec<(PaymentId, Arc<Mailbox>)> {
         let mut all: Vec<_> = self
             .actors
             .iter()
-            .map(|e| {
-                (
-                    e.key().clone(),
-                    e.value().mailbox.depth(),
-                    e.value().mailbox.last_message_ms(),
-                )
-            })
+            .map(|e| (e.key().clone(), e.value().mailbox.clone()))
             .collect();
-        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.2.cmp(&a.2)));
+        all.sort_by(|a, b| {
+            b.1.depth()
+                .cmp(&a.1.depth())
+                .then_with(|| b.1.last_message_ms().cmp(&a.1.last_message_ms()))
+        });
         all.truncate(top);
         all
+    }
+
+    /// The mailbox of a live actor, without activating one.
+    pub fn live_mailbox(&self, id: &PaymentId) -> Option<Arc<Mailbox>> {
+        self.actors.get(id).map(|e| e.mailbox.clone())
     }
 
     pub fn live(&self) -> usize {

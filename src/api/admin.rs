@@ -61,3 +61,115 @@ pub async fn create_merchant(
     object["api_key"] = key.into();
     Ok(json_value(201, &object))
 }
+
+/// Milliseconds since the epoch as RFC 3339, or null before the first message.
+fn at(ms: i64) -> serde_json::Value {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .filter(|_| ms > 0)
+        .map(|t| serde_json::json!(crate::domain::record::timestamp(t)))
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn payment_status(index: u8) -> &'static str {
+    crate::domain::Status::ALL
+        .get(index as usize)
+        .map(|s| s.as_str())
+        .unwrap_or("loading")
+}
+
+/// `GET /admin/v1/actors?kind=payment&top=20`: the live actors with the deepest mailboxes,
+/// and totals per kind (API.md, "Operator endpoints").
+pub async fn actors(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    auth::operator(&state, &req)?;
+    let q = super::payments::query(&req)?;
+    let top = match q.get("top") {
+        None => 20,
+        Some(t) => t
+            .parse::<usize>()
+            .ok()
+            .filter(|t| (1..=1000).contains(t))
+            .ok_or_else(|| ApiError::param("top", "top must be 1 to 1000"))?,
+    };
+    let kind = q.get("kind").map(String::as_str);
+    if !matches!(kind, None | Some("payment") | Some("ledger_shard")) {
+        return Err(ApiError::param("kind", "kind must be payment or ledger_shard"));
+    }
+    let mut list = Vec::new();
+    if kind.is_none() || kind == Some("payment") {
+        for (id, m) in state.registry.deepest(top) {
+            list.push(
+                serde_json::json!({ "kind": "payment", "id": id, "mailbox_depth": m.depth(),
+                "status": payment_status(m.status()), "last_message_at": at(m.last_message_ms()) }),
+            );
+        }
+    }
+    let ledger = &state.registry.deps().ledger;
+    if kind.is_none() || kind == Some("ledger_shard") {
+        for (i, m) in ledger.mailboxes().iter().enumerate() {
+            list.push(serde_json::json!({ "kind": "ledger_shard", "id": format!("ledger_shard-{i}"), "mailbox_depth": m.depth(),
+                "status": "running", "last_message_at": at(m.last_message_ms()) }));
+        }
+    }
+    list.sort_by(|a, b| b["mailbox_depth"].as_i64().cmp(&a["mailbox_depth"].as_i64()));
+    list.truncate(top);
+    let totals = serde_json::json!({
+        "payment": { "live": state.registry.stats.live(), "mailbox_depth": state.registry.stats.depth() },
+        "ledger_shard": { "live": ledger.kind.live(), "mailbox_depth": ledger.kind.depth() },
+    });
+    Ok(json_value(
+        200,
+        &serde_json::json!({ "actors": list, "totals": totals }),
+    ))
+}
+
+/// `GET /admin/v1/actors/{kind}/{id}`: one actor: its state, mailbox and recent messages
+/// (their type and time; never their content).
+pub async fn actor(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    auth::operator(&state, &req)?;
+    let kind = req.match_info().get("kind").unwrap_or_default();
+    let id = req.match_info().get("id").unwrap_or_default();
+    let recent = |m: &crate::actors::Mailbox| {
+        m.recent()
+            .into_iter()
+            .map(|(t, ms)| serde_json::json!({ "type": t, "at": at(ms) }))
+            .collect::<Vec<_>>()
+    };
+    let body = match kind {
+        "payment" => {
+            let pid = crate::domain::PaymentId::parse(id).ok_or(ApiError::NotFound("actor"))?;
+            let mailbox = state.registry.live_mailbox(&pid);
+            let (payment, open) = state.db.load_payment(&pid).await?.ok_or(ApiError::NotFound("actor"))?;
+            serde_json::json!({
+                "kind": "payment", "id": pid, "live": mailbox.is_some(),
+                "mailbox_depth": mailbox.as_ref().map(|m| m.depth()).unwrap_or(0),
+                "last_message_at": mailbox.as_ref().map(|m| at(m.last_message_ms())).unwrap_or_default(),
+                "recent_messages": mailbox.as_deref().map(recent).unwrap_or_default(),
+                "open_psp_attempts": open.len(),
+                "state": payment.to_object(),
+            })
+        }
+        "ledger_shard" => {
+            let i: usize = id
+                .strip_prefix("ledger_shard-")
+                .unwrap_or(id)
+                .parse()
+                .map_err(|_| ApiError::NotFound("actor"))?;
+            let ledger = &state.registry.deps().ledger;
+            let m = ledger.mailboxes().get(i).cloned().ok_or(ApiError::NotFound("actor"))?;
+            serde_json::json!({
+                "kind": "ledger_shard", "id": format!("ledger_shard-{i}"), "live": true,
+                "mailbox_depth": m.depth(), "last_message_at": at(m.last_message_ms()), "recent_messages": recent(&m),
+                "state": { "slot": i, "shards": ledger.shards() },
+            })
+        }
+        _ => return Err(ApiError::NotFound("actor")),
+    };
+    Ok(json_value(200, &body))
+}
+
+/// `GET /admin/`: a small page for people, polling the actors endpoint. No build step, no CDN.
+pub async fn live_view() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(include_str!("admin.html"))
+}

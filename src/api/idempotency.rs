@@ -67,7 +67,10 @@ where
         Ok(p) => p,
         Err(e) => {
             return match state.db.idempotency_fingerprint(&merchant.id, &key).await? {
-                Some(stored) if stored != fp => Err(ApiError::IdempotencyKeyReused),
+                Some(stored) if stored != fp => {
+                    state.metrics.idempotency_conflict("reused");
+                    Err(ApiError::IdempotencyKeyReused)
+                }
                 _ => Err(e),
             }
         }
@@ -75,6 +78,7 @@ where
     let lease = state.config.idempotency.in_flight_lease_ms;
     match state.db.idempotency_begin(&merchant.id, &key, &fp, lease).await? {
         Begin::Replay { status, body } => {
+            state.metrics.replayed();
             let mut resp = json_response(status, body);
             resp.headers_mut().insert(
                 HeaderName::from_static("idempotent-replayed"),
@@ -82,8 +86,14 @@ where
             );
             Ok(resp)
         }
-        Begin::InFlight => Err(ApiError::IdempotencyKeyInUse),
-        Begin::Mismatch => Err(ApiError::IdempotencyKeyReused),
+        Begin::InFlight => {
+            state.metrics.idempotency_conflict("in_use");
+            Err(ApiError::IdempotencyKeyInUse)
+        }
+        Begin::Mismatch => {
+            state.metrics.idempotency_conflict("reused");
+            Err(ApiError::IdempotencyKeyReused)
+        }
         Begin::Proceed { resource_id } => {
             let ticket = Ticket {
                 key: IdemKey {

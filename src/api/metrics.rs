@@ -49,20 +49,13 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let _ = writeln!(out, "payrail_ledger_batch_size_bucket{{le=\"+Inf\"}} {batches}");
     let _ = writeln!(out, "payrail_ledger_batch_size_sum {commits}");
     let _ = writeln!(out, "payrail_ledger_batch_size_count {batches}");
-    out.push_str("# TYPE payrail_ledger_commit_duration_seconds summary\n");
-    let micros = stats.commit_micros.load(Ordering::Relaxed);
-    let _ = writeln!(
-        out,
-        "payrail_ledger_commit_duration_seconds_sum {}",
-        micros as f64 / 1e6
-    );
-    let _ = writeln!(out, "payrail_ledger_commit_duration_seconds_count {batches}");
     let _ = writeln!(
         out,
         "payrail_ledger_split_batches_total {}",
         stats.split_batches.load(Ordering::Relaxed)
     );
 
+    state.metrics.render(&mut out);
     let pool = state.db.pool_status();
     out.push_str("# TYPE payrail_db_pool_connections gauge\n");
     let _ = writeln!(

@@ -40,6 +40,7 @@ pub struct AppState {
     pub merchants: DashMap<[u8; 32], Arc<Merchant>>,
     /// The currencies this deployment accepts (`[payments] currencies`).
     pub currencies: Vec<Currency>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub const MAX_CACHED_KEYS: usize = 100_000;
@@ -64,6 +65,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route("/ledger/journals", web::get().to(ledger::journals)),
         )
         .route("/admin/v1/merchants", web::post().to(admin::create_merchant))
+        .route("/admin/v1/actors", web::get().to(admin::actors))
+        .route("/admin/v1/actors/{kind}/{id}", web::get().to(admin::actor))
+        .route("/admin/", web::get().to(admin::live_view))
         .route("/sandbox/v1/payment_methods", web::post().to(sandbox::payment_methods))
         .route(
             "/sandbox/v1/payments/{reference}/complete_3ds",

@@ -7,5 +7,6 @@ mod isolation;
 mod ledger;
 mod lifecycle;
 mod logs;
+mod operations;
 mod recovery;
 mod validation;

@@ -108,7 +108,14 @@ pub struct SandboxPsp {
     order: Mutex<VecDeque<(bool, String)>>,
     /// Tokenized cards already read from PostgreSQL: token → (merchant, behaviour).
     cards: DashMap<String, (String, Behaviour)>,
+    /// Idempotency keys `PANIC_ONCE` already panicked for: the drill panics once per key, so
+    /// the restarted actor's retry goes through.
+    panicked: DashMap<String, ()>,
 }
+
+/// A sandbox-only token whose authorization panics inside the payment actor's handler, once
+/// per attempt: the supervision drill (issue 5) and its test use it.
+pub const PANIC_ONCE: &str = "pm_card_panicOnceInHandler";
 
 /// `pi_` (or another prefix) and 24 hex digits of the key's hash: the same key, the same reference.
 fn reference(prefix: &str, key: &AttemptId) -> String {
@@ -134,6 +141,7 @@ impl SandboxPsp {
             answers: DashMap::new(),
             order: Mutex::new(VecDeque::new()),
             cards: DashMap::new(),
+            panicked: DashMap::new(),
         }
     }
 
@@ -258,7 +266,14 @@ impl SandboxPsp {
         if let Some(Remembered::Intent(i)) = self.replay(&req.key) {
             return Ok(i);
         }
-        let behaviour = self.behaviour(&req.merchant_id, &req.payment_method).await?;
+        if req.payment_method == PANIC_ONCE && self.panicked.insert(req.key.to_string(), ()).is_none() {
+            panic!("sandbox: {PANIC_ONCE} panics once inside the handler");
+        }
+        let behaviour = if req.payment_method == PANIC_ONCE {
+            Behaviour::Success
+        } else {
+            self.behaviour(&req.merchant_id, &req.payment_method).await?
+        };
         let reference = reference("pi_", &req.key);
         let amount = req.amount.minor;
         let status = match behaviour {

@@ -1,0 +1,243 @@
+//! The operator's view: metrics, actor inspection, supervision, bounded mailboxes, request ids.
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use payrail::adapters::psp::sandbox::PANIC_ONCE;
+use serde_json::json;
+
+use crate::helpers::{spawn_app, spawn_app_with, DEMO_KEY};
+
+#[actix_web::test]
+async fn a_panic_in_a_payment_handler_is_a_503_and_the_actor_restarts_from_postgres() {
+    let app = spawn_app().await;
+    let body = json!({ "order_id": "o", "amount": { "value": 900, "currency": "USD" }, "payment_method": PANIC_ONCE, "confirm": true }).to_string();
+    let r = app
+        .request("POST", "/api/v1/payments", Some(DEMO_KEY), Some("panic-1"), Some(&body))
+        .await;
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (503, Some("dependency_unavailable")),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        app.state
+            .registry
+            .stats
+            .restarts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let metrics = app.request("GET", "/metrics", None, None, None).await;
+    let text = String::from_utf8_lossy(&metrics.raw);
+    assert!(
+        text.contains("payrail_actor_restarts_total{actor=\"payment\"} 1"),
+        "{text}"
+    );
+    // The key was released; the retry meets a fresh incarnation that completes the attempt.
+    let r = app
+        .request("POST", "/api/v1/payments", Some(DEMO_KEY), Some("panic-1"), Some(&body))
+        .await;
+    assert_eq!(
+        (r.status, r.body["status"].as_str()),
+        (201, Some("captured")),
+        "{}",
+        r.body
+    );
+    assert_eq!(app.count("journals").await, 1);
+}
+
+#[actix_web::test]
+async fn a_full_mailbox_answers_503_at_once_with_retry_after() {
+    let app = spawn_app_with(|c| {
+        c.actors.mailbox_capacity = 2;
+        c.psp.sandbox.latency_ms = 400;
+    })
+    .await;
+    let p = app.pay(1000, "pm_card_visa", "manual", true).await.body["payment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/api/v1/payments/{p}/capture");
+    let timed = (0..10).map(|i| {
+        let (app, path) = (&app, path.clone());
+        async move {
+            let started = Instant::now();
+            let r = app
+                .request("POST", &path, Some(DEMO_KEY), Some(&format!("full-{i}")), Some("{}"))
+                .await;
+            (r, started.elapsed())
+        }
+    });
+    let results = join_all(timed).await;
+    let full: Vec<_> = results.iter().filter(|(r, _)| r.status == 503).collect();
+    assert!(
+        !full.is_empty(),
+        "{:?}",
+        results.iter().map(|(r, _)| r.status).collect::<Vec<_>>()
+    );
+    for (r, took) in &full {
+        assert_eq!(r.body["error"]["code"], "dependency_unavailable");
+        assert_eq!(r.headers.get("retry-after").unwrap(), "1");
+        assert!(
+            *took < Duration::from_millis(350),
+            "a full mailbox must not make callers wait: {took:?}"
+        );
+    }
+    assert_eq!(
+        results.iter().filter(|(r, _)| r.status == 200).count(),
+        1,
+        "exactly one capture"
+    );
+}
+
+#[actix_web::test]
+async fn metrics_name_every_kind_and_carry_no_ids() {
+    let app = spawn_app().await;
+    let p = app.pay(1000, "pm_card_visa", "automatic", true).await.body["payment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.request("POST", "/api/v1/payments", Some(DEMO_KEY), Some("dup"), Some("{}"))
+        .await;
+    let r = app.request("GET", "/metrics", None, None, None).await;
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8_lossy(&r.raw);
+    for needle in [
+        "payrail_actor_mailbox_depth{actor=\"payment\"}",
+        "payrail_actor_mailbox_depth{actor=\"ledger_shard\"}",
+        "payrail_actors_live{actor=\"payment\"} 1",
+        "payrail_actors_live{actor=\"ledger_shard\"} 4",
+        "payrail_actor_restarts_total{actor=\"payment\"} 0",
+        "payrail_actor_handle_duration_seconds_bucket{actor=\"payment\",le=",
+        "payrail_actor_handle_duration_seconds_count{actor=\"ledger_shard\"}",
+        "payrail_http_request_duration_seconds_bucket{route=\"/api/v1/payments\",status=\"201\",le=",
+        "payrail_psp_request_duration_seconds_count{psp=\"sandbox\",operation=\"authorize\"} 1",
+        "# TYPE payrail_psp_events_total counter",
+        "payrail_ledger_batch_size_count",
+        "payrail_ledger_commit_duration_seconds_bucket{le=",
+        "payrail_payment_transitions_total{from=\"pending\",to=\"captured\"} 1",
+        "payrail_db_pool_connections{state=\"in_use\"}",
+    ] {
+        assert!(text.contains(needle), "missing {needle}\n{text}");
+    }
+    assert!(
+        !text.contains(&p) && !text.contains("pay_") && !text.contains("mer_"),
+        "ids must not be labels"
+    );
+}
+
+#[actix_web::test]
+async fn operators_see_the_deepest_actors_and_one_actor_in_detail() {
+    let app = spawn_app().await;
+    let token = app.state.config.admin.token.clone();
+    let p = app.pay(1000, "pm_card_visa", "manual", true).await.body["payment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.post(&format!("/api/v1/payments/{p}/capture"), json!({})).await;
+
+    assert_eq!(
+        app.request("GET", "/admin/v1/actors", None, None, None).await.status,
+        401
+    );
+    assert_eq!(
+        app.request("GET", "/admin/v1/actors", Some(DEMO_KEY), None, None)
+            .await
+            .status,
+        401
+    );
+    let r = app
+        .request("GET", "/admin/v1/actors?kind=payment&top=20", Some(&token), None, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let actor = &r.body["actors"][0];
+    assert_eq!(
+        (actor["kind"].as_str(), actor["id"].as_str(), actor["status"].as_str()),
+        (Some("payment"), Some(p.as_str()), Some("captured"))
+    );
+    assert_eq!(actor["mailbox_depth"], 0);
+    assert!(actor["last_message_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(r.body["totals"]["payment"], json!({ "live": 1, "mailbox_depth": 0 }));
+    assert_eq!(r.body["totals"]["ledger_shard"]["live"], 4);
+    let r = app
+        .request("GET", "/admin/v1/actors?top=0", Some(&token), None, None)
+        .await;
+    assert_eq!(r.status, 400);
+
+    let r = app
+        .request(
+            "GET",
+            &format!("/admin/v1/actors/payment/{p}"),
+            Some(&token),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["state"]["status"], "captured");
+    assert_eq!(r.body["live"], true);
+    let types: Vec<&str> = r.body["recent_messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["confirm", "capture"]);
+    let r = app
+        .request(
+            "GET",
+            "/admin/v1/actors/ledger_shard/ledger_shard-0",
+            Some(&token),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!((r.status, r.body["kind"].as_str()), (200, Some("ledger_shard")));
+    let r = app
+        .request("GET", "/admin/v1/actors/payment/pay_nothing", Some(&token), None, None)
+        .await;
+    assert_eq!(r.status, 404);
+
+    // The live page is served, and reads the JSON above.
+    let page = app.request("GET", "/admin/", None, None, None).await;
+    let html = String::from_utf8_lossy(&page.raw);
+    assert_eq!(page.status, 200);
+    assert!(html.contains("/admin/v1/actors?top=20") && html.contains("mailbox_depth") && !html.contains("https://"));
+}
+
+#[actix_web::test]
+async fn the_request_id_is_echoed_or_made() {
+    let app = spawn_app().await;
+    let r = app
+        .client
+        .get(format!("{}/healthz", app.address))
+        .insert_header(("Request-Id", "abc-123"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers().get("request-id").unwrap(), "abc-123");
+    let r = app.client.get(format!("{}/healthz", app.address)).send().await.unwrap();
+    assert!(r
+        .headers()
+        .get("request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("req_"));
+    let r = app
+        .client
+        .get(format!("{}/healthz", app.address))
+        .insert_header(("Request-Id", "bad id with spaces"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r
+        .headers()
+        .get("request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("req_"));
+}
