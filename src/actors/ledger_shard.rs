@@ -9,7 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::panic::AssertUnwindSafe;
+
 use actix::prelude::*;
+use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
 use super::mailbox::{ActorStats, Mailbox};
@@ -74,6 +77,21 @@ pub struct LedgerShard {
     gathering: bool,
     stats: Arc<LedgerStats>,
     metrics: Arc<crate::metrics::Metrics>,
+    kind: Arc<ActorStats>,
+    /// Order ids the sandbox's ledger fault drill already panicked for.
+    drill: Arc<dashmap::DashMap<String, ()>>,
+}
+
+/// The sandbox-only supervision drill: a commit of a sandbox payment made with
+/// `sandbox::LEDGER_PANIC_ONCE` panics inside the batch, once per order id.
+fn fault_drill(drill: &dashmap::DashMap<String, ()>, commits: &[&Commit]) {
+    use crate::adapters::psp::sandbox::LEDGER_PANIC_ONCE;
+    for p in commits.iter().filter_map(|c| c.payment.as_ref()) {
+        if p.psp == "sandbox" && p.payment_method == LEDGER_PANIC_ONCE && drill.insert(p.order_id.clone(), ()).is_none()
+        {
+            panic!("sandbox: {LEDGER_PANIC_ONCE} panics once inside a ledger batch");
+        }
+    }
 }
 
 impl Actor for LedgerShard {
@@ -127,9 +145,11 @@ impl LedgerShard {
         let n = self.queue.len().min(self.max_batch);
         let batch: Vec<Queued> = self.queue.drain(..n).collect();
         let (db, slot, stats, metrics) = (self.db.clone(), self.slot, self.stats.clone(), self.metrics.clone());
+        let drill = self.drill.clone();
         let work = async move {
             let started = Instant::now();
             let commits: Vec<&Commit> = batch.iter().map(|q| &q.commit).collect();
+            fault_drill(&drill, &commits);
             let result = db.commit_batch(&commits, slot).await;
             stats.record(batch.len(), started.elapsed());
             metrics.ledger_commit.observe(started.elapsed());
@@ -147,7 +167,17 @@ impl LedgerShard {
                 }
             }
         };
-        ctx.spawn(work.into_actor(self).map(|_, act, ctx| {
+        // A panic must not take the shard down: the batch's callers get 503 (their replies are
+        // dropped, the transaction rolls back) and the shard goes on with the next batch.
+        let work = AssertUnwindSafe(work).catch_unwind();
+        ctx.spawn(work.into_actor(self).map(|result, act, ctx| {
+            if result.is_err() {
+                tracing::error!(
+                    slot = act.slot,
+                    "ledger shard panicked in a batch; its commits were refused"
+                );
+                act.kind.restarts.fetch_add(1, Ordering::Relaxed);
+            }
             act.writing -= 1;
             act.kick(ctx);
         }));
@@ -194,6 +224,7 @@ impl Ledger {
         let stats = Arc::new(LedgerStats::default());
         let kind = Arc::new(ActorStats::default());
         let threads = config.threads.clamp(1, config.shards.max(1));
+        let drill = Arc::new(dashmap::DashMap::new());
         let arbiters: Vec<Arbiter> = (0..threads).map(|_| Arbiter::new()).collect();
         let shards = (0..config.shards.max(1))
             .map(|i| {
@@ -208,6 +239,8 @@ impl Ledger {
                     gathering: false,
                     stats: stats.clone(),
                     metrics: metrics.clone(),
+                    kind: kind.clone(),
+                    drill: drill.clone(),
                 };
                 kind.live.fetch_add(1, Ordering::Relaxed);
                 let addr = LedgerShard::start_in_arbiter(&arbiters[i % threads].handle(), move |_| shard);

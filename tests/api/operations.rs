@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use payrail::adapters::psp::sandbox::PANIC_ONCE;
+use payrail::adapters::psp::sandbox::{LEDGER_PANIC_ONCE, PANIC_ONCE};
 use serde_json::json;
 
 use crate::helpers::{spawn_app, spawn_app_with, DEMO_KEY};
@@ -46,6 +46,58 @@ async fn a_panic_in_a_payment_handler_is_a_503_and_the_actor_restarts_from_postg
         r.body
     );
     assert_eq!(app.count("journals").await, 1);
+}
+
+#[actix_web::test]
+async fn a_panic_in_a_ledger_batch_refuses_its_commits_and_the_shard_goes_on() {
+    let app = spawn_app().await;
+    let body = json!({ "order_id": "ledger-drill", "amount": { "value": 900, "currency": "USD" },
+                       "payment_method": LEDGER_PANIC_ONCE, "confirm": true })
+    .to_string();
+    let r = app
+        .request(
+            "POST",
+            "/api/v1/payments",
+            Some(DEMO_KEY),
+            Some("ledger-panic"),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (503, Some("dependency_unavailable")),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        app.state
+            .registry
+            .deps()
+            .ledger
+            .kind
+            .restarts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(app.count("payments").await, 0, "the panicked batch rolled back");
+    // The same shard serves the retry and everything after it.
+    let r = app
+        .request(
+            "POST",
+            "/api/v1/payments",
+            Some(DEMO_KEY),
+            Some("ledger-panic"),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["status"].as_str()),
+        (201, Some("captured")),
+        "{}",
+        r.body
+    );
+    assert_eq!(app.pay(100, "pm_card_visa", "automatic", true).await.status, 201);
+    assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
 }
 
 #[actix_web::test]

@@ -117,6 +117,10 @@ pub struct SandboxPsp {
 /// per attempt: the supervision drill (issue 5) and its test use it.
 pub const PANIC_ONCE: &str = "pm_card_panicOnceInHandler";
 
+/// A sandbox-only token whose payment's first ledger commit panics inside the ledger shard's
+/// batch, once per order id: the ledger half of the supervision drill.
+pub const LEDGER_PANIC_ONCE: &str = "pm_card_panicOnceInLedger";
+
 /// `pi_` (or another prefix) and 24 hex digits of the key's hash: the same key, the same reference.
 fn reference(prefix: &str, key: &AttemptId) -> String {
     let h = Sha256::digest(key.as_str().as_bytes());
@@ -269,7 +273,7 @@ impl SandboxPsp {
         if req.payment_method == PANIC_ONCE && self.panicked.insert(req.key.to_string(), ()).is_none() {
             panic!("sandbox: {PANIC_ONCE} panics once inside the handler");
         }
-        let behaviour = if req.payment_method == PANIC_ONCE {
+        let behaviour = if req.payment_method == PANIC_ONCE || req.payment_method == LEDGER_PANIC_ONCE {
             Behaviour::Success
         } else {
             self.behaviour(&req.merchant_id, &req.payment_method).await?
