@@ -5,12 +5,14 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix::Actor;
 use actix_web::dev::{Server, Service};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, App, HttpServer};
 use dashmap::DashMap;
 use futures_util::FutureExt;
 
+use crate::actors::event_consumer::EventConsumer;
 use crate::actors::ledger_shard::Ledger;
 use crate::actors::payment_flow::PaymentDeps;
 use crate::actors::PaymentRegistry;
@@ -80,7 +82,21 @@ impl Application {
             psp_timeout: Duration::from_millis(config.psp.timeout_ms),
             metrics: metrics.clone(),
         };
-        let registry = PaymentRegistry::new(deps, config.actors.clone());
+        let registry = Arc::new(PaymentRegistry::new(deps, config.actors.clone()));
+        let event_consumers = Arc::new(crate::actors::ActorStats::default());
+        for partition in 0..config.nats.partitions {
+            EventConsumer {
+                partition,
+                nats: nats.clone(),
+                db: db.clone(),
+                registry: registry.clone(),
+                config: config.nats.clone(),
+                kind: event_consumers.clone(),
+                mailbox: Arc::new(crate::actors::Mailbox::new(event_consumers.clone())),
+                metrics: metrics.clone(),
+            }
+            .start();
+        }
         let currencies = config
             .payments
             .currencies
@@ -100,6 +116,7 @@ impl Application {
             db,
             nats,
             registry,
+            event_consumers,
             sandbox: Some(sandbox),
             merchants: DashMap::new(),
             currencies,

@@ -57,6 +57,13 @@ pub struct NatsConfig {
     pub duplicate_window_secs: u64,
     pub connect_timeout_ms: u64,
     pub max_stream_messages: i64,
+    /// Deliveries of one PSP event before it is parked as a dead letter.
+    pub max_deliver: i64,
+    pub ack_wait_secs: u64,
+    /// Events one consumer fetches at a time: its bound on events in flight.
+    pub fetch_batch: usize,
+    /// How long the webhook bridge waits for JetStream's ack before answering 503.
+    pub publish_timeout_ms: u64,
 }
 
 #[derive(Clone, Deserialize)]

@@ -207,14 +207,9 @@ impl Drop for Received<'_> {
     }
 }
 
-/// FNV-1a: stable across builds and platforms, so a merchant keeps its shard.
+/// The shard of a home account (a merchant id).
 pub fn shard_of(key: &str, shards: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % shards.max(1) as u64) as usize
+    (crate::domain::ids::stable_hash(key) % shards.max(1) as u64) as usize
 }
 
 impl Ledger {

@@ -4,6 +4,7 @@
 //! actix has no accessor for a mailbox's length, so every send and receipt is counted here,
 //! per actor and per actor kind.
 
+pub mod event_consumer;
 pub mod ledger_shard;
 pub mod mailbox;
 pub mod payment;

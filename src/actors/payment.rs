@@ -52,6 +52,8 @@ pub enum Op {
     Sync,
     /// Only complete the PSP attempts left open (the recovery sweeper's call).
     Resolve,
+    /// Apply a PSP event (webhook), at most once.
+    PspEvent(Arc<crate::adapters::nats::PspEvent>),
 }
 
 impl Op {
@@ -71,6 +73,7 @@ impl Op {
             Op::Refund { .. } => "refund",
             Op::Sync => "sync",
             Op::Resolve => "resolve",
+            Op::PspEvent(_) => "psp_event",
         }
     }
 }

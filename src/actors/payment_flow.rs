@@ -9,8 +9,9 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::payment::{IdemKey, Op, Reply};
+use crate::adapters::nats::PspEvent;
 use crate::adapters::postgres::commit::{
-    AttemptOutcome, Commit, CommitError, IdempotencyWrite, OutboxEvent, Transition,
+    AttemptOutcome, Commit, CommitError, IdempotencyWrite, OutboxEvent, ProcessedEvent, Transition,
 };
 use crate::adapters::postgres::payments::Attempt;
 use crate::adapters::postgres::Db;
@@ -18,7 +19,8 @@ use crate::adapters::psp::{AuthorizeRequest, Intent, IntentStatus, Psp, PspError
 use crate::domain::ledger::{postings, Journal};
 use crate::domain::record::now;
 use crate::domain::{
-    decide, AttemptId, Effect, Input, Money, NextAction, Payment, PspOp, Refund, RefundId, RefundStatus, Status,
+    decide, AttemptId, Dispute, DisputeId, DisputeStatus, Effect, Input, Money, NextAction, Payment, PspOp, Refund,
+    RefundId, RefundStatus, Status,
 };
 use crate::error::ApiError;
 
@@ -72,7 +74,13 @@ pub async fn process(
     idem: Option<IdemKey>,
 ) -> (Result<Reply, ApiError>, Live, bool) {
     let id = live.payment.id.clone();
-    let mut flow = Flow { deps, live, idem };
+    let mut flow = Flow {
+        deps,
+        live,
+        idem,
+        event: None,
+        dispute: None,
+    };
     let mut result = flow.execute(op.clone()).await;
     if matches!(result, Err(Halt { stale: true, .. })) {
         // Another writer moved the payment on. Reload it and run the operation once more: an
@@ -99,6 +107,10 @@ struct Flow<'a> {
     deps: &'a PaymentDeps,
     live: Live,
     idem: Option<IdemKey>,
+    /// The PSP event being applied: its dedupe row rides on the next commit.
+    event: Option<ProcessedEvent>,
+    /// A dispute the next commit opens or closes; its id correlates the journal.
+    dispute: Option<Dispute>,
 }
 
 /// What the PSP's answer means for the state machine, and what it changes besides.
@@ -154,6 +166,19 @@ impl Outcome {
         o
     }
 
+    /// An event that changes nothing but is recorded.
+    fn recorded() -> Outcome {
+        Outcome {
+            input: None,
+            attempt: AttemptOutcome::Succeeded,
+            reference: None,
+            client_secret: None,
+            next_action: None,
+            failure: None,
+            refund_status: None,
+        }
+    }
+
     fn of_refund(refund: PspRefund, amount: i64) -> Outcome {
         let (input, attempt, status) = match refund.status {
             PspRefundStatus::Succeeded => (
@@ -204,6 +229,7 @@ impl<'a> Flow<'a> {
             Op::Refund { amount, reason, resume } => self.refund(amount, reason, resume).await,
             Op::Sync => self.sync().await,
             Op::Resolve => Ok(self.payment_reply(200)),
+            Op::PspEvent(e) => self.psp_event(&e).await,
         }
     }
 
@@ -374,6 +400,116 @@ impl<'a> Flow<'a> {
         let outcome = Outcome::of_intent(intent, PspOp::Authorize);
         self.apply(outcome, None, "psp.three_d_secure_completed", 200, None)
             .await
+    }
+
+    /// Applies a PSP event at most once (API.md's event table). An event that no longer moves
+    /// the payment (it is already past it) is recorded and changes nothing: never backwards.
+    async fn psp_event(&mut self, e: &PspEvent) -> Result<Reply, Halt> {
+        if self.deps.db.event_processed(&e.provider, &e.event_id).await? {
+            return Ok(Reply {
+                status: 200,
+                body: b"duplicate".to_vec(),
+                stored: false,
+            });
+        }
+        self.event = Some(ProcessedEvent {
+            provider: e.provider.clone(),
+            event_id: e.event_id.clone(),
+            event_type: e.event_type.clone(),
+            raw: e.raw.clone(),
+        });
+        let object: Value = serde_json::from_slice(&e.object).unwrap_or(Value::Null);
+        let status = self.payment().status();
+        let cause = format!("psp.{}", e.event_type);
+        let mut outcome = Outcome::recorded();
+        let mut refund = None;
+        match e.event_type.as_str() {
+            "payment_intent.succeeded" => {
+                let amount = object["amount_received"]
+                    .as_i64()
+                    .or(object["amount"].as_i64())
+                    .unwrap_or(self.payment().state.amount);
+                outcome.input = match status {
+                    Status::Pending | Status::RequiresAction => Some(Input::Charged { amount }),
+                    Status::Authorized => Some(Input::Captured { amount }),
+                    _ => None,
+                };
+            }
+            "payment_intent.amount_capturable_updated" => {
+                if matches!(status, Status::Pending | Status::RequiresAction) {
+                    outcome.input = Some(Input::Authorized);
+                }
+            }
+            "payment_intent.payment_failed" => {
+                let err = &object["last_payment_error"];
+                outcome.input = Some(Input::AuthorizationFailed);
+                outcome.failure = Some(crate::domain::Failure {
+                    code: err["code"].as_str().unwrap_or("card_declined").to_owned(),
+                    decline_code: err["decline_code"].as_str().map(str::to_owned),
+                    message: err["message"].as_str().unwrap_or("The payment failed.").to_owned(),
+                });
+            }
+            "payment_intent.canceled" => outcome.input = Some(Input::Canceled),
+            "charge.refunded" | "charge.refund.updated" => {
+                // A refund object itself, or a charge listing its refunds.
+                let listed = if object["object"] == "refund" {
+                    vec![object.clone()]
+                } else {
+                    object["refunds"]["data"].as_array().cloned().unwrap_or_default()
+                };
+                let pending = self.deps.db.refunds_of_payment(&self.payment().id).await?;
+                let settled = pending
+                    .into_iter()
+                    .filter(|r| r.status == RefundStatus::Pending)
+                    .find_map(|r| {
+                        let psp = listed
+                            .iter()
+                            .find(|l| Some(l["id"].as_str().unwrap_or_default()) == r.psp_reference.as_deref())?;
+                        let status = match psp["status"].as_str()? {
+                            "succeeded" => PspRefundStatus::Succeeded,
+                            "failed" | "canceled" => PspRefundStatus::Failed,
+                            _ => return None,
+                        };
+                        Some((r, status))
+                    });
+                if let Some((r, s)) = settled {
+                    let reference = r.psp_reference.clone().unwrap_or_default();
+                    outcome = Outcome::of_refund(PspRefund { reference, status: s }, r.amount.minor);
+                    refund = Some(r);
+                }
+            }
+            "charge.dispute.created" => {
+                let amount = object["amount"].as_i64().unwrap_or(self.payment().state.captured);
+                let at = now();
+                self.dispute = Some(Dispute {
+                    id: DisputeId::generate(),
+                    payment_id: self.payment().id.clone(),
+                    merchant_id: self.payment().merchant_id.clone(),
+                    psp_reference: object["id"].as_str().unwrap_or(&e.event_id).to_owned(),
+                    amount: Money::new(amount, self.payment().currency),
+                    status: DisputeStatus::NeedsResponse,
+                    reason: object["reason"].as_str().map(str::to_owned),
+                    created_at: at,
+                    updated_at: at,
+                });
+                outcome.input = Some(Input::DisputeOpened { amount });
+            }
+            "charge.dispute.closed" => {
+                let reference = object["id"].as_str().unwrap_or_default();
+                if let Some(mut d) = self.deps.db.dispute_by_psp_reference(reference).await? {
+                    let won = object["status"] == "won";
+                    if matches!(d.status, DisputeStatus::NeedsResponse | DisputeStatus::UnderReview) {
+                        d.status = if won { DisputeStatus::Won } else { DisputeStatus::Lost };
+                        d.updated_at = now();
+                        outcome.input = Some(if won { Input::DisputeWon } else { Input::DisputeLost });
+                        self.dispute = Some(d);
+                    }
+                }
+            }
+            _ => {}
+        }
+        let reply = self.apply(outcome, None, &cause, 200, refund).await?;
+        Ok(Reply { stored: false, ..reply })
     }
 
     /// Completes what an earlier message or incarnation started: an attempt recorded but
@@ -576,9 +712,11 @@ impl<'a> Flow<'a> {
         };
         let mut commit = self.transition_commit(&before, &next, cause, Some((status, body.clone())));
         commit.attempt_finished = attempt.map(|a| (a.id.clone(), o.attempt));
+        let dispute = self.dispute.take();
         for e in effects {
             if let Effect::Journal { kind, amount } = e {
                 let correlation = match (&refund, attempt) {
+                    _ if dispute.is_some() => dispute.as_ref().map(|d| d.id.to_string()).unwrap_or_default(),
                     (Some(r), _) => r.id.to_string(),
                     (None, Some(a)) => a.id.to_string(),
                     (None, None) => format!("{cause}:{}", next.version),
@@ -597,6 +735,13 @@ impl<'a> Flow<'a> {
                 payload: r.to_object(),
             });
             commit.refunds.push(r.clone());
+        }
+        if let Some(d) = dispute {
+            commit.outbox.push(OutboxEvent {
+                event_type: format!("dispute.{}", d.status.as_str()),
+                payload: d.to_object(),
+            });
+            commit.disputes.push(d);
         }
         self.commit(next, commit).await?;
         if let Some(a) = attempt {
@@ -652,6 +797,9 @@ impl<'a> Flow<'a> {
     async fn commit(&mut self, mut next: Payment, mut commit: Commit) -> Result<(), Halt> {
         if commit.transition.is_some() {
             next.transitions += 1;
+        }
+        if commit.processed_event.is_none() {
+            commit.processed_event = self.event.take();
         }
         commit.payment = Some(next.clone());
         let moved = commit

@@ -77,3 +77,86 @@ impl Nats {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 }
+
+/// A verified PSP event as payrail carries it through JetStream (MessagePack).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PspEvent {
+    /// `sandbox`, `stripe` or `adyen`: also the `psp` of the payments it concerns.
+    pub provider: String,
+    /// The PSP's event id: JetStream's `Nats-Msg-Id` and the dedupe key.
+    pub event_id: String,
+    pub event_type: String,
+    /// The PSP object reference (`pi_…`) that finds the payment; empty when the event has none.
+    pub reference: String,
+    /// `data.object` of the event, as JSON bytes.
+    pub object: Vec<u8>,
+    /// The PSP's body exactly as it came, for audit.
+    pub raw: Vec<u8>,
+}
+
+/// The partition of a PSP object reference: one payment's events always share one.
+pub fn partition(reference: &str, partitions: u32) -> u32 {
+    (crate::domain::ids::stable_hash(reference) % u64::from(partitions.max(1))) as u32
+}
+
+impl Nats {
+    pub fn psp_subject(&self, partition: u32, provider: &str) -> String {
+        format!("{}.psp.events.{partition}.{provider}", self.prefix)
+    }
+
+    /// Publishes `event` with `Nats-Msg-Id` = its event id and waits for JetStream's ack;
+    /// returns whether JetStream saw it as a duplicate. Bounded by `timeout`.
+    pub async fn publish_psp_event(
+        &self,
+        event: &PspEvent,
+        partitions: u32,
+        timeout: Duration,
+    ) -> Result<bool, NatsError> {
+        let payload = rmp_serde::to_vec_named(event).map_err(|e| NatsError::JetStream(e.to_string()))?;
+        let subject = self.psp_subject(partition(&event.reference, partitions), &event.provider);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", event.event_id.as_str());
+        let publish = async {
+            let ack = self
+                .jetstream
+                .publish_with_headers(subject, headers, payload.into())
+                .await
+                .map_err(|e| NatsError::JetStream(e.to_string()))?;
+            ack.await.map_err(|e| NatsError::JetStream(e.to_string()))
+        };
+        let ack = tokio::time::timeout(timeout, publish)
+            .await
+            .map_err(|_| NatsError::JetStream("publish timed out".into()))??;
+        Ok(ack.duplicate)
+    }
+
+    /// The durable pull consumer of one partition: explicit acks, bounded redelivery.
+    pub async fn psp_consumer(
+        &self,
+        partition: u32,
+        ack_wait: Duration,
+        max_deliver: i64,
+    ) -> Result<jetstream::consumer::PullConsumer, NatsError> {
+        let stream = self
+            .jetstream
+            .get_stream(self.psp_events_stream())
+            .await
+            .map_err(|e| NatsError::JetStream(e.to_string()))?;
+        let name = format!("{}_psp_{partition}", self.prefix);
+        stream
+            .get_or_create_consumer(
+                &name,
+                jetstream::consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: format!("{}.psp.events.{partition}.>", self.prefix),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait,
+                    max_deliver,
+                    max_ack_pending: 1_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| NatsError::JetStream(e.to_string()))
+    }
+}

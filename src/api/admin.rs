@@ -115,6 +115,7 @@ pub async fn actors(state: web::Data<AppState>, req: HttpRequest) -> Result<Http
     let totals = serde_json::json!({
         "payment": { "live": state.registry.stats.live(), "mailbox_depth": state.registry.stats.depth() },
         "ledger_shard": { "live": ledger.kind.live(), "mailbox_depth": ledger.kind.depth() },
+        "event_consumer": { "live": state.event_consumers.live(), "mailbox_depth": state.event_consumers.depth() },
     });
     Ok(json_value(
         200,
@@ -172,4 +173,28 @@ pub async fn live_view() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
         .body(include_str!("admin.html"))
+}
+
+/// `GET /admin/v1/dead_letters?limit=50`: PSP events no payment could be found for after every
+/// delivery, newest first, with the total.
+pub async fn dead_letters(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    auth::operator(&state, &req)?;
+    let q = super::payments::query(&req)?;
+    let limit = match q.get("limit") {
+        None => 50,
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| ApiError::param("limit", "limit must be 1 to 1000"))?,
+    };
+    let (list, total) = state.db.dead_letters(limit).await?;
+    Ok(json_value(
+        200,
+        &serde_json::json!({ "object": "list", "data": list, "total": total, "has_more": total > list_len(limit, total) }),
+    ))
+}
+
+fn list_len(limit: i64, total: i64) -> i64 {
+    limit.min(total)
 }

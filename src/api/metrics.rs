@@ -30,6 +30,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     out.push_str("# TYPE payrail_actor_mailbox_depth gauge\n");
     actor_lines(&mut out, "payment", &state.registry.stats);
     actor_lines(&mut out, "ledger_shard", &ledger.kind);
+    actor_lines(&mut out, "event_consumer", &state.event_consumers);
 
     let stats = &ledger.stats;
     out.push_str("# HELP payrail_ledger_batch_size Commits written per ledger transaction.\n");

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod disputes;
 pub mod health;
 pub mod idempotency;
 pub mod ledger;
@@ -12,6 +13,7 @@ pub mod metrics;
 pub mod payments;
 pub mod refunds;
 pub mod sandbox;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -32,7 +34,9 @@ pub struct AppState {
     pub config: Config,
     pub db: Db,
     pub nats: Nats,
-    pub registry: PaymentRegistry,
+    pub registry: Arc<PaymentRegistry>,
+    /// The PSP event consumers' totals (one consumer per partition).
+    pub event_consumers: Arc<crate::actors::ActorStats>,
     /// The sandbox PSP, when it is the configured one (its own endpoints need it).
     pub sandbox: Option<Arc<SandboxPsp>>,
     /// Merchants by API key hash. Keys are not revoked in this version, so a cached entry
@@ -62,10 +66,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route("/payments/{id}/refunds", web::get().to(refunds::list_for_payment))
                 .route("/refunds/{id}", web::get().to(refunds::get))
                 .route("/balance", web::get().to(ledger::balance))
+                .route("/disputes", web::get().to(disputes::list))
+                .route("/disputes/{id}", web::get().to(disputes::get))
                 .route("/ledger/journals", web::get().to(ledger::journals)),
         )
         .route("/admin/v1/merchants", web::post().to(admin::create_merchant))
         .route("/admin/v1/actors", web::get().to(admin::actors))
+        .route("/admin/v1/dead_letters", web::get().to(admin::dead_letters))
+        .route("/internal/webhooks/psp/{provider}", web::post().to(webhooks::receive))
         .route("/admin/v1/actors/{kind}/{id}", web::get().to(admin::actor))
         .route("/admin/", web::get().to(admin::live_view))
         .route("/sandbox/v1/payment_methods", web::post().to(sandbox::payment_methods))

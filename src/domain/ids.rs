@@ -64,6 +64,16 @@ prefixed_id!(/// A dispute, `dp_…`.
 prefixed_id!(/// One attempt at a PSP operation, `att_…`; it is also the idempotency key sent to the PSP.
     AttemptId, "att_");
 
+/// FNV-1a: stable across builds and platforms, so a key keeps its shard or partition.
+pub fn stable_hash(key: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,4 +11,4 @@ pub mod record;
 pub use ids::{AttemptId, DisputeId, JournalId, MerchantId, PaymentId, RefundId};
 pub use money::{platform_fee, Currency, Money, MoneyError, MAX_AMOUNT};
 pub use payment::{decide, CaptureStrategy, Effect, Input, JournalKind, PaymentState, PspOp, Rejection, Status};
-pub use record::{Failure, NextAction, Payment, Refund, RefundStatus};
+pub use record::{Dispute, DisputeStatus, Failure, NextAction, Payment, Refund, RefundStatus};

@@ -149,6 +149,68 @@ impl Refund {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisputeStatus {
+    NeedsResponse,
+    UnderReview,
+    Won,
+    Lost,
+}
+
+impl DisputeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisputeStatus::NeedsResponse => "needs_response",
+            DisputeStatus::UnderReview => "under_review",
+            DisputeStatus::Won => "won",
+            DisputeStatus::Lost => "lost",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DisputeStatus> {
+        [
+            DisputeStatus::NeedsResponse,
+            DisputeStatus::UnderReview,
+            DisputeStatus::Won,
+            DisputeStatus::Lost,
+        ]
+        .into_iter()
+        .find(|d| d.as_str() == s)
+    }
+}
+
+/// A chargeback, opened and closed by the PSP's events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dispute {
+    pub id: super::ids::DisputeId,
+    pub payment_id: PaymentId,
+    pub merchant_id: MerchantId,
+    /// The PSP's dispute id.
+    pub psp_reference: String,
+    pub amount: Money,
+    pub status: DisputeStatus,
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Dispute {
+    /// API.md's Dispute object.
+    pub fn to_object(&self) -> Value {
+        json!({
+            "object": "dispute",
+            "dispute_id": self.id,
+            "payment_id": self.payment_id,
+            "psp_reference": self.psp_reference,
+            "amount": self.amount,
+            "status": self.status.as_str(),
+            "reason": self.reason,
+            "created_at": timestamp(self.created_at),
+            "updated_at": timestamp(self.updated_at),
+        })
+    }
+}
+
 /// RFC 3339 UTC with microseconds, the precision PostgreSQL keeps, so a timestamp read back
 /// renders exactly as it was first sent.
 pub fn timestamp(t: DateTime<Utc>) -> String {

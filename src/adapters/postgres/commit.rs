@@ -67,6 +67,15 @@ pub struct IdempotencyWrite {
     pub response: Option<(u16, Vec<u8>)>,
 }
 
+/// A PSP event this commit applies (or records as changing nothing): its dedupe row.
+#[derive(Debug, Clone)]
+pub struct ProcessedEvent {
+    pub provider: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub raw: Vec<u8>,
+}
+
 #[derive(Debug, Clone)]
 pub struct OutboxEvent {
     pub event_type: String,
@@ -85,6 +94,8 @@ pub struct Commit {
     pub journal: Option<Journal>,
     pub outbox: Vec<OutboxEvent>,
     pub idempotency: Option<IdempotencyWrite>,
+    pub processed_event: Option<ProcessedEvent>,
+    pub disputes: Vec<crate::domain::Dispute>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +174,16 @@ const IDEMPOTENCY: &str = "UPDATE idempotency_keys k SET resource_id = coalesce(
     FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::bytea[]) AS u(merchant_id, key, resource_id, status, body)
     WHERE k.merchant_id = u.merchant_id AND k.key = u.key AND k.response_status IS NULL";
 
+const PROCESSED: &str = "INSERT INTO processed_events (provider, event_id, event_type, payment_id, raw)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[])";
+
+const DISPUTES: &str =
+    "INSERT INTO disputes (id, payment_id, merchant_id, psp_reference, amount, currency, status, reason,
+        created_at, updated_at)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::text[], $8::text[],
+        $9::timestamptz[], $10::timestamptz[])
+    ON CONFLICT (id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at";
+
 const BALANCES: &str = "INSERT INTO ledger_accounts (account, currency, slot, debit_total, credit_total)
     SELECT a, c, $1, d, k FROM unnest($2::text[], $3::text[], $4::int8[], $5::int8[]) AS u(a, c, d, k)
     ON CONFLICT (account, currency, slot) DO UPDATE SET
@@ -170,7 +191,7 @@ const BALANCES: &str = "INSERT INTO ledger_accounts (account, currency, slot, de
         credit_total = ledger_accounts.credit_total + excluded.credit_total";
 
 /// Every statement of a batch, in the order they run; the indices below name them.
-const STATEMENTS: [&str; 11] = [
+const STATEMENTS: [&str; 13] = [
     PAYMENTS_INSERT,
     PAYMENTS_UPDATE,
     REFUNDS,
@@ -182,6 +203,8 @@ const STATEMENTS: [&str; 11] = [
     OUTBOX,
     IDEMPOTENCY,
     BALANCES,
+    PROCESSED,
+    DISPUTES,
 ];
 const INSERT: usize = 0;
 const UPDATE: usize = 1;
@@ -227,6 +250,10 @@ struct Columns {
     outbox: (Text, Text, Text, Vec<Value>),
     /// merchant_id, key, resource_id, response_status, response_body
     idempotency: (Text, Text, MaybeText, Vec<Option<i16>>, Bodies),
+    /// provider, event_id, event_type, payment_id, raw
+    processed: (Text, Text, Text, MaybeText, Vec<Vec<u8>>),
+    /// id, payment_id, merchant_id, psp_reference, amount, currency, status, reason, created_at, updated_at
+    disputes: (Text, Text, Text, Text, Amounts, Text, Text, MaybeText, Times, Times),
 }
 
 /// The payments table's columns, for inserts and for updates.
@@ -430,6 +457,25 @@ impl Columns {
                 c.outbox.2.push(e.event_type.clone());
                 c.outbox.3.push(e.payload.clone());
             }
+            if let Some(e) = &commit.processed_event {
+                c.processed.0.push(e.provider.clone());
+                c.processed.1.push(e.event_id.clone());
+                c.processed.2.push(e.event_type.clone());
+                c.processed.3.push(Some(p.id.to_string()));
+                c.processed.4.push(e.raw.clone());
+            }
+            for d in &commit.disputes {
+                c.disputes.0.push(d.id.to_string());
+                c.disputes.1.push(d.payment_id.to_string());
+                c.disputes.2.push(d.merchant_id.to_string());
+                c.disputes.3.push(d.psp_reference.clone());
+                c.disputes.4.push(d.amount.minor);
+                c.disputes.5.push(d.amount.currency.code().to_owned());
+                c.disputes.6.push(d.status.as_str().to_owned());
+                c.disputes.7.push(d.reason.clone());
+                c.disputes.8.push(d.created_at);
+                c.disputes.9.push(d.updated_at);
+            }
             if let Some(i) = &commit.idempotency {
                 c.idempotency.0.push(i.merchant_id.to_string());
                 c.idempotency.1.push(i.key.clone());
@@ -506,6 +552,19 @@ impl Db {
         let i = &cols.idempotency;
         if !i.0.is_empty() {
             pending.push(job(tx, &st[9], false, vec![&i.0, &i.1, &i.2, &i.3, &i.4]));
+        }
+        let e = &cols.processed;
+        if !e.0.is_empty() {
+            pending.push(job(tx, &st[11], false, vec![&e.0, &e.1, &e.2, &e.3, &e.4]));
+        }
+        let d = &cols.disputes;
+        if !d.0.is_empty() {
+            pending.push(job(
+                tx,
+                &st[12],
+                false,
+                vec![&d.0, &d.1, &d.2, &d.3, &d.4, &d.5, &d.6, &d.7, &d.8, &d.9],
+            ));
         }
         // One connection runs them in the order they were sent.
         let results = futures_util::future::join_all(pending).await;

@@ -2,6 +2,7 @@
 //! unreachable database a 503 (fail closed) rather than a guess.
 
 pub mod commit;
+pub mod events;
 pub mod idempotency;
 pub mod ledger;
 pub mod merchants;
@@ -25,6 +26,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "ledger_slots",
         include_str!("../../../migrations/V2__ledger_slots.sql"),
     ),
+    (3, "psp_events", include_str!("../../../migrations/V3__psp_events.sql")),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.

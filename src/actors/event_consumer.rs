@@ -1,0 +1,230 @@
+//! `EventConsumer`: one per JetStream partition of PSP events. It pulls a bounded batch, finds
+//! each event's payment by its PSP reference, hands the event to that payment's actor, and
+//! acks only once the actor's commit is durable. An event whose payment is not there yet is
+//! NAKed with a delay (the API's own commit may still be in flight); after `max_deliver`
+//! deliveries it is parked as a dead letter. A panic while handling one event is caught,
+//! counted as a restart, and the event NAKed.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use async_nats::jetstream::AckKind;
+use futures_util::{FutureExt, StreamExt};
+
+use super::mailbox::{ActorStats, Mailbox};
+use super::payment::{Op, PaymentCall};
+use super::registry::PaymentRegistry;
+use crate::adapters::nats::{Nats, PspEvent};
+use crate::adapters::postgres::Db;
+use crate::config::NatsConfig;
+use crate::metrics::Metrics;
+
+pub struct EventConsumer {
+    pub partition: u32,
+    pub nats: Nats,
+    pub db: Db,
+    pub registry: Arc<PaymentRegistry>,
+    pub config: NatsConfig,
+    pub kind: Arc<ActorStats>,
+    pub mailbox: Arc<Mailbox>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Actor for EventConsumer {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.kind.live.fetch_add(1, Ordering::Relaxed);
+        let worker = Worker {
+            partition: self.partition,
+            nats: self.nats.clone(),
+            db: self.db.clone(),
+            registry: self.registry.clone(),
+            config: self.config.clone(),
+            kind: self.kind.clone(),
+            mailbox: self.mailbox.clone(),
+            metrics: self.metrics.clone(),
+        };
+        ctx.spawn(async move { worker.run().await }.into_actor(self));
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.kind.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What happened to one delivery.
+enum Verdict {
+    Ack(&'static str),
+    Retry(&'static str),
+}
+
+struct Worker {
+    partition: u32,
+    nats: Nats,
+    db: Db,
+    registry: Arc<PaymentRegistry>,
+    config: NatsConfig,
+    kind: Arc<ActorStats>,
+    mailbox: Arc<Mailbox>,
+    metrics: Arc<Metrics>,
+}
+
+impl Worker {
+    /// Pulls forever; a broken connection or consumer is retried with a capped backoff.
+    async fn run(self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let consumer = match self
+                .nats
+                .psp_consumer(
+                    self.partition,
+                    Duration::from_secs(self.config.ack_wait_secs),
+                    self.config.max_deliver,
+                )
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(partition = self.partition, error = %e, "PSP event consumer unavailable; retrying");
+                    actix_rt::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            loop {
+                let batch = consumer
+                    .fetch()
+                    .max_messages(self.config.fetch_batch.max(1))
+                    .expires(Duration::from_secs(1))
+                    .messages()
+                    .await;
+                let mut batch = match batch {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(partition = self.partition, error = %e, "PSP event fetch failed");
+                        actix_rt::time::sleep(Duration::from_millis(500)).await;
+                        break;
+                    }
+                };
+                while let Some(message) = batch.next().await {
+                    let Ok(message) = message else { break };
+                    self.mailbox.sent();
+                    let verdict = AssertUnwindSafe(self.handle(&message)).catch_unwind().await;
+                    self.mailbox.received("psp_event");
+                    let verdict = verdict.unwrap_or_else(|_| {
+                        tracing::error!(
+                            partition = self.partition,
+                            "event consumer panicked on an event; it will be redelivered"
+                        );
+                        self.kind.restarts.fetch_add(1, Ordering::Relaxed);
+                        Verdict::Retry("panicked")
+                    });
+                    let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+                    let result = match verdict {
+                        Verdict::Ack(outcome) => {
+                            self.record(&message, outcome);
+                            message.ack().await
+                        }
+                        Verdict::Retry(outcome) => {
+                            self.record(&message, outcome);
+                            // Back off with the number of deliveries: 0.5 s, 1 s, 1.5 s, …
+                            let delay = Duration::from_millis(500 * delivered.clamp(1, 20) as u64);
+                            message.ack_with(AckKind::Nak(Some(delay))).await
+                        }
+                    };
+                    if let Err(e) = result {
+                        tracing::warn!(partition = self.partition, error = %e, "acknowledging a PSP event failed; it will be redelivered");
+                    }
+                }
+            }
+        }
+    }
+
+    fn record(&self, message: &async_nats::jetstream::Message, outcome: &'static str) {
+        let provider = message.subject.as_str().rsplit('.').next().unwrap_or("unknown");
+        self.metrics.psp_event(provider, outcome);
+    }
+
+    async fn handle(&self, message: &async_nats::jetstream::Message) -> Verdict {
+        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        let event: PspEvent = match rmp_serde::from_slice(&message.payload) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(partition = self.partition, error = %e, "unreadable PSP event; parked");
+                let _ = self
+                    .db
+                    .dead_letter(
+                        "unknown",
+                        "unknown",
+                        "unknown",
+                        "",
+                        "unreadable envelope",
+                        delivered as i32,
+                        &message.payload,
+                    )
+                    .await;
+                return Verdict::Ack("dead_lettered");
+            }
+        };
+        let found = match self.db.payment_of_reference(&event.provider, &event.reference).await {
+            Ok(found) => found,
+            Err(_) => return Verdict::Retry("retried"),
+        };
+        let Some((payment_id, merchant)) = found else {
+            if event.reference.is_empty() || !concerns_a_payment(&event.event_type) {
+                // Recorded, acknowledged, ignored (API.md).
+                return match self
+                    .db
+                    .record_event(&event.provider, &event.event_id, &event.event_type, &event.raw)
+                    .await
+                {
+                    Ok(()) => Verdict::Ack("ignored"),
+                    Err(_) => Verdict::Retry("retried"),
+                };
+            }
+            if delivered < self.config.max_deliver {
+                return Verdict::Retry("unknown_reference");
+            }
+            let parked = self
+                .db
+                .dead_letter(
+                    &event.provider,
+                    &event.event_id,
+                    &event.event_type,
+                    &event.reference,
+                    "no payment with this PSP reference",
+                    delivered as i32,
+                    &event.raw,
+                )
+                .await;
+            return if parked.is_ok() {
+                Verdict::Ack("dead_lettered")
+            } else {
+                Verdict::Retry("retried")
+            };
+        };
+        let call = PaymentCall {
+            merchant,
+            op: Op::PspEvent(Arc::new(event)),
+            idem: None,
+        };
+        match self.registry.call(&payment_id, call).await {
+            Ok(reply) if reply.body == b"duplicate" => Verdict::Ack("duplicate"),
+            Ok(_) => Verdict::Ack("applied"),
+            Err(e) => {
+                tracing::warn!(payment_id = %payment_id, error = %e, "PSP event not applied yet; it will be redelivered");
+                Verdict::Retry("retried")
+            }
+        }
+    }
+}
+
+/// Event types that belong to a payment: without one yet, they wait for it.
+fn concerns_a_payment(event_type: &str) -> bool {
+    event_type.starts_with("payment_intent.") || event_type.starts_with("charge.")
+}

@@ -1,0 +1,196 @@
+//! PSP events' tables: dedupe of processed events, dead letters, and disputes.
+
+use serde_json::{json, Value};
+
+use super::{pg_error, Db};
+use crate::domain::record::timestamp;
+use crate::domain::{Currency, Dispute, DisputeId, DisputeStatus, MerchantId, Money, PaymentId};
+use crate::error::ApiError;
+
+const DISPUTE_COLUMNS: &str =
+    "id, payment_id, merchant_id, psp_reference, amount, currency, status, reason, created_at, updated_at";
+
+fn dispute_from_row(row: &tokio_postgres::Row) -> Result<Dispute, ApiError> {
+    let currency: String = row.get(5);
+    let status: String = row.get(6);
+    Ok(Dispute {
+        id: DisputeId::from_trusted(row.get(0)),
+        payment_id: PaymentId::from_trusted(row.get(1)),
+        merchant_id: MerchantId::from_trusted(row.get(2)),
+        psp_reference: row.get(3),
+        amount: Money::new(row.get(4), Currency::parse(&currency).ok_or(ApiError::Internal)?),
+        status: DisputeStatus::parse(&status).ok_or(ApiError::Internal)?,
+        reason: row.get(7),
+        created_at: row.get(8),
+        updated_at: row.get(9),
+    })
+}
+
+impl Db {
+    pub async fn event_processed(&self, provider: &str, event_id: &str) -> Result<bool, ApiError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT 1 FROM processed_events WHERE provider = $1 AND event_id = $2")
+            .await
+            .map_err(pg_error)?;
+        Ok(client
+            .query_opt(&stmt, &[&provider, &event_id])
+            .await
+            .map_err(pg_error)?
+            .is_some())
+    }
+
+    /// Records an event that concerns no payment (recorded, acknowledged, ignored).
+    pub async fn record_event(
+        &self,
+        provider: &str,
+        event_id: &str,
+        event_type: &str,
+        raw: &[u8],
+    ) -> Result<(), ApiError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO processed_events (provider, event_id, event_type, raw) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT DO NOTHING",
+                &[&provider, &event_id, &event_type, &raw],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
+    /// The payment a PSP reference (`pi_…`) belongs to.
+    pub async fn payment_of_reference(
+        &self,
+        psp: &str,
+        reference: &str,
+    ) -> Result<Option<(PaymentId, MerchantId)>, ApiError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT id, merchant_id FROM payments WHERE psp = $1 AND psp_reference = $2")
+            .await
+            .map_err(pg_error)?;
+        let row = client.query_opt(&stmt, &[&psp, &reference]).await.map_err(pg_error)?;
+        Ok(row.map(|r| (PaymentId::from_trusted(r.get(0)), MerchantId::from_trusted(r.get(1)))))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn dead_letter(
+        &self,
+        provider: &str,
+        event_id: &str,
+        event_type: &str,
+        reference: &str,
+        reason: &str,
+        deliveries: i32,
+        raw: &[u8],
+    ) -> Result<(), ApiError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO dead_letters (provider, event_id, event_type, reference, reason, deliveries, raw)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &provider,
+                    &event_id,
+                    &event_type,
+                    &reference,
+                    &reason,
+                    &deliveries,
+                    &raw,
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
+    /// The newest dead letters, at most `limit` (their raw bodies are not listed).
+    pub async fn dead_letters(&self, limit: i64) -> Result<(Vec<Value>, i64), ApiError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, provider, event_id, event_type, reference, reason, deliveries, created_at
+                 FROM dead_letters ORDER BY created_at DESC, id DESC LIMIT $1",
+                &[&limit],
+            )
+            .await
+            .map_err(pg_error)?;
+        let total: i64 = client
+            .query_one("SELECT count(*) FROM dead_letters", &[])
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        let list = rows
+            .iter()
+            .map(|r| {
+                json!({ "id": r.get::<_, i64>(0), "provider": r.get::<_, String>(1), "event_id": r.get::<_, String>(2),
+                        "event_type": r.get::<_, String>(3), "reference": r.get::<_, String>(4), "reason": r.get::<_, String>(5),
+                        "deliveries": r.get::<_, i32>(6), "created_at": timestamp(r.get(7)) })
+            })
+            .collect();
+        Ok((list, total))
+    }
+
+    pub async fn dispute_by_psp_reference(&self, reference: &str) -> Result<Option<Dispute>, ApiError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {DISPUTE_COLUMNS} FROM disputes WHERE psp_reference = $1"
+            ))
+            .await
+            .map_err(pg_error)?;
+        client
+            .query_opt(&stmt, &[&reference])
+            .await
+            .map_err(pg_error)?
+            .as_ref()
+            .map(dispute_from_row)
+            .transpose()
+    }
+
+    pub async fn dispute_for_merchant(
+        &self,
+        merchant: &MerchantId,
+        id: &DisputeId,
+    ) -> Result<Option<Dispute>, ApiError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {DISPUTE_COLUMNS} FROM disputes WHERE id = $1 AND merchant_id = $2"
+            ))
+            .await
+            .map_err(pg_error)?;
+        client
+            .query_opt(&stmt, &[&id.as_str(), &merchant.as_str()])
+            .await
+            .map_err(pg_error)?
+            .as_ref()
+            .map(dispute_from_row)
+            .transpose()
+    }
+
+    /// Newest first; `has_more` by reading one past the limit.
+    pub async fn disputes_of_merchant(
+        &self,
+        merchant: &MerchantId,
+        limit: i64,
+    ) -> Result<(Vec<Dispute>, bool), ApiError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {DISPUTE_COLUMNS} FROM disputes WHERE merchant_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2"
+            ))
+            .await
+            .map_err(pg_error)?;
+        let rows = client
+            .query(&stmt, &[&merchant.as_str(), &(limit + 1)])
+            .await
+            .map_err(pg_error)?;
+        let mut list = rows.iter().map(dispute_from_row).collect::<Result<Vec<_>, _>>()?;
+        let more = list.len() as i64 > limit;
+        list.truncate(limit as usize);
+        Ok((list, more))
+    }
+}

@@ -1,0 +1,162 @@
+//! `POST /internal/webhooks/psp/{provider}`: PSP webhooks, verified, then published to
+//! JetStream (`Nats-Msg-Id` = the PSP's event id) and only then answered 200. NATS down is a
+//! 503 so the PSP retries; a bad signature, stale timestamp or malformed body is a 400 and
+//! nothing is published.
+
+use std::time::Duration;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::Value;
+
+use super::{body, json_value, AppState};
+use crate::adapters::nats::PspEvent;
+use crate::adapters::psp::signature::{verify_adyen, verify_stripe, AdyenFields};
+use crate::error::ApiError;
+
+/// PSP payloads can be larger than the API's requests; still bounded.
+const WEBHOOK_BODY_LIMIT: usize = 256 * 1024;
+
+fn signature_invalid(message: &str) -> ApiError {
+    ApiError::invalid("signature_invalid", message, None)
+}
+
+fn malformed(message: &str) -> ApiError {
+    ApiError::invalid("body_invalid", message, None)
+}
+
+pub async fn receive(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let provider = req.match_info().get("provider").unwrap_or_default().to_owned();
+    if !matches!(provider.as_str(), "sandbox" | "stripe" | "adyen") {
+        return Err(ApiError::NotFound("route"));
+    }
+    let raw = body::read(&req, payload, WEBHOOK_BODY_LIMIT).await?;
+    let events = match provider.as_str() {
+        "adyen" => adyen_events(&state, &raw)?,
+        _ => vec![stripe_event(&state, &req, &provider, &raw)?],
+    };
+    let timeout = Duration::from_millis(state.config.nats.publish_timeout_ms);
+    let mut duplicates = 0;
+    for e in &events {
+        match state
+            .nats
+            .publish_psp_event(e, state.config.nats.partitions, timeout)
+            .await
+        {
+            Ok(duplicate) => duplicates += usize::from(duplicate),
+            Err(err) => {
+                tracing::warn!(provider = %provider, event_id = %e.event_id, error = %err, "webhook not published; the PSP will retry");
+                state.metrics.psp_event(&provider, "unpublished");
+                return Err(ApiError::Unavailable("nats"));
+            }
+        }
+        state.metrics.psp_event(&provider, "received");
+    }
+    if provider == "adyen" {
+        // Adyen's documented acknowledgement.
+        return Ok(HttpResponse::Ok().content_type("text/plain").body("[accepted]"));
+    }
+    Ok(json_value(
+        200,
+        &serde_json::json!({ "received": events.len(), "duplicates": duplicates }),
+    ))
+}
+
+/// A Stripe-format event (Stripe's, or the sandbox's), verified against the current and the
+/// previous secret.
+fn stripe_event(state: &AppState, req: &HttpRequest, provider: &str, raw: &[u8]) -> Result<PspEvent, ApiError> {
+    let header = req
+        .headers()
+        .get("Stripe-Signature")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| signature_invalid("the Stripe-Signature header is missing"))?;
+    let w = &state.config.webhooks;
+    let now = chrono::Utc::now().timestamp();
+    verify_stripe(
+        header,
+        raw,
+        &[w.secret.as_str(), w.previous_secret.as_str()],
+        w.tolerance_seconds as i64,
+        now,
+    )
+    .map_err(|e| signature_invalid(&e.to_string()))?;
+    let event: Value = serde_json::from_slice(raw).map_err(|_| malformed("the event is not valid JSON"))?;
+    let id = event["id"]
+        .as_str()
+        .filter(|s| !s.is_empty() && s.len() <= 255)
+        .ok_or_else(|| malformed("the event has no id"))?;
+    let event_type = event["type"]
+        .as_str()
+        .filter(|s| !s.is_empty() && s.len() <= 255)
+        .ok_or_else(|| malformed("the event has no type"))?;
+    let object = event["data"]["object"]
+        .as_object()
+        .ok_or_else(|| malformed("the event has no data.object"))?;
+    // API.md: data.object.id for payment_intent.*, data.object.payment_intent for charge.*.
+    let reference = if event_type.starts_with("payment_intent.") {
+        object.get("id")
+    } else {
+        object.get("payment_intent")
+    };
+    Ok(PspEvent {
+        provider: provider.to_owned(),
+        event_id: id.to_owned(),
+        event_type: event_type.to_owned(),
+        reference: reference.and_then(Value::as_str).unwrap_or_default().to_owned(),
+        object: serde_json::to_vec(object).unwrap_or_default(),
+        raw: raw.to_vec(),
+    })
+}
+
+/// Adyen notifications: each item verified by its own HMAC; any bad one refuses the request.
+fn adyen_events(state: &AppState, raw: &[u8]) -> Result<Vec<PspEvent>, ApiError> {
+    let key = &state.config.webhooks.adyen_hmac_key;
+    if key.is_empty() {
+        return Err(signature_invalid("no Adyen HMAC key is configured"));
+    }
+    let body: Value = serde_json::from_slice(raw).map_err(|_| malformed("the notification is not valid JSON"))?;
+    let items = body["notificationItems"]
+        .as_array()
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| malformed("no notificationItems"))?;
+    let mut events = Vec::with_capacity(items.len());
+    for item in items {
+        let n = &item["NotificationRequestItem"];
+        let s = |k: &str| n[k].as_str().unwrap_or_default();
+        let value = n["amount"]["value"].as_i64().map(|v| v.to_string()).unwrap_or_default();
+        let fields = AdyenFields {
+            psp_reference: s("pspReference"),
+            original_reference: s("originalReference"),
+            merchant_account_code: s("merchantAccountCode"),
+            merchant_reference: s("merchantReference"),
+            value: &value,
+            currency: n["amount"]["currency"].as_str().unwrap_or_default(),
+            event_code: s("eventCode"),
+            success: s("success"),
+        };
+        let signature = n["additionalData"]["hmacSignature"]
+            .as_str()
+            .ok_or_else(|| signature_invalid("an item has no hmacSignature"))?;
+        verify_adyen(&fields, key, signature).map_err(|e| signature_invalid(&e.to_string()))?;
+        if fields.psp_reference.is_empty() || fields.event_code.is_empty() {
+            return Err(malformed("an item has no pspReference or eventCode"));
+        }
+        let reference = if fields.original_reference.is_empty() {
+            fields.psp_reference
+        } else {
+            fields.original_reference
+        };
+        events.push(PspEvent {
+            provider: "adyen".into(),
+            event_id: format!("{}:{}", fields.psp_reference, fields.event_code),
+            event_type: format!("adyen.{}", fields.event_code.to_ascii_lowercase()),
+            reference: reference.to_owned(),
+            object: serde_json::to_vec(n).unwrap_or_default(),
+            raw: raw.to_vec(),
+        });
+    }
+    Ok(events)
+}

@@ -1,0 +1,427 @@
+//! PSP events through the real NATS JetStream: verified at the bridge, applied once by the
+//! payment's actor however often they arrive, never moving a payment backwards.
+
+use std::time::{Duration, Instant};
+
+use payrail::adapters::nats::PspEvent;
+use payrail::adapters::psp::signature::sign_stripe;
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn_app, spawn_app_with, TestApp, DEMO_KEY};
+
+/// A Stripe-format event for a payment intent (or a charge-level object), signed like the PSP.
+async fn send_event(app: &TestApp, id: &str, event_type: &str, object: Value) -> u16 {
+    let body = json!({ "id": id, "object": "event", "type": event_type, "created": 1, "data": { "object": object } })
+        .to_string();
+    let header = sign_stripe(
+        body.as_bytes(),
+        &app.state.config.webhooks.secret,
+        chrono::Utc::now().timestamp(),
+    );
+    let r = app
+        .client
+        .post(format!("{}/internal/webhooks/psp/sandbox", app.address))
+        .insert_header(("Stripe-Signature", header))
+        .send_body(body)
+        .await
+        .unwrap();
+    r.status().as_u16()
+}
+
+async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        actix_rt::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn processed(app: &TestApp, event_id: &str) -> bool {
+    let db = app.sql().await;
+    db.query_opt("SELECT 1 FROM processed_events WHERE event_id = $1", &[&event_id])
+        .await
+        .unwrap()
+        .is_some()
+}
+
+async fn journals(app: &TestApp, payment: &str) -> Vec<String> {
+    let db = app.sql().await;
+    db.query(
+        "SELECT kind FROM journals WHERE payment_id = $1 ORDER BY created_at",
+        &[&payment],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[actix_web::test]
+async fn an_event_delivered_three_times_and_again_after_the_window_applies_once() {
+    let app = spawn_app().await;
+    let r = app.pay(4200, "pm_card_visa", "manual", true).await;
+    let (p, pi) = (
+        r.body["payment_id"].as_str().unwrap().to_owned(),
+        r.body["psp_reference"].as_str().unwrap().to_owned(),
+    );
+    let object =
+        json!({ "id": pi, "object": "payment_intent", "amount": 4200, "amount_received": 4200, "currency": "usd" });
+    for _ in 0..3 {
+        assert_eq!(
+            send_event(&app, "evt_cap_1", "payment_intent.succeeded", object.clone()).await,
+            200
+        );
+    }
+    wait_for("the capture", async || {
+        app.get(&format!("/api/v1/payments/{p}")).await.body["status"] == "captured"
+    })
+    .await;
+    // Past JetStream's duplicate window: the same event published afresh, under another msg id.
+    let again = PspEvent {
+        provider: "sandbox".into(),
+        event_id: "evt_cap_1".into(),
+        event_type: "payment_intent.succeeded".into(),
+        reference: pi.clone(),
+        object: serde_json::to_vec(&object).unwrap(),
+        raw: b"{}".to_vec(),
+    };
+    let nats = &app.state.nats;
+    let subject = nats.psp_subject(
+        payrail::adapters::nats::partition(&pi, app.state.config.nats.partitions),
+        "sandbox",
+    );
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "after-the-window");
+    nats.jetstream
+        .publish_with_headers(subject, headers, rmp_serde::to_vec_named(&again).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_for("the late duplicate to be seen", async || {
+        let m = app.request("GET", "/metrics", None, None, None).await;
+        String::from_utf8_lossy(&m.raw)
+            .contains("payrail_psp_events_total{provider=\"sandbox\",outcome=\"duplicate\"} 1")
+    })
+    .await;
+    assert_eq!(journals(&app, &p).await, ["capture"]);
+    let trail = app.get(&format!("/api/v1/payments/{p}/events")).await.body;
+    let causes: Vec<&str> = trail["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["cause"].as_str().unwrap())
+        .collect();
+    assert_eq!(causes, ["api.create", "api.confirm", "psp.payment_intent.succeeded"]);
+}
+
+#[actix_web::test]
+async fn a_late_success_for_a_captured_payment_moves_nothing() {
+    let app = spawn_app().await;
+    let r = app.pay(1000, "pm_card_visa", "automatic", true).await;
+    let (p, pi) = (
+        r.body["payment_id"].as_str().unwrap().to_owned(),
+        r.body["psp_reference"].as_str().unwrap().to_owned(),
+    );
+    // Authorization reported after the capture, then the success: both are in the past.
+    let object = json!({ "id": pi, "object": "payment_intent", "amount": 1000, "amount_received": 1000 });
+    assert_eq!(
+        send_event(
+            &app,
+            "evt_late_auth",
+            "payment_intent.amount_capturable_updated",
+            object.clone()
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        send_event(&app, "evt_late_ok", "payment_intent.succeeded", object).await,
+        200
+    );
+    wait_for("both events", async || {
+        processed(&app, "evt_late_auth").await && processed(&app, "evt_late_ok").await
+    })
+    .await;
+    let payment = app.get(&format!("/api/v1/payments/{p}")).await.body;
+    assert_eq!(
+        (payment["status"].as_str(), payment["amount_captured"].as_i64()),
+        (Some("captured"), Some(1000))
+    );
+    assert_eq!(journals(&app, &p).await, ["capture"]);
+    assert_eq!(
+        app.get(&format!("/api/v1/payments/{p}/events")).await.body["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[actix_web::test]
+async fn a_dispute_opens_and_is_won_with_its_journals_posted_once() {
+    let app = spawn_app().await;
+    let r = app.pay(5000, "pm_card_createDispute", "automatic", true).await;
+    let (p, pi) = (
+        r.body["payment_id"].as_str().unwrap().to_owned(),
+        r.body["psp_reference"].as_str().unwrap().to_owned(),
+    );
+    let before = app.get("/api/v1/balance").await.body["balances"][0]["payable"]
+        .as_i64()
+        .unwrap();
+    let dispute = json!({ "id": "du_1", "object": "dispute", "amount": 5000, "currency": "usd", "reason": "fraudulent",
+                          "status": "needs_response", "payment_intent": pi });
+    for _ in 0..2 {
+        assert_eq!(
+            send_event(&app, "evt_dp_open", "charge.dispute.created", dispute.clone()).await,
+            200
+        );
+    }
+    wait_for("the dispute", async || {
+        app.get(&format!("/api/v1/payments/{p}")).await.body["status"] == "chargeback_open"
+    })
+    .await;
+    let list = app.get("/api/v1/disputes").await.body;
+    let d = &list["data"][0];
+    assert_eq!(
+        (
+            d["status"].as_str(),
+            d["psp_reference"].as_str(),
+            d["amount"]["value"].as_i64()
+        ),
+        (Some("needs_response"), Some("du_1"), Some(5000))
+    );
+    let id = d["dispute_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        app.get(&format!("/api/v1/disputes/{id}")).await.body["payment_id"],
+        p.as_str()
+    );
+    assert_eq!(
+        app.get("/api/v1/balance").await.body["balances"][0]["payable"]
+            .as_i64()
+            .unwrap(),
+        before - 5000
+    );
+    // A refund is not allowed while disputed.
+    assert_eq!(
+        app.post(&format!("/api/v1/payments/{p}/refunds"), json!({}))
+            .await
+            .status,
+        409
+    );
+
+    let closed = json!({ "id": "du_1", "object": "dispute", "amount": 5000, "status": "won", "payment_intent": pi });
+    assert_eq!(
+        send_event(&app, "evt_dp_won", "charge.dispute.closed", closed).await,
+        200
+    );
+    wait_for("the won dispute", async || {
+        app.get(&format!("/api/v1/payments/{p}")).await.body["status"] == "settled"
+    })
+    .await;
+    assert_eq!(app.get(&format!("/api/v1/disputes/{id}")).await.body["status"], "won");
+    assert_eq!(journals(&app, &p).await, ["capture", "dispute_opened", "dispute_won"]);
+    assert_eq!(
+        app.get("/api/v1/balance").await.body["balances"][0]["payable"]
+            .as_i64()
+            .unwrap(),
+        before
+    );
+    assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
+    // Another merchant cannot see it.
+    let other = app.new_merchant().await;
+    assert_eq!(
+        app.request("GET", &format!("/api/v1/disputes/{id}"), Some(&other), None, None)
+            .await
+            .status,
+        404
+    );
+}
+
+#[actix_web::test]
+async fn a_lost_dispute_ends_refunded_without_touching_amount_refunded() {
+    let app = spawn_app().await;
+    let r = app.pay(3000, "pm_card_visa", "automatic", true).await;
+    let (p, pi) = (
+        r.body["payment_id"].as_str().unwrap().to_owned(),
+        r.body["psp_reference"].as_str().unwrap().to_owned(),
+    );
+    let opened = json!({ "id": "du_2", "amount": 3000, "payment_intent": pi, "status": "needs_response" });
+    send_event(&app, "evt_dp2_open", "charge.dispute.created", opened).await;
+    wait_for("the dispute", async || {
+        app.get(&format!("/api/v1/payments/{p}")).await.body["status"] == "chargeback_open"
+    })
+    .await;
+    send_event(
+        &app,
+        "evt_dp2_lost",
+        "charge.dispute.closed",
+        json!({ "id": "du_2", "status": "lost", "payment_intent": pi }),
+    )
+    .await;
+    wait_for("the lost dispute", async || {
+        app.get(&format!("/api/v1/payments/{p}")).await.body["status"] == "refunded"
+    })
+    .await;
+    let payment = app.get(&format!("/api/v1/payments/{p}")).await.body;
+    assert_eq!(payment["amount_refunded"], 0);
+    assert_eq!(journals(&app, &p).await, ["capture", "dispute_opened"]);
+}
+
+#[actix_web::test]
+async fn a_refund_confirmed_by_webhook_settles_once() {
+    let app = spawn_app_with(|c| c.psp.sandbox.refund_delay_ms = 60_000).await;
+    let r = app.pay(2000, "pm_card_visa", "automatic", true).await;
+    let (p, pi) = (
+        r.body["payment_id"].as_str().unwrap().to_owned(),
+        r.body["psp_reference"].as_str().unwrap().to_owned(),
+    );
+    let refund = app
+        .post(
+            &format!("/api/v1/payments/{p}/refunds"),
+            json!({ "amount": { "value": 500, "currency": "USD" } }),
+        )
+        .await;
+    assert_eq!(
+        (refund.status, refund.body["status"].as_str()),
+        (201, Some("pending")),
+        "{}",
+        refund.body
+    );
+    let reference = refund.body["psp_reference"].as_str().unwrap().to_owned();
+    assert_eq!(
+        app.get("/api/v1/balance").await.body["balances"][0]["pending_refunds"],
+        500
+    );
+    let object =
+        json!({ "id": reference, "object": "refund", "amount": 500, "status": "succeeded", "payment_intent": pi });
+    for _ in 0..2 {
+        send_event(&app, "evt_re_ok", "charge.refund.updated", object.clone()).await;
+    }
+    let id = refund.body["refund_id"].as_str().unwrap().to_owned();
+    wait_for("the refund", async || {
+        app.get(&format!("/api/v1/refunds/{id}")).await.body["status"] == "succeeded"
+    })
+    .await;
+    let payment = app.get(&format!("/api/v1/payments/{p}")).await.body;
+    assert_eq!(
+        (payment["status"].as_str(), payment["amount_refunded"].as_i64()),
+        (Some("captured"), Some(500))
+    );
+    assert_eq!(journals(&app, &p).await, ["capture", "refund"]);
+    assert_eq!(
+        app.get("/api/v1/balance").await.body["balances"][0]["pending_refunds"],
+        0
+    );
+}
+
+#[actix_web::test]
+async fn bad_signatures_stale_timestamps_and_malformed_bodies_are_400_and_publish_nothing() {
+    let app = spawn_app().await;
+    let url = format!("{}/internal/webhooks/psp/sandbox", app.address);
+    let body = r#"{"id":"evt_x","type":"payment_intent.succeeded","data":{"object":{"id":"pi_x"}}}"#;
+    let now = chrono::Utc::now().timestamp();
+    let cases = [
+        (None, body.to_owned()),
+        (Some(sign_stripe(body.as_bytes(), "whsec_wrong", now)), body.to_owned()),
+        (
+            Some(sign_stripe(
+                body.as_bytes(),
+                &app.state.config.webhooks.secret,
+                now - 301,
+            )),
+            body.to_owned(),
+        ),
+        (
+            Some(sign_stripe(b"not json", &app.state.config.webhooks.secret, now)),
+            "not json".to_owned(),
+        ),
+        (
+            Some(sign_stripe(
+                b"{\"id\":\"evt_y\"}",
+                &app.state.config.webhooks.secret,
+                now,
+            )),
+            "{\"id\":\"evt_y\"}".to_owned(),
+        ),
+    ];
+    for (header, body) in cases {
+        let mut req = app.client.post(&url);
+        if let Some(h) = header {
+            req = req.insert_header(("Stripe-Signature", h));
+        }
+        let mut r = req.send_body(body).await.unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{:?}", r.body().await);
+    }
+    let adyen = app
+        .client
+        .post(format!("{}/internal/webhooks/psp/adyen", app.address))
+        .send_body("{}")
+        .await
+        .unwrap();
+    assert_eq!(adyen.status().as_u16(), 400);
+    assert_eq!(
+        app.client
+            .post(format!("{}/internal/webhooks/psp/paypal", app.address))
+            .send_body("{}")
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        404
+    );
+    let mut stream = app
+        .state
+        .nats
+        .jetstream
+        .get_stream(app.state.nats.psp_events_stream())
+        .await
+        .unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 0, "nothing was published");
+}
+
+#[actix_web::test]
+async fn an_event_for_an_unknown_payment_is_retried_then_parked_as_a_dead_letter() {
+    let app = spawn_app_with(|c| c.nats.max_deliver = 2).await;
+    let object = json!({ "id": "pi_nobody", "object": "payment_intent", "amount": 100 });
+    assert_eq!(
+        send_event(&app, "evt_orphan", "payment_intent.succeeded", object).await,
+        200
+    );
+    // Events that name no payment at all are recorded and ignored, not parked.
+    assert_eq!(
+        send_event(&app, "evt_other", "customer.created", json!({ "id": "cus_1" })).await,
+        200
+    );
+    let token = app.state.config.admin.token.clone();
+    wait_for("the dead letter", async || {
+        app.request("GET", "/admin/v1/dead_letters", Some(&token), None, None)
+            .await
+            .body["total"]
+            == 1
+    })
+    .await;
+    let list = app
+        .request("GET", "/admin/v1/dead_letters", Some(&token), None, None)
+        .await
+        .body;
+    let d = &list["data"][0];
+    assert_eq!(
+        (
+            d["event_id"].as_str(),
+            d["reference"].as_str(),
+            d["deliveries"].as_i64()
+        ),
+        (Some("evt_orphan"), Some("pi_nobody"), Some(2))
+    );
+    wait_for("the ignored event", async || processed(&app, "evt_other").await).await;
+    assert_eq!(
+        app.request("GET", "/admin/v1/dead_letters", Some(DEMO_KEY), None, None)
+            .await
+            .status,
+        401
+    );
+    let m = app.request("GET", "/metrics", None, None, None).await;
+    assert!(String::from_utf8_lossy(&m.raw).contains("outcome=\"dead_lettered\"} 1"));
+}
