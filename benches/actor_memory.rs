@@ -71,6 +71,7 @@ async fn main() {
         db.clone(),
         config.psp.sandbox.clone(),
         config.server.public_url.clone(),
+        None,
     ));
     let deps = PaymentDeps {
         db,

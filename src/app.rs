@@ -19,6 +19,7 @@ use crate::actors::PaymentRegistry;
 use crate::adapters::nats::{Nats, NatsError};
 use crate::adapters::postgres::{Db, SetupError};
 use crate::adapters::psp::sandbox::SandboxPsp;
+use crate::adapters::psp::sandbox_webhooks::Notifier;
 use crate::adapters::psp::Psp;
 use crate::api::{self, AppState};
 use crate::config::Config;
@@ -60,10 +61,31 @@ impl Application {
                 .await
                 .map_err(StartError::Demo)?;
         }
+        let listener =
+            TcpListener::bind(&config.server.bind).map_err(|e| StartError::Bind(config.server.bind.clone(), e))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| StartError::Bind(config.server.bind.clone(), e))?
+            .port();
+        // The address others reach us at: as configured, or the port just bound when it was 0
+        // (tests), so that the sandbox's webhooks find this very server.
+        let public_url = if config.server.bind.ends_with(":0") {
+            format!("http://127.0.0.1:{port}")
+        } else {
+            config.server.public_url.clone()
+        };
+        let notifier = (config.psp.provider == "sandbox" && config.psp.sandbox.webhooks).then(|| {
+            Notifier::start(
+                format!("{public_url}/internal/webhooks/psp/sandbox"),
+                config.webhooks.secret.clone(),
+                config.psp.sandbox.chaos.clone(),
+            )
+        });
         let sandbox = Arc::new(SandboxPsp::new(
             db.clone(),
             config.psp.sandbox.clone(),
-            config.server.public_url.clone(),
+            public_url,
+            notifier,
         ));
         let psp: Arc<dyn Psp> = match config.psp.provider.as_str() {
             "sandbox" => sandbox.clone(),
@@ -103,12 +125,6 @@ impl Application {
             .iter()
             .filter_map(|c| Currency::parse(c))
             .collect();
-        let listener =
-            TcpListener::bind(&config.server.bind).map_err(|e| StartError::Bind(config.server.bind.clone(), e))?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| StartError::Bind(config.server.bind.clone(), e))?
-            .port();
         let workers = config.server.workers;
         let max_connections = config.server.max_connections;
         let state = web::Data::new(AppState {

@@ -122,6 +122,22 @@ pub struct SandboxPspConfig {
     pub latency_ms: u64,
     pub refund_delay_ms: u64,
     pub max_intents: usize,
+    /// Send the sandbox's events as signed webhooks to payrail's own endpoint.
+    pub webhooks: bool,
+    /// How long after capture `pm_card_createDispute` opens its dispute.
+    pub dispute_delay_ms: u64,
+    pub chaos: ChaosConfig,
+}
+
+/// Misbehaviour the sandbox's webhook sender can add, as real PSPs do.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChaosConfig {
+    /// Probability that an event is sent twice.
+    pub duplicate: f64,
+    /// Probability that an event is held back and sent after the next one.
+    pub reorder: f64,
+    /// Each event waits a random 0..delay_ms before it is sent.
+    pub delay_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

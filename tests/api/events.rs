@@ -425,3 +425,83 @@ async fn an_event_for_an_unknown_payment_is_retried_then_parked_as_a_dead_letter
     let m = app.request("GET", "/metrics", None, None, None).await;
     assert!(String::from_utf8_lossy(&m.raw).contains("outcome=\"dead_lettered\"} 1"));
 }
+
+#[actix_web::test]
+async fn the_sandbox_drives_refund_confirmations_and_disputes_by_itself() {
+    let app = spawn_app_with(|c| {
+        c.psp.sandbox.refund_delay_ms = 200;
+        c.psp.sandbox.dispute_delay_ms = 100;
+    })
+    .await;
+    // A refund answered pending, confirmed by the sandbox's own webhook after the delay.
+    let p = app.pay(2500, "pm_card_visa", "automatic", true).await.body["payment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let refund = app
+        .post(
+            &format!("/api/v1/payments/{p}/refunds"),
+            json!({ "amount": { "value": 1000, "currency": "USD" } }),
+        )
+        .await;
+    assert_eq!(refund.body["status"], "pending");
+    let id = refund.body["refund_id"].as_str().unwrap().to_owned();
+    wait_for("the confirmation", async || {
+        app.get(&format!("/api/v1/refunds/{id}")).await.body["status"] == "succeeded"
+    })
+    .await;
+    assert_eq!(journals(&app, &p).await, ["capture", "refund"]);
+    // The dispute card opens its dispute shortly after capture, with nobody's help.
+    let d = app.pay(4000, "pm_card_createDispute", "automatic", true).await.body["payment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for("the dispute", async || {
+        app.get(&format!("/api/v1/payments/{d}")).await.body["status"] == "chargeback_open"
+    })
+    .await;
+    assert_eq!(journals(&app, &d).await, ["capture", "dispute_opened"]);
+    assert_eq!(
+        app.get("/api/v1/disputes").await.body["data"].as_array().unwrap().len(),
+        1
+    );
+    assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
+}
+
+#[actix_web::test]
+async fn chaos_duplicates_reorders_and_delays_change_nothing_twice() {
+    let app = spawn_app_with(|c| {
+        c.psp.sandbox.chaos.duplicate = 0.5;
+        c.psp.sandbox.chaos.reorder = 0.5;
+        c.psp.sandbox.chaos.delay_ms = 100;
+        c.psp.sandbox.refund_delay_ms = 50;
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let p = app.pay(3000, "pm_card_visa", "manual", true).await.body["payment_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        app.post(&format!("/api/v1/payments/{p}/capture"), json!({})).await;
+        app.post(
+            &format!("/api/v1/payments/{p}/refunds"),
+            json!({ "amount": { "value": 1000, "currency": "USD" } }),
+        )
+        .await;
+        ids.push(p);
+    }
+    for p in &ids {
+        wait_for("every refund", async || {
+            app.get(&format!("/api/v1/payments/{p}")).await.body["amount_refunded"] == 1000
+        })
+        .await;
+        assert_eq!(journals(&app, p).await, ["capture", "refund"]);
+        let payment = app.get(&format!("/api/v1/payments/{p}")).await.body;
+        assert_eq!(
+            (payment["status"].as_str(), payment["amount_captured"].as_i64()),
+            (Some("captured"), Some(3000))
+        );
+    }
+    assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
+}

@@ -2,6 +2,7 @@
 //! repeated after a crash or a timeout is the same call to the PSP, never a second charge.
 
 pub mod sandbox;
+pub mod sandbox_webhooks;
 pub mod signature;
 
 use std::future::Future;

@@ -10,6 +10,9 @@ use std::time::Duration;
 use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 
+use serde_json::json;
+
+use super::sandbox_webhooks::Notifier;
 use super::{AuthorizeRequest, Intent, IntentStatus, Psp, PspError, PspFuture, PspRefund, PspRefundStatus};
 use crate::adapters::postgres::sandbox::StoredCard;
 use crate::adapters::postgres::Db;
@@ -82,6 +85,7 @@ fn builtin_token(token: &str) -> Option<Behaviour> {
 
 #[derive(Debug, Clone)]
 struct SandboxIntent {
+    behaviour: Behaviour,
     amount: Money,
     capture: CaptureStrategy,
     status: IntentStatus,
@@ -111,6 +115,8 @@ pub struct SandboxPsp {
     /// Idempotency keys `PANIC_ONCE` already panicked for: the drill panics once per key, so
     /// the restarted actor's retry goes through.
     panicked: DashMap<String, ()>,
+    /// Where the sandbox's events go, when `[psp.sandbox] webhooks` is on.
+    notifier: Option<Notifier>,
 }
 
 /// A sandbox-only token whose authorization panics inside the payment actor's handler, once
@@ -136,7 +142,7 @@ fn invalid(code: &str, message: &str, param: Option<&str>) -> PspError {
 }
 
 impl SandboxPsp {
-    pub fn new(db: Db, config: SandboxPspConfig, public_url: String) -> SandboxPsp {
+    pub fn new(db: Db, config: SandboxPspConfig, public_url: String, notifier: Option<Notifier>) -> SandboxPsp {
         SandboxPsp {
             db,
             config,
@@ -146,6 +152,7 @@ impl SandboxPsp {
             order: Mutex::new(VecDeque::new()),
             cards: DashMap::new(),
             panicked: DashMap::new(),
+            notifier,
         }
     }
 
@@ -190,7 +197,48 @@ impl SandboxPsp {
                 amount: intent.amount.minor,
             },
         };
+        self.announce(reference, &intent);
         Ok(())
+    }
+
+    /// Sends what just happened to `reference` as the PSP's event, if webhooks are on.
+    fn announce(&self, reference: &str, intent: &SandboxIntent) {
+        let Some(n) = &self.notifier else { return };
+        let currency = intent.amount.currency.code().to_ascii_lowercase();
+        let base = |status: &str| {
+            json!({ "id": reference, "object": "payment_intent", "amount": intent.amount.minor, "currency": currency,
+                    "status": status })
+        };
+        match &intent.status {
+            IntentStatus::Authorized { amount } => {
+                let mut o = base("requires_capture");
+                o["amount_capturable"] = json!(amount);
+                n.send("payment_intent.amount_capturable_updated", o, Duration::ZERO);
+            }
+            IntentStatus::Succeeded { amount_captured } => {
+                let mut o = base("succeeded");
+                o["amount_received"] = json!(amount_captured);
+                n.send("payment_intent.succeeded", o, Duration::ZERO);
+                if intent.behaviour == Behaviour::Dispute {
+                    let dispute = json!({ "id": format!("du_{}", reference.trim_start_matches("pi_")), "object": "dispute",
+                                          "amount": amount_captured, "currency": currency, "payment_intent": reference,
+                                          "reason": "fraudulent", "status": "needs_response" });
+                    n.send(
+                        "charge.dispute.created",
+                        dispute,
+                        Duration::from_millis(self.config.dispute_delay_ms),
+                    );
+                }
+            }
+            IntentStatus::Failed(f) => {
+                let mut o = base("requires_payment_method");
+                o["last_payment_error"] =
+                    json!({ "code": f.code, "decline_code": f.decline_code, "message": f.message });
+                n.send("payment_intent.payment_failed", o, Duration::ZERO);
+            }
+            IntentStatus::Canceled => n.send("payment_intent.canceled", base("canceled"), Duration::ZERO),
+            IntentStatus::RequiresAction { .. } => {}
+        }
     }
 
     async fn behaviour(&self, merchant: &MerchantId, token: &str) -> Result<Behaviour, PspError> {
@@ -303,6 +351,7 @@ impl SandboxPsp {
             &uuid::Uuid::new_v4().simple().to_string()[..16]
         );
         let intent = SandboxIntent {
+            behaviour,
             amount: req.amount,
             capture: req.capture,
             status,
@@ -310,6 +359,7 @@ impl SandboxPsp {
             refunded: 0,
         };
         let view = Self::intent_view(&reference, &intent);
+        self.announce(&reference, &intent);
         self.intents.insert(reference.clone(), intent);
         self.track(true, reference);
         self.remember(&req.key, Remembered::Intent(view.clone()));
@@ -342,6 +392,7 @@ impl SandboxPsp {
                     ))
                 }
             }
+            self.announce(&reference, &intent);
             Self::intent_view(&reference, &intent)
         };
         self.remember(&key, Remembered::Intent(view.clone()));
@@ -370,6 +421,7 @@ impl SandboxPsp {
                     ))
                 }
             }
+            self.announce(&reference, &intent);
             Self::intent_view(&reference, &intent)
         };
         self.remember(&key, Remembered::Intent(view.clone()));
@@ -412,6 +464,17 @@ impl SandboxPsp {
             status,
         };
         self.remember(&key, Remembered::Refund(refund.clone()));
+        if let Some(n) = &self.notifier {
+            // The PSP confirms the refund by webhook: at once, or after the configured delay.
+            let object = json!({ "id": refund.reference, "object": "refund", "amount": amount.minor,
+                                 "currency": amount.currency.code().to_ascii_lowercase(), "status": "succeeded",
+                                 "payment_intent": reference });
+            n.send(
+                "charge.refund.updated",
+                object,
+                Duration::from_millis(self.config.refund_delay_ms),
+            );
+        }
         Ok(refund)
     }
 

@@ -1,0 +1,119 @@
+//! The sandbox's webhook sender: events as Stripe sends them, signed with `[webhooks] secret`,
+//! POSTed to payrail's own endpoint, retried like a PSP retries, with optional chaos
+//! (duplicates, reordering, delays). Bounded: a queue of `QUEUE` events, each tried at most
+//! `ATTEMPTS` times.
+
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::signature::sign_stripe;
+use crate::config::ChaosConfig;
+
+const QUEUE: usize = 10_000;
+const ATTEMPTS: u32 = 8;
+
+/// One event to send: its type and `data.object`; an id is given when it is queued.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub id: String,
+    pub event_type: &'static str,
+    pub object: Value,
+    /// Sent no earlier than this long after it was queued.
+    pub after: Duration,
+}
+
+/// The sending half, held by the sandbox.
+#[derive(Clone)]
+pub struct Notifier {
+    queue: mpsc::Sender<Outgoing>,
+}
+
+impl Notifier {
+    /// Starts the sender task on the current runtime; events go to `url`.
+    pub fn start(url: String, secret: String, chaos: ChaosConfig) -> Notifier {
+        let (queue, mut rx) = mpsc::channel::<Outgoing>(QUEUE);
+        actix_rt::spawn(async move {
+            let client = awc::Client::builder().timeout(Duration::from_secs(10)).finish();
+            let mut held: Option<Outgoing> = None;
+            while let Some(event) = rx.recv().await {
+                let roll = |p: f64| p > 0.0 && rand::thread_rng().gen::<f64>() < p;
+                if held.is_none() && roll(chaos.reorder) {
+                    held = Some(event);
+                    continue;
+                }
+                let mut batch = vec![event];
+                batch.extend(held.take());
+                for e in batch {
+                    let twice = roll(chaos.duplicate);
+                    let (client, url, secret, delay_ms) = (client.clone(), url.clone(), secret.clone(), chaos.delay_ms);
+                    // Each event on its own task, so a delayed one does not hold the others.
+                    actix_rt::spawn(async move {
+                        let jitter = if delay_ms > 0 {
+                            rand::thread_rng().gen_range(0..=delay_ms)
+                        } else {
+                            0
+                        };
+                        actix_rt::time::sleep(e.after + Duration::from_millis(jitter)).await;
+                        for _ in 0..if twice { 2 } else { 1 } {
+                            deliver(&client, &url, &secret, &e).await;
+                        }
+                    });
+                }
+            }
+        });
+        Notifier { queue }
+    }
+
+    /// Queues an event; a full queue drops it with a warning (a PSP's events are best effort;
+    /// payrail's state never depends on one arriving).
+    pub fn send(&self, event_type: &'static str, object: Value, after: Duration) {
+        let id = format!("evt_{}", uuid::Uuid::new_v4().simple());
+        if self
+            .queue
+            .try_send(Outgoing {
+                id,
+                event_type,
+                object,
+                after,
+            })
+            .is_err()
+        {
+            tracing::warn!(event_type, "sandbox webhook queue full; event dropped");
+        }
+    }
+}
+
+async fn deliver(client: &awc::Client, url: &str, secret: &str, e: &Outgoing) {
+    let body = json!({ "id": e.id, "object": "event", "type": e.event_type, "created": chrono::Utc::now().timestamp(),
+                       "livemode": false, "data": { "object": e.object } })
+    .to_string();
+    let mut backoff = Duration::from_millis(100);
+    for attempt in 1..=ATTEMPTS {
+        // Signed afresh each try: the timestamp must be within the receiver's tolerance.
+        let signature = sign_stripe(body.as_bytes(), secret, chrono::Utc::now().timestamp());
+        let sent = client
+            .post(url)
+            .insert_header(("Stripe-Signature", signature))
+            .insert_header(("Content-Type", "application/json"))
+            .send_body(body.clone())
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => return,
+            Ok(r) if r.status().is_client_error() => {
+                tracing::warn!(event_id = %e.id, status = r.status().as_u16(), "sandbox webhook refused");
+                return;
+            }
+            _ => {
+                if attempt == ATTEMPTS {
+                    tracing::warn!(event_id = %e.id, "sandbox webhook not delivered; giving up");
+                    return;
+                }
+                actix_rt::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
