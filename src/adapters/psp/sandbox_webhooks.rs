@@ -14,6 +14,8 @@ use crate::config::ChaosConfig;
 
 const QUEUE: usize = 10_000;
 const ATTEMPTS: u32 = 8;
+/// The longest a reordered event is held back.
+const HOLD: Duration = Duration::from_millis(200);
 
 /// One event to send: its type and `data.object`; an id is given when it is queued.
 #[derive(Debug, Clone)]
@@ -38,16 +40,29 @@ impl Notifier {
         actix_rt::spawn(async move {
             let client = awc::Client::builder().timeout(Duration::from_secs(10)).finish();
             let mut held: Option<Outgoing> = None;
-            while let Some(event) = rx.recv().await {
-                let roll = |p: f64| p > 0.0 && rand::thread_rng().gen::<f64>() < p;
-                if held.is_none() && roll(chaos.reorder) {
-                    held = Some(event);
-                    continue;
+            loop {
+                // A held (reordered) event goes out behind the next one, or after HOLD at most:
+                // reordering delays events, it never loses one.
+                let next = match held {
+                    Some(_) => tokio::time::timeout(HOLD, rx.recv()).await.ok(),
+                    None => Some(rx.recv().await),
+                };
+                let mut batch = Vec::with_capacity(2);
+                match next {
+                    Some(None) => break,
+                    None => batch.extend(held.take()),
+                    Some(Some(event)) => {
+                        let roll = |p: f64| p > 0.0 && rand::thread_rng().gen::<f64>() < p;
+                        if held.is_none() && roll(chaos.reorder) {
+                            held = Some(event);
+                            continue;
+                        }
+                        batch.push(event);
+                        batch.extend(held.take());
+                    }
                 }
-                let mut batch = vec![event];
-                batch.extend(held.take());
                 for e in batch {
-                    let twice = roll(chaos.duplicate);
+                    let twice = chaos.duplicate > 0.0 && rand::thread_rng().gen::<f64>() < chaos.duplicate;
                     let (client, url, secret, delay_ms) = (client.clone(), url.clone(), secret.clone(), chaos.delay_ms);
                     // Each event on its own task, so a delayed one does not hold the others.
                     actix_rt::spawn(async move {
