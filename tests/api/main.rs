@@ -9,5 +9,6 @@ mod ledger;
 mod lifecycle;
 mod logs;
 mod operations;
+mod outages;
 mod recovery;
 mod validation;
