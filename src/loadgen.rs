@@ -25,6 +25,9 @@ pub enum Mix {
     Manual,
     /// manual capture, then a refund of part of the capture.
     Refunds,
+    /// PSP webhooks end to end: `--events` authorized payments are made first (untimed), then
+    /// each one's signed `payment_intent.succeeded` is sent; timed until every one is applied.
+    Webhooks,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -58,6 +61,9 @@ pub struct LoadgenArgs {
     /// Run DESIGN.md's PostgreSQL ceiling (pgbench, 32 clients) first, and print the ratio.
     #[arg(long)]
     pub compare_postgres: bool,
+    /// With --mix webhooks: how many events.
+    #[arg(long, default_value_t = 5_000)]
+    pub events: usize,
 }
 
 #[derive(Default)]
@@ -69,6 +75,9 @@ struct Tally {
 
 /// Runs the load (and the ceiling, if asked) and prints the summary; the report as JSON.
 pub async fn run(args: LoadgenArgs, database_url: &str) -> Result<Value, String> {
+    if args.mix == Mix::Webhooks {
+        return webhooks(args, database_url).await;
+    }
     let ceiling = if args.compare_postgres {
         Some(postgres_ceiling(database_url, args.duration).await?)
     } else {
@@ -319,7 +328,173 @@ async fn post(
     ok.then(|| serde_json::from_slice(&bytes).unwrap_or(Value::Null))
 }
 
+/// Webhooks end to end: HTTP → signature → JetStream → consumer → payment actor → commit.
+async fn webhooks(args: LoadgenArgs, database_url: &str) -> Result<Value, String> {
+    let config_secret = std::env::var("PAYRAIL__WEBHOOKS__SECRET").ok();
+    let secret = match config_secret {
+        Some(s) => s,
+        None => {
+            crate::config::Config::load(std::path::Path::new("config.toml"))
+                .map_err(|e| e.to_string())?
+                .webhooks
+                .secret
+        }
+    };
+    let client = Client::builder().timeout(Duration::from_secs(30)).finish();
+    // 1. Authorized payments to capture by event (untimed).
+    eprintln!("creating {} authorized payments …", args.events);
+    let intents = Rc::new(RefCell::new(Vec::with_capacity(args.events)));
+    let next = Rc::new(RefCell::new(0usize));
+    let mut workers = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        let (client, args, intents, next) = (client.clone(), args.clone(), intents.clone(), next.clone());
+        workers.push(actix_rt::spawn(async move {
+            loop {
+                let i = {
+                    let mut n = next.borrow_mut();
+                    *n += 1;
+                    *n - 1
+                };
+                if i >= args.events {
+                    break;
+                }
+                let body = json!({ "order_id": format!("wh_{i}"), "amount": { "value": 1000, "currency": "USD" },
+                                   "payment_method": "pm_card_visa", "capture_strategy": "manual", "confirm": true });
+                let sent = client
+                    .post(format!("{}/api/v1/payments", args.url))
+                    .insert_header(("Authorization", format!("Bearer {}", args.key)))
+                    .insert_header(("Idempotency-Key", format!("wh-{}-{i}", std::process::id())))
+                    .send_json(&body)
+                    .await;
+                if let Ok(mut r) = sent {
+                    if let Ok(p) = r.json::<Value>().await {
+                        if let Some(pi) = p["psp_reference"].as_str() {
+                            intents.borrow_mut().push(pi.to_owned());
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    let intents: Vec<String> = intents.borrow().clone();
+    let run_id = format!("{}-{}", std::process::id(), chrono::Utc::now().timestamp_millis());
+
+    // 2. Their events, as fast as the connections allow (timed).
+    eprintln!("sending {} payment_intent.succeeded events …", intents.len());
+    let hist = Rc::new(RefCell::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?,
+    ));
+    let statuses: Rc<RefCell<BTreeMap<String, u64>>> = Rc::new(RefCell::new(BTreeMap::new()));
+    let queue = Rc::new(RefCell::new(intents.clone()));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        let (client, args, hist, statuses, queue, secret, run_id) = (
+            client.clone(),
+            args.clone(),
+            hist.clone(),
+            statuses.clone(),
+            queue.clone(),
+            secret.clone(),
+            run_id.clone(),
+        );
+        workers.push(actix_rt::spawn(async move {
+            loop {
+                let Some(pi) = queue.borrow_mut().pop() else { break };
+                let sent_ms = chrono::Utc::now().timestamp_millis();
+                let body = json!({ "id": format!("evt_lg_{run_id}_{pi}"), "object": "event", "type": "payment_intent.succeeded",
+                                   "created": sent_ms / 1000,
+                                   "data": { "object": { "id": pi, "object": "payment_intent", "amount": 1000,
+                                                         "amount_received": 1000, "metadata": { "sent_ms": sent_ms } } } })
+                .to_string();
+                let signature = crate::adapters::psp::signature::sign_stripe(body.as_bytes(), &secret, sent_ms / 1000);
+                let t = Instant::now();
+                let sent = client
+                    .post(format!("{}/internal/webhooks/psp/sandbox", args.url))
+                    .insert_header(("Stripe-Signature", signature))
+                    .send_body(body)
+                    .await;
+                let _ = hist.borrow_mut().record((t.elapsed().as_micros() as u64).max(1));
+                let status = sent.map(|r| r.status().as_u16().to_string()).unwrap_or_else(|_| "connection_error".into());
+                *statuses.borrow_mut().entry(status).or_default() += 1;
+            }
+        }));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    let accepted_after = started.elapsed().as_secs_f64();
+
+    // 3. Until every event is applied (bounded wait), then latencies from PostgreSQL.
+    let pg: tokio_postgres::Config = database_url.parse().map_err(|e: tokio_postgres::Error| e.to_string())?;
+    let (db, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(pg_text)?;
+    actix_rt::spawn(conn);
+    let pattern = format!("evt_lg_{run_id}_%");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut applied: i64 = 0;
+    while Instant::now() < deadline {
+        applied = db
+            .query_one(
+                "SELECT count(*) FROM processed_events WHERE event_id LIKE $1",
+                &[&pattern],
+            )
+            .await
+            .map_err(pg_text)?
+            .get(0);
+        if applied as usize >= intents.len() {
+            break;
+        }
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let row = db
+        .query_one(
+            "SELECT percentile_cont(ARRAY[0.5, 0.9, 0.99]) WITHIN GROUP (ORDER BY
+                 extract(epoch FROM processed_at) * 1000 - (convert_from(raw, 'UTF8')::jsonb #>> '{data,object,metadata,sent_ms}')::float8)
+             FROM processed_events WHERE event_id LIKE $1",
+            &[&pattern],
+        )
+        .await
+        .map_err(pg_text)?;
+    let e2e: Vec<f64> = row.get::<_, Option<Vec<f64>>>(0).unwrap_or_default();
+    let h = hist.borrow();
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let rate = applied as f64 / elapsed;
+    println!("events: {applied} of {} applied in {elapsed:.1} s = {rate:.0} events/s end to end (all accepted after {accepted_after:.1} s)", intents.len());
+    println!(
+        "webhook HTTP answer: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        h.max() as f64 / 1000.0
+    );
+    if e2e.len() == 3 {
+        println!(
+            "sent → committed: p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms",
+            e2e[0], e2e[1], e2e[2]
+        );
+    }
+    println!("responses by status: {:?}", statuses.borrow());
+    let report = json!({ "mix": "webhooks", "events": intents.len(), "applied": applied, "duration_s": elapsed,
+                         "events_per_s": rate, "http_ms": { "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99) },
+                         "end_to_end_ms": e2e, "status": *statuses.borrow() });
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_vec_pretty(&report).unwrap_or_default()).map_err(|e| e.to_string())?;
+    }
+    Ok(report)
+}
+
 /// Merchant k of n is chosen with weight 1/(k+1).
+fn pg_text(e: tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("PostgreSQL: {}", d.message()),
+        None => format!("PostgreSQL: {e}"),
+    }
+}
+
 fn zipf(rng: &mut impl Rng, n: usize) -> usize {
     if n <= 1 {
         return 0;

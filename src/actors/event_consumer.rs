@@ -111,37 +111,61 @@ impl Worker {
                         break;
                     }
                 };
-                while let Some(message) = batch.next().await {
-                    let Ok(message) = message else { break };
-                    self.mailbox.sent();
-                    let verdict = AssertUnwindSafe(self.handle(&message)).catch_unwind().await;
-                    self.mailbox.received("psp_event");
-                    let verdict = verdict.unwrap_or_else(|_| {
-                        tracing::error!(
-                            partition = self.partition,
-                            "event consumer panicked on an event; it will be redelivered"
-                        );
-                        self.kind.restarts.fetch_add(1, Ordering::Relaxed);
-                        Verdict::Retry("panicked")
-                    });
-                    let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
-                    let result = match verdict {
-                        Verdict::Ack(outcome) => {
-                            self.record(&message, outcome);
-                            message.ack().await
-                        }
-                        Verdict::Retry(outcome) => {
-                            self.record(&message, outcome);
-                            // Back off with the number of deliveries: 0.5 s, 1 s, 1.5 s, …
-                            let delay = Duration::from_millis(500 * delivered.clamp(1, 20) as u64);
-                            message.ack_with(AckKind::Nak(Some(delay))).await
-                        }
-                    };
-                    if let Err(e) = result {
-                        tracing::warn!(partition = self.partition, error = %e, "acknowledging a PSP event failed; it will be redelivered");
+                // The batch's events for different payments run at once; one payment's events
+                // keep their order (the batch arrives in stream order, grouped by reference).
+                let mut messages = Vec::with_capacity(self.config.fetch_batch);
+                while let Some(Ok(message)) = batch.next().await {
+                    messages.push(message);
+                }
+                let mut groups: Vec<(String, Vec<async_nats::jetstream::Message>)> = Vec::new();
+                for m in messages {
+                    let key = rmp_serde::from_slice::<PspEvent>(&m.payload)
+                        .map(|e| e.reference)
+                        .unwrap_or_default();
+                    match groups.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, g)) => g.push(m),
+                        None => groups.push((key, vec![m])),
                     }
                 }
+                let this = &self;
+                futures_util::future::join_all(groups.into_iter().map(|(_, group)| async move {
+                    for message in group {
+                        this.settle(&message).await;
+                    }
+                }))
+                .await;
             }
+        }
+    }
+
+    /// Handles one delivery and acks or NAKs it.
+    async fn settle(&self, message: &async_nats::jetstream::Message) {
+        self.mailbox.sent();
+        let verdict = AssertUnwindSafe(self.handle(message)).catch_unwind().await;
+        self.mailbox.received("psp_event");
+        let verdict = verdict.unwrap_or_else(|_| {
+            tracing::error!(
+                partition = self.partition,
+                "event consumer panicked on an event; it will be redelivered"
+            );
+            self.kind.restarts.fetch_add(1, Ordering::Relaxed);
+            Verdict::Retry("panicked")
+        });
+        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        let result = match verdict {
+            Verdict::Ack(outcome) => {
+                self.record(message, outcome);
+                message.ack().await
+            }
+            Verdict::Retry(outcome) => {
+                self.record(message, outcome);
+                // Back off with the number of deliveries: 0.5 s, 1 s, 1.5 s, …
+                let delay = Duration::from_millis(500 * delivered.clamp(1, 20) as u64);
+                message.ack_with(AckKind::Nak(Some(delay))).await
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(partition = self.partition, error = %e, "acknowledging a PSP event failed; it will be redelivered");
         }
     }
 
