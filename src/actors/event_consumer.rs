@@ -176,7 +176,11 @@ impl Worker {
 
     async fn handle(&self, message: &async_nats::jetstream::Message) -> Verdict {
         let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
-        let event: PspEvent = match rmp_serde::from_slice(&message.payload) {
+        let event: PspEvent = match rmp_serde::from_slice::<PspEvent>(&message.payload) {
+            // The sandbox-only supervision drill: panics on the first delivery only.
+            Ok(e) if e.provider == "sandbox" && e.event_type == CONSUMER_PANIC_ONCE && delivered == 1 => {
+                panic!("sandbox: {CONSUMER_PANIC_ONCE} panics once inside the event consumer")
+            }
             Ok(e) => e,
             Err(e) => {
                 tracing::error!(partition = self.partition, error = %e, "unreadable PSP event; parked");
@@ -247,6 +251,10 @@ impl Worker {
         }
     }
 }
+
+/// A sandbox-only event type that panics inside the consumer on its first delivery: the
+/// consumer half of the supervision drill.
+pub const CONSUMER_PANIC_ONCE: &str = "sandbox.panic_once_in_consumer";
 
 /// Event types that belong to a payment: without one yet, they wait for it.
 fn concerns_a_payment(event_type: &str) -> bool {

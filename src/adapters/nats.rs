@@ -160,3 +160,35 @@ impl Nats {
             .map_err(|e| NatsError::JetStream(e.to_string()))
     }
 }
+
+/// What operators watch on one partition's consumer.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ConsumerLag {
+    /// Events in the stream not yet delivered to the consumer.
+    pub pending: u64,
+    /// Delivered and not yet acknowledged.
+    pub ack_pending: u64,
+    /// Events delivered more than once (unacknowledged in time, or NAKed).
+    pub redelivered: u64,
+}
+
+impl Nats {
+    /// The consumers' lag summed over partitions; `None` when JetStream does not answer in time.
+    pub async fn psp_consumer_lag(&self, partitions: u32) -> Option<ConsumerLag> {
+        let ask = async {
+            let stream = self.jetstream.get_stream(self.psp_events_stream()).await.ok()?;
+            let mut lag = ConsumerLag::default();
+            for p in 0..partitions {
+                let info = stream.consumer_info(format!("{}_psp_{p}", self.prefix)).await.ok()?;
+                lag.pending += info.num_pending;
+                lag.ack_pending += info.num_ack_pending as u64;
+                lag.redelivered += info.num_redelivered as u64;
+            }
+            Some(lag)
+        };
+        tokio::time::timeout(Duration::from_millis(500), ask)
+            .await
+            .ok()
+            .flatten()
+    }
+}

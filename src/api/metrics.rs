@@ -57,6 +57,29 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     );
 
     state.metrics.render(&mut out);
+    if let Some(lag) = state.nats.psp_consumer_lag(state.config.nats.partitions).await {
+        crate::metrics::header(
+            &mut out,
+            "payrail_psp_consumer_pending",
+            "gauge",
+            "PSP events in JetStream not yet delivered to payrail.",
+        );
+        let _ = writeln!(out, "payrail_psp_consumer_pending {}", lag.pending);
+        crate::metrics::header(
+            &mut out,
+            "payrail_psp_consumer_ack_pending",
+            "gauge",
+            "PSP events delivered and not yet acknowledged.",
+        );
+        let _ = writeln!(out, "payrail_psp_consumer_ack_pending {}", lag.ack_pending);
+        crate::metrics::header(
+            &mut out,
+            "payrail_psp_consumer_redelivered",
+            "gauge",
+            "PSP events JetStream delivered more than once.",
+        );
+        let _ = writeln!(out, "payrail_psp_consumer_redelivered {}", lag.redelivered);
+    }
     let pool = state.db.pool_status();
     out.push_str("# TYPE payrail_db_pool_connections gauge\n");
     let _ = writeln!(

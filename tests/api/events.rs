@@ -505,3 +505,66 @@ async fn chaos_duplicates_reorders_and_delays_change_nothing_twice() {
     }
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
 }
+
+#[actix_web::test]
+async fn a_panic_in_an_event_consumer_is_counted_and_the_event_redelivered() {
+    let app = spawn_app_with(|c| c.psp.sandbox.webhooks = false).await;
+    let drill = payrail::actors::event_consumer::CONSUMER_PANIC_ONCE;
+    assert_eq!(
+        send_event(&app, "evt_drill", drill, json!({ "id": "obj_1" })).await,
+        200
+    );
+    wait_for("the redelivered event", async || processed(&app, "evt_drill").await).await;
+    assert_eq!(
+        app.state
+            .event_consumers
+            .restarts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let m = app.request("GET", "/metrics", None, None, None).await;
+    let text = String::from_utf8_lossy(&m.raw);
+    assert!(
+        text.contains("payrail_actor_restarts_total{actor=\"event_consumer\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("payrail_actors_live{actor=\"event_consumer\"} 8"));
+}
+
+#[actix_web::test]
+async fn a_refund_confirmation_racing_the_api_response_posts_once() {
+    // The sandbox confirms each refund by webhook the moment it answers the refund call, so the
+    // event can reach payrail before the API response does; the actor takes it after the
+    // refund's own commit, finds nothing left to do, and records it.
+    let app = spawn_app().await;
+    let r = app.pay(10_000, "pm_card_visa", "automatic", true).await;
+    let p = r.body["payment_id"].as_str().unwrap().to_owned();
+    for _ in 0..10 {
+        let r = app
+            .post(
+                &format!("/api/v1/payments/{p}/refunds"),
+                json!({ "amount": { "value": 100, "currency": "USD" } }),
+            )
+            .await;
+        assert_eq!((r.status, r.body["status"].as_str()), (201, Some("succeeded")));
+    }
+    wait_for("ten refund confirmations", async || {
+        let db = app.sql().await;
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM processed_events WHERE event_type = 'charge.refund.updated'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 10
+    })
+    .await;
+    assert_eq!(journals(&app, &p).await.iter().filter(|k| *k == "refund").count(), 10);
+    assert_eq!(
+        app.get(&format!("/api/v1/payments/{p}")).await.body["amount_refunded"],
+        1000
+    );
+    assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
+}
