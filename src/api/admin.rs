@@ -82,14 +82,7 @@ fn payment_status(index: u8) -> &'static str {
 pub async fn actors(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     auth::operator(&state, &req)?;
     let q = super::payments::query(&req)?;
-    let top = match q.get("top") {
-        None => 20,
-        Some(t) => t
-            .parse::<usize>()
-            .ok()
-            .filter(|t| (1..=1000).contains(t))
-            .ok_or_else(|| ApiError::param("top", "top must be 1 to 1000"))?,
-    };
+    let top = super::payments::int_param(&q, "top", 20, 1, 1000)? as usize;
     let kind = q.get("kind").map(String::as_str);
     if !matches!(kind, None | Some("payment") | Some("ledger_shard")) {
         return Err(ApiError::param("kind", "kind must be payment or ledger_shard"));
@@ -180,21 +173,11 @@ pub async fn live_view() -> HttpResponse {
 pub async fn dead_letters(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     auth::operator(&state, &req)?;
     let q = super::payments::query(&req)?;
-    let limit = match q.get("limit") {
-        None => 50,
-        Some(l) => l
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=1000).contains(l))
-            .ok_or_else(|| ApiError::param("limit", "limit must be 1 to 1000"))?,
-    };
+    let limit = super::payments::int_param(&q, "limit", 50, 1, 1000)?;
     let (list, total) = state.db.dead_letters(limit).await?;
+    let has_more = total > list.len() as i64;
     Ok(json_value(
         200,
-        &serde_json::json!({ "object": "list", "data": list, "total": total, "has_more": total > list_len(limit, total) }),
+        &serde_json::json!({ "object": "list", "data": list, "total": total, "has_more": has_more }),
     ))
-}
-
-fn list_len(limit: i64, total: i64) -> i64 {
-    limit.min(total)
 }

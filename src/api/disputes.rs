@@ -12,14 +12,7 @@ use crate::error::ApiError;
 pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let merchant = auth::merchant(&state, &req).await?;
     let q = query(&req)?;
-    let limit = match q.get("limit") {
-        None => 10,
-        Some(l) => l
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=100).contains(l))
-            .ok_or_else(|| ApiError::param("limit", "limit must be 1 to 100"))?,
-    };
+    let limit = super::payments::int_param(&q, "limit", 10, 1, 100)?;
     let (disputes, more) = state.db.disputes_of_merchant(&merchant.id, limit).await?;
     Ok(json_value(
         200,

@@ -308,6 +308,18 @@ pub async fn get(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRes
     Ok(json_value(200, &p.to_object()))
 }
 
+/// An integer query parameter within `min..=max`, or `default` when absent; else a 400.
+pub fn int_param(q: &HashMap<String, String>, name: &str, default: i64, min: i64, max: i64) -> Result<i64, ApiError> {
+    match q.get(name) {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|v| (min..=max).contains(v))
+            .ok_or_else(|| ApiError::param(name, format!("{name} must be {min} to {max}"))),
+    }
+}
+
 /// The query string as a map; a malformed one is a 400.
 pub fn query(req: &HttpRequest) -> Result<HashMap<String, String>, ApiError> {
     web::Query::<HashMap<String, String>>::from_query(req.query_string())
@@ -331,14 +343,7 @@ fn time_param(q: &HashMap<String, String>, name: &str) -> Result<Option<DateTime
 pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let merchant = auth::merchant(&state, &req).await?;
     let q = query(&req)?;
-    let limit = match q.get("limit") {
-        None => 10,
-        Some(l) => l
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=100).contains(l))
-            .ok_or_else(|| ApiError::param("limit", "limit must be 1 to 100"))?,
-    };
+    let limit = int_param(&q, "limit", 10, 1, 100)?;
     let filter = PaymentFilter {
         limit,
         starting_after: match q.get("starting_after") {

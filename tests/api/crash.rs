@@ -8,19 +8,11 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use serde_json::Value;
 
-use crate::helpers::DEMO_KEY;
+use crate::helpers::{free_port, DEMO_KEY};
 
 struct Server {
     child: Child,
     port: u16,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn start(database_url: &str, prefix: &str, port: u16) -> Server {

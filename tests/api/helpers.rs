@@ -55,6 +55,15 @@ impl Write for LogWriter {
     }
 }
 
+/// A port nobody listens on right now, for processes a test starts itself.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub struct TestApp {
     pub address: String,
     pub client: Client,

@@ -8,15 +8,7 @@ use std::time::{Duration, Instant};
 use payrail::adapters::psp::signature::sign_stripe;
 use serde_json::json;
 
-use crate::helpers::{spawn_app_with, DEMO_KEY};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::helpers::{free_port, spawn_app_with, DEMO_KEY};
 
 fn nats_server(port: u16, store: &std::path::Path) -> Child {
     Command::new("/usr/sbin/nats-server")
