@@ -49,39 +49,54 @@ pub struct AppState {
 
 pub const MAX_CACHED_KEYS: usize = 100_000;
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(health::healthz))
-        .route("/readyz", web::get().to(health::readyz))
-        .route("/metrics", web::get().to(metrics::metrics))
-        .service(
-            web::scope("/api/v1")
-                .route("/payments", web::post().to(payments::create))
-                .route("/payments", web::get().to(payments::list))
-                .route("/payments/{id}", web::get().to(payments::get))
-                .route("/payments/{id}/confirm", web::post().to(payments::confirm))
-                .route("/payments/{id}/capture", web::post().to(payments::capture))
-                .route("/payments/{id}/cancel", web::post().to(payments::cancel))
-                .route("/payments/{id}/events", web::get().to(payments::events))
-                .route("/payments/{id}/refunds", web::post().to(payments::refund))
-                .route("/payments/{id}/refunds", web::get().to(refunds::list_for_payment))
-                .route("/refunds/{id}", web::get().to(refunds::get))
-                .route("/balance", web::get().to(ledger::balance))
-                .route("/disputes", web::get().to(disputes::list))
-                .route("/disputes/{id}", web::get().to(disputes::get))
-                .route("/ledger/journals", web::get().to(ledger::journals)),
-        )
-        .route("/admin/v1/merchants", web::post().to(admin::create_merchant))
-        .route("/admin/v1/actors", web::get().to(admin::actors))
-        .route("/admin/v1/dead_letters", web::get().to(admin::dead_letters))
-        .route("/internal/webhooks/psp/{provider}", web::post().to(webhooks::receive))
-        .route("/admin/v1/actors/{kind}/{id}", web::get().to(admin::actor))
-        .route("/admin/", web::get().to(admin::live_view))
-        .route("/sandbox/v1/payment_methods", web::post().to(sandbox::payment_methods))
-        .route(
-            "/sandbox/v1/payments/{reference}/complete_3ds",
-            web::post().to(sandbox::complete_3ds),
-        )
-        .default_service(web::to(not_found));
+/// Declares every route once: registered by [`routes`], and listed in [`ROUTES`] for the test
+/// that keeps `/openapi.json` and the server in step.
+macro_rules! api_routes {
+    ($($method:ident $path:literal => $handler:path),* $(,)?) => {
+        /// Every route the server registers, as (method, path pattern).
+        pub const ROUTES: &[(&str, &str)] = &[$((stringify!($method), $path)),*];
+
+        pub fn routes(cfg: &mut web::ServiceConfig) {
+            $(cfg.route($path, web::$method().to($handler));)*
+            cfg.default_service(web::to(not_found));
+        }
+    };
+}
+
+api_routes! {
+    get "/healthz" => health::healthz,
+    get "/readyz" => health::readyz,
+    get "/metrics" => metrics::metrics,
+    get "/openapi.json" => openapi,
+    post "/api/v1/payments" => payments::create,
+    get "/api/v1/payments" => payments::list,
+    get "/api/v1/payments/{id}" => payments::get,
+    post "/api/v1/payments/{id}/confirm" => payments::confirm,
+    post "/api/v1/payments/{id}/capture" => payments::capture,
+    post "/api/v1/payments/{id}/cancel" => payments::cancel,
+    get "/api/v1/payments/{id}/events" => payments::events,
+    post "/api/v1/payments/{id}/refunds" => payments::refund,
+    get "/api/v1/payments/{id}/refunds" => refunds::list_for_payment,
+    get "/api/v1/refunds/{id}" => refunds::get,
+    get "/api/v1/balance" => ledger::balance,
+    get "/api/v1/ledger/journals" => ledger::journals,
+    get "/api/v1/disputes" => disputes::list,
+    get "/api/v1/disputes/{id}" => disputes::get,
+    post "/admin/v1/merchants" => admin::create_merchant,
+    get "/admin/v1/actors" => admin::actors,
+    get "/admin/v1/actors/{kind}/{id}" => admin::actor,
+    get "/admin/v1/dead_letters" => admin::dead_letters,
+    get "/admin/" => admin::live_view,
+    post "/internal/webhooks/psp/{provider}" => webhooks::receive,
+    post "/sandbox/v1/payment_methods" => sandbox::payment_methods,
+    post "/sandbox/v1/payments/{reference}/complete_3ds" => sandbox::complete_3ds,
+}
+
+/// `GET /openapi.json`: the OpenAPI 3 document of the whole API.
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(include_str!("openapi.json"))
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {

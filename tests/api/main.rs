@@ -8,6 +8,7 @@ mod isolation;
 mod ledger;
 mod lifecycle;
 mod logs;
+mod openapi;
 mod operations;
 mod outages;
 mod recovery;
