@@ -127,6 +127,7 @@ impl Application {
             .collect();
         let workers = config.server.workers;
         let max_connections = config.server.max_connections;
+        let rate_limiter = crate::api::ratelimit::RateLimiter::new(config.ratelimit.clone());
         let state = web::Data::new(AppState {
             config,
             db,
@@ -137,6 +138,7 @@ impl Application {
             merchants: DashMap::new(),
             currencies,
             metrics,
+            rate_limiter,
         });
         let app_state = state.clone();
         let server = HttpServer::new(move || {

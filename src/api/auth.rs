@@ -18,8 +18,17 @@ fn bearer(req: &HttpRequest) -> Option<&str> {
         .map(str::trim)
 }
 
-/// The merchant whose `sk_test_…`/`sk_live_…` key the request carries; 401 otherwise.
+/// The merchant whose `sk_test_…`/`sk_live_…` key the request carries; 401 otherwise, and 429
+/// when `[ratelimit]` is on and the merchant is over its rate.
 pub async fn merchant(state: &AppState, req: &HttpRequest) -> Result<Arc<Merchant>, ApiError> {
+    let m = authenticate(state, req).await?;
+    if !state.rate_limiter.allow(&m.id) {
+        return Err(ApiError::RateLimited);
+    }
+    Ok(m)
+}
+
+async fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Arc<Merchant>, ApiError> {
     let key = bearer(req).ok_or(ApiError::Authentication)?;
     if !(key.starts_with("sk_test_") || key.starts_with("sk_live_")) || key.len() > 128 {
         return Err(ApiError::Authentication);

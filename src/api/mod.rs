@@ -11,6 +11,7 @@ pub mod idempotency;
 pub mod ledger;
 pub mod metrics;
 pub mod payments;
+pub mod ratelimit;
 pub mod refunds;
 pub mod sandbox;
 pub mod webhooks;
@@ -45,6 +46,7 @@ pub struct AppState {
     /// The currencies this deployment accepts (`[payments] currencies`).
     pub currencies: Vec<Currency>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub rate_limiter: ratelimit::RateLimiter,
 }
 
 pub const MAX_CACHED_KEYS: usize = 100_000;

@@ -117,3 +117,57 @@ async fn api_keys_are_stored_only_as_hashes() {
         assert!(!hint.contains(&key[8..]));
     }
 }
+
+#[actix_web::test]
+async fn over_its_rate_a_merchant_gets_429_with_retry_after_and_nothing_stored() {
+    let app = crate::helpers::spawn_app_with(|c| {
+        c.ratelimit.enabled = true;
+        c.ratelimit.requests_per_second = 1;
+        c.ratelimit.burst = 3;
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(
+            app.request("GET", "/api/v1/payments", Some(DEMO_KEY), None, None)
+                .await
+                .status,
+        );
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    let r = app
+        .request("POST", "/api/v1/payments", Some(DEMO_KEY), Some("rl"), Some("{}"))
+        .await;
+    assert_eq!(
+        (r.status, r.body["error"]["type"].as_str()),
+        (429, Some("rate_limit_error"))
+    );
+    assert_eq!(r.headers.get("retry-after").unwrap(), "1");
+    assert_eq!(app.count("idempotency_keys").await, 0, "a 429 is not stored");
+    // Another merchant is not affected.
+    let other = app.new_merchant().await;
+    assert_eq!(
+        app.request("GET", "/api/v1/payments", Some(&other), None, None)
+            .await
+            .status,
+        200
+    );
+}
+
+#[actix_web::test]
+async fn every_admin_route_wants_the_operator_token() {
+    let app = spawn_app().await;
+    for (method, path) in payrail::api::ROUTES.iter().filter(|(_, p)| p.starts_with("/admin/v1/")) {
+        let concrete = path.replace("{kind}", "payment").replace("{id}", "pay_x");
+        for key in [None, Some(DEMO_KEY), Some("admin_test_tokeN")] {
+            let r = app
+                .request(&method.to_uppercase(), &concrete, key, None, Some("{}"))
+                .await;
+            assert_eq!(
+                (r.status, r.body["error"]["type"].as_str()),
+                (401, Some("authentication_error")),
+                "{method} {path} with {key:?}"
+            );
+        }
+    }
+}
