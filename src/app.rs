@@ -182,6 +182,7 @@ impl Application {
         .map_err(|e| StartError::Bind("listener".into(), e))?
         .run();
         spawn_housekeeping(state.clone());
+        crate::actors::outbox_relay::spawn(state.db.clone(), state.nats.clone());
         Ok(Application { port, server, state })
     }
 

@@ -7,6 +7,7 @@
 pub mod event_consumer;
 pub mod ledger_shard;
 pub mod mailbox;
+pub mod outbox_relay;
 pub mod payment;
 pub mod payment_flow;
 pub mod registry;

@@ -568,3 +568,28 @@ async fn a_refund_confirmation_racing_the_api_response_posts_once() {
     );
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
 }
+
+#[actix_web::test]
+async fn the_outbox_relay_publishes_each_committed_event_to_the_merchants_subject() {
+    let app = spawn_app_with(|c| c.psp.sandbox.webhooks = false).await;
+    let r = app.pay(700, "pm_card_visa", "automatic", true).await;
+    let merchant = r.body["merchant_id"].as_str().unwrap().to_owned();
+    wait_for("the outbox to drain", async || {
+        let db = app.sql().await;
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM outbox WHERE published_at IS NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
+        n == 0
+    })
+    .await;
+    let nats = &app.state.nats;
+    let mut stream = nats.jetstream.get_stream(nats.events_stream()).await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.state.messages, 2, "payment.created and payment.captured");
+    let first = stream.get_raw_message(1).await.unwrap();
+    assert_eq!(first.subject.as_str(), format!("{}.events.{merchant}", nats.prefix));
+    let body: Value = serde_json::from_slice(&first.payload).unwrap();
+    assert_eq!(body["type"], "payment.created");
+}

@@ -6,6 +6,7 @@ pub mod events;
 pub mod idempotency;
 pub mod ledger;
 pub mod merchants;
+pub mod outbox;
 pub mod payments;
 pub mod refunds;
 pub mod sandbox;

@@ -1,0 +1,60 @@
+//! The outbox: events committed with the changes they report, published to NATS afterwards.
+
+use serde_json::Value;
+
+use super::{pg_error, Db};
+use crate::error::ApiError;
+
+/// One committed event waiting to be published.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub merchant_id: String,
+    pub event_type: String,
+    pub payload: Value,
+}
+
+impl Db {
+    /// Takes up to `limit` unpublished rows (locked, skipping rows another node holds), hands
+    /// them to `publish`, and marks the ones it returns as published, all in one transaction:
+    /// a crash in between publishes them again, which `Nats-Msg-Id` dedupes.
+    pub async fn relay_outbox<F, Fut>(&self, limit: i64, publish: F) -> Result<usize, ApiError>
+    where
+        F: FnOnce(Vec<OutboxRow>) -> Fut,
+        Fut: std::future::Future<Output = Vec<i64>>,
+    {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let rows = tx
+            .query(
+                "SELECT id, merchant_id, event_type, payload FROM outbox WHERE published_at IS NULL
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                &[&limit],
+            )
+            .await
+            .map_err(pg_error)?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let rows: Vec<OutboxRow> = rows
+            .iter()
+            .map(|r| OutboxRow {
+                id: r.get(0),
+                merchant_id: r.get(1),
+                event_type: r.get(2),
+                payload: r.get(3),
+            })
+            .collect();
+        let published = publish(rows).await;
+        if !published.is_empty() {
+            tx.execute(
+                "UPDATE outbox SET published_at = now() WHERE id = ANY($1)",
+                &[&published],
+            )
+            .await
+            .map_err(pg_error)?;
+        }
+        tx.commit().await.map_err(pg_error)?;
+        Ok(published.len())
+    }
+}
