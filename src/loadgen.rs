@@ -83,10 +83,7 @@ pub async fn run(args: LoadgenArgs, database_url: &str) -> Result<Value, String>
     } else {
         None
     };
-    let client = Client::builder()
-        .timeout(Duration::from_secs(30))
-        .max_http_version(awc::http::Version::HTTP_11)
-        .finish();
+    let client = client_for(&args);
     let keys = merchant_keys(&client, &args).await?;
     let before = scrape(&client, &args.url).await;
 
@@ -230,6 +227,15 @@ pub async fn run(args: LoadgenArgs, database_url: &str) -> Result<Value, String>
     Ok(report)
 }
 
+/// An HTTP/1.1 client allowed `--connections` connections (awc's default cap is 100).
+fn client_for(args: &LoadgenArgs) -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(30))
+        .max_http_version(awc::http::Version::HTTP_11)
+        .connector(awc::Connector::new().limit(args.connections.max(1)))
+        .finish()
+}
+
 /// One payment's requests; records each request's latency from `due`. True if all were 2xx.
 async fn one_payment(
     client: &Client,
@@ -340,7 +346,7 @@ async fn webhooks(args: LoadgenArgs, database_url: &str) -> Result<Value, String
                 .secret
         }
     };
-    let client = Client::builder().timeout(Duration::from_secs(30)).finish();
+    let client = client_for(&args);
     // 1. Authorized payments to capture by event (untimed).
     eprintln!("creating {} authorized payments …", args.events);
     let intents = Rc::new(RefCell::new(Vec::with_capacity(args.events)));
