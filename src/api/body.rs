@@ -241,8 +241,16 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// Refuses free text that holds a card number: payrail must never store one.
+/// Refuses free text that holds a card number (payrail must never store one) or a NUL
+/// character (PostgreSQL's text and jsonb cannot hold one).
 pub fn no_card_data(param: &str, s: &str) -> Result<(), ApiError> {
+    if s.contains('\0') {
+        return Err(ApiError::invalid(
+            "parameter_invalid",
+            format!("{param} must not contain NUL characters"),
+            param.to_owned(),
+        ));
+    }
     if contains_pan(s) {
         return Err(ApiError::invalid(
             "card_data_not_allowed",
@@ -326,6 +334,16 @@ mod tests {
             assert!(!body.contains("4242"), "{body}");
             assert_eq!(e.status().as_u16(), 400);
         }
+    }
+
+    #[test]
+    fn nul_characters_are_refused_everywhere() {
+        let obj = json!({ "description": "a\u{0}b", "metadata": { "k\u{0}": "v" }, "m2": { "k": "v\u{0}" } });
+        let obj = obj.as_object().unwrap();
+        let f = Fields::new(obj, &["description", "metadata", "m2"], "").unwrap();
+        assert_eq!(f.opt_str("description", 100).unwrap_err().status().as_u16(), 400);
+        assert_eq!(f.opt_metadata("metadata").unwrap_err().status().as_u16(), 400);
+        assert_eq!(f.opt_metadata("m2").unwrap_err().status().as_u16(), 400);
     }
 
     #[test]

@@ -101,8 +101,35 @@ async fn openapi() -> HttpResponse {
         .body(include_str!("openapi.json"))
 }
 
-async fn not_found() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::NotFound("route"))
+/// No route matched: 405 with `Allow` when the path exists under other methods, else 404.
+async fn not_found(req: actix_web::HttpRequest) -> HttpResponse {
+    let allowed = methods_for(req.path());
+    if allowed.is_empty() {
+        return actix_web::ResponseError::error_response(&ApiError::NotFound("route"));
+    }
+    let allow = allowed.join(", ");
+    let body = serde_json::json!({ "error": { "type": "invalid_request_error", "code": "method_not_allowed",
+                                              "message": format!("this path allows {allow}") } });
+    HttpResponse::MethodNotAllowed()
+        .insert_header(("Allow", allow))
+        .content_type("application/json")
+        .body(body.to_string())
+}
+
+/// The methods `ROUTES` registers for a concrete path (`{param}` segments match any segment).
+pub fn methods_for(path: &str) -> Vec<String> {
+    let segments: Vec<&str> = path.split('/').collect();
+    ROUTES
+        .iter()
+        .filter(|(_, pattern)| {
+            let p: Vec<&str> = pattern.split('/').collect();
+            p.len() == segments.len()
+                && p.iter()
+                    .zip(&segments)
+                    .all(|(a, b)| a.starts_with('{') && !b.is_empty() || a == b)
+        })
+        .map(|(m, _)| m.to_uppercase())
+        .collect()
 }
 
 /// A JSON response with exactly these bytes.

@@ -125,3 +125,43 @@ async fn malformed_operation_bodies_and_ids_are_rejected() {
         (404, Some("resource_missing"))
     );
 }
+
+#[actix_web::test]
+async fn an_undeclared_method_on_a_real_path_is_405_with_allow() {
+    let app = spawn_app().await;
+    let r = app
+        .request("PUT", "/api/v1/payments", Some(DEMO_KEY), None, Some("{}"))
+        .await;
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+    let allow = r.headers.get("allow").unwrap().to_str().unwrap().to_owned();
+    assert_eq!(allow, "POST, GET");
+    let r = app
+        .request("DELETE", "/api/v1/payments/pay_abc", Some(DEMO_KEY), None, None)
+        .await;
+    assert_eq!(
+        (r.status, r.headers.get("allow").unwrap().to_str().unwrap()),
+        (405, "GET")
+    );
+    assert_eq!(
+        app.request("GET", "/api/v1/payments/pay_abc/nothing", Some(DEMO_KEY), None, None)
+            .await
+            .status,
+        404
+    );
+}
+
+#[actix_web::test]
+async fn nul_characters_are_400_not_500() {
+    let app = spawn_app().await;
+    let body = json!({ "order_id": "o", "amount": { "value": 100, "currency": "USD" }, "payment_method": "pm_card_visa",
+                       "description": "a\u{0}b" });
+    let r = app.post("/api/v1/payments", body).await;
+    assert_eq!(
+        (r.status, r.body["error"]["param"].as_str()),
+        (400, Some("description"))
+    );
+    assert_eq!(app.count("payments").await, 0);
+}
