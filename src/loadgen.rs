@@ -501,7 +501,7 @@ fn pg_text(e: tokio_postgres::Error) -> String {
     }
 }
 
-fn zipf(rng: &mut impl Rng, n: usize) -> usize {
+pub fn zipf(rng: &mut impl Rng, n: usize) -> usize {
     if n <= 1 {
         return 0;
     }

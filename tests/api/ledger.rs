@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use futures_util::future::join_all;
 use payrail::domain::platform_fee;
+use payrail::loadgen::zipf;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
@@ -17,19 +18,6 @@ struct Model {
     payable: HashMap<String, i64>,
     fees: i64,
     clearing: i64,
-}
-
-/// Zipf-like: merchant k (0-based) is chosen with weight 1/(k+1).
-fn zipf(rng: &mut impl Rng, n: usize) -> usize {
-    let total: f64 = (1..=n).map(|k| 1.0 / k as f64).sum();
-    let mut x = rng.gen::<f64>() * total;
-    for k in 0..n {
-        x -= 1.0 / (k + 1) as f64;
-        if x <= 0.0 {
-            return k;
-        }
-    }
-    n - 1
 }
 
 /// The demo merchant's key and `n - 1` new merchants' keys.
