@@ -156,11 +156,5 @@ async fn every_acknowledged_payment_survives_a_kill_9_mid_batch() {
 
     restarted.child.kill().unwrap();
     let _ = restarted.child.wait();
-    let (admin, conn) = tokio_postgres::connect(&format!("{root}/postgres"), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    actix_rt::spawn(conn);
-    let _ = admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
-        .await;
+    crate::helpers::drop_database(&root, &db_name).await;
 }

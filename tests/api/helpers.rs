@@ -64,6 +64,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Drops a database a process-level test created itself (`root` is the URL without a name).
+pub async fn drop_database(root: &str, name: &str) {
+    if let Ok((admin, conn)) = tokio_postgres::connect(&format!("{root}/postgres"), tokio_postgres::NoTls).await {
+        actix_rt::spawn(conn);
+        let _ = admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .await;
+    }
+}
+
 pub struct TestApp {
     pub address: String,
     pub client: Client,

@@ -217,11 +217,5 @@ async fn events_in_flight_when_payrail_is_killed_are_redelivered_and_applied_onc
     assert_eq!((journals, processed), (40, 40), "each event applied exactly once");
     restarted.kill().unwrap();
     let _ = restarted.wait();
-    let (admin, conn) = tokio_postgres::connect(&format!("{root}/postgres"), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    actix_rt::spawn(conn);
-    let _ = admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
-        .await;
+    crate::helpers::drop_database(&root, &db_name).await;
 }
