@@ -20,8 +20,9 @@ fn state_in(status: Status) -> PaymentState {
             s.refund_pending = 1_000;
         }
         Status::ChargebackOpen => {
+            // 1,000 left undisputed: room for a refund that was pending when it opened.
             s.captured = 10_000;
-            s.disputed = 10_000;
+            s.disputed = 9_000;
         }
         Status::Refunded => {
             s.captured = 10_000;
@@ -273,4 +274,33 @@ proptest! {
             prop_assert_eq!(journaled_refund, s.refunded);
         }
     }
+}
+
+/// docs/API.md, "Disputes": a dispute takes at most the capture less refunds, pending or
+/// succeeded. Capture 1,000, refund 400: a dispute of 1,000 is refused (the actor clamps it
+/// to 600 first), one of 600 opens, and the refund settling later still fits.
+#[test]
+fn a_dispute_takes_at_most_what_refunds_left() {
+    let mut s = PaymentState::new(1_000);
+    s.status = Status::Captured;
+    s.captured = 1_000;
+    s.refunded = 400;
+    assert_eq!(s.disputable(), 600);
+    assert_eq!(
+        decide(&s, Input::DisputeOpened { amount: 1_000 }),
+        Err(Rejection::AmountTooLarge)
+    );
+    let (opened, _) = decide(&s, Input::DisputeOpened { amount: 600 }).unwrap();
+    assert_eq!((opened.status, opened.disputed), (Status::ChargebackOpen, 600));
+
+    // A pending refund counts as taken too.
+    let mut p = PaymentState::new(1_000);
+    p.status = Status::Refunding;
+    p.captured = 1_000;
+    p.refund_pending = 300;
+    assert_eq!(p.disputable(), 700);
+    let (opened, _) = decide(&p, Input::DisputeOpened { amount: 700 }).unwrap();
+    let (settled, _) = decide(&opened, Input::RefundSucceeded { amount: 300 }).unwrap();
+    assert!(settled.amounts_consistent(), "{settled:?}");
+    assert_eq!((settled.refunded, settled.disputed), (300, 700));
 }

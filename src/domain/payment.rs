@@ -127,7 +127,13 @@ impl PaymentState {
             && self.capturable <= self.amount
             && self.captured <= self.amount
             && self.refunded + self.refund_pending <= self.captured
-            && self.disputed <= self.captured
+            && self.disputed + self.refunded + self.refund_pending <= self.captured
+    }
+
+    /// What a dispute may still take: the capture less refunds, pending or succeeded. A PSP
+    /// that disputes more is clamped to this (docs/API.md, "Disputes").
+    pub fn disputable(&self) -> i64 {
+        self.captured - self.refunded - self.refund_pending
     }
 }
 
@@ -488,7 +494,7 @@ pub fn decide(state: &PaymentState, input: Input) -> Result<(PaymentState, Vec<E
         }
         Input::Settled => next.settled = true,
         Input::DisputeOpened { amount } => {
-            guard(amount <= state.captured)?;
+            guard(amount <= state.disputable())?;
             next.disputed = amount;
             effects.push(Effect::Journal {
                 kind: JournalKind::DisputeOpened,
