@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use payrail::actors::ledger_shard::Ledger;
 use payrail::actors::payment_flow::{Live, PaymentDeps};
+use payrail::actors::store::{PgStore, SystemClock};
 use payrail::actors::{Op, PaymentCall, PaymentRegistry};
 use payrail::adapters::postgres::Db;
 use payrail::adapters::psp::sandbox::SandboxPsp;
@@ -74,10 +75,10 @@ async fn main() {
         None,
     ));
     let deps = PaymentDeps {
-        db,
-        ledger,
+        store: Arc::new(PgStore { db, ledger }),
         psp,
-        psp_timeout: Duration::from_secs(5),
+        psp_timeout: Some(Duration::from_secs(5)),
+        clock: Arc::new(SystemClock),
         metrics,
     };
     let registry = Arc::new(PaymentRegistry::new(deps, config.actors.clone()));

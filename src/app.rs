@@ -10,11 +10,12 @@ use actix_web::dev::{Server, Service};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, App, HttpServer};
 use dashmap::DashMap;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 
 use crate::actors::event_consumer::EventConsumer;
 use crate::actors::ledger_shard::Ledger;
 use crate::actors::payment_flow::PaymentDeps;
+use crate::actors::store::{PgStore, SystemClock};
 use crate::actors::PaymentRegistry;
 use crate::adapters::nats::{Nats, NatsError};
 use crate::adapters::postgres::{Db, SetupError};
@@ -98,10 +99,13 @@ impl Application {
         let metrics = Arc::new(Metrics::default());
         let ledger = Arc::new(Ledger::start(&db, &config.ledger, metrics.clone()));
         let deps = PaymentDeps {
-            db: db.clone(),
-            ledger,
+            store: Arc::new(PgStore {
+                db: db.clone(),
+                ledger: ledger.clone(),
+            }),
             psp,
-            psp_timeout: Duration::from_millis(config.psp.timeout_ms),
+            psp_timeout: Some(Duration::from_millis(config.psp.timeout_ms)),
+            clock: Arc::new(SystemClock),
             metrics: metrics.clone(),
         };
         let registry = Arc::new(PaymentRegistry::new(deps, config.actors.clone()));
@@ -133,6 +137,7 @@ impl Application {
             db,
             nats,
             registry,
+            ledger,
             event_consumers,
             sandbox: Some(sandbox),
             merchants: DashMap::new(),
@@ -199,6 +204,10 @@ impl Application {
     }
 }
 
+/// Payments the recovery sweeper takes per tick, and how many it resolves at once.
+const SWEEP_BATCH: i64 = 1_000;
+const SWEEP_CONCURRENCY: usize = 16;
+
 /// Background upkeep: PSP attempts a crash left open are completed; idempotency records past
 /// their retention are deleted in bounded slices.
 fn spawn_housekeeping(state: web::Data<AppState>) {
@@ -211,19 +220,25 @@ fn spawn_housekeeping(state: web::Data<AppState>) {
         loop {
             tick.tick().await;
             let stale = recovery.config.psp.timeout_ms * 2;
-            let Ok(found) = recovery.db.payments_with_stale_attempts(stale, 100).await else {
+            let Ok(found) = recovery.db.payments_with_stale_attempts(stale, SWEEP_BATCH).await else {
                 continue;
             };
-            for (id, merchant) in found {
-                let call = crate::actors::PaymentCall {
-                    merchant,
-                    op: crate::actors::Op::Resolve,
-                    idem: None,
-                };
-                if let Err(e) = recovery.registry.call(&id, call).await {
-                    tracing::warn!(payment_id = %id, error = %e, "could not complete an open PSP attempt yet");
-                }
-            }
+            // The oldest first, several at once: one slow PSP call does not hold up the rest.
+            // The Resolve reloads each payment from PostgreSQL, so an attempt its actor's
+            // memory missed (an ambiguous commit) is completed too.
+            let registry = &recovery.registry;
+            futures_util::stream::iter(found)
+                .for_each_concurrent(SWEEP_CONCURRENCY, |(id, merchant)| async move {
+                    let call = crate::actors::PaymentCall {
+                        merchant,
+                        op: crate::actors::Op::Resolve,
+                        idem: None,
+                    };
+                    if let Err(e) = registry.call(&id, call).await {
+                        tracing::warn!(payment_id = %id, error = %e, "could not complete an open PSP attempt yet");
+                    }
+                })
+                .await;
         }
     });
     actix_rt::spawn(async move {

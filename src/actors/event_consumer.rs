@@ -1,9 +1,11 @@
 //! `EventConsumer`: one per JetStream partition of PSP events. It pulls a bounded batch, finds
 //! each event's payment by its PSP reference, hands the event to that payment's actor, and
 //! acks only once the actor's commit is durable. An event whose payment is not there yet is
-//! NAKed with a delay (the API's own commit may still be in flight); after `max_deliver`
-//! deliveries it is parked as a dead letter. A panic while handling one event is caught,
-//! counted as a restart, and the event NAKed.
+//! NAKed with a delay (the API's own commit may still be in flight). No event is ever dropped:
+//! JetStream redelivers without limit (with a capped backoff), and once an event has failed
+//! `[nats] max_deliver` times payrail parks it as a dead letter, envelope and all, and only
+//! then acknowledges it; an operator replays it with `POST /admin/v1/dead_letters/{id}/replay`.
+//! A panic while handling one event is caught, counted as a restart, and the event NAKed.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
@@ -59,7 +61,27 @@ impl Actor for EventConsumer {
 /// What happened to one delivery.
 enum Verdict {
     Ack(&'static str),
-    Retry(&'static str),
+    /// Failed: deliver it again later, or park it once it failed often enough.
+    Retry(&'static str, &'static str),
+}
+
+/// What becomes of an event whose handling failed on its `delivered`-th delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// NAK: JetStream delivers it again after this delay.
+    Redeliver(Duration),
+    /// Store it as a dead letter, then acknowledge it.
+    DeadLetter,
+}
+
+/// The one rule, shared with the simulation: back off with the number of deliveries (0.5 s,
+/// 1 s, 1.5 s, … at most 10 s), and park the event after `max_deliver` failures.
+pub fn disposition(delivered: i64, max_deliver: i64) -> Disposition {
+    if delivered >= max_deliver.max(1) {
+        Disposition::DeadLetter
+    } else {
+        Disposition::Redeliver(Duration::from_millis(500 * delivered.clamp(1, 20) as u64))
+    }
 }
 
 struct Worker {
@@ -80,11 +102,7 @@ impl Worker {
         loop {
             let consumer = match self
                 .nats
-                .psp_consumer(
-                    self.partition,
-                    Duration::from_secs(self.config.ack_wait_secs),
-                    self.config.max_deliver,
-                )
+                .psp_consumer(self.partition, Duration::from_secs(self.config.ack_wait_secs), -1)
                 .await
             {
                 Ok(c) => c,
@@ -149,7 +167,7 @@ impl Worker {
                 "event consumer panicked on an event; it will be redelivered"
             );
             self.kind.restarts.fetch_add(1, Ordering::Relaxed);
-            Verdict::Retry("panicked")
+            Verdict::Retry("panicked", "the consumer panicked on it")
         });
         let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
         let result = match verdict {
@@ -157,15 +175,69 @@ impl Worker {
                 self.record(message, outcome);
                 message.ack().await
             }
-            Verdict::Retry(outcome) => {
-                self.record(message, outcome);
-                // Back off with the number of deliveries: 0.5 s, 1 s, 1.5 s, …
-                let delay = Duration::from_millis(500 * delivered.clamp(1, 20) as u64);
-                message.ack_with(AckKind::Nak(Some(delay))).await
-            }
+            Verdict::Retry(outcome, reason) => match disposition(delivered, self.config.max_deliver) {
+                Disposition::DeadLetter if self.park(message, reason, delivered as i32).await => {
+                    self.record(message, "dead_lettered");
+                    message.ack().await
+                }
+                Disposition::DeadLetter => {
+                    // Not parked (PostgreSQL is down): keep it in JetStream, try again later.
+                    self.record(message, outcome);
+                    message.ack_with(AckKind::Nak(Some(Duration::from_secs(10)))).await
+                }
+                Disposition::Redeliver(delay) => {
+                    self.record(message, outcome);
+                    message.ack_with(AckKind::Nak(Some(delay))).await
+                }
+            },
         };
         if let Err(e) = result {
             tracing::warn!(partition = self.partition, error = %e, "acknowledging a PSP event failed; it will be redelivered");
+        }
+    }
+
+    /// Stores the delivery as a dead letter with its envelope, so that it can be replayed.
+    async fn park(&self, message: &async_nats::jetstream::Message, reason: &str, delivered: i32) -> bool {
+        let event = rmp_serde::from_slice::<PspEvent>(&message.payload).ok();
+        let parked = match &event {
+            Some(e) => {
+                self.db
+                    .dead_letter(
+                        &e.provider,
+                        &e.event_id,
+                        &e.event_type,
+                        &e.reference,
+                        reason,
+                        delivered,
+                        &e.raw,
+                        Some(&message.payload),
+                    )
+                    .await
+            }
+            None => {
+                self.db
+                    .dead_letter(
+                        "unknown",
+                        "unknown",
+                        "unknown",
+                        "",
+                        reason,
+                        delivered,
+                        &message.payload,
+                        None,
+                    )
+                    .await
+            }
+        };
+        match parked {
+            Ok(()) => {
+                tracing::error!(partition = self.partition, reason, "PSP event parked as a dead letter");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(partition = self.partition, error = %e, "could not park a PSP event; it stays in JetStream");
+                false
+            }
         }
     }
 
@@ -183,25 +255,17 @@ impl Worker {
             }
             Ok(e) => e,
             Err(e) => {
-                tracing::error!(partition = self.partition, error = %e, "unreadable PSP event; parked");
-                let _ = self
-                    .db
-                    .dead_letter(
-                        "unknown",
-                        "unknown",
-                        "unknown",
-                        "",
-                        "unreadable envelope",
-                        delivered as i32,
-                        &message.payload,
-                    )
-                    .await;
-                return Verdict::Ack("dead_lettered");
+                tracing::error!(partition = self.partition, error = %e, "unreadable PSP event");
+                return if self.park(message, "unreadable envelope", delivered as i32).await {
+                    Verdict::Ack("dead_lettered")
+                } else {
+                    Verdict::Retry("retried", "unreadable envelope")
+                };
             }
         };
         let found = match self.db.payment_of_reference(&event.provider, &event.reference).await {
             Ok(found) => found,
-            Err(_) => return Verdict::Retry("retried"),
+            Err(_) => return Verdict::Retry("retried", "the database was unavailable"),
         };
         let Some((payment_id, merchant)) = found else {
             if event.reference.is_empty() || !concerns_a_payment(&event.event_type) {
@@ -212,29 +276,10 @@ impl Worker {
                     .await
                 {
                     Ok(()) => Verdict::Ack("ignored"),
-                    Err(_) => Verdict::Retry("retried"),
+                    Err(_) => Verdict::Retry("retried", "the database was unavailable"),
                 };
             }
-            if delivered < self.config.max_deliver {
-                return Verdict::Retry("unknown_reference");
-            }
-            let parked = self
-                .db
-                .dead_letter(
-                    &event.provider,
-                    &event.event_id,
-                    &event.event_type,
-                    &event.reference,
-                    "no payment with this PSP reference",
-                    delivered as i32,
-                    &event.raw,
-                )
-                .await;
-            return if parked.is_ok() {
-                Verdict::Ack("dead_lettered")
-            } else {
-                Verdict::Retry("retried")
-            };
+            return Verdict::Retry("unknown_reference", "no payment with this PSP reference");
         };
         let call = PaymentCall {
             merchant,
@@ -242,11 +287,11 @@ impl Worker {
             idem: None,
         };
         match self.registry.call(&payment_id, call).await {
-            Ok(reply) if reply.body == b"duplicate" => Verdict::Ack("duplicate"),
+            Ok(reply) if reply.status == super::payment_flow::DUPLICATE_EVENT => Verdict::Ack("duplicate"),
             Ok(_) => Verdict::Ack("applied"),
             Err(e) => {
                 tracing::warn!(payment_id = %payment_id, error = %e, "PSP event not applied yet; it will be redelivered");
-                Verdict::Retry("retried")
+                Verdict::Retry("retried", "its payment could not apply it")
             }
         }
     }

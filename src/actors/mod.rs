@@ -11,6 +11,7 @@ pub mod outbox_relay;
 pub mod payment;
 pub mod payment_flow;
 pub mod registry;
+pub mod store;
 
 pub use mailbox::{ActorStats, Mailbox};
 pub use payment::{IdemKey, Op, PaymentActor, PaymentCall, Reply};

@@ -27,6 +27,9 @@ const FAILED_LINGER: Duration = Duration::from_millis(200);
 pub struct IdemKey {
     pub merchant: MerchantId,
     pub key: String,
+    /// The key's fence: which takeover of the key this request holds. A commit that completes
+    /// the key must still find this fence, or it lost the key to a newer request.
+    pub fence: i64,
 }
 
 /// A merchant's operation on a payment.
@@ -57,6 +60,18 @@ pub enum Op {
 }
 
 impl Op {
+    /// The operation as a retry runs it: a refund resumes the one its key already created.
+    pub fn resuming(self, resource_id: Option<&str>) -> Op {
+        match self {
+            Op::Refund { amount, reason, .. } => Op::Refund {
+                amount,
+                reason,
+                resume: resource_id.and_then(RefundId::parse),
+            },
+            other => other,
+        }
+    }
+
     /// The status of a successful answer.
     pub fn reply_status(&self) -> u16 {
         match self {
@@ -151,16 +166,18 @@ impl Actor for PaymentActor {
         // `wait` holds every message back until the state is loaded (unless its creator
         // handed it over).
         if self.live.is_none() {
-            ctx.wait(async move { deps.db.load_payment(&id).await }.into_actor(self).map(
-                |loaded, act, ctx| match loaded {
-                    Ok(Some((payment, open))) => {
-                        act.mailbox.set_status(status_index(payment.status()));
-                        act.live = Some(Live { payment, open });
-                    }
-                    Ok(None) => act.fail(ctx, ApiError::NotFound("payment")),
-                    Err(e) => act.fail(ctx, e),
-                },
-            ));
+            ctx.wait(
+                async move { deps.store.load(&id).await }
+                    .into_actor(self)
+                    .map(|loaded, act, ctx| match loaded {
+                        Ok(Some(live)) => {
+                            act.mailbox.set_status(status_index(live.payment.status()));
+                            act.live = Some(live);
+                        }
+                        Ok(None) => act.fail(ctx, ApiError::NotFound("payment")),
+                        Err(e) => act.fail(ctx, e),
+                    }),
+            );
         }
         let every = (self.idle_timeout / 4).max(Duration::from_millis(10));
         ctx.run_interval(every, |act, ctx| {

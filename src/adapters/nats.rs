@@ -112,10 +112,23 @@ impl Nats {
         partitions: u32,
         timeout: Duration,
     ) -> Result<bool, NatsError> {
+        self.publish_psp_event_as(event, &event.event_id, partitions, timeout)
+            .await
+    }
+
+    /// Like [`Nats::publish_psp_event`] under another `Nats-Msg-Id`: a dead letter replayed
+    /// within the duplicate window must not be taken for the original.
+    pub async fn publish_psp_event_as(
+        &self,
+        event: &PspEvent,
+        message_id: &str,
+        partitions: u32,
+        timeout: Duration,
+    ) -> Result<bool, NatsError> {
         let payload = rmp_serde::to_vec_named(event).map_err(|e| NatsError::JetStream(e.to_string()))?;
         let subject = self.psp_subject(partition(&event.reference, partitions), &event.provider);
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", event.event_id.as_str());
+        headers.insert("Nats-Msg-Id", message_id);
         let publish = async {
             let ack = self
                 .jetstream
@@ -130,7 +143,9 @@ impl Nats {
         Ok(ack.duplicate)
     }
 
-    /// The durable pull consumer of one partition: explicit acks, bounded redelivery.
+    /// The durable pull consumer of one partition: explicit acks. `max_deliver` is -1 in
+    /// production: JetStream never gives up on an event; payrail parks it as a dead letter
+    /// itself once it has failed often enough, and only after the dead letter is stored.
     pub async fn psp_consumer(
         &self,
         partition: u32,

@@ -96,7 +96,7 @@ pub async fn actors(state: web::Data<AppState>, req: HttpRequest) -> Result<Http
             );
         }
     }
-    let ledger = &state.registry.deps().ledger;
+    let ledger = &state.ledger;
     if kind.is_none() || kind == Some("ledger_shard") {
         for (i, m) in ledger.mailboxes().iter().enumerate() {
             list.push(serde_json::json!({ "kind": "ledger_shard", "id": format!("ledger_shard-{i}"), "mailbox_depth": m.depth(),
@@ -148,7 +148,7 @@ pub async fn actor(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpR
                 .unwrap_or(id)
                 .parse()
                 .map_err(|_| ApiError::NotFound("actor"))?;
-            let ledger = &state.registry.deps().ledger;
+            let ledger = &state.ledger;
             let m = ledger.mailboxes().get(i).cloned().ok_or(ApiError::NotFound("actor"))?;
             serde_json::json!({
                 "kind": "ledger_shard", "id": format!("ledger_shard-{i}"), "live": true,
@@ -179,5 +179,47 @@ pub async fn dead_letters(state: web::Data<AppState>, req: HttpRequest) -> Resul
     Ok(json_value(
         200,
         &serde_json::json!({ "object": "list", "data": list, "total": total, "has_more": has_more }),
+    ))
+}
+
+/// `POST /admin/v1/dead_letters/{id}/replay`: publishes a dead letter's envelope to its
+/// partition again (under a message id of its own, so JetStream's duplicate window does not
+/// swallow it) and marks it replayed. Idempotent in effect: the event is still applied at
+/// most once (its `processed_events` row), so replaying twice changes nothing twice.
+pub async fn replay_dead_letter(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    auth::operator(&state, &req)?;
+    let id = req
+        .match_info()
+        .get("id")
+        .and_then(|s| s.parse::<i64>().ok())
+        .ok_or(ApiError::NotFound("dead letter"))?;
+    let envelope = state
+        .db
+        .dead_letter_for_replay(id)
+        .await?
+        .ok_or(ApiError::NotFound("dead letter"))?
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "dead_letter_not_replayable",
+                "this dead letter's envelope was unreadable; it cannot be replayed",
+                None,
+            )
+        })?;
+    let event: crate::adapters::nats::PspEvent = rmp_serde::from_slice(&envelope).map_err(|_| ApiError::Internal)?;
+    let message_id = format!("{}:replay:{id}:{}", event.event_id, uuid::Uuid::new_v4().simple());
+    let timeout = std::time::Duration::from_millis(state.config.nats.publish_timeout_ms);
+    state
+        .nats
+        .publish_psp_event_as(&event, &message_id, state.config.nats.partitions, timeout)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "replaying a dead letter");
+            ApiError::Unavailable("nats")
+        })?;
+    state.metrics.psp_event(&event.provider, "replayed");
+    Ok(json_value(
+        200,
+        &serde_json::json!({ "object": "dead_letter_replay", "id": id, "event_id": event.event_id,
+                             "event_type": event.event_type, "replayed": true }),
     ))
 }

@@ -94,47 +94,54 @@ where
             state.metrics.idempotency_conflict("reused");
             Err(ApiError::IdempotencyKeyReused)
         }
-        Begin::Proceed { resource_id } => {
+        Begin::Proceed { resource_id, fence } => {
             let ticket = Ticket {
                 key: IdemKey {
                     merchant: merchant.id.clone(),
                     key: key.clone(),
+                    fence,
                 },
                 resource_id,
             };
-            match op(parsed, ticket).await {
-                Ok(reply) => {
-                    if !reply.stored {
-                        if let Err(e) = state
-                            .db
-                            .idempotency_store(&merchant.id, &key, reply.status, &reply.body)
-                            .await
-                        {
-                            // The operation happened; its record stays in flight until the lease
-                            // ends, and a retry then resumes from the resource it created.
-                            tracing::warn!(error = %e, "could not store an idempotent response");
-                        }
-                    }
-                    Ok(json_response(reply.status, reply.body))
-                }
-                Err(e) if e.is_replayable() => {
-                    if let Err(store) = state
+            let result = op(parsed, ticket).await;
+            let done = match completion(&result) {
+                Completion::Stored => Ok(()),
+                Completion::Store(status, body) => {
+                    state
                         .db
-                        .idempotency_store(&merchant.id, &key, e.status().as_u16(), &e.body())
+                        .idempotency_store(&merchant.id, &key, fence, status, &body)
                         .await
-                    {
-                        tracing::warn!(error = %store, "could not store an idempotent error");
-                    }
-                    Err(e)
                 }
-                Err(e) => {
-                    if let Err(release) = state.db.idempotency_release(&merchant.id, &key).await {
-                        tracing::warn!(error = %release, "could not release an idempotency key");
-                    }
-                    Err(e)
-                }
+                Completion::Release => state.db.idempotency_release(&merchant.id, &key, fence).await,
+            };
+            if let Err(e) = done {
+                // The operation's answer stands; the record stays in flight until the lease ends,
+                // and a retry then resumes from what the operation left.
+                tracing::warn!(error = %e, "could not complete an idempotency record");
             }
+            result.map(|reply| json_response(reply.status, reply.body))
         }
+    }
+}
+
+/// What an operation's result leaves on its idempotency key.
+#[derive(Debug, PartialEq)]
+pub enum Completion {
+    /// The operation's own commit stored the answer.
+    Stored,
+    /// Store this answer now: a retry replays it.
+    Store(u16, Vec<u8>),
+    /// A 5xx or a conflict: store nothing and free the key, so a retry runs again.
+    Release,
+}
+
+/// The one rule for completing a key, shared by the API and the simulation.
+pub fn completion(result: &Result<Reply, ApiError>) -> Completion {
+    match result {
+        Ok(reply) if reply.stored => Completion::Stored,
+        Ok(reply) => Completion::Store(reply.status, reply.body.clone()),
+        Err(e) if e.is_replayable() => Completion::Store(e.status().as_u16(), e.body()),
+        Err(_) => Completion::Release,
     }
 }
 

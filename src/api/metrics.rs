@@ -25,7 +25,7 @@ fn actor_lines(out: &mut String, kind: &str, s: &ActorStats) {
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let mut out = String::with_capacity(4096);
-    let ledger = &state.registry.deps().ledger;
+    let ledger = &state.ledger;
     out.push_str("# HELP payrail_actor_mailbox_depth Messages sent to actors of a kind and not yet taken up.\n");
     out.push_str("# TYPE payrail_actor_mailbox_depth gauge\n");
     actor_lines(&mut out, "payment", &state.registry.stats);
@@ -79,6 +79,21 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
             "PSP events JetStream delivered more than once.",
         );
         let _ = writeln!(out, "payrail_psp_consumer_redelivered {}", lag.redelivered);
+    }
+    // The alert: a dead letter is an event payrail could not apply; each waits for an operator.
+    if let Ok(Ok(n)) = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        state.db.dead_letters_unreplayed(),
+    )
+    .await
+    {
+        crate::metrics::header(
+            &mut out,
+            "payrail_dead_letters_unreplayed",
+            "gauge",
+            "PSP events parked as dead letters and not replayed yet (alert when above 0).",
+        );
+        let _ = writeln!(out, "payrail_dead_letters_unreplayed {n}");
     }
     let pool = state.db.pool_status();
     out.push_str("# TYPE payrail_db_pool_connections gauge\n");

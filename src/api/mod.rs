@@ -36,6 +36,8 @@ pub struct AppState {
     pub db: Db,
     pub nats: Nats,
     pub registry: Arc<PaymentRegistry>,
+    /// The ledger shards (group commit); the payment flow commits through them.
+    pub ledger: Arc<crate::actors::ledger_shard::Ledger>,
     /// The PSP event consumers' totals (one consumer per partition).
     pub event_consumers: Arc<crate::actors::ActorStats>,
     /// The sandbox PSP, when it is the configured one (its own endpoints need it).
@@ -88,6 +90,7 @@ api_routes! {
     get "/admin/v1/actors" => admin::actors,
     get "/admin/v1/actors/{kind}/{id}" => admin::actor,
     get "/admin/v1/dead_letters" => admin::dead_letters,
+    post "/admin/v1/dead_letters/{id}/replay" => admin::replay_dead_letter,
     get "/admin/" => admin::live_view,
     post "/internal/webhooks/psp/{provider}" => webhooks::receive,
     post "/sandbox/v1/payment_methods" => sandbox::payment_methods,

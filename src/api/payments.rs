@@ -157,14 +157,18 @@ pub async fn create(
                     key: ticket.key.key.clone(),
                     resource_id: Some(payment.id.to_string()),
                     response: (!confirm).then(|| (201, object.clone())),
+                    fence: ticket.key.fence,
                 }),
                 attempt_started: attempt.clone(),
                 payment: Some(payment.clone()),
                 ..Commit::default()
             };
-            state.registry.deps().ledger.commit(commit).await.map_err(|e| match e {
+            state.ledger.commit(commit).await.map_err(|e| match e {
                 CommitError::Api(e) => e,
                 CommitError::Stale => ApiError::Internal,
+                // A retry with the same key took it over while this request waited: the retry
+                // creates the payment, this one creates nothing.
+                CommitError::Fenced => ApiError::IdempotencyKeyInUse,
             })?;
             match attempt {
                 None => Ok(Reply {
@@ -206,14 +210,7 @@ async fn operate(
         parsed,
         |(id, op), ticket| async move {
             let (state, merchant) = (st, m);
-            let op = match op {
-                Op::Refund { amount, reason, .. } => Op::Refund {
-                    amount,
-                    reason,
-                    resume: ticket.resource_id.as_deref().and_then(crate::domain::RefundId::parse),
-                },
-                other => other,
-            };
+            let op = op.resuming(ticket.resource_id.as_deref());
             state
                 .registry
                 .call(

@@ -17,10 +17,19 @@ pub async fn list_for_payment(state: web::Data<AppState>, req: HttpRequest) -> R
         .payment_for_merchant(&merchant.id, &id)
         .await?
         .ok_or(ApiError::NotFound("payment"))?;
-    let refunds = state.db.refunds_of_payment(&id).await?;
+    let q = super::payments::query(&req)?;
+    let limit = super::payments::int_param(&q, "limit", 100, 1, 100)?;
+    let after = match q.get("starting_after") {
+        None => None,
+        Some(s) => Some(
+            RefundId::parse(s)
+                .ok_or_else(|| ApiError::param("starting_after", "starting_after must be a refund id"))?,
+        ),
+    };
+    let (refunds, more) = state.db.refunds_of_payment(&id, limit, after.as_ref()).await?;
     Ok(json_value(
         200,
-        &list_object(refunds.iter().map(Refund::to_object).collect(), false),
+        &list_object(refunds.iter().map(Refund::to_object).collect(), more),
     ))
 }
 

@@ -71,8 +71,6 @@ async fn a_panic_in_a_ledger_batch_refuses_its_commits_and_the_shard_goes_on() {
     );
     assert_eq!(
         app.state
-            .registry
-            .deps()
             .ledger
             .kind
             .restarts

@@ -45,7 +45,19 @@ pub enum AttemptOutcome {
 }
 
 impl AttemptOutcome {
-    fn as_str(self) -> &'static str {
+    pub fn parse(s: &str) -> Option<AttemptOutcome> {
+        [
+            AttemptOutcome::Succeeded,
+            AttemptOutcome::Failed,
+            AttemptOutcome::RequiresAction,
+            AttemptOutcome::Pending,
+            AttemptOutcome::Rejected,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
         match self {
             AttemptOutcome::Succeeded => "succeeded",
             AttemptOutcome::Failed => "failed",
@@ -65,6 +77,8 @@ pub struct IdempotencyWrite {
     pub resource_id: Option<String>,
     /// Status and body; `None` while the request goes on (a create that will now confirm).
     pub response: Option<(u16, Vec<u8>)>,
+    /// The fence the request holds: the write lands only while the key still has it.
+    pub fence: i64,
 }
 
 /// A PSP event this commit applies (or records as changing nothing): its dedupe row.
@@ -82,7 +96,7 @@ pub struct OutboxEvent {
     pub payload: Value,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Commit {
     /// The payment as this commit leaves it. `version` 1 inserts it; any other version updates
     /// the row only if it still holds `version - 1`.
@@ -96,6 +110,8 @@ pub struct Commit {
     pub idempotency: Option<IdempotencyWrite>,
     pub processed_event: Option<ProcessedEvent>,
     pub disputes: Vec<crate::domain::Dispute>,
+    /// PSP-side facts the state machine could not take, for an operator: (payment, what).
+    pub exceptions: Vec<(crate::domain::PaymentId, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +119,10 @@ pub enum CommitError {
     /// The stored payment moved on without us: another incarnation of its actor wrote it.
     #[error("the payment was changed by someone else")]
     Stale,
+    /// The idempotency key was taken over by a newer request with the same key: this one no
+    /// longer speaks for it.
+    #[error("the idempotency key was taken over by a newer request")]
+    Fenced,
     #[error(transparent)]
     Api(#[from] ApiError),
 }
@@ -111,6 +131,7 @@ impl Clone for CommitError {
     fn clone(&self) -> CommitError {
         match self {
             CommitError::Stale => CommitError::Stale,
+            CommitError::Fenced => CommitError::Fenced,
             CommitError::Api(e) => CommitError::Api(e.clone()),
         }
     }
@@ -169,10 +190,18 @@ const ENTRIES: &str = "INSERT INTO entries (journal_id, account, currency, debit
 const OUTBOX: &str = "INSERT INTO outbox (merchant_id, payment_id, event_type, payload)
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])";
 
+/// Only while the key is still in flight and still holds the request's fence: a key taken over
+/// by a newer request (its lease ran out while this one waited) is not ours to complete, and
+/// the missing row in RETURNING fails the commit as `Fenced`.
 const IDEMPOTENCY: &str = "UPDATE idempotency_keys k SET resource_id = coalesce(u.resource_id, k.resource_id),
         response_status = u.status, response_body = u.body
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::bytea[]) AS u(merchant_id, key, resource_id, status, body)
-    WHERE k.merchant_id = u.merchant_id AND k.key = u.key AND k.response_status IS NULL";
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::bytea[], $6::int8[])
+        AS u(merchant_id, key, resource_id, status, body, fence)
+    WHERE k.merchant_id = u.merchant_id AND k.key = u.key AND k.response_status IS NULL AND k.fence = u.fence
+    RETURNING k.key";
+
+const EXCEPTIONS: &str = "INSERT INTO payment_exceptions (payment_id, merchant_id, detail)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[])";
 
 const PROCESSED: &str = "INSERT INTO processed_events (provider, event_id, event_type, payment_id, raw)
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[])";
@@ -191,7 +220,7 @@ const BALANCES: &str = "INSERT INTO ledger_accounts (account, currency, slot, de
         credit_total = ledger_accounts.credit_total + excluded.credit_total";
 
 /// Every statement of a batch, in the order they run; the indices below name them.
-const STATEMENTS: [&str; 13] = [
+const STATEMENTS: [&str; 14] = [
     PAYMENTS_INSERT,
     PAYMENTS_UPDATE,
     REFUNDS,
@@ -205,6 +234,7 @@ const STATEMENTS: [&str; 13] = [
     BALANCES,
     PROCESSED,
     DISPUTES,
+    EXCEPTIONS,
 ];
 const INSERT: usize = 0;
 const UPDATE: usize = 1;
@@ -248,8 +278,10 @@ struct Columns {
     entries: (Text, Text, Text, Amounts, Amounts),
     /// merchant_id, payment_id, event_type, payload
     outbox: (Text, Text, Text, Vec<Value>),
-    /// merchant_id, key, resource_id, response_status, response_body
-    idempotency: (Text, Text, MaybeText, Vec<Option<i16>>, Bodies),
+    /// merchant_id, key, resource_id, response_status, response_body, fence
+    idempotency: (Text, Text, MaybeText, Vec<Option<i16>>, Bodies, Vec<i64>),
+    /// payment_id, merchant_id, detail
+    exceptions: (Text, Text, Text),
     /// provider, event_id, event_type, payment_id, raw
     processed: (Text, Text, Text, MaybeText, Vec<Vec<u8>>),
     /// id, payment_id, merchant_id, psp_reference, amount, currency, status, reason, created_at, updated_at
@@ -482,6 +514,12 @@ impl Columns {
                 c.idempotency.2.push(i.resource_id.clone());
                 c.idempotency.3.push(i.response.as_ref().map(|(s, _)| *s as i16));
                 c.idempotency.4.push(i.response.as_ref().map(|(_, b)| b.clone()));
+                c.idempotency.5.push(i.fence);
+            }
+            for (payment, detail) in &commit.exceptions {
+                c.exceptions.0.push(payment.to_string());
+                c.exceptions.1.push(p.merchant_id.to_string());
+                c.exceptions.2.push(detail.clone());
             }
         }
         Ok(c)
@@ -516,7 +554,9 @@ impl Db {
         if !cols.ins.id.is_empty() {
             pending.push(job(tx, &st[INSERT], false, cols.ins.insert_params()));
         }
+        let mut stale_check = None;
         if !cols.upd.id.is_empty() {
+            stale_check = Some(pending.len());
             pending.push(job(tx, &st[UPDATE], true, cols.upd.update_params()));
         }
         let r = &cols.refunds;
@@ -550,8 +590,14 @@ impl Db {
             pending.push(job(tx, &st[8], false, vec![&o.0, &o.1, &o.2, &o.3]));
         }
         let i = &cols.idempotency;
+        let mut fence_check = None;
         if !i.0.is_empty() {
-            pending.push(job(tx, &st[9], false, vec![&i.0, &i.1, &i.2, &i.3, &i.4]));
+            fence_check = Some(pending.len());
+            pending.push(job(tx, &st[9], true, vec![&i.0, &i.1, &i.2, &i.3, &i.4, &i.5]));
+        }
+        let x = &cols.exceptions;
+        if !x.0.is_empty() {
+            pending.push(job(tx, &st[13], false, vec![&x.0, &x.1, &x.2]));
         }
         let e = &cols.processed;
         if !e.0.is_empty() {
@@ -570,11 +616,12 @@ impl Db {
         let results = futures_util::future::join_all(pending).await;
         // A payment update that matched fewer rows than asked means a payment moved on: that
         // explains any error after it (a duplicate audit-trail seq, say), so it wins.
-        if results
-            .iter()
-            .any(|r| matches!(r, Ok(Some(n)) if *n as usize != cols.upd_expected))
-        {
+        let count = |at: Option<usize>| at.and_then(|k| results[k].as_ref().ok().copied().flatten());
+        if matches!(count(stale_check), Some(n) if n as usize != cols.upd_expected) {
             return Err(CommitError::Stale);
+        }
+        if matches!(count(fence_check), Some(n) if n as usize != cols.idempotency.0.len()) {
+            return Err(CommitError::Fenced);
         }
         if let Some(e) = results.into_iter().find_map(Result::err) {
             return Err(pg_error(e).into());

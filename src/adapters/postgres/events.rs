@@ -85,12 +85,13 @@ impl Db {
         reason: &str,
         deliveries: i32,
         raw: &[u8],
+        envelope: Option<&[u8]>,
     ) -> Result<(), ApiError> {
         let client = self.client().await?;
         client
             .execute(
-                "INSERT INTO dead_letters (provider, event_id, event_type, reference, reason, deliveries, raw)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                "INSERT INTO dead_letters (provider, event_id, event_type, reference, reason, deliveries, raw, envelope)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 &[
                     &provider,
                     &event_id,
@@ -99,6 +100,7 @@ impl Db {
                     &reason,
                     &deliveries,
                     &raw,
+                    &envelope,
                 ],
             )
             .await
@@ -106,12 +108,37 @@ impl Db {
         Ok(())
     }
 
+    /// The envelope of a dead letter, to publish again; marks it replayed. `None`: no such
+    /// dead letter; `Some(None)`: it has no envelope to replay (unreadable when it came).
+    pub async fn dead_letter_for_replay(&self, id: i64) -> Result<Option<Option<Vec<u8>>>, ApiError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "UPDATE dead_letters SET replayed_at = now() WHERE id = $1 RETURNING envelope",
+                &[&id],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Dead letters not replayed yet: what operators are alerted on.
+    pub async fn dead_letters_unreplayed(&self) -> Result<i64, ApiError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL", &[])
+            .await
+            .map_err(pg_error)?;
+        Ok(row.get(0))
+    }
+
     /// The newest dead letters, at most `limit` (their raw bodies are not listed).
     pub async fn dead_letters(&self, limit: i64) -> Result<(Vec<Value>, i64), ApiError> {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT id, provider, event_id, event_type, reference, reason, deliveries, created_at
+                "SELECT id, provider, event_id, event_type, reference, reason, deliveries, created_at, replayed_at,
+                        envelope IS NOT NULL
                  FROM dead_letters ORDER BY created_at DESC, id DESC LIMIT $1",
                 &[&limit],
             )
@@ -127,22 +154,26 @@ impl Db {
             .map(|r| {
                 json!({ "id": r.get::<_, i64>(0), "provider": r.get::<_, String>(1), "event_id": r.get::<_, String>(2),
                         "event_type": r.get::<_, String>(3), "reference": r.get::<_, String>(4), "reason": r.get::<_, String>(5),
-                        "deliveries": r.get::<_, i32>(6), "created_at": timestamp(r.get(7)) })
+                        "deliveries": r.get::<_, i32>(6), "created_at": timestamp(r.get(7)),
+                        "replayed_at": r.get::<_, Option<chrono::DateTime<chrono::Utc>>>(8).map(timestamp),
+                        "replayable": r.get::<_, bool>(9) })
             })
             .collect();
         Ok((list, total))
     }
 
-    pub async fn dispute_by_psp_reference(&self, reference: &str) -> Result<Option<Dispute>, ApiError> {
+    /// The payment's dispute with this PSP reference: a reference is only unique per payment
+    /// (two PSPs may use the same one).
+    pub async fn dispute_of_payment(&self, payment: &PaymentId, reference: &str) -> Result<Option<Dispute>, ApiError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
-                "SELECT {DISPUTE_COLUMNS} FROM disputes WHERE psp_reference = $1"
+                "SELECT {DISPUTE_COLUMNS} FROM disputes WHERE payment_id = $1 AND psp_reference = $2"
             ))
             .await
             .map_err(pg_error)?;
         client
-            .query_opt(&stmt, &[&reference])
+            .query_opt(&stmt, &[&payment.as_str(), &reference])
             .await
             .map_err(pg_error)?
             .as_ref()

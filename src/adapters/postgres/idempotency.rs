@@ -8,7 +8,7 @@ use crate::error::ApiError;
 #[derive(Debug, PartialEq)]
 pub enum Begin {
     /// The key is ours; `resource_id` is what an earlier, interrupted attempt already created.
-    Proceed { resource_id: Option<String> },
+    Proceed { resource_id: Option<String>, fence: i64 },
     /// The first request finished: answer exactly what it answered.
     Replay { status: u16, body: Vec<u8> },
     /// The first request is still running.
@@ -41,7 +41,10 @@ impl Db {
             .map_err(pg_error)?
             .is_some()
         {
-            return Ok(Begin::Proceed { resource_id: None });
+            return Ok(Begin::Proceed {
+                resource_id: None,
+                fence: 1,
+            });
         }
         let stmt = client
             .prepare_cached(
@@ -71,12 +74,14 @@ impl Db {
         if !row.get::<_, bool>(3) {
             return Ok(Begin::InFlight);
         }
-        // The first request died without an answer (a crash, a 5xx): take the key over, once.
+        // The first request died without an answer (a crash, a 5xx), or its client gave up while
+        // it waited: take the key over, once, under a new fence. The first request, if it still
+        // runs, can no longer complete the key (its commits are fenced off).
         let stmt = client
             .prepare_cached(
-                "UPDATE idempotency_keys SET locked_until = now() + make_interval(secs => $3)
+                "UPDATE idempotency_keys SET locked_until = now() + make_interval(secs => $3), fence = fence + 1
                  WHERE merchant_id = $1 AND key = $2 AND response_status IS NULL AND locked_until < now()
-                 RETURNING resource_id",
+                 RETURNING resource_id, fence",
             )
             .await
             .map_err(pg_error)?;
@@ -87,6 +92,7 @@ impl Db {
         {
             Some(row) => Ok(Begin::Proceed {
                 resource_id: row.get(0),
+                fence: row.get(1),
             }),
             None => Ok(Begin::InFlight),
         }
@@ -106,11 +112,13 @@ impl Db {
             .map(|r| r.get(0)))
     }
 
-    /// Stores a response that no commit of the operation stored (a 4xx the operation produced).
+    /// Stores a response that no commit of the operation stored (a 4xx the operation produced),
+    /// if the key still holds `fence`.
     pub async fn idempotency_store(
         &self,
         merchant: &MerchantId,
         key: &str,
+        fence: i64,
         status: u16,
         body: &[u8],
     ) -> Result<(), ApiError> {
@@ -118,12 +126,12 @@ impl Db {
         let stmt = client
             .prepare_cached(
                 "UPDATE idempotency_keys SET response_status = $3, response_body = $4
-                 WHERE merchant_id = $1 AND key = $2 AND response_status IS NULL",
+                 WHERE merchant_id = $1 AND key = $2 AND response_status IS NULL AND fence = $5",
             )
             .await
             .map_err(pg_error)?;
         client
-            .execute(&stmt, &[&merchant.as_str(), &key, &(status as i16), &body])
+            .execute(&stmt, &[&merchant.as_str(), &key, &(status as i16), &body, &fence])
             .await
             .map_err(pg_error)?;
         Ok(())
@@ -131,17 +139,17 @@ impl Db {
 
     /// Frees a key whose request failed with a 5xx so that it may be retried at once. The row
     /// stays (with whatever `resource_id` it holds) so the retry continues rather than repeats.
-    pub async fn idempotency_release(&self, merchant: &MerchantId, key: &str) -> Result<(), ApiError> {
+    pub async fn idempotency_release(&self, merchant: &MerchantId, key: &str, fence: i64) -> Result<(), ApiError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
                 "UPDATE idempotency_keys SET locked_until = now() - interval '1 millisecond'
-                 WHERE merchant_id = $1 AND key = $2 AND response_status IS NULL",
+                 WHERE merchant_id = $1 AND key = $2 AND response_status IS NULL AND fence = $3",
             )
             .await
             .map_err(pg_error)?;
         client
-            .execute(&stmt, &[&merchant.as_str(), &key])
+            .execute(&stmt, &[&merchant.as_str(), &key, &fence])
             .await
             .map_err(pg_error)?;
         Ok(())

@@ -28,6 +28,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../../migrations/V2__ledger_slots.sql"),
     ),
     (3, "psp_events", include_str!("../../../migrations/V3__psp_events.sql")),
+    (
+        4,
+        "money_safety",
+        include_str!("../../../migrations/V4__money_safety.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.

@@ -148,8 +148,37 @@ impl Db {
         Ok(Some((payment, attempts)))
     }
 
-    /// Payments with a PSP attempt open for longer than `older_than_ms`: a crash or an outage
-    /// left them, and no request has come back for them. At most `limit`.
+    /// The PSP attempt that the request with idempotency key `key` started on the payment.
+    pub async fn attempt_by_key(
+        &self,
+        payment: &PaymentId,
+        key: &str,
+    ) -> Result<Option<(Attempt, Option<super::commit::AttemptOutcome>)>, ApiError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT id, operation, amount, refund_id, idempotency_key, outcome FROM psp_attempts
+                 WHERE payment_id = $1 AND idempotency_key = $2 ORDER BY started_at, id LIMIT 1",
+            )
+            .await
+            .map_err(pg_error)?;
+        let Some(row) = client
+            .query_opt(&stmt, &[&payment.as_str(), &key])
+            .await
+            .map_err(pg_error)?
+        else {
+            return Ok(None);
+        };
+        let outcome = match row.get::<_, Option<String>>(5) {
+            None => None,
+            Some(o) => Some(super::commit::AttemptOutcome::parse(&o).ok_or(ApiError::Internal)?),
+        };
+        Ok(Some((attempt_from_row(&row)?, outcome)))
+    }
+
+    /// Payments with a PSP attempt open for longer than `older_than_ms`: a crash, an outage or
+    /// an ambiguous commit left them, and no request has come back for them. The longest
+    /// waiting first, at most `limit`.
     pub async fn payments_with_stale_attempts(
         &self,
         older_than_ms: u64,
@@ -159,8 +188,9 @@ impl Db {
         let secs = older_than_ms as f64 / 1000.0;
         let rows = client
             .query(
-                "SELECT DISTINCT p.id, p.merchant_id FROM psp_attempts a JOIN payments p ON p.id = a.payment_id
-                 WHERE a.outcome IS NULL AND a.started_at < now() - make_interval(secs => $1) LIMIT $2",
+                "SELECT p.id, p.merchant_id FROM psp_attempts a JOIN payments p ON p.id = a.payment_id
+                 WHERE a.outcome IS NULL AND a.started_at < now() - make_interval(secs => $1)
+                 GROUP BY p.id, p.merchant_id ORDER BY min(a.started_at) LIMIT $2",
                 &[&secs, &limit],
             )
             .await

@@ -39,16 +39,71 @@ impl Db {
         row.as_ref().map(from_row).transpose()
     }
 
-    /// A payment's refunds, oldest first (at most a few hundred: each needs an amount left).
-    pub async fn refunds_of_payment(&self, id: &PaymentId) -> Result<Vec<Refund>, ApiError> {
+    /// A page of a payment's refunds, oldest first: at most `limit` after `starting_after`,
+    /// and whether more follow.
+    pub async fn refunds_of_payment(
+        &self,
+        id: &PaymentId,
+        limit: i64,
+        starting_after: Option<&RefundId>,
+    ) -> Result<(Vec<Refund>, bool), ApiError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM refunds WHERE payment_id = $1 ORDER BY created_at, id LIMIT 1000"
+                "SELECT {COLUMNS} FROM refunds WHERE payment_id = $1
+                   AND ($2::text IS NULL OR (created_at, id) > (SELECT created_at, id FROM refunds WHERE id = $2 AND payment_id = $1))
+                 ORDER BY created_at, id LIMIT $3"
             ))
             .await
             .map_err(pg_error)?;
-        let rows = client.query(&stmt, &[&id.as_str()]).await.map_err(pg_error)?;
+        let after = starting_after.map(RefundId::as_str);
+        let rows = client
+            .query(&stmt, &[&id.as_str(), &after, &(limit + 1)])
+            .await
+            .map_err(pg_error)?;
+        let mut list = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
+        let more = list.len() as i64 > limit;
+        list.truncate(limit as usize);
+        Ok((list, more))
+    }
+
+    /// One refund of a payment.
+    pub async fn refund_of_payment(&self, payment: &PaymentId, id: &RefundId) -> Result<Option<Refund>, ApiError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM refunds WHERE id = $1 AND payment_id = $2"
+            ))
+            .await
+            .map_err(pg_error)?;
+        let row = client
+            .query_opt(&stmt, &[&id.as_str(), &payment.as_str()])
+            .await
+            .map_err(pg_error)?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// The payment's refunds with one of these PSP references (an event lists the refunds it
+    /// settles), oldest first. Bounded by the list, not by a row limit.
+    pub async fn refunds_by_reference(
+        &self,
+        payment: &PaymentId,
+        references: &[String],
+    ) -> Result<Vec<Refund>, ApiError> {
+        if references.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM refunds WHERE payment_id = $1 AND psp_reference = ANY($2) ORDER BY created_at, id"
+            ))
+            .await
+            .map_err(pg_error)?;
+        let rows = client
+            .query(&stmt, &[&payment.as_str(), &references])
+            .await
+            .map_err(pg_error)?;
         rows.iter().map(from_row).collect()
     }
 }

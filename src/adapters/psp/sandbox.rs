@@ -104,7 +104,8 @@ pub struct SandboxPsp {
     config: SandboxPspConfig,
     /// Where 3-D Secure redirect URLs point.
     public_url: String,
-    intents: DashMap<String, SandboxIntent>,
+    /// Shared with the tasks that send delayed events (a dispute reads what is left when it opens).
+    intents: std::sync::Arc<DashMap<String, SandboxIntent>>,
     /// The answer given to each idempotency key, replayed when the key comes again.
     answers: DashMap<String, Remembered>,
     /// Insertion order of `intents` and `answers`, so the oldest can be forgotten at the bound.
@@ -147,7 +148,7 @@ impl SandboxPsp {
             db,
             config,
             public_url,
-            intents: DashMap::new(),
+            intents: std::sync::Arc::new(DashMap::new()),
             answers: DashMap::new(),
             order: Mutex::new(VecDeque::new()),
             cards: DashMap::new(),
@@ -220,14 +221,21 @@ impl SandboxPsp {
                 o["amount_received"] = json!(amount_captured);
                 n.send("payment_intent.succeeded", o, Duration::ZERO);
                 if intent.behaviour == Behaviour::Dispute {
-                    let dispute = json!({ "id": format!("du_{}", reference.trim_start_matches("pi_")), "object": "dispute",
-                                          "amount": amount_captured, "currency": currency, "payment_intent": reference,
-                                          "reason": "fraudulent", "status": "needs_response" });
-                    n.send(
-                        "charge.dispute.created",
-                        dispute,
-                        Duration::from_millis(self.config.dispute_delay_ms),
-                    );
+                    // The customer disputes what is left of the charge when the dispute opens:
+                    // a refund made before then is not disputed again.
+                    let (intents, n, reference) = (self.intents.clone(), n.clone(), reference.to_owned());
+                    let (captured, delay) = (*amount_captured, Duration::from_millis(self.config.dispute_delay_ms));
+                    actix_rt::spawn(async move {
+                        actix_rt::time::sleep(delay).await;
+                        let left = intents.get(&reference).map(|i| captured - i.refunded).unwrap_or(0);
+                        if left > 0 {
+                            let dispute = json!({ "id": format!("du_{}", reference.trim_start_matches("pi_")),
+                                                  "object": "dispute", "amount": left, "currency": currency,
+                                                  "payment_intent": reference, "reason": "fraudulent",
+                                                  "status": "needs_response" });
+                            n.send("charge.dispute.created", dispute, Duration::ZERO);
+                        }
+                    });
                 }
             }
             IntentStatus::Failed(f) => {
