@@ -1,0 +1,504 @@
+//! Scripted regression scenarios: each replays, move by move, an interleaving that lost or
+//! doubled money before its fix (docs/RELIABILITY.md, "Findings and their fixes"). They run
+//! before the random seeds, in the same world, against the same invariants.
+
+use payrail::adapters::psp::{PspError, PspRefundStatus};
+use payrail::domain::{DisputeStatus, PaymentId, RefundStatus, Status};
+use serde_json::json;
+
+use super::*;
+
+/// What the PSP does with the call it holds.
+#[derive(Clone, Copy, Debug)]
+pub enum Psp {
+    Act,
+    /// Times out without acting.
+    Timeout,
+    /// Refuses the request: nothing happens there.
+    Refuse,
+}
+
+impl Sim {
+    fn scripted() -> Sim {
+        Sim::bare(0, Faults::none(), std::env::var_os("SIM_VERBOSE").is_some())
+    }
+
+    /// The oldest call the PSP holds gets `mode`.
+    fn psp(&mut self, mode: Psp) {
+        self.psp_at(0, mode)
+    }
+
+    /// The call at `at` (0: the oldest) gets `mode`.
+    fn psp_at(&mut self, at: usize, mode: Psp) {
+        let mut w = lock(&self.w);
+        if w.psp.pending.len() <= at {
+            w.note(format!("psp (scripted {mode:?}): no call is waiting"));
+            return;
+        }
+        let call = w.psp.pending.remove(at);
+        let answer = match mode {
+            Psp::Act => w.act(&call.call),
+            Psp::Timeout => Err(PspError::Unavailable("timed out".into())),
+            Psp::Refuse => {
+                let e = PspError::Invalid {
+                    code: "processing_error".into(),
+                    message: "refused".into(),
+                    param: None,
+                };
+                w.psp.by_key.insert(call_key(&call.call).clone(), Err(e.clone()));
+                Err(e)
+            }
+        };
+        w.note(format!("psp (scripted {mode:?}): {}", describe_call(&call.call)));
+        *call.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(answer);
+    }
+
+    /// The oldest call, a refund, is taken by the PSP as pending: its outcome comes by event.
+    fn psp_refund_pending(&mut self) {
+        let mut w = lock(&self.w);
+        let call = w.psp.pending.remove(0);
+        let Call::Refund { key, reference, amount } = &call.call else {
+            panic!("the oldest PSP call is not a refund")
+        };
+        w.psp.next += 1;
+        let id = format!("re_psp_{}", w.psp.next);
+        let intent = w.psp.intents.get_mut(reference).expect("intent");
+        intent
+            .refunds
+            .push((id.clone(), key.clone(), *amount, PspRefundStatus::Pending));
+        let answer = Ok(Answer::Refund(payrail::adapters::psp::PspRefund {
+            reference: id,
+            status: PspRefundStatus::Pending,
+        }));
+        w.psp.acted.insert(key.clone());
+        w.psp.by_key.insert(key.clone(), answer.clone());
+        *call.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(answer);
+    }
+
+    /// Every actor moves until none can (each waits for the PSP, or has nothing to do).
+    fn run_actors(&mut self) {
+        self.run_actors_in(false)
+    }
+
+    /// The same, the newest incarnation first.
+    fn run_actors_newest_first(&mut self) {
+        self.run_actors_in(true)
+    }
+
+    fn run_actors_in(&mut self, newest_first: bool) {
+        loop {
+            let before = lock(&self.w).trace.len();
+            let mut order = self.runnable();
+            if newest_first {
+                order.reverse();
+            }
+            for i in order {
+                if i < self.actors.len() {
+                    self.step_actor(i);
+                }
+            }
+            if lock(&self.w).trace.len() == before {
+                return;
+            }
+        }
+    }
+
+    /// Sends request `i` and lets the PSP act on everything until it is answered.
+    fn complete(&mut self, i: usize) -> (u16, Value) {
+        self.send(i);
+        for _ in 0..100 {
+            self.run_actors();
+            if self.requests[i].state != ReqState::Waiting {
+                break;
+            }
+            if !lock(&self.w).psp.pending.is_empty() {
+                self.psp(Psp::Act);
+            }
+        }
+        self.answer(i)
+    }
+
+    fn answer(&self, i: usize) -> (u16, Value) {
+        let (status, body) = self.requests[i].answer.clone().expect("answered");
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    fn give_up(&mut self, i: usize) {
+        self.note(format!("client: gives up on {}", self.requests[i].key));
+        self.requests[i].state = ReqState::Ready;
+    }
+
+    /// The client never comes back.
+    fn abandon(&mut self, i: usize) {
+        self.requests[i].state = ReqState::Done;
+    }
+
+    fn advance(&mut self, ms: i64) {
+        lock(&self.w).now_ms += ms;
+    }
+
+    /// Delivers every event due, in the order sent, until none is left.
+    fn deliver_events(&mut self) {
+        for _ in 0..200 {
+            if lock(&self.w).psp.events.is_empty() {
+                return;
+            }
+            self.deliver_event();
+            self.run_actors();
+            self.advance(100);
+        }
+    }
+
+    fn emit(&mut self, payment: &PaymentId, event_type: &str, mut object: Value) {
+        let reference = self.reference(payment);
+        object["payment_intent"] = json!(reference);
+        lock(&self.w).emit(event_type, &reference, object);
+    }
+
+    fn reference(&self, payment: &PaymentId) -> String {
+        lock(&self.w).db.payments[payment]
+            .psp_reference
+            .clone()
+            .expect("authorized at the PSP")
+    }
+
+    /// An authorized payment of `amount`, manual capture.
+    fn authorized(&mut self, amount: i64) -> PaymentId {
+        let p = self.add_payment(amount, true);
+        let confirm = self.request(&p, Kind::Confirm, None);
+        lock(&self.w).rng = Rng::new(1); // no decline
+        assert_eq!(self.complete(confirm).0, 200);
+        p
+    }
+
+    /// Request `k` starts; a second incarnation of its actor starts while the first waits for
+    /// the PSP; `k`'s client gives up, and its retry takes the key over and reaches the second.
+    /// Then the PSP answers both, the second incarnation's call first if `second_first`.
+    fn race_with_a_second_incarnation(&mut self, k: usize, second_first: bool) {
+        self.send(k);
+        self.run_actors();
+        self.split();
+        self.give_up(k);
+        self.advance(LEASE_MS + 500);
+        self.send(k);
+        self.run_actors();
+        if second_first {
+            // The second incarnation's call, and that incarnation, go first.
+            self.psp_at(1, Psp::Act);
+            self.run_actors_newest_first();
+        }
+        self.psp(Psp::Act);
+    }
+
+    /// A captured payment of `amount`.
+    fn captured(&mut self, amount: i64) -> PaymentId {
+        let p = self.authorized(amount);
+        let capture = self.request(&p, Kind::Capture, Some(amount));
+        assert_eq!(self.complete(capture).0, 200);
+        self.deliver_events();
+        p
+    }
+
+    fn state(&self, p: &PaymentId) -> payrail::domain::PaymentState {
+        lock(&self.w).db.payments[p].state
+    }
+
+    fn attempts_of(&self, i: usize) -> usize {
+        let key = &self.requests[i].key;
+        lock(&self.w)
+            .db
+            .attempts
+            .values()
+            .filter(|a| a.attempt.idem_key.as_deref() == Some(key.as_str()))
+            .count()
+    }
+
+    /// Settles the world and asserts every invariant.
+    fn verdict(&mut self) -> Result<(), String> {
+        self.drain()?;
+        let bad = self.check();
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(bad.join("; "))
+        }
+    }
+}
+
+fn ensure(ok: bool, what: impl Into<String>) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(what.into())
+    }
+}
+
+/// Finding 1: a slow PSP holds three refunds; refund K waits behind them, its client gives up,
+/// the key's lease runs out and the retry takes the key over. Before the fix both copies of K
+/// refunded. Now the first copy is fenced off at its first commit and the retry refunds once.
+fn key_takeover_while_queued() -> Result<(), String> {
+    let mut s = Sim::scripted();
+    let p = s.captured(1000);
+    let ahead: Vec<usize> = (0..3).map(|_| s.request(&p, Kind::Refund, Some(100))).collect();
+    for &i in &ahead {
+        s.send(i);
+    }
+    let k = s.request(&p, Kind::Refund, Some(200));
+    s.send(k);
+    s.run_actors();
+    s.give_up(k);
+    s.advance(LEASE_MS + 500);
+    s.send(k);
+    ensure(s.requests[k].fence == 2, "the retry took the key over")?;
+    s.verdict()?;
+    ensure(
+        s.attempts_of(k) == 1,
+        format!("key K started {} attempts", s.attempts_of(k)),
+    )?;
+    ensure(
+        s.state(&p).refunded == 500,
+        format!("refunded {}", s.state(&p).refunded),
+    )?;
+    ensure(s.answer(k).0 == 201, "the retry is answered with K's refund")
+}
+
+/// Finding 3: a second incarnation completes refund K while the first still waits for the
+/// PSP; the first then loses the write race. Before the fix it reloaded and ran the refund
+/// again (a second refund). Now it resumes by key and finds K done.
+fn lost_race_resumes_by_key() -> Result<(), String> {
+    let mut s = Sim::scripted();
+    let p = s.captured(1000);
+    let k = s.request(&p, Kind::Refund, Some(300));
+    s.race_with_a_second_incarnation(k, true);
+    s.verdict()?;
+    ensure(
+        s.attempts_of(k) == 1,
+        format!("key K started {} attempts", s.attempts_of(k)),
+    )?;
+    ensure(
+        s.state(&p).refunded == 300,
+        format!("refunded {}", s.state(&p).refunded),
+    )
+}
+
+/// Finding 3, capture: the loser of the race must not answer its key with a 409.
+fn lost_race_capture_answers_its_success() -> Result<(), String> {
+    let mut s = Sim::scripted();
+    let p = s.authorized(1000);
+    let k = s.request(&p, Kind::Capture, Some(1000));
+    s.race_with_a_second_incarnation(k, false);
+    s.verdict()?;
+    ensure(
+        s.answer(k).0 == 200,
+        format!("the capture's key answered {}", s.answer(k).0),
+    )
+}
+
+/// Finding 4: the commit that records a refund's attempt lands but reports failure, and the
+/// client never comes back. Before the fix the actor never learnt of the attempt and the
+/// sweeper's Resolve found nothing to do: stuck forever. Now the actor reloads, and the
+/// sweeper's Resolve starts from the store.
+fn ambiguous_commit_is_resolved_from_the_store() -> Result<(), String> {
+    let mut s = Sim::scripted();
+    let p = s.captured(1000);
+    let k = s.request(&p, Kind::Refund, Some(300));
+    lock(&s.w).force_ambiguous = 1;
+    s.send(k);
+    s.run_actors();
+    s.abandon(k);
+    s.verdict()?;
+    ensure(
+        s.state(&p).refunded + s.state(&p).refund_pending <= 300,
+        "at most one refund",
+    )
+}
+
+/// Finding 5: capture 1,000, refund 400, then the PSP disputes 1,000. The dispute takes 600.
+fn dispute_takes_at_most_what_is_left() -> Result<(), String> {
+    let mut s = Sim::scripted();
+    let p = s.captured(1000);
+    let r = s.request(&p, Kind::Refund, Some(400));
+    assert_eq!(s.complete(r).0, 201);
+    s.emit(
+        &p,
+        "charge.dispute.created",
+        json!({ "id": "du_1", "amount": 1000, "currency": "eur" }),
+    );
+    s.deliver_events();
+    s.verdict()?;
+    let st = s.state(&p);
+    ensure(st.disputed == 600, format!("disputed {}", st.disputed))?;
+    let exceptions = lock(&s.w).db.exceptions.len();
+    ensure(exceptions == 1, "the clamp is kept as an exception")
+}
+
+/// Finding 6: a refund pending at the PSP, then a lost dispute ends the payment `refunded`,
+/// then the PSP says the refund succeeded. The state machine refuses it: the refund row stays
+/// as it was, nothing is journaled, and the fact is an exception.
+fn a_refused_outcome_has_no_side_effects() -> Result<(), String> {
+    let mut s = Sim::scripted();
+    let p = s.captured(1000);
+    let r = s.request(&p, Kind::Refund, Some(300));
+    s.send(r);
+    s.run_actors();
+    s.psp_refund_pending();
+    s.run_actors();
+    let reference = s.reference(&p);
+    s.emit(
+        &p,
+        "charge.dispute.created",
+        json!({ "id": "du_1", "amount": 700, "currency": "eur" }),
+    );
+    s.deliver_events();
+    s.emit(
+        &p,
+        "charge.dispute.closed",
+        json!({ "id": "du_1", "status": "lost", "amount": 700 }),
+    );
+    s.deliver_events();
+    ensure(
+        lock(&s.w).db.payments[&p].status() == Status::Refunded,
+        "the lost dispute ends it refunded",
+    )?;
+    {
+        let mut w = lock(&s.w);
+        let intent = w.psp.intents.get_mut(&reference).expect("intent");
+        for r in intent.refunds.iter_mut() {
+            r.3 = PspRefundStatus::Succeeded;
+        }
+        w.announce_refunds(&reference);
+    }
+    s.deliver_events();
+    s.verdict()?;
+    let w = lock(&s.w);
+    let refund = w.db.refunds.values().next().expect("the refund");
+    ensure(
+        refund.status == RefundStatus::Pending,
+        format!("refund row is {:?}", refund.status),
+    )?;
+    ensure(
+        w.db.exceptions.iter().any(|(_, x)| x.contains("RefundSucceeded")),
+        "the refused refund is an exception",
+    )
+}
+
+/// Finding 7: a charge listing two refunds settles both, whatever order its events come in;
+/// a dispute closed before it was opened waits for the opening.
+fn out_of_order_events_wait_and_every_listed_refund_settles() -> Result<(), String> {
+    let mut s = Sim::scripted();
+    let p = s.captured(1000);
+    for amount in [100, 200] {
+        let r = s.request(&p, Kind::Refund, Some(amount));
+        s.send(r);
+        s.run_actors();
+        // Pending at the PSP: settled below by one event that lists both.
+        s.psp_refund_pending();
+        s.run_actors();
+    }
+    let reference = s.reference(&p);
+    {
+        let mut w = lock(&s.w);
+        for r in w.psp.intents.get_mut(&reference).expect("intent").refunds.iter_mut() {
+            r.3 = PspRefundStatus::Succeeded;
+        }
+        w.announce_refunds(&reference);
+    }
+    s.emit(
+        &p,
+        "charge.dispute.closed",
+        json!({ "id": "du_9", "status": "won", "amount": 100 }),
+    );
+    s.emit(
+        &p,
+        "charge.dispute.created",
+        json!({ "id": "du_9", "amount": 100, "currency": "eur" }),
+    );
+    // The closing comes first: it must wait for the opening rather than vanish.
+    s.deliver_event();
+    s.run_actors();
+    s.advance(600);
+    s.deliver_events();
+    s.verdict()?;
+    let st = s.state(&p);
+    ensure(st.refunded == 300, format!("refunded {}", st.refunded))?;
+    let w = lock(&s.w);
+    let d = w.db.disputes.values().next().expect("the dispute");
+    ensure(d.status == DisputeStatus::Won, format!("the dispute is {:?}", d.status))
+}
+
+/// Finding 8: a request that meets someone else's open attempt resends it; the PSP refuses
+/// that one. The request itself goes on and answers for itself, not with the other's 400.
+fn anothers_refused_attempt_does_not_fail_this_request() -> Result<(), String> {
+    let mut s = Sim::scripted();
+    let p = s.authorized(1000);
+    let k1 = s.request(&p, Kind::Capture, Some(1000));
+    s.send(k1);
+    s.run_actors();
+    s.psp(Psp::Timeout);
+    s.run_actors();
+    s.abandon(k1);
+    let k2 = s.request(&p, Kind::Cancel, None);
+    s.send(k2);
+    s.run_actors();
+    s.psp(Psp::Refuse);
+    s.run_actors();
+    s.psp(Psp::Act);
+    s.run_actors();
+    s.verdict()?;
+    let (status, body) = s.answer(k2);
+    ensure(status == 200, format!("the cancel answered {status}: {body}"))?;
+    ensure(body["status"] == "canceled", format!("{body}"))
+}
+
+/// Finding 10: an event in another currency is never applied; it is an exception.
+fn an_event_in_another_currency_is_not_applied() -> Result<(), String> {
+    let mut s = Sim::scripted();
+    let p = s.authorized(1000);
+    lock(&s.w).psp.events.clear();
+    s.emit(
+        &p,
+        "payment_intent.succeeded",
+        json!({ "id": s.reference(&p), "amount_received": 1000, "currency": "usd" }),
+    );
+    s.deliver_events();
+    ensure(s.state(&p).status == Status::Authorized, "still authorized")?;
+    ensure(s.state(&p).captured == 0, "nothing captured")?;
+    let exceptions = lock(&s.w).db.exceptions.len();
+    ensure(exceptions == 1, "kept as an exception")
+}
+
+/// A scripted scenario: `Err` says which invariant broke.
+pub type Scenario = fn() -> Result<(), String>;
+
+pub const ALL: &[(&str, Scenario)] = &[
+    ("finding 1: key takeover while queued", key_takeover_while_queued),
+    ("finding 3: lost race resumes by key (refund)", lost_race_resumes_by_key),
+    (
+        "finding 3: lost race resumes by key (capture)",
+        lost_race_capture_answers_its_success,
+    ),
+    (
+        "finding 4: ambiguous commit resolved from the store",
+        ambiguous_commit_is_resolved_from_the_store,
+    ),
+    (
+        "finding 5: dispute takes at most what is left",
+        dispute_takes_at_most_what_is_left,
+    ),
+    (
+        "finding 6: a refused outcome has no side effects",
+        a_refused_outcome_has_no_side_effects,
+    ),
+    (
+        "finding 7: out-of-order events wait; every listed refund settles",
+        out_of_order_events_wait_and_every_listed_refund_settles,
+    ),
+    (
+        "finding 8: another's refused attempt does not fail this request",
+        anothers_refused_attempt_does_not_fail_this_request,
+    ),
+    (
+        "finding 10: an event in another currency is not applied",
+        an_event_in_another_currency_is_not_applied,
+    ),
+];
