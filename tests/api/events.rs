@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::helpers::{spawn_app, spawn_app_with, TestApp, DEMO_KEY};
 
 /// A Stripe-format event for a payment intent (or a charge-level object), signed like the PSP.
-async fn send_event(app: &TestApp, id: &str, event_type: &str, object: Value) -> u16 {
+pub(crate) async fn send_event(app: &TestApp, id: &str, event_type: &str, object: Value) -> u16 {
     let body = json!({ "id": id, "object": "event", "type": event_type, "created": 1, "data": { "object": object } })
         .to_string();
     let header = sign_stripe(
@@ -28,7 +28,7 @@ async fn send_event(app: &TestApp, id: &str, event_type: &str, object: Value) ->
     r.status().as_u16()
 }
 
-async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+pub(crate) async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while !check().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -44,7 +44,7 @@ async fn processed(app: &TestApp, event_id: &str) -> bool {
         .is_some()
 }
 
-async fn journals(app: &TestApp, payment: &str) -> Vec<String> {
+pub(crate) async fn journals(app: &TestApp, payment: &str) -> Vec<String> {
     let db = app.sql().await;
     db.query(
         "SELECT kind FROM journals WHERE payment_id = $1 ORDER BY created_at",
