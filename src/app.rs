@@ -45,6 +45,7 @@ pub struct Application {
     port: u16,
     server: Server,
     state: web::Data<AppState>,
+    shutdown: crate::shutdown::Shutdown,
 }
 
 impl Application {
@@ -64,17 +65,14 @@ impl Application {
         }
         let listener =
             TcpListener::bind(&config.server.bind).map_err(|e| StartError::Bind(config.server.bind.clone(), e))?;
-        let port = listener
+        let bound = listener
             .local_addr()
-            .map_err(|e| StartError::Bind(config.server.bind.clone(), e))?
-            .port();
-        // The address others reach us at: as configured, or the port just bound when it was 0
-        // (tests), so that the sandbox's webhooks find this very server.
-        let public_url = if config.server.bind.ends_with(":0") {
-            format!("http://127.0.0.1:{port}")
-        } else {
-            config.server.public_url.clone()
-        };
+            .map_err(|e| StartError::Bind(config.server.bind.clone(), e))?;
+        let port = bound.port();
+        // The address others reach us at: as configured, or the address just bound (port 0 in
+        // tests, `bind` changed by an override), so that the sandbox's webhooks find this server.
+        let public_url = config.server.public_url_for(bound);
+        let public_url_for_state = public_url.clone();
         let notifier = (config.psp.provider == "sandbox" && config.psp.sandbox.webhooks).then(|| {
             Notifier::start(
                 format!("{public_url}/internal/webhooks/psp/sandbox"),
@@ -110,6 +108,7 @@ impl Application {
         };
         let registry = Arc::new(PaymentRegistry::new(deps, config.actors.clone()));
         let event_consumers = Arc::new(crate::actors::ActorStats::default());
+        let shutdown = crate::shutdown::Shutdown::default();
         for partition in 0..config.nats.partitions {
             EventConsumer {
                 partition,
@@ -120,6 +119,7 @@ impl Application {
                 kind: event_consumers.clone(),
                 mailbox: Arc::new(crate::actors::Mailbox::new(event_consumers.clone())),
                 metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
             }
             .start();
         }
@@ -130,6 +130,7 @@ impl Application {
             .filter_map(|c| Currency::parse(c))
             .collect();
         let workers = config.server.workers;
+        let shutdown_timeout = config.server.shutdown_timeout_secs;
         let max_connections = config.server.max_connections;
         let rate_limiter = crate::api::ratelimit::RateLimiter::new(config.ratelimit.clone());
         let state = web::Data::new(AppState {
@@ -140,6 +141,7 @@ impl Application {
             ledger,
             event_consumers,
             sandbox: Some(sandbox),
+            public_url: public_url_for_state,
             merchants: DashMap::new(),
             currencies,
             metrics,
@@ -183,12 +185,18 @@ impl Application {
         })
         .workers(workers)
         .max_connections(max_connections)
+        .shutdown_timeout(shutdown_timeout)
         .listen(listener)
         .map_err(|e| StartError::Bind("listener".into(), e))?
         .run();
-        spawn_housekeeping(state.clone());
-        crate::actors::outbox_relay::spawn(state.db.clone(), state.nats.clone());
-        Ok(Application { port, server, state })
+        spawn_housekeeping(state.clone(), shutdown.clone());
+        crate::actors::outbox_relay::spawn(state.db.clone(), state.nats.clone(), shutdown.clone());
+        Ok(Application {
+            port,
+            server,
+            state,
+            shutdown,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -199,8 +207,21 @@ impl Application {
         self.state.clone()
     }
 
+    /// Serves until SIGTERM or SIGINT, then stops gracefully: no new connections, in-flight
+    /// requests finish (their actor messages and ledger batches with them), then the event
+    /// consumers finish the batch in hand, the outbox relay its round and the sweeper its
+    /// sweep. Each phase waits at most `[server] shutdown_timeout_secs`.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let served = self.server.await;
+        tracing::info!("HTTP server stopped; stopping the background loops");
+        self.shutdown.begin();
+        let bound = Duration::from_secs(self.state.config.server.shutdown_timeout_secs);
+        if self.shutdown.drained(bound).await {
+            tracing::info!("payrail stopped cleanly");
+        } else {
+            tracing::warn!("background loops still running at the shutdown bound; exiting anyway");
+        }
+        served
     }
 }
 
@@ -210,15 +231,15 @@ const SWEEP_CONCURRENCY: usize = 16;
 
 /// Background upkeep: PSP attempts a crash left open are completed; idempotency records past
 /// their retention are deleted in bounded slices.
-fn spawn_housekeeping(state: web::Data<AppState>) {
+fn spawn_housekeeping(state: web::Data<AppState>, shutdown: crate::shutdown::Shutdown) {
     let recovery = state.clone();
+    let stop = shutdown.clone();
     actix_rt::spawn(async move {
+        let _running = stop.enter();
         // DESIGN.md, "Calling the PSP safely": an attempt with no outcome is completed even if
         // its client never comes back. Older than twice the PSP timeout: surely not in flight.
         let every = Duration::from_millis(recovery.config.psp.timeout_ms.clamp(1_000, 30_000));
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tick.tick().await;
+        while !stop.sleep(every).await {
             let stale = recovery.config.psp.timeout_ms * 2;
             let Ok(found) = recovery.db.payments_with_stale_attempts(stale, SWEEP_BATCH).await else {
                 continue;
@@ -242,9 +263,8 @@ fn spawn_housekeeping(state: web::Data<AppState>) {
         }
     });
     actix_rt::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
-        loop {
-            tick.tick().await;
+        let _running = shutdown.enter();
+        while !shutdown.sleep(Duration::from_secs(60)).await {
             let hours = state.config.idempotency.retention_hours;
             // At most 100 slices of 10,000 a minute: bounded work, however large the backlog.
             for _ in 0..100 {

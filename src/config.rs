@@ -5,6 +5,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
     pub database: DatabaseConfig,
@@ -22,15 +23,39 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     pub bind: String,
+    /// The address others reach payrail at (3-D Secure redirects, the sandbox's webhooks).
+    /// Empty: derived from the address actually bound ([`ServerConfig::public_url_for`]).
     pub public_url: String,
     pub workers: usize,
     pub body_limit_bytes: usize,
     pub max_connections: usize,
+    /// On SIGTERM or SIGINT: how long in-flight requests, then the background loops, may take
+    /// to finish before the process exits anyway.
+    pub shutdown_timeout_secs: u64,
+}
+
+impl ServerConfig {
+    /// `public_url` if set, else `http://` and the bound address, with a wildcard address
+    /// (0.0.0.0, ::) replaced by loopback so that the sandbox's webhooks reach this process.
+    pub fn public_url_for(&self, bound: std::net::SocketAddr) -> String {
+        let set = self.public_url.trim_end_matches('/');
+        if !set.is_empty() {
+            return set.to_owned();
+        }
+        let ip = match bound.ip() {
+            std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        format!("http://{}", std::net::SocketAddr::new(ip, bound.port()))
+    }
 }
 
 #[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     pub url: String,
     pub pool_size: usize,
@@ -50,6 +75,7 @@ impl std::fmt::Debug for DatabaseConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NatsConfig {
     pub url: String,
     pub stream_prefix: String,
@@ -67,6 +93,7 @@ pub struct NatsConfig {
 }
 
 #[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub token: String,
 }
@@ -78,6 +105,7 @@ impl std::fmt::Debug for AdminConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ActorsConfig {
     pub idle_timeout_ms: u64,
     pub mailbox_capacity: usize,
@@ -85,6 +113,7 @@ pub struct ActorsConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PaymentsConfig {
     pub currencies: Vec<String>,
     pub default_fee_bps: u32,
@@ -92,6 +121,7 @@ pub struct PaymentsConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LedgerConfig {
     pub shards: usize,
     /// Arbiters (threads) the shards are spread over.
@@ -105,12 +135,14 @@ pub struct LedgerConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct IdempotencyConfig {
     pub retention_hours: u64,
     pub in_flight_lease_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PspConfig {
     pub provider: String,
     pub timeout_ms: u64,
@@ -118,6 +150,7 @@ pub struct PspConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SandboxPspConfig {
     pub latency_ms: u64,
     pub refund_delay_ms: u64,
@@ -131,6 +164,7 @@ pub struct SandboxPspConfig {
 
 /// Misbehaviour the sandbox's webhook sender can add, as real PSPs do.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChaosConfig {
     /// Probability that an event is sent twice.
     pub duplicate: f64,
@@ -141,11 +175,13 @@ pub struct ChaosConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SandboxConfig {
     pub demo_merchant: bool,
 }
 
 #[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WebhooksConfig {
     pub secret: String,
     pub previous_secret: String,
@@ -163,6 +199,7 @@ impl std::fmt::Debug for WebhooksConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
     pub enabled: bool,
     pub requests_per_second: u32,
@@ -170,9 +207,18 @@ pub struct RateLimitConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogConfig {
-    pub format: String,
+    pub format: LogFormat,
     pub level: String,
+}
+
+/// How log lines are written: for people, or one JSON object per line for machines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Pretty,
+    Json,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -255,15 +301,17 @@ fn set_path(table: &mut toml::Table, keys: &[String], raw: &str) -> Result<(), S
     let mut t = table;
     for k in parents {
         t = t
-            .entry(k.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .get_mut(k)
+            .ok_or_else(|| format!("{} is not a configuration section", keys.join(".")))?
             .as_table_mut()
             .ok_or_else(|| format!("{k} is not a section"))?;
     }
     let value = match t.get(last) {
         Some(toml::Value::String(_)) => toml::Value::String(raw.to_owned()),
+        Some(toml::Value::Table(_)) => return Err(format!("{last} is a section, not a key")),
         Some(_) => parse_value(raw).ok_or_else(|| format!("cannot parse {raw:?}"))?,
-        None => parse_value(raw).unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        // A misspelt override must not be ignored: it names no key of the configuration.
+        None => return Err(format!("{} is not a configuration key", keys.join("."))),
     };
     t.insert(last.clone(), value);
     Ok(())
@@ -315,6 +363,43 @@ mod tests {
         let env = [("PAYRAIL__PSP__PROVIDER", "stripe")];
         let r = Config::from_toml(&base(), env.iter().map(|(a, b)| (a.to_string(), b.to_string())));
         assert!(matches!(r, Err(ConfigError::Invalid(m)) if m.contains("demo_merchant")));
+    }
+
+    #[test]
+    fn unknown_keys_and_misspelt_overrides_are_refused_by_name() {
+        let text = base().replace("[log]\n", "[log]\nmax_width = 100\n");
+        let r = Config::from_toml(&text, std::iter::empty());
+        assert!(
+            matches!(&r, Err(ConfigError::Invalid(m)) if m.contains("max_width")),
+            "{r:?}"
+        );
+        for name in [
+            "PAYRAIL__SERVER__BIN",
+            "PAYRAIL__SERVR__BIND",
+            "PAYRAIL__PSP__SANDBOX__LATENCY",
+        ] {
+            let env = [(name.to_owned(), "1".to_owned())];
+            let r = Config::from_toml(&base(), env.into_iter());
+            assert!(
+                matches!(&r, Err(ConfigError::Invalid(m)) if m.contains(name)),
+                "{name}: {r:?}"
+            );
+        }
+        let env = [("PAYRAIL__LOG__FORMAT".to_owned(), "xml".to_owned())];
+        assert!(Config::from_toml(&base(), env.into_iter()).is_err());
+    }
+
+    #[test]
+    fn the_public_url_follows_the_bound_address_unless_set() {
+        let mut c = Config::from_toml(&base(), std::iter::empty()).unwrap().server;
+        c.public_url = String::new();
+        let at = |c: &ServerConfig, a: &str| c.public_url_for(a.parse().unwrap());
+        assert_eq!(at(&c, "127.0.0.1:9000"), "http://127.0.0.1:9000");
+        assert_eq!(at(&c, "0.0.0.0:9000"), "http://127.0.0.1:9000");
+        assert_eq!(at(&c, "[::]:9000"), "http://[::1]:9000");
+        assert_eq!(at(&c, "10.1.2.3:80"), "http://10.1.2.3:80");
+        c.public_url = "https://pay.example.com/".into();
+        assert_eq!(at(&c, "0.0.0.0:9000"), "https://pay.example.com");
     }
 
     #[test]

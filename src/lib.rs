@@ -13,6 +13,7 @@
 //!   idempotency, validation, and rendering of errors in one place.
 //! - [`app`] — wiring: build the application from [`config::Config`], run it until stopped.
 //! - [`metrics`] — counters and histograms for `/metrics`, shared by every room.
+//! - [`shutdown`] — the stop signal the background loops share, for a graceful exit.
 //! - [`loadgen`] — `payrail loadgen`, the load generator, with the PostgreSQL ceiling beside it.
 //!
 //! Dependencies point inward: `api` → `actors` → `adapters` → `domain`.
@@ -26,3 +27,4 @@ pub mod domain;
 pub mod error;
 pub mod loadgen;
 pub mod metrics;
+pub mod shutdown;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use payrail::adapters::postgres::Db;
 use payrail::app::Application;
-use payrail::config::Config;
+use payrail::config::{Config, LogFormat};
 
 #[derive(Parser)]
 #[command(name = "payrail", version, about = "An actor-based payment orchestrator")]
@@ -14,9 +14,9 @@ struct Cli {
     /// The configuration file; PAYRAIL__SECTION__KEY variables override it.
     #[arg(long, global = true, default_value = "config.toml")]
     config: PathBuf,
-    /// Log format: pretty or json (overrides [log] format).
-    #[arg(long, global = true)]
-    log_format: Option<String>,
+    /// Log format (overrides [log] format).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -74,13 +74,13 @@ async fn ledger_verify(config: &Config) -> ExitCode {
     }
 }
 
-fn init_tracing(config: &Config, format: Option<&str>) {
+fn init_tracing(config: &Config, format: Option<LogFormat>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format.unwrap_or(&config.log.format) {
-        "json" => builder.json().init(),
-        _ => builder.init(),
+    match format.unwrap_or(config.log.format) {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
     }
 }
 
@@ -94,7 +94,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(&config, cli.log_format.as_deref());
+    init_tracing(&config, cli.log_format);
     match cli.command {
         Command::Serve => {
             let bind = config.server.bind.clone();

@@ -33,6 +33,7 @@ pub struct EventConsumer {
     pub kind: Arc<ActorStats>,
     pub mailbox: Arc<Mailbox>,
     pub metrics: Arc<Metrics>,
+    pub shutdown: crate::shutdown::Shutdown,
 }
 
 impl Actor for EventConsumer {
@@ -49,6 +50,7 @@ impl Actor for EventConsumer {
             kind: self.kind.clone(),
             mailbox: self.mailbox.clone(),
             metrics: self.metrics.clone(),
+            shutdown: self.shutdown.clone(),
         };
         ctx.spawn(async move { worker.run().await }.into_actor(self));
     }
@@ -93,13 +95,16 @@ struct Worker {
     kind: Arc<ActorStats>,
     mailbox: Arc<Mailbox>,
     metrics: Arc<Metrics>,
+    shutdown: crate::shutdown::Shutdown,
 }
 
 impl Worker {
-    /// Pulls forever; a broken connection or consumer is retried with a capped backoff.
+    /// Pulls until shutdown; a broken connection or consumer is retried with a capped backoff.
+    /// On shutdown it finishes the batch in hand (its events acked or NAKed) and stops.
     async fn run(self) {
+        let _running = self.shutdown.enter();
         let mut backoff = Duration::from_millis(100);
-        loop {
+        while !self.shutdown.is_stopping() {
             let consumer = match self
                 .nats
                 .psp_consumer(self.partition, Duration::from_secs(self.config.ack_wait_secs), -1)
@@ -108,13 +113,13 @@ impl Worker {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(partition = self.partition, error = %e, "PSP event consumer unavailable; retrying");
-                    actix_rt::time::sleep(backoff).await;
+                    self.shutdown.sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
             backoff = Duration::from_millis(100);
-            loop {
+            while !self.shutdown.is_stopping() {
                 let batch = consumer
                     .fetch()
                     .max_messages(self.config.fetch_batch.max(1))
@@ -125,7 +130,7 @@ impl Worker {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::warn!(partition = self.partition, error = %e, "PSP event fetch failed");
-                        actix_rt::time::sleep(Duration::from_millis(500)).await;
+                        self.shutdown.sleep(Duration::from_millis(500)).await;
                         break;
                     }
                 };

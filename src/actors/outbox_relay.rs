@@ -12,10 +12,11 @@ use crate::adapters::postgres::Db;
 const BATCH: i64 = 500;
 const IDLE: Duration = Duration::from_millis(200);
 
-pub fn spawn(db: Db, nats: Nats) {
+pub fn spawn(db: Db, nats: Nats, shutdown: crate::shutdown::Shutdown) {
     actix_rt::spawn(async move {
+        let _running = shutdown.enter();
         let mut backoff = IDLE;
-        loop {
+        while !shutdown.is_stopping() {
             let nats_ref = &nats;
             let round = db
                 .relay_outbox(BATCH, |rows| async move {
@@ -35,8 +36,8 @@ pub fn spawn(db: Db, nats: Nats) {
                 Ok(_) => IDLE,
                 Err(_) => (backoff * 2).clamp(IDLE, Duration::from_secs(5)),
             };
-            if !backoff.is_zero() {
-                actix_rt::time::sleep(backoff).await;
+            if !backoff.is_zero() && shutdown.sleep(backoff).await {
+                break;
             }
         }
     });

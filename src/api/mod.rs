@@ -42,6 +42,8 @@ pub struct AppState {
     pub event_consumers: Arc<crate::actors::ActorStats>,
     /// The sandbox PSP, when it is the configured one (its own endpoints need it).
     pub sandbox: Option<Arc<SandboxPsp>>,
+    /// Where others reach this server (3-D Secure redirects, the sandbox's webhooks).
+    pub public_url: String,
     /// Merchants by API key hash. Keys are not revoked in this version, so a cached entry
     /// stays true; bounded by `MAX_CACHED_KEYS`.
     pub merchants: DashMap<[u8; 32], Arc<Merchant>>,

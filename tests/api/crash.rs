@@ -10,26 +10,30 @@ use serde_json::Value;
 
 use crate::helpers::{free_port, DEMO_KEY};
 
-struct Server {
-    child: Child,
-    port: u16,
+pub(crate) struct Server {
+    pub child: Child,
+    pub port: u16,
 }
 
-fn start(database_url: &str, prefix: &str, port: u16) -> Server {
-    let child = Command::new(env!("CARGO_BIN_EXE_payrail"))
-        .args(["serve", "--config", payrail::config::repo_config_path()])
+/// The real binary, as README.md runs it, with its own database, stream prefix and port.
+pub(crate) fn command(database_url: &str, prefix: &str, port: u16) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_payrail"));
+    c.args(["serve", "--config", payrail::config::repo_config_path()])
         .env("PAYRAIL__DATABASE__URL", database_url)
         .env("PAYRAIL__SERVER__BIND", format!("127.0.0.1:{port}"))
         .env("PAYRAIL__NATS__STREAM_PREFIX", prefix)
         .env("PAYRAIL__LOG__LEVEL", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("payrail starts");
+        .stderr(Stdio::null());
+    c
+}
+
+fn start(database_url: &str, prefix: &str, port: u16) -> Server {
+    let child = command(database_url, prefix, port).spawn().expect("payrail starts");
     Server { child, port }
 }
 
-async fn wait_ready(client: &awc::Client, port: u16) -> Duration {
+pub(crate) async fn wait_ready(client: &awc::Client, port: u16) -> Duration {
     let started = Instant::now();
     loop {
         if let Ok(r) = client.get(format!("http://127.0.0.1:{port}/readyz")).send().await {

@@ -97,7 +97,7 @@ fn now_secs() -> u64 {
 }
 
 /// A fresh database name: its creation time in it, so stale ones can be dropped later.
-fn database_name() -> String {
+pub fn database_name() -> String {
     format!(
         "payrail_test_{}_{}",
         now_secs(),
@@ -106,7 +106,7 @@ fn database_name() -> String {
 }
 
 /// A fresh stream prefix, `T<secs>X<random>`, dated like the databases.
-fn stream_prefix() -> String {
+pub fn stream_prefix() -> String {
     format!("T{}X{}", now_secs(), &uuid::Uuid::new_v4().simple().to_string()[..8]).to_uppercase()
 }
 

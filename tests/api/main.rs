@@ -12,5 +12,6 @@ mod money_safety;
 mod openapi;
 mod operations;
 mod outages;
+mod process;
 mod recovery;
 mod validation;
