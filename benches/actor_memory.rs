@@ -126,11 +126,7 @@ async fn activate(registry: &Arc<PaymentRegistry>, merchant: &MerchantId, count:
             let p = payment(&merchant, *i);
             async move {
                 let id = p.id.clone();
-                let call = PaymentCall {
-                    merchant,
-                    op: Op::Resolve,
-                    idem: None,
-                };
+                let call = PaymentCall::new(merchant, Op::Resolve, None);
                 registry
                     .call_with(
                         &id,

@@ -11,6 +11,7 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, App, HttpServer};
 use dashmap::DashMap;
 use futures_util::{FutureExt, StreamExt};
+use tracing::Instrument;
 
 use crate::actors::event_consumer::EventConsumer;
 use crate::actors::ledger_shard::Ledger;
@@ -168,7 +169,9 @@ impl Application {
                     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
                     let span = tracing::info_span!("request", %request_id, %method, %route);
                     let metrics = metrics.clone();
-                    let fut = srv.call(req);
+                    // The handler runs inside the request's span: its log lines (and, through
+                    // PaymentCall::parent, its actor's) carry the request id.
+                    let fut = srv.call(req).instrument(span.clone());
                     async move {
                     let mut res = fut.await?;
                     let status = res.status().as_u16();
@@ -250,11 +253,7 @@ fn spawn_housekeeping(state: web::Data<AppState>, shutdown: crate::shutdown::Shu
             let registry = &recovery.registry;
             futures_util::stream::iter(found)
                 .for_each_concurrent(SWEEP_CONCURRENCY, |(id, merchant)| async move {
-                    let call = crate::actors::PaymentCall {
-                        merchant,
-                        op: crate::actors::Op::Resolve,
-                        idem: None,
-                    };
+                    let call = crate::actors::PaymentCall::new(merchant, crate::actors::Op::Resolve, None);
                     if let Err(e) = registry.call(&id, call).await {
                         tracing::warn!(payment_id = %id, error = %e, "could not complete an open PSP attempt yet");
                     }

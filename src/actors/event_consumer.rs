@@ -286,11 +286,7 @@ impl Worker {
             }
             return Verdict::Retry("unknown_reference", "no payment with this PSP reference");
         };
-        let call = PaymentCall {
-            merchant,
-            op: Op::PspEvent(Arc::new(event)),
-            idem: None,
-        };
+        let call = PaymentCall::new(merchant, Op::PspEvent(Arc::new(event)), None);
         match self.registry.call(&payment_id, call).await {
             Ok(reply) if reply.status == super::payment_flow::DUPLICATE_EVENT => Verdict::Ack("duplicate"),
             Ok(_) => Verdict::Ack("applied"),

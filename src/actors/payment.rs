@@ -107,6 +107,21 @@ pub struct PaymentCall {
     pub merchant: MerchantId,
     pub op: Op,
     pub idem: Option<IdemKey>,
+    /// The span of whoever sent it (an HTTP request, an event consumer): the actor's span is
+    /// its child, so the actor's log lines carry the request id.
+    pub parent: tracing::Span,
+}
+
+impl PaymentCall {
+    /// A call from the current span.
+    pub fn new(merchant: MerchantId, op: Op, idem: Option<IdemKey>) -> PaymentCall {
+        PaymentCall {
+            merchant,
+            op,
+            idem,
+            parent: tracing::Span::current(),
+        }
+    }
 }
 
 pub struct PaymentActor {
@@ -218,7 +233,8 @@ impl Handler<PaymentCall> for PaymentActor {
     fn handle(&mut self, call: PaymentCall, _ctx: &mut Self::Context) -> Self::Result {
         self.mailbox.received(call.op.name());
         self.last_activity = Instant::now();
-        let span = tracing::info_span!("payment_actor", payment_id = %self.id, op = call.op.name());
+        let span =
+            tracing::info_span!(parent: &call.parent, "payment_actor", payment_id = %self.id, op = call.op.name());
         let live = match self.live.take() {
             Some(live) if live.payment.merchant_id == call.merchant => live,
             Some(live) => {

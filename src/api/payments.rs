@@ -107,14 +107,14 @@ pub async fn create(
         parsed,
         |(payment, confirm), ticket| async move {
             let (state, merchant) = (st, m);
-            let call = PaymentCall {
-                merchant: merchant.id.clone(),
-                op: Op::Confirm {
+            let call = PaymentCall::new(
+                merchant.id.clone(),
+                Op::Confirm {
                     payment_method: None,
                     created: true,
                 },
-                idem: Some(ticket.key.clone()),
-            };
+                Some(ticket.key.clone()),
+            );
             if let Some(id) = ticket.resource_id.as_deref().and_then(PaymentId::parse) {
                 // An earlier attempt with this key created the payment and died before answering.
                 if confirm {
@@ -213,14 +213,7 @@ async fn operate(
             let op = op.resuming(ticket.resource_id.as_deref());
             state
                 .registry
-                .call(
-                    &id,
-                    PaymentCall {
-                        merchant: merchant.id.clone(),
-                        op,
-                        idem: Some(ticket.key),
-                    },
-                )
+                .call(&id, PaymentCall::new(merchant.id.clone(), op, Some(ticket.key)))
                 .await
         },
     )

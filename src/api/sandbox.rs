@@ -90,14 +90,7 @@ pub async fn complete_3ds(state: web::Data<AppState>, req: HttpRequest) -> Resul
         .map_err(|_| ApiError::InvalidState(payment.status()))?;
     let reply = state
         .registry
-        .call(
-            &payment.id,
-            PaymentCall {
-                merchant: merchant.id.clone(),
-                op: Op::Sync,
-                idem: None,
-            },
-        )
+        .call(&payment.id, PaymentCall::new(merchant.id.clone(), Op::Sync, None))
         .await?;
     Ok(super::json_response(reply.status, reply.body))
 }

@@ -104,3 +104,33 @@ async fn no_card_number_reaches_logs_responses_or_storage() {
         }
     }
 }
+
+/// A handler's log lines, and its payment actor's, carry the request id of the request.
+#[actix_web::test]
+async fn handler_and_actor_log_lines_carry_the_request_id() {
+    let app = spawn_app().await;
+    let body = json!({ "order_id": "ord_log", "amount": { "value": 700, "currency": "USD" },
+                       "payment_method": "pm_card_visa", "confirm": true })
+    .to_string();
+    let r = app
+        .client
+        .post(format!("{}/api/v1/payments", app.address))
+        .insert_header(("Authorization", format!("Bearer {DEMO_KEY}")))
+        .insert_header(("Idempotency-Key", "log-1"))
+        .insert_header(("Request-Id", "req_logcheck_7f3a"))
+        .insert_header(("Content-Type", "application/json"))
+        .send_body(body)
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let logs = String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned();
+    let ours: Vec<&str> = logs.lines().filter(|l| l.contains("req_logcheck_7f3a")).collect();
+    assert!(
+        ours.iter().any(|l| l.contains("payment_actor") && l.contains("payment message handled")),
+        "the actor's line carries the request id: {ours:#?}"
+    );
+    assert!(
+        ours.iter().any(|l| l.contains("status=201")),
+        "the request's own line too: {ours:#?}"
+    );
+}
