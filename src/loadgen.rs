@@ -563,9 +563,10 @@ fn batch_distribution(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u
     let mut bounds: Vec<(u64, u64)> = after
         .iter()
         .filter_map(|(le, n)| {
-            le.parse::<u64>()
+            le.parse::<f64>()
                 .ok()
-                .map(|b| (b, n - before.get(le).copied().unwrap_or(0)))
+                .filter(|b| b.is_finite())
+                .map(|b| (b as u64, n - before.get(le).copied().unwrap_or(0)))
         })
         .collect();
     bounds.sort();

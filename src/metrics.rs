@@ -1,249 +1,355 @@
-//! Metrics for operators, rendered in Prometheus text format by `GET /metrics`. Counters and
-//! fixed-bucket histograms on relaxed atomics: recording is a few atomic adds on hot paths.
-//! Label values are bounded sets (route patterns, statuses, operations), never ids.
+//! Metrics for operators, kept and encoded by `prometheus-client` (the Prometheus project's
+//! Rust client) and served by `GET /metrics` in the OpenMetrics text format, which Prometheus
+//! scrapes natively. Recording is a few atomic operations on hot paths. Label values are
+//! bounded sets (route patterns, statuses, operations, actor kinds), never ids.
+//!
+//! Some figures live elsewhere (actor mailboxes, ledger batches, JetStream lag, the pool):
+//! [`Scrape`] carries them in, and [`Metrics::encode`] sets them just before encoding.
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use dashmap::DashMap;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 
 /// Seconds: 100 µs to 10 s.
 const SECONDS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-#[derive(Debug)]
-pub struct Histogram {
-    counts: Vec<AtomicU64>,
-    sum_micros: AtomicU64,
-    count: AtomicU64,
+fn seconds() -> Histogram {
+    Histogram::new(SECONDS.iter().copied())
 }
 
-impl Default for Histogram {
-    fn default() -> Self {
-        Histogram {
-            counts: SECONDS.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum_micros: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    route: String,
+    status: u16,
 }
 
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = SECONDS.iter().position(|b| secs <= *b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0;
-        for (b, n) in SECONDS.iter().zip(&self.counts) {
-            cumulative += n.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(
-            out,
-            "{name}_sum{braces} {}",
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count{braces} {count}");
-    }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PspLabels {
+    psp: &'static str,
+    operation: &'static str,
 }
 
-/// Every metric payrail keeps beyond the actor and ledger counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PspErrorLabels {
+    psp: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActorLabels {
+    actor: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    provider: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    from: &'static str,
+    to: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    state: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// One actor kind's figures, read at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ActorFigures {
+    pub depth: i64,
+    pub live: i64,
+    pub restarts: u64,
+    pub messages: u64,
+}
+
+/// The figures kept outside these metrics, gathered for one scrape.
 #[derive(Debug, Default)]
-pub struct Metrics {
-    /// (route pattern, status)
-    pub http: DashMap<(String, u16), Histogram>,
-    /// (psp, operation)
-    pub psp: DashMap<(&'static str, &'static str), Histogram>,
-    /// (psp, error code)
-    pub psp_errors: DashMap<(&'static str, &'static str), AtomicU64>,
-    /// actor kind
-    pub actor_handle: DashMap<&'static str, Histogram>,
-    /// (provider, outcome)
-    pub psp_events: DashMap<(String, &'static str), AtomicU64>,
-    pub idempotency_replays: AtomicU64,
-    /// (kind: in_use | reused)
-    pub idempotency_conflicts: DashMap<&'static str, AtomicU64>,
-    /// (from, to)
-    pub transitions: DashMap<(&'static str, &'static str), AtomicU64>,
-    pub ledger_commit: Histogram,
+pub struct Scrape {
+    pub actors: Vec<(&'static str, ActorFigures)>,
+    pub ledger_split_batches: u64,
+    /// JetStream's pending, ack-pending and redelivered PSP events, if it answered in time.
+    pub consumer_lag: Option<(u64, u64, u64)>,
+    pub dead_letters_unreplayed: Option<i64>,
+    /// Pool connections in use, idle, and callers waiting for one.
+    pub pool: (i64, i64, i64),
 }
 
-fn bump<K: std::hash::Hash + Eq>(map: &DashMap<K, AtomicU64>, key: K) {
-    map.entry(key).or_default().fetch_add(1, Ordering::Relaxed);
+pub struct Metrics {
+    registry: Registry,
+    http: Histograms<HttpLabels>,
+    psp: Histograms<PspLabels>,
+    psp_errors: Family<PspErrorLabels, Counter>,
+    actor_handle: Histograms<ActorLabels>,
+    psp_events: Family<EventLabels, Counter>,
+    idempotency_replays: Counter,
+    idempotency_conflicts: Family<KindLabels, Counter>,
+    transitions: Family<TransitionLabels, Counter>,
+    ledger_commit: Histogram,
+    ledger_batch_size: Histogram,
+    ledger_split_batches: Counter,
+    mailbox_depth: Family<ActorLabels, Gauge>,
+    actors_live: Family<ActorLabels, Gauge>,
+    actor_restarts: Family<ActorLabels, Counter>,
+    actor_messages: Family<ActorLabels, Counter>,
+    consumer_pending: Gauge,
+    consumer_ack_pending: Gauge,
+    consumer_redelivered: Gauge,
+    dead_letters_unreplayed: Gauge,
+    pool_connections: Family<PoolLabels, Gauge>,
+    pool_waiters: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
 }
 
 impl Metrics {
+    pub fn new() -> Metrics {
+        let mut r = Registry::with_prefix("payrail");
+        let m = Metrics {
+            http: Histograms::new_with_constructor(seconds),
+            psp: Histograms::new_with_constructor(seconds),
+            psp_errors: Family::default(),
+            actor_handle: Histograms::new_with_constructor(seconds),
+            psp_events: Family::default(),
+            idempotency_replays: Counter::default(),
+            idempotency_conflicts: Family::default(),
+            transitions: Family::default(),
+            ledger_commit: seconds(),
+            // 1, 2, 4, … 2,048 commits per transaction.
+            ledger_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            ledger_split_batches: Counter::default(),
+            mailbox_depth: Family::default(),
+            actors_live: Family::default(),
+            actor_restarts: Family::default(),
+            actor_messages: Family::default(),
+            consumer_pending: Gauge::default(),
+            consumer_ack_pending: Gauge::default(),
+            consumer_redelivered: Gauge::default(),
+            dead_letters_unreplayed: Gauge::default(),
+            pool_connections: Family::default(),
+            pool_waiters: Gauge::default(),
+            registry: Registry::default(),
+        };
+        r.register(
+            "http_request_duration_seconds",
+            "HTTP requests by route pattern and status",
+            m.http.clone(),
+        );
+        r.register(
+            "psp_request_duration_seconds",
+            "Calls to the PSP by operation",
+            m.psp.clone(),
+        );
+        r.register(
+            "psp_errors",
+            "PSP calls that failed: timeouts, outages, refused requests",
+            m.psp_errors.clone(),
+        );
+        r.register(
+            "actor_handle_duration_seconds",
+            "Time an actor spent on one message (a batch, for ledger shards)",
+            m.actor_handle.clone(),
+        );
+        r.register(
+            "psp_events",
+            "PSP webhook events by provider and outcome",
+            m.psp_events.clone(),
+        );
+        r.register(
+            "idempotency_replays",
+            "Requests answered from a stored idempotent response",
+            m.idempotency_replays.clone(),
+        );
+        r.register(
+            "idempotency_conflicts",
+            "Idempotency-Key refused: in_use (409) or reused (422)",
+            m.idempotency_conflicts.clone(),
+        );
+        r.register(
+            "payment_transitions",
+            "Payment status changes committed",
+            m.transitions.clone(),
+        );
+        r.register(
+            "ledger_commit_duration_seconds",
+            "Time of one ledger batch transaction",
+            m.ledger_commit.clone(),
+        );
+        r.register(
+            "ledger_batch_size",
+            "Commits written per ledger transaction",
+            m.ledger_batch_size.clone(),
+        );
+        r.register(
+            "ledger_split_batches",
+            "Ledger batches that failed whole and were retried commit by commit",
+            m.ledger_split_batches.clone(),
+        );
+        r.register(
+            "actor_mailbox_depth",
+            "Messages sent to actors of a kind and not yet taken up",
+            m.mailbox_depth.clone(),
+        );
+        r.register("actors_live", "Actors of a kind in memory", m.actors_live.clone());
+        r.register(
+            "actor_restarts",
+            "Actors that panicked or lost a write race and restarted from PostgreSQL",
+            m.actor_restarts.clone(),
+        );
+        r.register(
+            "actor_messages",
+            "Messages actors of a kind handled",
+            m.actor_messages.clone(),
+        );
+        r.register(
+            "psp_consumer_pending",
+            "PSP events in JetStream not yet delivered to payrail",
+            m.consumer_pending.clone(),
+        );
+        r.register(
+            "psp_consumer_ack_pending",
+            "PSP events delivered and not yet acknowledged",
+            m.consumer_ack_pending.clone(),
+        );
+        r.register(
+            "psp_consumer_redelivered",
+            "PSP events JetStream delivered more than once",
+            m.consumer_redelivered.clone(),
+        );
+        r.register(
+            "dead_letters_unreplayed",
+            "PSP events parked as dead letters and not replayed yet (alert when above 0)",
+            m.dead_letters_unreplayed.clone(),
+        );
+        r.register(
+            "db_pool_connections",
+            "Database pool connections by state",
+            m.pool_connections.clone(),
+        );
+        r.register(
+            "db_pool_waiters",
+            "Callers waiting for a database connection",
+            m.pool_waiters.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+
     pub fn http(&self, route: &str, status: u16, d: Duration) {
-        self.http.entry((route.to_owned(), status)).or_default().observe(d);
+        self.http
+            .get_or_create(&HttpLabels {
+                route: route.to_owned(),
+                status,
+            })
+            .observe(d.as_secs_f64());
     }
 
     pub fn psp_call(&self, psp: &'static str, operation: &'static str, d: Duration) {
-        self.psp.entry((psp, operation)).or_default().observe(d);
+        self.psp
+            .get_or_create(&PspLabels { psp, operation })
+            .observe(d.as_secs_f64());
     }
 
     pub fn psp_error(&self, psp: &'static str, code: &'static str) {
-        bump(&self.psp_errors, (psp, code));
+        self.psp_errors.get_or_create(&PspErrorLabels { psp, code }).inc();
     }
 
     pub fn handled(&self, actor: &'static str, d: Duration) {
-        self.actor_handle.entry(actor).or_default().observe(d);
+        self.actor_handle
+            .get_or_create(&ActorLabels { actor })
+            .observe(d.as_secs_f64());
     }
 
     pub fn psp_event(&self, provider: &str, outcome: &'static str) {
-        bump(&self.psp_events, (provider.to_owned(), outcome));
+        self.psp_events
+            .get_or_create(&EventLabels {
+                provider: provider.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     pub fn replayed(&self) {
-        self.idempotency_replays.fetch_add(1, Ordering::Relaxed);
+        self.idempotency_replays.inc();
     }
 
     pub fn idempotency_conflict(&self, kind: &'static str) {
-        bump(&self.idempotency_conflicts, kind);
+        self.idempotency_conflicts.get_or_create(&KindLabels { kind }).inc();
     }
 
     pub fn transition(&self, from: &'static str, to: &'static str) {
-        bump(&self.transitions, (from, to));
+        self.transitions.get_or_create(&TransitionLabels { from, to }).inc();
     }
 
-    pub fn render(&self, out: &mut String) {
-        header(
-            out,
-            "payrail_http_request_duration_seconds",
-            "histogram",
-            "HTTP requests by route pattern and status.",
-        );
-        for e in self.http.iter() {
-            let (route, status) = e.key();
-            e.value().render(
-                out,
-                "payrail_http_request_duration_seconds",
-                &format!("route=\"{route}\",status=\"{status}\""),
-            );
+    /// One ledger batch: how many commits it held and how long its transaction took.
+    pub fn ledger_batch(&self, size: usize, took: Duration) {
+        self.ledger_batch_size.observe(size as f64);
+        self.ledger_commit.observe(took.as_secs_f64());
+    }
+
+    /// The OpenMetrics text of every metric, with `scrape`'s figures set first.
+    pub fn encode(&self, scrape: &Scrape) -> String {
+        for (actor, f) in &scrape.actors {
+            let labels = ActorLabels { actor };
+            self.mailbox_depth.get_or_create(&labels).set(f.depth);
+            self.actors_live.get_or_create(&labels).set(f.live);
+            store(&self.actor_restarts.get_or_create(&labels), f.restarts);
+            store(&self.actor_messages.get_or_create(&labels), f.messages);
         }
-        header(
-            out,
-            "payrail_psp_request_duration_seconds",
-            "histogram",
-            "Calls to the PSP by operation.",
-        );
-        for e in self.psp.iter() {
-            let (psp, op) = e.key();
-            e.value().render(
-                out,
-                "payrail_psp_request_duration_seconds",
-                &format!("psp=\"{psp}\",operation=\"{op}\""),
-            );
+        store(&self.ledger_split_batches, scrape.ledger_split_batches);
+        if let Some((pending, ack_pending, redelivered)) = scrape.consumer_lag {
+            self.consumer_pending.set(pending as i64);
+            self.consumer_ack_pending.set(ack_pending as i64);
+            self.consumer_redelivered.set(redelivered as i64);
         }
-        header(
-            out,
-            "payrail_psp_errors_total",
-            "counter",
-            "PSP calls that failed: timeouts, outages, refused requests.",
-        );
-        for e in self.psp_errors.iter() {
-            let (psp, code) = e.key();
-            let _ = writeln!(
-                out,
-                "payrail_psp_errors_total{{psp=\"{psp}\",code=\"{code}\"}} {}",
-                e.value().load(Ordering::Relaxed)
-            );
+        if let Some(n) = scrape.dead_letters_unreplayed {
+            self.dead_letters_unreplayed.set(n);
         }
-        header(
-            out,
-            "payrail_actor_handle_duration_seconds",
-            "histogram",
-            "Time an actor spent on one message (a batch, for ledger shards).",
-        );
-        for e in self.actor_handle.iter() {
-            e.value().render(
-                out,
-                "payrail_actor_handle_duration_seconds",
-                &format!("actor=\"{}\"", e.key()),
-            );
-        }
-        header(
-            out,
-            "payrail_psp_events_total",
-            "counter",
-            "PSP webhook events by provider and outcome.",
-        );
-        for e in self.psp_events.iter() {
-            let (provider, outcome) = e.key();
-            let _ = writeln!(
-                out,
-                "payrail_psp_events_total{{provider=\"{provider}\",outcome=\"{outcome}\"}} {}",
-                e.value().load(Ordering::Relaxed)
-            );
-        }
-        header(
-            out,
-            "payrail_idempotency_replays_total",
-            "counter",
-            "Requests answered from a stored idempotent response.",
-        );
-        let _ = writeln!(
-            out,
-            "payrail_idempotency_replays_total {}",
-            self.idempotency_replays.load(Ordering::Relaxed)
-        );
-        header(
-            out,
-            "payrail_idempotency_conflicts_total",
-            "counter",
-            "Idempotency-Key refused: in_use (409) or reused (422).",
-        );
-        for e in self.idempotency_conflicts.iter() {
-            let _ = writeln!(
-                out,
-                "payrail_idempotency_conflicts_total{{kind=\"{}\"}} {}",
-                e.key(),
-                e.value().load(Ordering::Relaxed)
-            );
-        }
-        header(
-            out,
-            "payrail_payment_transitions_total",
-            "counter",
-            "Payment status changes committed.",
-        );
-        for e in self.transitions.iter() {
-            let (from, to) = e.key();
-            let _ = writeln!(
-                out,
-                "payrail_payment_transitions_total{{from=\"{from}\",to=\"{to}\"}} {}",
-                e.value().load(Ordering::Relaxed)
-            );
-        }
-        header(
-            out,
-            "payrail_ledger_commit_duration_seconds",
-            "histogram",
-            "Time of one ledger batch transaction.",
-        );
-        self.ledger_commit
-            .render(out, "payrail_ledger_commit_duration_seconds", "");
+        let (in_use, idle, waiting) = scrape.pool;
+        self.pool_connections
+            .get_or_create(&PoolLabels { state: "in_use" })
+            .set(in_use);
+        self.pool_connections
+            .get_or_create(&PoolLabels { state: "idle" })
+            .set(idle);
+        self.pool_waiters.set(waiting);
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
     }
 }
 
-pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+/// A counter that mirrors a total kept elsewhere (monotonic there too).
+fn store(c: &Counter<u64, AtomicU64>, v: u64) {
+    c.inner().store(v, std::sync::atomic::Ordering::Relaxed);
 }
 
 #[cfg(test)]
@@ -252,17 +358,38 @@ mod tests {
 
     #[test]
     fn histograms_are_cumulative_with_sum_and_count() {
-        let h = Histogram::default();
-        h.observe(Duration::from_micros(50));
-        h.observe(Duration::from_millis(3));
-        h.observe(Duration::from_secs(30));
-        let mut out = String::new();
-        h.render(&mut out, "x", "a=\"b\"");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"0.0001\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"0.005\"} 2\n"));
-        assert!(out.contains("x_bucket{a=\"b\",le=\"10\"} 2\n"));
-        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"));
-        assert!(out.contains("x_count{a=\"b\"} 3\n"));
-        assert!(out.contains("x_sum{a=\"b\"} 30.00305\n"));
+        let m = Metrics::new();
+        m.handled("payment", Duration::from_micros(50));
+        m.handled("payment", Duration::from_millis(3));
+        m.handled("payment", Duration::from_secs(30));
+        let out = m.encode(&Scrape::default());
+        let name = "payrail_actor_handle_duration_seconds";
+        assert!(
+            out.contains(&format!("{name}_bucket{{le=\"0.0001\",actor=\"payment\"}} 1\n")),
+            "{out}"
+        );
+        assert!(out.contains(&format!("{name}_bucket{{le=\"0.005\",actor=\"payment\"}} 2\n")));
+        assert!(out.contains(&format!("{name}_bucket{{le=\"+Inf\",actor=\"payment\"}} 3\n")));
+        assert!(out.contains(&format!("{name}_count{{actor=\"payment\"}} 3\n")));
+        assert!(out.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_once() {
+        let m = Metrics::new();
+        m.psp_event("sandbox", "applied");
+        let out = m.encode(&Scrape {
+            actors: vec![
+                ("payment", ActorFigures::default()),
+                ("ledger_shard", ActorFigures::default()),
+            ],
+            ..Scrape::default()
+        });
+        let types: Vec<&str> = out.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        let mut unique = types.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(types.len(), unique.len(), "{out}");
+        assert_eq!(types.len(), out.lines().filter(|l| l.starts_with("# HELP ")).count());
     }
 }

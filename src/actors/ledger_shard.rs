@@ -152,7 +152,7 @@ impl LedgerShard {
             fault_drill(&drill, &commits);
             let result = db.commit_batch(&commits, slot).await;
             stats.record(batch.len(), started.elapsed());
-            metrics.ledger_commit.observe(started.elapsed());
+            metrics.ledger_batch(batch.len(), started.elapsed());
             metrics.handled("ledger_shard", started.elapsed());
             match result {
                 Ok(()) => batch.into_iter().for_each(|q| drop(q.reply.send(Ok(())))),

@@ -126,7 +126,8 @@ async fn handler_and_actor_log_lines_carry_the_request_id() {
     let logs = String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned();
     let ours: Vec<&str> = logs.lines().filter(|l| l.contains("req_logcheck_7f3a")).collect();
     assert!(
-        ours.iter().any(|l| l.contains("payment_actor") && l.contains("payment message handled")),
+        ours.iter()
+            .any(|l| l.contains("payment_actor") && l.contains("payment message handled")),
         "the actor's line carries the request id: {ours:#?}"
     );
     assert!(

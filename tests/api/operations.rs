@@ -160,11 +160,11 @@ async fn metrics_name_every_kind_and_carry_no_ids() {
         "payrail_actors_live{actor=\"payment\"} 1",
         "payrail_actors_live{actor=\"ledger_shard\"} 4",
         "payrail_actor_restarts_total{actor=\"payment\"} 0",
-        "payrail_actor_handle_duration_seconds_bucket{actor=\"payment\",le=",
+        "payrail_actor_handle_duration_seconds_count{actor=\"payment\"}",
         "payrail_actor_handle_duration_seconds_count{actor=\"ledger_shard\"}",
-        "payrail_http_request_duration_seconds_bucket{route=\"/api/v1/payments\",status=\"201\",le=",
+        "payrail_http_request_duration_seconds_count{route=\"/api/v1/payments\",status=\"201\"}",
         "payrail_psp_request_duration_seconds_count{psp=\"sandbox\",operation=\"authorize\"} 1",
-        "# TYPE payrail_psp_events_total counter",
+        "# TYPE payrail_psp_events counter",
         "payrail_ledger_batch_size_count",
         "payrail_ledger_commit_duration_seconds_bucket{le=",
         "payrail_payment_transitions_total{from=\"pending\",to=\"captured\"} 1",
@@ -175,6 +175,16 @@ async fn metrics_name_every_kind_and_carry_no_ids() {
     ] {
         assert!(text.contains(needle), "missing {needle}\n{text}");
     }
+    // A real parser agrees: the Prometheus project's strict OpenMetrics parser.
+    let mut check = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/checks/openmetrics.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    std::io::Write::write_all(check.stdin.as_mut().unwrap(), &r.raw).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     let with_ids: Vec<&str> = text
         .lines()
         .filter(|l| l.contains(&p) || l.contains("\"pay_") || l.contains("\"mer_"))
