@@ -39,7 +39,7 @@ pub enum StartError {
     #[error("{0}")]
     Config(String),
     #[error("demo merchant: {0}")]
-    Demo(crate::error::ApiError),
+    Demo(crate::adapters::postgres::StoreError),
 }
 
 pub struct Application {

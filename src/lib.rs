@@ -24,7 +24,6 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod domain;
-pub mod error;
 pub mod loadgen;
 pub mod metrics;
 pub mod shutdown;

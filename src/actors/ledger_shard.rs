@@ -19,7 +19,6 @@ use super::mailbox::{ActorStats, Mailbox};
 use crate::adapters::postgres::commit::{Commit, CommitError};
 use crate::adapters::postgres::Db;
 use crate::config::LedgerConfig;
-use crate::error::ApiError;
 
 /// Batch sizes in power-of-two buckets (1, 2–3, 4–7, … 2048+), and commit times.
 #[derive(Debug, Default)]
@@ -110,11 +109,7 @@ impl Handler<Submit> for LedgerShard {
         let (reply, answer) = oneshot::channel();
         self.queue.push_back(Queued { commit: msg.0, reply });
         self.kick(ctx);
-        Box::pin(async move {
-            answer
-                .await
-                .unwrap_or(Err(CommitError::Api(ApiError::Unavailable("ledger"))))
-        })
+        Box::pin(async move { answer.await.unwrap_or(Err(CommitError::Unavailable("ledger"))) })
     }
 }
 
@@ -258,13 +253,13 @@ impl Ledger {
         let home = c.payment.as_ref().map(|p| p.merchant_id.as_str()).unwrap_or_default();
         let shard = &self.shards[shard_of(home, self.shards.len())];
         if shard.mailbox.depth() >= self.max_pending {
-            return Err(ApiError::Unavailable("ledger (shard queue full)").into());
+            return Err(CommitError::Unavailable("ledger (shard queue full)"));
         }
         shard.mailbox.sent();
         // Counted out even if this caller goes away while its commit waits.
         let _left = Received(&shard.mailbox);
         let result = shard.addr.send(Submit(c)).await;
-        result.unwrap_or(Err(CommitError::Api(ApiError::Unavailable("ledger"))))
+        result.unwrap_or(Err(CommitError::Unavailable("ledger")))
     }
 
     pub fn shards(&self) -> usize {

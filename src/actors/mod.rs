@@ -4,6 +4,7 @@
 //! actix has no accessor for a mailbox's length, so every send and receipt is counted here,
 //! per actor and per actor kind.
 
+pub mod error;
 pub mod event_consumer;
 pub mod ledger_shard;
 pub mod mailbox;
@@ -13,6 +14,7 @@ pub mod payment_flow;
 pub mod registry;
 pub mod store;
 
+pub use error::PaymentError;
 pub use mailbox::{ActorStats, Mailbox};
 pub use payment::{IdemKey, Op, PaymentActor, PaymentCall, Reply};
 pub use registry::PaymentRegistry;

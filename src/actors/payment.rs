@@ -12,11 +12,11 @@ use dashmap::DashMap;
 use futures_util::FutureExt;
 use tracing::Instrument;
 
+use super::error::PaymentError;
 use super::mailbox::Mailbox;
 use super::payment_flow::{process, Live, PaymentDeps};
 use super::registry::ActorEntry;
 use crate::domain::{MerchantId, Money, PaymentId, RefundId};
-use crate::error::ApiError;
 
 /// How long an actor whose payment could not be loaded keeps answering with that error before
 /// it stops, so a burst of calls for a missing id costs one load.
@@ -35,6 +35,11 @@ pub struct IdemKey {
 /// A merchant's operation on a payment.
 #[derive(Debug, Clone)]
 pub enum Op {
+    /// Store the new payment the actor was started with (it is not in PostgreSQL yet) and,
+    /// with `confirm`, authorize it at once. Answered `201`.
+    Create {
+        confirm: bool,
+    },
     /// Authorize (and with automatic capture, capture). `created`: this confirms a payment the
     /// same request created, so the answer is `201`.
     Confirm {
@@ -75,13 +80,14 @@ impl Op {
     /// The status of a successful answer.
     pub fn reply_status(&self) -> u16 {
         match self {
-            Op::Confirm { created: true, .. } | Op::Refund { .. } => 201,
+            Op::Create { .. } | Op::Confirm { created: true, .. } | Op::Refund { .. } => 201,
             _ => 200,
         }
     }
 
     pub fn name(&self) -> &'static str {
         match self {
+            Op::Create { .. } => "create",
             Op::Confirm { .. } => "confirm",
             Op::Capture { .. } => "capture",
             Op::Cancel => "cancel",
@@ -102,7 +108,7 @@ pub struct Reply {
 }
 
 #[derive(Message, Clone, Debug)]
-#[rtype(result = "Result<Reply, ApiError>")]
+#[rtype(result = "Result<Reply, PaymentError>")]
 pub struct PaymentCall {
     pub merchant: MerchantId,
     pub op: Op,
@@ -134,7 +140,7 @@ pub struct PaymentActor {
     mailbox: Arc<Mailbox>,
     /// `None` until loaded, while a message runs, or after a failure.
     live: Option<Live>,
-    load_error: Option<ApiError>,
+    load_error: Option<PaymentError>,
     last_activity: Instant,
     idle_timeout: Duration,
     mailbox_capacity: usize,
@@ -189,8 +195,8 @@ impl Actor for PaymentActor {
                             act.mailbox.set_status(status_index(live.payment.status()));
                             act.live = Some(live);
                         }
-                        Ok(None) => act.fail(ctx, ApiError::NotFound("payment")),
-                        Err(e) => act.fail(ctx, e),
+                        Ok(None) => act.fail(ctx, PaymentError::NotFound("payment")),
+                        Err(e) => act.fail(ctx, e.into()),
                     }),
             );
         }
@@ -220,7 +226,7 @@ pub fn status_index(s: crate::domain::Status) -> u8 {
 }
 
 impl PaymentActor {
-    fn fail(&mut self, ctx: &mut Context<Self>, error: ApiError) {
+    fn fail(&mut self, ctx: &mut Context<Self>, error: PaymentError) {
         self.load_error = Some(error);
         self.live = None;
         ctx.run_later(FAILED_LINGER, |_, ctx| ctx.stop());
@@ -228,7 +234,7 @@ impl PaymentActor {
 }
 
 impl Handler<PaymentCall> for PaymentActor {
-    type Result = AtomicResponse<Self, Result<Reply, ApiError>>;
+    type Result = AtomicResponse<Self, Result<Reply, PaymentError>>;
 
     fn handle(&mut self, call: PaymentCall, _ctx: &mut Self::Context) -> Self::Result {
         self.mailbox.received(call.op.name());
@@ -240,13 +246,13 @@ impl Handler<PaymentCall> for PaymentActor {
             Some(live) => {
                 // Another merchant's payment does not exist, as far as this caller can tell.
                 self.live = Some(live);
-                return AtomicResponse::new(Box::pin(fut::ready(Err(ApiError::NotFound("payment")))));
+                return AtomicResponse::new(Box::pin(fut::ready(Err(PaymentError::NotFound("payment")))));
             }
             None => {
                 let e = self
                     .load_error
                     .clone()
-                    .unwrap_or(ApiError::Unavailable("payment actor"));
+                    .unwrap_or(PaymentError::Unavailable("payment actor"));
                 return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
             }
         };
@@ -277,7 +283,7 @@ impl Handler<PaymentCall> for PaymentActor {
                     tracing::error!(payment_id = %act.id, "payment actor panicked; restarting from PostgreSQL");
                     act.kind.restarts.fetch_add(1, Ordering::Relaxed);
                     ctx.stop();
-                    Err(ApiError::Unavailable("payment actor"))
+                    Err(PaymentError::Unavailable("payment actor"))
                 }
             }
         })))

@@ -10,12 +10,12 @@ use actix::{Actor, Addr};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
+use super::error::PaymentError;
 use super::mailbox::{ActorStats, Mailbox};
 use super::payment::{PaymentActor, PaymentCall, Reply};
 use super::payment_flow::{Live, PaymentDeps};
 use crate::config::ActorsConfig;
 use crate::domain::PaymentId;
-use crate::error::ApiError;
 
 /// How many incarnations one call may try: a call that meets a stopping actor goes to the next.
 const MAX_DELIVERY_TRIES: usize = 3;
@@ -47,22 +47,24 @@ impl PaymentRegistry {
     }
 
     /// Delivers `call` to the payment's actor and waits for its answer.
-    pub async fn call(&self, id: &PaymentId, call: PaymentCall) -> Result<Reply, ApiError> {
+    pub async fn call(&self, id: &PaymentId, call: PaymentCall) -> Result<Reply, PaymentError> {
         self.call_with(id, None, call).await
     }
 
-    /// Like [`PaymentRegistry::call`]; an actor it has to start begins from `known` (a payment
-    /// just committed by its creator) instead of reading PostgreSQL.
+    /// Like [`PaymentRegistry::call`]; an actor it has to start begins from `known` (a new
+    /// payment its creator hands over, not stored yet) instead of reading PostgreSQL. Each
+    /// try hands it over again: an actor that stopped after a failed creation leaves the next
+    /// incarnation to start from it too.
     pub async fn call_with(
         &self,
         id: &PaymentId,
-        mut known: Option<Live>,
+        known: Option<Live>,
         call: PaymentCall,
-    ) -> Result<Reply, ApiError> {
+    ) -> Result<Reply, PaymentError> {
         for _ in 0..MAX_DELIVERY_TRIES {
-            let entry = self.entry(id, &mut known)?;
+            let entry = self.entry(id, &mut known.clone())?;
             if entry.mailbox.depth() >= self.config.mailbox_capacity as i64 {
-                return Err(ApiError::Unavailable("payment actor (mailbox full)"));
+                return Err(PaymentError::Unavailable("payment actor (mailbox full)"));
             }
             entry.mailbox.sent();
             match entry.addr.send(call.clone()).await {
@@ -75,17 +77,17 @@ impl PaymentRegistry {
                 }
             }
         }
-        Err(ApiError::Unavailable("payment actor"))
+        Err(PaymentError::Unavailable("payment actor"))
     }
 
-    fn entry(&self, id: &PaymentId, known: &mut Option<Live>) -> Result<ActorEntry, ApiError> {
+    fn entry(&self, id: &PaymentId, known: &mut Option<Live>) -> Result<ActorEntry, PaymentError> {
         if let Some(e) = self.actors.get(id) {
             if e.addr.connected() {
                 return Ok(e.clone());
             }
         }
         if self.actors.len() >= self.config.max_live {
-            return Err(ApiError::Unavailable("payment actors (too many live)"));
+            return Err(PaymentError::Unavailable("payment actors (too many live)"));
         }
         let entry = match self.actors.entry(id.clone()) {
             Entry::Occupied(o) if o.get().addr.connected() => o.get().clone(),

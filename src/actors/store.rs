@@ -15,11 +15,11 @@ use super::payment_flow::Live;
 use crate::adapters::postgres::commit::{AttemptOutcome, Commit, CommitError};
 use crate::adapters::postgres::payments::Attempt;
 use crate::adapters::postgres::Db;
+use crate::adapters::postgres::StoreError;
 use crate::domain::{Dispute, PaymentId, Refund, RefundId};
-use crate::error::ApiError;
 
 /// A store call. Not `Send`: the flow runs inside one actor, on one thread.
-pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, ApiError>> + 'a>>;
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + 'a>>;
 pub type CommitFuture<'a> = Pin<Box<dyn Future<Output = Result<(), CommitError>> + 'a>>;
 
 /// The payment flow's storage. Every write is a [`Commit`]: all of it lands, or none of it.

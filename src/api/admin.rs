@@ -5,8 +5,8 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use super::body::{self, Fields};
 use super::{auth, json_value, AppState};
 use crate::adapters::postgres::merchants::NewMerchant;
+use crate::api::error::ApiError;
 use crate::domain::Currency;
-use crate::error::ApiError;
 
 /// `POST /admin/v1/merchants`: the answer carries the API key, the only time it is shown.
 /// No idempotency record is kept here: replaying it would mean storing the plaintext key.

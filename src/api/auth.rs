@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 
 use super::{AppState, MAX_CACHED_KEYS};
 use crate::adapters::postgres::merchants::{hash_key, Merchant};
-use crate::error::ApiError;
+use crate::api::error::ApiError;
 
 fn bearer(req: &HttpRequest) -> Option<&str> {
     req.headers()

@@ -7,9 +7,9 @@ use actix_web::HttpRequest;
 use futures_util::StreamExt;
 use serde_json::{Map, Value};
 
+use crate::api::error::ApiError;
 use crate::domain::card::contains_pan;
 use crate::domain::{Currency, Money, MAX_AMOUNT};
-use crate::error::ApiError;
 
 /// Reads the body, refusing anything above `limit` bytes with 413 before it is all buffered.
 pub async fn read(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {

@@ -4,9 +4,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::payments::query;
 use super::{auth, json_value, AppState};
+use crate::api::error::ApiError;
 use crate::domain::record::list_object;
 use crate::domain::{Dispute, DisputeId};
-use crate::error::ApiError;
 
 /// `GET /api/v1/disputes`, newest first.
 pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {

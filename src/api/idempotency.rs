@@ -12,7 +12,7 @@ use super::{json_response, AppState};
 use crate::actors::{IdemKey, Reply};
 use crate::adapters::postgres::idempotency::Begin;
 use crate::adapters::postgres::merchants::Merchant;
-use crate::error::ApiError;
+use crate::api::error::ApiError;
 
 /// The key's SHA-256 in hex, if the request carries a valid key: 1–255 printable ASCII
 /// characters. Only the digest is ever stored or compared, so whatever a merchant puts in a

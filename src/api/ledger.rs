@@ -5,9 +5,9 @@ use serde_json::json;
 
 use super::payments::query;
 use super::{auth, json_value, AppState};
+use crate::api::error::ApiError;
 use crate::domain::record::list_object;
 use crate::domain::PaymentId;
-use crate::error::ApiError;
 
 /// `GET /api/v1/balance`
 pub async fn balance(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {

@@ -1,11 +1,12 @@
 //! The HTTP API of API.md, on actix-web. One route group per file; authentication,
 //! idempotency and body validation are shared here, and every error renders through
-//! [`crate::error::ApiError`].
+//! [`crate::api::error::ApiError`].
 
 pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod disputes;
+pub mod error;
 pub mod health;
 pub mod idempotency;
 pub mod ledger;
@@ -26,9 +27,9 @@ use crate::adapters::nats::Nats;
 use crate::adapters::postgres::merchants::Merchant;
 use crate::adapters::postgres::Db;
 use crate::adapters::psp::sandbox::SandboxPsp;
+use crate::api::error::ApiError;
 use crate::config::Config;
 use crate::domain::Currency;
-use crate::error::ApiError;
 
 /// What every route may use.
 pub struct AppState {

@@ -9,13 +9,11 @@ use super::body::{self, Fields};
 use super::{auth, idempotency, json_value, AppState};
 use crate::actors::payment_flow::Live;
 use crate::actors::{Op, PaymentCall, Reply};
-use crate::adapters::postgres::commit::{Commit, CommitError, IdempotencyWrite, OutboxEvent, Transition};
 use crate::adapters::postgres::merchants::Merchant;
-use crate::adapters::postgres::payments::Attempt;
 use crate::adapters::postgres::payments::PaymentFilter;
+use crate::api::error::ApiError;
 use crate::domain::record::{list_object, now};
-use crate::domain::{AttemptId, CaptureStrategy, Payment, PaymentId, PaymentState, PspOp, Status};
-use crate::error::ApiError;
+use crate::domain::{CaptureStrategy, Payment, PaymentId, PaymentState, Status};
 
 const CREATE_FIELDS: &[&str] = &[
     "order_id",
@@ -107,18 +105,18 @@ pub async fn create(
         parsed,
         |(payment, confirm), ticket| async move {
             let (state, merchant) = (st, m);
-            let call = PaymentCall::new(
-                merchant.id.clone(),
-                Op::Confirm {
-                    payment_method: None,
-                    created: true,
-                },
-                Some(ticket.key.clone()),
-            );
             if let Some(id) = ticket.resource_id.as_deref().and_then(PaymentId::parse) {
-                // An earlier attempt with this key created the payment and died before answering.
+                // An earlier request with this key created the payment and died before answering.
                 if confirm {
-                    return state.registry.call(&id, call).await;
+                    let call = PaymentCall::new(
+                        merchant.id.clone(),
+                        Op::Confirm {
+                            payment_method: None,
+                            created: true,
+                        },
+                        Some(ticket.key),
+                    );
+                    return Ok(state.registry.call(&id, call).await?);
                 }
                 let p = state
                     .db
@@ -132,58 +130,15 @@ pub async fn create(
                     stored: false,
                 });
             }
-            let object = serde_json::to_vec(&payment.to_object()).map_err(|_| ApiError::Internal)?;
-            // With confirm, the authorization attempt is recorded in the same commit as the
-            // payment; the actor, handed both, makes the PSP call as its open attempt.
-            let attempt = confirm.then(|| Attempt {
-                id: AttemptId::generate(),
-                op: PspOp::Authorize,
-                refund_id: None,
-                idem_key: Some(ticket.key.key.clone()),
-            });
-            let commit = Commit {
-                transition: Some(Transition {
-                    seq: 0,
-                    from: None,
-                    to: Status::Pending,
-                    cause: "api.create".into(),
-                }),
-                outbox: vec![OutboxEvent {
-                    event_type: "payment.created".into(),
-                    payload: payment.to_object(),
-                }],
-                idempotency: Some(IdempotencyWrite {
-                    merchant_id: merchant.id.clone(),
-                    key: ticket.key.key.clone(),
-                    resource_id: Some(payment.id.to_string()),
-                    response: (!confirm).then(|| (201, object.clone())),
-                    fence: ticket.key.fence,
-                }),
-                attempt_started: attempt.clone(),
-                payment: Some(payment.clone()),
-                ..Commit::default()
+            // The payment's actor stores it (and, with confirm, authorizes it): like every
+            // other change, creation goes through the actor.
+            let id = payment.id.clone();
+            let live = Live {
+                payment,
+                open: Vec::new(),
             };
-            state.ledger.commit(commit).await.map_err(|e| match e {
-                CommitError::Api(e) => e,
-                CommitError::Stale => ApiError::Internal,
-                // A retry with the same key took it over while this request waited: the retry
-                // creates the payment, this one creates nothing.
-                CommitError::Fenced => ApiError::IdempotencyKeyInUse,
-            })?;
-            match attempt {
-                None => Ok(Reply {
-                    status: 201,
-                    body: object,
-                    stored: true,
-                }),
-                Some(attempt) => {
-                    let live = Live {
-                        payment: payment.clone(),
-                        open: vec![attempt],
-                    };
-                    state.registry.call_with(&payment.id, Some(live), call).await
-                }
-            }
+            let call = PaymentCall::new(merchant.id.clone(), Op::Create { confirm }, Some(ticket.key));
+            Ok(state.registry.call_with(&id, Some(live), call).await?)
         },
     )
     .await
@@ -211,10 +166,8 @@ async fn operate(
         |(id, op), ticket| async move {
             let (state, merchant) = (st, m);
             let op = op.resuming(ticket.resource_id.as_deref());
-            state
-                .registry
-                .call(&id, PaymentCall::new(merchant.id.clone(), op, Some(ticket.key)))
-                .await
+            let call = PaymentCall::new(merchant.id.clone(), op, Some(ticket.key));
+            Ok(state.registry.call(&id, call).await?)
         },
     )
     .await

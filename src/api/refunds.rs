@@ -4,9 +4,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::payments::path_id;
 use super::{auth, json_value, AppState};
+use crate::api::error::ApiError;
 use crate::domain::record::list_object;
 use crate::domain::{Refund, RefundId};
-use crate::error::ApiError;
 
 /// `GET /api/v1/payments/{id}/refunds`
 pub async fn list_for_payment(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {

@@ -7,8 +7,8 @@ use serde_json::json;
 use super::body::{self, Fields};
 use super::{auth, json_value, AppState};
 use crate::actors::{Op, PaymentCall};
+use crate::api::error::ApiError;
 use crate::domain::card::CardNumber;
-use crate::error::ApiError;
 
 /// `POST /sandbox/v1/payment_methods`: a test card becomes a `pm_…` token. The number lives
 /// only inside this handler, in a `CardNumber` that cannot be printed.

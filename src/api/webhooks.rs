@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::{body, json_value, AppState};
 use crate::adapters::nats::PspEvent;
 use crate::adapters::psp::signature::{verify_adyen, verify_stripe, AdyenFields};
-use crate::error::ApiError;
+use crate::api::error::ApiError;
 
 /// PSP payloads can be larger than the API's requests; still bounded.
 const WEBHOOK_BODY_LIMIT: usize = 256 * 1024;

@@ -250,7 +250,7 @@ async fn operators_see_the_deepest_actors_and_one_actor_in_detail() {
         .map(|m| m["type"].as_str().unwrap())
         .filter(|t| *t != "psp_event")
         .collect();
-    assert_eq!(types, ["confirm", "capture"]);
+    assert_eq!(types, ["create", "capture"], "creation goes through the actor too");
     let r = app
         .request(
             "GET",

@@ -32,9 +32,9 @@ use payrail::actors::payment_flow::{process, Live, PaymentDeps};
 use payrail::actors::{IdemKey, Op, Reply};
 use payrail::adapters::postgres::idempotency::Begin;
 use payrail::adapters::psp::{IntentStatus, PspError, PspRefundStatus};
+use payrail::api::error::ApiError;
 use payrail::api::idempotency::{completion, Completion};
 use payrail::domain::{CaptureStrategy, Currency, JournalKind, MerchantId, Money, Payment, PaymentId, PaymentState};
-use payrail::error::ApiError;
 use world::*;
 
 /// The key lease, as `[idempotency] in_flight_lease_ms` sets it.
@@ -62,6 +62,8 @@ struct Msg {
     op: Op,
     idem: Option<IdemKey>,
     origin: Origin,
+    /// A new payment its creator hands over (the registry's `call_with`).
+    known: Option<Live>,
 }
 
 /// One incarnation of a payment's actor: one message at a time, to completion.
@@ -76,6 +78,8 @@ struct Incarnation {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
+    /// Create the payment; `true`: and confirm it in the same request.
+    Create(bool),
     Confirm,
     Capture,
     Cancel,
@@ -111,6 +115,8 @@ struct Sim {
     actors: Vec<Incarnation>,
     requests: Vec<Request>,
     payments: Vec<PaymentId>,
+    /// New payments the clients' creates carry.
+    drafts: Vec<Payment>,
     connections: u64,
 }
 
@@ -152,6 +158,7 @@ impl Sim {
             actors: Vec::new(),
             requests: Vec::new(),
             payments: Vec::new(),
+            drafts: Vec::new(),
             connections: 0,
         }
     }
@@ -175,8 +182,13 @@ impl Sim {
         for _ in 0..count {
             let amount = 100 + self.rng(50) as i64 * 100;
             let manual = self.chance(600);
-            let id = self.add_payment(amount, manual);
-            self.request(&id, Kind::Confirm, None);
+            let (id, draft) = self.new_payment(amount, manual);
+            self.drafts.push(draft);
+            let confirm_at_once = self.chance(500);
+            self.request(&id, Kind::Create(confirm_at_once), None);
+            if !confirm_at_once {
+                self.request(&id, Kind::Confirm, None);
+            }
             let mut captured = amount;
             if manual {
                 if self.chance(150) {
@@ -197,8 +209,15 @@ impl Sim {
         }
     }
 
-    /// A pending payment in the store, as the API's create leaves it.
+    /// A pending payment in the store, as a create leaves it.
     fn add_payment(&mut self, amount: i64, manual: bool) -> PaymentId {
+        let (id, payment) = self.new_payment(amount, manual);
+        lock(&self.w).db.payments.insert(id.clone(), payment);
+        id
+    }
+
+    /// A new payment as the API builds it from a create request, not stored yet.
+    fn new_payment(&mut self, amount: i64, manual: bool) -> (PaymentId, Payment) {
         let n = self.payments.len();
         {
             let at = payrail::actors::store::Clock::now(&SimClock(self.w.clone()));
@@ -230,9 +249,8 @@ impl Sim {
                 created_at: at,
                 updated_at: at,
             };
-            lock(&self.w).db.payments.insert(id.clone(), payment);
             self.payments.push(id.clone());
-            id
+            (id, payment)
         }
     }
 
@@ -288,7 +306,35 @@ impl Sim {
                 r.fence = fence;
                 r.conn = conn;
                 let money = |v: i64| Money::new(v, Currency::parse("EUR").expect("EUR"));
+                let payment = self.requests[i].payment.clone();
+                let mut known = None;
                 let op = match kind {
+                    Kind::Create(confirm) if resource_id.is_none() => {
+                        let draft = self.drafts.iter().find(|d| d.id == payment).cloned().expect("draft");
+                        known = Some(Live {
+                            payment: draft,
+                            open: Vec::new(),
+                        });
+                        Op::Create { confirm }
+                    }
+                    // The key already created it (api/payments.rs, create): confirm it, or
+                    // answer with it as stored.
+                    Kind::Create(true) => Op::Confirm {
+                        payment_method: None,
+                        created: true,
+                    },
+                    Kind::Create(false) => {
+                        let stored = lock(&self.w).db.payments.get(&payment).cloned();
+                        let reply = stored
+                            .map(|p| Reply {
+                                status: 201,
+                                body: serde_json::to_vec(&p.to_object()).unwrap_or_default(),
+                                stored: false,
+                            })
+                            .ok_or(ApiError::NotFound("payment"));
+                        self.finish(Origin::Client(i, conn), reply);
+                        return;
+                    }
                     Kind::Confirm => Op::Confirm {
                         payment_method: None,
                         created: false,
@@ -312,8 +358,8 @@ impl Sim {
                         fence,
                     }),
                     origin: Origin::Client(i, conn),
+                    known,
                 };
-                let payment = self.requests[i].payment.clone();
                 self.deliver(&payment, msg);
             }
             Ok(Begin::Replay { status, body }) => {
@@ -367,17 +413,24 @@ impl Sim {
             };
             if self.actors[i].live.is_none() {
                 let payment = self.actors[i].payment.clone();
-                match now_or_never(self.deps.store.load(&payment)) {
+                let loaded = match msg.known.clone() {
+                    Some(known) => Ok(Some(known)),
+                    None => now_or_never(self.deps.store.load(&payment)),
+                };
+                match loaded {
                     Ok(Some(live)) => self.actors[i].live = Some(live),
                     Ok(None) => return self.finish(msg.origin, Err(ApiError::NotFound("payment"))),
-                    Err(e) => return self.finish(msg.origin, Err(e)),
+                    Err(e) => return self.finish(msg.origin, Err(e.into())),
                 }
             }
             let live = self.actors[i].live.take().expect("loaded");
             let deps = self.deps.clone();
             let (op, idem) = (msg.op, msg.idem);
             self.note(format!("actor {}: starts {}", self.actors[i].payment, op.name()));
-            let task: Task = Box::pin(async move { process(&deps, live, op, idem).await });
+            let task: Task = Box::pin(async move {
+                let (result, live, stale) = process(&deps, live, op, idem).await;
+                (result.map_err(ApiError::from), live, stale)
+            });
             self.actors[i].running = Some((msg.origin, task));
         }
         let polled = {
@@ -519,6 +572,7 @@ impl Sim {
                     op: Op::PspEvent(Arc::new(event)),
                     idem: None,
                     origin: Origin::Consumer(serial),
+                    known: None,
                 };
                 self.deliver(&payment, msg);
             }
@@ -594,6 +648,7 @@ impl Sim {
                         op: Op::Resolve,
                         idem: None,
                         origin: Origin::Sweeper,
+                        known: None,
                     },
                 );
             }

@@ -17,14 +17,15 @@ use payrail::adapters::nats::PspEvent;
 use payrail::adapters::postgres::commit::{AttemptOutcome, Commit, CommitError};
 use payrail::adapters::postgres::idempotency::Begin;
 use payrail::adapters::postgres::payments::Attempt;
+use payrail::adapters::postgres::StoreError;
 use payrail::adapters::psp::{
     AuthorizeRequest, Intent, IntentStatus, Psp, PspError, PspFuture, PspRefund, PspRefundStatus,
 };
+use payrail::api::error::ApiError;
 use payrail::domain::ledger::is_balanced;
 use payrail::domain::{
     AttemptId, CaptureStrategy, Dispute, Failure, JournalKind, Money, Payment, PaymentId, Refund, RefundId,
 };
-use payrail::error::ApiError;
 
 /// SplitMix64: small, fast, and the same on every platform and crate version.
 #[derive(Clone, Debug)]
@@ -179,7 +180,7 @@ const FENCE_CHECKS: bool = true;
 /// Why the store refused a commit the way PostgreSQL would.
 fn violation(what: &str) -> CommitError {
     tracing::debug!(what, "simulated constraint violation");
-    CommitError::Api(ApiError::Internal)
+    CommitError::Store(StoreError::Broken)
 }
 
 impl Tables {
@@ -530,7 +531,7 @@ impl World {
     fn commit(&mut self, c: &Commit) -> Result<(), CommitError> {
         if self.store_down() {
             self.note("store: commit refused (outage)".into());
-            return Err(ApiError::Unavailable("database").into());
+            return Err(StoreError::Unavailable.into());
         }
         let mut copy = self.db.clone();
         let result = copy.apply(c, self.now_ms);
@@ -544,7 +545,7 @@ impl World {
             self.force_ambiguous = self.force_ambiguous.saturating_sub(1);
             if forced || (!self.calm && self.faults.ambiguous_commits && self.rng.chance(40)) {
                 self.note(format!("store: commit of {} landed, reported failed", describe(c)));
-                return Err(ApiError::Unavailable("database").into());
+                return Err(StoreError::Unavailable.into());
             }
         }
         self.note(format!("store: commit {} -> {:?}", describe(c), result.as_ref().err()));
@@ -789,15 +790,15 @@ fn describe(c: &Commit) -> String {
 /// The store the flow sees: every call reads or writes the world under its lock, at once.
 pub struct SimStore(pub Shared);
 
-fn ready<'a, T: 'a>(v: Result<T, ApiError>) -> StoreFuture<'a, T> {
+fn ready<'a, T: 'a>(v: Result<T, StoreError>) -> StoreFuture<'a, T> {
     Box::pin(std::future::ready(v))
 }
 
 impl SimStore {
-    fn read<T>(&self, f: impl FnOnce(&Tables) -> T) -> Result<T, ApiError> {
+    fn read<T>(&self, f: impl FnOnce(&Tables) -> T) -> Result<T, StoreError> {
         let mut w = lock(&self.0);
         if w.store_down() {
-            return Err(ApiError::Unavailable("database"));
+            return Err(StoreError::Unavailable);
         }
         Ok(f(&w.db))
     }

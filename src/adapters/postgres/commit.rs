@@ -18,10 +18,9 @@ use serde_json::Value;
 use tokio_postgres::types::ToSql;
 
 use super::payments::Attempt;
-use super::{pg_error, Db};
+use super::{pg_error, Db, StoreError};
 use crate::domain::ledger::{self, Journal};
 use crate::domain::{AttemptId, JournalId, MerchantId, Payment, Refund, Status};
-use crate::error::ApiError;
 
 /// A status change for the audit trail.
 #[derive(Debug, Clone)]
@@ -123,8 +122,13 @@ pub enum CommitError {
     /// longer speaks for it.
     #[error("the idempotency key was taken over by a newer request")]
     Fenced,
+    /// The ledger could not take the commit (its queue is full, a shard is gone): nothing
+    /// was written.
+    #[error("{0} is unavailable")]
+    Unavailable(&'static str),
+    /// The store failed; unless it says otherwise, the commit may have landed.
     #[error(transparent)]
-    Api(#[from] ApiError),
+    Store(#[from] StoreError),
 }
 
 impl Clone for CommitError {
@@ -132,7 +136,8 @@ impl Clone for CommitError {
         match self {
             CommitError::Stale => CommitError::Stale,
             CommitError::Fenced => CommitError::Fenced,
-            CommitError::Api(e) => CommitError::Api(e.clone()),
+            CommitError::Unavailable(what) => CommitError::Unavailable(what),
+            CommitError::Store(e) => CommitError::Store(e.clone()),
         }
     }
 }
@@ -322,9 +327,9 @@ struct PaymentColumns {
 }
 
 impl PaymentColumns {
-    fn push(&mut self, p: &Payment) -> Result<(), ApiError> {
+    fn push(&mut self, p: &Payment) -> Result<(), StoreError> {
         let s = &p.state;
-        let json = |v: Option<Result<Value, serde_json::Error>>| v.transpose().map_err(|_| ApiError::Internal);
+        let json = |v: Option<Result<Value, serde_json::Error>>| v.transpose().map_err(|_| StoreError::Broken);
         self.id.push(p.id.to_string());
         self.merchant_id.push(p.merchant_id.to_string());
         self.order_id.push(p.order_id.clone());
@@ -348,9 +353,9 @@ impl PaymentColumns {
         self.customer_id.push(p.customer_id.clone());
         self.description.push(p.description.clone());
         self.metadata
-            .push(serde_json::to_value(&p.metadata).map_err(|_| ApiError::Internal)?);
+            .push(serde_json::to_value(&p.metadata).map_err(|_| StoreError::Broken)?);
         self.fee_bps
-            .push(i32::try_from(p.fee_bps).map_err(|_| ApiError::Internal)?);
+            .push(i32::try_from(p.fee_bps).map_err(|_| StoreError::Broken)?);
         self.fee_fixed.push(p.fee_fixed);
         self.version.push(p.version);
         self.transitions.push(p.transitions);
@@ -415,7 +420,7 @@ impl PaymentColumns {
 }
 
 impl Columns {
-    fn of(batch: &[&Commit]) -> Result<Columns, ApiError> {
+    fn of(batch: &[&Commit]) -> Result<Columns, StoreError> {
         let mut c = Columns::default();
         for commit in batch {
             let Some(p) = commit.payment.as_ref() else { continue };
@@ -465,7 +470,7 @@ impl Columns {
                 // Invariant 2, asserted in code before the database checks it again at commit.
                 if !ledger::is_balanced(&j.entries) {
                     tracing::error!(payment_id = %p.id, kind = j.kind.as_str(), "refusing an unbalanced journal");
-                    return Err(ApiError::Internal);
+                    return Err(StoreError::Broken);
                 }
                 let id = JournalId::generate().to_string();
                 for e in &j.entries {
@@ -662,7 +667,7 @@ type Deltas = BTreeMap<(String, String), (i64, i64)>;
 
 /// One delta per (account, currency) over the whole batch, in sorted order so that two
 /// transactions can never deadlock on balance rows.
-fn aggregate(batch: &[&Commit]) -> Result<Deltas, ApiError> {
+fn aggregate(batch: &[&Commit]) -> Result<Deltas, StoreError> {
     let mut deltas = Deltas::new();
     for j in batch
         .iter()
@@ -673,8 +678,8 @@ fn aggregate(batch: &[&Commit]) -> Result<Deltas, ApiError> {
             let d = deltas
                 .entry((e.account.clone(), j.currency.code().to_owned()))
                 .or_default();
-            d.0 = d.0.checked_add(e.debit).ok_or(ApiError::Internal)?;
-            d.1 = d.1.checked_add(e.credit).ok_or(ApiError::Internal)?;
+            d.0 = d.0.checked_add(e.debit).ok_or(StoreError::Broken)?;
+            d.1 = d.1.checked_add(e.credit).ok_or(StoreError::Broken)?;
         }
     }
     Ok(deltas)

@@ -2,15 +2,14 @@
 
 use serde_json::{json, Value};
 
-use super::{pg_error, Db};
+use super::{pg_error, Db, StoreError};
 use crate::domain::record::timestamp;
 use crate::domain::{Currency, Dispute, DisputeId, DisputeStatus, MerchantId, Money, PaymentId};
-use crate::error::ApiError;
 
 const DISPUTE_COLUMNS: &str =
     "id, payment_id, merchant_id, psp_reference, amount, currency, status, reason, created_at, updated_at";
 
-fn dispute_from_row(row: &tokio_postgres::Row) -> Result<Dispute, ApiError> {
+fn dispute_from_row(row: &tokio_postgres::Row) -> Result<Dispute, StoreError> {
     let currency: String = row.get(5);
     let status: String = row.get(6);
     Ok(Dispute {
@@ -18,8 +17,8 @@ fn dispute_from_row(row: &tokio_postgres::Row) -> Result<Dispute, ApiError> {
         payment_id: PaymentId::from_trusted(row.get(1)),
         merchant_id: MerchantId::from_trusted(row.get(2)),
         psp_reference: row.get(3),
-        amount: Money::new(row.get(4), Currency::parse(&currency).ok_or(ApiError::Internal)?),
-        status: DisputeStatus::parse(&status).ok_or(ApiError::Internal)?,
+        amount: Money::new(row.get(4), Currency::parse(&currency).ok_or(StoreError::Broken)?),
+        status: DisputeStatus::parse(&status).ok_or(StoreError::Broken)?,
         reason: row.get(7),
         created_at: row.get(8),
         updated_at: row.get(9),
@@ -27,7 +26,7 @@ fn dispute_from_row(row: &tokio_postgres::Row) -> Result<Dispute, ApiError> {
 }
 
 impl Db {
-    pub async fn event_processed(&self, provider: &str, event_id: &str) -> Result<bool, ApiError> {
+    pub async fn event_processed(&self, provider: &str, event_id: &str) -> Result<bool, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached("SELECT 1 FROM processed_events WHERE provider = $1 AND event_id = $2")
@@ -47,7 +46,7 @@ impl Db {
         event_id: &str,
         event_type: &str,
         raw: &[u8],
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), StoreError> {
         let client = self.client().await?;
         client
             .execute(
@@ -65,7 +64,7 @@ impl Db {
         &self,
         psp: &str,
         reference: &str,
-    ) -> Result<Option<(PaymentId, MerchantId)>, ApiError> {
+    ) -> Result<Option<(PaymentId, MerchantId)>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached("SELECT id, merchant_id FROM payments WHERE psp = $1 AND psp_reference = $2")
@@ -86,7 +85,7 @@ impl Db {
         deliveries: i32,
         raw: &[u8],
         envelope: Option<&[u8]>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), StoreError> {
         let client = self.client().await?;
         client
             .execute(
@@ -110,7 +109,7 @@ impl Db {
 
     /// The envelope of a dead letter, to publish again; marks it replayed. `None`: no such
     /// dead letter; `Some(None)`: it has no envelope to replay (unreadable when it came).
-    pub async fn dead_letter_for_replay(&self, id: i64) -> Result<Option<Option<Vec<u8>>>, ApiError> {
+    pub async fn dead_letter_for_replay(&self, id: i64) -> Result<Option<Option<Vec<u8>>>, StoreError> {
         let client = self.client().await?;
         let row = client
             .query_opt(
@@ -123,7 +122,7 @@ impl Db {
     }
 
     /// Dead letters not replayed yet: what operators are alerted on.
-    pub async fn dead_letters_unreplayed(&self) -> Result<i64, ApiError> {
+    pub async fn dead_letters_unreplayed(&self) -> Result<i64, StoreError> {
         let client = self.client().await?;
         let row = client
             .query_one("SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL", &[])
@@ -133,7 +132,7 @@ impl Db {
     }
 
     /// The newest dead letters, at most `limit` (their raw bodies are not listed).
-    pub async fn dead_letters(&self, limit: i64) -> Result<(Vec<Value>, i64), ApiError> {
+    pub async fn dead_letters(&self, limit: i64) -> Result<(Vec<Value>, i64), StoreError> {
         let client = self.client().await?;
         let rows = client
             .query(
@@ -164,7 +163,11 @@ impl Db {
 
     /// The payment's dispute with this PSP reference: a reference is only unique per payment
     /// (two PSPs may use the same one).
-    pub async fn dispute_of_payment(&self, payment: &PaymentId, reference: &str) -> Result<Option<Dispute>, ApiError> {
+    pub async fn dispute_of_payment(
+        &self,
+        payment: &PaymentId,
+        reference: &str,
+    ) -> Result<Option<Dispute>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
@@ -185,7 +188,7 @@ impl Db {
         &self,
         merchant: &MerchantId,
         id: &DisputeId,
-    ) -> Result<Option<Dispute>, ApiError> {
+    ) -> Result<Option<Dispute>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
@@ -207,7 +210,7 @@ impl Db {
         &self,
         merchant: &MerchantId,
         limit: i64,
-    ) -> Result<(Vec<Dispute>, bool), ApiError> {
+    ) -> Result<(Vec<Dispute>, bool), StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(

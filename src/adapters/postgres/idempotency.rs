@@ -1,8 +1,7 @@
 //! Idempotency records (API.md, "Idempotency"): one row per (merchant, key).
 
-use super::{pg_error, Db};
+use super::{pg_error, Db, StoreError};
 use crate::domain::MerchantId;
-use crate::error::ApiError;
 
 /// What a request with an `Idempotency-Key` may do.
 #[derive(Debug, PartialEq)]
@@ -24,7 +23,7 @@ impl Db {
         key: &str,
         fingerprint: &[u8],
         lease_ms: u64,
-    ) -> Result<Begin, ApiError> {
+    ) -> Result<Begin, StoreError> {
         let client = self.client().await?;
         let lease = lease_ms as f64 / 1000.0;
         let stmt = client
@@ -99,7 +98,11 @@ impl Db {
     }
 
     /// The fingerprint a key was first used with, if it was; reads only.
-    pub async fn idempotency_fingerprint(&self, merchant: &MerchantId, key: &str) -> Result<Option<Vec<u8>>, ApiError> {
+    pub async fn idempotency_fingerprint(
+        &self,
+        merchant: &MerchantId,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached("SELECT fingerprint FROM idempotency_keys WHERE merchant_id = $1 AND key = $2")
@@ -121,7 +124,7 @@ impl Db {
         fence: i64,
         status: u16,
         body: &[u8],
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
@@ -139,7 +142,7 @@ impl Db {
 
     /// Frees a key whose request failed with a 5xx so that it may be retried at once. The row
     /// stays (with whatever `resource_id` it holds) so the retry continues rather than repeats.
-    pub async fn idempotency_release(&self, merchant: &MerchantId, key: &str, fence: i64) -> Result<(), ApiError> {
+    pub async fn idempotency_release(&self, merchant: &MerchantId, key: &str, fence: i64) -> Result<(), StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
@@ -156,7 +159,7 @@ impl Db {
     }
 
     /// Deletes at most `limit` records older than the retention; returns how many.
-    pub async fn idempotency_purge(&self, retention_hours: u64, limit: i64) -> Result<u64, ApiError> {
+    pub async fn idempotency_purge(&self, retention_hours: u64, limit: i64) -> Result<u64, StoreError> {
         let client = self.client().await?;
         let hours = retention_hours as i32;
         client

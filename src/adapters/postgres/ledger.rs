@@ -6,15 +6,14 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
-use super::{pg_error, Db};
+use super::{pg_error, Db, StoreError};
 use crate::domain::ledger::merchant_payable;
 use crate::domain::record::timestamp;
 use crate::domain::{MerchantId, PaymentId};
-use crate::error::ApiError;
 
 impl Db {
     /// Per currency: what the ledger owes the merchant, and refunds still pending.
-    pub async fn merchant_balances(&self, merchant: &MerchantId) -> Result<Vec<Value>, ApiError> {
+    pub async fn merchant_balances(&self, merchant: &MerchantId) -> Result<Vec<Value>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
@@ -48,7 +47,7 @@ impl Db {
     }
 
     /// A payment's journals with their entries, oldest first.
-    pub async fn journals_of_payment(&self, id: &PaymentId) -> Result<Vec<Value>, ApiError> {
+    pub async fn journals_of_payment(&self, id: &PaymentId) -> Result<Vec<Value>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
@@ -108,7 +107,7 @@ fn big(row: &tokio_postgres::Row, i: usize) -> i128 {
 
 impl Db {
     /// Checks invariants 2 and 3 over the whole ledger (a full scan: an operator's tool).
-    pub async fn verify_ledger(&self) -> Result<LedgerReport, ApiError> {
+    pub async fn verify_ledger(&self) -> Result<LedgerReport, StoreError> {
         let client = self.client().await?;
         let mut report = LedgerReport::default();
         for row in client

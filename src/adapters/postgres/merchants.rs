@@ -4,10 +4,9 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::{pg_error, Db};
+use super::{pg_error, Db, StoreError};
 use crate::domain::record::timestamp;
 use crate::domain::{Currency, MerchantId};
-use crate::error::ApiError;
 
 /// The demo merchant's key (API.md, "Configuration"); only ever ensured with the sandbox PSP.
 pub const DEMO_API_KEY: &str = "sk_test_demo";
@@ -72,13 +71,13 @@ fn hint(key: &str) -> String {
 
 const COLUMNS: &str = "m.id, m.name, m.default_currency, m.fee_bps, m.fee_fixed, m.webhook_url, m.created_at";
 
-fn from_row(row: &tokio_postgres::Row) -> Result<Merchant, ApiError> {
+fn from_row(row: &tokio_postgres::Row) -> Result<Merchant, StoreError> {
     let currency: String = row.get(2);
     Ok(Merchant {
         id: MerchantId::from_trusted(row.get(0)),
         name: row.get(1),
-        default_currency: Currency::parse(&currency).ok_or(ApiError::Internal)?,
-        fee_bps: u32::try_from(row.get::<_, i32>(3)).map_err(|_| ApiError::Internal)?,
+        default_currency: Currency::parse(&currency).ok_or(StoreError::Broken)?,
+        fee_bps: u32::try_from(row.get::<_, i32>(3)).map_err(|_| StoreError::Broken)?,
         fee_fixed: row.get(4),
         webhook_url: row.get(5),
         created_at: row.get(6),
@@ -88,12 +87,15 @@ fn from_row(row: &tokio_postgres::Row) -> Result<Merchant, ApiError> {
 impl Db {
     /// Creates a merchant and its first key in one transaction; returns the plaintext key,
     /// which is never stored.
-    pub async fn create_merchant(&self, new: &NewMerchant, key: Option<&str>) -> Result<(Merchant, String), ApiError> {
+    pub async fn create_merchant(
+        &self,
+        new: &NewMerchant,
+        key: Option<&str>,
+    ) -> Result<(Merchant, String), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         let id = MerchantId::generate();
-        let fee_bps =
-            i32::try_from(new.fee_bps).map_err(|_| ApiError::param("fee_bps", "fee_bps must be 0 to 10000"))?;
+        let fee_bps = i32::try_from(new.fee_bps).map_err(|_| StoreError::Broken)?;
         let row = tx
             .query_one(
                 "INSERT INTO merchants (id, name, default_currency, fee_bps, fee_fixed, webhook_url)
@@ -129,7 +131,7 @@ impl Db {
         Ok((merchant, key))
     }
 
-    pub async fn merchant_by_key_hash(&self, hash: &[u8; 32]) -> Result<Option<Merchant>, ApiError> {
+    pub async fn merchant_by_key_hash(&self, hash: &[u8; 32]) -> Result<Option<Merchant>, StoreError> {
         let client = self.client().await?;
         let sql =
             format!("SELECT {COLUMNS} FROM api_keys k JOIN merchants m ON m.id = k.merchant_id WHERE k.key_hash = $1");
@@ -143,13 +145,13 @@ impl Db {
         &self,
         default_fee_bps: u32,
         default_fee_fixed: i64,
-    ) -> Result<Merchant, ApiError> {
+    ) -> Result<Merchant, StoreError> {
         if let Some(m) = self.merchant_by_key_hash(&hash_key(DEMO_API_KEY)).await? {
             return Ok(m);
         }
         let new = NewMerchant {
             name: "Demo Marketplace".into(),
-            default_currency: Currency::parse("USD").ok_or(ApiError::Internal)?,
+            default_currency: Currency::parse("USD").ok_or(StoreError::Broken)?,
             fee_bps: default_fee_bps,
             fee_fixed: default_fee_fixed,
             webhook_url: None,
@@ -160,7 +162,7 @@ impl Db {
             Err(_) => self
                 .merchant_by_key_hash(&hash_key(DEMO_API_KEY))
                 .await?
-                .ok_or(ApiError::Internal),
+                .ok_or(StoreError::Broken),
         }
     }
 }

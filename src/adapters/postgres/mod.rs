@@ -17,7 +17,20 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, R
 use tokio_postgres::NoTls;
 
 use crate::config::DatabaseConfig;
-use crate::error::ApiError;
+
+/// What can go wrong with PostgreSQL, as the rooms above see it. The API answers
+/// `Unavailable` with 503 (fail closed) and `Broken` with 500.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// PostgreSQL cannot be reached, is overloaded, or dropped the connection mid-statement:
+    /// retry later. For a commit, its fate is unknown (it may have landed).
+    #[error("the database is unavailable")]
+    Unavailable,
+    /// A statement was refused (a constraint, a type) or a stored row could not be read: a
+    /// bug, not an outage.
+    #[error("the database refused a statement or returned an unreadable row")]
+    Broken,
+}
 
 /// The versioned migrations in `migrations/`, applied in order, each once.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -84,10 +97,10 @@ impl Db {
     }
 
     /// A pooled connection, or 503 when PostgreSQL cannot be reached in time.
-    pub async fn client(&self) -> Result<Object, ApiError> {
+    pub async fn client(&self) -> Result<Object, StoreError> {
         self.pool.get().await.map_err(|e| {
             tracing::warn!(error = %e, "database pool");
-            ApiError::Unavailable("database")
+            StoreError::Unavailable
         })
     }
 
@@ -173,7 +186,7 @@ async fn ensure_database(pg: &tokio_postgres::Config) -> Result<(), SetupError> 
 /// Maps a query error: connection trouble, timeouts and overload are 503 (the caller may
 /// retry); anything else is a bug or a broken invariant, 500. Only the SQLSTATE and message
 /// are logged, never the row detail.
-pub fn pg_error(e: tokio_postgres::Error) -> ApiError {
+pub fn pg_error(e: tokio_postgres::Error) -> StoreError {
     use tokio_postgres::error::SqlState;
     let io = std::error::Error::source(&e)
         .map(|s| s.is::<std::io::Error>())
@@ -181,12 +194,12 @@ pub fn pg_error(e: tokio_postgres::Error) -> ApiError {
     match e.code() {
         None if e.is_closed() || io => {
             tracing::warn!(error = %e, "database connection");
-            ApiError::Unavailable("database")
+            StoreError::Unavailable
         }
         None => {
             // Client-side: a parameter or type mismatch is a bug, not an outage.
             tracing::error!(error = %e, "database statement failed in the client");
-            ApiError::Internal
+            StoreError::Broken
         }
         Some(code)
             if code.code().starts_with("08")
@@ -196,12 +209,12 @@ pub fn pg_error(e: tokio_postgres::Error) -> ApiError {
                 || *code == SqlState::T_R_DEADLOCK_DETECTED =>
         {
             tracing::warn!(sqlstate = code.code(), "database unavailable");
-            ApiError::Unavailable("database")
+            StoreError::Unavailable
         }
         Some(code) => {
             let message = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
             tracing::error!(sqlstate = code.code(), %message, "database rejected a statement");
-            ApiError::Internal
+            StoreError::Broken
         }
     }
 }

@@ -2,8 +2,7 @@
 
 use serde_json::Value;
 
-use super::{pg_error, Db};
-use crate::error::ApiError;
+use super::{pg_error, Db, StoreError};
 
 /// One committed event waiting to be published.
 #[derive(Debug, Clone)]
@@ -18,7 +17,7 @@ impl Db {
     /// Takes up to `limit` unpublished rows (locked, skipping rows another node holds), hands
     /// them to `publish`, and marks the ones it returns as published, all in one transaction:
     /// a crash in between publishes them again, which `Nats-Msg-Id` dedupes.
-    pub async fn relay_outbox<F, Fut>(&self, limit: i64, publish: F) -> Result<usize, ApiError>
+    pub async fn relay_outbox<F, Fut>(&self, limit: i64, publish: F) -> Result<usize, StoreError>
     where
         F: FnOnce(Vec<OutboxRow>) -> Fut,
         Fut: std::future::Future<Output = Vec<i64>>,

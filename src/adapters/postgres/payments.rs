@@ -5,13 +5,12 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use tokio_postgres::types::ToSql;
 
-use super::{pg_error, Db};
+use super::{pg_error, Db, StoreError};
 use crate::domain::payment::PspOp;
 use crate::domain::record::timestamp;
 use crate::domain::{
     AttemptId, CaptureStrategy, Currency, MerchantId, Payment, PaymentId, PaymentState, RefundId, Status,
 };
-use crate::error::ApiError;
 
 pub(super) const COLUMNS: &str = "id, merchant_id, order_id, status, amount, currency, amount_capturable, \
     amount_captured, amount_refunded, refund_pending, amount_disputed, settled, capture_strategy, payment_method, \
@@ -51,10 +50,10 @@ pub struct PaymentFilter {
     pub created_lt: Option<DateTime<Utc>>,
 }
 
-pub(super) fn payment_from_row(row: &tokio_postgres::Row) -> Result<Payment, ApiError> {
+pub(super) fn payment_from_row(row: &tokio_postgres::Row) -> Result<Payment, StoreError> {
     let bad = |what: &str| {
         tracing::error!(what, "unreadable payment row");
-        ApiError::Internal
+        StoreError::Broken
     };
     let status: String = row.get(3);
     let currency: String = row.get(5);
@@ -106,7 +105,7 @@ pub(super) fn payment_from_row(row: &tokio_postgres::Row) -> Result<Payment, Api
     })
 }
 
-fn attempt_from_row(row: &tokio_postgres::Row) -> Result<Attempt, ApiError> {
+fn attempt_from_row(row: &tokio_postgres::Row) -> Result<Attempt, StoreError> {
     let operation: String = row.get(1);
     let amount: Option<i64> = row.get(2);
     let op = match (operation.as_str(), amount) {
@@ -114,7 +113,7 @@ fn attempt_from_row(row: &tokio_postgres::Row) -> Result<Attempt, ApiError> {
         ("capture", Some(amount)) => PspOp::Capture { amount },
         ("cancel", _) => PspOp::Cancel,
         ("refund", Some(amount)) => PspOp::Refund { amount },
-        _ => return Err(ApiError::Internal),
+        _ => return Err(StoreError::Broken),
     };
     Ok(Attempt {
         id: AttemptId::from_trusted(row.get(0)),
@@ -126,7 +125,7 @@ fn attempt_from_row(row: &tokio_postgres::Row) -> Result<Attempt, ApiError> {
 
 impl Db {
     /// A payment and its PSP attempts that have no outcome yet: what its actor starts from.
-    pub async fn load_payment(&self, id: &PaymentId) -> Result<Option<(Payment, Vec<Attempt>)>, ApiError> {
+    pub async fn load_payment(&self, id: &PaymentId) -> Result<Option<(Payment, Vec<Attempt>)>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!("SELECT {COLUMNS} FROM payments WHERE id = $1"))
@@ -153,7 +152,7 @@ impl Db {
         &self,
         payment: &PaymentId,
         key: &str,
-    ) -> Result<Option<(Attempt, Option<super::commit::AttemptOutcome>)>, ApiError> {
+    ) -> Result<Option<(Attempt, Option<super::commit::AttemptOutcome>)>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
@@ -171,7 +170,7 @@ impl Db {
         };
         let outcome = match row.get::<_, Option<String>>(5) {
             None => None,
-            Some(o) => Some(super::commit::AttemptOutcome::parse(&o).ok_or(ApiError::Internal)?),
+            Some(o) => Some(super::commit::AttemptOutcome::parse(&o).ok_or(StoreError::Broken)?),
         };
         Ok(Some((attempt_from_row(&row)?, outcome)))
     }
@@ -183,7 +182,7 @@ impl Db {
         &self,
         older_than_ms: u64,
         limit: i64,
-    ) -> Result<Vec<(PaymentId, MerchantId)>, ApiError> {
+    ) -> Result<Vec<(PaymentId, MerchantId)>, StoreError> {
         let client = self.client().await?;
         let secs = older_than_ms as f64 / 1000.0;
         let rows = client
@@ -206,7 +205,7 @@ impl Db {
         &self,
         merchant: &MerchantId,
         id: &PaymentId,
-    ) -> Result<Option<Payment>, ApiError> {
+    ) -> Result<Option<Payment>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
@@ -226,7 +225,7 @@ impl Db {
         merchant: &MerchantId,
         psp: &str,
         reference: &str,
-    ) -> Result<Option<Payment>, ApiError> {
+    ) -> Result<Option<Payment>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
@@ -246,7 +245,7 @@ impl Db {
         &self,
         merchant: &MerchantId,
         f: &PaymentFilter,
-    ) -> Result<(Vec<Payment>, bool), ApiError> {
+    ) -> Result<(Vec<Payment>, bool), StoreError> {
         let client = self.client().await?;
         let mut sql = format!("SELECT {COLUMNS} FROM payments WHERE merchant_id = $1");
         let status = f.status.map(|s| s.as_str().to_owned());
@@ -287,7 +286,7 @@ impl Db {
     }
 
     /// The payment's audit trail, oldest first, as API.md's `{ seq, from, to, cause, at }`.
-    pub async fn payment_transitions(&self, id: &PaymentId) -> Result<Vec<Value>, ApiError> {
+    pub async fn payment_transitions(&self, id: &PaymentId) -> Result<Vec<Value>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached("SELECT seq, from_status, to_status, cause, at FROM payment_transitions WHERE payment_id = $1 ORDER BY seq")

@@ -1,21 +1,20 @@
 //! Refund reads. Refunds are written with their payment's transitions, in [`super::commit`].
 
-use super::{pg_error, Db};
+use super::{pg_error, Db, StoreError};
 use crate::domain::{Currency, MerchantId, Money, PaymentId, Refund, RefundId, RefundStatus};
-use crate::error::ApiError;
 
 const COLUMNS: &str =
     "id, payment_id, merchant_id, amount, currency, status, reason, psp_reference, created_at, updated_at";
 
-fn from_row(row: &tokio_postgres::Row) -> Result<Refund, ApiError> {
+fn from_row(row: &tokio_postgres::Row) -> Result<Refund, StoreError> {
     let currency: String = row.get(4);
     let status: String = row.get(5);
     Ok(Refund {
         id: RefundId::from_trusted(row.get(0)),
         payment_id: PaymentId::from_trusted(row.get(1)),
         merchant_id: MerchantId::from_trusted(row.get(2)),
-        amount: Money::new(row.get(3), Currency::parse(&currency).ok_or(ApiError::Internal)?),
-        status: RefundStatus::parse(&status).ok_or(ApiError::Internal)?,
+        amount: Money::new(row.get(3), Currency::parse(&currency).ok_or(StoreError::Broken)?),
+        status: RefundStatus::parse(&status).ok_or(StoreError::Broken)?,
         reason: row.get(6),
         psp_reference: row.get(7),
         created_at: row.get(8),
@@ -24,7 +23,11 @@ fn from_row(row: &tokio_postgres::Row) -> Result<Refund, ApiError> {
 }
 
 impl Db {
-    pub async fn refund_for_merchant(&self, merchant: &MerchantId, id: &RefundId) -> Result<Option<Refund>, ApiError> {
+    pub async fn refund_for_merchant(
+        &self,
+        merchant: &MerchantId,
+        id: &RefundId,
+    ) -> Result<Option<Refund>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
@@ -46,7 +49,7 @@ impl Db {
         id: &PaymentId,
         limit: i64,
         starting_after: Option<&RefundId>,
-    ) -> Result<(Vec<Refund>, bool), ApiError> {
+    ) -> Result<(Vec<Refund>, bool), StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
@@ -68,7 +71,7 @@ impl Db {
     }
 
     /// One refund of a payment.
-    pub async fn refund_of_payment(&self, payment: &PaymentId, id: &RefundId) -> Result<Option<Refund>, ApiError> {
+    pub async fn refund_of_payment(&self, payment: &PaymentId, id: &RefundId) -> Result<Option<Refund>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
@@ -89,7 +92,7 @@ impl Db {
         &self,
         payment: &PaymentId,
         references: &[String],
-    ) -> Result<Vec<Refund>, ApiError> {
+    ) -> Result<Vec<Refund>, StoreError> {
         if references.is_empty() {
             return Ok(Vec::new());
         }

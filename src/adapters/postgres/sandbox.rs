@@ -1,8 +1,7 @@
 //! The sandbox PSP's tokenized cards. Brand, last four and expiry only: the number is gone
 //! before anything reaches here.
 
-use super::{pg_error, Db};
-use crate::error::ApiError;
+use super::{pg_error, Db, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct StoredCard {
@@ -17,7 +16,7 @@ pub struct StoredCard {
 }
 
 impl Db {
-    pub async fn sandbox_store_card(&self, c: &StoredCard) -> Result<(), ApiError> {
+    pub async fn sandbox_store_card(&self, c: &StoredCard) -> Result<(), StoreError> {
         let client = self.client().await?;
         client
             .execute(
@@ -38,7 +37,7 @@ impl Db {
         Ok(())
     }
 
-    pub async fn sandbox_card(&self, id: &str) -> Result<Option<StoredCard>, ApiError> {
+    pub async fn sandbox_card(&self, id: &str) -> Result<Option<StoredCard>, StoreError> {
         let client = self.client().await?;
         let row = client
             .query_opt(

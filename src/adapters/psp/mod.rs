@@ -1,6 +1,7 @@
 //! PSPs behind one trait. Every call carries an idempotency key (the attempt id), so a call
 //! repeated after a crash or a timeout is the same call to the PSP, never a second charge.
 
+pub mod events;
 pub mod sandbox;
 pub mod sandbox_webhooks;
 pub mod signature;

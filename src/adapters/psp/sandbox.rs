@@ -16,10 +16,10 @@ use super::sandbox_webhooks::Notifier;
 use super::{AuthorizeRequest, Intent, IntentStatus, Psp, PspError, PspFuture, PspRefund, PspRefundStatus};
 use crate::adapters::postgres::sandbox::StoredCard;
 use crate::adapters::postgres::Db;
+use crate::adapters::postgres::StoreError;
 use crate::config::SandboxPspConfig;
 use crate::domain::card::CardNumber;
 use crate::domain::{AttemptId, CaptureStrategy, Failure, MerchantId, Money};
-use crate::error::ApiError;
 
 /// What a test card does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,7 +165,7 @@ impl SandboxPsp {
         pan: CardNumber,
         exp_month: i16,
         exp_year: i16,
-    ) -> Result<StoredCard, ApiError> {
+    ) -> Result<StoredCard, StoreError> {
         let behaviour = Behaviour::of_card(&pan);
         let card = StoredCard {
             id: format!("pm_{}", random_base62(24)),

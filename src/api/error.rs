@@ -152,3 +152,29 @@ impl actix_web::ResponseError for ApiError {
         resp.body(self.body())
     }
 }
+
+/// PostgreSQL down is a 503 (fail closed, retry); anything else the store refused is a bug.
+impl From<crate::adapters::postgres::StoreError> for ApiError {
+    fn from(e: crate::adapters::postgres::StoreError) -> ApiError {
+        match e {
+            crate::adapters::postgres::StoreError::Unavailable => ApiError::Unavailable("database"),
+            crate::adapters::postgres::StoreError::Broken => ApiError::Internal,
+        }
+    }
+}
+
+/// A payment actor's outcome, as HTTP.
+impl From<crate::actors::PaymentError> for ApiError {
+    fn from(e: crate::actors::PaymentError) -> ApiError {
+        use crate::actors::PaymentError as P;
+        match e {
+            P::Rejected { rejection, param } => ApiError::from_rejection(rejection, param),
+            P::InvalidParam { param, message } => ApiError::param(param, message),
+            P::NotFound(what) => ApiError::NotFound(what),
+            P::PspRefused { code, message, param } => ApiError::InvalidRequest { code, message, param },
+            P::KeyTakenOver => ApiError::IdempotencyKeyInUse,
+            P::Unavailable(what) => ApiError::Unavailable(what),
+            P::Store(s) => s.into(),
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! What a payment actor answers when an operation does not succeed: outcomes in the payment's
+//! own terms. The API maps them to HTTP statuses (`api::error`); nothing here knows HTTP.
+
+use crate::adapters::postgres::StoreError;
+use crate::domain::Rejection;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PaymentError {
+    /// The state machine refused the operation; `param` names the request field it concerns.
+    #[error("{rejection}")]
+    Rejected { rejection: Rejection, param: &'static str },
+    /// A request field this payment cannot take (an amount in another currency).
+    #[error("{message}")]
+    InvalidParam { param: &'static str, message: &'static str },
+    #[error("no such {0}")]
+    NotFound(&'static str),
+    /// The PSP refused the request itself: nothing happened there.
+    #[error("{message}")]
+    PspRefused {
+        code: &'static str,
+        message: String,
+        param: Option<String>,
+    },
+    /// A newer request with the same idempotency key took the key over while this one ran.
+    #[error("the idempotency key was taken over by a newer request")]
+    KeyTakenOver,
+    /// Not now: a dependency is down, a bound is reached, or what the message needs has not
+    /// happened yet (an event before its predecessor). Retrying later is right.
+    #[error("{0} is unavailable; retry later")]
+    Unavailable(&'static str),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl PaymentError {
+    pub fn rejected(rejection: Rejection, param: &'static str) -> PaymentError {
+        PaymentError::Rejected { rejection, param }
+    }
+}
+
+impl PaymentError {
+    /// Whether trying again later may succeed (an outage, a bound, an event before its time).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            PaymentError::Unavailable(_) | PaymentError::Store(StoreError::Unavailable)
+        )
+    }
+}

@@ -1,0 +1,432 @@
+//! PSP attempts: the call (with the attempt id as the PSP's idempotency key), the outcome
+//! committed with its journal, and the recovery of attempts an earlier message left open.
+
+use super::{reply_body, Flow, Halt};
+use crate::actors::error::PaymentError;
+use crate::actors::payment::Reply;
+use crate::adapters::postgres::commit::{AttemptOutcome, OutboxEvent};
+use crate::adapters::postgres::payments::Attempt;
+use crate::adapters::psp::{AuthorizeRequest, Intent, IntentStatus, PspError, PspRefund, PspRefundStatus};
+use crate::domain::ledger::{postings, Journal};
+use crate::domain::{decide, Effect, Input, Money, NextAction, PspOp, Refund, RefundStatus, Status};
+
+/// What the PSP's answer means for the state machine, and what it changes besides.
+pub(super) struct Outcome {
+    pub(super) input: Option<Input>,
+    pub(super) attempt: AttemptOutcome,
+    pub(super) reference: Option<String>,
+    pub(super) client_secret: Option<String>,
+    pub(super) next_action: Option<NextAction>,
+    pub(super) failure: Option<crate::domain::Failure>,
+    pub(super) refund_status: Option<RefundStatus>,
+    /// A PSP fact to keep for an operator.
+    pub(super) exception: Option<String>,
+}
+
+impl Outcome {
+    pub(super) fn of_intent(intent: Intent, op: PspOp) -> Outcome {
+        let mut o = Outcome {
+            input: None,
+            attempt: AttemptOutcome::Succeeded,
+            reference: Some(intent.reference),
+            client_secret: Some(intent.client_secret),
+            next_action: None,
+            failure: None,
+            refund_status: None,
+            exception: None,
+        };
+        match (intent.status, op) {
+            (IntentStatus::Authorized { .. }, _) => o.input = Some(Input::Authorized),
+            (IntentStatus::Succeeded { amount_captured }, PspOp::Capture { .. } | PspOp::Authorize) => {
+                o.input = Some(match op {
+                    PspOp::Capture { .. } => Input::Captured {
+                        amount: amount_captured,
+                    },
+                    _ => Input::Charged {
+                        amount: amount_captured,
+                    },
+                })
+            }
+            (IntentStatus::Succeeded { .. }, _) => {}
+            (IntentStatus::RequiresAction { redirect_url }, _) => {
+                o.attempt = AttemptOutcome::RequiresAction;
+                o.next_action = Some(NextAction {
+                    kind: "three_d_secure".into(),
+                    redirect_url,
+                });
+                o.input = Some(Input::ActionRequired);
+            }
+            (IntentStatus::Failed(f), _) => {
+                o.attempt = AttemptOutcome::Failed;
+                o.failure = Some(f);
+                o.input = Some(Input::AuthorizationFailed);
+            }
+            (IntentStatus::Canceled, _) => o.input = Some(Input::Canceled),
+        }
+        o
+    }
+
+    /// An event that changes nothing but is recorded.
+    pub(super) fn recorded() -> Outcome {
+        Outcome {
+            input: None,
+            attempt: AttemptOutcome::Succeeded,
+            reference: None,
+            client_secret: None,
+            next_action: None,
+            failure: None,
+            refund_status: None,
+            exception: None,
+        }
+    }
+
+    pub(super) fn of_refund(refund: PspRefund, amount: i64) -> Outcome {
+        let (input, attempt, status) = match refund.status {
+            PspRefundStatus::Succeeded => (
+                Some(Input::RefundSucceeded { amount }),
+                AttemptOutcome::Succeeded,
+                RefundStatus::Succeeded,
+            ),
+            PspRefundStatus::Failed => (
+                Some(Input::RefundFailed { amount }),
+                AttemptOutcome::Failed,
+                RefundStatus::Failed,
+            ),
+            PspRefundStatus::Pending => (None, AttemptOutcome::Pending, RefundStatus::Pending),
+        };
+        Outcome {
+            input,
+            attempt,
+            reference: Some(refund.reference),
+            client_secret: None,
+            next_action: None,
+            failure: None,
+            refund_status: Some(status),
+            exception: None,
+        }
+    }
+}
+
+impl Flow<'_> {
+    /// The answer for a key whose PSP attempt already ended: the resource as it stands.
+    pub(super) async fn answer_finished(
+        &mut self,
+        attempt: &Attempt,
+        outcome: AttemptOutcome,
+        status: u16,
+    ) -> Result<Reply, Halt> {
+        if outcome == AttemptOutcome::Rejected {
+            return Err(PaymentError::PspRefused {
+                code: "psp_request_invalid",
+                message: "the PSP refused this request; nothing was charged or refunded".into(),
+                param: None,
+            }
+            .into());
+        }
+        match &attempt.refund_id {
+            Some(id) => {
+                let refund = self.deps.store.refund(&self.payment().id, id).await?;
+                let refund = refund.ok_or(PaymentError::NotFound("refund"))?;
+                Ok(Reply {
+                    status,
+                    body: reply_body(&refund.to_object()),
+                    stored: false,
+                })
+            }
+            None => Ok(self.payment_reply(status)),
+        }
+    }
+
+    /// Completes what an earlier message or incarnation started: an attempt recorded but
+    /// without an outcome is sent again with the same idempotency key, and its answer applied.
+    /// The answer to the attempt the current request's own key started is returned, rendered
+    /// with `status`, and completes that key's record.
+    pub(super) async fn resolve_open_attempts(&mut self, status: u16) -> Result<Option<Reply>, Halt> {
+        let mut own = None;
+        while let Some(attempt) = self.live.open.first().cloned() {
+            tracing::info!(payment_id = %self.payment().id, attempt = %attempt.id, "completing an open PSP attempt");
+            let refund = match &attempt.refund_id {
+                Some(id) => self.deps.store.refund(&self.payment().id, id).await?,
+                None => None,
+            };
+            let mine = attempt.idem_key.is_some() && attempt.idem_key == self.idem_key();
+            if mine {
+                // The request that started it is here: the audit trail names its API call.
+                let cause = match attempt.op {
+                    PspOp::Authorize => "api.confirm",
+                    PspOp::Capture { .. } => "api.capture",
+                    PspOp::Cancel => "api.cancel",
+                    PspOp::Refund { .. } => "api.refund",
+                };
+                own = Some(self.perform(attempt, cause, status, refund).await?);
+            } else {
+                // Someone else's attempt: its answer is not this request's answer. A PSP refusal
+                // closed it (nothing happened there); only an outage stops this request too.
+                let saved = self.idem.take();
+                let id = attempt.id.clone();
+                let r = self.perform(attempt, "recovery", status, refund).await;
+                self.idem = saved;
+                let still_open = self.live.open.iter().any(|a| a.id == id);
+                match r {
+                    Ok(_) => {}
+                    Err(h) if h.stale || still_open || h.error.is_transient() => return Err(h),
+                    Err(h) => {
+                        tracing::info!(payment_id = %self.payment().id, error = %h.error, "an earlier request's attempt ended refused")
+                    }
+                }
+            }
+        }
+        Ok(own)
+    }
+
+    /// Calls the PSP for `attempt` and commits what it answers.
+    pub(super) async fn perform(
+        &mut self,
+        attempt: Attempt,
+        cause: &str,
+        status: u16,
+        refund: Option<Refund>,
+    ) -> Result<Reply, Halt> {
+        let p = self.payment().clone();
+        let psp = &self.deps.psp;
+        let reference = || p.psp_reference.clone().unwrap_or_default();
+        let answer = match attempt.op {
+            PspOp::Authorize => {
+                let req = AuthorizeRequest {
+                    key: attempt.id.clone(),
+                    payment_id: p.id.clone(),
+                    merchant_id: p.merchant_id.clone(),
+                    amount: p.amount(),
+                    payment_method: p.payment_method.clone(),
+                    capture: p.capture_strategy,
+                };
+                self.call_psp("authorize", psp.authorize(req))
+                    .await
+                    .map(|i| Outcome::of_intent(i, attempt.op))
+            }
+            PspOp::Capture { amount } => self
+                .call_psp(
+                    "capture",
+                    psp.capture(attempt.id.clone(), reference(), Money::new(amount, p.currency)),
+                )
+                .await
+                .map(|i| Outcome::of_intent(i, attempt.op)),
+            PspOp::Cancel => self
+                .call_psp("cancel", psp.cancel(attempt.id.clone(), reference()))
+                .await
+                .map(|i| Outcome::of_intent(i, attempt.op)),
+            PspOp::Refund { amount } => self
+                .call_psp(
+                    "refund",
+                    psp.refund(attempt.id.clone(), reference(), Money::new(amount, p.currency)),
+                )
+                .await
+                .map(|r| Outcome::of_refund(r, amount)),
+        };
+        let outcome = match answer {
+            Ok(o) => o,
+            Err(Halt {
+                error: PaymentError::PspRefused { code, message, param },
+                ..
+            }) => {
+                // The PSP refused the request: nothing happened there. Close the attempt; a
+                // refund it carried gives its amount back.
+                let input = match attempt.op {
+                    PspOp::Refund { amount } => Some(Input::RefundFailed { amount }),
+                    _ => None,
+                };
+                let o = Outcome {
+                    input,
+                    attempt: AttemptOutcome::Rejected,
+                    reference: None,
+                    client_secret: None,
+                    next_action: None,
+                    failure: None,
+                    refund_status: refund.as_ref().map(|_| RefundStatus::Failed),
+                    exception: None,
+                };
+                let saved = self.idem.take();
+                self.apply(o, Some(&attempt), cause, status, refund).await?;
+                self.idem = saved;
+                return Err(PaymentError::PspRefused { code, message, param }.into());
+            }
+            Err(h) => return Err(h),
+        };
+        self.apply(outcome, Some(&attempt), cause, status, refund).await
+    }
+
+    pub(super) async fn call_psp<T>(
+        &self,
+        operation: &'static str,
+        call: crate::adapters::psp::PspFuture<'_, T>,
+    ) -> Result<T, Halt> {
+        let started = std::time::Instant::now();
+        let answer = match self.deps.psp_timeout {
+            Some(limit) => tokio::time::timeout(limit, call).await,
+            None => Ok(call.await),
+        };
+        let psp = self.deps.psp.name();
+        self.deps.metrics.psp_call(psp, operation, started.elapsed());
+        match &answer {
+            Ok(Ok(_)) => {}
+            Ok(Err(PspError::Invalid { .. })) => self.deps.metrics.psp_error(psp, "invalid_request"),
+            Ok(Err(PspError::Unavailable(_))) => self.deps.metrics.psp_error(psp, "unavailable"),
+            Err(_) => self.deps.metrics.psp_error(psp, "timeout"),
+        }
+        match answer {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(PspError::Invalid { code, message, param })) => {
+                let code: &'static str = match code.as_str() {
+                    "resource_missing" => "resource_missing",
+                    "amount_too_large" => "amount_too_large",
+                    _ => "psp_request_invalid",
+                };
+                Err(PaymentError::PspRefused { code, message, param }.into())
+            }
+            Ok(Err(PspError::Unavailable(e))) => {
+                tracing::warn!(payment_id = %self.payment().id, error = %e, "PSP unavailable");
+                Err(PaymentError::Unavailable("psp").into())
+            }
+            Err(_) => {
+                tracing::warn!(payment_id = %self.payment().id, "PSP call timed out");
+                Err(PaymentError::Unavailable("psp").into())
+            }
+        }
+    }
+
+    /// Applies a PSP outcome: the state machine decides, and the payment, its transition,
+    /// journal, refund, attempt and idempotency record commit together. Side effects follow
+    /// only an input the state machine accepts; a PSP fact it refuses (a refund that succeeded
+    /// after a lost dispute, say) is kept as a payment exception for an operator, never dropped.
+    pub(super) async fn apply(
+        &mut self,
+        o: Outcome,
+        attempt: Option<&Attempt>,
+        cause: &str,
+        status: u16,
+        refund: Option<Refund>,
+    ) -> Result<Reply, Halt> {
+        let before = self.live.payment.clone();
+        let mut next = self.next_version();
+        if o.reference.is_some() && next.psp_reference.is_none() {
+            // The PSP's reference is a fact whatever the state machine says: events find the
+            // payment by it.
+            next.psp_reference = o.reference.clone();
+            next.client_secret = o.client_secret.clone();
+        }
+        let mut effects = Vec::new();
+        let mut exceptions = Vec::new();
+        let accepted = match o.input {
+            None => true,
+            Some(input) => match decide(&before.state, input) {
+                Ok((state, e)) => {
+                    next.state = state;
+                    effects = e;
+                    true
+                }
+                Err(r) => {
+                    // The PSP's answer no longer moves this payment. A benign repeat (an
+                    // authorization already taken) changes nothing; money the PSP moved that the
+                    // payment cannot take is an exception.
+                    tracing::warn!(payment_id = %before.id, ?input, rejection = %r, "PSP outcome refused by the state machine");
+                    if unreflected_money(&before.state, &input) {
+                        exceptions.push((
+                            before.id.clone(),
+                            format!(
+                                "{cause}: the PSP reported {input:?}, which a {} payment cannot take ({r})",
+                                before.status().as_str()
+                            ),
+                        ));
+                    }
+                    false
+                }
+            },
+        };
+        if accepted {
+            next.next_action = o.next_action.clone();
+            if o.failure.is_some() {
+                next.failure = o.failure.clone();
+            }
+        }
+        let refund = refund.map(|mut r| {
+            if accepted {
+                if let Some(s) = o.refund_status {
+                    r.status = s;
+                }
+            }
+            if r.psp_reference.is_none() && attempt.map(|a| matches!(a.op, PspOp::Refund { .. })).unwrap_or(false) {
+                r.psp_reference = o.reference.clone();
+            }
+            r.updated_at = next.updated_at;
+            r
+        });
+        let body = match &refund {
+            Some(r) => reply_body(&r.to_object()),
+            None => reply_body(&next.to_object()),
+        };
+        let mut commit = self.transition_commit(&before, &next, cause, Some((status, body.clone())));
+        commit.attempt_finished = attempt.map(|a| (a.id.clone(), o.attempt));
+        if let Some(x) = &o.exception {
+            exceptions.push((before.id.clone(), x.clone()));
+        }
+        commit.exceptions = exceptions;
+        let dispute = self.dispute.take().filter(|_| accepted);
+        for e in effects {
+            if let Effect::Journal { kind, amount } = e {
+                let correlation = match (&refund, attempt) {
+                    _ if dispute.is_some() => dispute.as_ref().map(|d| d.id.to_string()).unwrap_or_default(),
+                    (Some(r), _) => r.id.to_string(),
+                    (None, Some(a)) => a.id.to_string(),
+                    (None, None) => format!("{cause}:{}", next.version),
+                };
+                commit.journal = Some(Journal {
+                    kind,
+                    correlation_id: correlation,
+                    currency: next.currency,
+                    entries: postings(kind, amount, &next.merchant_id, next.fee_bps, next.fee_fixed),
+                });
+            }
+        }
+        if let Some(r) = &refund {
+            if accepted && o.refund_status.is_some() {
+                commit.outbox.push(OutboxEvent {
+                    event_type: format!("refund.{}", r.status.as_str()),
+                    payload: r.to_object(),
+                });
+            }
+            commit.refunds.push(r.clone());
+        }
+        if let Some(d) = dispute {
+            commit.outbox.push(OutboxEvent {
+                event_type: format!("dispute.{}", d.status.as_str()),
+                payload: d.to_object(),
+            });
+            commit.disputes.push(d);
+        }
+        self.commit(next, commit).await?;
+        if let Some(a) = attempt {
+            self.live.open.retain(|x| x.id != a.id);
+        }
+        Ok(Reply {
+            status,
+            body,
+            stored: self.idem.is_some(),
+        })
+    }
+}
+
+/// Whether a PSP outcome the state machine refused reports money (or a hold) that the
+/// payment does not already reflect: those are exceptions. A repeat of what the payment
+/// already knows (an authorization answer after the event that carried it) is not.
+fn unreflected_money(state: &crate::domain::PaymentState, input: &Input) -> bool {
+    match *input {
+        Input::Authorized => matches!(state.status, Status::Failed | Status::Canceled),
+        Input::Charged { amount } | Input::Captured { amount } => state.captured != amount,
+        Input::RefundSucceeded { .. }
+        | Input::RefundFailed { .. }
+        | Input::DisputeOpened { .. }
+        | Input::DisputeWon
+        | Input::DisputeLost => true,
+        _ => false,
+    }
+}

@@ -1,0 +1,206 @@
+//! The merchant's operations on a payment: each decides with the state machine, records the
+//! PSP attempt it needs, and hands it to `Flow::perform`.
+
+use super::attempts::Outcome;
+use super::{reply_body, Flow, Halt};
+use crate::actors::error::PaymentError;
+use crate::actors::payment::Reply;
+use crate::adapters::postgres::commit::{Commit, IdempotencyWrite, OutboxEvent, Transition};
+use crate::adapters::postgres::payments::Attempt;
+use crate::domain::{decide, Effect, Input, Money, Payment, PspOp, Refund, RefundId, RefundStatus, Rejection, Status};
+
+impl Flow<'_> {
+    /// A PSP attempt for this request: its id is the idempotency key the PSP will receive.
+    fn new_attempt(&self, op: PspOp, refund_id: Option<RefundId>) -> Attempt {
+        Attempt {
+            id: self.new_attempt_id(),
+            op,
+            refund_id,
+            idem_key: self.idem_key(),
+        }
+    }
+
+    /// docs/DESIGN.md, "Calling the PSP safely": the attempt commits (with whatever `commit`
+    /// already holds) before the PSP hears of it; then it is performed.
+    async fn start(
+        &mut self,
+        next: Payment,
+        mut commit: Commit,
+        attempt: Attempt,
+        cause: &str,
+        status: u16,
+        refund: Option<Refund>,
+    ) -> Result<Reply, Halt> {
+        commit.attempt_started = Some(attempt.clone());
+        self.commit(next, commit).await?;
+        self.live.open.push(attempt.clone());
+        self.perform(attempt, cause, status, refund).await
+    }
+
+    /// Stores the new payment with its audit trail's first row, its `payment.created` event and
+    /// its idempotency record (which names it, so a retry finds it); with `confirm`, the
+    /// authorization attempt commits in the same transaction and is performed at once.
+    pub(super) async fn create(&mut self, confirm: bool) -> Result<Reply, Halt> {
+        if !self.fresh {
+            // Reloaded after a commit whose fate was unknown, and it had landed: go on from it.
+            return match confirm {
+                true => self.confirm(None, true).await,
+                false => Ok(self.payment_reply(201)),
+            };
+        }
+        let mut payment = self.live.payment.clone();
+        payment.version = 1;
+        payment.transitions = 0;
+        let object = reply_body(&payment.to_object());
+        let mut commit = Commit {
+            transition: Some(Transition {
+                seq: 0,
+                from: None,
+                to: Status::Pending,
+                cause: "api.create".into(),
+            }),
+            outbox: vec![OutboxEvent {
+                event_type: "payment.created".into(),
+                payload: payment.to_object(),
+            }],
+            ..Commit::default()
+        };
+        commit.idempotency = self.idem.as_ref().map(|i| IdempotencyWrite {
+            merchant_id: i.merchant.clone(),
+            key: i.key.clone(),
+            resource_id: Some(payment.id.to_string()),
+            response: (!confirm).then(|| (201, object.clone())),
+            fence: i.fence,
+        });
+        let attempt = confirm.then(|| self.new_attempt(PspOp::Authorize, None));
+        commit.attempt_started = attempt.clone();
+        self.commit(payment, commit).await?;
+        self.fresh = false;
+        match attempt {
+            None => Ok(Reply {
+                status: 201,
+                body: object,
+                stored: self.idem.is_some(),
+            }),
+            Some(attempt) => {
+                self.live.open.push(attempt.clone());
+                self.perform(attempt, "api.confirm", 201, None).await
+            }
+        }
+    }
+
+    pub(super) async fn confirm(&mut self, payment_method: Option<String>, created: bool) -> Result<Reply, Halt> {
+        let status = if created { 201 } else { 200 };
+        // A create retried after a crash finds its confirm already done: report where it stands.
+        if created && self.payment().status() != Status::Pending {
+            return Ok(self.payment_reply(status));
+        }
+        let (_, effects) =
+            decide(&self.payment().state, Input::Confirm).map_err(|r| PaymentError::rejected(r, "amount"))?;
+        debug_assert_eq!(effects, vec![Effect::Psp(PspOp::Authorize)]);
+        let mut next = self.next_version();
+        if let Some(pm) = payment_method {
+            next.payment_method = pm;
+        }
+        let attempt = self.new_attempt(PspOp::Authorize, None);
+        self.start(next, Commit::default(), attempt, "api.confirm", status, None)
+            .await
+    }
+
+    pub(super) async fn capture(&mut self, amount: Option<Money>) -> Result<Reply, Halt> {
+        let amount = self.amount_in_currency(amount, self.payment().state.capturable)?;
+        let (_, effects) = decide(&self.payment().state, Input::Capture { amount })
+            .map_err(|r| PaymentError::rejected(r, "amount.value"))?;
+        debug_assert_eq!(effects, vec![Effect::Psp(PspOp::Capture { amount })]);
+        let attempt = self.new_attempt(PspOp::Capture { amount }, None);
+        let next = self.next_version();
+        self.start(next, Commit::default(), attempt, "api.capture", 200, None)
+            .await
+    }
+
+    pub(super) async fn cancel(&mut self) -> Result<Reply, Halt> {
+        let (state, effects) =
+            decide(&self.payment().state, Input::Cancel).map_err(|r| PaymentError::rejected(r, "amount"))?;
+        if effects.is_empty() {
+            // Nothing reached the PSP yet: the cancel is ours alone.
+            let mut next = self.next_version();
+            next.state = state;
+            let body = reply_body(&next.to_object());
+            let commit = self.transition_commit(
+                &self.live.payment.clone(),
+                &next,
+                "api.cancel",
+                Some((200, body.clone())),
+            );
+            self.commit(next, commit).await?;
+            return Ok(Reply {
+                status: 200,
+                body,
+                stored: self.idem.is_some(),
+            });
+        }
+        let attempt = self.new_attempt(PspOp::Cancel, None);
+        let next = self.next_version();
+        self.start(next, Commit::default(), attempt, "api.cancel", 200, None)
+            .await
+    }
+
+    pub(super) async fn refund(
+        &mut self,
+        amount: Option<Money>,
+        reason: Option<String>,
+        resume: Option<RefundId>,
+    ) -> Result<Reply, Halt> {
+        if let Some(id) = resume {
+            // The first request with this key created the refund and then died; the open
+            // attempts are resolved by now, so report the refund as it stands.
+            let refund = self.deps.store.refund(&self.payment().id, &id).await?;
+            let refund = refund.ok_or(PaymentError::NotFound("refund"))?;
+            return Ok(Reply {
+                status: 201,
+                body: reply_body(&refund.to_object()),
+                stored: false,
+            });
+        }
+        let left = self.payment().state.refundable();
+        let amount = self.amount_in_currency(amount, left.max(1))?;
+        let (state, _) = decide(&self.payment().state, Input::Refund { amount })
+            .map_err(|r| PaymentError::rejected(r, "amount.value"))?;
+        let at = self.deps.clock.now();
+        let refund = Refund {
+            id: self.new_refund_id(),
+            payment_id: self.payment().id.clone(),
+            merchant_id: self.payment().merchant_id.clone(),
+            amount: Money::new(amount, self.payment().currency),
+            status: RefundStatus::Pending,
+            reason,
+            psp_reference: None,
+            created_at: at,
+            updated_at: at,
+        };
+        let attempt = self.new_attempt(PspOp::Refund { amount }, Some(refund.id.clone()));
+        let mut next = self.next_version();
+        next.state = state;
+        let mut commit = self.transition_commit(&self.live.payment.clone(), &next, "api.refund", None);
+        commit.refunds.push(refund.clone());
+        if let Some(i) = &mut commit.idempotency {
+            i.resource_id = Some(refund.id.to_string());
+        }
+        self.start(next, commit, attempt, "api.refund", 201, Some(refund)).await
+    }
+
+    /// Brings the payment up to what the PSP says now (after the customer finished 3-D Secure).
+    pub(super) async fn sync(&mut self) -> Result<Reply, Halt> {
+        if self.payment().status() != Status::RequiresAction {
+            return Err(PaymentError::rejected(Rejection::InvalidState(self.payment().status()), "").into());
+        }
+        let reference = self.payment().psp_reference.clone().ok_or(PaymentError::rejected(
+            Rejection::InvalidState(Status::RequiresAction),
+            "",
+        ))?;
+        let intent = self.call_psp("retrieve", self.deps.psp.retrieve(reference)).await?;
+        let outcome = Outcome::of_intent(intent, PspOp::Authorize);
+        self.apply(outcome, None, "psp.three_d_secure_completed", 200, None)
+            .await
+    }
+}

@@ -1,0 +1,197 @@
+//! PSP events, applied at most once (docs/API.md, "PSP events"), as the facts
+//! `adapters::psp::events` makes of them: the flow never reads a PSP's field names.
+
+use super::attempts::Outcome;
+use super::{Flow, Halt, DUPLICATE_EVENT};
+use crate::actors::error::PaymentError;
+use crate::actors::payment::Reply;
+use crate::adapters::nats::PspEvent;
+use crate::adapters::postgres::commit::ProcessedEvent;
+use crate::adapters::psp::events::{translate, ListedRefund, PspFact};
+use crate::adapters::psp::PspRefund;
+use crate::domain::{Dispute, DisputeId, DisputeStatus, Input, Money, PspOp, RefundStatus, Status};
+
+impl Flow<'_> {
+    /// Applies a PSP event at most once. An event that no longer moves the payment (it is
+    /// already past it) is recorded and changes nothing: never backwards. An event that comes
+    /// before what it refers to (a dispute closed before it was opened, a refund settled
+    /// before payrail knows its reference) is not recorded: it fails, and the consumer
+    /// delivers it again later, or parks it as a dead letter.
+    pub(super) async fn psp_event(&mut self, e: &PspEvent) -> Result<Reply, Halt> {
+        if self.deps.store.event_processed(&e.provider, &e.event_id).await? {
+            return Ok(Reply {
+                status: DUPLICATE_EVENT,
+                body: Vec::new(),
+                stored: false,
+            });
+        }
+        let event = ProcessedEvent {
+            provider: e.provider.clone(),
+            event_id: e.event_id.clone(),
+            event_type: e.event_type.clone(),
+            raw: e.raw.clone(),
+        };
+        let translated = translate(e);
+        let status = self.payment().status();
+        let cause = format!("psp.{}", e.event_type);
+        let currency = self.payment().currency;
+        let mut outcome = Outcome::recorded();
+        if let Some(c) = translated.currency.as_deref() {
+            if !c.eq_ignore_ascii_case(currency.code()) {
+                // Never apply an amount in another currency: record it for an operator.
+                self.event = Some(event);
+                outcome.exception = Some(format!(
+                    "{cause} {}: amount in {c}, the payment is in {}",
+                    e.event_id,
+                    currency.code()
+                ));
+                return self.settle_event(outcome, &cause).await;
+            }
+        }
+        match translated.fact {
+            PspFact::Succeeded { amount } => {
+                let amount = amount.unwrap_or(self.payment().state.amount);
+                outcome.input = match status {
+                    Status::Pending | Status::RequiresAction => Some(Input::Charged { amount }),
+                    Status::Authorized => Some(Input::Captured { amount }),
+                    _ => None,
+                };
+            }
+            PspFact::Authorized => {
+                if matches!(status, Status::Pending | Status::RequiresAction) {
+                    outcome.input = Some(Input::Authorized);
+                }
+            }
+            PspFact::Failed(failure) => {
+                if matches!(status, Status::Pending | Status::RequiresAction) {
+                    outcome.input = Some(Input::AuthorizationFailed);
+                    outcome.failure = Some(failure);
+                }
+            }
+            PspFact::Canceled => {
+                if matches!(status, Status::Pending | Status::RequiresAction | Status::Authorized) {
+                    outcome.input = Some(Input::Canceled);
+                }
+            }
+            PspFact::Refunds(listed) => {
+                self.event = Some(event);
+                return self.settle_refunds(&listed, &cause).await;
+            }
+            PspFact::DisputeOpened {
+                reference,
+                amount,
+                reason,
+            } => {
+                self.open_dispute(&mut outcome, &cause, reference, amount, reason)
+                    .await?
+            }
+            PspFact::DisputeClosed { reference, won } => {
+                let payment_id = self.payment().id.clone();
+                let Some(mut d) = self.deps.store.dispute(&payment_id, &reference).await? else {
+                    // Its `charge.dispute.created` has not come yet: hold this one until it has.
+                    return Err(PaymentError::Unavailable("the dispute this event closes (not opened yet)").into());
+                };
+                if matches!(d.status, DisputeStatus::NeedsResponse | DisputeStatus::UnderReview) {
+                    d.status = if won { DisputeStatus::Won } else { DisputeStatus::Lost };
+                    d.updated_at = self.deps.clock.now();
+                    outcome.input = Some(if won { Input::DisputeWon } else { Input::DisputeLost });
+                    self.dispute = Some(d);
+                }
+            }
+            PspFact::Other => {}
+        }
+        self.event = Some(event);
+        self.settle_event(outcome, &cause).await
+    }
+
+    /// docs/API.md, "Disputes": a dispute takes at most what is left of the capture once
+    /// refunds (pending or succeeded) are set aside; a PSP that disputes more is kept as an
+    /// exception. Opened once per (payment, PSP reference).
+    async fn open_dispute(
+        &mut self,
+        outcome: &mut Outcome,
+        cause: &str,
+        reference: String,
+        amount: Option<i64>,
+        reason: Option<String>,
+    ) -> Result<(), Halt> {
+        let payment_id = self.payment().id.clone();
+        if self.deps.store.dispute(&payment_id, &reference).await?.is_some() {
+            // Opened already (under another event id): nothing more.
+            return Ok(());
+        }
+        let s = self.payment().state;
+        let asked = amount.unwrap_or(s.captured);
+        let left = s.disputable();
+        let amount = asked.min(left);
+        if amount < asked {
+            outcome.exception = Some(format!(
+                "{cause} {reference}: the PSP disputes {asked}, but only {left} is left after refunds; opened for {}",
+                amount.max(0)
+            ));
+        }
+        if amount > 0 {
+            let at = self.deps.clock.now();
+            self.dispute = Some(Dispute {
+                id: DisputeId::from_trusted(format!("{}{}", DisputeId::PREFIX, self.deps.clock.unique())),
+                payment_id,
+                merchant_id: self.payment().merchant_id.clone(),
+                psp_reference: reference,
+                amount: Money::new(amount, self.payment().currency),
+                status: DisputeStatus::NeedsResponse,
+                reason,
+                created_at: at,
+                updated_at: at,
+            });
+            outcome.input = Some(Input::DisputeOpened { amount });
+        }
+        Ok(())
+    }
+
+    /// Commits what an event changes, with its dedupe row.
+    async fn settle_event(&mut self, outcome: Outcome, cause: &str) -> Result<Reply, Halt> {
+        let reply = self.apply(outcome, None, cause, 200, None).await?;
+        Ok(Reply { stored: false, ..reply })
+    }
+
+    /// Every listed refund that is pending here and final at the PSP settles, each in its own
+    /// commit; the event's dedupe row rides on the last. A refund payrail does not know yet
+    /// (its reference is not stored: the API's own commit is in flight) holds the event back;
+    /// one payrail never made is an exception.
+    async fn settle_refunds(&mut self, listed: &[ListedRefund], cause: &str) -> Result<Reply, Halt> {
+        let references: Vec<String> = listed.iter().map(|l| l.reference.clone()).collect();
+        let known = self
+            .deps
+            .store
+            .refunds_by_reference(&self.payment().id, &references)
+            .await?;
+        let mut settle = Vec::new();
+        let mut unknown = Vec::new();
+        for l in listed {
+            let Some(status) = l.status else { continue };
+            match known
+                .iter()
+                .find(|r| r.psp_reference.as_deref() == Some(l.reference.as_str()))
+            {
+                Some(r) if r.status == RefundStatus::Pending => settle.push((r.clone(), status)),
+                Some(_) => {}
+                None => unknown.push(l.reference.clone()),
+            }
+        }
+        if !unknown.is_empty() && self.live.open.iter().any(|a| matches!(a.op, PspOp::Refund { .. })) {
+            return Err(PaymentError::Unavailable("the refund this event settles (not recorded yet)").into());
+        }
+        let mut last = Outcome::recorded();
+        if !unknown.is_empty() {
+            last.exception = Some(format!("{cause}: refunds payrail did not make: {}", unknown.join(", ")));
+        }
+        let event = self.event.take();
+        for (r, status) in settle {
+            let reference = r.psp_reference.clone().unwrap_or_default();
+            let o = Outcome::of_refund(PspRefund { reference, status }, r.amount.minor);
+            self.apply(o, None, cause, 200, Some(r)).await?;
+        }
+        self.event = event;
+        self.settle_event(last, cause).await
+    }
+}

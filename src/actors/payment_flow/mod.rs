@@ -1,0 +1,346 @@
+//! What a payment actor does with one message, as plain async code over owned state. The
+//! actor runs it atomically (no other message starts until it ends), so nothing here needs a
+//! lock. It follows docs/DESIGN.md, "Calling the PSP safely": decide (pure), record the
+//! attempt, call the PSP with a timeout, commit the outcome with its journal, outbox row and
+//! idempotency record in one transaction, reply.
+//!
+//! - this file: the message's life (`process`), resuming by key, and the commit;
+//! - `commands`: the merchant's operations (create, confirm, capture, cancel, refund, sync);
+//! - `attempts`: PSP attempts, from the call to the committed outcome, and their recovery;
+//! - `events`: PSP events, as the facts `adapters::psp::events` makes of them.
+//!
+//! It touches the world only through [`PaymentDeps`]: a store, a PSP and a clock, which the
+//! deterministic simulation (`tests/simulation`) replaces.
+
+mod attempts;
+mod commands;
+mod events;
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::error::PaymentError;
+use super::payment::{IdemKey, Op, Reply};
+use super::store::{Clock, PaymentStore};
+use crate::adapters::postgres::commit::{
+    Commit, CommitError, IdempotencyWrite, OutboxEvent, ProcessedEvent, Transition,
+};
+use crate::adapters::postgres::payments::Attempt;
+use crate::adapters::postgres::StoreError;
+use crate::adapters::psp::Psp;
+use crate::domain::{AttemptId, Dispute, Money, Payment, RefundId, Status};
+
+/// The status of the answer to a PSP event that was already applied (HTTP's "Already
+/// Reported"): the consumer acknowledges it as a duplicate. Events never reach an HTTP client.
+pub const DUPLICATE_EVENT: u16 = 208;
+
+/// What a payment actor needs from the world.
+pub struct PaymentDeps {
+    /// Reads, and every commit (in production: the ledger shards' group commit).
+    pub store: std::sync::Arc<dyn PaymentStore>,
+    pub psp: std::sync::Arc<dyn Psp>,
+    /// How long a PSP call may take before its outcome counts as unknown; `None` leaves it to
+    /// the PSP (the simulation's PSP decides itself when, and whether, it answers).
+    pub psp_timeout: Option<Duration>,
+    pub clock: std::sync::Arc<dyn Clock>,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+/// A live payment: its committed state and the PSP attempts still without an outcome.
+#[derive(Debug, Clone)]
+pub struct Live {
+    pub payment: Payment,
+    pub open: Vec<Attempt>,
+}
+
+/// Why processing stopped early: an answer for the caller, and whether the actor's state can
+/// no longer be trusted, so that it must reload from the store: a lost write race, or a commit
+/// whose fate is unknown (it may have landed although it reported failure).
+struct Halt {
+    error: PaymentError,
+    stale: bool,
+}
+
+impl From<PaymentError> for Halt {
+    fn from(error: PaymentError) -> Halt {
+        Halt { error, stale: false }
+    }
+}
+
+/// A read that failed: nothing was written, memory is still the truth.
+impl From<StoreError> for Halt {
+    fn from(e: StoreError) -> Halt {
+        Halt {
+            error: e.into(),
+            stale: false,
+        }
+    }
+}
+
+impl From<CommitError> for Halt {
+    fn from(e: CommitError) -> Halt {
+        match e {
+            CommitError::Stale => Halt {
+                error: PaymentError::Unavailable("payment state"),
+                stale: true,
+            },
+            CommitError::Fenced => Halt {
+                error: PaymentError::KeyTakenOver,
+                stale: false,
+            },
+            // The ledger never took it: nothing was written.
+            CommitError::Unavailable(what) => Halt {
+                error: PaymentError::Unavailable(what),
+                stale: false,
+            },
+            // Ambiguous: the transaction may have committed. Memory is no longer the truth.
+            CommitError::Store(e) => Halt {
+                error: e.into(),
+                stale: true,
+            },
+        }
+    }
+}
+
+/// Processes one call; returns the answer, the state as committed, and whether the state is stale.
+pub async fn process(
+    deps: &PaymentDeps,
+    live: Live,
+    op: Op,
+    idem: Option<IdemKey>,
+) -> (Result<Reply, PaymentError>, Live, bool) {
+    let id = live.payment.id.clone();
+    // A request that took its key over from an earlier one (fence > 1) may find that request's
+    // work done or under way: it resumes it by key rather than repeating it.
+    let by_key = idem.as_ref().map(|i| i.fence > 1).unwrap_or(false);
+    let mut flow = Flow {
+        deps,
+        live,
+        idem,
+        event: None,
+        dispute: None,
+        by_key,
+        fenced: false,
+        fresh: matches!(op, Op::Create { .. }),
+    };
+    let mut result = if matches!(op, Op::Resolve) {
+        // The sweeper found an attempt open in the store: memory may not know it (an ambiguous
+        // commit), so start from the store.
+        Err(Halt {
+            error: PaymentError::Unavailable("payment state"),
+            stale: true,
+        })
+    } else {
+        flow.execute(op.clone()).await
+    };
+    if matches!(result, Err(Halt { stale: true, .. })) {
+        // Another writer moved the payment on, or a commit's fate is unknown. Reload and resume
+        // by key: an attempt this request started is completed, a finished one answered, and
+        // only a request that left nothing behind runs again (never a second PSP effect).
+        match deps.store.load(&id).await {
+            Ok(Some(live)) => {
+                tracing::info!(payment_id = %id, "reloaded from the store");
+                flow.live = live;
+                flow.by_key = true;
+                flow.fresh = false;
+                result = flow.execute(op).await;
+            }
+            Ok(None) => result = Err(PaymentError::NotFound("payment").into()),
+            Err(e) => {
+                result = Err(Halt {
+                    error: e.into(),
+                    stale: true,
+                })
+            }
+        }
+    }
+    if flow.fenced && result.is_ok() {
+        // A newer request with the same key took it over while this one ran: what this one did
+        // is committed, and the newer request answers for the key.
+        result = Err(PaymentError::KeyTakenOver.into());
+    }
+    let status = flow.live.payment.status().as_str();
+    match &result {
+        Ok(reply) => tracing::debug!(reply = reply.status, status, "payment message handled"),
+        Err(h) => tracing::debug!(error = %h.error, status, "payment message refused"),
+    }
+    match result {
+        Ok(reply) => (Ok(reply), flow.live, false),
+        // A payment whose creation did not commit must not stay in memory as if it existed.
+        Err(h) => (Err(h.error), flow.live, h.stale || flow.fresh),
+    }
+}
+
+struct Flow<'a> {
+    deps: &'a PaymentDeps,
+    live: Live,
+    idem: Option<IdemKey>,
+    /// The PSP event being applied: its dedupe row rides on the next commit.
+    event: Option<ProcessedEvent>,
+    /// A dispute the next commit opens or closes; its id correlates the journal.
+    dispute: Option<Dispute>,
+    /// Look for the PSP attempt this request's key already started before doing anything.
+    by_key: bool,
+    /// The key was taken over by a newer request during this one.
+    fenced: bool,
+    /// `live` is a payment its creator handed over, not stored yet.
+    fresh: bool,
+}
+
+impl<'a> Flow<'a> {
+    pub(super) fn payment(&self) -> &Payment {
+        &self.live.payment
+    }
+
+    pub(super) fn idem_key(&self) -> Option<String> {
+        self.idem.as_ref().map(|i| i.key.clone())
+    }
+
+    pub(super) async fn execute(&mut self, op: Op) -> Result<Reply, Halt> {
+        if let (true, Some(key)) = (self.by_key, self.idem_key()) {
+            // The key's earlier request may have started an attempt that memory does not hold.
+            if let Some((attempt, None)) = self.deps.store.attempt_by_key(&self.payment().id, &key).await? {
+                if !self.live.open.iter().any(|a| a.id == attempt.id) {
+                    self.live.open.push(attempt);
+                }
+            }
+        }
+        // A retry of a request whose PSP call was left open is answered by that call's outcome.
+        if let Some(reply) = self.resolve_open_attempts(op.reply_status()).await? {
+            return Ok(reply);
+        }
+        if let (true, Some(key)) = (self.by_key, self.idem_key()) {
+            if let Some((attempt, Some(outcome))) = self.deps.store.attempt_by_key(&self.payment().id, &key).await? {
+                // The key's work is done: answer with what it did, never do it again.
+                return self.answer_finished(&attempt, outcome, op.reply_status()).await;
+            }
+        }
+        self.run(op).await
+    }
+
+    pub(super) async fn run(&mut self, op: Op) -> Result<Reply, Halt> {
+        match op {
+            Op::Create { confirm } => self.create(confirm).await,
+            Op::Confirm {
+                payment_method,
+                created,
+            } => self.confirm(payment_method, created).await,
+            Op::Capture { amount } => self.capture(amount).await,
+            Op::Cancel => self.cancel().await,
+            Op::Refund { amount, reason, resume } => self.refund(amount, reason, resume).await,
+            Op::Sync => self.sync().await,
+            Op::Resolve => Ok(self.payment_reply(200)),
+            Op::PspEvent(e) => self.psp_event(&e).await,
+        }
+    }
+
+    /// A commit with the transition (if the status moved), its outbox event, and the idempotency
+    /// record completed with `response`.
+    pub(super) fn transition_commit(
+        &self,
+        before: &Payment,
+        next: &Payment,
+        cause: &str,
+        response: Option<(u16, Vec<u8>)>,
+    ) -> Commit {
+        let mut commit = Commit::default();
+        if before.status() != next.status() {
+            commit.transition = Some(Transition {
+                seq: before.transitions,
+                from: Some(before.status()),
+                to: next.status(),
+                cause: cause.to_owned(),
+            });
+            commit.outbox.push(OutboxEvent {
+                event_type: format!("payment.{}", next.status().as_str()),
+                payload: next.to_object(),
+            });
+        }
+        commit.idempotency = self.idem.as_ref().map(|i| IdempotencyWrite {
+            merchant_id: i.merchant.clone(),
+            key: i.key.clone(),
+            resource_id: None,
+            response: response.clone(),
+            fence: i.fence,
+        });
+        commit
+    }
+
+    /// The payment as the next commit will leave it: one version on, `transitions` counted
+    /// by [`Flow::commit`].
+    pub(super) fn next_version(&self) -> Payment {
+        let mut next = self.live.payment.clone();
+        next.version += 1;
+        next.updated_at = self.deps.clock.now();
+        next
+    }
+
+    pub(super) async fn commit(&mut self, mut next: Payment, mut commit: Commit) -> Result<(), Halt> {
+        if commit.transition.is_some() {
+            next.transitions += 1;
+        }
+        if commit.processed_event.is_none() {
+            commit.processed_event = self.event.take();
+        }
+        commit.payment = Some(next.clone());
+        let moved = commit
+            .transition
+            .as_ref()
+            .map(|t| (t.from.map(Status::as_str).unwrap_or("none"), t.to.as_str()));
+        // What this commit records of the outside world (a PSP answer, a PSP event) must land
+        // even if the key was taken over; a commit that would only start something must not.
+        let records_a_fact = commit.attempt_finished.is_some() || commit.processed_event.is_some();
+        let retry = records_a_fact.then(|| Commit {
+            idempotency: None,
+            ..commit.clone()
+        });
+        match (self.deps.store.commit(commit).await, retry) {
+            (Ok(()), _) => {}
+            (Err(CommitError::Fenced), Some(retry)) => {
+                tracing::info!(payment_id = %next.id, "idempotency key taken over; committing the PSP's answer without it");
+                self.idem = None;
+                self.fenced = true;
+                self.deps.store.commit(retry).await?;
+            }
+            (Err(e), _) => return Err(e.into()),
+        }
+        if let Some((from, to)) = moved {
+            self.deps.metrics.transition(from, to);
+        }
+        self.live.payment = next;
+        Ok(())
+    }
+
+    pub(super) fn new_attempt_id(&self) -> AttemptId {
+        AttemptId::from_trusted(format!("{}{}", AttemptId::PREFIX, self.deps.clock.unique()))
+    }
+
+    pub(super) fn new_refund_id(&self) -> RefundId {
+        RefundId::from_trusted(format!("{}{}", RefundId::PREFIX, self.deps.clock.unique()))
+    }
+
+    pub(super) fn payment_reply(&self, status: u16) -> Reply {
+        Reply {
+            status,
+            body: reply_body(&self.payment().to_object()),
+            stored: false,
+        }
+    }
+
+    /// The amount of a capture or refund: the one asked for, in the payment's currency, or `default`.
+    pub(super) fn amount_in_currency(&self, amount: Option<Money>, default: i64) -> Result<i64, PaymentError> {
+        match amount {
+            None => Ok(default),
+            Some(m) if m.currency != self.payment().currency => Err(PaymentError::InvalidParam {
+                param: "amount.currency",
+                message: "amount.currency must be the payment's currency",
+            }),
+            Some(m) => Ok(m.minor),
+        }
+    }
+}
+
+pub(super) fn reply_body(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}

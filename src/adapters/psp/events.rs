@@ -1,0 +1,182 @@
+//! PSP events in payrail's terms. Each PSP names its objects and fields its own way (Stripe's
+//! `payment_intent.succeeded` with `amount_received`, a charge listing `refunds.data`, …);
+//! [`translate`] turns an event into a [`PspFact`], so that the payment flow reasons about
+//! facts, not field names. The sandbox and Stripe share Stripe's shapes; Adyen's notifications
+//! are translated into the same facts by their bridge.
+
+use serde_json::Value;
+
+use super::PspRefundStatus;
+use crate::adapters::nats::PspEvent;
+use crate::domain::Failure;
+
+/// The most refunds one charge event lists that payrail reads: Stripe pages a charge's
+/// refunds by 100; the rest come in their own events.
+pub const MAX_LISTED_REFUNDS: usize = 100;
+
+/// One refund as a charge event lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedRefund {
+    /// The PSP's refund reference (`re_…`).
+    pub reference: String,
+    /// `None` while the PSP has not decided it yet.
+    pub status: Option<PspRefundStatus>,
+}
+
+/// What the PSP says happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PspFact {
+    /// The payment was captured (or authorized and captured at once), for `amount` if stated.
+    Succeeded {
+        amount: Option<i64>,
+    },
+    /// The authorization holds funds, ready to capture.
+    Authorized,
+    /// The authorization failed.
+    Failed(Failure),
+    Canceled,
+    /// Refunds of the payment and where each stands.
+    Refunds(Vec<ListedRefund>),
+    DisputeOpened {
+        reference: String,
+        amount: Option<i64>,
+        reason: Option<String>,
+    },
+    DisputeClosed {
+        reference: String,
+        won: bool,
+    },
+    /// An event type that changes nothing for payrail (recorded, acknowledged, ignored).
+    Other,
+}
+
+/// A fact with the currency the PSP stated its amounts in (lower or upper case), if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Translated {
+    pub fact: PspFact,
+    pub currency: Option<String>,
+}
+
+/// An event in payrail's terms. A body that is not JSON reads as an event with no fields.
+pub fn translate(event: &PspEvent) -> Translated {
+    let object: Value = serde_json::from_slice(&event.object).unwrap_or(Value::Null);
+    let text = |v: &Value| v.as_str().map(str::to_owned);
+    let fact = match event.event_type.as_str() {
+        "payment_intent.succeeded" => PspFact::Succeeded {
+            amount: object["amount_received"].as_i64().or(object["amount"].as_i64()),
+        },
+        "payment_intent.amount_capturable_updated" => PspFact::Authorized,
+        "payment_intent.payment_failed" => {
+            let err = &object["last_payment_error"];
+            PspFact::Failed(Failure {
+                code: err["code"].as_str().unwrap_or("card_declined").to_owned(),
+                decline_code: text(&err["decline_code"]),
+                message: err["message"].as_str().unwrap_or("The payment failed.").to_owned(),
+            })
+        }
+        "payment_intent.canceled" => PspFact::Canceled,
+        "charge.refunded" | "charge.refund.updated" => {
+            // A refund object itself, or a charge listing its refunds.
+            let listed = if object["object"] == "refund" {
+                vec![object.clone()]
+            } else {
+                object["refunds"]["data"].as_array().cloned().unwrap_or_default()
+            };
+            PspFact::Refunds(
+                listed
+                    .iter()
+                    .take(MAX_LISTED_REFUNDS)
+                    .filter_map(|l| {
+                        Some(ListedRefund {
+                            reference: text(&l["id"])?,
+                            status: match l["status"].as_str() {
+                                Some("succeeded") => Some(PspRefundStatus::Succeeded),
+                                Some("failed" | "canceled") => Some(PspRefundStatus::Failed),
+                                _ => None,
+                            },
+                        })
+                    })
+                    .collect(),
+            )
+        }
+        "charge.dispute.created" => PspFact::DisputeOpened {
+            reference: text(&object["id"]).unwrap_or_else(|| event.event_id.clone()),
+            amount: object["amount"].as_i64(),
+            reason: text(&object["reason"]),
+        },
+        "charge.dispute.closed" => PspFact::DisputeClosed {
+            reference: text(&object["id"]).unwrap_or_default(),
+            won: object["status"] == "won",
+        },
+        _ => PspFact::Other,
+    };
+    Translated {
+        fact,
+        currency: text(&object["currency"]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(event_type: &str, object: Value) -> PspEvent {
+        PspEvent {
+            provider: "stripe".into(),
+            event_id: "evt_1".into(),
+            event_type: event_type.into(),
+            reference: "pi_1".into(),
+            object: serde_json::to_vec(&object).unwrap(),
+            raw: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn stripe_shapes_become_facts() {
+        let t = translate(&event(
+            "payment_intent.succeeded",
+            json!({ "amount": 900, "amount_received": 800, "currency": "usd" }),
+        ));
+        assert_eq!(t.fact, PspFact::Succeeded { amount: Some(800) });
+        assert_eq!(t.currency.as_deref(), Some("usd"));
+        let t = translate(&event(
+            "charge.refunded",
+            json!({ "object": "charge", "refunds": { "data": [
+                { "id": "re_1", "status": "succeeded" }, { "id": "re_2", "status": "pending" },
+                { "id": "re_3", "status": "canceled" }, { "status": "succeeded" } ] } }),
+        ));
+        assert_eq!(
+            t.fact,
+            PspFact::Refunds(vec![
+                ListedRefund {
+                    reference: "re_1".into(),
+                    status: Some(PspRefundStatus::Succeeded)
+                },
+                ListedRefund {
+                    reference: "re_2".into(),
+                    status: None
+                },
+                ListedRefund {
+                    reference: "re_3".into(),
+                    status: Some(PspRefundStatus::Failed)
+                },
+            ])
+        );
+        let t = translate(&event(
+            "charge.dispute.closed",
+            json!({ "id": "du_1", "status": "lost" }),
+        ));
+        assert_eq!(
+            t.fact,
+            PspFact::DisputeClosed {
+                reference: "du_1".into(),
+                won: false
+            }
+        );
+        assert_eq!(translate(&event("customer.created", json!({}))).fact, PspFact::Other);
+        let mut garbage = event("payment_intent.succeeded", Value::Null);
+        garbage.object = b"not json".to_vec();
+        assert_eq!(translate(&garbage).fact, PspFact::Succeeded { amount: None });
+    }
+}
