@@ -239,7 +239,7 @@ fn spawn_housekeeping(state: web::Data<AppState>, shutdown: crate::shutdown::Shu
     let stop = shutdown.clone();
     actix_rt::spawn(async move {
         let _running = stop.enter();
-        // DESIGN.md, "Calling the PSP safely": an attempt with no outcome is completed even if
+        // docs/DESIGN.md, "Calling the PSP safely": an attempt with no outcome is completed even if
         // its client never comes back. Older than twice the PSP timeout: surely not in flight.
         let every = Duration::from_millis(recovery.config.psp.timeout_ms.clamp(1_000, 30_000));
         while !stop.sleep(every).await {

@@ -9,14 +9,18 @@
 //!   embedded sandbox as the default.
 //! - [`actors`] — one `PaymentActor` per live payment, serializing its transitions; the
 //!   `PaymentRegistry` that activates, passivates and restarts them; mailbox accounting.
-//! - [`api`] — the actix-web routes of API.md, one route group per file: authentication,
-//!   idempotency, validation, and rendering of errors in one place.
+//! - [`api`] — the actix-web routes of docs/API.md, one route group per file: authentication,
+//!   idempotency, validation, and the mapping of every layer's errors to HTTP in one place.
 //! - [`app`] — wiring: build the application from [`config::Config`], run it until stopped.
 //! - [`metrics`] — counters and histograms for `/metrics`, shared by every room.
 //! - [`shutdown`] — the stop signal the background loops share, for a graceful exit.
 //! - [`loadgen`] — `payrail loadgen`, the load generator, with the PostgreSQL ceiling beside it.
 //!
-//! Dependencies point inward: `api` → `actors` → `adapters` → `domain`.
+//! Dependencies point inward: `api` → `actors` → `adapters` → `domain` (`api` also reads
+//! through `adapters` directly; every change goes through an actor). Each layer answers in its
+//! own terms — `adapters::postgres::StoreError`, `actors::PaymentError` — and only
+//! `api::error::ApiError` knows HTTP. docs/DESIGN.md, "Dependencies between modules", has the
+//! rule and its two deliberate exceptions.
 
 pub mod actors;
 pub mod adapters;

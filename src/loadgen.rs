@@ -1,4 +1,4 @@
-//! `payrail loadgen`: load against a running payrail, and DESIGN.md's PostgreSQL ceiling
+//! `payrail loadgen`: load against a running payrail, and docs/DESIGN.md's PostgreSQL ceiling
 //! measured in the same run for comparison.
 //!
 //! Closed loop by default (each connection sends its next request when the last answered).
@@ -58,7 +58,7 @@ pub struct LoadgenArgs {
     /// Write the JSON report here too.
     #[arg(long)]
     pub report: Option<std::path::PathBuf>,
-    /// Run DESIGN.md's PostgreSQL ceiling (pgbench, 32 clients) first, and print the ratio.
+    /// Run docs/DESIGN.md's PostgreSQL ceiling (pgbench, 32 clients) first, and print the ratio.
     #[arg(long)]
     pub compare_postgres: bool,
     /// With --mix webhooks: how many events.
@@ -581,7 +581,7 @@ fn batch_distribution(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u
     Value::Object(out)
 }
 
-/// DESIGN.md's ceiling: pgbench, 32 clients, -j 2, on the shipped script, in a scratch database.
+/// docs/DESIGN.md's ceiling: pgbench, 32 clients, -j 2, on the shipped script, in a scratch database.
 async fn postgres_ceiling(database_url: &str, secs: u64) -> Result<f64, String> {
     let pg: tokio_postgres::Config = database_url.parse().map_err(|e: tokio_postgres::Error| e.to_string())?;
     let host = match pg.get_hosts().first() {

@@ -1,6 +1,6 @@
-//! The payment state machine, checked pair by pair against API.md's diagram (written out here
+//! The payment state machine, checked pair by pair against docs/API.md's diagram (written out here
 //! independently of the table in src/domain/payment.rs), and by property tests over random
-//! input sequences for invariants 5 and 7 of DESIGN.md.
+//! input sequences for invariants 5 and 7 of docs/DESIGN.md.
 
 use payrail::domain::payment::{rule_for, InputKind, ALLOWED_EDGES};
 use payrail::domain::{decide, Effect, Input, JournalKind, PaymentState, PspOp, Rejection, Status};
@@ -55,7 +55,7 @@ fn sample(kind: InputKind) -> Input {
     }
 }
 
-/// API.md's diagram as an expectation: `Ok(status after)` or the rejection.
+/// docs/API.md's diagram as an expectation: `Ok(status after)` or the rejection.
 fn expected(status: Status, kind: InputKind) -> Result<Status, Rejection> {
     use InputKind as I;
     use Status::*;

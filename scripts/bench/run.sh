@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# payrail's throughput beside DESIGN.md's PostgreSQL ceiling measured in the same run.
+# payrail's throughput beside docs/DESIGN.md's PostgreSQL ceiling measured in the same run.
 #   1. `payrail loadgen --compare-postgres`: pgbench (32 clients, -j 2) on the ceiling's
 #      transaction, then create+confirm with automatic capture from 64 connections, against a
 #      release build with the sandbox PSP at 0 ms. One merchant (the demo), so one ledger shard.

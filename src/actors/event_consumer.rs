@@ -274,7 +274,7 @@ impl Worker {
         };
         let Some((payment_id, merchant)) = found else {
             if event.reference.is_empty() || !concerns_a_payment(&event.event_type) {
-                // Recorded, acknowledged, ignored (API.md).
+                // Recorded, acknowledged, ignored (docs/API.md).
                 return match self
                     .db
                     .record_event(&event.provider, &event.event_id, &event.event_type, &event.raw)

@@ -1,6 +1,6 @@
 //! `OutboxRelay`: publishes committed outbox rows to `{prefix}.events.<merchant>` on the
 //! `{prefix}_EVENTS` stream, in id order, `Nats-Msg-Id` = `outbox-<id>`, and marks them sent.
-//! Downstream consumers are at-least-once and idempotent (DESIGN.md). Bounded: `BATCH` rows
+//! Downstream consumers are at-least-once and idempotent (docs/DESIGN.md). Bounded: `BATCH` rows
 //! a round; with NATS or PostgreSQL down it backs off (capped) and catches up afterwards.
 
 use std::time::Duration;

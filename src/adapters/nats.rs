@@ -1,4 +1,4 @@
-//! NATS JetStream: the connection, and the streams of DESIGN.md's layout.
+//! NATS JetStream: the connection, and the streams of docs/DESIGN.md's layout.
 //!
 //! `{prefix}_PSP_EVENTS` carries verified PSP events on `{prefix}.psp.events.<partition>.<provider>`;
 //! `{prefix}_EVENTS` carries outbox events on `{prefix}.events.<merchant>`.

@@ -78,7 +78,7 @@ fn payment_status(index: u8) -> &'static str {
 }
 
 /// `GET /admin/v1/actors?kind=payment&top=20`: the live actors with the deepest mailboxes,
-/// and totals per kind (API.md, "Operator endpoints").
+/// and totals per kind (docs/API.md, "Operator endpoints").
 pub async fn actors(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     auth::operator(&state, &req)?;
     let q = super::payments::query(&req)?;
@@ -195,7 +195,7 @@ pub async fn replay_dead_letter(state: web::Data<AppState>, req: HttpRequest) ->
         .ok_or(ApiError::NotFound("dead letter"))?;
     let envelope = state
         .db
-        .dead_letter_for_replay(id)
+        .dead_letter_envelope(id)
         .await?
         .ok_or(ApiError::NotFound("dead letter"))?
         .ok_or_else(|| {
@@ -216,6 +216,8 @@ pub async fn replay_dead_letter(state: web::Data<AppState>, req: HttpRequest) ->
             tracing::warn!(error = %e, "replaying a dead letter");
             ApiError::Unavailable("nats")
         })?;
+    // Marked only once JetStream has it again: a failed publish leaves it unreplayed.
+    state.db.mark_dead_letter_replayed(id).await?;
     state.metrics.psp_event(&event.provider, "replayed");
     Ok(json_value(
         200,

@@ -1,5 +1,5 @@
 //! The one error type the API answers with. Each variant knows its HTTP status, its error
-//! `type` and `code` (API.md, "Errors"). Messages never carry request values, so a card number
+//! `type` and `code` (docs/API.md, "Errors"). Messages never carry request values, so a card number
 //! sent by mistake cannot come back in an error.
 
 use actix_web::http::StatusCode;
@@ -105,7 +105,7 @@ impl ApiError {
         }
     }
 
-    /// The response body, exactly as API.md shapes it.
+    /// The response body, exactly as docs/API.md shapes it.
     pub fn body(&self) -> Vec<u8> {
         let mut error = json!({ "type": self.error_type(), "code": self.code(), "message": self.to_string() });
         if let Some(p) = self.param_name() {
@@ -115,7 +115,7 @@ impl ApiError {
     }
 
     /// Whether an idempotent request that ended in this error stores it for replay: only the
-    /// answers the operation itself produced (API.md, "Idempotency").
+    /// answers the operation itself produced (docs/API.md, "Idempotency").
     pub fn is_replayable(&self) -> bool {
         !matches!(
             self,

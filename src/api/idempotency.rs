@@ -1,4 +1,4 @@
-//! `Idempotency-Key` on every POST under `/api/v1` (API.md, "Idempotency"): a retry replays
+//! `Idempotency-Key` on every POST under `/api/v1` (docs/API.md, "Idempotency"): a retry replays
 //! the first answer byte for byte; a reuse with another request is 422; a key in flight is 409;
 //! a 5xx stores nothing and frees the key.
 
@@ -46,7 +46,7 @@ pub struct Ticket {
     pub resource_id: Option<String>,
 }
 
-/// Runs `op` on the `parsed` request at most once per (merchant, key) and answers as API.md
+/// Runs `op` on the `parsed` request at most once per (merchant, key) and answers as docs/API.md
 /// says. A request that failed validation stores nothing, but a key already used for another
 /// request is still a 422.
 pub async fn run<T, F, Fut>(

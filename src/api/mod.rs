@@ -1,4 +1,4 @@
-//! The HTTP API of API.md, on actix-web. One route group per file; authentication,
+//! The HTTP API of docs/API.md, on actix-web. One route group per file; authentication,
 //! idempotency and body validation are shared here, and every error renders through
 //! [`crate::api::error::ApiError`].
 

@@ -95,7 +95,7 @@ fn stripe_event(state: &AppState, req: &HttpRequest, provider: &str, raw: &[u8])
     let object = event["data"]["object"]
         .as_object()
         .ok_or_else(|| malformed("the event has no data.object"))?;
-    // API.md: data.object.id for payment_intent.*, data.object.payment_intent for charge.*.
+    // docs/API.md: data.object.id for payment_intent.*, data.object.payment_intent for charge.*.
     let reference = if event_type.starts_with("payment_intent.") {
         object.get("id")
     } else {

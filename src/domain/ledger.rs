@@ -1,4 +1,4 @@
-//! Ledger postings (API.md, "Postings"): which accounts a journal debits and credits. Pure;
+//! Ledger postings (docs/API.md, "Postings"): which accounts a journal debits and credits. Pure;
 //! every journal built here balances, and `Journal::is_balanced` says so before it is stored.
 
 use super::ids::MerchantId;

@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// The largest amount one payment may carry, in minor units (API.md: 1 ≤ value ≤ 99,999,999,999).
+/// The largest amount one payment may carry, in minor units (docs/API.md: 1 ≤ value ≤ 99,999,999,999).
 pub const MAX_AMOUNT: i64 = 99_999_999_999;
 
 /// ISO 4217 alpha-3 codes payrail knows, with their minor-unit exponents. The configured list
@@ -57,7 +57,7 @@ pub struct Currency {
 
 impl Currency {
     /// Parses an upper-case alpha-3 code that ISO 4217 defines; lower case is not accepted
-    /// (API.md), so `usd` is an unknown currency rather than a silent alias.
+    /// (docs/API.md), so `usd` is an unknown currency rather than a silent alias.
     pub fn parse(code: &str) -> Option<Currency> {
         ISO_4217.iter().find(|(c, _)| *c == code).map(|(c, e)| {
             let b = c.as_bytes();
@@ -154,7 +154,7 @@ impl Money {
 }
 
 /// The platform fee on a capture of `amount`: `round_half_up(amount × fee_bps / 10000) +
-/// fee_fixed`, never more than `amount` and never negative (API.md, "Postings").
+/// fee_fixed`, never more than `amount` and never negative (docs/API.md, "Postings").
 pub fn platform_fee(amount: i64, fee_bps: u32, fee_fixed: i64) -> i64 {
     // i128 holds amount × bps for every i64 amount and u32 rate, so nothing here can overflow.
     let variable = (i128::from(amount) * i128::from(fee_bps) + 5_000) / 10_000;

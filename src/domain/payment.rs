@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A payment's status (API.md, "Payments").
+/// A payment's status (docs/API.md, "Payments").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
@@ -116,7 +116,7 @@ impl PaymentState {
         self.captured - self.refunded - self.refund_pending
     }
 
-    /// Invariants 5 and 7's amount half (DESIGN.md): refunds never exceed the capture, the
+    /// Invariants 5 and 7's amount half (docs/DESIGN.md): refunds never exceed the capture, the
     /// capture never exceeds the authorization, nothing is negative.
     pub fn amounts_consistent(&self) -> bool {
         self.capturable >= 0
@@ -278,7 +278,7 @@ pub enum PspOp {
     Refund { amount: i64 },
 }
 
-/// The journal kinds of API.md, "Postings".
+/// The journal kinds of docs/API.md, "Postings".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JournalKind {
@@ -543,7 +543,7 @@ fn after_refund(next: &PaymentState) -> Status {
     }
 }
 
-/// The edges of API.md's diagram, plus the two a dispute needs when it meets a pending refund
+/// The edges of docs/API.md's diagram, plus the two a dispute needs when it meets a pending refund
 /// (refunding → chargeback_open, chargeback_open → refunding). Every status change `decide`
 /// makes is one of these; the property tests check it.
 pub const ALLOWED_EDGES: &[(Status, Status)] = &[

@@ -1,4 +1,4 @@
-//! The records a payment is made of, and their public JSON shapes (API.md's Payment and
+//! The records a payment is made of, and their public JSON shapes (docs/API.md's Payment and
 //! Refund objects). Rendering is pure so that the payment actor can render a response before
 //! it commits, and commit that exact response as the idempotency record.
 
@@ -67,7 +67,7 @@ impl Payment {
         self.state.status
     }
 
-    /// API.md's Payment object.
+    /// docs/API.md's Payment object.
     pub fn to_object(&self) -> Value {
         json!({
             "object": "payment",
@@ -133,7 +133,7 @@ pub struct Refund {
 }
 
 impl Refund {
-    /// API.md's Refund object.
+    /// docs/API.md's Refund object.
     pub fn to_object(&self) -> Value {
         json!({
             "object": "refund",
@@ -195,7 +195,7 @@ pub struct Dispute {
 }
 
 impl Dispute {
-    /// API.md's Dispute object.
+    /// docs/API.md's Dispute object.
     pub fn to_object(&self) -> Value {
         json!({
             "object": "dispute",

@@ -1,4 +1,4 @@
-//! API.md, "Idempotency": replay byte for byte, 422 on reuse, 409 in flight, exactly once
+//! docs/API.md, "Idempotency": replay byte for byte, 422 on reuse, 409 in flight, exactly once
 //! under concurrency, scoped per merchant.
 
 use futures_util::future::join_all;

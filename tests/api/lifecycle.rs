@@ -1,4 +1,4 @@
-//! A payment's whole life against the sandbox PSP: every outcome of API.md's test cards.
+//! A payment's whole life against the sandbox PSP: every outcome of docs/API.md's test cards.
 
 use serde_json::{json, Value};
 

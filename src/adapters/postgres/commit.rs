@@ -16,6 +16,7 @@ use std::pin::Pin;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
+use tokio_postgres::Statement;
 
 use super::payments::Attempt;
 use super::{pg_error, Db, StoreError};
@@ -224,73 +225,183 @@ const BALANCES: &str = "INSERT INTO ledger_accounts (account, currency, slot, de
         debit_total = ledger_accounts.debit_total + excluded.debit_total,
         credit_total = ledger_accounts.credit_total + excluded.credit_total";
 
-/// Every statement of a batch, in the order they run; the indices below name them.
-const STATEMENTS: [&str; 14] = [
-    PAYMENTS_INSERT,
-    PAYMENTS_UPDATE,
-    REFUNDS,
-    TRANSITIONS,
-    ATTEMPTS_START,
-    ATTEMPTS_FINISH,
-    JOURNALS,
-    ENTRIES,
-    OUTBOX,
-    IDEMPOTENCY,
-    BALANCES,
-    PROCESSED,
-    DISPUTES,
-    EXCEPTIONS,
-];
-const INSERT: usize = 0;
-const UPDATE: usize = 1;
+/// Every statement of a batch, prepared (cached per connection) and named.
+struct Statements {
+    payments_insert: Statement,
+    payments_update: Statement,
+    refunds: Statement,
+    transitions: Statement,
+    attempts_start: Statement,
+    attempts_finish: Statement,
+    journals: Statement,
+    entries: Statement,
+    outbox: Statement,
+    idempotency: Statement,
+    balances: Statement,
+    processed: Statement,
+    disputes: Statement,
+    exceptions: Statement,
+}
 
-/// Column arrays, named by what they hold.
-type Text = Vec<String>;
-type MaybeText = Vec<Option<String>>;
-type Times = Vec<DateTime<Utc>>;
-type Amounts = Vec<i64>;
-type Bodies = Vec<Option<Vec<u8>>>;
+impl Statements {
+    async fn prepare(tx: &deadpool_postgres::Transaction<'_>) -> Result<Statements, StoreError> {
+        let p = |sql: &'static str| async move { tx.prepare_cached(sql).await.map_err(pg_error) };
+        Ok(Statements {
+            payments_insert: p(PAYMENTS_INSERT).await?,
+            payments_update: p(PAYMENTS_UPDATE).await?,
+            refunds: p(REFUNDS).await?,
+            transitions: p(TRANSITIONS).await?,
+            attempts_start: p(ATTEMPTS_START).await?,
+            attempts_finish: p(ATTEMPTS_FINISH).await?,
+            journals: p(JOURNALS).await?,
+            entries: p(ENTRIES).await?,
+            outbox: p(OUTBOX).await?,
+            idempotency: p(IDEMPOTENCY).await?,
+            balances: p(BALANCES).await?,
+            processed: p(PROCESSED).await?,
+            disputes: p(DISPUTES).await?,
+            exceptions: p(EXCEPTIONS).await?,
+        })
+    }
+}
 
-/// The batch as column arrays, one set per statement; each tuple is in its statement's
-/// column order.
+/// A statement's column arrays: one named field per column, in the statement's `$n` order,
+/// which `params` hands over.
+macro_rules! columns {
+    ($(#[$doc:meta])* $name:ident { $($field:ident: $ty:ty),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Default)]
+        struct $name {
+            $($field: Vec<$ty>),+
+        }
+
+        impl $name {
+            fn len(&self) -> usize {
+                [$(self.$field.len()),+][0]
+            }
+
+            fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+                vec![$(&self.$field),+]
+            }
+        }
+    };
+}
+
+columns!(RefundColumns {
+    id: String,
+    payment_id: String,
+    merchant_id: String,
+    amount: i64,
+    currency: String,
+    status: String,
+    reason: Option<String>,
+    psp_reference: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+});
+
+columns!(TransitionColumns {
+    payment_id: String,
+    seq: i32,
+    from_status: Option<String>,
+    to_status: String,
+    cause: String,
+    at: DateTime<Utc>,
+});
+
+columns!(AttemptStartColumns {
+    id: String,
+    payment_id: String,
+    operation: String,
+    amount: Option<i64>,
+    refund_id: Option<String>,
+    idempotency_key: Option<String>,
+    started_at: DateTime<Utc>,
+});
+
+columns!(AttemptFinishColumns {
+    id: String,
+    outcome: String,
+    finished_at: DateTime<Utc>,
+});
+
+columns!(JournalColumns {
+    id: String,
+    payment_id: String,
+    merchant_id: String,
+    kind: String,
+    correlation_id: String,
+    currency: String,
+    created_at: DateTime<Utc>,
+});
+
+columns!(EntryColumns {
+    journal_id: String,
+    account: String,
+    currency: String,
+    debit: i64,
+    credit: i64,
+});
+
+columns!(OutboxColumns {
+    merchant_id: String,
+    payment_id: String,
+    event_type: String,
+    payload: Value,
+});
+
+columns!(IdempotencyColumns {
+    merchant_id: String,
+    key: String,
+    resource_id: Option<String>,
+    response_status: Option<i16>,
+    response_body: Option<Vec<u8>>,
+    fence: i64,
+});
+
+columns!(ExceptionColumns {
+    payment_id: String,
+    merchant_id: String,
+    detail: String,
+});
+
+columns!(ProcessedColumns {
+    provider: String,
+    event_id: String,
+    event_type: String,
+    payment_id: Option<String>,
+    raw: Vec<u8>,
+});
+
+columns!(DisputeColumns {
+    id: String,
+    payment_id: String,
+    merchant_id: String,
+    psp_reference: String,
+    amount: i64,
+    currency: String,
+    status: String,
+    reason: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+});
+
+/// The batch as column arrays, one set per statement.
 #[derive(Default)]
 struct Columns {
     ins: PaymentColumns,
     upd: PaymentColumns,
-    upd_expected: usize,
-    /// id, payment_id, merchant_id, amount, currency, status, reason, psp_reference, created_at, updated_at
-    refunds: (
-        Text,
-        Text,
-        Text,
-        Amounts,
-        Text,
-        Text,
-        MaybeText,
-        MaybeText,
-        Times,
-        Times,
-    ),
-    /// payment_id, seq, from_status, to_status, cause, at
-    transitions: (Text, Vec<i32>, MaybeText, Text, Text, Times),
-    /// id, payment_id, operation, amount, refund_id, idempotency_key, started_at
-    starts: (Text, Text, Text, Vec<Option<i64>>, MaybeText, MaybeText, Times),
-    /// id, outcome, finished_at
-    finishes: (Text, Text, Times),
-    /// id, payment_id, merchant_id, kind, correlation_id, currency, created_at
-    journals: (Text, Text, Text, Text, Text, Text, Times),
-    /// journal_id, account, currency, debit, credit
-    entries: (Text, Text, Text, Amounts, Amounts),
-    /// merchant_id, payment_id, event_type, payload
-    outbox: (Text, Text, Text, Vec<Value>),
-    /// merchant_id, key, resource_id, response_status, response_body, fence
-    idempotency: (Text, Text, MaybeText, Vec<Option<i16>>, Bodies, Vec<i64>),
-    /// payment_id, merchant_id, detail
-    exceptions: (Text, Text, Text),
-    /// provider, event_id, event_type, payment_id, raw
-    processed: (Text, Text, Text, MaybeText, Vec<Vec<u8>>),
-    /// id, payment_id, merchant_id, psp_reference, amount, currency, status, reason, created_at, updated_at
-    disputes: (Text, Text, Text, Text, Amounts, Text, Text, MaybeText, Times, Times),
+    refunds: RefundColumns,
+    transitions: TransitionColumns,
+    starts: AttemptStartColumns,
+    finishes: AttemptFinishColumns,
+    journals: JournalColumns,
+    entries: EntryColumns,
+    outbox: OutboxColumns,
+    idempotency: IdempotencyColumns,
+    exceptions: ExceptionColumns,
+    processed: ProcessedColumns,
+    disputes: DisputeColumns,
 }
 
 /// The payments table's columns, for inserts and for updates.
@@ -429,42 +540,45 @@ impl Columns {
                 c.ins.push(p)?;
             } else {
                 c.upd.push(p)?;
-                c.upd_expected += 1;
             }
             for r in &commit.refunds {
-                c.refunds.0.push(r.id.to_string());
-                c.refunds.1.push(r.payment_id.to_string());
-                c.refunds.2.push(r.merchant_id.to_string());
-                c.refunds.3.push(r.amount.minor);
-                c.refunds.4.push(r.amount.currency.code().to_owned());
-                c.refunds.5.push(r.status.as_str().to_owned());
-                c.refunds.6.push(r.reason.clone());
-                c.refunds.7.push(r.psp_reference.clone());
-                c.refunds.8.push(r.created_at);
-                c.refunds.9.push(r.updated_at);
+                let t = &mut c.refunds;
+                t.id.push(r.id.to_string());
+                t.payment_id.push(r.payment_id.to_string());
+                t.merchant_id.push(r.merchant_id.to_string());
+                t.amount.push(r.amount.minor);
+                t.currency.push(r.amount.currency.code().to_owned());
+                t.status.push(r.status.as_str().to_owned());
+                t.reason.push(r.reason.clone());
+                t.psp_reference.push(r.psp_reference.clone());
+                t.created_at.push(r.created_at);
+                t.updated_at.push(r.updated_at);
             }
-            if let Some(t) = &commit.transition {
-                c.transitions.0.push(p.id.to_string());
-                c.transitions.1.push(t.seq);
-                c.transitions.2.push(t.from.map(|s| s.as_str().to_owned()));
-                c.transitions.3.push(t.to.as_str().to_owned());
-                c.transitions.4.push(t.cause.clone());
-                c.transitions.5.push(at);
+            if let Some(tr) = &commit.transition {
+                let t = &mut c.transitions;
+                t.payment_id.push(p.id.to_string());
+                t.seq.push(tr.seq);
+                t.from_status.push(tr.from.map(|s| s.as_str().to_owned()));
+                t.to_status.push(tr.to.as_str().to_owned());
+                t.cause.push(tr.cause.clone());
+                t.at.push(at);
             }
             if let Some(a) = &commit.attempt_started {
                 let (operation, amount) = a.operation();
-                c.starts.0.push(a.id.to_string());
-                c.starts.1.push(p.id.to_string());
-                c.starts.2.push(operation.to_owned());
-                c.starts.3.push(amount);
-                c.starts.4.push(a.refund_id.as_ref().map(|r| r.to_string()));
-                c.starts.5.push(a.idem_key.clone());
-                c.starts.6.push(at);
+                let t = &mut c.starts;
+                t.id.push(a.id.to_string());
+                t.payment_id.push(p.id.to_string());
+                t.operation.push(operation.to_owned());
+                t.amount.push(amount);
+                t.refund_id.push(a.refund_id.as_ref().map(|r| r.to_string()));
+                t.idempotency_key.push(a.idem_key.clone());
+                t.started_at.push(at);
             }
             if let Some((id, outcome)) = &commit.attempt_finished {
-                c.finishes.0.push(id.to_string());
-                c.finishes.1.push(outcome.as_str().to_owned());
-                c.finishes.2.push(at);
+                let t = &mut c.finishes;
+                t.id.push(id.to_string());
+                t.outcome.push(outcome.as_str().to_owned());
+                t.finished_at.push(at);
             }
             if let Some(j) = &commit.journal {
                 // Invariant 2, asserted in code before the database checks it again at commit.
@@ -474,57 +588,64 @@ impl Columns {
                 }
                 let id = JournalId::generate().to_string();
                 for e in &j.entries {
-                    c.entries.0.push(id.clone());
-                    c.entries.1.push(e.account.clone());
-                    c.entries.2.push(j.currency.code().to_owned());
-                    c.entries.3.push(e.debit);
-                    c.entries.4.push(e.credit);
+                    let t = &mut c.entries;
+                    t.journal_id.push(id.clone());
+                    t.account.push(e.account.clone());
+                    t.currency.push(j.currency.code().to_owned());
+                    t.debit.push(e.debit);
+                    t.credit.push(e.credit);
                 }
-                c.journals.0.push(id);
-                c.journals.1.push(p.id.to_string());
-                c.journals.2.push(p.merchant_id.to_string());
-                c.journals.3.push(j.kind.as_str().to_owned());
-                c.journals.4.push(j.correlation_id.clone());
-                c.journals.5.push(j.currency.code().to_owned());
-                c.journals.6.push(at);
+                let t = &mut c.journals;
+                t.id.push(id);
+                t.payment_id.push(p.id.to_string());
+                t.merchant_id.push(p.merchant_id.to_string());
+                t.kind.push(j.kind.as_str().to_owned());
+                t.correlation_id.push(j.correlation_id.clone());
+                t.currency.push(j.currency.code().to_owned());
+                t.created_at.push(at);
             }
             for e in &commit.outbox {
-                c.outbox.0.push(p.merchant_id.to_string());
-                c.outbox.1.push(p.id.to_string());
-                c.outbox.2.push(e.event_type.clone());
-                c.outbox.3.push(e.payload.clone());
+                let t = &mut c.outbox;
+                t.merchant_id.push(p.merchant_id.to_string());
+                t.payment_id.push(p.id.to_string());
+                t.event_type.push(e.event_type.clone());
+                t.payload.push(e.payload.clone());
             }
             if let Some(e) = &commit.processed_event {
-                c.processed.0.push(e.provider.clone());
-                c.processed.1.push(e.event_id.clone());
-                c.processed.2.push(e.event_type.clone());
-                c.processed.3.push(Some(p.id.to_string()));
-                c.processed.4.push(e.raw.clone());
+                let t = &mut c.processed;
+                t.provider.push(e.provider.clone());
+                t.event_id.push(e.event_id.clone());
+                t.event_type.push(e.event_type.clone());
+                t.payment_id.push(Some(p.id.to_string()));
+                t.raw.push(e.raw.clone());
             }
             for d in &commit.disputes {
-                c.disputes.0.push(d.id.to_string());
-                c.disputes.1.push(d.payment_id.to_string());
-                c.disputes.2.push(d.merchant_id.to_string());
-                c.disputes.3.push(d.psp_reference.clone());
-                c.disputes.4.push(d.amount.minor);
-                c.disputes.5.push(d.amount.currency.code().to_owned());
-                c.disputes.6.push(d.status.as_str().to_owned());
-                c.disputes.7.push(d.reason.clone());
-                c.disputes.8.push(d.created_at);
-                c.disputes.9.push(d.updated_at);
+                let t = &mut c.disputes;
+                t.id.push(d.id.to_string());
+                t.payment_id.push(d.payment_id.to_string());
+                t.merchant_id.push(d.merchant_id.to_string());
+                t.psp_reference.push(d.psp_reference.clone());
+                t.amount.push(d.amount.minor);
+                t.currency.push(d.amount.currency.code().to_owned());
+                t.status.push(d.status.as_str().to_owned());
+                t.reason.push(d.reason.clone());
+                t.created_at.push(d.created_at);
+                t.updated_at.push(d.updated_at);
             }
             if let Some(i) = &commit.idempotency {
-                c.idempotency.0.push(i.merchant_id.to_string());
-                c.idempotency.1.push(i.key.clone());
-                c.idempotency.2.push(i.resource_id.clone());
-                c.idempotency.3.push(i.response.as_ref().map(|(s, _)| *s as i16));
-                c.idempotency.4.push(i.response.as_ref().map(|(_, b)| b.clone()));
-                c.idempotency.5.push(i.fence);
+                let t = &mut c.idempotency;
+                t.merchant_id.push(i.merchant_id.to_string());
+                t.key.push(i.key.clone());
+                t.resource_id.push(i.resource_id.clone());
+                t.response_status.push(i.response.as_ref().map(|(s, _)| *s as i16));
+                t.response_body.push(i.response.as_ref().map(|(_, b)| b.clone()));
+                t.fence.push(i.fence);
             }
             for (payment, detail) in &commit.exceptions {
-                c.exceptions.0.push(payment.to_string());
-                c.exceptions.1.push(p.merchant_id.to_string());
-                c.exceptions.2.push(detail.clone());
+                let t = &mut c.exceptions;
+                t.payment_id.push(payment.to_string());
+                t.merchant_id.push(p.merchant_id.to_string());
+                t.detail.push(detail.clone());
             }
         }
         Ok(c)
@@ -551,81 +672,122 @@ impl Db {
         let txn = client.transaction().await.map_err(pg_error)?;
         let tx = &txn;
         // Prepared first (cached per connection), so the executes below go out strictly in order.
-        let mut st = Vec::with_capacity(STATEMENTS.len());
-        for sql in STATEMENTS {
-            st.push(tx.prepare_cached(sql).await.map_err(pg_error)?);
-        }
-        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(STATEMENTS.len());
-        if !cols.ins.id.is_empty() {
-            pending.push(job(tx, &st[INSERT], false, cols.ins.insert_params()));
-        }
-        let mut stale_check = None;
-        if !cols.upd.id.is_empty() {
-            stale_check = Some(pending.len());
-            pending.push(job(tx, &st[UPDATE], true, cols.upd.update_params()));
-        }
-        let r = &cols.refunds;
-        if !r.0.is_empty() {
-            pending.push(job(
-                tx,
-                &st[2],
-                false,
-                vec![&r.0, &r.1, &r.2, &r.3, &r.4, &r.5, &r.6, &r.7, &r.8, &r.9],
-            ));
-        }
-        let t = &cols.transitions;
-        if !t.0.is_empty() {
-            pending.push(job(tx, &st[3], false, vec![&t.0, &t.1, &t.2, &t.3, &t.4, &t.5]));
-        }
-        let a = &cols.starts;
-        if !a.0.is_empty() {
-            pending.push(job(tx, &st[4], false, vec![&a.0, &a.1, &a.2, &a.3, &a.4, &a.5, &a.6]));
-        }
-        let f = &cols.finishes;
-        if !f.0.is_empty() {
-            pending.push(job(tx, &st[5], false, vec![&f.0, &f.1, &f.2]));
-        }
-        let (j, e) = (&cols.journals, &cols.entries);
-        if !j.0.is_empty() {
-            pending.push(job(tx, &st[6], false, vec![&j.0, &j.1, &j.2, &j.3, &j.4, &j.5, &j.6]));
-            pending.push(job(tx, &st[7], false, vec![&e.0, &e.1, &e.2, &e.3, &e.4]));
-        }
-        let o = &cols.outbox;
-        if !o.0.is_empty() {
-            pending.push(job(tx, &st[8], false, vec![&o.0, &o.1, &o.2, &o.3]));
-        }
-        let i = &cols.idempotency;
-        let mut fence_check = None;
-        if !i.0.is_empty() {
-            fence_check = Some(pending.len());
-            pending.push(job(tx, &st[9], true, vec![&i.0, &i.1, &i.2, &i.3, &i.4, &i.5]));
-        }
-        let x = &cols.exceptions;
-        if !x.0.is_empty() {
-            pending.push(job(tx, &st[13], false, vec![&x.0, &x.1, &x.2]));
-        }
-        let e = &cols.processed;
-        if !e.0.is_empty() {
-            pending.push(job(tx, &st[11], false, vec![&e.0, &e.1, &e.2, &e.3, &e.4]));
-        }
-        let d = &cols.disputes;
-        if !d.0.is_empty() {
-            pending.push(job(
-                tx,
-                &st[12],
-                false,
-                vec![&d.0, &d.1, &d.2, &d.3, &d.4, &d.5, &d.6, &d.7, &d.8, &d.9],
-            ));
-        }
+        let st = Statements::prepare(tx).await?;
+        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(16);
+        queue(
+            &mut pending,
+            tx,
+            &st.payments_insert,
+            false,
+            cols.ins.id.len(),
+            cols.ins.insert_params(),
+        );
+        let stale_check = queue(
+            &mut pending,
+            tx,
+            &st.payments_update,
+            true,
+            cols.upd.id.len(),
+            cols.upd.update_params(),
+        );
+        queue(
+            &mut pending,
+            tx,
+            &st.refunds,
+            false,
+            cols.refunds.len(),
+            cols.refunds.params(),
+        );
+        queue(
+            &mut pending,
+            tx,
+            &st.transitions,
+            false,
+            cols.transitions.len(),
+            cols.transitions.params(),
+        );
+        queue(
+            &mut pending,
+            tx,
+            &st.attempts_start,
+            false,
+            cols.starts.len(),
+            cols.starts.params(),
+        );
+        queue(
+            &mut pending,
+            tx,
+            &st.attempts_finish,
+            false,
+            cols.finishes.len(),
+            cols.finishes.params(),
+        );
+        queue(
+            &mut pending,
+            tx,
+            &st.journals,
+            false,
+            cols.journals.len(),
+            cols.journals.params(),
+        );
+        queue(
+            &mut pending,
+            tx,
+            &st.entries,
+            false,
+            cols.entries.len(),
+            cols.entries.params(),
+        );
+        queue(
+            &mut pending,
+            tx,
+            &st.outbox,
+            false,
+            cols.outbox.len(),
+            cols.outbox.params(),
+        );
+        let fence_check = queue(
+            &mut pending,
+            tx,
+            &st.idempotency,
+            true,
+            cols.idempotency.len(),
+            cols.idempotency.params(),
+        );
+        queue(
+            &mut pending,
+            tx,
+            &st.exceptions,
+            false,
+            cols.exceptions.len(),
+            cols.exceptions.params(),
+        );
+        queue(
+            &mut pending,
+            tx,
+            &st.processed,
+            false,
+            cols.processed.len(),
+            cols.processed.params(),
+        );
+        queue(
+            &mut pending,
+            tx,
+            &st.disputes,
+            false,
+            cols.disputes.len(),
+            cols.disputes.params(),
+        );
         // One connection runs them in the order they were sent.
         let results = futures_util::future::join_all(pending).await;
         // A payment update that matched fewer rows than asked means a payment moved on: that
-        // explains any error after it (a duplicate audit-trail seq, say), so it wins.
+        // explains any error after it (a duplicate audit-trail seq, say), so it wins. Then a
+        // key that was taken over.
         let count = |at: Option<usize>| at.and_then(|k| results[k].as_ref().ok().copied().flatten());
-        if matches!(count(stale_check), Some(n) if n as usize != cols.upd_expected) {
+        if matches!(count(stale_check), Some(n) if n as usize != cols.upd.id.len()) {
             return Err(CommitError::Stale);
         }
-        if matches!(count(fence_check), Some(n) if n as usize != cols.idempotency.0.len()) {
+        if matches!(count(fence_check), Some(n) if n as usize != cols.idempotency.len()) {
             return Err(CommitError::Fenced);
         }
         if let Some(e) = results.into_iter().find_map(Result::err) {
@@ -636,13 +798,28 @@ impl Db {
             let currencies: Vec<&str> = deltas.keys().map(|(_, c)| c.as_str()).collect();
             let debits: Vec<i64> = deltas.values().map(|d| d.0).collect();
             let credits: Vec<i64> = deltas.values().map(|d| d.1).collect();
-            txn.execute(&st[10], &[&slot, &accounts, &currencies, &debits, &credits])
+            txn.execute(&st.balances, &[&slot, &accounts, &currencies, &debits, &credits])
                 .await
                 .map_err(pg_error)?;
         }
         txn.commit().await.map_err(pg_error)?;
         Ok(())
     }
+}
+
+/// Queues `statement` if it has rows to write; its place in the queue, to read its count.
+fn queue<'a>(
+    pending: &mut Vec<Pending<'a>>,
+    tx: &'a deadpool_postgres::Transaction<'a>,
+    statement: &'a Statement,
+    counted: bool,
+    len: usize,
+    params: Vec<&'a (dyn ToSql + Sync)>,
+) -> Option<usize> {
+    (len > 0).then(|| {
+        pending.push(job(tx, statement, counted, params));
+        pending.len() - 1
+    })
 }
 
 /// One statement of a batch, to be run in order with the others. `counted`: its rows are

@@ -107,18 +107,25 @@ impl Db {
         Ok(())
     }
 
-    /// The envelope of a dead letter, to publish again; marks it replayed. `None`: no such
-    /// dead letter; `Some(None)`: it has no envelope to replay (unreadable when it came).
-    pub async fn dead_letter_for_replay(&self, id: i64) -> Result<Option<Option<Vec<u8>>>, StoreError> {
+    /// The envelope of a dead letter, to publish again. `None`: no such dead letter;
+    /// `Some(None)`: it has no envelope to replay (unreadable when it came).
+    pub async fn dead_letter_envelope(&self, id: i64) -> Result<Option<Option<Vec<u8>>>, StoreError> {
         let client = self.client().await?;
         let row = client
-            .query_opt(
-                "UPDATE dead_letters SET replayed_at = now() WHERE id = $1 RETURNING envelope",
-                &[&id],
-            )
+            .query_opt("SELECT envelope FROM dead_letters WHERE id = $1", &[&id])
             .await
             .map_err(pg_error)?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Marks a dead letter replayed, once its envelope is published again.
+    pub async fn mark_dead_letter_replayed(&self, id: i64) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute("UPDATE dead_letters SET replayed_at = now() WHERE id = $1", &[&id])
+            .await
+            .map_err(pg_error)?;
+        Ok(())
     }
 
     /// Dead letters not replayed yet: what operators are alerted on.

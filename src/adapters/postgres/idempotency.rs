@@ -1,4 +1,4 @@
-//! Idempotency records (API.md, "Idempotency"): one row per (merchant, key).
+//! Idempotency records (docs/API.md, "Idempotency"): one row per (merchant, key).
 
 use super::{pg_error, Db, StoreError};
 use crate::domain::MerchantId;

@@ -8,7 +8,7 @@ use super::{pg_error, Db, StoreError};
 use crate::domain::record::timestamp;
 use crate::domain::{Currency, MerchantId};
 
-/// The demo merchant's key (API.md, "Configuration"); only ever ensured with the sandbox PSP.
+/// The demo merchant's key (docs/API.md, "Configuration"); only ever ensured with the sandbox PSP.
 pub const DEMO_API_KEY: &str = "sk_test_demo";
 
 #[derive(Debug, Clone)]

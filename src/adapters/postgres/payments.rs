@@ -17,7 +17,7 @@ pub(super) const COLUMNS: &str = "id, merchant_id, order_id, status, amount, cur
     psp, psp_reference, client_secret, next_action, failure, customer_id, description, metadata, fee_bps, \
     fee_fixed, version, transitions, created_at, updated_at";
 
-/// A PSP call recorded before it was made (DESIGN.md, "Calling the PSP safely").
+/// A PSP call recorded before it was made (docs/DESIGN.md, "Calling the PSP safely").
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attempt {
     pub id: AttemptId,
@@ -285,7 +285,7 @@ impl Db {
         Ok((payments, has_more))
     }
 
-    /// The payment's audit trail, oldest first, as API.md's `{ seq, from, to, cause, at }`.
+    /// The payment's audit trail, oldest first, as docs/API.md's `{ seq, from, to, cause, at }`.
     pub async fn payment_transitions(&self, id: &PaymentId) -> Result<Vec<Value>, StoreError> {
         let client = self.client().await?;
         let stmt = client

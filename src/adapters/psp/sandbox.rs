@@ -57,7 +57,7 @@ impl Behaviour {
         .unwrap_or(Behaviour::Success)
     }
 
-    /// The behaviour of one of API.md's test cards; any other valid number succeeds.
+    /// The behaviour of one of docs/API.md's test cards; any other valid number succeeds.
     fn of_card(pan: &CardNumber) -> Behaviour {
         match pan.expose_digits() {
             "4000000000000002" => Behaviour::Declined,
@@ -70,7 +70,7 @@ impl Behaviour {
     }
 }
 
-/// API.md's named test tokens.
+/// docs/API.md's named test tokens.
 fn builtin_token(token: &str) -> Option<Behaviour> {
     Some(match token {
         "pm_card_visa" | "pm_card_mastercard" => Behaviour::Success,
