@@ -76,7 +76,16 @@ where
         }
     };
     let lease = state.config.idempotency.in_flight_lease_ms;
-    match state.db.idempotency_begin(&merchant.id, &key, &fp, lease).await? {
+    let begun = state.db.idempotency_begin(&merchant.id, &key, &fp, lease).await?;
+    let verdict = match &begun {
+        Begin::Proceed { fence: 1, .. } => "new",
+        Begin::Proceed { .. } => "taken over",
+        Begin::Replay { .. } => "replay",
+        Begin::InFlight => "in flight",
+        Begin::Mismatch => "reused",
+    };
+    tracing::debug!(verdict, "idempotency key");
+    match begun {
         Begin::Replay { status, body } => {
             state.metrics.replayed();
             let mut resp = json_response(status, body);

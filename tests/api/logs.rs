@@ -131,6 +131,11 @@ async fn handler_and_actor_log_lines_carry_the_request_id() {
         "the actor's line carries the request id: {ours:#?}"
     );
     assert!(
+        ours.iter()
+            .any(|l| l.contains("idempotency key") && l.contains("verdict=\"new\"")),
+        "the handler's line carries it: {ours:#?}"
+    );
+    assert!(
         ours.iter().any(|l| l.contains("status=201")),
         "the request's own line too: {ours:#?}"
     );
