@@ -7,6 +7,7 @@ pub mod ledger;
 pub mod money;
 pub mod payment;
 pub mod record;
+pub mod risk;
 
 pub use ids::{AttemptId, DisputeId, JournalId, MerchantId, PaymentId, RefundId};
 pub use money::{platform_fee, Currency, Money, MoneyError, MAX_AMOUNT};
