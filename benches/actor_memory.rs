@@ -50,6 +50,9 @@ fn payment(merchant: &MerchantId, i: usize) -> Payment {
         transitions: 1,
         created_at: at,
         updated_at: at,
+        customer: None,
+        card: None,
+        risk: None,
     }
 }
 
@@ -79,6 +82,7 @@ async fn main() {
         psp,
         psp_timeout: Some(Duration::from_secs(5)),
         clock: Arc::new(SystemClock),
+        risk: Arc::new(payrail::actors::risk::NoRisk),
         metrics,
     };
     let registry = Arc::new(PaymentRegistry::new(deps, config.actors.clone()));

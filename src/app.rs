@@ -97,6 +97,21 @@ impl Application {
         };
         let metrics = Arc::new(Metrics::default());
         let ledger = Arc::new(Ledger::start(&db, &config.ledger, metrics.clone()));
+        let risk = Arc::new(crate::actors::risk::RiskEngine::new(
+            db.clone(),
+            config.risk.default_rules,
+        ));
+        if config.risk.enabled {
+            match risk.rebuild().await {
+                Ok(n) => tracing::info!(attempts = n, "risk velocity rebuilt from the last day"),
+                Err(e) => tracing::warn!(error = %e, "risk velocity could not be rebuilt; it starts empty"),
+            }
+        }
+        let risk_check: Arc<dyn crate::actors::risk::RiskCheck> = if config.risk.enabled {
+            risk.clone()
+        } else {
+            Arc::new(crate::actors::risk::NoRisk)
+        };
         let deps = PaymentDeps {
             store: Arc::new(PgStore {
                 db: db.clone(),
@@ -105,6 +120,7 @@ impl Application {
             psp,
             psp_timeout: Some(Duration::from_millis(config.psp.timeout_ms)),
             clock: Arc::new(SystemClock),
+            risk: risk_check,
             metrics: metrics.clone(),
         };
         let registry = Arc::new(PaymentRegistry::new(deps, config.actors.clone()));
@@ -140,6 +156,7 @@ impl Application {
             nats,
             registry,
             ledger,
+            risk,
             event_consumers,
             sandbox: Some(sandbox),
             public_url: public_url_for_state,

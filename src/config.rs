@@ -19,7 +19,18 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     pub webhooks: WebhooksConfig,
     pub ratelimit: RateLimitConfig,
+    pub risk: RiskConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RiskConfig {
+    /// Evaluate merchants' risk rules before every authorization.
+    pub enabled: bool,
+    /// Apply the built-in card-testing rules to every merchant (a merchant's `allow` rule
+    /// overrides them).
+    pub default_rules: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,6 +170,8 @@ pub struct SandboxPspConfig {
     pub webhooks: bool,
     /// How long after capture `pm_card_createDispute` opens its dispute.
     pub dispute_delay_ms: u64,
+    /// The sandbox tokenizer's secret for card fingerprints (a keyed hash of the number).
+    pub card_fingerprint_key: Secret,
     pub chaos: ChaosConfig,
 }
 
@@ -219,6 +232,23 @@ pub struct LogConfig {
 pub enum LogFormat {
     Pretty,
     Json,
+}
+
+/// A secret from the configuration: it never prints.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -407,5 +437,6 @@ mod tests {
         let c = Config::from_toml(&base(), std::iter::empty()).unwrap();
         let text = format!("{c:?}");
         assert!(!text.contains("admin_test_token") && !text.contains("whsec_") && !text.contains("postgres://"));
+        assert!(!text.contains("sandbox_fingerprint_key"));
     }
 }

@@ -12,7 +12,7 @@ fn state_in(status: Status) -> PaymentState {
     let mut s = PaymentState::new(10_000);
     s.status = status;
     match status {
-        Status::Authorized => s.capturable = 10_000,
+        Status::Authorized | Status::InReview => s.capturable = 10_000,
         Status::Captured | Status::Settled => s.captured = 10_000,
         Status::Refunding => {
             s.captured = 10_000;
@@ -40,7 +40,10 @@ fn sample(kind: InputKind) -> Input {
         InputKind::Capture => Input::Capture { amount: 500 },
         InputKind::Cancel => Input::Cancel,
         InputKind::Refund => Input::Refund { amount: 500 },
+        InputKind::Approve => Input::Approve,
+        InputKind::Reject => Input::Reject,
         InputKind::Authorized => Input::Authorized,
+        InputKind::HeldForReview => Input::HeldForReview,
         InputKind::ActionRequired => Input::ActionRequired,
         InputKind::AuthorizationFailed => Input::AuthorizationFailed,
         InputKind::Charged => Input::Charged { amount: 10_000 },
@@ -63,6 +66,9 @@ fn expected(status: Status, kind: InputKind) -> Result<Status, Rejection> {
     match (kind, status) {
         (I::Confirm, Pending) => Ok(Pending),
         (I::Authorized, Pending | RequiresAction) => Ok(Authorized),
+        (I::HeldForReview, Pending | RequiresAction) => Ok(InReview),
+        (I::Approve, InReview) => Ok(Authorized),
+        (I::Reject, InReview) => Ok(InReview),
         (I::ActionRequired, Pending) => Ok(RequiresAction),
         (I::AuthorizationFailed, Pending | RequiresAction) => Ok(Failed),
         (I::Charged, Pending | RequiresAction) => Ok(Captured),
@@ -70,7 +76,7 @@ fn expected(status: Status, kind: InputKind) -> Result<Status, Rejection> {
         (I::Captured, Authorized) => Ok(Captured),
         (I::Cancel, Pending) => Ok(Canceled),
         (I::Cancel, RequiresAction | Authorized) => Ok(status),
-        (I::Canceled, Pending | RequiresAction | Authorized) => Ok(Canceled),
+        (I::Canceled, Pending | RequiresAction | Authorized | InReview) => Ok(Canceled),
         (I::Refund, Captured | Settled | Refunding) => Ok(Refunding),
         (I::Refund, Refunded) => Err(Rejection::AmountTooLarge),
         // 1,000 of 1,000 pending settles; 2,000 of 10,000 refunded leaves the payment captured.
@@ -113,7 +119,7 @@ fn every_status_and_input_pair_follows_the_diagram() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 160);
+    assert_eq!(checked, 209);
 }
 
 #[test]
@@ -228,6 +234,9 @@ fn any_input() -> impl Strategy<Value = Input> {
         Just(Input::Cancel),
         amount.clone().prop_map(|amount| Input::Refund { amount }),
         Just(Input::Authorized),
+        Just(Input::HeldForReview),
+        Just(Input::Approve),
+        Just(Input::Reject),
         Just(Input::ActionRequired),
         Just(Input::AuthorizationFailed),
         amount.clone().prop_map(|amount| Input::Charged { amount }),
@@ -303,4 +312,26 @@ fn a_dispute_takes_at_most_what_refunds_left() {
     let (settled, _) = decide(&opened, Input::RefundSucceeded { amount: 300 }).unwrap();
     assert!(settled.amounts_consistent(), "{settled:?}");
     assert_eq!((settled.refunded, settled.disputed), (300, 700));
+}
+
+/// A payment held for review is authorized but not capturable; approving makes it an ordinary
+/// authorized payment, rejecting asks the PSP to cancel the authorization.
+#[test]
+fn review_holds_the_authorization_until_the_merchant_decides() {
+    let held = decide(&state_in(Status::Pending), Input::HeldForReview).unwrap().0;
+    assert_eq!((held.status, held.capturable), (Status::InReview, 10_000));
+    assert_eq!(
+        decide(&held, Input::Capture { amount: 100 }),
+        Err(Rejection::InvalidState(Status::InReview))
+    );
+    let (approved, effects) = decide(&held, Input::Approve).unwrap();
+    assert_eq!((approved.status, effects), (Status::Authorized, vec![]));
+    assert!(decide(&approved, Input::Capture { amount: 10_000 }).is_ok());
+    let (rejected, effects) = decide(&held, Input::Reject).unwrap();
+    assert_eq!(
+        (rejected.status, effects),
+        (Status::InReview, vec![Effect::Psp(PspOp::Cancel)])
+    );
+    let canceled = decide(&rejected, Input::Canceled).unwrap().0;
+    assert_eq!((canceled.status, canceled.capturable), (Status::Canceled, 0));
 }

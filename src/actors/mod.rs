@@ -12,6 +12,7 @@ pub mod outbox_relay;
 pub mod payment;
 pub mod payment_flow;
 pub mod registry;
+pub mod risk;
 pub mod store;
 
 pub use error::PaymentError;

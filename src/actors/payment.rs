@@ -58,6 +58,11 @@ pub enum Op {
     },
     /// Catch up with the PSP after the customer completed 3-D Secure.
     Sync,
+    /// The merchant approves a payment a risk rule held for review (and, with automatic
+    /// capture, it is captured).
+    Approve,
+    /// The merchant rejects it: the authorization is canceled at the PSP.
+    Reject,
     /// Only complete the PSP attempts left open (the recovery sweeper's call).
     Resolve,
     /// Apply a PSP event (webhook), at most once.
@@ -93,6 +98,8 @@ impl Op {
             Op::Cancel => "cancel",
             Op::Refund { .. } => "refund",
             Op::Sync => "sync",
+            Op::Approve => "approve",
+            Op::Reject => "reject",
             Op::Resolve => "resolve",
             Op::PspEvent(_) => "psp_event",
         }

@@ -165,6 +165,53 @@ impl<'a> Fields<'a> {
         Ok(Some(Money::new(value, currency)))
     }
 
+    /// The customer's risk signals: `{ "email"?, "ip"?, "country"? }`, each checked.
+    pub fn opt_customer(&self, field: &str) -> Result<Option<crate::domain::risk::Customer>, ApiError> {
+        let Some(v) = self.present(field) else { return Ok(None) };
+        let name = self.name(field);
+        let obj = v
+            .as_object()
+            .ok_or_else(|| ApiError::param(&name, format!("{name} must be an object")))?;
+        let inner_prefix = format!("{name}.");
+        let inner = Fields::new(obj, &["email", "ip", "country"], &inner_prefix)?;
+        let email = inner.opt_str("email", 254)?;
+        if let Some(e) = email {
+            let ok = e
+                .split_once('@')
+                .map(|(l, d)| !l.is_empty() && d.contains('.'))
+                .unwrap_or(false);
+            if !ok {
+                return Err(ApiError::param(
+                    &format!("{name}.email"),
+                    "email must be an email address",
+                ));
+            }
+        }
+        let ip = inner.opt_str("ip", 45)?;
+        if let Some(ip) = ip {
+            if ip.parse::<std::net::IpAddr>().is_err() {
+                return Err(ApiError::param(
+                    &format!("{name}.ip"),
+                    "ip must be an IPv4 or IPv6 address",
+                ));
+            }
+        }
+        let country = inner.opt_str("country", 2)?;
+        if let Some(c) = country {
+            if c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(ApiError::param(
+                    &format!("{name}.country"),
+                    "country must be an ISO 3166-1 alpha-2 code in upper case",
+                ));
+            }
+        }
+        Ok(Some(crate::domain::risk::Customer {
+            email: email.map(|e| e.to_ascii_lowercase()),
+            ip: ip.map(str::to_owned),
+            country: country.map(str::to_owned),
+        }))
+    }
+
     pub fn req_amount(&self, field: &str, accepted: &[Currency]) -> Result<Money, ApiError> {
         self.opt_amount(field, accepted)?.ok_or_else(|| {
             ApiError::invalid(

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod payments;
 pub mod ratelimit;
 pub mod refunds;
+pub mod risk;
 pub mod sandbox;
 pub mod webhooks;
 
@@ -39,6 +40,8 @@ pub struct AppState {
     pub registry: Arc<PaymentRegistry>,
     /// The ledger shards (group commit); the payment flow commits through them.
     pub ledger: Arc<crate::actors::ledger_shard::Ledger>,
+    /// Risk rules' cache and velocity: the risk routes invalidate a merchant's rules on change.
+    pub risk: Arc<crate::actors::risk::RiskEngine>,
     /// The PSP event consumers' totals (one consumer per partition).
     pub event_consumers: Arc<crate::actors::ActorStats>,
     /// The sandbox PSP, when it is the configured one (its own endpoints need it).
@@ -81,6 +84,8 @@ api_routes! {
     post "/api/v1/payments/{id}/confirm" => payments::confirm,
     post "/api/v1/payments/{id}/capture" => payments::capture,
     post "/api/v1/payments/{id}/cancel" => payments::cancel,
+    post "/api/v1/payments/{id}/approve" => payments::approve,
+    post "/api/v1/payments/{id}/reject" => payments::reject,
     get "/api/v1/payments/{id}/events" => payments::events,
     post "/api/v1/payments/{id}/refunds" => payments::refund,
     get "/api/v1/payments/{id}/refunds" => refunds::list_for_payment,
@@ -89,6 +94,12 @@ api_routes! {
     get "/api/v1/ledger/journals" => ledger::journals,
     get "/api/v1/disputes" => disputes::list,
     get "/api/v1/disputes/{id}" => disputes::get,
+    post "/api/v1/risk/rules" => risk::create_rule,
+    get "/api/v1/risk/rules" => risk::list_rules,
+    delete "/api/v1/risk/rules/{id}" => risk::delete_rule,
+    post "/api/v1/risk/lists/{name}/items" => risk::add_item,
+    get "/api/v1/risk/lists/{name}/items" => risk::list_items,
+    delete "/api/v1/risk/lists/{name}/items/{item}" => risk::delete_item,
     post "/admin/v1/merchants" => admin::create_merchant,
     get "/admin/v1/actors" => admin::actors,
     get "/admin/v1/actors/{kind}/{id}" => admin::actor,

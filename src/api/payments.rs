@@ -24,6 +24,7 @@ const CREATE_FIELDS: &[&str] = &[
     "customer_id",
     "description",
     "metadata",
+    "customer",
 ];
 
 /// A payment id from the path; a malformed one names no payment, so it is a 404.
@@ -81,6 +82,9 @@ fn new_payment(state: &AppState, merchant: &Merchant, body: &[u8]) -> Result<(Pa
         transitions: 1,
         created_at: at,
         updated_at: at,
+        customer: f.opt_customer("customer")?,
+        card: None,
+        risk: None,
     };
     Ok((payment, confirm))
 }
@@ -217,6 +221,34 @@ pub async fn cancel(
         let f = Fields::new(&obj, &["reason"], "")?;
         f.opt_str("reason", 64)?;
         Ok(Op::Cancel)
+    })
+    .await
+}
+
+/// `POST /api/v1/payments/{id}/approve`: a payment held for review goes on.
+pub async fn approve(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    operate(state, req, payload, |_, body| {
+        let obj = body::object(body)?;
+        Fields::new(&obj, &[], "")?;
+        Ok(Op::Approve)
+    })
+    .await
+}
+
+/// `POST /api/v1/payments/{id}/reject`: a payment held for review is canceled.
+pub async fn reject(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    operate(state, req, payload, |_, body| {
+        let obj = body::object(body)?;
+        Fields::new(&obj, &[], "")?;
+        Ok(Op::Reject)
     })
     .await
 }

@@ -13,6 +13,9 @@ pub enum Status {
     Pending,
     RequiresAction,
     Authorized,
+    /// Authorized at the PSP, held by a risk rule until the merchant approves or rejects it:
+    /// not capturable.
+    InReview,
     Captured,
     Settled,
     Refunding,
@@ -23,10 +26,11 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 10] = [
+    pub const ALL: [Status; 11] = [
         Status::Pending,
         Status::RequiresAction,
         Status::Authorized,
+        Status::InReview,
         Status::Captured,
         Status::Settled,
         Status::Refunding,
@@ -41,6 +45,7 @@ impl Status {
             Status::Pending => "pending",
             Status::RequiresAction => "requires_action",
             Status::Authorized => "authorized",
+            Status::InReview => "in_review",
             Status::Captured => "captured",
             Status::Settled => "settled",
             Status::Refunding => "refunding",
@@ -149,8 +154,14 @@ pub enum Input {
     Refund {
         amount: i64,
     },
+    /// The merchant approves a payment a risk rule held for review.
+    Approve,
+    /// The merchant rejects it: the authorization is canceled at the PSP.
+    Reject,
     // Outcomes, from the PSP's answer or its events.
     Authorized,
+    /// Authorized at the PSP, and a risk rule asked for a review first.
+    HeldForReview,
     ActionRequired,
     AuthorizationFailed,
     /// Authorized and captured in one step (automatic capture).
@@ -183,7 +194,10 @@ pub enum InputKind {
     Capture,
     Cancel,
     Refund,
+    Approve,
+    Reject,
     Authorized,
+    HeldForReview,
     ActionRequired,
     AuthorizationFailed,
     Charged,
@@ -198,12 +212,15 @@ pub enum InputKind {
 }
 
 impl InputKind {
-    pub const ALL: [InputKind; 16] = [
+    pub const ALL: [InputKind; 19] = [
         InputKind::Confirm,
         InputKind::Capture,
         InputKind::Cancel,
         InputKind::Refund,
+        InputKind::Approve,
+        InputKind::Reject,
         InputKind::Authorized,
+        InputKind::HeldForReview,
         InputKind::ActionRequired,
         InputKind::AuthorizationFailed,
         InputKind::Charged,
@@ -225,7 +242,10 @@ impl Input {
             Input::Capture { .. } => InputKind::Capture,
             Input::Cancel => InputKind::Cancel,
             Input::Refund { .. } => InputKind::Refund,
+            Input::Approve => InputKind::Approve,
+            Input::Reject => InputKind::Reject,
             Input::Authorized => InputKind::Authorized,
+            Input::HeldForReview => InputKind::HeldForReview,
             Input::ActionRequired => InputKind::ActionRequired,
             Input::AuthorizationFailed => InputKind::AuthorizationFailed,
             Input::Charged { .. } => InputKind::Charged,
@@ -338,6 +358,21 @@ const RULES: &[Rule] = &[
         to: To::Status(S::Authorized),
     },
     Rule {
+        input: InputKind::HeldForReview,
+        from: &[S::Pending, S::RequiresAction],
+        to: To::Status(S::InReview),
+    },
+    Rule {
+        input: InputKind::Approve,
+        from: &[S::InReview],
+        to: To::Status(S::Authorized),
+    },
+    Rule {
+        input: InputKind::Reject,
+        from: &[S::InReview],
+        to: To::Stay,
+    },
+    Rule {
         input: InputKind::ActionRequired,
         from: &[S::Pending],
         to: To::Status(S::RequiresAction),
@@ -374,7 +409,7 @@ const RULES: &[Rule] = &[
     },
     Rule {
         input: InputKind::Canceled,
-        from: &[S::Pending, S::RequiresAction, S::Authorized],
+        from: &[S::Pending, S::RequiresAction, S::Authorized, S::InReview],
         to: To::Status(S::Canceled),
     },
     Rule {
@@ -457,7 +492,9 @@ pub fn decide(state: &PaymentState, input: Input) -> Result<(PaymentState, Vec<E
             next.refund_pending += amount;
             effects.push(Effect::Psp(PspOp::Refund { amount }));
         }
-        Input::Authorized => next.capturable = state.amount,
+        Input::Authorized | Input::HeldForReview => next.capturable = state.amount,
+        Input::Approve => {}
+        Input::Reject => effects.push(Effect::Psp(PspOp::Cancel)),
         Input::ActionRequired | Input::AuthorizationFailed | Input::DisputeLost => {}
         Input::Charged { amount } => {
             guard(amount <= state.amount)?;
@@ -558,6 +595,10 @@ pub const ALLOWED_EDGES: &[(Status, Status)] = &[
     (S::RequiresAction, S::Canceled),
     (S::Authorized, S::Captured),
     (S::Authorized, S::Canceled),
+    (S::Pending, S::InReview),
+    (S::RequiresAction, S::InReview),
+    (S::InReview, S::Authorized),
+    (S::InReview, S::Canceled),
     (S::Captured, S::Settled),
     (S::Captured, S::Refunding),
     (S::Settled, S::Refunding),

@@ -56,6 +56,12 @@ pub struct Payment {
     pub transitions: i32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The customer's email, IP and country, if the merchant sent them: risk signals.
+    pub customer: Option<super::risk::Customer>,
+    /// What the PSP's tokenizer knows of the card (never the number), once confirmed.
+    pub card: Option<super::risk::CardSignals>,
+    /// What the merchant's risk rules decided at confirm.
+    pub risk: Option<super::risk::RiskDecision>,
 }
 
 impl Payment {
@@ -89,6 +95,10 @@ impl Payment {
             "customer_id": self.customer_id,
             "description": self.description,
             "metadata": self.metadata,
+            "customer": self.customer,
+            "card": self.card.as_ref().map(|c| json!({ "brand": c.brand, "bin": c.bin, "country": c.country,
+                                                        "funding": c.funding, "fingerprint": c.fingerprint })),
+            "risk": self.risk,
             "created_at": timestamp(self.created_at),
             "updated_at": timestamp(self.updated_at),
         })

@@ -550,3 +550,142 @@ mod tests {
         assert!(parse(&long).is_err(), "too many terms");
     }
 }
+
+/// What a payment's customer is known by (sent by the merchant with the payment).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Customer {
+    pub email: Option<String>,
+    pub ip: Option<String>,
+    /// ISO 3166-1 alpha-2, as the merchant knows it (billing or shipping).
+    pub country: Option<String>,
+}
+
+/// What the PSP's tokenizer knows of a card: never the number. `fingerprint` is a keyed hash
+/// of the number (not reversible), the same for the same card whatever its token.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CardSignals {
+    pub fingerprint: String,
+    pub bin: String,
+    pub brand: String,
+    /// ISO 3166-1 alpha-2 of the issuer.
+    pub country: String,
+    /// `credit`, `debit` or `prepaid`.
+    pub funding: String,
+}
+
+/// What a rule does when its predicate holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RiskAction {
+    /// Let the payment through, whatever other rules say.
+    Allow,
+    /// Fail it before the PSP hears of it.
+    Block,
+    /// Authorize it, then hold it for the merchant's decision.
+    Review,
+    /// Ask the PSP for 3-D Secure.
+    #[serde(rename = "request_3ds")]
+    RequestThreeDs,
+}
+
+impl RiskAction {
+    pub const ALL: [RiskAction; 4] = [
+        RiskAction::Allow,
+        RiskAction::Block,
+        RiskAction::Review,
+        RiskAction::RequestThreeDs,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RiskAction::Allow => "allow",
+            RiskAction::Block => "block",
+            RiskAction::Review => "review",
+            RiskAction::RequestThreeDs => "request_3ds",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RiskAction> {
+        RiskAction::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+
+    /// Which action wins when several rules hold: allow, then block, then review, then 3DS.
+    fn precedence(self) -> u8 {
+        match self {
+            RiskAction::Allow => 0,
+            RiskAction::Block => 1,
+            RiskAction::Review => 2,
+            RiskAction::RequestThreeDs => 3,
+        }
+    }
+}
+
+/// A merchant's rule, parsed.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub id: String,
+    pub action: RiskAction,
+    pub predicate: Expr,
+}
+
+/// The decision recorded on a payment (`"risk"` in its object).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RiskDecision {
+    /// 0 to 100: how many of the usual risk signals the payment shows (see [`score`]).
+    pub score: u8,
+    /// `allow` when no rule held.
+    pub outcome: RiskAction,
+    /// The rule that decided, if one did.
+    pub rule: Option<String>,
+}
+
+/// The rules' verdict: every rule is evaluated, and the holding rule whose action has the
+/// highest precedence (allow > block > review > request_3ds) decides; the first such rule in
+/// the merchant's order names it.
+pub fn decide_risk(rules: &[Rule], signals: &dyn Signals) -> RiskDecision {
+    let mut best: Option<&Rule> = None;
+    for r in rules {
+        if r.predicate.eval(signals)
+            && best
+                .map(|b| r.action.precedence() < b.action.precedence())
+                .unwrap_or(true)
+        {
+            best = Some(r);
+        }
+    }
+    RiskDecision {
+        score: score(signals),
+        outcome: best.map(|r| r.action).unwrap_or(RiskAction::Allow),
+        rule: best.map(|r| r.id.clone()),
+    }
+}
+
+/// A plain score from the usual signals, each adding its weight: card and IP countries differ
+/// (30), a prepaid card (15), more than 5 attempts from the IP in the hour (25), more than 3
+/// cards from the IP in the hour (30). Informative: only rules decide.
+pub fn score(s: &dyn Signals) -> u8 {
+    let text = |n: &str| match s.attr(n) {
+        Some(Value::Text(t)) => Some(t.to_ascii_lowercase()),
+        _ => None,
+    };
+    let int = |n: &str| match s.attr(n) {
+        Some(Value::Int(i)) => i,
+        _ => 0,
+    };
+    let mut total = 0u8;
+    if let (Some(c), Some(i)) = (text("card_country"), text("ip_country")) {
+        if c != i {
+            total += 30;
+        }
+    }
+    if text("card_funding").as_deref() == Some("prepaid") {
+        total += 15;
+    }
+    if int("ip_attempts_1h") > 5 {
+        total += 25;
+    }
+    if int("ip_cards_1h") > 3 {
+        total += 30;
+    }
+    total.min(100)
+}

@@ -14,4 +14,5 @@ mod operations;
 mod outages;
 mod process;
 mod recovery;
+mod risk;
 mod validation;

@@ -396,6 +396,9 @@ async fn a_create_commit_that_lost_its_key_inserts_nothing() {
             transitions: 1,
             created_at: at,
             updated_at: at,
+            customer: None,
+            card: None,
+            risk: None,
         };
         Commit {
             transition: Some(Transition {

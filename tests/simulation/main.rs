@@ -149,6 +149,7 @@ impl Sim {
             psp: Arc::new(SimPsp(w.clone())),
             psp_timeout: None,
             clock: Arc::new(SimClock(w.clone())),
+            risk: Arc::new(payrail::actors::risk::NoRisk),
             metrics: Arc::new(payrail::metrics::Metrics::default()),
         });
         Sim {
@@ -248,6 +249,9 @@ impl Sim {
                 transitions: 1,
                 created_at: at,
                 updated_at: at,
+                customer: None,
+                card: None,
+                risk: None,
             };
             self.payments.push(id.clone());
             (id, payment)

@@ -8,7 +8,8 @@ use crate::adapters::postgres::commit::{AttemptOutcome, OutboxEvent};
 use crate::adapters::postgres::payments::Attempt;
 use crate::adapters::psp::{AuthorizeRequest, Intent, IntentStatus, PspError, PspRefund, PspRefundStatus};
 use crate::domain::ledger::{postings, Journal};
-use crate::domain::{decide, Effect, Input, Money, NextAction, PspOp, Refund, RefundStatus, Status};
+use crate::domain::risk::RiskAction;
+use crate::domain::{decide, CaptureStrategy, Effect, Input, Money, NextAction, PspOp, Refund, RefundStatus, Status};
 
 /// What the PSP's answer means for the state machine, and what it changes besides.
 pub(super) struct Outcome {
@@ -189,6 +190,7 @@ impl Flow<'_> {
     ) -> Result<Reply, Halt> {
         let p = self.payment().clone();
         let psp = &self.deps.psp;
+        let risk = p.risk.as_ref().map(|r| r.outcome);
         let reference = || p.psp_reference.clone().unwrap_or_default();
         let answer = match attempt.op {
             PspOp::Authorize => {
@@ -198,11 +200,20 @@ impl Flow<'_> {
                     merchant_id: p.merchant_id.clone(),
                     amount: p.amount(),
                     payment_method: p.payment_method.clone(),
-                    capture: p.capture_strategy,
+                    // A payment held for review is only authorized until the merchant decides.
+                    capture: match risk {
+                        Some(RiskAction::Review) => CaptureStrategy::Manual,
+                        _ => p.capture_strategy,
+                    },
+                    three_d_secure: risk == Some(RiskAction::RequestThreeDs),
                 };
-                self.call_psp("authorize", psp.authorize(req))
-                    .await
-                    .map(|i| Outcome::of_intent(i, attempt.op))
+                self.call_psp("authorize", psp.authorize(req)).await.map(|i| {
+                    let mut o = Outcome::of_intent(i, attempt.op);
+                    if risk == Some(RiskAction::Review) && o.input == Some(Input::Authorized) {
+                        o.input = Some(Input::HeldForReview);
+                    }
+                    o
+                })
             }
             PspOp::Capture { amount } => self
                 .call_psp(

@@ -7,9 +7,89 @@ use crate::actors::error::PaymentError;
 use crate::actors::payment::Reply;
 use crate::adapters::postgres::commit::{Commit, IdempotencyWrite, OutboxEvent, Transition};
 use crate::adapters::postgres::payments::Attempt;
-use crate::domain::{decide, Effect, Input, Money, Payment, PspOp, Refund, RefundId, RefundStatus, Rejection, Status};
+use crate::adapters::psp::PspError;
+use crate::domain::risk::{CardSignals, RiskAction, RiskDecision};
+use crate::domain::{
+    decide, CaptureStrategy, Effect, Failure, Input, Money, Payment, PspOp, Refund, RefundId, RefundStatus, Rejection,
+    Status,
+};
 
 impl Flow<'_> {
+    /// What the PSP's tokenizer knows of the card, and the risk rules' decision on the payment
+    /// as it would be authorized (the attempt is counted for velocity).
+    async fn assess(&self, payment: &Payment) -> Result<(Option<CardSignals>, RiskDecision), Halt> {
+        let card = match self.deps.psp.card(&payment.merchant_id, &payment.payment_method).await {
+            Ok(card) => card,
+            // An unknown token: the PSP refuses the authorization itself, with its own answer.
+            Err(PspError::Invalid { .. }) => None,
+            Err(PspError::Unavailable(_)) => return Err(PaymentError::Unavailable("psp").into()),
+        };
+        let mut assessed = payment.clone();
+        assessed.card = card.clone();
+        let decision = self.deps.risk.assess(&assessed, card.as_ref()).await?;
+        if decision.outcome != RiskAction::Allow {
+            tracing::info!(payment_id = %payment.id, outcome = decision.outcome.as_str(), rule = ?decision.rule, score = decision.score, "risk rule decided");
+        }
+        Ok((card, decision))
+    }
+
+    /// A rule blocked the payment: it fails without a PSP call, `failure.code = "blocked"`.
+    async fn block(&mut self, mut next: Payment, status: u16) -> Result<Reply, Halt> {
+        let (state, _) = decide(&self.payment().state, Input::AuthorizationFailed)
+            .map_err(|r| PaymentError::rejected(r, "payment_method"))?;
+        let rule = next.risk.as_ref().and_then(|r| r.rule.clone()).unwrap_or_default();
+        next.state = state;
+        next.failure = Some(Failure {
+            code: "blocked".into(),
+            decline_code: None,
+            message: format!("The payment was blocked by the risk rule {rule}."),
+        });
+        let body = reply_body(&next.to_object());
+        let commit = self.transition_commit(
+            &self.live.payment.clone(),
+            &next,
+            "risk.block",
+            Some((status, body.clone())),
+        );
+        self.commit(next, commit).await?;
+        Ok(Reply {
+            status,
+            body,
+            stored: self.idem.is_some(),
+        })
+    }
+
+    /// The merchant approves a payment held for review: it is authorized like any other, and
+    /// with automatic capture it is captured now.
+    pub(super) async fn approve(&mut self) -> Result<Reply, Halt> {
+        let (state, _) =
+            decide(&self.payment().state, Input::Approve).map_err(|r| PaymentError::rejected(r, "payment"))?;
+        let capture = self.payment().capture_strategy == CaptureStrategy::Automatic;
+        let mut next = self.next_version();
+        next.state = state;
+        let body = reply_body(&next.to_object());
+        let response = (!capture).then(|| (200, body.clone()));
+        let commit = self.transition_commit(&self.live.payment.clone(), &next, "api.approve", response);
+        self.commit(next, commit).await?;
+        if capture {
+            return self.capture(None).await;
+        }
+        Ok(Reply {
+            status: 200,
+            body,
+            stored: self.idem.is_some(),
+        })
+    }
+
+    /// The merchant rejects it: the authorization is canceled at the PSP.
+    pub(super) async fn reject(&mut self) -> Result<Reply, Halt> {
+        decide(&self.payment().state, Input::Reject).map_err(|r| PaymentError::rejected(r, "payment"))?;
+        let attempt = self.new_attempt(PspOp::Cancel, None);
+        let next = self.next_version();
+        self.start(next, Commit::default(), attempt, "api.reject", 200, None)
+            .await
+    }
+
     /// A PSP attempt for this request: its id is the idempotency key the PSP will receive.
     fn new_attempt(&self, op: PspOp, refund_id: Option<RefundId>) -> Attempt {
         Attempt {
@@ -51,6 +131,13 @@ impl Flow<'_> {
         let mut payment = self.live.payment.clone();
         payment.version = 1;
         payment.transitions = 0;
+        let mut blocked = false;
+        if confirm {
+            let (card, decision) = self.assess(&payment).await?;
+            blocked = decision.outcome == RiskAction::Block;
+            payment.card = card;
+            payment.risk = Some(decision);
+        }
         let object = reply_body(&payment.to_object());
         let mut commit = Commit {
             transition: Some(Transition {
@@ -72,10 +159,14 @@ impl Flow<'_> {
             response: (!confirm).then(|| (201, object.clone())),
             fence: i.fence,
         });
-        let attempt = confirm.then(|| self.new_attempt(PspOp::Authorize, None));
+        let attempt = (confirm && !blocked).then(|| self.new_attempt(PspOp::Authorize, None));
         commit.attempt_started = attempt.clone();
         self.commit(payment, commit).await?;
         self.fresh = false;
+        if blocked {
+            let next = self.next_version();
+            return self.block(next, 201).await;
+        }
         match attempt {
             None => Ok(Reply {
                 status: 201,
@@ -101,6 +192,14 @@ impl Flow<'_> {
         let mut next = self.next_version();
         if let Some(pm) = payment_method {
             next.payment_method = pm;
+        }
+        // The merchant's risk rules decide before the PSP hears of the payment.
+        let (card, decision) = self.assess(&next).await?;
+        let blocked = decision.outcome == RiskAction::Block;
+        next.card = card;
+        next.risk = Some(decision);
+        if blocked {
+            return self.block(next, status).await;
         }
         let attempt = self.new_attempt(PspOp::Authorize, None);
         self.start(next, Commit::default(), attempt, "api.confirm", status, None)

@@ -9,6 +9,7 @@ use crate::adapters::nats::PspEvent;
 use crate::adapters::postgres::commit::ProcessedEvent;
 use crate::adapters::psp::events::{translate, ListedRefund, PspFact};
 use crate::adapters::psp::PspRefund;
+use crate::domain::risk::RiskAction;
 use crate::domain::{Dispute, DisputeId, DisputeStatus, Input, Money, PspOp, RefundStatus, Status};
 
 impl Flow<'_> {
@@ -59,7 +60,13 @@ impl Flow<'_> {
             }
             PspFact::Authorized => {
                 if matches!(status, Status::Pending | Status::RequiresAction) {
-                    outcome.input = Some(Input::Authorized);
+                    // A payment a rule held for review stays held, whichever news comes first.
+                    let review = self.payment().risk.as_ref().map(|r| r.outcome) == Some(RiskAction::Review);
+                    outcome.input = Some(if review {
+                        Input::HeldForReview
+                    } else {
+                        Input::Authorized
+                    });
                 }
             }
             PspFact::Failed(failure) => {

@@ -44,6 +44,8 @@ pub struct PaymentDeps {
     /// the PSP (the simulation's PSP decides itself when, and whether, it answers).
     pub psp_timeout: Option<Duration>,
     pub clock: std::sync::Arc<dyn Clock>,
+    /// The merchant's risk rules, asked before every authorization.
+    pub risk: std::sync::Arc<dyn super::risk::RiskCheck>,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
@@ -222,6 +224,8 @@ impl<'a> Flow<'a> {
     pub(super) async fn run(&mut self, op: Op) -> Result<Reply, Halt> {
         match op {
             Op::Create { confirm } => self.create(confirm).await,
+            Op::Approve => self.approve().await,
+            Op::Reject => self.reject().await,
             Op::Confirm {
                 payment_method,
                 created,

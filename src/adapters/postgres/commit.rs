@@ -148,11 +148,11 @@ impl Clone for CommitError {
 const PAYMENTS_INSERT: &str = "INSERT INTO payments (id, merchant_id, order_id, status, amount, currency,
         amount_capturable, amount_captured, amount_refunded, refund_pending, amount_disputed, settled, capture_strategy,
         payment_method, psp, psp_reference, client_secret, next_action, failure, customer_id, description, metadata,
-        fee_bps, fee_fixed, version, transitions, created_at, updated_at)
+        fee_bps, fee_fixed, version, transitions, created_at, updated_at, customer, card, risk)
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::int8[], $8::int8[],
         $9::int8[], $10::int8[], $11::int8[], $12::bool[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[],
         $18::jsonb[], $19::jsonb[], $20::text[], $21::text[], $22::jsonb[], $23::int4[], $24::int8[], $25::int4[],
-        $26::int4[], $27::timestamptz[], $28::timestamptz[])";
+        $26::int4[], $27::timestamptz[], $28::timestamptz[], $29::jsonb[], $30::jsonb[], $31::jsonb[])";
 
 /// Only where the stored version is the one before: a row that moved on is not updated, and
 /// the missing id in RETURNING tells the batch it lost a race.
@@ -160,11 +160,13 @@ const PAYMENTS_UPDATE: &str = "UPDATE payments p SET status = u.status, amount_c
         amount_captured = u.captured, amount_refunded = u.refunded, refund_pending = u.refund_pending,
         amount_disputed = u.disputed, settled = u.settled, payment_method = u.payment_method,
         psp_reference = u.psp_reference, client_secret = u.client_secret, next_action = u.next_action,
-        failure = u.failure, version = u.version, transitions = u.transitions, updated_at = u.updated_at
+        failure = u.failure, version = u.version, transitions = u.transitions, updated_at = u.updated_at,
+        card = u.card, risk = u.risk
     FROM unnest($1::text[], $2::int4[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[], $8::int8[],
-        $9::bool[], $10::text[], $11::text[], $12::text[], $13::jsonb[], $14::jsonb[], $15::int4[], $16::timestamptz[])
+        $9::bool[], $10::text[], $11::text[], $12::text[], $13::jsonb[], $14::jsonb[], $15::int4[], $16::timestamptz[],
+        $17::jsonb[], $18::jsonb[])
         AS u(id, version, status, capturable, captured, refunded, refund_pending, disputed, settled, payment_method,
-             psp_reference, client_secret, next_action, failure, transitions, updated_at)
+             psp_reference, client_secret, next_action, failure, transitions, updated_at, card, risk)
     WHERE p.id = u.id AND p.version = u.version - 1
     RETURNING p.id";
 
@@ -435,6 +437,9 @@ struct PaymentColumns {
     transitions: Vec<i32>,
     created_at: Vec<DateTime<Utc>>,
     updated_at: Vec<DateTime<Utc>>,
+    customer: Vec<Option<Value>>,
+    card: Vec<Option<Value>>,
+    risk: Vec<Option<Value>>,
 }
 
 impl PaymentColumns {
@@ -472,6 +477,9 @@ impl PaymentColumns {
         self.transitions.push(p.transitions);
         self.created_at.push(p.created_at);
         self.updated_at.push(p.updated_at);
+        self.customer.push(json(p.customer.as_ref().map(serde_json::to_value))?);
+        self.card.push(json(p.card.as_ref().map(serde_json::to_value))?);
+        self.risk.push(json(p.risk.as_ref().map(serde_json::to_value))?);
         Ok(())
     }
 
@@ -505,6 +513,9 @@ impl PaymentColumns {
             &self.transitions,
             &self.created_at,
             &self.updated_at,
+            &self.customer,
+            &self.card,
+            &self.risk,
         ]
     }
 
@@ -526,6 +537,8 @@ impl PaymentColumns {
             &self.failure,
             &self.transitions,
             &self.updated_at,
+            &self.card,
+            &self.risk,
         ]
     }
 }

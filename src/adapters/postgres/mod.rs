@@ -9,6 +9,7 @@ pub mod merchants;
 pub mod outbox;
 pub mod payments;
 pub mod refunds;
+pub mod risk;
 pub mod sandbox;
 
 use std::time::Duration;
@@ -46,6 +47,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "money_safety",
         include_str!("../../../migrations/V4__money_safety.sql"),
     ),
+    (5, "risk", include_str!("../../../migrations/V5__risk.sql")),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.

@@ -13,6 +13,8 @@ pub struct StoredCard {
     pub exp_year: i16,
     /// The sandbox behaviour this card triggers (`success`, `declined`, …).
     pub behaviour: String,
+    /// BIN, issuing country, funding and keyed fingerprint (cards stored before them: `None`).
+    pub signals: Option<crate::domain::risk::CardSignals>,
 }
 
 impl Db {
@@ -20,8 +22,9 @@ impl Db {
         let client = self.client().await?;
         client
             .execute(
-                "INSERT INTO sandbox_payment_methods (id, merchant_id, brand, last4, exp_month, exp_year, behaviour)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                "INSERT INTO sandbox_payment_methods (id, merchant_id, brand, last4, exp_month, exp_year, behaviour,
+                     bin, fingerprint, country, funding)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 &[
                     &c.id,
                     &c.merchant_id,
@@ -30,6 +33,10 @@ impl Db {
                     &c.exp_month,
                     &c.exp_year,
                     &c.behaviour,
+                    &c.signals.as_ref().map(|s| s.bin.as_str()),
+                    &c.signals.as_ref().map(|s| s.fingerprint.as_str()),
+                    &c.signals.as_ref().map(|s| s.country.as_str()),
+                    &c.signals.as_ref().map(|s| s.funding.as_str()),
                 ],
             )
             .await
@@ -41,7 +48,8 @@ impl Db {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT id, merchant_id, brand, last4::text, exp_month, exp_year, behaviour FROM sandbox_payment_methods WHERE id = $1",
+                "SELECT id, merchant_id, brand, last4::text, exp_month, exp_year, behaviour, bin, fingerprint, country, funding
+                 FROM sandbox_payment_methods WHERE id = $1",
                 &[&id],
             )
             .await
@@ -54,6 +62,18 @@ impl Db {
             exp_month: r.get(4),
             exp_year: r.get(5),
             behaviour: r.get(6),
+            signals: match (r.get(7), r.get(8), r.get(9), r.get(10)) {
+                (Some(bin), Some(fingerprint), Some(country), Some(funding)) => {
+                    Some(crate::domain::risk::CardSignals {
+                        bin,
+                        fingerprint,
+                        brand: r.get(2),
+                        country,
+                        funding,
+                    })
+                }
+                _ => None,
+            },
         }))
     }
 }

@@ -9,6 +9,7 @@ pub mod signature;
 use std::future::Future;
 use std::pin::Pin;
 
+use crate::domain::risk::CardSignals;
 use crate::domain::{AttemptId, CaptureStrategy, Failure, MerchantId, Money, PaymentId};
 
 pub type PspFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, PspError>> + Send + 'a>>;
@@ -74,6 +75,8 @@ pub struct AuthorizeRequest {
     pub amount: Money,
     pub payment_method: String,
     pub capture: CaptureStrategy,
+    /// A risk rule asked for 3-D Secure: the PSP must challenge the customer.
+    pub three_d_secure: bool,
 }
 
 /// A card processor. Implementations: the embedded sandbox; Stripe next.
@@ -85,4 +88,9 @@ pub trait Psp: Send + Sync + 'static {
     fn refund(&self, key: AttemptId, reference: String, amount: Money) -> PspFuture<'_, PspRefund>;
     /// The intent as the PSP sees it now.
     fn retrieve(&self, reference: String) -> PspFuture<'_, Intent>;
+    /// What the PSP's tokenizer knows of a payment method (never the number), for risk rules.
+    /// `None` when the PSP does not say: rules that read card attributes then do not fire.
+    fn card<'a>(&'a self, _merchant: &'a MerchantId, _token: &'a str) -> PspFuture<'a, Option<CardSignals>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
 }

@@ -19,6 +19,7 @@ use crate::adapters::postgres::Db;
 use crate::adapters::postgres::StoreError;
 use crate::config::SandboxPspConfig;
 use crate::domain::card::CardNumber;
+use crate::domain::risk::CardSignals;
 use crate::domain::{AttemptId, CaptureStrategy, Failure, MerchantId, Money};
 
 /// What a test card does.
@@ -70,6 +71,35 @@ impl Behaviour {
     }
 }
 
+/// The card behind each named test token.
+fn builtin_pan(token: &str) -> Option<&'static str> {
+    Some(match token {
+        "pm_card_visa" => "4242424242424242",
+        "pm_card_mastercard" => "5555555555554444",
+        "pm_card_chargeDeclined" => "4000000000000002",
+        "pm_card_chargeDeclinedInsufficientFunds" => "4000000000009995",
+        "pm_card_threeDSecureRequired" => "4000000000003220",
+        "pm_card_createDispute" => "4000000000000259",
+        "pm_card_riskLevelHighest" => "4100000000000019",
+        _ => return None,
+    })
+}
+
+/// The issuing country and funding of the test cards that have them (Stripe's numbers);
+/// any other number is a US credit card.
+fn card_profile(digits: &str) -> (&'static str, &'static str) {
+    match digits {
+        "4000056655665556" | "5200828282828210" => ("US", "debit"),
+        "5105105105105100" => ("US", "prepaid"),
+        "4000000760000002" => ("BR", "credit"),
+        "4000001240000000" => ("CA", "credit"),
+        "4000002500000003" => ("FR", "credit"),
+        "4000002760000016" => ("DE", "credit"),
+        "4000008260000000" => ("GB", "credit"),
+        _ => ("US", "credit"),
+    }
+}
+
 /// docs/API.md's named test tokens.
 fn builtin_token(token: &str) -> Option<Behaviour> {
     Some(match token {
@@ -111,8 +141,8 @@ pub struct SandboxPsp {
     /// Insertion order of `intents` and `answers`, so the oldest can be forgotten at the bound.
     /// A std Mutex: held for one push or pop, never across an await.
     order: Mutex<VecDeque<(bool, String)>>,
-    /// Tokenized cards already read from PostgreSQL: token → (merchant, behaviour).
-    cards: DashMap<String, (String, Behaviour)>,
+    /// Tokenized cards already read from PostgreSQL: token → (merchant, behaviour, signals).
+    cards: DashMap<String, (String, Behaviour, Option<CardSignals>)>,
     /// Idempotency keys `PANIC_ONCE` already panicked for: the drill panics once per key, so
     /// the restarted actor's retry goes through.
     panicked: DashMap<String, ()>,
@@ -167,6 +197,7 @@ impl SandboxPsp {
         exp_year: i16,
     ) -> Result<StoredCard, StoreError> {
         let behaviour = Behaviour::of_card(&pan);
+        let signals = self.signals_of(&pan);
         let card = StoredCard {
             id: format!("pm_{}", random_base62(24)),
             merchant_id: merchant.to_string(),
@@ -175,12 +206,41 @@ impl SandboxPsp {
             exp_month,
             exp_year,
             behaviour: behaviour.as_str().to_owned(),
+            signals: Some(signals.clone()),
         };
         drop(pan);
         self.db.sandbox_store_card(&card).await?;
         self.cards
-            .insert(card.id.clone(), (card.merchant_id.clone(), behaviour));
+            .insert(card.id.clone(), (card.merchant_id.clone(), behaviour, Some(signals)));
         Ok(card)
+    }
+
+    /// What the tokenizer keeps of a card for risk rules: the BIN, brand, issuing country and
+    /// funding of the test cards, and a keyed hash of the number that no one can reverse.
+    fn signals_of(&self, pan: &CardNumber) -> CardSignals {
+        use hmac::{Hmac, Mac};
+        let digits = pan.expose_digits();
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(self.config.card_fingerprint_key.as_bytes())
+            .expect("HMAC takes a key of any length");
+        mac.update(digits.as_bytes());
+        let fingerprint = hex::encode(&mac.finalize().into_bytes()[..16]);
+        let (country, funding) = card_profile(digits);
+        CardSignals {
+            fingerprint,
+            bin: digits[..6.min(digits.len())].to_owned(),
+            brand: pan.brand().to_owned(),
+            country: country.to_owned(),
+            funding: funding.to_owned(),
+        }
+    }
+
+    /// The signals of a token: a named test token's card, or a tokenized card of `merchant`.
+    async fn card_signals(&self, merchant: &MerchantId, token: &str) -> Result<Option<CardSignals>, PspError> {
+        if let Some(pan) = builtin_pan(token).and_then(CardNumber::parse) {
+            return Ok(Some(self.signals_of(&pan)));
+        }
+        self.behaviour(merchant, token).await?;
+        Ok(self.cards.get(token).and_then(|c| c.2.clone()))
     }
 
     /// The customer finished the 3-D Secure step: the intent is authorized (or captured, with
@@ -254,7 +314,7 @@ impl SandboxPsp {
             return Ok(b);
         }
         let known = self.cards.get(token).map(|c| c.clone());
-        let (owner, behaviour) = match known {
+        let (owner, behaviour, _) = match known {
             Some(c) => c,
             None => {
                 let card = self
@@ -264,7 +324,7 @@ impl SandboxPsp {
                     .map_err(|e| PspError::Unavailable(e.to_string()))?;
                 let card =
                     card.ok_or_else(|| invalid("resource_missing", "No such payment method.", Some("payment_method")))?;
-                let entry = (card.merchant_id, Behaviour::parse(&card.behaviour));
+                let entry = (card.merchant_id, Behaviour::parse(&card.behaviour), card.signals);
                 self.cards.insert(token.to_owned(), entry.clone());
                 entry
             }
@@ -337,6 +397,10 @@ impl SandboxPsp {
         let reference = reference("pi_", &req.key);
         let amount = req.amount.minor;
         let status = match behaviour {
+            // A risk rule asked for 3-D Secure: the sandbox challenges, as ThreeDSecure does.
+            Behaviour::Success | Behaviour::Dispute if req.three_d_secure => IntentStatus::RequiresAction {
+                redirect_url: format!("{}/sandbox/v1/payments/{reference}/complete_3ds", self.public_url),
+            },
             Behaviour::Success | Behaviour::Dispute => match req.capture {
                 CaptureStrategy::Automatic => IntentStatus::Succeeded {
                     amount_captured: amount,
@@ -537,6 +601,10 @@ impl Psp for SandboxPsp {
 
     fn refund(&self, key: AttemptId, reference: String, amount: Money) -> PspFuture<'_, PspRefund> {
         Box::pin(self.do_refund(key, reference, amount))
+    }
+
+    fn card<'a>(&'a self, merchant: &'a MerchantId, token: &'a str) -> PspFuture<'a, Option<CardSignals>> {
+        Box::pin(self.card_signals(merchant, token))
     }
 
     fn retrieve(&self, reference: String) -> PspFuture<'_, Intent> {

@@ -1,0 +1,422 @@
+//! Risk controls before the PSP call (docs/API.md, "Risk"): the merchant's rules, its lists,
+//! and velocity counters, evaluated in the payment's actor at confirm. A block costs no PSP
+//! call; a review holds the authorization; a 3-D Secure request makes the PSP challenge.
+//!
+//! Velocity is counted in memory on the node that owns the payments: attempts, amounts and
+//! distinct cards per IP, card fingerprint and email, over the last hour and day. It is rebuilt
+//! from the last day's payments at start, and bounded: at most [`MAX_KEYS`] keys, each keeping
+//! at most [`MAX_EVENTS_PER_KEY`] attempts (the oldest go first); keys idle for a day go at the
+//! next sweep. Past the key bound, new keys are not counted until a sweep frees room (a
+//! counter can only under-count then, and `payrail_risk_velocity_keys` shows it).
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use dashmap::DashMap;
+
+use super::store::StoreFuture;
+use crate::adapters::postgres::risk::RiskRow;
+use crate::adapters::postgres::{Db, StoreError};
+use crate::domain::risk::{decide_risk, parse, CardSignals, Customer, RiskAction, RiskDecision, Rule, Signals, Value};
+use crate::domain::{MerchantId, Payment};
+
+pub const MAX_KEYS: usize = 200_000;
+pub const MAX_EVENTS_PER_KEY: usize = 1_000;
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 24 * HOUR_MS;
+/// Merchants whose rules and lists are cached at once; past it the cache starts over.
+const MAX_CACHED_MERCHANTS: usize = 10_000;
+
+/// The attributes a rule may read. A predicate naming another is refused at creation.
+pub const ATTRIBUTES: &[&str] = &[
+    "amount",
+    "currency",
+    "capture_strategy",
+    "email",
+    "email_domain",
+    "ip",
+    "ip_country",
+    "customer_country",
+    "card_fingerprint",
+    "card_bin",
+    "card_brand",
+    "card_country",
+    "card_funding",
+    "card_is_prepaid",
+    "ip_attempts_1h",
+    "ip_attempts_24h",
+    "ip_cards_1h",
+    "ip_cards_24h",
+    "ip_amount_1h",
+    "card_attempts_1h",
+    "card_attempts_24h",
+    "card_amount_24h",
+    "email_attempts_24h",
+    "email_cards_24h",
+];
+
+/// What the payment flow asks before it calls the PSP.
+pub trait RiskCheck: Send + Sync + 'static {
+    /// The rules' decision for `payment` (its customer signals, and the card's if the PSP
+    /// knows them); the attempt is counted for velocity.
+    fn assess<'a>(&'a self, payment: &'a Payment, card: Option<&'a CardSignals>) -> StoreFuture<'a, RiskDecision>;
+}
+
+/// No rules: everything is allowed (the simulation, and `[risk] enabled = false`).
+pub struct NoRisk;
+
+impl RiskCheck for NoRisk {
+    fn assess<'a>(&'a self, _: &'a Payment, _: Option<&'a CardSignals>) -> StoreFuture<'a, RiskDecision> {
+        Box::pin(std::future::ready(Ok(RiskDecision {
+            score: 0,
+            outcome: RiskAction::Allow,
+            rule: None,
+        })))
+    }
+}
+
+/// One counted attempt.
+#[derive(Debug, Clone, Copy)]
+struct Attempt {
+    at_ms: i64,
+    amount: i64,
+    /// A short hash of the card fingerprint, to count distinct cards.
+    card: u64,
+}
+
+/// Attempts per key (`ip:…`, `card:…`, `email:…`) over the last day.
+#[derive(Default)]
+pub struct Velocity {
+    keys: DashMap<String, Mutex<VecDeque<Attempt>>>,
+    recorded: AtomicU64,
+}
+
+/// One key's figures over a window.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub attempts: i64,
+    pub amount: i64,
+    pub cards: i64,
+}
+
+impl Velocity {
+    fn record(&self, key: String, at_ms: i64, amount: i64, card: u64) {
+        if self.recorded.fetch_add(1, Ordering::Relaxed) % 10_000 == 9_999 {
+            self.sweep(at_ms);
+        }
+        if self.keys.len() >= MAX_KEYS && !self.keys.contains_key(&key) {
+            return;
+        }
+        let entry = self.keys.entry(key).or_default();
+        let mut q = entry.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= MAX_EVENTS_PER_KEY {
+            q.pop_front();
+        }
+        q.push_back(Attempt { at_ms, amount, card });
+    }
+
+    /// The key's attempts within `window_ms` before `now_ms`.
+    pub fn window(&self, key: &str, now_ms: i64, window_ms: i64) -> Window {
+        let Some(entry) = self.keys.get(key) else {
+            return Window::default();
+        };
+        let q = entry.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = Window::default();
+        let mut cards = HashSet::new();
+        for a in q.iter().rev().take_while(|a| a.at_ms > now_ms - window_ms) {
+            w.attempts += 1;
+            w.amount = w.amount.saturating_add(a.amount);
+            if a.card != 0 {
+                cards.insert(a.card);
+            }
+        }
+        w.cards = cards.len() as i64;
+        w
+    }
+
+    /// Drops attempts older than a day, and keys left empty.
+    pub fn sweep(&self, now_ms: i64) {
+        self.keys.retain(|_, q| {
+            let q = q.get_mut().unwrap_or_else(|e| e.into_inner());
+            while q.front().map(|a| a.at_ms <= now_ms - DAY_MS).unwrap_or(false) {
+                q.pop_front();
+            }
+            !q.is_empty()
+        });
+    }
+
+    pub fn keys(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn count(&self, customer: Option<&Customer>, card: Option<&CardSignals>, amount: i64, at: DateTime<Utc>) {
+        let at_ms = at.timestamp_millis();
+        let card_hash = card.map(|c| short_hash(&c.fingerprint)).unwrap_or(0);
+        for key in keys_of(customer, card) {
+            self.record(key, at_ms, amount, card_hash);
+        }
+    }
+}
+
+fn short_hash(s: &str) -> u64 {
+    crate::domain::ids::stable_hash(s).max(1)
+}
+
+fn keys_of(customer: Option<&Customer>, card: Option<&CardSignals>) -> Vec<String> {
+    let mut keys = Vec::with_capacity(3);
+    if let Some(ip) = customer.and_then(|c| c.ip.as_ref()) {
+        keys.push(format!("ip:{ip}"));
+    }
+    if let Some(c) = card {
+        keys.push(format!("card:{}", c.fingerprint));
+    }
+    if let Some(e) = customer.and_then(|c| c.email.as_ref()) {
+        keys.push(format!("email:{e}"));
+    }
+    keys
+}
+
+/// A merchant's rules and the lists they read, parsed and loaded once.
+struct MerchantRisk {
+    rules: Vec<Rule>,
+    lists: DashMap<String, Arc<HashSet<String>>>,
+}
+
+/// The production risk check: rules and lists from PostgreSQL (cached until changed), the
+/// built-in defaults, and velocity in memory.
+pub struct RiskEngine {
+    db: Db,
+    defaults: Vec<Rule>,
+    cache: DashMap<MerchantId, Arc<MerchantRisk>>,
+    pub velocity: Velocity,
+}
+
+/// The built-in rules that protect a merchant from card testing until it writes its own (it
+/// overrides them with an `allow` rule, which wins over any block).
+pub const DEFAULT_RULES: &[(&str, RiskAction, &str)] = &[
+    (
+        "rr_default_many_cards_one_ip",
+        RiskAction::Block,
+        ":ip_cards_1h: >= 5 and :amount: <= 2000",
+    ),
+    (
+        "rr_default_many_small_attempts_one_ip",
+        RiskAction::Block,
+        ":ip_attempts_1h: >= 30 and :amount: <= 500",
+    ),
+];
+
+impl RiskEngine {
+    pub fn new(db: Db, default_rules: bool) -> RiskEngine {
+        let defaults = if default_rules {
+            DEFAULT_RULES
+                .iter()
+                .map(|(id, action, predicate)| Rule {
+                    id: (*id).to_owned(),
+                    action: *action,
+                    predicate: parse(predicate).expect("the default rules parse"),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        RiskEngine {
+            db,
+            defaults,
+            cache: DashMap::new(),
+            velocity: Velocity::default(),
+        }
+    }
+
+    /// Counts the last day's attempts again, from PostgreSQL, after a start.
+    pub async fn rebuild(&self) -> Result<usize, StoreError> {
+        let rows = self.db.risk_history(DAY_MS, 1_000_000).await?;
+        let n = rows.len();
+        for (customer, card, amount, at) in rows {
+            self.velocity.count(customer.as_ref(), card.as_ref(), amount, at);
+        }
+        Ok(n)
+    }
+
+    /// Forgets a merchant's rules and lists, so that a change takes effect at once.
+    pub fn invalidate(&self, merchant: &MerchantId) {
+        self.cache.remove(merchant);
+    }
+
+    async fn merchant(&self, merchant: &MerchantId) -> Result<Arc<MerchantRisk>, StoreError> {
+        if let Some(m) = self.cache.get(merchant) {
+            return Ok(m.clone());
+        }
+        let mut rules = self.defaults.clone();
+        for RiskRow {
+            id, action, predicate, ..
+        } in self.db.risk_rules(merchant).await?
+        {
+            // Stored rules were checked when created; one that no longer parses is skipped.
+            match (RiskAction::parse(&action), parse(&predicate)) {
+                (Some(action), Ok(predicate)) => rules.push(Rule { id, action, predicate }),
+                _ => tracing::warn!(rule = %id, "a stored risk rule does not parse; skipped"),
+            }
+        }
+        let mut names = (Vec::new(), Vec::new());
+        for r in &rules {
+            r.predicate.names(&mut names.0, &mut names.1);
+        }
+        let lists = DashMap::new();
+        for list in names.1 {
+            if !lists.contains_key(&list) {
+                let items: HashSet<String> = self
+                    .db
+                    .risk_list_items(merchant, &list, 100_000)
+                    .await?
+                    .into_iter()
+                    .collect();
+                lists.insert(list, Arc::new(items));
+            }
+        }
+        let m = Arc::new(MerchantRisk { rules, lists });
+        if self.cache.len() >= MAX_CACHED_MERCHANTS {
+            self.cache.clear();
+        }
+        self.cache.insert(merchant.clone(), m.clone());
+        Ok(m)
+    }
+}
+
+impl RiskCheck for RiskEngine {
+    fn assess<'a>(&'a self, payment: &'a Payment, card: Option<&'a CardSignals>) -> StoreFuture<'a, RiskDecision> {
+        Box::pin(async move {
+            let m = self.merchant(&payment.merchant_id).await?;
+            let now = payment.updated_at.timestamp_millis();
+            let signals = PaymentSignals {
+                payment,
+                card,
+                velocity: &self.velocity,
+                now_ms: now,
+                lists: &m.lists,
+            };
+            let decision = decide_risk(&m.rules, &signals);
+            let amount = payment.state.amount;
+            self.velocity
+                .count(payment.customer.as_ref(), card, amount, payment.updated_at);
+            Ok(decision)
+        })
+    }
+}
+
+/// A payment's signals, as the rule language reads them.
+pub struct PaymentSignals<'a> {
+    pub payment: &'a Payment,
+    pub card: Option<&'a CardSignals>,
+    velocity: &'a Velocity,
+    now_ms: i64,
+    lists: &'a DashMap<String, Arc<HashSet<String>>>,
+}
+
+impl PaymentSignals<'_> {
+    fn window(&self, prefix: &str, value: Option<&str>, window_ms: i64) -> Option<Window> {
+        value.map(|v| self.velocity.window(&format!("{prefix}:{v}"), self.now_ms, window_ms))
+    }
+}
+
+impl Signals for PaymentSignals<'_> {
+    fn attr(&self, name: &str) -> Option<Value> {
+        let p = self.payment;
+        let customer = p.customer.as_ref();
+        let email = customer.and_then(|c| c.email.as_deref());
+        let ip = customer.and_then(|c| c.ip.as_deref());
+        let fp = self.card.map(|c| c.fingerprint.as_str());
+        let text = |s: Option<&str>| s.map(|s| Value::Text(s.to_owned()));
+        let int = |w: Option<Window>, f: fn(Window) -> i64| w.map(|w| Value::Int(f(w)));
+        match name {
+            "amount" => Some(Value::Int(p.state.amount)),
+            "currency" => Some(Value::Text(p.currency.code().to_owned())),
+            "capture_strategy" => Some(Value::Text(p.capture_strategy.as_str().to_owned())),
+            "email" => text(email),
+            "email_domain" => text(email.and_then(|e| e.split_once('@')).map(|(_, d)| d)),
+            "ip" => text(ip),
+            // payrail has no geo-IP database: the merchant sends the country it found.
+            "ip_country" | "customer_country" => text(customer.and_then(|c| c.country.as_deref())),
+            "card_fingerprint" => text(fp),
+            "card_bin" => text(self.card.map(|c| c.bin.as_str())),
+            "card_brand" => text(self.card.map(|c| c.brand.as_str())),
+            "card_country" => text(self.card.map(|c| c.country.as_str())),
+            "card_funding" => text(self.card.map(|c| c.funding.as_str())),
+            "card_is_prepaid" => self.card.map(|c| Value::Bool(c.funding == "prepaid")),
+            "ip_attempts_1h" => int(self.window("ip", ip, HOUR_MS), |w| w.attempts),
+            "ip_attempts_24h" => int(self.window("ip", ip, DAY_MS), |w| w.attempts),
+            "ip_cards_1h" => int(self.window("ip", ip, HOUR_MS), |w| w.cards),
+            "ip_cards_24h" => int(self.window("ip", ip, DAY_MS), |w| w.cards),
+            "ip_amount_1h" => int(self.window("ip", ip, HOUR_MS), |w| w.amount),
+            "card_attempts_1h" => int(self.window("card", fp, HOUR_MS), |w| w.attempts),
+            "card_attempts_24h" => int(self.window("card", fp, DAY_MS), |w| w.attempts),
+            "card_amount_24h" => int(self.window("card", fp, DAY_MS), |w| w.amount),
+            "email_attempts_24h" => int(self.window("email", email, DAY_MS), |w| w.attempts),
+            "email_cards_24h" => int(self.window("email", email, DAY_MS), |w| w.cards),
+            _ => None,
+        }
+    }
+
+    fn listed(&self, list: &str, value: &Value) -> bool {
+        let Some(items) = self.lists.get(list) else {
+            return false;
+        };
+        let item = match value {
+            Value::Text(t) => t.to_ascii_lowercase(),
+            Value::Int(i) => i.to_string(),
+            Value::Bool(b) => b.to_string(),
+        };
+        items.contains(&item)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn velocity_windows_count_attempts_amounts_and_distinct_cards() {
+        let v = Velocity::default();
+        let hour = 3_600_000;
+        v.record("ip:1.2.3.4".into(), 1_000, 100, 7);
+        v.record("ip:1.2.3.4".into(), 2_000, 200, 7);
+        v.record("ip:1.2.3.4".into(), hour + 3_000, 300, 9);
+        let w = v.window("ip:1.2.3.4", hour + 3_500, hour);
+        assert_eq!(
+            w,
+            Window {
+                attempts: 2,
+                amount: 500,
+                cards: 2
+            }
+        );
+        assert_eq!(v.window("ip:1.2.3.4", hour + 3_500, 24 * hour).attempts, 3);
+        assert_eq!(v.window("ip:9.9.9.9", 0, hour), Window::default());
+        v.sweep(25 * hour + 3_000);
+        assert_eq!(v.keys(), 0, "a day idle: gone");
+    }
+
+    #[test]
+    fn one_key_keeps_a_bounded_number_of_attempts() {
+        let v = Velocity::default();
+        for i in 0..(MAX_EVENTS_PER_KEY as i64 + 50) {
+            v.record("ip:x".into(), i, 1, 0);
+        }
+        assert_eq!(
+            v.window("ip:x", 1_000_000, 24 * 3_600_000).attempts,
+            MAX_EVENTS_PER_KEY as i64
+        );
+    }
+
+    #[test]
+    fn every_default_rule_parses_and_names_known_attributes() {
+        for (_, _, p) in DEFAULT_RULES {
+            let e = parse(p).unwrap();
+            let (mut attrs, mut lists) = (Vec::new(), Vec::new());
+            e.names(&mut attrs, &mut lists);
+            assert!(attrs.iter().all(|a| ATTRIBUTES.contains(&a.as_str())), "{p}");
+        }
+    }
+}

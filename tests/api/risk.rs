@@ -1,0 +1,309 @@
+//! Risk controls before the PSP call: every action, lists taking effect at once, review
+//! approved and rejected, the built-in card-testing rules, and predicate errors.
+
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn_app, spawn_app_with, TestApp, DEMO_KEY};
+
+async fn rule(app: &TestApp, action: &str, predicate: &str) -> Value {
+    let r = app
+        .post(
+            "/api/v1/risk/rules",
+            json!({ "action": action, "predicate": predicate }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body
+}
+
+async fn pay(app: &TestApp, amount: i64, method: &str, capture: &str, customer: Value) -> Value {
+    let r = app
+        .post(
+            "/api/v1/payments",
+            json!({ "order_id": "ord_risk", "amount": { "value": amount, "currency": "USD" },
+                    "payment_method": method, "capture_strategy": capture, "confirm": true,
+                    "customer": customer }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body
+}
+
+async fn attempts(app: &TestApp, payment: &str) -> i64 {
+    app.sql()
+        .await
+        .query_one("SELECT count(*) FROM psp_attempts WHERE payment_id = $1", &[&payment])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A Luhn-valid test card number, distinct per `n`.
+fn card_number(n: u64) -> String {
+    // Away from the sandbox's own test numbers (4000000000000002 declines, …).
+    let body = format!("400000{:09}", n + 100_000);
+    let digits: Vec<u32> = body.chars().map(|c| c.to_digit(10).unwrap()).collect();
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, d)| {
+            if i % 2 == 0 {
+                (d * 2) % 9 + if d * 2 == 18 { 9 } else { 0 }
+            } else {
+                *d
+            }
+        })
+        .sum();
+    format!("{body}{}", (10 - sum % 10) % 10)
+}
+
+async fn tokenize(app: &TestApp, number: &str) -> String {
+    let body = json!({ "card": { "number": number, "exp_month": 12, "exp_year": 2031, "cvc": "123" } }).to_string();
+    let r = app
+        .request("POST", "/sandbox/v1/payment_methods", Some(DEMO_KEY), None, Some(&body))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body["id"].as_str().unwrap().to_owned()
+}
+
+#[actix_web::test]
+async fn a_block_rule_fails_the_payment_without_a_psp_call() {
+    let app = spawn_app().await;
+    let r = rule(&app, "block", ":amount: > 100000 and :card_country: = 'US'").await;
+    let id = r["rule_id"].as_str().unwrap();
+    let p = pay(&app, 150_000, "pm_card_visa", "automatic", json!(null)).await;
+    assert_eq!(p["status"], "failed", "{p}");
+    assert_eq!(p["failure"]["code"], "blocked");
+    assert_eq!(
+        (p["risk"]["outcome"].as_str(), p["risk"]["rule"].as_str()),
+        (Some("block"), Some(id))
+    );
+    assert_eq!(
+        attempts(&app, p["payment_id"].as_str().unwrap()).await,
+        0,
+        "the PSP never heard of it"
+    );
+    // Below the threshold the same card goes through, and the decision is still recorded.
+    let ok = pay(&app, 90_000, "pm_card_visa", "automatic", json!(null)).await;
+    assert_eq!(
+        (ok["status"].as_str(), ok["risk"]["outcome"].as_str()),
+        (Some("captured"), Some("allow"))
+    );
+    assert_eq!(ok["card"]["country"], "US");
+    // Confirming later is assessed the same way.
+    let later = app
+        .post(
+            "/api/v1/payments",
+            json!({ "order_id": "o", "amount": { "value": 200_000, "currency": "USD" }, "payment_method": "pm_card_visa" }),
+        )
+        .await
+        .body;
+    let confirmed = app
+        .post(
+            &format!("/api/v1/payments/{}/confirm", later["payment_id"].as_str().unwrap()),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (confirmed.status, confirmed.body["failure"]["code"].as_str()),
+        (200, Some("blocked"))
+    );
+}
+
+#[actix_web::test]
+async fn request_3ds_makes_the_psp_challenge() {
+    let app = spawn_app().await;
+    rule(&app, "request_3ds", ":customer_country: != :card_country:").await;
+    let p = pay(
+        &app,
+        5_000,
+        "pm_card_visa",
+        "manual",
+        json!({ "country": "FR", "ip": "203.0.113.7" }),
+    )
+    .await;
+    assert_eq!(p["status"], "requires_action", "{p}");
+    assert_eq!(p["risk"]["outcome"], "request_3ds");
+    let reference = p["psp_reference"].as_str().unwrap();
+    let done = app
+        .request(
+            "POST",
+            &format!("/sandbox/v1/payments/{reference}/complete_3ds"),
+            Some(DEMO_KEY),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (done.status, done.body["status"].as_str()),
+        (200, Some("authorized")),
+        "{}",
+        done.body
+    );
+    // Same country: no challenge.
+    let q = pay(&app, 5_000, "pm_card_visa", "manual", json!({ "country": "US" })).await;
+    assert_eq!(q["status"], "authorized");
+}
+
+#[actix_web::test]
+async fn review_holds_the_payment_until_approved_or_rejected_and_lists_apply_at_once() {
+    let app = spawn_app().await;
+    rule(&app, "review", ":email_domain: in @risky_domains").await;
+    let add = app
+        .post(
+            "/api/v1/risk/lists/risky_domains/items",
+            json!({ "item": "Risky.Example" }),
+        )
+        .await;
+    assert_eq!((add.status, add.body["item"].as_str()), (201, Some("risky.example")));
+    let customer = json!({ "email": "mallory@risky.example" });
+    let p = pay(&app, 4_000, "pm_card_visa", "automatic", customer.clone()).await;
+    assert_eq!(
+        (p["status"].as_str(), p["amount_captured"].as_i64()),
+        (Some("in_review"), Some(0)),
+        "{p}"
+    );
+    let id = p["payment_id"].as_str().unwrap().to_owned();
+    let capture = app.post(&format!("/api/v1/payments/{id}/capture"), json!({})).await;
+    assert_eq!(capture.status, 409, "not capturable while in review");
+    let approved = app.post(&format!("/api/v1/payments/{id}/approve"), json!({})).await;
+    assert_eq!(
+        (approved.status, approved.body["status"].as_str()),
+        (200, Some("captured")),
+        "approved with automatic capture: captured now: {}",
+        approved.body
+    );
+    let q = pay(&app, 4_000, "pm_card_visa", "manual", customer.clone()).await;
+    let qid = q["payment_id"].as_str().unwrap().to_owned();
+    let rejected = app.post(&format!("/api/v1/payments/{qid}/reject"), json!({})).await;
+    assert_eq!(
+        (rejected.status, rejected.body["status"].as_str()),
+        (200, Some("canceled"))
+    );
+    let again = app.post(&format!("/api/v1/payments/{qid}/approve"), json!({})).await;
+    assert_eq!(again.status, 409);
+    // Taking the domain off the list takes effect for the very next payment.
+    let del = app
+        .request(
+            "DELETE",
+            "/api/v1/risk/lists/risky_domains/items/risky.example",
+            Some(DEMO_KEY),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(del.status, 200);
+    let r = pay(&app, 4_000, "pm_card_visa", "automatic", customer).await;
+    assert_eq!(r["status"], "captured");
+    assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
+}
+
+#[actix_web::test]
+async fn the_built_in_rules_stop_card_testing_from_one_ip_and_an_allow_rule_overrides_them() {
+    let app = spawn_app().await;
+    let ip = json!({ "ip": "198.51.100.9" });
+    let mut outcomes = Vec::new();
+    for n in 0..8 {
+        let token = tokenize(&app, &card_number(n)).await;
+        let p = pay(&app, 100, &token, "automatic", ip.clone()).await;
+        outcomes.push(p["status"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(outcomes[..5], ["captured"; 5], "{outcomes:?}");
+    assert_eq!(
+        outcomes[5..],
+        ["failed"; 3],
+        "the sixth card from one IP is blocked: {outcomes:?}"
+    );
+    // Another IP is not affected.
+    let other = pay(&app, 100, "pm_card_visa", "automatic", json!({ "ip": "192.0.2.1" })).await;
+    assert_eq!(other["status"], "captured");
+    // The merchant trusts this IP: allow wins over the built-in block.
+    rule(&app, "allow", ":ip: in @trusted_ips").await;
+    app.post(
+        "/api/v1/risk/lists/trusted_ips/items",
+        json!({ "item": "198.51.100.9" }),
+    )
+    .await;
+    let token = tokenize(&app, &card_number(99)).await;
+    let p = pay(&app, 100, &token, "automatic", ip).await;
+    assert_eq!(p["status"], "captured", "{p}");
+    let list = app.get("/api/v1/risk/rules").await.body;
+    assert!(list["data"].as_array().unwrap().iter().any(|r| r["default"] == true));
+}
+
+#[actix_web::test]
+async fn bad_predicates_are_refused_with_their_position() {
+    let app = spawn_app_with(|_| {}).await;
+    let r = app
+        .post(
+            "/api/v1/risk/rules",
+            json!({ "action": "block", "predicate": ":amount: > " }),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (400, Some("predicate_invalid"))
+    );
+    assert!(
+        r.body["error"]["message"].as_str().unwrap().contains("position 11"),
+        "{}",
+        r.body
+    );
+    let r = app
+        .post(
+            "/api/v1/risk/rules",
+            json!({ "action": "block", "predicate": ":amount: > 5 and :shoe_size: > 40" }),
+        )
+        .await;
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(":shoe_size: at position 17"),
+        "{}",
+        r.body
+    );
+    let r = app
+        .post(
+            "/api/v1/risk/rules",
+            json!({ "action": "explode", "predicate": ":amount: > 5" }),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    // A rule made twice with one key is one rule.
+    let body = json!({ "action": "review", "predicate": ":amount: > 5" }).to_string();
+    for _ in 0..2 {
+        let r = app
+            .request(
+                "POST",
+                "/api/v1/risk/rules",
+                Some(DEMO_KEY),
+                Some("rule-1"),
+                Some(&body),
+            )
+            .await;
+        assert_eq!(r.status, 201);
+    }
+    let mine: Vec<Value> = app.get("/api/v1/risk/rules").await.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["default"] == false)
+        .cloned()
+        .collect();
+    assert_eq!(mine.len(), 1);
+    let id = mine[0]["rule_id"].as_str().unwrap();
+    for _ in 0..2 {
+        let r = app
+            .request(
+                "DELETE",
+                &format!("/api/v1/risk/rules/{id}"),
+                Some(DEMO_KEY),
+                None,
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200);
+    }
+}
