@@ -66,6 +66,11 @@ struct TransitionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabels {
     state: &'static str,
 }
@@ -89,6 +94,8 @@ pub struct Scrape {
     /// JetStream's pending, ack-pending and redelivered PSP events, if it answered in time.
     pub consumer_lag: Option<(u64, u64, u64)>,
     pub dead_letters_unreplayed: Option<i64>,
+    /// Keys (IPs, cards, emails) the risk velocity counters hold.
+    pub risk_velocity_keys: i64,
     /// Pool connections in use, idle, and callers waiting for one.
     pub pool: (i64, i64, i64),
 }
@@ -116,6 +123,8 @@ pub struct Metrics {
     dead_letters_unreplayed: Gauge,
     pool_connections: Family<PoolLabels, Gauge>,
     pool_waiters: Gauge,
+    risk_decisions: Family<OutcomeLabels, Counter>,
+    risk_velocity_keys: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -156,6 +165,8 @@ impl Metrics {
             dead_letters_unreplayed: Gauge::default(),
             pool_connections: Family::default(),
             pool_waiters: Gauge::default(),
+            risk_decisions: Family::default(),
+            risk_velocity_keys: Gauge::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -259,6 +270,16 @@ impl Metrics {
             "Callers waiting for a database connection",
             m.pool_waiters.clone(),
         );
+        r.register(
+            "risk_decisions",
+            "Risk rule decisions before authorization, by outcome",
+            m.risk_decisions.clone(),
+        );
+        r.register(
+            "risk_velocity_keys",
+            "IPs, cards and emails the velocity counters hold (bounded)",
+            m.risk_velocity_keys.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
@@ -308,6 +329,11 @@ impl Metrics {
         self.transitions.get_or_create(&TransitionLabels { from, to }).inc();
     }
 
+    /// A risk decision before an authorization.
+    pub fn risk_decision(&self, outcome: &'static str) {
+        self.risk_decisions.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
     /// One ledger batch: how many commits it held and how long its transaction took.
     pub fn ledger_batch(&self, size: usize, took: Duration) {
         self.ledger_batch_size.observe(size as f64);
@@ -340,6 +366,7 @@ impl Metrics {
             .get_or_create(&PoolLabels { state: "idle" })
             .set(idle);
         self.pool_waiters.set(waiting);
+        self.risk_velocity_keys.set(scrape.risk_velocity_keys);
         let mut out = String::with_capacity(16 * 1024);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -36,6 +36,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         ledger_split_batches: state.ledger.stats.split_batches.load(Ordering::Relaxed),
         consumer_lag: lag.map(|l| (l.pending, l.ack_pending, l.redelivered)),
         dead_letters_unreplayed: unreplayed,
+        risk_velocity_keys: state.risk.velocity.keys() as i64,
         pool: (
             pool.size.saturating_sub(pool.available) as i64,
             pool.available as i64,

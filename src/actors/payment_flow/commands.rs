@@ -27,6 +27,7 @@ impl Flow<'_> {
         let mut assessed = payment.clone();
         assessed.card = card.clone();
         let decision = self.deps.risk.assess(&assessed, card.as_ref()).await?;
+        self.deps.metrics.risk_decision(decision.outcome.as_str());
         if decision.outcome != RiskAction::Allow {
             tracing::info!(payment_id = %payment.id, outcome = decision.outcome.as_str(), rule = ?decision.rule, score = decision.score, "risk rule decided");
         }
