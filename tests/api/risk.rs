@@ -307,3 +307,26 @@ async fn bad_predicates_are_refused_with_their_position() {
         assert_eq!(r.status, 200);
     }
 }
+
+/// Velocity survives a restart: a new engine on the same database counts the last day again.
+#[actix_web::test]
+async fn velocity_is_rebuilt_from_the_last_day_after_a_restart() {
+    let app = spawn_app().await;
+    let ip = json!({ "ip": "198.51.100.77", "email": "t@tester.example" });
+    for n in 0..3 {
+        let token = tokenize(&app, &card_number(500 + n)).await;
+        pay(&app, 100, &token, "automatic", ip.clone()).await;
+    }
+    let fresh = payrail::actors::risk::RiskEngine::new(app.state.db.clone(), true);
+    assert_eq!(fresh.rebuild().await.unwrap(), 3);
+    let now = chrono::Utc::now().timestamp_millis() + 1;
+    let w = fresh.velocity.window("ip:198.51.100.77", now, 3_600_000);
+    assert_eq!((w.attempts, w.cards, w.amount), (3, 3, 300));
+    assert_eq!(
+        fresh
+            .velocity
+            .window("email:t@tester.example", now, 86_400_000)
+            .attempts,
+        3
+    );
+}
