@@ -136,9 +136,8 @@ impl Velocity {
         let q = entry.lock().unwrap_or_else(|e| e.into_inner());
         let longest = windows_ms.iter().copied().max().unwrap_or(0);
         // The card hashes are hashes already: no need to hash them again.
-        let mut cards: [HashSet<u64, std::hash::BuildHasherDefault<Identity>>; N] = std::array::from_fn(|_| {
-            HashSet::with_capacity_and_hasher(64, Default::default())
-        });
+        let mut cards: [HashSet<u64, std::hash::BuildHasherDefault<Identity>>; N] =
+            std::array::from_fn(|_| HashSet::with_capacity_and_hasher(64, Default::default()));
         for a in q.iter().rev().take_while(|a| a.at_ms > now_ms - longest) {
             for (i, w) in windows_ms.iter().enumerate() {
                 if a.at_ms > now_ms - w {

@@ -125,6 +125,10 @@ impl Nats {
         partitions: u32,
         timeout: Duration,
     ) -> Result<bool, NatsError> {
+        // A header value with a control character would make the client panic: refuse it.
+        if message_id.is_empty() || !message_id.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err(NatsError::JetStream("the message id is not printable ASCII".into()));
+        }
         let payload = rmp_serde::to_vec_named(event).map_err(|e| NatsError::JetStream(e.to_string()))?;
         let subject = self.psp_subject(partition(&event.reference, partitions), &event.provider);
         let mut headers = async_nats::HeaderMap::new();

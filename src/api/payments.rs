@@ -304,14 +304,20 @@ pub fn query(req: &HttpRequest) -> Result<HashMap<String, String>, ApiError> {
 
 fn time_param(q: &HashMap<String, String>, name: &str) -> Result<Option<DateTime<Utc>>, ApiError> {
     let Some(v) = q.get(name) else { return Ok(None) };
-    if let Ok(secs) = v.parse::<i64>() {
-        return DateTime::from_timestamp(secs, 0)
-            .map(Some)
-            .ok_or_else(|| ApiError::param(name, format!("{name} is out of range")));
+    let t = match v.parse::<i64>() {
+        Ok(secs) => DateTime::from_timestamp(secs, 0),
+        Err(_) => DateTime::parse_from_rfc3339(v).ok().map(|t| t.with_timezone(&Utc)),
     }
-    DateTime::parse_from_rfc3339(v)
-        .map(|t| Some(t.with_timezone(&Utc)))
-        .map_err(|_| ApiError::param(name, format!("{name} must be an RFC 3339 timestamp or Unix seconds")))
+    .ok_or_else(|| ApiError::param(name, format!("{name} must be an RFC 3339 timestamp or Unix seconds")))?;
+    // Within what PostgreSQL's timestamptz holds, and what a payment could have: years 1 to 9999.
+    let (min, max) = (-62_135_596_800, 253_402_300_799);
+    if !(min..=max).contains(&t.timestamp()) {
+        return Err(ApiError::param(
+            name,
+            format!("{name} is out of range (years 1 to 9999)"),
+        ));
+    }
+    Ok(Some(t))
 }
 
 /// `GET /api/v1/payments`
@@ -334,7 +340,12 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRe
                 Some(Status::parse(s).ok_or_else(|| ApiError::param("status", "status is not a payment status"))?)
             }
         },
-        order_id: q.get("order_id").cloned(),
+        order_id: match q.get("order_id") {
+            Some(o) if o.is_empty() || o.chars().count() > 64 || o.contains('\0') => {
+                return Err(ApiError::param("order_id", "order_id must be 1 to 64 characters"))
+            }
+            other => other.cloned(),
+        },
         created_gte: time_param(&q, "created_gte")?,
         created_lt: time_param(&q, "created_lt")?,
     };

@@ -113,7 +113,9 @@ pub async fn delete_rule(state: web::Data<AppState>, req: HttpRequest) -> Result
     let id = req
         .match_info()
         .get("id")
-        .filter(|id| id.starts_with("rr_") && id.len() <= 67)
+        .filter(|id| {
+            id.starts_with("rr_") && id.len() <= 67 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
         .ok_or(ApiError::NotFound("risk rule"))?;
     if DEFAULT_RULES.iter().any(|(d, _, _)| *d == id) {
         return Err(ApiError::invalid(

@@ -76,7 +76,11 @@ pub async fn payment_methods(
 pub async fn complete_3ds(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let merchant = auth::merchant(&state, &req).await?;
     let sandbox = state.sandbox.clone().ok_or(ApiError::NotFound("route"))?;
-    let reference = req.match_info().get("reference").unwrap_or_default();
+    let reference = req
+        .match_info()
+        .get("reference")
+        .filter(|r| !r.is_empty() && r.len() <= 64 && r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        .ok_or(ApiError::NotFound("payment"))?;
     let payment = state
         .db
         .payment_by_psp_reference(&merchant.id, "sandbox", reference)

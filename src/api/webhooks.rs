@@ -24,6 +24,28 @@ fn malformed(message: &str) -> ApiError {
     ApiError::invalid("body_invalid", message, None)
 }
 
+/// An id, type or reference payrail carries as a NATS header, a key and a column: 1 to 255
+/// printable ASCII characters (no control characters, no NUL), or absent for a reference.
+fn printable(s: &str) -> bool {
+    s.len() <= 255 && s.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+/// Refuses an event whose identifiers could not travel: at the door, with nothing published.
+fn checked(e: PspEvent) -> Result<PspEvent, ApiError> {
+    if e.event_id.is_empty() || !printable(&e.event_id) {
+        return Err(malformed("the event id must be 1 to 255 printable ASCII characters"));
+    }
+    if e.event_type.is_empty() || !printable(&e.event_type) {
+        return Err(malformed("the event type must be 1 to 255 printable ASCII characters"));
+    }
+    if !printable(&e.reference) {
+        return Err(malformed(
+            "the object reference must be printable ASCII, at most 255 characters",
+        ));
+    }
+    Ok(e)
+}
+
 pub async fn receive(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -101,7 +123,7 @@ fn stripe_event(state: &AppState, req: &HttpRequest, provider: &str, raw: &[u8])
     } else {
         object.get("payment_intent")
     };
-    Ok(PspEvent {
+    checked(PspEvent {
         provider: provider.to_owned(),
         event_id: id.to_owned(),
         event_type: event_type.to_owned(),
@@ -149,14 +171,14 @@ fn adyen_events(state: &AppState, raw: &[u8]) -> Result<Vec<PspEvent>, ApiError>
         } else {
             fields.original_reference
         };
-        events.push(PspEvent {
+        events.push(checked(PspEvent {
             provider: "adyen".into(),
             event_id: format!("{}:{}", fields.psp_reference, fields.event_code),
             event_type: format!("adyen.{}", fields.event_code.to_ascii_lowercase()),
             reference: reference.to_owned(),
             object: serde_json::to_vec(n).unwrap_or_default(),
             raw: raw.to_vec(),
-        });
+        })?);
     }
     Ok(events)
 }

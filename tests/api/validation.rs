@@ -165,3 +165,53 @@ async fn nul_characters_are_400_not_500() {
     );
     assert_eq!(app.count("payments").await, 0);
 }
+
+/// What schemathesis found: NULs, control characters and out-of-range times are 400s and
+/// 404s at the door, never a 500 or a panic, and nothing they carry is published.
+#[actix_web::test]
+async fn nul_bytes_control_characters_and_far_times_are_refused_at_the_door() {
+    let app = spawn_app().await;
+    let get = |path: &'static str| app.request("GET", path, Some(DEMO_KEY), None, None);
+    assert_eq!(get("/api/v1/payments?order_id=a%00b").await.status, 400);
+    assert_eq!(get("/api/v1/payments?created_gte=-210866803201").await.status, 400);
+    assert_eq!(get("/api/v1/payments?created_lt=99999999999999").await.status, 400);
+    assert_eq!(get("/api/v1/payments?created_gte=-62135596800").await.status, 200);
+    assert_eq!(
+        app.request(
+            "POST",
+            "/sandbox/v1/payments/a%00b/complete_3ds",
+            Some(DEMO_KEY),
+            None,
+            None
+        )
+        .await
+        .status,
+        404
+    );
+    assert_eq!(
+        app.request("DELETE", "/api/v1/risk/rules/rr_a%00b", Some(DEMO_KEY), None, None)
+            .await
+            .status,
+        404
+    );
+    for (id, reference) in [
+        ("evt_a\nb", "pi_1"),
+        ("evt_a\rb", "pi_1"),
+        ("evt_\u{0}", "pi_1"),
+        ("evt_ok", "pi_\u{0}"),
+    ] {
+        let object = json!({ "id": reference, "object": "payment_intent", "amount": 100 });
+        let status = crate::events::send_event(&app, id, "payment_intent.succeeded", object).await;
+        assert_eq!(status, 400, "{id:?} {reference:?}");
+    }
+    let stream = async_nats::jetstream::new(app.state.nats.client.clone())
+        .get_stream(format!("{}_PSP_EVENTS", app.state.config.nats.stream_prefix))
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    assert_eq!(stream, 0, "nothing was published");
+}
