@@ -82,7 +82,12 @@ fn main() {
     for i in 0..1_000 {
         velocity.record("ip:203.0.113.9".into(), now_ms - i * 60_000, 100, (i % 7 + 1) as u64);
         velocity.record(format!("card:{}", card.fingerprint), now_ms - i * 80_000, 100, 1);
-        velocity.record("email:someone@shop.example".into(), now_ms - i * 80_000, 100, (i % 3 + 1) as u64);
+        velocity.record(
+            "email:someone@shop.example".into(),
+            now_ms - i * 80_000,
+            100,
+            (i % 3 + 1) as u64,
+        );
     }
     let mut h = Histogram::<u64>::new(3).unwrap();
     let mut outcomes = [0u64; 4];
