@@ -444,16 +444,21 @@ mod tests {
         v.record("ip:1.2.3.4".into(), 1_000, 100, 7);
         v.record("ip:1.2.3.4".into(), 2_000, 200, 7);
         v.record("ip:1.2.3.4".into(), hour + 3_000, 300, 9);
-        let w = v.window("ip:1.2.3.4", hour + 3_500, hour);
+        let w = |now, window| v.window("ip:1.2.3.4", now, window);
+        let expect = |attempts, amount, cards| Window {
+            attempts,
+            amount,
+            cards,
+        };
+        // The hour before hour + 3,500 ms holds only the last attempt; the hour before
+        // hour + 1,500 ms the last two, with two distinct cards; the day all three.
+        assert_eq!(w(hour + 3_500, hour), expect(1, 300, 1));
+        assert_eq!(w(hour + 1_500, hour), expect(2, 500, 2));
+        assert_eq!(w(hour + 3_500, 24 * hour), expect(3, 600, 2));
         assert_eq!(
-            w,
-            Window {
-                attempts: 2,
-                amount: 500,
-                cards: 2
-            }
+            v.windows("ip:1.2.3.4", hour + 3_500, &[hour, 24 * hour]),
+            [expect(1, 300, 1), expect(3, 600, 2)]
         );
-        assert_eq!(v.window("ip:1.2.3.4", hour + 3_500, 24 * hour).attempts, 3);
         assert_eq!(v.window("ip:9.9.9.9", 0, hour), Window::default());
         v.sweep(25 * hour + 3_000);
         assert_eq!(v.keys(), 0, "a day idle: gone");
