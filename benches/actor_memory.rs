@@ -14,7 +14,7 @@ use payrail::adapters::postgres::Db;
 use payrail::adapters::psp::sandbox::SandboxPsp;
 use payrail::config::{repo_config_path, Config};
 use payrail::domain::record::now;
-use payrail::domain::{CaptureStrategy, Currency, MerchantId, Payment, PaymentId, PaymentState};
+use payrail::domain::{CaptureStrategy, Currency, MerchantId, Money, Payment, PaymentId};
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -29,30 +29,22 @@ fn rss_bytes() -> u64 {
 fn payment(merchant: &MerchantId, i: usize) -> Payment {
     let at = now();
     Payment {
-        id: PaymentId::generate(),
-        merchant_id: merchant.clone(),
         order_id: format!("ord_{i}"),
-        currency: Currency::parse("USD").unwrap(),
-        state: PaymentState::new(4999),
         capture_strategy: CaptureStrategy::Manual,
-        payment_method: "pm_card_visa".into(),
-        psp: "sandbox".into(),
         psp_reference: Some(format!("pi_{i:024}")),
-        client_secret: None,
-        next_action: None,
-        failure: None,
         customer_id: Some("cus_42".into()),
         description: Some("2 items".into()),
         metadata: [("cart_id".to_owned(), "cart_abc".to_owned())].into(),
         fee_bps: 290,
         fee_fixed: 30,
-        version: 1,
-        transitions: 1,
-        created_at: at,
-        updated_at: at,
-        customer: None,
-        card: None,
-        risk: None,
+        ..Payment::pending(
+            PaymentId::generate(),
+            merchant.clone(),
+            Money::new(4999, Currency::parse("USD").unwrap()),
+            "pm_card_visa".into(),
+            "sandbox".into(),
+            at,
+        )
     }
 }
 

@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 use payrail::actors::risk::{PaymentSignals, Velocity};
 use payrail::domain::record::now;
 use payrail::domain::risk::{decide_risk, parse, CardSignals, Customer, RiskAction, Rule};
-use payrail::domain::{CaptureStrategy, Currency, MerchantId, Payment, PaymentId, PaymentState};
+use payrail::domain::{Currency, MerchantId, Money, Payment, PaymentId};
 
 const PREDICATES: &[&str] = &[
     ":amount: > 100000 and :card_country: != :ip_country:",
@@ -29,34 +29,22 @@ const PREDICATES: &[&str] = &[
 fn main() {
     let at = now();
     let payment = Payment {
-        id: PaymentId::generate(),
-        merchant_id: MerchantId::parse("mer_bench").unwrap(),
         order_id: "ord".into(),
-        currency: Currency::parse("USD").unwrap(),
-        state: PaymentState::new(4_200),
-        capture_strategy: CaptureStrategy::Automatic,
-        payment_method: "pm_card_visa".into(),
-        psp: "sandbox".into(),
-        psp_reference: None,
-        client_secret: None,
-        next_action: None,
-        failure: None,
-        customer_id: None,
-        description: None,
-        metadata: Default::default(),
         fee_bps: 290,
         fee_fixed: 30,
-        version: 1,
-        transitions: 1,
-        created_at: at,
-        updated_at: at,
         customer: Some(Customer {
             email: Some("someone@shop.example".into()),
             ip: Some("203.0.113.9".into()),
             country: Some("FR".into()),
         }),
-        card: None,
-        risk: None,
+        ..Payment::pending(
+            PaymentId::generate(),
+            MerchantId::parse("mer_bench").unwrap(),
+            Money::new(4_200, Currency::parse("USD").unwrap()),
+            "pm_card_visa".into(),
+            "sandbox".into(),
+            at,
+        )
     };
     let card = CardSignals {
         fingerprint: "4f1c2a9d8e7b6a5c4f1c2a9d8e7b6a5c".into(),

@@ -13,7 +13,7 @@ use crate::adapters::postgres::merchants::Merchant;
 use crate::adapters::postgres::payments::PaymentFilter;
 use crate::api::error::ApiError;
 use crate::domain::record::{list_object, now};
-use crate::domain::{CaptureStrategy, Payment, PaymentId, PaymentState, Status};
+use crate::domain::{CaptureStrategy, Payment, PaymentId, Status};
 
 const CREATE_FIELDS: &[&str] = &[
     "order_id",
@@ -61,30 +61,22 @@ fn new_payment(state: &AppState, merchant: &Merchant, body: &[u8]) -> Result<(Pa
     let confirm = f.opt_bool("confirm")?.unwrap_or(false);
     let at = now();
     let payment = Payment {
-        id: PaymentId::generate(),
-        merchant_id: merchant.id.clone(),
         order_id: order_id.to_owned(),
-        currency: amount.currency,
-        state: PaymentState::new(amount.minor),
         capture_strategy,
-        payment_method: payment_method.to_owned(),
-        psp: state.registry.deps().psp.name().to_owned(),
-        psp_reference: None,
-        client_secret: None,
-        next_action: None,
-        failure: None,
         customer_id: f.opt_str("customer_id", 64)?.map(str::to_owned),
         description: f.opt_str("description", 1000)?.map(str::to_owned),
         metadata: f.opt_metadata("metadata")?.unwrap_or_default(),
         fee_bps: merchant.fee_bps,
         fee_fixed: merchant.fee_fixed,
-        version: 1,
-        transitions: 1,
-        created_at: at,
-        updated_at: at,
         customer: f.opt_customer("customer")?,
-        card: None,
-        risk: None,
+        ..Payment::pending(
+            PaymentId::generate(),
+            merchant.id.clone(),
+            amount,
+            payment_method.to_owned(),
+            state.registry.deps().psp.name().to_owned(),
+            at,
+        )
     };
     Ok((payment, confirm))
 }
@@ -225,18 +217,28 @@ pub async fn cancel(
     .await
 }
 
+/// An operation whose body must be `{}`.
+async fn bodiless(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+    op: Op,
+) -> Result<HttpResponse, ApiError> {
+    operate(state, req, payload, |_, body| {
+        let obj = body::object(body)?;
+        Fields::new(&obj, &[], "")?;
+        Ok(op)
+    })
+    .await
+}
+
 /// `POST /api/v1/payments/{id}/approve`: a payment held for review goes on.
 pub async fn approve(
     state: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    operate(state, req, payload, |_, body| {
-        let obj = body::object(body)?;
-        Fields::new(&obj, &[], "")?;
-        Ok(Op::Approve)
-    })
-    .await
+    bodiless(state, req, payload, Op::Approve).await
 }
 
 /// `POST /api/v1/payments/{id}/reject`: a payment held for review is canceled.
@@ -245,12 +247,7 @@ pub async fn reject(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    operate(state, req, payload, |_, body| {
-        let obj = body::object(body)?;
-        Fields::new(&obj, &[], "")?;
-        Ok(Op::Reject)
-    })
-    .await
+    bodiless(state, req, payload, Op::Reject).await
 }
 
 /// `POST /api/v1/payments/{id}/refunds`

@@ -65,6 +65,45 @@ pub struct Payment {
 }
 
 impl Payment {
+    /// A new payment as a create leaves it: `pending`, version 1, nothing from the PSP yet.
+    /// The optional fields (order id, capture strategy, fees, the customer's details) are set
+    /// by the caller with struct update syntax.
+    pub fn pending(
+        id: PaymentId,
+        merchant_id: MerchantId,
+        amount: Money,
+        payment_method: String,
+        psp: String,
+        at: DateTime<Utc>,
+    ) -> Payment {
+        Payment {
+            id,
+            merchant_id,
+            order_id: String::new(),
+            currency: amount.currency,
+            state: super::PaymentState::new(amount.minor),
+            capture_strategy: super::CaptureStrategy::Automatic,
+            payment_method,
+            psp,
+            psp_reference: None,
+            client_secret: None,
+            next_action: None,
+            failure: None,
+            customer_id: None,
+            description: None,
+            metadata: BTreeMap::new(),
+            fee_bps: 0,
+            fee_fixed: 0,
+            version: 1,
+            transitions: 1,
+            created_at: at,
+            updated_at: at,
+            customer: None,
+            card: None,
+            risk: None,
+        }
+    }
+
     pub fn amount(&self) -> Money {
         Money::new(self.state.amount, self.currency)
     }

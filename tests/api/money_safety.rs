@@ -7,7 +7,7 @@ use std::time::Duration;
 use payrail::adapters::postgres::commit::{Commit, CommitError, IdempotencyWrite, Transition};
 use payrail::adapters::postgres::idempotency::Begin;
 use payrail::domain::record::now;
-use payrail::domain::{CaptureStrategy, Currency, MerchantId, Payment, PaymentId, PaymentState, Status};
+use payrail::domain::{Currency, MerchantId, Money, Payment, PaymentId, Status};
 use serde_json::json;
 
 use crate::events::{journals, send_event, wait_for};
@@ -375,30 +375,17 @@ async fn a_create_commit_that_lost_its_key_inserts_nothing() {
     let create = |fence: i64| {
         let at = now();
         let payment = Payment {
-            id: PaymentId::generate(),
-            merchant_id: merchant.clone(),
             order_id: "ord_fence".into(),
-            currency: Currency::parse("USD").unwrap(),
-            state: PaymentState::new(500),
-            capture_strategy: CaptureStrategy::Automatic,
-            payment_method: "pm_card_visa".into(),
-            psp: "sandbox".into(),
-            psp_reference: None,
-            client_secret: None,
-            next_action: None,
-            failure: None,
-            customer_id: None,
-            description: None,
-            metadata: Default::default(),
             fee_bps: 290,
             fee_fixed: 30,
-            version: 1,
-            transitions: 1,
-            created_at: at,
-            updated_at: at,
-            customer: None,
-            card: None,
-            risk: None,
+            ..Payment::pending(
+                PaymentId::generate(),
+                merchant.clone(),
+                Money::new(500, Currency::parse("USD").unwrap()),
+                "pm_card_visa".into(),
+                "sandbox".into(),
+                at,
+            )
         };
         Commit {
             transition: Some(Transition {

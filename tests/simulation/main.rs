@@ -34,7 +34,7 @@ use payrail::adapters::postgres::idempotency::Begin;
 use payrail::adapters::psp::{IntentStatus, PspError, PspRefundStatus};
 use payrail::api::error::ApiError;
 use payrail::api::idempotency::{completion, Completion};
-use payrail::domain::{CaptureStrategy, Currency, JournalKind, MerchantId, Money, Payment, PaymentId, PaymentState};
+use payrail::domain::{CaptureStrategy, Currency, JournalKind, MerchantId, Money, Payment, PaymentId};
 use world::*;
 
 /// The key lease, as `[idempotency] in_flight_lease_ms` sets it.
@@ -224,34 +224,22 @@ impl Sim {
             let at = payrail::actors::store::Clock::now(&SimClock(self.w.clone()));
             let id = PaymentId::from_trusted(format!("pay_sim{n}"));
             let payment = Payment {
-                id: id.clone(),
-                merchant_id: self.merchant.clone(),
                 order_id: format!("order-{n}"),
-                currency: Currency::parse("EUR").expect("EUR"),
-                state: PaymentState::new(amount),
                 capture_strategy: if manual {
                     CaptureStrategy::Manual
                 } else {
                     CaptureStrategy::Automatic
                 },
-                payment_method: "pm_card_visa".into(),
-                psp: "sim".into(),
-                psp_reference: None,
-                client_secret: None,
-                next_action: None,
-                failure: None,
-                customer_id: None,
-                description: None,
-                metadata: Default::default(),
                 fee_bps: 290,
                 fee_fixed: 30,
-                version: 1,
-                transitions: 1,
-                created_at: at,
-                updated_at: at,
-                customer: None,
-                card: None,
-                risk: None,
+                ..Payment::pending(
+                    id.clone(),
+                    self.merchant.clone(),
+                    Money::new(amount, Currency::parse("EUR").expect("EUR")),
+                    "pm_card_visa".into(),
+                    "sim".into(),
+                    at,
+                )
             };
             self.payments.push(id.clone());
             (id, payment)
