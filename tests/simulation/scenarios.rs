@@ -16,6 +16,25 @@ pub enum Psp {
     Timeout,
     /// Refuses the request: nothing happens there.
     Refuse,
+    /// The PSP acts, and its answer is lost (a timeout after acting).
+    ActThenTimeout,
+}
+
+/// A risk check that holds every payment for review.
+struct AlwaysReview;
+
+impl payrail::actors::risk::RiskCheck for AlwaysReview {
+    fn assess<'a>(
+        &'a self,
+        _: &'a payrail::domain::Payment,
+        _: Option<&'a payrail::domain::risk::CardSignals>,
+    ) -> payrail::actors::store::StoreFuture<'a, payrail::domain::risk::RiskDecision> {
+        Box::pin(std::future::ready(Ok(payrail::domain::risk::RiskDecision {
+            score: 0,
+            outcome: payrail::domain::risk::RiskAction::Review,
+            rule: Some("rr_sim_review".into()),
+        })))
+    }
 }
 
 impl Sim {
@@ -39,6 +58,10 @@ impl Sim {
         let answer = match mode {
             Psp::Act => w.act(&call.call),
             Psp::Timeout => Err(PspError::Unavailable("timed out".into())),
+            Psp::ActThenTimeout => {
+                let _ = w.act(&call.call);
+                Err(PspError::Unavailable("timed out after acting".into()))
+            }
             Psp::Refuse => {
                 let e = PspError::Invalid {
                     code: "processing_error".into(),
@@ -450,6 +473,41 @@ fn anothers_refused_attempt_does_not_fail_this_request() -> Result<(), String> {
     ensure(body["status"] == "canceled", format!("{body}"))
 }
 
+/// A payment a rule held for review stays held however its news arrives: here the PSP's
+/// answer to the authorization is lost, its `amount_capturable_updated` event cannot find the
+/// payment yet (its reference is in the lost answer) and is redelivered, and the sweeper
+/// resolves the attempt. The payment ends `in_review`, never capturable behind the merchant's
+/// back, and the PSP was asked to authorize only (manual capture).
+fn review_holds_through_a_lost_answer_and_redelivered_events() -> Result<(), String> {
+    let mut s = Sim::scripted();
+    s.deps = Arc::new(PaymentDeps {
+        store: Arc::new(SimStore(s.w.clone())),
+        psp: Arc::new(SimPsp(s.w.clone())),
+        psp_timeout: None,
+        clock: Arc::new(SimClock(s.w.clone())),
+        risk: Arc::new(AlwaysReview),
+        metrics: Arc::new(payrail::metrics::Metrics::default()),
+    });
+    let p = s.add_payment(1000, false);
+    let confirm = s.request(&p, Kind::Confirm, None);
+    lock(&s.w).rng = Rng::new(1); // no decline
+    s.send(confirm);
+    s.run_actors();
+    s.psp(Psp::ActThenTimeout);
+    s.run_actors();
+    s.abandon(confirm);
+    s.verdict()?;
+    let st = s.state(&p);
+    let psp_captured = lock(&s.w).psp.intents.values().map(|i| i.captured).sum::<i64>();
+    ensure(
+        (st.status, st.captured, psp_captured) == (Status::InReview, 0, 0),
+        format!(
+            "ended {:?}, captured {} (PSP captured {psp_captured})",
+            st.status, st.captured
+        ),
+    )
+}
+
 /// Finding 10: an event in another currency is never applied; it is an exception.
 fn an_event_in_another_currency_is_not_applied() -> Result<(), String> {
     let mut s = Sim::scripted();
@@ -500,5 +558,9 @@ pub const ALL: &[(&str, Scenario)] = &[
     (
         "finding 10: an event in another currency is not applied",
         an_event_in_another_currency_is_not_applied,
+    ),
+    (
+        "risk: review holds through a lost answer and redelivered events",
+        review_holds_through_a_lost_answer_and_redelivered_events,
     ),
 ];

@@ -200,23 +200,24 @@ impl<'a> Flow<'a> {
     }
 
     pub(super) async fn execute(&mut self, op: Op) -> Result<Reply, Halt> {
-        if let (true, Some(key)) = (self.by_key, self.idem_key()) {
-            // The key's earlier request may have started an attempt that memory does not hold.
-            if let Some((attempt, None)) = self.deps.store.attempt_by_key(&self.payment().id, &key).await? {
-                if !self.live.open.iter().any(|a| a.id == attempt.id) {
-                    self.live.open.push(attempt);
-                }
+        // What the key's earlier request started, looked up once: an attempt memory may not hold
+        // (it is resolved below as this request's own), or one that already ended.
+        let earlier = match (self.by_key, self.idem_key()) {
+            (true, Some(key)) => self.deps.store.attempt_by_key(&self.payment().id, &key).await?,
+            _ => None,
+        };
+        if let Some((attempt, None)) = &earlier {
+            if !self.live.open.iter().any(|a| a.id == attempt.id) {
+                self.live.open.push(attempt.clone());
             }
         }
         // A retry of a request whose PSP call was left open is answered by that call's outcome.
         if let Some(reply) = self.resolve_open_attempts(op.reply_status()).await? {
             return Ok(reply);
         }
-        if let (true, Some(key)) = (self.by_key, self.idem_key()) {
-            if let Some((attempt, Some(outcome))) = self.deps.store.attempt_by_key(&self.payment().id, &key).await? {
-                // The key's work is done: answer with what it did, never do it again.
-                return self.answer_finished(&attempt, outcome, op.reply_status()).await;
-            }
+        if let Some((attempt, Some(outcome))) = earlier {
+            // The key's work is done: answer with what it did, never do it again.
+            return self.answer_finished(&attempt, outcome, op.reply_status()).await;
         }
         self.run(op).await
     }
