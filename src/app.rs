@@ -140,6 +140,17 @@ impl Application {
             }
             .start();
         }
+        let webhooks = if config.webhooks_out.enabled {
+            crate::actors::webhook_delivery::WebhookDelivery::start(
+                db.clone(),
+                nats.clone(),
+                config.webhooks_out.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )
+        } else {
+            crate::actors::webhook_delivery::WebhookDelivery::idle()
+        };
         let currencies = config
             .payments
             .currencies
@@ -158,6 +169,7 @@ impl Application {
             ledger,
             risk,
             event_consumers,
+            webhooks,
             sandbox: Some(sandbox),
             public_url: public_url_for_state,
             merchants: DashMap::new(),

@@ -18,6 +18,9 @@ pub struct Config {
     pub psp: PspConfig,
     pub sandbox: SandboxConfig,
     pub webhooks: WebhooksConfig,
+    /// Optional: every key has a safe default (private targets refused).
+    #[serde(default)]
+    pub webhooks_out: WebhooksOutConfig,
     pub ratelimit: RateLimitConfig,
     pub risk: RiskConfig,
     pub log: LogConfig,
@@ -211,6 +214,63 @@ impl std::fmt::Debug for WebhooksConfig {
     }
 }
 
+/// Merchant webhooks (docs/API.md, "Webhook endpoints"): delivery, retries, and the targets
+/// payrail refuses. Every key has a default; the defaults are the production ones.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksOutConfig {
+    /// Deliver events to merchants' endpoints (the events API works either way).
+    pub enabled: bool,
+    /// Admit `http` URLs and loopback, private and link-local targets: local setups and tests
+    /// only. Off by default, so a production deployment cannot be made to call its own network.
+    pub allow_private_targets: bool,
+    /// An endpoint must answer 2xx within this long.
+    pub timeout_ms: u64,
+    /// A delivery is retried for this long after its first attempt; an endpoint that failed
+    /// every delivery for this long is disabled.
+    pub retry_window_secs: u64,
+    /// The first retry waits about this long; each next one twice as long, up to `retry_max_ms`.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// After a rotation the old secret keeps signing for this long.
+    pub secret_overlap_secs: u64,
+    /// POSTs in flight to one endpoint at most.
+    pub max_in_flight_per_endpoint: usize,
+    /// Deliveries waiting in memory for one endpoint at most; more wait in PostgreSQL.
+    pub endpoint_queue: usize,
+    /// Deliveries waiting in memory over all endpoints at most.
+    pub max_queued_total: usize,
+    /// A node that takes a delivery holds it this long; if it dies, another takes it after.
+    pub claim_lease_secs: u64,
+    /// Events fetched from JetStream per round, and due retries claimed per round.
+    pub fetch_batch: usize,
+    /// How often due retries are looked for.
+    pub poll_interval_ms: u64,
+    /// Events (outbox rows) older than this are deleted, in bounded slices.
+    pub event_retention_days: u64,
+}
+
+impl Default for WebhooksOutConfig {
+    fn default() -> WebhooksOutConfig {
+        WebhooksOutConfig {
+            enabled: true,
+            allow_private_targets: false,
+            timeout_ms: 10_000,
+            retry_window_secs: 3 * 24 * 3600,
+            retry_base_ms: 10_000,
+            retry_max_ms: 2 * 3600 * 1000,
+            secret_overlap_secs: 24 * 3600,
+            max_in_flight_per_endpoint: 16,
+            endpoint_queue: 1_000,
+            max_queued_total: 100_000,
+            claim_lease_secs: 60,
+            fetch_batch: 256,
+            poll_interval_ms: 1_000,
+            event_retention_days: 30,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
@@ -316,6 +376,21 @@ impl Config {
                     "[payments] currencies: {c} is not an ISO 4217 code"
                 )));
             }
+        }
+        let w = &self.webhooks_out;
+        if w.timeout_ms == 0 || w.max_in_flight_per_endpoint == 0 || w.endpoint_queue == 0 || w.fetch_batch == 0 {
+            return bad("[webhooks_out] timeout_ms, max_in_flight_per_endpoint, endpoint_queue and fetch_batch must be positive");
+        }
+        if w.claim_lease_secs * 1000 <= w.timeout_ms {
+            return bad("[webhooks_out] claim_lease_secs must be longer than timeout_ms: a delivery in flight must not be taken twice");
+        }
+        if w.retry_base_ms == 0
+            || w.retry_max_ms < w.retry_base_ms
+            || w.event_retention_days * 86_400 < w.retry_window_secs
+        {
+            return bad(
+                "[webhooks_out] needs 0 < retry_base_ms <= retry_max_ms and events kept longer than the retry window",
+            );
         }
         if self.sandbox.demo_merchant && self.psp.provider != "sandbox" {
             return bad("[sandbox] demo_merchant = true needs [psp] provider = \"sandbox\": the demo key must never reach a real PSP");

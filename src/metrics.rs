@@ -60,6 +60,11 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointKindLabels {
+    endpoint_kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TransitionLabels {
     from: &'static str,
     to: &'static str,
@@ -98,6 +103,8 @@ pub struct Scrape {
     pub risk_velocity_keys: i64,
     /// Pool connections in use, idle, and callers waiting for one.
     pub pool: (i64, i64, i64),
+    /// Merchant webhook deliveries waiting, if PostgreSQL answered in time.
+    pub webhook_backlog: Option<crate::adapters::postgres::webhooks_out::Backlog>,
 }
 
 pub struct Metrics {
@@ -125,6 +132,13 @@ pub struct Metrics {
     pool_waiters: Gauge,
     risk_decisions: Family<OutcomeLabels, Counter>,
     risk_velocity_keys: Gauge,
+    webhook_deliveries: Family<OutcomeLabels, Counter>,
+    webhook_post: Histogram,
+    webhook_lag: Histogram,
+    webhook_pending: Gauge,
+    webhook_retrying: Gauge,
+    webhook_oldest: Family<EndpointKindLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    webhook_endpoints_disabled: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -167,6 +181,13 @@ impl Metrics {
             pool_waiters: Gauge::default(),
             risk_decisions: Family::default(),
             risk_velocity_keys: Gauge::default(),
+            webhook_deliveries: Family::default(),
+            webhook_post: seconds(),
+            webhook_lag: seconds(),
+            webhook_pending: Gauge::default(),
+            webhook_retrying: Gauge::default(),
+            webhook_oldest: Family::default(),
+            webhook_endpoints_disabled: Counter::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -280,6 +301,41 @@ impl Metrics {
             "IPs, cards and emails the velocity counters hold (bounded)",
             m.risk_velocity_keys.clone(),
         );
+        r.register(
+            "webhook_deliveries",
+            "Merchant webhook delivery attempts by outcome: succeeded, http_error, timeout, connect_error, refused_target",
+            m.webhook_deliveries.clone(),
+        );
+        r.register(
+            "webhook_request_duration_seconds",
+            "Time of one webhook POST, to the end of the answer's first 1 KiB",
+            m.webhook_post.clone(),
+        );
+        r.register(
+            "webhook_commit_to_delivery_seconds",
+            "From an event's commit to the 2xx that delivered it",
+            m.webhook_lag.clone(),
+        );
+        r.register(
+            "webhook_deliveries_pending",
+            "Webhook deliveries not yet made (first attempts and retries)",
+            m.webhook_pending.clone(),
+        );
+        r.register(
+            "webhook_retry_queue",
+            "Webhook deliveries that failed at least once and wait for a retry",
+            m.webhook_retrying.clone(),
+        );
+        r.register(
+            "webhook_oldest_undelivered_seconds",
+            "Age of the oldest undelivered event: for healthy endpoints (payrail's lag) and failing ones (the merchant's outage)",
+            m.webhook_oldest.clone(),
+        );
+        r.register(
+            "webhook_endpoints_disabled",
+            "Webhook endpoints disabled after failing for the whole retry window",
+            m.webhook_endpoints_disabled.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
@@ -334,6 +390,19 @@ impl Metrics {
         self.risk_decisions.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
+    /// One webhook attempt: its outcome, its POST's time, and (on success) commit to delivery.
+    pub fn webhook_delivery(&self, outcome: &'static str, took: Duration, lag: Option<Duration>) {
+        self.webhook_deliveries.get_or_create(&OutcomeLabels { outcome }).inc();
+        self.webhook_post.observe(took.as_secs_f64());
+        if let Some(lag) = lag {
+            self.webhook_lag.observe(lag.as_secs_f64());
+        }
+    }
+
+    pub fn webhook_endpoint_disabled(&self) {
+        self.webhook_endpoints_disabled.inc();
+    }
+
     /// One ledger batch: how many commits it held and how long its transaction took.
     pub fn ledger_batch(&self, size: usize, took: Duration) {
         self.ledger_batch_size.observe(size as f64);
@@ -367,6 +436,15 @@ impl Metrics {
             .set(idle);
         self.pool_waiters.set(waiting);
         self.risk_velocity_keys.set(scrape.risk_velocity_keys);
+        if let Some(b) = scrape.webhook_backlog {
+            self.webhook_pending.set(b.pending);
+            self.webhook_retrying.set(b.retrying);
+            for (endpoint_kind, secs) in [("healthy", b.oldest_healthy_secs), ("failing", b.oldest_failing_secs)] {
+                self.webhook_oldest
+                    .get_or_create(&EndpointKindLabels { endpoint_kind })
+                    .set(secs);
+            }
+        }
         let mut out = String::with_capacity(16 * 1024);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

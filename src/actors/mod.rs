@@ -14,6 +14,7 @@ pub mod payment_flow;
 pub mod registry;
 pub mod risk;
 pub mod store;
+pub mod webhook_delivery;
 
 pub use error::PaymentError;
 pub use mailbox::{ActorStats, Mailbox};

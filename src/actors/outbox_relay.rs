@@ -48,8 +48,9 @@ async fn publish(nats: &Nats, row: &OutboxRow) -> Result<(), String> {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", format!("outbox-{}", row.id).as_str());
     headers.insert("Payrail-Event-Type", row.event_type.as_str());
-    let payload = serde_json::to_vec(&serde_json::json!({ "id": row.id, "type": row.event_type, "data": row.payload }))
-        .map_err(|e| e.to_string())?;
+    // The event exactly as merchants read and receive it (docs/API.md, "Events").
+    let event = crate::domain::webhook::event_object(row.id, &row.event_type, row.created_at, &row.payload);
+    let payload = serde_json::to_vec(&event).map_err(|e| e.to_string())?;
     let ack = nats
         .jetstream
         .publish_with_headers(subject, headers, payload.into())

@@ -1,6 +1,8 @@
 //! Adapters: everything that talks to the outside. PostgreSQL (all SQL lives here, beside
-//! the table it owns), NATS JetStream, and the PSPs behind one trait.
+//! the table it owns), NATS JetStream, the PSPs behind one trait, and outgoing HTTP to
+//! merchants' webhook endpoints.
 
+pub mod http_out;
 pub mod nats;
 pub mod postgres;
 pub mod psp;

@@ -180,6 +180,35 @@ impl Nats {
     }
 }
 
+impl Nats {
+    /// The durable pull consumer that feeds merchant webhook delivery: every outbox event,
+    /// explicit acks, never given up on (an event is acknowledged once its deliveries are
+    /// stored in PostgreSQL).
+    pub async fn webhooks_consumer(&self, ack_wait: Duration) -> Result<jetstream::consumer::PullConsumer, NatsError> {
+        let stream = self
+            .jetstream
+            .get_stream(self.events_stream())
+            .await
+            .map_err(|e| NatsError::JetStream(e.to_string()))?;
+        let name = format!("{}_webhooks_out", self.prefix);
+        stream
+            .get_or_create_consumer(
+                &name,
+                jetstream::consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: format!("{}.events.>", self.prefix),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait,
+                    max_deliver: -1,
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| NatsError::JetStream(e.to_string()))
+    }
+}
+
 /// What operators watch on one partition's consumer.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ConsumerLag {

@@ -45,9 +45,9 @@ pub async fn create_merchant(
         .unwrap_or(state.config.payments.default_fee_fixed);
     let webhook_url = f.opt_str("webhook_url", 2048)?.map(str::to_owned);
     if let Some(u) = &webhook_url {
-        if !(u.starts_with("https://") || u.starts_with("http://")) {
-            return Err(ApiError::param("webhook_url", "webhook_url must be an http(s) URL"));
-        }
+        crate::adapters::http_out::check_target(u, state.config.webhooks_out.allow_private_targets)
+            .await
+            .map_err(|e| ApiError::invalid("url_invalid", format!("webhook_url: {e}"), "webhook_url".to_owned()))?;
     }
     let new = NewMerchant {
         name,
@@ -59,6 +59,12 @@ pub async fn create_merchant(
     let (merchant, key) = state.db.create_merchant(&new, None).await?;
     let mut object = merchant.to_object();
     object["api_key"] = key.into();
+    // A webhook_url becomes the merchant's first webhook endpoint, for every event; its secret
+    // is shown here, once.
+    if let Some(url) = &new.webhook_url {
+        let endpoint = crate::api::webhook_endpoints::first_endpoint(&state, merchant.id.as_str(), url).await?;
+        object["webhook_endpoint"] = endpoint;
+    }
     Ok(json_value(201, &object))
 }
 
@@ -109,6 +115,7 @@ pub async fn actors(state: web::Data<AppState>, req: HttpRequest) -> Result<Http
         "payment": { "live": state.registry.stats.live(), "mailbox_depth": state.registry.stats.depth() },
         "ledger_shard": { "live": ledger.kind.live(), "mailbox_depth": ledger.kind.depth() },
         "event_consumer": { "live": state.event_consumers.live(), "mailbox_depth": state.event_consumers.depth() },
+        "webhook_endpoint": { "live": state.webhooks.stats.live(), "mailbox_depth": state.webhooks.stats.depth() },
     });
     Ok(json_value(
         200,

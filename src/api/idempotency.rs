@@ -29,6 +29,27 @@ pub fn key(req: &HttpRequest) -> Result<String, ApiError> {
     Ok(hex::encode(Sha256::digest(key.as_bytes())))
 }
 
+/// What every idempotent mutation starts from: the authenticated merchant, the body (within
+/// `[server] body_limit_bytes`), and the digest of its `Idempotency-Key`.
+pub async fn begin(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: actix_web::web::Payload,
+) -> Result<(std::sync::Arc<Merchant>, actix_web::web::Bytes, String), ApiError> {
+    let merchant = super::auth::merchant(state, req).await?;
+    let body = super::body::read(req, payload, state.config.server.body_limit_bytes).await?;
+    Ok((merchant, body, key(req)?))
+}
+
+/// The id of a resource a request creates, made from its idempotency key: `{prefix}_` and 24
+/// hex digits, the same for every retry of the request, so a retry finds what the first made.
+pub fn derived_id(prefix: &str, merchant: &str, key: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        &hex::encode(Sha256::digest(format!("{merchant}:{key}").as_bytes()))[..24]
+    )
+}
+
 /// What identifies "the same request": method, path and the exact body bytes.
 pub fn fingerprint(method: &str, path: &str, body: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();

@@ -26,17 +26,23 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .await
         .ok()
         .and_then(Result::ok);
+    let backlog = tokio::time::timeout(Duration::from_millis(500), state.db.webhook_backlog())
+        .await
+        .ok()
+        .and_then(Result::ok);
     let pool = state.db.pool_status();
     let scrape = Scrape {
         actors: vec![
             ("payment", figures(&state.registry.stats)),
             ("ledger_shard", figures(&state.ledger.kind)),
             ("event_consumer", figures(&state.event_consumers)),
+            ("webhook_endpoint", figures(&state.webhooks.stats)),
         ],
         ledger_split_batches: state.ledger.stats.split_batches.load(Ordering::Relaxed),
         consumer_lag: lag.map(|l| (l.pending, l.ack_pending, l.redelivered)),
         dead_letters_unreplayed: unreplayed,
         risk_velocity_keys: state.risk.velocity.keys() as i64,
+        webhook_backlog: backlog,
         pool: (
             pool.size.saturating_sub(pool.available) as i64,
             pool.available as i64,

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod body;
 pub mod disputes;
 pub mod error;
+pub mod events;
 pub mod health;
 pub mod idempotency;
 pub mod ledger;
@@ -16,6 +17,7 @@ pub mod ratelimit;
 pub mod refunds;
 pub mod risk;
 pub mod sandbox;
+pub mod webhook_endpoints;
 pub mod webhooks;
 
 use std::sync::Arc;
@@ -44,6 +46,8 @@ pub struct AppState {
     pub risk: Arc<crate::actors::risk::RiskEngine>,
     /// The PSP event consumers' totals (one consumer per partition).
     pub event_consumers: Arc<crate::actors::ActorStats>,
+    /// Merchant webhook delivery: its workers' figures, and the endpoint cache to forget.
+    pub webhooks: crate::actors::webhook_delivery::WebhookDelivery,
     /// The sandbox PSP, when it is the configured one (its own endpoints need it).
     pub sandbox: Option<Arc<SandboxPsp>>,
     /// Where others reach this server (3-D Secure redirects, the sandbox's webhooks).
@@ -100,6 +104,16 @@ api_routes! {
     post "/api/v1/risk/lists/{name}/items" => risk::add_item,
     get "/api/v1/risk/lists/{name}/items" => risk::list_items,
     delete "/api/v1/risk/lists/{name}/items/{item}" => risk::delete_item,
+    get "/api/v1/events" => events::list,
+    get "/api/v1/events/{id}" => events::get,
+    post "/api/v1/events/{id}/redeliver" => events::redeliver,
+    post "/api/v1/webhook_endpoints" => webhook_endpoints::create,
+    get "/api/v1/webhook_endpoints" => webhook_endpoints::list,
+    get "/api/v1/webhook_endpoints/{id}" => webhook_endpoints::get,
+    post "/api/v1/webhook_endpoints/{id}" => webhook_endpoints::update,
+    delete "/api/v1/webhook_endpoints/{id}" => webhook_endpoints::delete,
+    post "/api/v1/webhook_endpoints/{id}/rotate_secret" => webhook_endpoints::rotate_secret,
+    get "/api/v1/webhook_endpoints/{id}/deliveries" => webhook_endpoints::deliveries,
     post "/admin/v1/merchants" => admin::create_merchant,
     get "/admin/v1/actors" => admin::actors,
     get "/admin/v1/actors/{kind}/{id}" => admin::actor,

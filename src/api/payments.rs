@@ -87,9 +87,7 @@ pub async fn create(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let merchant = auth::merchant(&state, &req).await?;
-    let body = body::read(&req, payload, state.config.server.body_limit_bytes).await?;
-    let key = idempotency::key(&req)?;
+    let (merchant, body, key) = idempotency::begin(&state, &req, payload).await?;
     let parsed = new_payment(&state, &merchant, &body);
     let (st, m) = (&state, &merchant);
     idempotency::run(
@@ -147,9 +145,7 @@ async fn operate(
     payload: web::Payload,
     parse: impl FnOnce(&AppState, &[u8]) -> Result<Op, ApiError>,
 ) -> Result<HttpResponse, ApiError> {
-    let merchant = auth::merchant(&state, &req).await?;
-    let body = body::read(&req, payload, state.config.server.body_limit_bytes).await?;
-    let key = idempotency::key(&req)?;
+    let (merchant, body, key) = idempotency::begin(&state, &req, payload).await?;
     let parsed = path_id(&req).and_then(|id| Ok((id, parse(&state, &body)?)));
     let (st, m) = (&state, &merchant);
     idempotency::run(
@@ -299,7 +295,7 @@ pub fn query(req: &HttpRequest) -> Result<HashMap<String, String>, ApiError> {
         .map_err(|_| ApiError::invalid("parameter_invalid", "the query string could not be parsed", None))
 }
 
-fn time_param(q: &HashMap<String, String>, name: &str) -> Result<Option<DateTime<Utc>>, ApiError> {
+pub fn time_param(q: &HashMap<String, String>, name: &str) -> Result<Option<DateTime<Utc>>, ApiError> {
     let Some(v) = q.get(name) else { return Ok(None) };
     let t = match v.parse::<i64>() {
         Ok(secs) => DateTime::from_timestamp(secs, 0),

@@ -3,7 +3,6 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use super::body::{self, Fields};
 use super::{auth, idempotency, json_value, AppState};
@@ -38,9 +37,7 @@ pub async fn create_rule(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let merchant = auth::merchant(&state, &req).await?;
-    let body = body::read(&req, payload, state.config.server.body_limit_bytes).await?;
-    let key = idempotency::key(&req)?;
+    let (merchant, body, key) = idempotency::begin(&state, &req, payload).await?;
     let parsed = (|| {
         let obj = body::object(&body)?;
         let f = Fields::new(&obj, &["action", "predicate", "description"], "")?;
@@ -53,10 +50,7 @@ pub async fn create_rule(
         Ok((action, predicate, description))
     })();
     // The rule's id comes from the idempotency key: a retry finds the rule the first made.
-    let id = format!(
-        "rr_{}",
-        &hex::encode(Sha256::digest(format!("{}:{key}", merchant.id).as_bytes()))[..24]
-    );
+    let id = idempotency::derived_id("rr", merchant.id.as_str(), &key);
     let (st, m) = (&state, &merchant);
     idempotency::run(
         &state,
@@ -157,9 +151,7 @@ pub async fn add_item(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let merchant = auth::merchant(&state, &req).await?;
-    let body = body::read(&req, payload, state.config.server.body_limit_bytes).await?;
-    let key = idempotency::key(&req)?;
+    let (merchant, body, key) = idempotency::begin(&state, &req, payload).await?;
     let parsed = list_name(&req).and_then(|name| {
         let obj = body::object(&body)?;
         let f = Fields::new(&obj, &["item"], "")?;

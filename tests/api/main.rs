@@ -16,3 +16,4 @@ mod process;
 mod recovery;
 mod risk;
 mod validation;
+mod webhooks_out;

@@ -11,6 +11,7 @@ pub mod payments;
 pub mod refunds;
 pub mod risk;
 pub mod sandbox;
+pub mod webhooks_out;
 
 use std::time::Duration;
 
@@ -48,6 +49,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../../migrations/V4__money_safety.sql"),
     ),
     (5, "risk", include_str!("../../../migrations/V5__risk.sql")),
+    (
+        6,
+        "merchant_webhooks",
+        include_str!("../../../migrations/V6__merchant_webhooks.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.

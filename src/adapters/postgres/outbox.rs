@@ -11,6 +11,7 @@ pub struct OutboxRow {
     pub merchant_id: String,
     pub event_type: String,
     pub payload: Value,
+    pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl Db {
@@ -26,7 +27,7 @@ impl Db {
         let tx = client.transaction().await.map_err(pg_error)?;
         let rows = tx
             .query(
-                "SELECT id, merchant_id, event_type, payload FROM outbox WHERE published_at IS NULL
+                "SELECT id, merchant_id, event_type, payload, created_at FROM outbox WHERE published_at IS NULL
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
                 &[&limit],
             )
@@ -42,6 +43,7 @@ impl Db {
                 merchant_id: r.get(1),
                 event_type: r.get(2),
                 payload: r.get(3),
+                created_at: r.get(4),
             })
             .collect();
         let published = publish(rows).await;

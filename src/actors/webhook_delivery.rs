@@ -1,0 +1,492 @@
+//! Merchant webhook delivery (docs/DESIGN.md, "Merchant webhooks"). On a thread of its own:
+//!
+//! - the **dispatcher** pulls committed events from JetStream (durable consumer
+//!   `{prefix}_webhooks_out`), stores one pending delivery per interested endpoint in
+//!   PostgreSQL, and only then acknowledges the events; it hands the new deliveries to
+//! - one **endpoint worker** per endpoint (an actor with a bounded mailbox and a bounded number of
+//!   POSTs in flight), which signs and POSTs, and sends each attempt's outcome to
+//! - the **recorder**, which writes outcomes in batches: the delivery log, the next retry
+//!   (exponential backoff with jitter, for the retry window), and endpoint health;
+//! - the **poller** claims deliveries whose time has come from PostgreSQL: retries, and
+//!   deliveries whose lease ran out (their node died, or a mailbox had no room).
+//!
+//! Every delivery is leased in PostgreSQL while a node holds it, so none is lost to a crash of
+//! payrail, NATS or the endpoint, and memory stays bounded: what does not fit in a mailbox
+//! waits in PostgreSQL. At least once: a crash between a 2xx and its record sends it again.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::web::Bytes;
+use chrono::{DateTime, Utc};
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, Semaphore};
+
+use super::mailbox::ActorStats;
+use crate::adapters::http_out::WebhookClient;
+use crate::adapters::nats::Nats;
+use crate::adapters::postgres::webhooks_out::{Attempt, EndpointRow};
+use crate::adapters::postgres::{Db, StoreError};
+use crate::config::WebhooksOutConfig;
+use crate::domain::webhook::{parse_event_id, retry_delay, signature_header, wants};
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+/// Outcomes waiting for the recorder at most; past that, workers wait (back-pressure).
+const OUTCOME_QUEUE: usize = 10_000;
+/// Outcomes written per transaction at most.
+const RECORD_BATCH: usize = 1_000;
+/// An endpoint worker with nothing to do leaves memory after this long.
+const WORKER_IDLE: Duration = Duration::from_secs(60);
+/// How long a merchant's endpoints are cached on a node that did not change them.
+const CACHE_TTL: Duration = Duration::from_secs(5);
+const MAX_CACHED_MERCHANTS: usize = 100_000;
+/// Events deleted per pruning round, and how often pruning runs.
+const PRUNE_BATCH: i64 = 10_000;
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// One merchant's enabled endpoints.
+pub type Endpoints = Arc<Vec<Arc<EndpointRow>>>;
+
+/// Merchants' enabled endpoints, shared by the delivery thread and the API (which forgets a
+/// merchant's entry when it changes one).
+#[derive(Default)]
+pub struct EndpointCache {
+    map: DashMap<String, (Instant, Endpoints)>,
+}
+
+impl EndpointCache {
+    pub fn invalidate(&self, merchant: &str) {
+        self.map.remove(merchant);
+    }
+
+    async fn get(&self, db: &Db, merchant: &str) -> Result<Endpoints, StoreError> {
+        if let Some(e) = self.map.get(merchant) {
+            if e.0.elapsed() < CACHE_TTL {
+                return Ok(e.1.clone());
+            }
+        }
+        let rows = db.endpoints(merchant).await?;
+        let enabled: Endpoints = Arc::new(
+            rows.into_iter()
+                .filter(|e| e.status == "enabled")
+                .map(Arc::new)
+                .collect(),
+        );
+        if self.map.len() >= MAX_CACHED_MERCHANTS {
+            self.map.clear();
+        }
+        self.map.insert(merchant.to_owned(), (Instant::now(), enabled.clone()));
+        Ok(enabled)
+    }
+}
+
+/// What the rest of payrail holds of webhook delivery.
+pub struct WebhookDelivery {
+    /// The `webhook_endpoint` actor kind: live workers, and deliveries in their mailboxes.
+    pub stats: Arc<ActorStats>,
+    pub cache: Arc<EndpointCache>,
+}
+
+impl WebhookDelivery {
+    /// The handle without the loops (`[webhooks_out] enabled = false`): the API still
+    /// invalidates its cache.
+    pub fn idle() -> WebhookDelivery {
+        WebhookDelivery {
+            stats: Arc::new(ActorStats::default()),
+            cache: Arc::new(EndpointCache::default()),
+        }
+    }
+
+    /// Starts the dispatcher, poller and recorder on a thread of their own.
+    pub fn start(
+        db: Db,
+        nats: Nats,
+        config: WebhooksOutConfig,
+        metrics: Arc<Metrics>,
+        shutdown: Shutdown,
+    ) -> WebhookDelivery {
+        let handle = WebhookDelivery::idle();
+        let (stats, cache) = (handle.stats.clone(), handle.cache.clone());
+        let arbiter = actix::Arbiter::new();
+        arbiter.spawn_fn(move || {
+            let (outcomes, outcome_rx) = mpsc::channel(OUTCOME_QUEUE);
+            let connections = (config.max_in_flight_per_endpoint * 64).clamp(64, 4096);
+            let shared = Rc::new(Shared {
+                client: WebhookClient::new(
+                    config.allow_private_targets,
+                    Duration::from_millis(config.timeout_ms),
+                    connections,
+                ),
+                db,
+                config,
+                metrics,
+                stats,
+                cache,
+                workers: RefCell::new(HashMap::new()),
+                queued: Cell::new(0),
+                outcomes,
+                shutdown,
+            });
+            actix_rt::spawn(record(shared.clone(), outcome_rx));
+            actix_rt::spawn(poll(shared.clone()));
+            actix_rt::spawn(dispatch(shared, nats));
+        });
+        handle
+    }
+}
+
+/// One delivery in a worker's mailbox.
+struct Job {
+    delivery_id: i64,
+    endpoint: Arc<EndpointRow>,
+    body: Bytes,
+    /// Attempts made before this one.
+    attempts: i32,
+    retry_until: DateTime<Utc>,
+    event_created: Option<DateTime<Utc>>,
+}
+
+struct Shared {
+    db: Db,
+    config: WebhooksOutConfig,
+    metrics: Arc<Metrics>,
+    stats: Arc<ActorStats>,
+    cache: Arc<EndpointCache>,
+    client: WebhookClient,
+    workers: RefCell<HashMap<String, mpsc::Sender<Job>>>,
+    /// Jobs in all mailboxes.
+    queued: Cell<usize>,
+    outcomes: mpsc::Sender<Attempt>,
+    shutdown: Shutdown,
+}
+
+impl Shared {
+    fn lease(&self) -> Duration {
+        Duration::from_secs(self.config.claim_lease_secs)
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_secs(self.config.retry_window_secs)
+    }
+
+    fn room(&self) -> usize {
+        self.config.max_queued_total.saturating_sub(self.queued.get())
+    }
+
+    /// Puts `job` in its endpoint's mailbox, starting the worker if needed. False when there is
+    /// no room: the delivery stays leased in PostgreSQL and the poller takes it once the lease
+    /// ends.
+    fn hand(self: &Rc<Self>, job: Job) -> bool {
+        if self.room() == 0 {
+            return false;
+        }
+        let id = job.endpoint.id.clone();
+        let sender = {
+            let mut workers = self.workers.borrow_mut();
+            workers
+                .entry(id.clone())
+                .or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(self.config.endpoint_queue);
+                    actix_rt::spawn(work(self.clone(), id.clone(), rx));
+                    tx
+                })
+                .clone()
+        };
+        match sender.try_send(job) {
+            Ok(()) => {
+                self.queued.set(self.queued.get() + 1);
+                self.stats.mailbox_depth.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// One attempt: sign with the endpoint's current secrets, POST, and pass the outcome on.
+    async fn attempt(&self, job: Job) {
+        let now = Utc::now();
+        let header = signature_header(&job.body, &job.endpoint.signing_secrets(now), now.timestamp());
+        let sent = self.client.post(&job.endpoint.url, &header, job.body.clone()).await;
+        let at = Utc::now();
+        let lag = job
+            .event_created
+            .filter(|_| sent.succeeded())
+            .and_then(|c| (at - c).to_std().ok());
+        self.metrics.webhook_delivery(sent.outcome, sent.latency, lag);
+        let next_attempt_at = if sent.succeeded() {
+            None
+        } else {
+            let failures = u32::try_from(job.attempts + 1).unwrap_or(u32::MAX);
+            let delay = retry_delay(
+                failures,
+                Duration::from_millis(self.config.retry_base_ms),
+                Duration::from_millis(self.config.retry_max_ms),
+                rand::random(),
+            );
+            let next = at + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
+            (next <= job.retry_until).then_some(next)
+        };
+        if !sent.succeeded() {
+            tracing::debug!(endpoint = %job.endpoint.id, delivery = job.delivery_id, outcome = sent.outcome,
+                            status = ?sent.status, "webhook delivery failed");
+        }
+        let attempt = Attempt {
+            delivery_id: job.delivery_id,
+            endpoint_id: job.endpoint.id.clone(),
+            at,
+            status_code: sent.status.map(|s| s as i16),
+            latency_ms: i32::try_from(sent.latency.as_millis()).unwrap_or(i32::MAX),
+            response: sent.response,
+            error: sent.error,
+            succeeded: sent.outcome == "succeeded",
+            next_attempt_at,
+        };
+        // Bounded: when the recorder is behind, POSTs wait here.
+        let _ = self.outcomes.send(attempt).await;
+    }
+}
+
+/// An endpoint's worker: takes jobs from its mailbox and runs at most
+/// `max_in_flight_per_endpoint` at once; leaves after [`WORKER_IDLE`] without work.
+async fn work(shared: Rc<Shared>, endpoint: String, mut rx: mpsc::Receiver<Job>) {
+    shared.stats.live.fetch_add(1, Ordering::Relaxed);
+    let in_flight = Arc::new(Semaphore::new(shared.config.max_in_flight_per_endpoint));
+    loop {
+        let job = match tokio::time::timeout(WORKER_IDLE, rx.recv()).await {
+            Ok(Some(job)) => job,
+            _ => break,
+        };
+        shared.queued.set(shared.queued.get().saturating_sub(1));
+        shared.stats.mailbox_depth.fetch_sub(1, Ordering::Relaxed);
+        shared.stats.messages.fetch_add(1, Ordering::Relaxed);
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let s = shared.clone();
+        actix_rt::spawn(async move {
+            let _permit = permit;
+            s.attempt(job).await;
+        });
+    }
+    // Same poll as the timeout: nothing was sent to this mailbox in between.
+    shared.workers.borrow_mut().remove(&endpoint);
+    rx.close();
+    while rx.try_recv().is_ok() {
+        // Cannot happen (see above); a job dropped here would only wait for its lease.
+        shared.queued.set(shared.queued.get().saturating_sub(1));
+        shared.stats.mailbox_depth.fetch_sub(1, Ordering::Relaxed);
+    }
+    shared.stats.live.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// The dispatcher: JetStream → pending deliveries in PostgreSQL → acks → mailboxes.
+async fn dispatch(shared: Rc<Shared>, nats: Nats) {
+    let _running = shared.shutdown.enter();
+    let prefix = format!("{}.events.", nats.prefix);
+    let mut backoff = Duration::from_millis(100);
+    while !shared.shutdown.is_stopping() {
+        let consumer = match nats.webhooks_consumer(Duration::from_secs(30)).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "webhook dispatcher: consumer unavailable; retrying");
+                shared.shutdown.sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        while !shared.shutdown.is_stopping() {
+            let batch = consumer
+                .fetch()
+                .max_messages(shared.config.fetch_batch)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "webhook dispatcher: fetch failed");
+                    shared.shutdown.sleep(Duration::from_millis(500)).await;
+                    break;
+                }
+            };
+            let mut messages = Vec::with_capacity(shared.config.fetch_batch);
+            while let Some(Ok(m)) = batch.next().await {
+                messages.push(m);
+            }
+            if messages.is_empty() {
+                continue;
+            }
+            if let Err(e) = dispatch_batch(&shared, &prefix, &messages).await {
+                tracing::warn!(error = %e, "webhook dispatcher: cannot store deliveries; the events come again");
+                for m in &messages {
+                    let _ = m
+                        .ack_with(async_nats::jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                }
+                shared.shutdown.sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// An event as the dispatcher reads it from JetStream.
+#[derive(serde::Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    id: &'a str,
+    #[serde(rename = "type", borrow)]
+    event_type: &'a str,
+    created: i64,
+}
+
+async fn dispatch_batch(
+    shared: &Rc<Shared>,
+    prefix: &str,
+    messages: &[async_nats::jetstream::Message],
+) -> Result<(), StoreError> {
+    // (merchant, event id, type, created, body) of each readable event.
+    let mut events = Vec::with_capacity(messages.len());
+    for m in messages {
+        let merchant = m.subject.as_str().strip_prefix(prefix).unwrap_or_default();
+        let parsed = serde_json::from_slice::<Envelope>(&m.payload)
+            .ok()
+            .and_then(|e| Some((parse_event_id(e.id)?, e.event_type.to_owned(), e.created)));
+        match parsed {
+            Some((id, event_type, created)) if !merchant.is_empty() => {
+                events.push((merchant.to_owned(), id, event_type, created, m.payload.clone()))
+            }
+            // Nothing could ever read it: say so, and do not let it block the stream.
+            _ => tracing::error!(subject = %m.subject, "webhook dispatcher: an unreadable event; skipped"),
+        }
+    }
+    let mut endpoints: HashMap<&str, Endpoints> = HashMap::new();
+    for (merchant, ..) in &events {
+        if !endpoints.contains_key(merchant.as_str()) {
+            endpoints.insert(merchant, shared.cache.get(&shared.db, merchant).await?);
+        }
+    }
+    let mut pairs = Vec::new();
+    let mut by_pair: HashMap<(String, i64), (Arc<EndpointRow>, usize)> = HashMap::new();
+    for (i, (merchant, id, event_type, ..)) in events.iter().enumerate() {
+        for e in endpoints[merchant.as_str()].iter() {
+            if wants(&e.enabled_events, event_type) {
+                pairs.push((e.id.clone(), *id));
+                by_pair.insert((e.id.clone(), *id), (e.clone(), i));
+            }
+        }
+    }
+    let new = shared
+        .db
+        .insert_deliveries(&pairs, shared.lease(), shared.window())
+        .await?;
+    for m in messages {
+        // A lost ack only means this batch comes again, and its deliveries already exist.
+        let _ = m.ack().await;
+    }
+    for d in new {
+        let Some((endpoint, i)) = by_pair.get(&(d.endpoint_id.clone(), d.event_id)) else {
+            continue;
+        };
+        let (_, _, _, created, body) = &events[*i];
+        shared.hand(Job {
+            delivery_id: d.id,
+            endpoint: endpoint.clone(),
+            body: body.clone(),
+            attempts: 0,
+            retry_until: d.retry_until,
+            event_created: DateTime::from_timestamp(*created, 0),
+        });
+    }
+    Ok(())
+}
+
+/// The poller: deliveries whose time has come, from PostgreSQL; and old events pruned.
+async fn poll(shared: Rc<Shared>) {
+    let _running = shared.shutdown.enter();
+    let interval = Duration::from_millis(shared.config.poll_interval_ms.max(10));
+    let mut last_prune: Option<Instant> = None;
+    while !shared.shutdown.is_stopping() {
+        let room = shared.room().min(shared.config.fetch_batch) as i64;
+        let mut full = false;
+        if room > 0 {
+            match shared.db.claim_due_deliveries(room, shared.lease()).await {
+                Ok(due) => {
+                    full = due.len() as i64 == room;
+                    for d in due {
+                        let endpoint = match shared.cache.get(&shared.db, &d.merchant_id).await {
+                            Ok(list) => list.iter().find(|e| e.id == d.endpoint_id).cloned(),
+                            Err(_) => None,
+                        };
+                        // Disabled or deleted meanwhile: its lease runs out; disabling ended it.
+                        let Some(endpoint) = endpoint else { continue };
+                        let body = Bytes::from(serde_json::to_vec(&d.event.to_object()).unwrap_or_default());
+                        shared.hand(Job {
+                            delivery_id: d.id,
+                            endpoint,
+                            body,
+                            attempts: d.attempts,
+                            retry_until: d.retry_until,
+                            event_created: Some(d.event.created_at),
+                        });
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "webhook poller: cannot claim due deliveries"),
+            }
+        }
+        if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            last_prune = Some(Instant::now());
+            let days = i64::try_from(shared.config.event_retention_days).unwrap_or(i64::MAX / 86_400);
+            let cutoff = Utc::now() - chrono::Duration::days(days.min(100_000));
+            match shared.db.prune_events(cutoff, PRUNE_BATCH).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(events = n, "events past their retention deleted"),
+                Err(e) => tracing::warn!(error = %e, "cannot prune old events"),
+            }
+        }
+        if !full && shared.shutdown.sleep(interval).await {
+            break;
+        }
+    }
+}
+
+/// The recorder: outcomes in batches, each batch one transaction; a failed write is retried
+/// (the outcomes wait, and so, once the queue is full, do the workers).
+async fn record(shared: Rc<Shared>, mut rx: mpsc::Receiver<Attempt>) {
+    let mut batch = Vec::with_capacity(RECORD_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < RECORD_BATCH {
+            match rx.try_recv() {
+                Ok(a) => batch.push(a),
+                Err(_) => break,
+            }
+        }
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let slack = shared.lease() + Duration::from_millis(shared.config.timeout_ms);
+            match shared.db.record_attempts(&batch, shared.window(), slack).await {
+                Ok(disabled) => {
+                    for d in disabled {
+                        shared.metrics.webhook_endpoint_disabled();
+                        shared.cache.invalidate(&d.merchant_id);
+                        tracing::warn!(endpoint = %d.id, "webhook endpoint disabled: every delivery failed for the whole retry window");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "webhook recorder: cannot write outcomes; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        batch.clear();
+    }
+}

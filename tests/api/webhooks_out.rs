@@ -1,0 +1,625 @@
+//! Merchant webhooks: the events API, endpoints, signed deliveries (verified by stripe-python),
+//! filters, rotation, retries and the delivery log, redelivery, disabling, and SSRF refusals.
+
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use payrail::adapters::psp::signature::verify_stripe;
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn_app, spawn_app_with, TestApp, DEMO_KEY};
+
+/// One request the receiver got.
+#[derive(Clone, Debug)]
+pub struct Hit {
+    pub signature: String,
+    pub body: Vec<u8>,
+    pub event: Value,
+}
+
+/// A local HTTP endpoint that records what it receives and answers `status`.
+pub struct Receiver {
+    pub url: String,
+    pub hits: Arc<Mutex<Vec<Hit>>>,
+    pub status: Arc<AtomicU16>,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        let hits: Arc<Mutex<Vec<Hit>>> = Arc::default();
+        let status = Arc::new(AtomicU16::new(200));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (h, s) = (hits.clone(), status.clone());
+        let server = HttpServer::new(move || {
+            let (h, s) = (h.clone(), s.clone());
+            App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
+                let (h, s) = (h.clone(), s.clone());
+                async move {
+                    let signature = req
+                        .headers()
+                        .get("Payrail-Signature")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    let event = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    h.lock().unwrap().push(Hit {
+                        signature,
+                        body: body.to_vec(),
+                        event,
+                    });
+                    let code = s.load(Ordering::SeqCst);
+                    HttpResponse::build(actix_web::http::StatusCode::from_u16(code).unwrap())
+                        .body(format!("receiver says {code}"))
+                }
+            }))
+        })
+        .workers(1)
+        .listen(listener)
+        .unwrap()
+        .run();
+        actix_rt::spawn(server);
+        Receiver {
+            url: format!("http://127.0.0.1:{port}/hooks"),
+            hits,
+            status,
+        }
+    }
+
+    pub fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+
+    /// The hits of events of `type`.
+    pub fn of_type(&self, event_type: &str) -> Vec<Hit> {
+        self.hits()
+            .into_iter()
+            .filter(|h| h.event["type"] == event_type)
+            .collect()
+    }
+}
+
+async fn wait_for(what: &str, secs: u64, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        actix_rt::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn create_endpoint(app: &TestApp, body: Value) -> Value {
+    let r = app.post("/api/v1/webhook_endpoints", body).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body
+}
+
+/// Runs stripe-python's `WebhookSignature.verify_header` on each (payload, header, secret,
+/// expected verdict).
+fn stripe_python_verifies(checks: &[(Vec<u8>, String, String, bool)]) {
+    let input: Vec<Value> = checks
+        .iter()
+        .map(|(p, h, s, e)| json!({ "payload": String::from_utf8(p.clone()).unwrap(), "header": h, "secret": s, "expect": e }))
+        .collect();
+    let mut child = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/checks/stripe_signature.py"
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), Value::from(input).to_string().as_bytes()).unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "stripe-python: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[actix_web::test]
+async fn events_are_listed_newest_first_filtered_and_read_one_by_one() {
+    let app = spawn_app().await;
+    let before = chrono::Utc::now().timestamp() - 1;
+    for _ in 0..3 {
+        assert_eq!(app.pay(1000, "pm_card_visa", "automatic", true).await.status, 201);
+    }
+    let all = app.get("/api/v1/events?limit=100").await;
+    assert_eq!(all.status, 200);
+    let data = all.body["data"].as_array().unwrap();
+    assert!(data.len() >= 6, "created and captured for each: {}", all.body);
+    let ids: Vec<&str> = data.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(ids, sorted, "newest first");
+    let first = &data[0];
+    assert_eq!(first["object"], "event");
+    assert!(first["id"].as_str().unwrap().starts_with("evt_"));
+    assert!(first["created"].as_i64().unwrap() >= before);
+    assert_eq!(first["data"]["object"]["object"], "payment");
+
+    let created = app.get("/api/v1/events?type=payment.created&limit=100").await;
+    assert_eq!(created.body["data"].as_array().unwrap().len(), 3);
+    let family = app.get("/api/v1/events?type=payment.*&limit=100").await;
+    assert_eq!(family.body["data"].as_array().unwrap().len(), data.len());
+    assert_eq!(app.get("/api/v1/events?type=refund.*").await.body["data"], json!([]));
+    let future = chrono::Utc::now().timestamp() + 3600;
+    let none = app.get(&format!("/api/v1/events?created%5Bgte%5D={future}")).await;
+    assert_eq!((none.status, none.body["data"].clone()), (200, json!([])));
+    let since = app
+        .get(&format!("/api/v1/events?created[gte]={before}&limit=100"))
+        .await;
+    assert_eq!(since.body["data"].as_array().unwrap().len(), data.len());
+    assert_eq!(app.get("/api/v1/events?type=ledger.x").await.status, 400);
+
+    // Cursor pagination walks every event once.
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = app.get(&format!("/api/v1/events?limit=2{cursor}")).await;
+        let items = page.body["data"].as_array().unwrap().clone();
+        seen.extend(items.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
+        if !page.body["has_more"].as_bool().unwrap() {
+            break;
+        }
+        cursor = format!("&starting_after={}", items.last().unwrap()["id"].as_str().unwrap());
+    }
+    assert_eq!(seen, ids);
+
+    let one = app.get(&format!("/api/v1/events/{}", ids[0])).await;
+    assert_eq!((one.status, one.body.clone()), (200, data[0].clone()));
+    assert_eq!(app.get("/api/v1/events/evt_nope").await.status, 404);
+    let other = app.new_merchant().await;
+    let theirs = app
+        .request("GET", &format!("/api/v1/events/{}", ids[0]), Some(&other), None, None)
+        .await;
+    assert_eq!(theirs.status, 404, "another merchant's event does not exist for it");
+}
+
+#[actix_web::test]
+async fn deliveries_are_signed_as_stripe_signs_and_stripe_python_verifies_them() {
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    let endpoint = create_endpoint(&app, json!({ "url": receiver.url, "description": "orders" })).await;
+    let secret = endpoint["secret"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("whsec_") && secret.len() > 40);
+    assert_eq!(endpoint["enabled_events"], json!(["*"]));
+    let id = endpoint["id"].as_str().unwrap().to_owned();
+    // The secret is shown once.
+    let read = app.get(&format!("/api/v1/webhook_endpoints/{id}")).await;
+    assert_eq!(read.status, 200);
+    assert!(read.body.get("secret").is_none() && !read.raw.windows(6).any(|w| w == b"whsec_"));
+    let listed = app.get("/api/v1/webhook_endpoints").await;
+    assert!(!listed.raw.windows(6).any(|w| w == b"whsec_"));
+
+    let paid = app.pay(2500, "pm_card_visa", "automatic", true).await;
+    let payment = paid.body["payment_id"].as_str().unwrap().to_owned();
+    wait_for("payment.captured delivered", 15, async || {
+        !receiver.of_type("payment.captured").is_empty()
+    })
+    .await;
+    let hit = receiver.of_type("payment.captured").remove(0);
+    assert_eq!(hit.event["data"]["object"]["payment_id"], payment);
+    // The same event as the events API shows, byte for byte in meaning.
+    let listed = app
+        .get(&format!("/api/v1/events/{}", hit.event["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(listed.body, hit.event);
+    let now = chrono::Utc::now().timestamp();
+    assert!(verify_stripe(&hit.signature, &hit.body, &[&secret], 300, now).is_ok());
+    let mut tampered = hit.body.clone();
+    tampered[10] ^= 1;
+    stripe_python_verifies(&[
+        (hit.body.clone(), hit.signature.clone(), secret.clone(), true),
+        (tampered, hit.signature.clone(), secret.clone(), false),
+        (hit.body.clone(), hit.signature.clone(), "whsec_wrong".into(), false),
+    ]);
+
+    // The delivery log shows it delivered.
+    wait_for("the log to show it", 15, async || {
+        let log = app
+            .get(&format!(
+                "/api/v1/webhook_endpoints/{id}/deliveries?status=succeeded&limit=100"
+            ))
+            .await;
+        log.body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["event_id"] == hit.event["id"])
+    })
+    .await;
+    let log = app
+        .get(&format!("/api/v1/webhook_endpoints/{id}/deliveries?limit=100"))
+        .await;
+    let d = log.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["event_id"] == hit.event["id"])
+        .unwrap()
+        .clone();
+    assert_eq!(d["attempts"], 1);
+    assert_eq!(d["last_attempt"]["status_code"], 200);
+    assert_eq!(d["last_attempt"]["response_body"], "receiver says 200");
+    assert!(d["last_attempt"]["latency_ms"].as_i64().is_some());
+    assert!(d["next_retry_at"].is_null());
+}
+
+#[actix_web::test]
+async fn an_endpoint_receives_only_the_events_it_enabled() {
+    let app = spawn_app().await;
+    let (narrow, wide) = (Receiver::start().await, Receiver::start().await);
+    create_endpoint(
+        &app,
+        json!({ "url": narrow.url, "enabled_events": ["payment.captured", "refund.*"] }),
+    )
+    .await;
+    create_endpoint(&app, json!({ "url": wide.url, "enabled_events": ["*"] })).await;
+    let paid = app.pay(3000, "pm_card_visa", "automatic", true).await;
+    let p = paid.body["payment_id"].as_str().unwrap();
+    let refund = app
+        .post(
+            &format!("/api/v1/payments/{p}/refunds"),
+            json!({ "amount": { "value": 500, "currency": "USD" } }),
+        )
+        .await;
+    assert!(refund.status < 300, "{}", refund.body);
+    wait_for("the wide endpoint to have all", 15, async || {
+        !wide.of_type("refund.succeeded").is_empty() && !wide.of_type("payment.created").is_empty()
+    })
+    .await;
+    wait_for("the narrow endpoint to have its own", 15, async || {
+        !narrow.of_type("refund.succeeded").is_empty() && !narrow.of_type("payment.captured").is_empty()
+    })
+    .await;
+    let types: Vec<String> = narrow
+        .hits()
+        .iter()
+        .map(|h| h.event["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        types
+            .iter()
+            .all(|t| t == "payment.captured" || t.starts_with("refund.")),
+        "{types:?}"
+    );
+    let bad = app
+        .post(
+            "/api/v1/webhook_endpoints",
+            json!({ "url": narrow.url, "enabled_events": ["ledger.*"] }),
+        )
+        .await;
+    assert_eq!(
+        (bad.status, bad.body["error"]["param"].clone()),
+        (400, json!("enabled_events"))
+    );
+}
+
+#[actix_web::test]
+async fn a_rotated_secret_signs_beside_the_old_one_during_the_overlap() {
+    let app = spawn_app_with(|c| c.webhooks_out.secret_overlap_secs = 3).await;
+    let receiver = Receiver::start().await;
+    let endpoint = create_endpoint(
+        &app,
+        json!({ "url": receiver.url, "enabled_events": ["payment.created"] }),
+    )
+    .await;
+    let (id, old) = (
+        endpoint["id"].as_str().unwrap().to_owned(),
+        endpoint["secret"].as_str().unwrap().to_owned(),
+    );
+    let key = uuid::Uuid::new_v4().to_string();
+    let path = format!("/api/v1/webhook_endpoints/{id}/rotate_secret");
+    let rotated = app.request("POST", &path, Some(DEMO_KEY), Some(&key), None).await;
+    assert_eq!(rotated.status, 200, "{}", rotated.body);
+    let new = rotated.body["secret"].as_str().unwrap().to_owned();
+    assert_ne!(new, old);
+    assert!(rotated.body["previous_secret_expires_at"].is_string());
+    // The same request again rotates nothing more.
+    let again = app.request("POST", &path, Some(DEMO_KEY), Some(&key), None).await;
+    assert_eq!(again.body["secret"], rotated.body["secret"]);
+
+    app.pay(100, "pm_card_visa", "manual", false).await;
+    wait_for("a delivery", 15, async || !receiver.hits().is_empty()).await;
+    let hit = receiver.hits().remove(0);
+    assert_eq!(
+        hit.signature.matches("v1=").count(),
+        2,
+        "both secrets sign during the overlap"
+    );
+    let now = chrono::Utc::now().timestamp();
+    assert!(verify_stripe(&hit.signature, &hit.body, &[&old], 300, now).is_ok());
+    assert!(verify_stripe(&hit.signature, &hit.body, &[&new], 300, now).is_ok());
+    stripe_python_verifies(&[
+        (hit.body.clone(), hit.signature.clone(), old.clone(), true),
+        (hit.body.clone(), hit.signature.clone(), new.clone(), true),
+    ]);
+
+    // After the overlap only the new secret signs.
+    actix_rt::time::sleep(Duration::from_millis(3100)).await;
+    app.pay(100, "pm_card_visa", "manual", false).await;
+    wait_for("a second delivery", 15, async || receiver.hits().len() >= 2).await;
+    let later = receiver.hits().remove(1);
+    assert_eq!(later.signature.matches("v1=").count(), 1);
+    let now = chrono::Utc::now().timestamp();
+    assert!(verify_stripe(&later.signature, &later.body, &[&new], 300, now).is_ok());
+    assert!(verify_stripe(&later.signature, &later.body, &[&old], 300, now).is_err());
+    let read = app.get(&format!("/api/v1/webhook_endpoints/{id}")).await;
+    assert!(read.body["previous_secret_expires_at"].is_null());
+}
+
+#[actix_web::test]
+async fn failed_deliveries_are_retried_with_backoff_logged_and_redelivered_on_request() {
+    let app = spawn_app_with(|c| {
+        c.webhooks_out.retry_base_ms = 200;
+        c.webhooks_out.retry_max_ms = 400;
+        c.webhooks_out.poll_interval_ms = 50;
+    })
+    .await;
+    let receiver = Receiver::start().await;
+    receiver.status.store(500, Ordering::SeqCst);
+    let endpoint = create_endpoint(
+        &app,
+        json!({ "url": receiver.url, "enabled_events": ["payment.created"] }),
+    )
+    .await;
+    let id = endpoint["id"].as_str().unwrap().to_owned();
+    app.pay(100, "pm_card_visa", "manual", false).await;
+    wait_for("three failed attempts", 15, async || receiver.hits().len() >= 3).await;
+    let log = app.get(&format!("/api/v1/webhook_endpoints/{id}/deliveries")).await;
+    let d = &log.body["data"][0];
+    assert_eq!(d["status"], "pending");
+    assert!(d["attempts"].as_i64().unwrap() >= 2, "{d}");
+    assert_eq!(d["last_attempt"]["status_code"], 500);
+    assert_eq!(d["last_attempt"]["response_body"], "receiver says 500");
+    assert!(d["last_attempt"]["error"].as_str().unwrap().contains("500"));
+    assert!(d["next_retry_at"].is_string());
+    let read = app.get(&format!("/api/v1/webhook_endpoints/{id}")).await;
+    assert!(read.body["failing_since"].is_string());
+
+    receiver.status.store(200, Ordering::SeqCst);
+    wait_for("the retry to succeed", 15, async || {
+        let log = app.get(&format!("/api/v1/webhook_endpoints/{id}/deliveries")).await;
+        log.body["data"][0]["status"] == "succeeded"
+    })
+    .await;
+    let read = app.get(&format!("/api/v1/webhook_endpoints/{id}")).await;
+    assert!(read.body["failing_since"].is_null(), "healthy again");
+    let event = receiver.hits()[0].event["id"].as_str().unwrap().to_owned();
+    let metrics = app.request("GET", "/metrics", None, None, None).await;
+    let text = String::from_utf8_lossy(&metrics.raw);
+    for needle in [
+        "payrail_webhook_deliveries_total{outcome=\"http_error\"}",
+        "payrail_webhook_deliveries_total{outcome=\"succeeded\"} 1",
+        "payrail_webhook_retry_queue 0",
+        "payrail_webhook_oldest_undelivered_seconds{endpoint_kind=\"failing\"}",
+        "payrail_actors_live{actor=\"webhook_endpoint\"} 1",
+    ] {
+        assert!(text.contains(needle), "missing {needle}");
+    }
+
+    // Redelivery: to this endpoint, and to all that want it.
+    let n = receiver.hits().len();
+    let r = app
+        .post(&format!("/api/v1/events/{event}/redeliver"), json!({ "endpoint": id }))
+        .await;
+    assert_eq!(
+        (r.status, r.body["endpoints"].clone()),
+        (200, json!([id])),
+        "{}",
+        r.body
+    );
+    wait_for("the redelivery", 15, async || receiver.hits().len() > n).await;
+    let r = app.post_raw(&format!("/api/v1/events/{event}/redeliver"), "").await;
+    assert_eq!(r.body["endpoints"], json!([id]));
+    wait_for("the second redelivery", 15, async || receiver.hits().len() > n + 1).await;
+    assert!(receiver.hits()[n..].iter().all(|h| h.event["id"] == event.as_str()));
+    let r = app
+        .post(
+            &format!("/api/v1/events/{event}/redeliver"),
+            json!({ "endpoint": "we_nope" }),
+        )
+        .await;
+    assert_eq!(r.status, 404);
+}
+
+#[actix_web::test]
+async fn an_endpoint_failing_for_the_whole_window_is_disabled_and_says_so() {
+    let app = spawn_app_with(|c| {
+        c.webhooks_out.retry_window_secs = 2;
+        c.webhooks_out.retry_base_ms = 200;
+        c.webhooks_out.retry_max_ms = 300;
+        c.webhooks_out.poll_interval_ms = 50;
+    })
+    .await;
+    let receiver = Receiver::start().await;
+    receiver.status.store(503, Ordering::SeqCst);
+    let endpoint = create_endpoint(&app, json!({ "url": receiver.url })).await;
+    let id = endpoint["id"].as_str().unwrap().to_owned();
+    app.pay(100, "pm_card_visa", "manual", false).await;
+    wait_for("the endpoint to be disabled", 20, async || {
+        app.get(&format!("/api/v1/webhook_endpoints/{id}")).await.body["status"] == "disabled"
+    })
+    .await;
+    let read = app.get(&format!("/api/v1/webhook_endpoints/{id}")).await;
+    assert!(read.body["disabled_reason"].as_str().unwrap().contains("retry window"));
+    let events = app.get("/api/v1/events?type=webhook_endpoint.disabled").await;
+    assert_eq!(
+        events.body["data"][0]["data"]["object"]["id"],
+        id.as_str(),
+        "{}",
+        events.body
+    );
+    let log = app
+        .get(&format!("/api/v1/webhook_endpoints/{id}/deliveries?status=pending"))
+        .await;
+    assert_eq!(log.body["data"], json!([]), "nothing left pending");
+    // Nothing more is sent to a disabled endpoint; enabling it again sends new events.
+    receiver.status.store(200, Ordering::SeqCst);
+    let r = app
+        .post(&format!("/api/v1/webhook_endpoints/{id}"), json!({ "disabled": false }))
+        .await;
+    assert_eq!((r.status, r.body["status"].clone()), (200, json!("enabled")));
+    let paid = app.pay(100, "pm_card_visa", "manual", false).await;
+    let p = paid.body["payment_id"].as_str().unwrap().to_owned();
+    wait_for("a delivery after enabling", 15, async || {
+        receiver
+            .hits()
+            .iter()
+            .any(|h| h.event["data"]["object"]["payment_id"] == p.as_str() && h.event["type"] == "payment.created")
+    })
+    .await;
+}
+
+#[actix_web::test]
+async fn private_targets_are_refused_at_creation_and_at_connection() {
+    let app = spawn_app_with(|c| c.webhooks_out.allow_private_targets = false).await;
+    for url in [
+        "http://example.com/hooks",
+        "https://127.0.0.1/hooks",
+        "https://10.0.0.1/hooks",
+        "https://169.254.169.254/latest/meta-data",
+        "https://[::1]/hooks",
+        "https://localhost/hooks",
+        "ftp://example.com/",
+    ] {
+        let r = app.post("/api/v1/webhook_endpoints", json!({ "url": url })).await;
+        assert_eq!(r.status, 400, "{url}: {}", r.body);
+        assert_eq!(r.body["error"]["param"], "url", "{url}");
+    }
+    assert_eq!(app.count("webhook_endpoints").await, 0);
+
+    // A name that resolved to a public address when it was stored and to loopback now (DNS
+    // rebinding): the connection is refused, and nothing reaches the receiver.
+    let receiver = Receiver::start().await;
+    let port = receiver
+        .url
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let merchant: String = app
+        .sql()
+        .await
+        .query_one("SELECT merchant_id FROM api_keys LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    app.sql()
+        .await
+        .execute(
+            "INSERT INTO webhook_endpoints (id, merchant_id, url, enabled_events, secret)
+             VALUES ('we_rebound', $1, $2, ARRAY['*'], 'whsec_x')",
+            &[&merchant, &format!("https://localhost:{port}/hooks")],
+        )
+        .await
+        .unwrap();
+    app.pay(100, "pm_card_visa", "manual", false).await;
+    wait_for("the refused attempt in the log", 15, async || {
+        let log = app.get("/api/v1/webhook_endpoints/we_rebound/deliveries").await;
+        log.body["data"][0]["last_attempt"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("private, loopback or link-local"))
+    })
+    .await;
+    assert!(receiver.hits().is_empty());
+    let metrics = app.request("GET", "/metrics", None, None, None).await;
+    assert!(
+        String::from_utf8_lossy(&metrics.raw).contains("payrail_webhook_deliveries_total{outcome=\"refused_target\"}")
+    );
+}
+
+#[actix_web::test]
+async fn a_merchant_created_with_a_webhook_url_has_it_as_its_first_endpoint() {
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    let token = app.state.config.admin.token.clone();
+    let body = json!({ "name": "Hooked", "default_currency": "USD", "webhook_url": receiver.url }).to_string();
+    let r = app
+        .request("POST", "/admin/v1/merchants", Some(&token), None, Some(&body))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let endpoint = &r.body["webhook_endpoint"];
+    assert_eq!(endpoint["url"], receiver.url.as_str());
+    assert_eq!(endpoint["enabled_events"], json!(["*"]));
+    let secret = endpoint["secret"].as_str().unwrap().to_owned();
+    let key = r.body["api_key"].as_str().unwrap().to_owned();
+    let listed = app
+        .request("GET", "/api/v1/webhook_endpoints", Some(&key), None, None)
+        .await;
+    assert_eq!(listed.body["data"][0]["id"], endpoint["id"]);
+    let pay =
+        json!({ "order_id": "o", "amount": { "value": 700, "currency": "USD" }, "payment_method": "pm_card_visa" });
+    let paid = app
+        .request(
+            "POST",
+            "/api/v1/payments",
+            Some(&key),
+            Some("k1"),
+            Some(&pay.to_string()),
+        )
+        .await;
+    assert_eq!(paid.status, 201);
+    wait_for("its delivery", 15, async || !receiver.hits().is_empty()).await;
+    let hit = receiver.hits().remove(0);
+    let now = chrono::Utc::now().timestamp();
+    assert!(verify_stripe(&hit.signature, &hit.body, &[&secret], 300, now).is_ok());
+}
+
+#[actix_web::test]
+async fn endpoints_are_updated_deleted_and_bounded() {
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    let e = create_endpoint(&app, json!({ "url": receiver.url })).await;
+    let id = e["id"].as_str().unwrap().to_owned();
+    let r = app
+        .post(
+            &format!("/api/v1/webhook_endpoints/{id}"),
+            json!({ "enabled_events": ["dispute.*"], "description": "disputes only" }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        (r.body["enabled_events"].clone(), r.body["description"].clone()),
+        (json!(["dispute.*"]), json!("disputes only"))
+    );
+    assert!(r.body.get("secret").is_none());
+    let missing = app
+        .post("/api/v1/webhook_endpoints/we_nope", json!({ "description": "x" }))
+        .await;
+    assert_eq!(missing.status, 404);
+    for _ in 1..16 {
+        create_endpoint(&app, json!({ "url": receiver.url })).await;
+    }
+    let over = app
+        .post("/api/v1/webhook_endpoints", json!({ "url": receiver.url }))
+        .await;
+    assert_eq!(
+        (over.status, over.body["error"]["code"].clone()),
+        (400, json!("too_many_endpoints"))
+    );
+    let gone = app
+        .request(
+            "DELETE",
+            &format!("/api/v1/webhook_endpoints/{id}"),
+            Some(DEMO_KEY),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!((gone.status, gone.body["deleted"].clone()), (200, json!(true)));
+    assert_eq!(app.get(&format!("/api/v1/webhook_endpoints/{id}")).await.status, 404);
+    let other = app.new_merchant().await;
+    let theirs = app
+        .request("GET", "/api/v1/webhook_endpoints", Some(&other), None, None)
+        .await;
+    assert_eq!(theirs.body["data"], json!([]));
+}
