@@ -148,6 +148,8 @@ impl Application {
                 metrics.clone(),
                 shutdown.clone(),
             )
+            .await
+            .map_err(StartError::Nats)?
         } else {
             crate::actors::webhook_delivery::WebhookDelivery::idle()
         };

@@ -28,6 +28,10 @@ pub enum Mix {
     /// PSP webhooks end to end: `--events` authorized payments are made first (untimed), then
     /// each one's signed `payment_intent.succeeded` is sent; timed until every one is applied.
     Webhooks,
+    /// Merchant webhooks out: a receiver in this process and `--endpoints` webhook endpoints
+    /// on the merchant pointing at it, then automatic-capture payments; reports deliveries per
+    /// second at the receiver and each event's commit-to-delivery time.
+    WebhooksOut,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -64,6 +68,9 @@ pub struct LoadgenArgs {
     /// With --mix webhooks: how many events.
     #[arg(long, default_value_t = 5_000)]
     pub events: usize,
+    /// With --mix webhooks-out: webhook endpoints (each receives every event).
+    #[arg(long, default_value_t = 4)]
+    pub endpoints: usize,
 }
 
 #[derive(Default)]
@@ -85,6 +92,11 @@ pub async fn run(args: LoadgenArgs, database_url: &str) -> Result<Value, String>
     };
     let client = client_for(&args);
     let keys = merchant_keys(&client, &args).await?;
+    let receiver = if args.mix == Mix::WebhooksOut {
+        Some(Receiver::start(&client, &args, &keys).await?)
+    } else {
+        None
+    };
     let before = scrape(&client, &args.url).await;
 
     let hist = Rc::new(RefCell::new(
@@ -176,6 +188,10 @@ pub async fn run(args: LoadgenArgs, database_url: &str) -> Result<Value, String>
     progress.abort();
     eprintln!();
     let elapsed = started.elapsed().as_secs_f64();
+    let webhooks_out = match receiver {
+        Some(r) => Some(r.settle(started, elapsed).await),
+        None => None,
+    };
     let after = scrape(&client, &args.url).await;
 
     let h = hist.borrow();
@@ -221,10 +237,146 @@ pub async fn run(args: LoadgenArgs, database_url: &str) -> Result<Value, String>
         report["postgres_ceiling_tps"] = json!(tps);
         report["ratio"] = json!(rate / tps);
     }
+    if let Some(out) = webhooks_out {
+        println!(
+            "webhooks out: {} deliveries ({} duplicates), {:.0} deliveries/s while loading, {:.0} deliveries/s overall; commit to delivery p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+            out["deliveries"], out["duplicates"], out["per_s_during_load"].as_f64().unwrap_or(0.0),
+            out["per_s_overall"].as_f64().unwrap_or(0.0), out["commit_to_delivery_ms"]["p50"].as_f64().unwrap_or(0.0),
+            out["commit_to_delivery_ms"]["p99"].as_f64().unwrap_or(0.0), out["commit_to_delivery_ms"]["max"].as_f64().unwrap_or(0.0),
+        );
+        report["webhooks_out"] = out;
+    }
     if let Some(path) = &args.report {
         std::fs::write(path, serde_json::to_vec_pretty(&report).unwrap_or_default()).map_err(|e| e.to_string())?;
     }
     Ok(report)
+}
+
+/// What the in-process receiver of `--mix webhooks-out` saw.
+struct Seen {
+    deliveries: u64,
+    duplicates: u64,
+    /// (endpoint, event id) pairs received, for duplicates.
+    pairs: std::collections::HashSet<(u16, u64)>,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    /// Microseconds from the event's commit (`created_at`) to its arrival.
+    lag: Histogram<u64>,
+}
+
+/// A receiver on loopback and the endpoints that point at it.
+struct Receiver {
+    seen: std::sync::Arc<std::sync::Mutex<Seen>>,
+}
+
+impl Receiver {
+    async fn start(client: &Client, args: &LoadgenArgs, keys: &[String]) -> Result<Receiver, String> {
+        use actix_web::{web, App, HttpResponse, HttpServer};
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen {
+            deliveries: 0,
+            duplicates: 0,
+            pairs: Default::default(),
+            first: None,
+            last: None,
+            lag: Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).map_err(|e| e.to_string())?,
+        }));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        let shared = seen.clone();
+        let server = HttpServer::new(move || {
+            let seen = shared.clone();
+            App::new().route(
+                "/hooks/{i}",
+                web::post().to(move |path: web::Path<u16>, body: web::Bytes| {
+                    let seen = seen.clone();
+                    async move {
+                        #[derive(serde::Deserialize)]
+                        struct Event<'a> {
+                            id: &'a str,
+                            created_at: &'a str,
+                        }
+                        let now = chrono::Utc::now();
+                        if let Ok(e) = serde_json::from_slice::<Event>(&body) {
+                            let lag = chrono::DateTime::parse_from_rfc3339(e.created_at)
+                                .map(|c| (now - c.with_timezone(&chrono::Utc)).num_microseconds().unwrap_or(0))
+                                .unwrap_or(0);
+                            let id = crate::domain::webhook::parse_event_id(e.id).unwrap_or(0) as u64;
+                            let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
+                            s.deliveries += 1;
+                            if !s.pairs.insert((path.into_inner(), id)) {
+                                s.duplicates += 1;
+                            }
+                            let at = Instant::now();
+                            s.first.get_or_insert(at);
+                            s.last = Some(at);
+                            let _ = s.lag.record(lag.max(1) as u64);
+                        }
+                        HttpResponse::Ok().finish()
+                    }
+                }),
+            )
+        })
+        .workers(1)
+        .listen(listener)
+        .map_err(|e| e.to_string())?
+        .run();
+        actix_rt::spawn(server);
+        for key in keys {
+            for i in 0..args.endpoints.max(1) {
+                let body = json!({ "url": format!("http://127.0.0.1:{port}/hooks/{i}") });
+                let mut r = client
+                    .post(format!("{}/api/v1/webhook_endpoints", args.url))
+                    .insert_header(("Authorization", format!("Bearer {key}")))
+                    .insert_header(("Idempotency-Key", format!("lg-we-{port}-{i}")))
+                    .send_json(&body)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !r.status().is_success() {
+                    let text = r.body().await.unwrap_or_default();
+                    return Err(format!(
+                        "creating a webhook endpoint: {}",
+                        String::from_utf8_lossy(&text)
+                    ));
+                }
+            }
+        }
+        eprintln!(
+            "receiver on 127.0.0.1:{port}, {} endpoint(s) per merchant",
+            args.endpoints.max(1)
+        );
+        Ok(Receiver { seen })
+    }
+
+    /// Waits until no delivery has come for 3 s (at most 120 s), then sums up.
+    async fn settle(self, started: Instant, load_secs: f64) -> Value {
+        let load_end = started + Duration::from_secs_f64(load_secs);
+        let mut quiet_since = Instant::now();
+        let mut count = self.seen.lock().unwrap_or_else(|p| p.into_inner()).deliveries;
+        // Called as the load ends: what arrived so far arrived while loading.
+        let during_load = count;
+        while quiet_since.elapsed() < Duration::from_secs(3) && load_end.elapsed() < Duration::from_secs(120) {
+            actix_rt::time::sleep(Duration::from_millis(200)).await;
+            let now = self.seen.lock().unwrap_or_else(|p| p.into_inner()).deliveries;
+            if now != count {
+                count = now;
+                quiet_since = Instant::now();
+            }
+        }
+        let s = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let span = match (s.first, s.last) {
+            (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
+            _ => 0.0,
+        };
+        let ms = |q: f64| s.lag.value_at_quantile(q) as f64 / 1000.0;
+        json!({
+            "deliveries": s.deliveries,
+            "duplicates": s.duplicates,
+            "per_s_overall": if span > 0.0 { s.deliveries as f64 / span } else { 0.0 },
+            "per_s_during_load": during_load as f64 / load_secs.max(0.001),
+            "drained_after_load_s": s.last.map(|l| l.saturating_duration_since(load_end).as_secs_f64()).unwrap_or(0.0),
+            "commit_to_delivery_ms": { "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "max": s.lag.max() as f64 / 1000.0 },
+        })
+    }
 }
 
 /// An HTTP/1.1 client allowed `--connections` connections (awc's default cap is 100).
@@ -247,7 +399,7 @@ async fn one_payment(
     tally: &RefCell<Tally>,
 ) -> bool {
     let amount = rand::thread_rng().gen_range(100..100_000);
-    let capture = if args.mix == Mix::Automatic {
+    let capture = if matches!(args.mix, Mix::Automatic | Mix::WebhooksOut) {
         "automatic"
     } else {
         "manual"
@@ -257,7 +409,7 @@ async fn one_payment(
     let Some(p) = post(client, args, key, "/api/v1/payments", idem, &body, due, hist, tally).await else {
         return false;
     };
-    if args.mix == Mix::Automatic {
+    if matches!(args.mix, Mix::Automatic | Mix::WebhooksOut) {
         return true;
     }
     let id = p["payment_id"].as_str().unwrap_or_default().to_owned();

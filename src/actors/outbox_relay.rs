@@ -1,5 +1,6 @@
 //! `OutboxRelay`: publishes committed outbox rows to `{prefix}.events.<merchant>` on the
-//! `{prefix}_EVENTS` stream, in id order, `Nats-Msg-Id` = `outbox-<id>`, and marks them sent.
+//! `{prefix}_EVENTS` stream, in id order and pipelined, `Nats-Msg-Id` = `outbox-<id>`, and marks
+//! the acknowledged ones sent. A commit that writes outbox rows wakes it; otherwise it polls.
 //! Downstream consumers are at-least-once and idempotent (docs/DESIGN.md). Bounded: `BATCH` rows
 //! a round; with NATS or PostgreSQL down it backs off (capped) and catches up afterwards.
 
@@ -19,31 +20,50 @@ pub fn spawn(db: Db, nats: Nats, shutdown: crate::shutdown::Shutdown) {
         while !shutdown.is_stopping() {
             let nats_ref = &nats;
             let round = db
-                .relay_outbox(BATCH, |rows| async move {
-                    let mut sent = Vec::with_capacity(rows.len());
-                    for row in rows {
-                        if publish(nats_ref, &row).await.is_err() {
-                            // Keep id order: stop at the first failure; the rest waits.
-                            break;
-                        }
-                        sent.push(row.id);
-                    }
-                    sent
-                })
+                .relay_outbox(BATCH, |rows| async move { publish_in_order(nats_ref, &rows).await })
                 .await;
             backoff = match round {
                 Ok(n) if n as i64 == BATCH => Duration::ZERO,
                 Ok(_) => IDLE,
                 Err(_) => (backoff * 2).clamp(IDLE, Duration::from_secs(5)),
             };
-            if !backoff.is_zero() && shutdown.sleep(backoff).await {
+            if backoff == IDLE {
+                // Woken by the next commit that writes outbox rows, or polls after IDLE (a row
+                // committed by another node, or one this round could not publish).
+                tokio::select! {
+                    _ = db.outbox_wait(IDLE) => {}
+                    _ = shutdown.sleep(IDLE) => {}
+                }
+            } else if !backoff.is_zero() && shutdown.sleep(backoff).await {
                 break;
             }
         }
     });
 }
 
-async fn publish(nats: &Nats, row: &OutboxRow) -> Result<(), String> {
+/// Publishes `rows` pipelined (every publish sent, then the acknowledgements awaited) and
+/// returns the ids acknowledged before the first failure: the rows after it wait for the next
+/// round, and republishing one JetStream already stored is dropped by its `Nats-Msg-Id`.
+async fn publish_in_order(nats: &Nats, rows: &[OutboxRow]) -> Vec<i64> {
+    let mut acks = Vec::with_capacity(rows.len());
+    for row in rows {
+        match publish(nats, row).await {
+            Ok(ack) => acks.push((row.id, ack)),
+            Err(_) => break,
+        }
+    }
+    let mut sent = Vec::with_capacity(acks.len());
+    for (id, ack) in acks {
+        match tokio::time::timeout(Duration::from_secs(2), ack).await {
+            Ok(Ok(_)) => sent.push(id),
+            _ => break,
+        }
+    }
+    sent
+}
+
+/// Sends one row; the returned future is JetStream's acknowledgement.
+async fn publish(nats: &Nats, row: &OutboxRow) -> Result<async_nats::jetstream::context::PublishAckFuture, String> {
     let subject = format!("{}.events.{}", nats.prefix, row.merchant_id);
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", format!("outbox-{}", row.id).as_str());
@@ -51,14 +71,8 @@ async fn publish(nats: &Nats, row: &OutboxRow) -> Result<(), String> {
     // The event exactly as merchants read and receive it (docs/API.md, "Events").
     let event = crate::domain::webhook::event_object(row.id, &row.event_type, row.created_at, &row.payload);
     let payload = serde_json::to_vec(&event).map_err(|e| e.to_string())?;
-    let ack = nats
-        .jetstream
+    nats.jetstream
         .publish_with_headers(subject, headers, payload.into())
         .await
-        .map_err(|e| e.to_string())?;
-    tokio::time::timeout(Duration::from_secs(2), ack)
-        .await
-        .map_err(|_| "ack timeout".to_owned())?
-        .map_err(|e| e.to_string())?;
-    Ok(())
+        .map_err(|e| e.to_string())
 }

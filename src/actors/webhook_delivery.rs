@@ -37,6 +37,8 @@ use crate::domain::webhook::{parse_event_id, retry_delay, signature_header, want
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
+/// How long JetStream waits for the dispatcher's ack before it sends a batch again.
+const CONSUMER_ACK_WAIT: Duration = Duration::from_secs(30);
 /// Outcomes waiting for the recorder at most; past that, workers wait (back-pressure).
 const OUTCOME_QUEUE: usize = 10_000;
 /// Outcomes written per transaction at most.
@@ -103,14 +105,17 @@ impl WebhookDelivery {
         }
     }
 
-    /// Starts the dispatcher, poller and recorder on a thread of their own.
-    pub fn start(
+    /// Starts the dispatcher, poller and recorder on a thread of their own. The durable
+    /// consumer is made first, before payrail serves, so that no event committed from then on
+    /// can pass before it.
+    pub async fn start(
         db: Db,
         nats: Nats,
         config: WebhooksOutConfig,
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
-    ) -> WebhookDelivery {
+    ) -> Result<WebhookDelivery, crate::adapters::nats::NatsError> {
+        nats.webhooks_consumer(CONSUMER_ACK_WAIT).await?;
         let handle = WebhookDelivery::idle();
         let (stats, cache) = (handle.stats.clone(), handle.cache.clone());
         let arbiter = actix::Arbiter::new();
@@ -137,7 +142,7 @@ impl WebhookDelivery {
             actix_rt::spawn(poll(shared.clone()));
             actix_rt::spawn(dispatch(shared, nats));
         });
-        handle
+        Ok(handle)
     }
 }
 
@@ -291,7 +296,7 @@ async fn dispatch(shared: Rc<Shared>, nats: Nats) {
     let prefix = format!("{}.events.", nats.prefix);
     let mut backoff = Duration::from_millis(100);
     while !shared.shutdown.is_stopping() {
-        let consumer = match nats.webhooks_consumer(Duration::from_secs(30)).await {
+        let consumer = match nats.webhooks_consumer(CONSUMER_ACK_WAIT).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "webhook dispatcher: consumer unavailable; retrying");

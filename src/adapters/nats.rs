@@ -201,6 +201,9 @@ impl Nats {
                     ack_wait,
                     max_deliver: -1,
                     max_ack_pending: 10_000,
+                    // When first made (at the first start with merchant webhooks): from then
+                    // on. Older events stay readable and redeliverable through the API.
+                    deliver_policy: jetstream::consumer::DeliverPolicy::New,
                     ..Default::default()
                 },
             )

@@ -816,6 +816,9 @@ impl Db {
                 .map_err(pg_error)?;
         }
         txn.commit().await.map_err(pg_error)?;
+        if batch.iter().any(|c| !c.outbox.is_empty()) {
+            self.outbox_committed();
+        }
         Ok(())
     }
 }

@@ -60,6 +60,9 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
+    /// Woken when a commit wrote outbox rows, so the relay publishes them at once instead of
+    /// at its next poll.
+    outbox_ready: std::sync::Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +104,20 @@ impl Db {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| SetupError::Pool(e.to_string()))?;
-        Ok(Db { pool })
+        Ok(Db {
+            pool,
+            outbox_ready: Default::default(),
+        })
+    }
+
+    /// Tells the outbox relay that rows are waiting.
+    pub fn outbox_committed(&self) {
+        self.outbox_ready.notify_one();
+    }
+
+    /// Waits until a commit writes outbox rows, or `timeout` passes.
+    pub async fn outbox_wait(&self, timeout: std::time::Duration) {
+        let _ = tokio::time::timeout(timeout, self.outbox_ready.notified()).await;
     }
 
     /// A pooled connection, or 503 when PostgreSQL cannot be reached in time.

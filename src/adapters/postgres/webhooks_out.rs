@@ -240,19 +240,34 @@ impl Db {
         Ok(row.as_ref().map(event_from_row))
     }
 
-    /// Deletes published events committed before `cutoff`, at most `limit`, from the oldest;
-    /// the scan is bounded too. Returns how many went.
+    /// Deletes published events committed before `cutoff`, at most `limit`, from the oldest
+    /// (the scan is bounded too), with their finished deliveries. Returns how many events went.
     pub async fn prune_events(&self, cutoff: DateTime<Utc>, limit: i64) -> Result<u64, StoreError> {
-        let client = self.client().await?;
-        client
-            .execute(
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let gone: Vec<i64> = tx
+            .query(
                 "DELETE FROM outbox WHERE id IN (
                      SELECT id FROM (SELECT id, created_at, published_at FROM outbox ORDER BY id LIMIT $2) s
-                     WHERE s.created_at < $1 AND s.published_at IS NOT NULL)",
+                     WHERE s.created_at < $1 AND s.published_at IS NOT NULL)
+                 RETURNING id",
                 &[&cutoff, &limit],
             )
             .await
-            .map_err(pg_error)
+            .map_err(pg_error)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !gone.is_empty() {
+            tx.execute(
+                "DELETE FROM webhook_deliveries WHERE event_id = ANY($1) AND status <> 'pending'",
+                &[&gone],
+            )
+            .await
+            .map_err(pg_error)?;
+        }
+        tx.commit().await.map_err(pg_error)?;
+        Ok(gone.len() as u64)
     }
 
     /// Stores an endpoint under `id` (derived from the request's idempotency key, so a retry
