@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env -S python3 -u
 """Receiver-down drill for merchant webhooks (docs/RELIABILITY.md).
 
 A local receiver answers 500 for --down seconds, then 200, while payments flow throughout.
@@ -13,7 +13,6 @@ The retry schedule is shortened so that the drill does not wait for hours: retri
 Usage: scripts/drills/webhook_receiver_down.py [--down 60] [--after 20] [--threads 4] [--binary PATH]
 """
 import argparse
-import http.server
 import json
 import os
 import sys
@@ -24,47 +23,97 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import drill  # noqa: E402
 
 
+def serve(port_out, down, log_path):
+    """The receiver, in a process of its own (the load's client threads would starve it of the
+    GIL), on asyncio with keep-alive (Python's http.server manages a few hundred requests a
+    second, which would measure the receiver, not payrail): answers 500 while `down` is set,
+    else 200 and appends the event id to `log_path`."""
+    import asyncio
+
+    log = open(log_path, "a", buffering=1 << 16)
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                body = await reader.readexactly(length)
+                if down.value:
+                    log.write("-\n")
+                    writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\ndown")
+                else:
+                    log.write(json.loads(body)["id"] + "\n")
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port_out.value = server.sockets[0].getsockname()[1]
+
+        async def flush():
+            while True:
+                await asyncio.sleep(0.2)
+                log.flush()
+
+        asyncio.create_task(flush())
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
 class Receiver:
-    """A threaded HTTP receiver: 500 while down, 200 otherwise; counts every event it gets."""
+    """Controls the receiver process and reads what it got."""
 
     def __init__(self):
-        self.down = False
-        self.lock = threading.Lock()
-        self.counts = {}
-        self.requests = 0
-        self.refused = 0
-        receiver = self
+        import multiprocessing
+        import tempfile
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        self.log_path = tempfile.mktemp(prefix="payrail-receiver-", suffix=".log")
+        open(self.log_path, "w").close()
+        self._down = multiprocessing.Value("b", 0)
+        port = multiprocessing.Value("i", 0)
+        self.proc = multiprocessing.Process(target=serve, args=(port, self._down, self.log_path), daemon=True)
+        self.proc.start()
+        while port.value == 0:
+            time.sleep(0.01)
+        self.port = port.value
+        self.refused_base = 0
 
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with receiver.lock:
-                    receiver.requests += 1
-                    if receiver.down:
-                        receiver.refused += 1
-                        code = 500
-                    else:
-                        event = json.loads(body)
-                        receiver.counts[event["id"]] = receiver.counts.get(event["id"], 0) + 1
-                        code = 200
-                self.send_response(code)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
+    @property
+    def down(self):
+        return bool(self._down.value)
 
-            def log_message(self, *args):
-                pass
+    @down.setter
+    def down(self, value):
+        self._down.value = 1 if value else 0
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _lines(self):
+        with open(self.log_path) as f:
+            return f.read().split()
 
     def received(self):
-        with self.lock:
-            return dict(self.counts)
+        counts = {}
+        for line in self._lines():
+            if line != "-":
+                counts[line] = counts.get(line, 0) + 1
+        return counts
+
+    @property
+    def refused(self):
+        return sum(1 for line in self._lines() if line == "-") - self.refused_base
+
+    @refused.setter
+    def refused(self, value):
+        self.refused_base = sum(1 for line in self._lines() if line == "-") - value
+
+    def stop(self):
+        self.proc.terminate()
+        os.unlink(self.log_path)
 
 
 def all_events(port):
@@ -106,17 +155,23 @@ def round_(name, payrail, receiver, load, args, kill):
         payrail.start()
     time.sleep(max(0.0, args.down - (time.monotonic() - started)))
     receiver.down = False
+    up = time.monotonic()
     print(f"   receiver up; payments go on for {args.after} s")
-    time.sleep(args.after)
+    # The backlog: every event committed while the receiver was down.
+    cleared, backlog, _ = wait_all_received(payrail, receiver, args.deadline)
+    time.sleep(max(0.0, args.after - (time.monotonic() - up)))
     recovered, events, missing = wait_all_received(payrail, receiver, args.deadline)
     got = receiver.received()
-    duplicates = sum(n - 1 for e, n in got.items() if e in set(events) and n > 1)
+    wanted = set(events)
+    duplicates = sum(n - 1 for e, n in got.items() if e in wanted and n > 1)
     return {
         "events": len(events),
         "received": sum(1 for e in events if e in got),
         "missing": len(missing),
         "duplicates": duplicates,
         "refused_while_down": receiver.refused,
+        "backlog_events": len(backlog),
+        "backlog_received_within_s": round(cleared, 1) if cleared is not None else None,
         "all_received_after_s": round(recovered, 1) if recovered is not None else None,
         "example_missing": missing[:3],
     }
@@ -175,6 +230,7 @@ def main():
             print(f"   {k}: {v}")
     finally:
         payrail.stop()
+        receiver.stop()
         drill.drop_database(db)
     drill.verdict("webhook receiver down", ok, {k: v for k, v in figures.items() if not isinstance(v, dict)})
 

@@ -39,6 +39,8 @@ use crate::shutdown::Shutdown;
 
 /// How long JetStream waits for the dispatcher's ack before it sends a batch again.
 const CONSUMER_ACK_WAIT: Duration = Duration::from_secs(30);
+/// When a delivery a mailbox had no room for is due again.
+const NO_ROOM_DELAY: Duration = Duration::from_secs(1);
 /// Outcomes waiting for the recorder at most; past that, workers wait (back-pressure).
 const OUTCOME_QUEUE: usize = 10_000;
 /// Outcomes written per transaction at most.
@@ -210,6 +212,14 @@ impl Shared {
                 true
             }
             Err(_) => false,
+        }
+    }
+
+    /// Deliveries this node claimed and had no room for go back, due in a second: a full
+    /// mailbox must not hold them for a whole lease.
+    async fn release(&self, ids: &[i64]) {
+        if let Err(e) = self.db.release_deliveries(ids, NO_ROOM_DELAY).await {
+            tracing::warn!(error = %e, "webhooks: cannot give back deliveries; they wait for their lease");
         }
     }
 
@@ -395,12 +405,13 @@ async fn dispatch_batch(
         // A lost ack only means this batch comes again, and its deliveries already exist.
         let _ = m.ack().await;
     }
+    let mut no_room = Vec::new();
     for d in new {
         let Some((endpoint, i)) = by_pair.get(&(d.endpoint_id.clone(), d.event_id)) else {
             continue;
         };
         let (_, _, _, created, body) = &events[*i];
-        shared.hand(Job {
+        let handed = shared.hand(Job {
             delivery_id: d.id,
             endpoint: endpoint.clone(),
             body: body.clone(),
@@ -408,7 +419,11 @@ async fn dispatch_batch(
             retry_until: d.retry_until,
             event_created: DateTime::from_timestamp(*created, 0),
         });
+        if !handed {
+            no_room.push(d.id);
+        }
     }
+    shared.release(&no_room).await;
     Ok(())
 }
 
@@ -423,7 +438,8 @@ async fn poll(shared: Rc<Shared>) {
         if room > 0 {
             match shared.db.claim_due_deliveries(room, shared.lease()).await {
                 Ok(due) => {
-                    full = due.len() as i64 == room;
+                    let claimed = due.len() as i64;
+                    let mut no_room = Vec::new();
                     for d in due {
                         let endpoint = match shared.cache.get(&shared.db, &d.merchant_id).await {
                             Ok(list) => list.iter().find(|e| e.id == d.endpoint_id).cloned(),
@@ -432,7 +448,7 @@ async fn poll(shared: Rc<Shared>) {
                         // Disabled or deleted meanwhile: its lease runs out; disabling ended it.
                         let Some(endpoint) = endpoint else { continue };
                         let body = Bytes::from(serde_json::to_vec(&d.event.to_object()).unwrap_or_default());
-                        shared.hand(Job {
+                        let handed = shared.hand(Job {
                             delivery_id: d.id,
                             endpoint,
                             body,
@@ -440,7 +456,13 @@ async fn poll(shared: Rc<Shared>) {
                             retry_until: d.retry_until,
                             event_created: Some(d.event.created_at),
                         });
+                        if !handed {
+                            no_room.push(d.id);
+                        }
                     }
+                    // Claim again at once only while every claimed delivery found room.
+                    full = claimed == room && no_room.is_empty();
+                    shared.release(&no_room).await;
                 }
                 Err(e) => tracing::warn!(error = %e, "webhook poller: cannot claim due deliveries"),
             }

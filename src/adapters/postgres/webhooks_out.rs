@@ -489,6 +489,24 @@ impl Db {
             .collect())
     }
 
+    /// Gives back deliveries a node claimed but had no room for: due again after `delay`
+    /// instead of at the end of their lease.
+    pub async fn release_deliveries(&self, ids: &[i64], delay: Duration) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE webhook_deliveries SET next_attempt_at = now() + make_interval(secs => $2)
+                 WHERE id = ANY($1) AND status = 'pending'",
+                &[&ids, &interval(delay)],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
     /// Records attempts in one transaction: each delivery's log and next try; endpoints that
     /// answered are healthy again; an endpoint failing for longer than `window` is disabled,
     /// its pending deliveries end, and a `webhook_endpoint.disabled` event is committed for it.
