@@ -189,6 +189,30 @@ pub async fn dead_letters(state: web::Data<AppState>, req: HttpRequest) -> Resul
     ))
 }
 
+/// `GET /admin/v1/webhook_endpoints?status=disabled&limit=50`: merchants' webhook endpoints
+/// across the deployment, the most recently changed first, with their merchant: where an
+/// operator sees the endpoints payrail disabled after failing for the whole retry window.
+pub async fn webhook_endpoints(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    auth::operator(&state, &req)?;
+    let q = super::payments::query(&req)?;
+    let limit = super::payments::int_param(&q, "limit", 50, 1, 1000)?;
+    let status = match q.get("status").map(String::as_str) {
+        None => None,
+        Some(s @ ("enabled" | "disabled")) => Some(s),
+        Some(_) => return Err(ApiError::param("status", "status must be enabled or disabled")),
+    };
+    let rows = state.db.all_endpoints(status, limit).await?;
+    let data: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|e| {
+            let mut v = super::webhook_endpoints::endpoint_object(e);
+            v["merchant_id"] = e.merchant_id.clone().into();
+            v
+        })
+        .collect();
+    Ok(json_value(200, &crate::domain::record::list_object(data, false)))
+}
+
 /// `POST /admin/v1/dead_letters/{id}/replay`: publishes a dead letter's envelope to its
 /// partition again (under a message id of its own, so JetStream's duplicate window does not
 /// swallow it) and marks it replayed. Idempotent in effect: the event is still applied at

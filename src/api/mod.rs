@@ -119,6 +119,7 @@ api_routes! {
     get "/admin/v1/actors/{kind}/{id}" => admin::actor,
     get "/admin/v1/dead_letters" => admin::dead_letters,
     post "/admin/v1/dead_letters/{id}/replay" => admin::replay_dead_letter,
+    get "/admin/v1/webhook_endpoints" => admin::webhook_endpoints,
     get "/admin/" => admin::live_view,
     post "/internal/webhooks/psp/{provider}" => webhooks::receive,
     post "/sandbox/v1/payment_methods" => sandbox::payment_methods,

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::helpers::{free_port, spawn_app_with, DEMO_KEY};
 
-fn nats_server(port: u16, store: &std::path::Path) -> Child {
+pub(crate) fn nats_server(port: u16, store: &std::path::Path) -> Child {
     Command::new("/usr/sbin/nats-server")
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
         .arg(store)

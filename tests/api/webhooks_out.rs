@@ -459,6 +459,22 @@ async fn an_endpoint_failing_for_the_whole_window_is_disabled_and_says_so() {
         .get(&format!("/api/v1/webhook_endpoints/{id}/deliveries?status=pending"))
         .await;
     assert_eq!(log.body["data"], json!([]), "nothing left pending");
+    // Operators see it too.
+    let token = app.state.config.admin.token.clone();
+    let ops = app
+        .request(
+            "GET",
+            "/admin/v1/webhook_endpoints?status=disabled",
+            Some(&token),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(ops.status, 200);
+    assert_eq!(ops.body["data"][0]["id"], id.as_str());
+    assert!(ops.body["data"][0]["merchant_id"].as_str().unwrap().starts_with("mer_"));
+    let metrics = app.request("GET", "/metrics", None, None, None).await;
+    assert!(String::from_utf8_lossy(&metrics.raw).contains("payrail_webhook_endpoints_disabled_total 1"));
     // Nothing more is sent to a disabled endpoint; enabling it again sends new events.
     receiver.status.store(200, Ordering::SeqCst);
     let r = app
@@ -622,4 +638,62 @@ async fn endpoints_are_updated_deleted_and_bounded() {
         .request("GET", "/api/v1/webhook_endpoints", Some(&other), None, None)
         .await;
     assert_eq!(theirs.body["data"], json!([]));
+}
+
+#[actix_web::test]
+async fn events_committed_while_nats_is_down_are_delivered_once_it_is_back() {
+    let port = crate::helpers::free_port();
+    let store = std::env::temp_dir().join(format!("payrail-nats-wh-{port}"));
+    let mut nats = crate::outages::nats_server(port, &store);
+    let probe = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(probe.elapsed() < Duration::from_secs(10), "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let app = spawn_app_with(|c| c.nats.url = format!("nats://127.0.0.1:{port}")).await;
+    let receiver = Receiver::start().await;
+    create_endpoint(
+        &app,
+        json!({ "url": receiver.url, "enabled_events": ["payment.captured"] }),
+    )
+    .await;
+    let before = app.pay(100, "pm_card_visa", "automatic", true).await;
+    wait_for("a delivery before the outage", 15, async || receiver.hits().len() == 1).await;
+
+    nats.kill().unwrap();
+    let _ = nats.wait();
+    // Payments need no NATS: their events wait in the outbox.
+    let mut paid = Vec::new();
+    for _ in 0..3 {
+        let r = app.pay(100, "pm_card_visa", "automatic", true).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        paid.push(r.body["payment_id"].as_str().unwrap().to_owned());
+    }
+    let mut nats = crate::outages::nats_server(port, &store);
+    wait_for("every event committed during the outage", 30, async || {
+        let got: Vec<String> = receiver
+            .hits()
+            .iter()
+            .map(|h| {
+                h.event["data"]["object"]["payment_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect();
+        paid.iter().all(|p| got.contains(p))
+    })
+    .await;
+    let first = before.body["payment_id"].as_str().unwrap();
+    let hits = receiver.hits();
+    assert_eq!(
+        hits.iter()
+            .filter(|h| h.event["data"]["object"]["payment_id"] == first)
+            .count(),
+        1,
+        "the event from before the outage is not sent again"
+    );
+    nats.kill().unwrap();
+    let _ = nats.wait();
+    let _ = std::fs::remove_dir_all(&store);
 }

@@ -315,6 +315,22 @@ impl Db {
         Ok(rows.iter().map(endpoint_from_row).collect())
     }
 
+    /// Every merchant's endpoints (operators), the most recently changed first.
+    pub async fn all_endpoints(&self, status: Option<&str>, limit: i64) -> Result<Vec<EndpointRow>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE $1::text IS NULL OR status = $1
+                     ORDER BY updated_at DESC, id LIMIT $2"
+                ),
+                &[&status, &limit],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(rows.iter().map(endpoint_from_row).collect())
+    }
+
     pub async fn endpoint(&self, merchant: &str, id: &str) -> Result<Option<EndpointRow>, StoreError> {
         let client = self.client().await?;
         let row = client
