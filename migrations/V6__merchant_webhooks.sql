@@ -52,10 +52,12 @@ CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHER
 CREATE INDEX webhook_deliveries_endpoint ON webhook_deliveries (endpoint_id, id);
 CREATE INDEX webhook_deliveries_event ON webhook_deliveries (event_id);
 
--- A merchant's webhook_url becomes its first endpoint, for every event. Its secret is new and
--- unseen: the merchant rotates it to learn one (POST /api/v1/webhook_endpoints/{id}/rotate_secret).
-INSERT INTO webhook_endpoints (id, merchant_id, url, enabled_events, secret)
+-- A merchant's webhook_url becomes its first endpoint, for every event, disabled: its URL was
+-- never checked as a target and its secret is new and unseen. The merchant rotates the secret
+-- (POST /api/v1/webhook_endpoints/{id}/rotate_secret) and enables it ({"disabled": false}).
+INSERT INTO webhook_endpoints (id, merchant_id, url, enabled_events, secret, status, disabled_reason)
 SELECT 'we_' || substr(md5('webhook_url:' || id), 1, 24), id, webhook_url, ARRAY['*'],
-       'whsec_' || replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '')
+       'whsec_' || replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', ''),
+       'disabled', 'made from the merchant''s webhook_url: rotate the secret, then enable it'
 FROM merchants
 WHERE webhook_url IS NOT NULL AND webhook_url <> '';

@@ -392,6 +392,9 @@ impl Config {
                 "[webhooks_out] needs 0 < retry_base_ms <= retry_max_ms and events kept longer than the retry window",
             );
         }
+        if w.allow_private_targets && self.psp.provider != "sandbox" {
+            return bad("[webhooks_out] allow_private_targets = true is for local use with the sandbox PSP: with a real PSP, merchant webhooks must not reach private networks");
+        }
         if self.sandbox.demo_merchant && self.psp.provider != "sandbox" {
             return bad("[sandbox] demo_merchant = true needs [psp] provider = \"sandbox\": the demo key must never reach a real PSP");
         }
@@ -465,9 +468,28 @@ mod tests {
 
     #[test]
     fn the_demo_merchant_is_refused_with_a_real_psp() {
-        let env = [("PAYRAIL__PSP__PROVIDER", "stripe")];
+        let env = [
+            ("PAYRAIL__PSP__PROVIDER", "stripe"),
+            ("PAYRAIL__WEBHOOKS_OUT__ALLOW_PRIVATE_TARGETS", "false"),
+        ];
         let r = Config::from_toml(&base(), env.iter().map(|(a, b)| (a.to_string(), b.to_string())));
         assert!(matches!(r, Err(ConfigError::Invalid(m)) if m.contains("demo_merchant")));
+    }
+
+    #[test]
+    fn private_webhook_targets_are_refused_with_a_real_psp_and_off_by_default() {
+        let env = [
+            ("PAYRAIL__PSP__PROVIDER", "stripe"),
+            ("PAYRAIL__SANDBOX__DEMO_MERCHANT", "false"),
+        ];
+        let r = Config::from_toml(&base(), env.iter().map(|(a, b)| (a.to_string(), b.to_string())));
+        assert!(matches!(r, Err(ConfigError::Invalid(m)) if m.contains("allow_private_targets")));
+        let without = base().replace("allow_private_targets = true", "");
+        let c = Config::from_toml(&without, std::iter::empty()).unwrap();
+        assert!(!c.webhooks_out.allow_private_targets, "off unless set");
+        let short_lease = [("PAYRAIL__WEBHOOKS_OUT__CLAIM_LEASE_SECS", "5")];
+        let r = Config::from_toml(&base(), short_lease.iter().map(|(a, b)| (a.to_string(), b.to_string())));
+        assert!(matches!(r, Err(ConfigError::Invalid(m)) if m.contains("claim_lease_secs")));
     }
 
     #[test]

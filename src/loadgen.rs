@@ -267,6 +267,10 @@ struct Seen {
 /// A receiver on loopback and the endpoints that point at it.
 struct Receiver {
     seen: std::sync::Arc<std::sync::Mutex<Seen>>,
+    /// (merchant key, endpoint id) of each endpoint made for this run, deleted at its end.
+    endpoints: Vec<(String, String)>,
+    client: Client,
+    url: String,
 }
 
 impl Receiver {
@@ -321,6 +325,7 @@ impl Receiver {
         .map_err(|e| e.to_string())?
         .run();
         actix_rt::spawn(server);
+        let mut endpoints = Vec::new();
         for key in keys {
             for i in 0..args.endpoints.max(1) {
                 let body = json!({ "url": format!("http://127.0.0.1:{port}/hooks/{i}") });
@@ -338,13 +343,20 @@ impl Receiver {
                         String::from_utf8_lossy(&text)
                     ));
                 }
+                let made: Value = r.json().await.map_err(|e| e.to_string())?;
+                endpoints.push((key.clone(), made["id"].as_str().unwrap_or_default().to_owned()));
             }
         }
         eprintln!(
             "receiver on 127.0.0.1:{port}, {} endpoint(s) per merchant",
             args.endpoints.max(1)
         );
-        Ok(Receiver { seen })
+        Ok(Receiver {
+            seen,
+            endpoints,
+            client: client.clone(),
+            url: args.url.clone(),
+        })
     }
 
     /// Waits until no delivery has come for 3 s (at most 120 s), then sums up.
@@ -361,6 +373,15 @@ impl Receiver {
                 count = now;
                 quiet_since = Instant::now();
             }
+        }
+        // The run's endpoints go with it: the next run must not deliver to a dead receiver.
+        for (key, id) in &self.endpoints {
+            let _ = self
+                .client
+                .delete(format!("{}/api/v1/webhook_endpoints/{id}", self.url))
+                .insert_header(("Authorization", format!("Bearer {key}")))
+                .send()
+                .await;
         }
         let s = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let span = match (s.first, s.last) {

@@ -14,8 +14,8 @@
 //! payrail, NATS or the endpoint, and memory stays bounded: what does not fit in a mailbox
 //! waits in PostgreSQL. At least once: a crash between a 2xx and its record sends it again.
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -41,6 +41,8 @@ use crate::shutdown::Shutdown;
 const CONSUMER_ACK_WAIT: Duration = Duration::from_secs(30);
 /// When a delivery a mailbox had no room for is due again.
 const NO_ROOM_DELAY: Duration = Duration::from_secs(1);
+/// POSTs in flight over all endpoints at most.
+const MAX_IN_FLIGHT_TOTAL: usize = 1_024;
 /// Outcomes waiting for the recorder at most; past that, workers wait (back-pressure).
 const OUTCOME_QUEUE: usize = 10_000;
 /// Outcomes written per transaction at most.
@@ -67,6 +69,15 @@ pub struct EndpointCache {
 impl EndpointCache {
     pub fn invalidate(&self, merchant: &str) {
         self.map.remove(merchant);
+    }
+
+    /// Whether `endpoint` is still among `merchant`'s enabled endpoints, as far as this node
+    /// knows without asking PostgreSQL (true when it does not know).
+    fn still_enabled(&self, merchant: &str, endpoint: &str) -> bool {
+        match self.map.get(merchant) {
+            Some(e) if e.0.elapsed() < CACHE_TTL => e.1.iter().any(|x| x.id == endpoint),
+            _ => true,
+        }
     }
 
     async fn get(&self, db: &Db, merchant: &str) -> Result<Endpoints, StoreError> {
@@ -136,7 +147,8 @@ impl WebhookDelivery {
                 stats,
                 cache,
                 workers: RefCell::new(HashMap::new()),
-                queued: Cell::new(0),
+                held: RefCell::new(HashSet::new()),
+                in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT_TOTAL)),
                 outcomes,
                 shutdown,
             });
@@ -167,8 +179,11 @@ struct Shared {
     cache: Arc<EndpointCache>,
     client: WebhookClient,
     workers: RefCell<HashMap<String, mpsc::Sender<Job>>>,
-    /// Jobs in all mailboxes.
-    queued: Cell<usize>,
+    /// Deliveries this node holds (in a mailbox or in flight): a claim that finds one of them
+    /// again (its lease ran out while it waited) does not queue it twice.
+    held: RefCell<HashSet<i64>>,
+    /// POSTs in flight over all endpoints.
+    in_flight: Arc<Semaphore>,
     outcomes: mpsc::Sender<Attempt>,
     shutdown: Shutdown,
 }
@@ -182,17 +197,34 @@ impl Shared {
         Duration::from_secs(self.config.retry_window_secs)
     }
 
+    /// Room left in all mailboxes (`stats.mailbox_depth` counts what they hold).
     fn room(&self) -> usize {
-        self.config.max_queued_total.saturating_sub(self.queued.get())
+        let queued = usize::try_from(self.stats.depth()).unwrap_or(0);
+        self.config.max_queued_total.saturating_sub(queued)
+    }
+
+    /// This node's endpoints whose mailbox is full: the poller claims none of theirs.
+    fn full_endpoints(&self) -> Vec<String> {
+        self.workers
+            .borrow()
+            .iter()
+            .filter(|(_, tx)| tx.capacity() == 0)
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Puts `job` in its endpoint's mailbox, starting the worker if needed. False when there is
     /// no room: the delivery stays leased in PostgreSQL and the poller takes it once the lease
     /// ends.
     fn hand(self: &Rc<Self>, job: Job) -> bool {
+        if self.held.borrow().contains(&job.delivery_id) {
+            // Already here, waiting or in flight; the claim only renewed its lease.
+            return true;
+        }
         if self.room() == 0 {
             return false;
         }
+        let delivery = job.delivery_id;
         let id = job.endpoint.id.clone();
         let sender = {
             let mut workers = self.workers.borrow_mut();
@@ -207,11 +239,20 @@ impl Shared {
         };
         match sender.try_send(job) {
             Ok(()) => {
-                self.queued.set(self.queued.get() + 1);
+                self.held.borrow_mut().insert(delivery);
                 self.stats.mailbox_depth.fetch_add(1, Ordering::Relaxed);
                 true
             }
             Err(_) => false,
+        }
+    }
+
+    /// Endpoints the recorder has just disabled: counted, forgotten by the cache, logged.
+    fn disabled(&self, endpoints: Vec<crate::adapters::postgres::webhooks_out::Disabled>) {
+        for d in endpoints {
+            self.metrics.webhook_endpoint_disabled();
+            self.cache.invalidate(&d.merchant_id);
+            tracing::warn!(endpoint = %d.id, "webhook endpoint disabled: every delivery failed for the whole retry window");
         }
     }
 
@@ -225,6 +266,10 @@ impl Shared {
 
     /// One attempt: sign with the endpoint's current secrets, POST, and pass the outcome on.
     async fn attempt(&self, job: Job) {
+        if !self.cache.still_enabled(&job.endpoint.merchant_id, &job.endpoint.id) {
+            // Disabled (its pending deliveries ended) or deleted (they went with it) meanwhile.
+            return;
+        }
         let now = Utc::now();
         let header = signature_header(&job.body, &job.endpoint.signing_secrets(now), now.timestamp());
         let sent = self.client.post(&job.endpoint.url, &header, job.body.clone()).await;
@@ -253,6 +298,7 @@ impl Shared {
         }
         let attempt = Attempt {
             delivery_id: job.delivery_id,
+            prev_attempts: job.attempts,
             endpoint_id: job.endpoint.id.clone(),
             at,
             status_code: sent.status.map(|s| s as i16),
@@ -277,24 +323,28 @@ async fn work(shared: Rc<Shared>, endpoint: String, mut rx: mpsc::Receiver<Job>)
             Ok(Some(job)) => job,
             _ => break,
         };
-        shared.queued.set(shared.queued.get().saturating_sub(1));
         shared.stats.mailbox_depth.fetch_sub(1, Ordering::Relaxed);
         shared.stats.messages.fetch_add(1, Ordering::Relaxed);
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+        let (Ok(permit), Ok(total)) = (
+            in_flight.clone().acquire_owned().await,
+            shared.in_flight.clone().acquire_owned().await,
+        ) else {
             break;
         };
         let s = shared.clone();
         actix_rt::spawn(async move {
-            let _permit = permit;
+            let _permits = (permit, total);
+            let delivery = job.delivery_id;
             s.attempt(job).await;
+            s.held.borrow_mut().remove(&delivery);
         });
     }
     // Same poll as the timeout: nothing was sent to this mailbox in between.
     shared.workers.borrow_mut().remove(&endpoint);
     rx.close();
-    while rx.try_recv().is_ok() {
+    while let Ok(job) = rx.try_recv() {
         // Cannot happen (see above); a job dropped here would only wait for its lease.
-        shared.queued.set(shared.queued.get().saturating_sub(1));
+        shared.held.borrow_mut().remove(&job.delivery_id);
         shared.stats.mailbox_depth.fetch_sub(1, Ordering::Relaxed);
     }
     shared.stats.live.fetch_sub(1, Ordering::Relaxed);
@@ -358,7 +408,8 @@ struct Envelope<'a> {
     id: &'a str,
     #[serde(rename = "type", borrow)]
     event_type: &'a str,
-    created: i64,
+    #[serde(borrow)]
+    created_at: &'a str,
 }
 
 async fn dispatch_batch(
@@ -370,14 +421,32 @@ async fn dispatch_batch(
     let mut events = Vec::with_capacity(messages.len());
     for m in messages {
         let merchant = m.subject.as_str().strip_prefix(prefix).unwrap_or_default();
-        let parsed = serde_json::from_slice::<Envelope>(&m.payload)
-            .ok()
-            .and_then(|e| Some((parse_event_id(e.id)?, e.event_type.to_owned(), e.created)));
+        let parsed = serde_json::from_slice::<Envelope>(&m.payload).ok().and_then(|e| {
+            let created = DateTime::parse_from_rfc3339(e.created_at).ok()?.with_timezone(&Utc);
+            Some((
+                parse_event_id(e.id)?,
+                e.event_type.to_owned(),
+                created,
+                m.payload.clone(),
+            ))
+        });
+        let parsed = match parsed {
+            Some(p) => Some(p),
+            // Another shape (a node of an older version published it): the row itself, by the
+            // message id the relay gives every event, `outbox-<row id>`.
+            None => match outbox_id(m) {
+                Some(id) => shared.db.event_by_id(id).await?.map(|row| {
+                    let body = Bytes::from(serde_json::to_vec(&row.to_object()).unwrap_or_default());
+                    (row.id, row.event_type, row.created_at, body)
+                }),
+                None => None,
+            },
+        };
         match parsed {
-            Some((id, event_type, created)) if !merchant.is_empty() => {
-                events.push((merchant.to_owned(), id, event_type, created, m.payload.clone()))
+            Some((id, event_type, created, body)) if !merchant.is_empty() => {
+                events.push((merchant.to_owned(), id, event_type, created, body))
             }
-            // Nothing could ever read it: say so, and do not let it block the stream.
+            // Nothing could ever read it, or its row is gone: say so, and do not let it block.
             _ => tracing::error!(subject = %m.subject, "webhook dispatcher: an unreadable event; skipped"),
         }
     }
@@ -417,7 +486,7 @@ async fn dispatch_batch(
             body: body.clone(),
             attempts: 0,
             retry_until: d.retry_until,
-            event_created: DateTime::from_timestamp(*created, 0),
+            event_created: Some(*created),
         });
         if !handed {
             no_room.push(d.id);
@@ -425,6 +494,17 @@ async fn dispatch_batch(
     }
     shared.release(&no_room).await;
     Ok(())
+}
+
+/// The outbox row id of a relayed event, from its `Nats-Msg-Id` (`outbox-<id>`).
+fn outbox_id(m: &async_nats::jetstream::Message) -> Option<i64> {
+    m.headers
+        .as_ref()?
+        .get("Nats-Msg-Id")?
+        .as_str()
+        .strip_prefix("outbox-")?
+        .parse()
+        .ok()
 }
 
 /// The poller: deliveries whose time has come, from PostgreSQL; and old events pruned.
@@ -436,7 +516,8 @@ async fn poll(shared: Rc<Shared>) {
         let room = shared.room().min(shared.config.fetch_batch) as i64;
         let mut full = false;
         if room > 0 {
-            match shared.db.claim_due_deliveries(room, shared.lease()).await {
+            let skip = shared.full_endpoints();
+            match shared.db.claim_due_deliveries(room, shared.lease(), &skip).await {
                 Ok(due) => {
                     let claimed = due.len() as i64;
                     let mut no_room = Vec::new();
@@ -495,15 +576,28 @@ async fn record(shared: Rc<Shared>, mut rx: mpsc::Receiver<Attempt>) {
                 Err(_) => break,
             }
         }
+        let slack = shared.lease() + Duration::from_millis(shared.config.timeout_ms);
         let mut backoff = Duration::from_millis(100);
         loop {
-            let slack = shared.lease() + Duration::from_millis(shared.config.timeout_ms);
             match shared.db.record_attempts(&batch, shared.window(), slack).await {
                 Ok(disabled) => {
-                    for d in disabled {
-                        shared.metrics.webhook_endpoint_disabled();
-                        shared.cache.invalidate(&d.merchant_id);
-                        tracing::warn!(endpoint = %d.id, "webhook endpoint disabled: every delivery failed for the whole retry window");
+                    shared.disabled(disabled);
+                    break;
+                }
+                Err(StoreError::Broken) => {
+                    // A row PostgreSQL refuses must not hold up the others: one by one, and a
+                    // row refused alone is dropped (its lease ends and it is tried again).
+                    for a in &batch {
+                        match shared
+                            .db
+                            .record_attempts(std::slice::from_ref(a), shared.window(), slack)
+                            .await
+                        {
+                            Ok(disabled) => shared.disabled(disabled),
+                            Err(e) => {
+                                tracing::error!(delivery = a.delivery_id, error = %e, "webhook recorder: an outcome cannot be written; dropped")
+                            }
+                        }
                     }
                     break;
                 }

@@ -27,45 +27,50 @@ impl Resolve for PublicOnly {
         port: u16,
     ) -> LocalBoxFuture<'a, Result<Vec<SocketAddr>, Box<dyn StdError>>> {
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
-            if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
-                return Err(Box::new(TargetError::Private(bad.ip())) as Box<dyn StdError>);
-            }
-            Ok(addrs)
+            resolve_public(host, port)
+                .await
+                .map_err(|e| Box::new(e) as Box<dyn StdError>)
         })
     }
 }
 
-/// Checks, when an endpoint is created or its URL changed, that `url` is a target payrail may
-/// call: https (unless `allow_private`), and every address it resolves to public.
-pub async fn check_target(url: &str, allow_private: bool) -> Result<(), TargetError> {
-    let target = parse_target(url, allow_private)?;
-    if allow_private {
-        return Ok(());
-    }
-    if let Ok(ip) = target.host.parse::<IpAddr>() {
-        return if is_public(ip) {
-            Ok(())
-        } else {
-            Err(TargetError::Private(ip))
-        };
-    }
-    let lookup = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::lookup_host((target.host.as_str(), target.port)),
-    )
-    .await;
+/// The addresses of `host`, all of them public, within 5 s: the one check, at creation and at
+/// every connection.
+async fn resolve_public(host: &str, port: u16) -> Result<Vec<SocketAddr>, TargetError> {
+    let lookup = tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host((host, port))).await;
     let addrs: Vec<SocketAddr> = match lookup {
+        Err(_) => return Err(TargetError::ResolverUnavailable),
+        Ok(Err(_)) => return Err(TargetError::Unresolved),
         Ok(Ok(addrs)) => addrs.collect(),
-        _ => return Err(TargetError::Unresolved),
     };
     if addrs.is_empty() {
         return Err(TargetError::Unresolved);
     }
     match addrs.iter().find(|a| !is_public(a.ip())) {
         Some(bad) => Err(TargetError::Private(bad.ip())),
-        None => Ok(()),
+        None => Ok(addrs),
     }
+}
+
+/// The form of `url` (https unless `allow_private`) and, for an address literal (which no
+/// resolver sees), whether it is public. Cheap: no lookup.
+pub fn check_form(url: &str, allow_private: bool) -> Result<(), TargetError> {
+    let target = parse_target(url, allow_private)?;
+    match target.host.parse::<IpAddr>() {
+        Ok(ip) if !allow_private && !is_public(ip) => Err(TargetError::Private(ip)),
+        _ => Ok(()),
+    }
+}
+
+/// Checks, when an endpoint is created or its URL changed, that `url` is a target payrail may
+/// call: [`check_form`], and every address its host resolves to public.
+pub async fn check_target(url: &str, allow_private: bool) -> Result<(), TargetError> {
+    check_form(url, allow_private)?;
+    let target = parse_target(url, allow_private)?;
+    if allow_private || target.host.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    resolve_public(&target.host, target.port).await.map(|_| ())
 }
 
 /// What one POST came to.
@@ -134,16 +139,8 @@ impl WebhookClient {
             outcome: "refused_target",
         };
         // Again at send time: the URL's form, and an address literal (which no resolver sees).
-        match parse_target(url, self.allow_private) {
-            Err(e) => return refused(e),
-            Ok(t) if !self.allow_private => {
-                if let Ok(ip) = t.host.parse::<IpAddr>() {
-                    if !is_public(ip) {
-                        return refused(TargetError::Private(ip));
-                    }
-                }
-            }
-            Ok(_) => {}
+        if let Err(e) = check_form(url, self.allow_private) {
+            return refused(e);
         }
         let exchange = async {
             let mut resp = self
@@ -188,7 +185,8 @@ impl WebhookClient {
             },
             Ok(Err(awc::error::SendRequestError::Connect(e))) => {
                 let text = e.to_string();
-                let private = text.contains("private, loopback or link-local");
+                let private = matches!(&e, awc::error::ConnectError::Resolver(inner)
+                    if matches!(inner.downcast_ref::<TargetError>(), Some(TargetError::Private(_))));
                 Sent {
                     status: None,
                     latency,
@@ -214,12 +212,14 @@ fn excerpt_text(raw: &[u8]) -> String {
     bounded(&text)
 }
 
+/// At most [`RESPONSE_EXCERPT`] bytes of `text`, without NUL (PostgreSQL's text refuses it: one
+/// merchant's odd answer must not stop the recorder).
 fn bounded(text: &str) -> String {
     let mut end = text.len().min(RESPONSE_EXCERPT);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    text[..end].to_owned()
+    text[..end].replace('\0', "\u{fffd}")
 }
 
 #[cfg(test)]
@@ -247,9 +247,10 @@ mod tests {
     }
 
     #[test]
-    fn excerpts_are_cut_on_character_boundaries() {
+    fn excerpts_are_cut_on_character_boundaries_and_hold_no_nul() {
         let long = "é".repeat(600);
         let cut = excerpt_text(long.as_bytes());
         assert!(cut.len() <= RESPONSE_EXCERPT && cut.chars().all(|c| c == 'é'));
+        assert_eq!(excerpt_text(b"a\0b\xff"), "a\u{fffd}b\u{fffd}");
     }
 }

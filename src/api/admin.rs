@@ -47,7 +47,12 @@ pub async fn create_merchant(
     if let Some(u) = &webhook_url {
         crate::adapters::http_out::check_target(u, state.config.webhooks_out.allow_private_targets)
             .await
-            .map_err(|e| ApiError::invalid("url_invalid", format!("webhook_url: {e}"), "webhook_url".to_owned()))?;
+            .map_err(|e| match crate::api::webhook_endpoints::url_error(e) {
+                ApiError::InvalidRequest { code, message, .. } => {
+                    ApiError::invalid(code, format!("webhook_url: {message}"), "webhook_url".to_owned())
+                }
+                other => other,
+            })?;
     }
     let new = NewMerchant {
         name,

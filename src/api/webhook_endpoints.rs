@@ -6,16 +6,16 @@ use std::time::Duration;
 use actix_web::{web, HttpRequest, HttpResponse};
 use rand::RngCore;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use super::body::{self, Fields};
 use super::payments::{int_param, query};
 use super::{auth, idempotency, json_value, AppState};
 use crate::actors::Reply;
-use crate::adapters::http_out::check_target;
+use crate::adapters::http_out::{check_form, check_target};
 use crate::adapters::postgres::webhooks_out::{DeliveryRow, EndpointRow, EndpointUpdate, MAX_ENDPOINTS};
 use crate::api::error::ApiError;
 use crate::domain::record::{list_object, timestamp};
+use crate::domain::webhook::TargetError;
 use crate::domain::webhook::{event_id, valid_event_pattern};
 
 /// An endpoint as the API shows it: never its secrets.
@@ -82,12 +82,27 @@ fn enabled_events(obj: &serde_json::Map<String, Value>) -> Result<Option<Vec<Str
     Ok(Some(out))
 }
 
-/// A URL payrail may call: refused with the reason as the message.
-async fn checked_url(state: &AppState, url: &str) -> Result<String, ApiError> {
+/// A target refused: 400 `url_invalid` with the reason, or 503 when the resolver did not answer.
+pub fn url_error(e: TargetError) -> ApiError {
+    match e {
+        TargetError::ResolverUnavailable => ApiError::Unavailable("the DNS resolver"),
+        e => ApiError::invalid("url_invalid", e.to_string(), "url".to_owned()),
+    }
+}
+
+/// A URL of a form payrail may call (validation: no lookup, so that a retry of a request that
+/// succeeded is answered from its idempotency record even when DNS is down).
+fn url_of_form(state: &AppState, url: &str) -> Result<String, ApiError> {
+    check_form(url, state.config.webhooks_out.allow_private_targets).map_err(url_error)?;
+    Ok(url.to_owned())
+}
+
+/// Every address the URL's host resolves to is public (inside the operation); a resolver that
+/// does not answer in time is a 503, not a verdict.
+async fn url_resolves_publicly(state: &AppState, url: &str) -> Result<(), ApiError> {
     check_target(url, state.config.webhooks_out.allow_private_targets)
         .await
-        .map_err(|e| ApiError::invalid("url_invalid", e.to_string(), "url".to_owned()))?;
-    Ok(url.to_owned())
+        .map_err(url_error)
 }
 
 fn reply(status: u16, v: &Value) -> Result<Reply, ApiError> {
@@ -105,15 +120,14 @@ pub async fn create(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let (merchant, body, key) = idempotency::begin(&state, &req, payload).await?;
-    let parsed = async {
+    let parsed = (|| {
         let obj = body::object(&body)?;
         let f = Fields::new(&obj, &["url", "enabled_events", "description"], "")?;
-        let url = checked_url(&state, f.req_str("url", 2048)?).await?;
+        let url = url_of_form(&state, f.req_str("url", 2048)?)?;
         let events = enabled_events(&obj)?.unwrap_or_else(|| vec!["*".to_owned()]);
         let description = f.opt_str("description", 500)?.map(str::to_owned);
         Ok((url, events, description))
-    }
-    .await;
+    })();
     // The endpoint's id comes from the idempotency key: a retry finds the endpoint the first made.
     let id = idempotency::derived_id("we", merchant.id.as_str(), &key);
     let (st, m) = (&state, &merchant);
@@ -125,23 +139,9 @@ pub async fn create(
         &body,
         parsed,
         |(url, events, description), _| async move {
-            let now = chrono::Utc::now();
-            let row = EndpointRow {
-                id,
-                merchant_id: m.id.to_string(),
-                url,
-                description,
-                enabled_events: events,
-                secret: new_secret(),
-                previous_secret: None,
-                previous_secret_expires_at: None,
-                status: "enabled".into(),
-                disabled_reason: None,
-                failing_since: None,
-                created_at: now,
-                updated_at: now,
-            };
-            let stored = st.db.insert_endpoint(&row).await?.ok_or_else(|| {
+            url_resolves_publicly(st, &url).await?;
+            let row = EndpointRow::new(id, m.id.as_str(), url, description, events, new_secret());
+            let (stored, created) = st.db.insert_endpoint(&row).await?.ok_or_else(|| {
                 ApiError::invalid(
                     "too_many_endpoints",
                     format!("a merchant has at most {MAX_ENDPOINTS} webhook endpoints"),
@@ -149,7 +149,13 @@ pub async fn create(
                 )
             })?;
             st.webhooks.cache.invalidate(m.id.as_str());
-            reply(201, &with_secret(&stored))
+            if created {
+                reply(201, &with_secret(&stored))
+            } else {
+                // Made by an earlier request with this key whose record has expired: the
+                // secret was shown then, and is not shown again.
+                reply(200, &endpoint_object(&stored))
+            }
         },
     )
     .await
@@ -158,26 +164,15 @@ pub async fn create(
 /// The endpoint a merchant created with a `webhook_url` starts with: every event; the object
 /// with its secret.
 pub async fn first_endpoint(state: &AppState, merchant: &str, url: &str) -> Result<Value, ApiError> {
-    let now = chrono::Utc::now();
-    let row = EndpointRow {
-        id: format!(
-            "we_{}",
-            &hex::encode(Sha256::digest(format!("webhook_url:{merchant}").as_bytes()))[..24]
-        ),
-        merchant_id: merchant.to_owned(),
-        url: url.to_owned(),
-        description: Some("the merchant's webhook_url".into()),
-        enabled_events: vec!["*".into()],
-        secret: new_secret(),
-        previous_secret: None,
-        previous_secret_expires_at: None,
-        status: "enabled".into(),
-        disabled_reason: None,
-        failing_since: None,
-        created_at: now,
-        updated_at: now,
-    };
-    let stored = state.db.insert_endpoint(&row).await?.ok_or(ApiError::Internal)?;
+    let row = EndpointRow::new(
+        idempotency::derived_id("we", merchant, "webhook_url"),
+        merchant,
+        url.to_owned(),
+        Some("the merchant's webhook_url".into()),
+        vec!["*".into()],
+        new_secret(),
+    );
+    let (stored, _) = state.db.insert_endpoint(&row).await?.ok_or(ApiError::Internal)?;
     state.webhooks.cache.invalidate(merchant);
     Ok(with_secret(&stored))
 }
@@ -211,12 +206,12 @@ pub async fn update(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let (merchant, body, key) = idempotency::begin(&state, &req, payload).await?;
-    let parsed = async {
+    let parsed = (|| {
         let id = path_endpoint(&req)?;
         let obj = body::object(&body)?;
         let f = Fields::new(&obj, &["url", "enabled_events", "description", "disabled"], "")?;
         let url = match f.opt_str("url", 2048)? {
-            Some(u) => Some(checked_url(&state, u).await?),
+            Some(u) => Some(url_of_form(&state, u)?),
             None => None,
         };
         let update = EndpointUpdate {
@@ -226,8 +221,7 @@ pub async fn update(
             disabled: f.opt_bool("disabled")?,
         };
         Ok((id, update))
-    }
-    .await;
+    })();
     let (st, m) = (&state, &merchant);
     idempotency::run(
         &state,
@@ -237,6 +231,18 @@ pub async fn update(
         &body,
         parsed,
         |(id, update), _| async move {
+            match (&update.url, update.disabled) {
+                (Some(url), _) => url_resolves_publicly(st, url).await?,
+                // Enabling again: the stored URL is checked as a new one would be (one made
+                // from a webhook_url by the migration never was).
+                (None, Some(false)) => {
+                    if let Some(row) = st.db.endpoint(m.id.as_str(), &id).await? {
+                        url_of_form(st, &row.url)?;
+                        url_resolves_publicly(st, &row.url).await?;
+                    }
+                }
+                (None, _) => {}
+            }
             let row = st
                 .db
                 .update_endpoint(m.id.as_str(), &id, &update)

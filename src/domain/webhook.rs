@@ -111,6 +111,8 @@ pub enum TargetError {
     Private(IpAddr),
     #[error("url's host does not resolve")]
     Unresolved,
+    #[error("url's host could not be resolved in time; try again")]
+    ResolverUnavailable,
 }
 
 /// A target URL, checked for form: scheme, host, port. Whether its addresses are public is
@@ -170,6 +172,7 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
         || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
         || (a == 198 && (18..20).contains(&b)) // benchmarking
+        || (a == 192 && b == 88 && c == 99) // 6to4 relay anycast
         || a >= 240) // reserved
 }
 
@@ -200,6 +203,11 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || ip.is_multicast()
         || (s[0] & 0xfe00) == 0xfc00 // unique local
         || (s[0] & 0xffc0) == 0xfe80 // link-local
+        || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated, still routed by some)
+        || (s[0] == 0x2001 && s[1] == 0) // Teredo: an obfuscated IPv4 address inside
+        || (s[0] == 0x64 && s[1] == 0xff9b) // local-use NAT64 (64:ff9b:1::/48) and the rest of it
+        || (s[0] == 0x100 && s[1..4] == [0, 0, 0]) // discard-only
+        || (s[0..5] == [0, 0, 0, 0, 0] && s[5] == 0xffff) // IPv4-mapped, any form
         || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
         || s[0..6] == [0, 0, 0, 0, 0, 0]) // IPv4-compatible (deprecated)
 }
@@ -289,6 +297,11 @@ mod tests {
             "64:ff9b::a9fe:a9fe",
             "2002:7f00:1::1",
             "::",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "fec0::1",
+            "64:ff9b:1::808:808",
+            "100::1",
+            "192.88.99.1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }

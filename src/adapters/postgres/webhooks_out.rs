@@ -66,6 +66,33 @@ impl std::fmt::Debug for EndpointRow {
 }
 
 impl EndpointRow {
+    /// A new, enabled endpoint.
+    pub fn new(
+        id: String,
+        merchant_id: &str,
+        url: String,
+        description: Option<String>,
+        enabled_events: Vec<String>,
+        secret: String,
+    ) -> EndpointRow {
+        let now = Utc::now();
+        EndpointRow {
+            id,
+            merchant_id: merchant_id.to_owned(),
+            url,
+            description,
+            enabled_events,
+            secret,
+            previous_secret: None,
+            previous_secret_expires_at: None,
+            status: "enabled".into(),
+            disabled_reason: None,
+            failing_since: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
     /// The secrets that sign a delivery at `now`: the current one, and the previous one during
     /// its overlap.
     pub fn signing_secrets(&self, now: DateTime<Utc>) -> Vec<&str> {
@@ -137,6 +164,9 @@ pub struct NewDelivery {
 #[derive(Debug, Clone)]
 pub struct Attempt {
     pub delivery_id: i64,
+    /// The delivery's attempts before this one: an outcome is recorded only if no other was
+    /// recorded meanwhile (a lease that ran out, a second node).
+    pub prev_attempts: i32,
     pub endpoint_id: String,
     pub at: DateTime<Utc>,
     pub status_code: Option<i16>,
@@ -240,6 +270,19 @@ impl Db {
         Ok(row.as_ref().map(event_from_row))
     }
 
+    /// One event by its row id, whoever's it is (the webhook dispatcher's fallback).
+    pub async fn event_by_id(&self, id: i64) -> Result<Option<EventRow>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, event_type, payload, created_at FROM outbox WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(row.as_ref().map(event_from_row))
+    }
+
     /// Deletes published events committed before `cutoff`, at most `limit`, from the oldest
     /// (the scan is bounded too), with their finished deliveries. Returns how many events went.
     pub async fn prune_events(&self, cutoff: DateTime<Utc>, limit: i64) -> Result<u64, StoreError> {
@@ -249,7 +292,9 @@ impl Db {
             .query(
                 "DELETE FROM outbox WHERE id IN (
                      SELECT id FROM (SELECT id, created_at, published_at FROM outbox ORDER BY id LIMIT $2) s
-                     WHERE s.created_at < $1 AND s.published_at IS NOT NULL)
+                     WHERE s.created_at < $1 AND s.published_at IS NOT NULL
+                       AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d
+                                       WHERE d.event_id = s.id AND d.status = 'pending'))
                  RETURNING id",
                 &[&cutoff, &limit],
             )
@@ -271,17 +316,19 @@ impl Db {
     }
 
     /// Stores an endpoint under `id` (derived from the request's idempotency key, so a retry
-    /// finds it); `None` when the merchant already has [`MAX_ENDPOINTS`].
-    pub async fn insert_endpoint(&self, e: &EndpointRow) -> Result<Option<EndpointRow>, StoreError> {
+    /// finds it), and says whether this call made it; `None` when the merchant already has
+    /// [`MAX_ENDPOINTS`].
+    pub async fn insert_endpoint(&self, e: &EndpointRow) -> Result<Option<(EndpointRow, bool)>, StoreError> {
         let client = self.client().await?;
         let sql = format!(
             "WITH existing AS (SELECT count(*) AS n FROM webhook_endpoints WHERE merchant_id = $2),
                   ins AS (INSERT INTO webhook_endpoints (id, merchant_id, url, description, enabled_events, secret)
                           SELECT $1, $2, $3, $4, $5, $6 FROM existing WHERE existing.n < $7
                           ON CONFLICT (id) DO NOTHING RETURNING {ENDPOINT_COLUMNS})
-             SELECT * FROM ins
+             SELECT *, true FROM ins
              UNION ALL
-             SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE id = $1 AND merchant_id = $2"
+             SELECT {ENDPOINT_COLUMNS}, false FROM webhook_endpoints WHERE id = $1 AND merchant_id = $2
+             LIMIT 1"
         );
         let row = client
             .query_opt(
@@ -298,7 +345,7 @@ impl Db {
             )
             .await
             .map_err(pg_error)?;
-        Ok(row.as_ref().map(endpoint_from_row))
+        Ok(row.as_ref().map(|r| (endpoint_from_row(r), r.get(13))))
     }
 
     /// A merchant's endpoints, oldest first.
@@ -466,15 +513,23 @@ impl Db {
     }
 
     /// Takes up to `limit` deliveries whose time has come (retries, and deliveries whose lease
-    /// ran out because their node died or had no room), leasing each for `lease`.
-    pub async fn claim_due_deliveries(&self, limit: i64, lease: Duration) -> Result<Vec<DueDelivery>, StoreError> {
+    /// ran out because their node died or had no room), leasing each for `lease`; none of an
+    /// endpoint in `skip` (this node's full mailboxes) or of a disabled one.
+    pub async fn claim_due_deliveries(
+        &self,
+        limit: i64,
+        lease: Duration,
+        skip: &[String],
+    ) -> Result<Vec<DueDelivery>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
                 "WITH due AS (
                      SELECT d.id FROM webhook_deliveries d
-                     WHERE d.status = 'pending' AND d.next_attempt_at <= now()
-                     ORDER BY d.next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+                     JOIN webhook_endpoints w ON w.id = d.endpoint_id AND w.status = 'enabled'
+                     WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND d.endpoint_id <> ALL($3)
+                       AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = d.event_id)
+                     ORDER BY d.next_attempt_at LIMIT $1 FOR UPDATE OF d SKIP LOCKED)
                  UPDATE webhook_deliveries d SET next_attempt_at = now() + make_interval(secs => $2)
                  FROM due, outbox o, webhook_endpoints w
                  WHERE d.id = due.id AND o.id = d.event_id AND w.id = d.endpoint_id
@@ -484,7 +539,7 @@ impl Db {
             .await
             .map_err(pg_error)?;
         let rows = client
-            .query(&stmt, &[&limit, &interval(lease)])
+            .query(&stmt, &[&limit, &interval(lease), &skip])
             .await
             .map_err(pg_error)?;
         Ok(rows
@@ -537,6 +592,7 @@ impl Db {
             return Ok(Vec::new());
         }
         let ids: Vec<i64> = attempts.iter().map(|a| a.delivery_id).collect();
+        let prev: Vec<i32> = attempts.iter().map(|a| a.prev_attempts).collect();
         let ats: Vec<DateTime<Utc>> = attempts.iter().map(|a| a.at).collect();
         let codes: Vec<Option<i16>> = attempts.iter().map(|a| a.status_code).collect();
         let latencies: Vec<i32> = attempts.iter().map(|a| a.latency_ms).collect();
@@ -561,7 +617,7 @@ impl Db {
 
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        // A delivery already settled (a duplicate attempt after a lease ran out) stays as it was.
+        // A delivery settled or tried again meanwhile (a lease that ran out) stays as it was.
         let update = tx
             .prepare_cached(
                 "UPDATE webhook_deliveries d SET
@@ -572,14 +628,17 @@ impl Db {
                      next_attempt_at = CASE WHEN t.ok THEN NULL ELSE t.next END,
                      delivered_at = CASE WHEN t.ok THEN t.at END
                  FROM unnest($1::bigint[], $2::timestamptz[], $3::smallint[], $4::int[], $5::text[], $6::text[],
-                             $7::bool[], $8::timestamptz[]) AS t(id, at, code, latency, response, error, ok, next)
-                 WHERE d.id = t.id AND d.status = 'pending'",
+                             $7::bool[], $8::timestamptz[], $9::int[])
+                      AS t(id, at, code, latency, response, error, ok, next, prev)
+                 WHERE d.id = t.id AND d.status = 'pending' AND d.attempts = t.prev",
             )
             .await
             .map_err(pg_error)?;
         tx.execute(
             &update,
-            &[&ids, &ats, &codes, &latencies, &responses, &errors, &succeeded, &next],
+            &[
+                &ids, &ats, &codes, &latencies, &responses, &errors, &succeeded, &next, &prev,
+            ],
         )
         .await
         .map_err(pg_error)?;
@@ -707,7 +766,8 @@ impl Db {
                 "INSERT INTO webhook_deliveries (endpoint_id, event_id, next_attempt_at, retry_until)
                  SELECT e, $2, now(), now() + make_interval(secs => $3) FROM unnest($1::text[]) AS e
                  ON CONFLICT (endpoint_id, event_id) DO UPDATE SET
-                     status = 'pending', next_attempt_at = now(), retry_until = EXCLUDED.retry_until, delivered_at = NULL",
+                     status = 'pending', attempts = 0, next_attempt_at = now(), retry_until = EXCLUDED.retry_until,
+                     delivered_at = NULL",
                 &[&endpoints, &event, &interval(window)],
             )
             .await
