@@ -54,7 +54,7 @@ prefix=CONSOLE$tag
 port=$(free_port)
 API=http://127.0.0.1:$port
 work=$(mktemp -d)
-payrail_pid='' chrome_pid='' cdp_pid=''
+payrail_pid='' chrome_pid='' cdp_pid='' receiver_pid=''
 
 stop() {   # stop PID [seconds]: TERM, then KILL if it is still there
     local pid=$1 n=$((${2:-10} * 10))
@@ -78,6 +78,7 @@ cleanup() {
         wait "$chrome_pid" 2>/dev/null
     fi
     [ -n "$payrail_pid" ] && stop "$payrail_pid" 10
+    [ -n "$receiver_pid" ] && stop "$receiver_pid" 2
     timeout 30 psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1
     timeout 15 python3 scripts/fuzz/drop_streams.py "${prefix}_PSP_EVENTS" "${prefix}_EVENTS" 2>/dev/null
     rm -rf "$work"
@@ -246,13 +247,14 @@ CHECKS=$(cat <<'JSON'
   "data arrived (body data-ready=yes)": "document.body.dataset.ready === 'yes'",
   "at least 20 samples of history": "Number(document.body.dataset.samples) >= 20",
   "no error shown": "document.getElementById('error').textContent === ''",
-  "every panel has its title": "['Mailbox depth by actor kind','Live actors by kind','JetStream lag','PSP latency','PSP errors','Ledger commit latency','Ledger batch sizes','Dead letters','Busiest actors'].every(t => document.body.innerText.includes(t))",
+  "every panel has its title": "['Mailbox depth by actor kind','Live actors by kind','Webhooks delivered','JetStream lag','PSP latency','PSP errors','Ledger commit latency','Ledger batch sizes','Dead letters','Busiest actors'].every(t => document.body.innerText.includes(t))",
   "PSP latency per operation": "/authorize\\s+[0-9.]+ ms/.test(document.getElementById('l-psp').innerText)",
   "PSP errors by code": "document.getElementById('l-psperr').innerText.includes('invalid request')",
   "ledger batches counted": "/since start: [1-9]/.test(document.getElementById('l-batch').innerText)",
   "busiest payment actors listed": "document.querySelectorAll('#top td.id').length >= 5",
   "the dead letter is listed": "document.getElementById('dl').innerText.includes('evt_console_orphan')",
   "dead letters counted": "Number(document.getElementById('dl-count').textContent) >= 1",
+  "webhooks delivered and a retry queue": "/retrying [1-9]/.test(document.getElementById('ts-wh').innerText) && document.getElementById('t-wh').innerText !== '0/s'",
   "every tile has a figure": "[...document.querySelectorAll('.tile .v')].every(e => e.textContent.trim() !== '–')",
   "token taken out of the address bar": "location.hash === ''",
   "no card-number-like digits on the page": "!/\\b\\d{13,19}\\b/.test(document.body.innerText)"
@@ -273,6 +275,23 @@ print(f"t={t},v1=" + hmac.new(b"whsec_payrail_sandbox_secret", f"{t}.{sys.argv[1
     curl -s --max-time 10 -o /dev/null "$API/internal/webhooks/psp/sandbox" -H "Stripe-Signature: $sig" \
         -H 'Content-Type: application/json' -d "$body" || true
 }
+
+# Merchant webhooks: one endpoint that answers (a small receiver of this script's) and one that
+# refuses connections (port 9, discard), so the console shows deliveries and a retry queue.
+python3 -c 'import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()' > "$work/receiver.port" &
+receiver_pid=$!
+for _ in $(seq 1 50); do [ -s "$work/receiver.port" ] && break; sleep 0.1; done
+post /api/v1/webhook_endpoints console-hook-ok "{\"url\":\"http://127.0.0.1:$(cat "$work/receiver.port")/hooks\"}" >/dev/null
+post /api/v1/webhook_endpoints console-hook-down '{"url":"http://127.0.0.1:9/hooks","enabled_events":["payment.captured"]}' >/dev/null
 
 # Traffic that rises to a peak and falls back to a trickle, so the charts have a shape, until
 # the screenshot is taken.
