@@ -586,16 +586,28 @@ async fn record(shared: Rc<Shared>, mut rx: mpsc::Receiver<Attempt>) {
                 }
                 Err(StoreError::Broken) => {
                     // A row PostgreSQL refuses must not hold up the others: one by one, and a
-                    // row refused alone is dropped (its lease ends and it is tried again).
+                    // row refused alone is written without the endpoint's answer; if even that
+                    // fails it is dropped (its lease ends and the delivery is made again).
                     for a in &batch {
-                        match shared
-                            .db
-                            .record_attempts(std::slice::from_ref(a), shared.window(), slack)
-                            .await
-                        {
-                            Ok(disabled) => shared.disabled(disabled),
-                            Err(e) => {
-                                tracing::error!(delivery = a.delivery_id, error = %e, "webhook recorder: an outcome cannot be written; dropped")
+                        let plain = Attempt {
+                            response: None,
+                            error: Some("the outcome could not be stored as received".into()),
+                            ..a.clone()
+                        };
+                        for (i, one) in [a, &plain].into_iter().enumerate() {
+                            let written = shared
+                                .db
+                                .record_attempts(std::slice::from_ref(one), shared.window(), slack)
+                                .await;
+                            match written {
+                                Ok(disabled) => {
+                                    shared.disabled(disabled);
+                                    break;
+                                }
+                                Err(e) if i == 1 => {
+                                    tracing::error!(delivery = a.delivery_id, error = %e, "webhook recorder: an outcome cannot be written; dropped")
+                                }
+                                Err(_) => {}
                             }
                         }
                     }

@@ -215,11 +215,12 @@ fn excerpt_text(raw: &[u8]) -> String {
 /// At most [`RESPONSE_EXCERPT`] bytes of `text`, without NUL (PostgreSQL's text refuses it: one
 /// merchant's odd answer must not stop the recorder).
 fn bounded(text: &str) -> String {
+    let text = text.replace('\0', "\u{fffd}");
     let mut end = text.len().min(RESPONSE_EXCERPT);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    text[..end].replace('\0', "\u{fffd}")
+    text[..end].to_owned()
 }
 
 #[cfg(test)]
@@ -252,5 +253,11 @@ mod tests {
         let cut = excerpt_text(long.as_bytes());
         assert!(cut.len() <= RESPONSE_EXCERPT && cut.chars().all(|c| c == 'é'));
         assert_eq!(excerpt_text(b"a\0b\xff"), "a\u{fffd}b\u{fffd}");
+        let nuls = excerpt_text(&[0u8; 2048]);
+        assert!(
+            nuls.len() <= RESPONSE_EXCERPT && !nuls.contains('\0'),
+            "replaced, then cut: {}",
+            nuls.len()
+        );
     }
 }

@@ -19,24 +19,29 @@ pub struct Hit {
     pub event: Value,
 }
 
-/// A local HTTP endpoint that records what it receives and answers `status`.
+/// A local HTTP endpoint that records what it receives and answers `status`, with `answer` as
+/// the body if set, and `Location: <redirect>` if set.
 pub struct Receiver {
     pub url: String,
     pub hits: Arc<Mutex<Vec<Hit>>>,
     pub status: Arc<AtomicU16>,
+    pub answer: Arc<Mutex<Option<String>>>,
+    pub redirect: Arc<Mutex<Option<String>>>,
 }
 
 impl Receiver {
     pub async fn start() -> Receiver {
         let hits: Arc<Mutex<Vec<Hit>>> = Arc::default();
         let status = Arc::new(AtomicU16::new(200));
+        let answer: Arc<Mutex<Option<String>>> = Arc::default();
+        let redirect: Arc<Mutex<Option<String>>> = Arc::default();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let (h, s) = (hits.clone(), status.clone());
+        let (h, s, a, r) = (hits.clone(), status.clone(), answer.clone(), redirect.clone());
         let server = HttpServer::new(move || {
-            let (h, s) = (h.clone(), s.clone());
+            let (h, s, a, r) = (h.clone(), s.clone(), a.clone(), r.clone());
             App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-                let (h, s) = (h.clone(), s.clone());
+                let (h, s, a, r) = (h.clone(), s.clone(), a.clone(), r.clone());
                 async move {
                     let signature = req
                         .headers()
@@ -51,8 +56,16 @@ impl Receiver {
                         event,
                     });
                     let code = s.load(Ordering::SeqCst);
-                    HttpResponse::build(actix_web::http::StatusCode::from_u16(code).unwrap())
-                        .body(format!("receiver says {code}"))
+                    let mut resp = HttpResponse::build(actix_web::http::StatusCode::from_u16(code).unwrap());
+                    if let Some(to) = r.lock().unwrap().clone() {
+                        resp.insert_header(("Location", to));
+                    }
+                    let text = a
+                        .lock()
+                        .unwrap()
+                        .clone()
+                        .unwrap_or_else(|| format!("receiver says {code}"));
+                    resp.body(text)
                 }
             }))
         })
@@ -65,6 +78,8 @@ impl Receiver {
             url: format!("http://127.0.0.1:{port}/hooks"),
             hits,
             status,
+            answer,
+            redirect,
         }
     }
 
@@ -735,4 +750,39 @@ async fn events_committed_while_nats_is_down_are_delivered_once_it_is_back() {
     nats.kill().unwrap();
     let _ = nats.wait();
     let _ = std::fs::remove_dir_all(&store);
+}
+
+#[actix_web::test]
+async fn redirects_are_not_followed_and_only_the_first_kib_of_an_answer_is_kept() {
+    let app = spawn_app_with(|c| {
+        c.webhooks_out.retry_base_ms = 60_000;
+        c.webhooks_out.retry_max_ms = 60_000;
+    })
+    .await;
+    let (redirecting, elsewhere) = (Receiver::start().await, Receiver::start().await);
+    redirecting.status.store(307, Ordering::SeqCst);
+    *redirecting.redirect.lock().unwrap() = Some(elsewhere.url.clone());
+    // 4 KiB of an answer with a NUL and multi-byte characters in it: stored cut, as text.
+    *redirecting.answer.lock().unwrap() = Some(format!("é\0{}", "x".repeat(4096)));
+    let e = create_endpoint(
+        &app,
+        json!({ "url": redirecting.url, "enabled_events": ["payment.created"] }),
+    )
+    .await;
+    let id = e["id"].as_str().unwrap().to_owned();
+    app.pay(100, "pm_card_visa", "manual", false).await;
+    wait_for("the attempt in the log", 15, async || {
+        let log = app.get(&format!("/api/v1/webhook_endpoints/{id}/deliveries")).await;
+        log.body["data"][0]["attempts"] == 1
+    })
+    .await;
+    let log = app.get(&format!("/api/v1/webhook_endpoints/{id}/deliveries")).await;
+    let last = &log.body["data"][0]["last_attempt"];
+    assert_eq!(last["status_code"], 307, "a redirect is an answer, not a success");
+    let kept = last["response_body"].as_str().unwrap();
+    assert!(kept.len() <= 1024 && kept.len() > 1000, "{} bytes kept", kept.len());
+    assert!(kept.starts_with("é\u{fffd}x"), "NUL is not stored: {:?}", &kept[..8]);
+    assert_eq!(log.body["data"][0]["status"], "pending", "it is retried");
+    assert_eq!(redirecting.hits().len(), 1);
+    assert!(elsewhere.hits().is_empty(), "the redirect was not followed");
 }
