@@ -214,8 +214,7 @@ impl Shared {
     }
 
     /// Puts `job` in its endpoint's mailbox, starting the worker if needed. False when there is
-    /// no room: the delivery stays leased in PostgreSQL and the poller takes it once the lease
-    /// ends.
+    /// no room: the caller gives the delivery back to PostgreSQL ([`Shared::release`]).
     fn hand(self: &Rc<Self>, job: Job) -> bool {
         if self.held.borrow().contains(&job.delivery_id) {
             // Already here, waiting or in flight; the claim only renewed its lease.
