@@ -313,6 +313,23 @@ pub fn time_param(q: &HashMap<String, String>, name: &str) -> Result<Option<Date
     Ok(Some(t))
 }
 
+/// A time given as `stripe_name` (`created[gte]`, as Stripe and the events API spell it) or as
+/// `name` (`created_gte`); both at once is ambiguous and refused.
+fn time_param_as(
+    q: &HashMap<String, String>,
+    stripe_name: &str,
+    name: &str,
+) -> Result<Option<DateTime<Utc>>, ApiError> {
+    match (q.contains_key(stripe_name), q.contains_key(name)) {
+        (true, true) => Err(ApiError::param(
+            stripe_name,
+            format!("give {stripe_name} or {name}, not both"),
+        )),
+        (true, false) => time_param(q, stripe_name),
+        _ => time_param(q, name),
+    }
+}
+
 /// `GET /api/v1/payments`
 pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let merchant = auth::merchant(&state, &req).await?;
@@ -339,8 +356,8 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRe
             }
             other => other.cloned(),
         },
-        created_gte: time_param(&q, "created_gte")?,
-        created_lt: time_param(&q, "created_lt")?,
+        created_gte: time_param_as(&q, "created[gte]", "created_gte")?,
+        created_lt: time_param_as(&q, "created[lt]", "created_lt")?,
     };
     let (payments, has_more) = state.db.list_payments(&merchant.id, &filter).await?;
     Ok(json_value(

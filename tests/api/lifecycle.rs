@@ -390,7 +390,17 @@ async fn listing_is_newest_first_with_cursor_and_filters() {
         "status=nope",
         "starting_after=xyz",
         "created_gte=yesterday",
+        "created[lt]=soon",
+        "created[gte]=1&created_gte=1",
     ] {
         assert_eq!(app.get(&format!("/api/v1/payments?{bad}")).await.status, 400, "{bad}");
     }
+    // Stripe's spelling of the time range, as the events API takes it too.
+    let future = chrono::Utc::now().timestamp() + 3600;
+    let r = app.get(&format!("/api/v1/payments?created%5Bgte%5D={future}")).await;
+    assert_eq!((r.status, r.body["data"].clone()), (200, json!([])));
+    let r = app
+        .get(&format!("/api/v1/payments?created[lt]={future}&limit=100"))
+        .await;
+    assert_eq!(r.body["data"].as_array().unwrap().len(), 5);
 }
