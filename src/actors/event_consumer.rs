@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use async_nats::jetstream::AckKind;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 
 use super::mailbox::{ActorStats, Mailbox};
 use super::payment::{Op, PaymentCall};
@@ -120,14 +120,8 @@ impl Worker {
             };
             backoff = Duration::from_millis(100);
             while !self.shutdown.is_stopping() {
-                let batch = consumer
-                    .fetch()
-                    .max_messages(self.config.fetch_batch.max(1))
-                    .expires(Duration::from_secs(1))
-                    .messages()
-                    .await;
-                let mut batch = match batch {
-                    Ok(b) => b,
+                let messages = match crate::adapters::nats::fetch_batch(&consumer, self.config.fetch_batch).await {
+                    Ok(m) => m,
                     Err(e) => {
                         tracing::warn!(partition = self.partition, error = %e, "PSP event fetch failed");
                         self.shutdown.sleep(Duration::from_millis(500)).await;
@@ -136,10 +130,6 @@ impl Worker {
                 };
                 // The batch's events for different payments run at once; one payment's events
                 // keep their order (the batch arrives in stream order, grouped by reference).
-                let mut messages = Vec::with_capacity(self.config.fetch_batch);
-                while let Some(Ok(message)) = batch.next().await {
-                    messages.push(message);
-                }
                 let mut groups: Vec<(String, Vec<async_nats::jetstream::Message>)> = Vec::new();
                 for m in messages {
                     let key = rmp_serde::from_slice::<PspEvent>(&m.payload)

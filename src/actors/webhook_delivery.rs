@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use actix_web::web::Bytes;
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
-use futures_util::StreamExt;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::mailbox::ActorStats;
@@ -366,24 +365,14 @@ async fn dispatch(shared: Rc<Shared>, nats: Nats) {
         };
         backoff = Duration::from_millis(100);
         while !shared.shutdown.is_stopping() {
-            let batch = consumer
-                .fetch()
-                .max_messages(shared.config.fetch_batch)
-                .expires(Duration::from_secs(1))
-                .messages()
-                .await;
-            let mut batch = match batch {
-                Ok(b) => b,
+            let messages = match crate::adapters::nats::fetch_batch(&consumer, shared.config.fetch_batch).await {
+                Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(error = %e, "webhook dispatcher: fetch failed");
                     shared.shutdown.sleep(Duration::from_millis(500)).await;
                     break;
                 }
             };
-            let mut messages = Vec::with_capacity(shared.config.fetch_batch);
-            while let Some(Ok(m)) = batch.next().await {
-                messages.push(m);
-            }
             if messages.is_empty() {
                 continue;
             }

@@ -212,6 +212,27 @@ impl Nats {
     }
 }
 
+/// One pull from `consumer`: what is there now, up to `max` messages, waiting at most a second
+/// for the first (a broken connection or consumer is an error; the caller backs off).
+pub async fn fetch_batch(
+    consumer: &jetstream::consumer::PullConsumer,
+    max: usize,
+) -> Result<Vec<jetstream::Message>, NatsError> {
+    use futures_util::StreamExt;
+    let mut batch = consumer
+        .fetch()
+        .max_messages(max.max(1))
+        .expires(Duration::from_secs(1))
+        .messages()
+        .await
+        .map_err(|e| NatsError::JetStream(e.to_string()))?;
+    let mut messages = Vec::with_capacity(max);
+    while let Some(Ok(m)) = batch.next().await {
+        messages.push(m);
+    }
+    Ok(messages)
+}
+
 /// What operators watch on one partition's consumer.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ConsumerLag {

@@ -9,7 +9,6 @@ use serde_json::json;
 use super::body::{self, Fields};
 use super::payments::{int_param, query, time_param};
 use super::{auth, idempotency, json_value, AppState};
-use crate::actors::Reply;
 use crate::adapters::postgres::webhooks_out::EventFilter;
 use crate::api::error::ApiError;
 use crate::domain::record::list_object;
@@ -115,11 +114,7 @@ pub async fn redeliver(
         };
         st.db.redeliver(event.id, &targets, window).await?;
         let object = json!({ "object": "event_redelivery", "event_id": event_id(event.id), "endpoints": targets });
-        Ok(Reply {
-            status: 200,
-            body: serde_json::to_vec(&object).map_err(|_| ApiError::Internal)?,
-            stored: false,
-        })
+        idempotency::reply_json(200, &object)
     })
     .await
 }

@@ -50,6 +50,15 @@ pub fn derived_id(prefix: &str, merchant: &str, key: &str) -> String {
     )
 }
 
+/// An operation's answer: `value` as JSON with `status`, for [`run`] to store as the key's record.
+pub fn reply_json(status: u16, value: &serde_json::Value) -> Result<Reply, ApiError> {
+    Ok(Reply {
+        status,
+        body: serde_json::to_vec(value).map_err(|_| ApiError::Internal)?,
+        stored: false,
+    })
+}
+
 /// What identifies "the same request": method, path and the exact body bytes.
 pub fn fingerprint(method: &str, path: &str, body: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();

@@ -7,7 +7,6 @@ use serde_json::{json, Value};
 use super::body::{self, Fields};
 use super::{auth, idempotency, json_value, AppState};
 use crate::actors::risk::{ATTRIBUTES, DEFAULT_RULES};
-use crate::actors::Reply;
 use crate::adapters::postgres::risk::RiskRow;
 use crate::api::error::ApiError;
 use crate::domain::record::{list_object, timestamp};
@@ -75,11 +74,7 @@ pub async fn create_rule(
                     )
                 })?;
             st.risk.invalidate(&m.id);
-            Ok(Reply {
-                status: 201,
-                body: serde_json::to_vec(&rule_object(&row)).map_err(|_| ApiError::Internal)?,
-                stored: false,
-            })
+            idempotency::reply_json(201, &rule_object(&row))
         },
     )
     .await
@@ -169,11 +164,7 @@ pub async fn add_item(
             st.db.add_risk_list_item(&m.id, &name, &item).await?;
             st.risk.invalidate(&m.id);
             let object = json!({ "object": "risk_list_item", "list": name, "item": item });
-            Ok(Reply {
-                status: 201,
-                body: serde_json::to_vec(&object).map_err(|_| ApiError::Internal)?,
-                stored: false,
-            })
+            idempotency::reply_json(201, &object)
         },
     )
     .await

@@ -10,7 +10,6 @@ use serde_json::{json, Value};
 use super::body::{self, Fields};
 use super::payments::{int_param, query};
 use super::{auth, idempotency, json_value, AppState};
-use crate::actors::Reply;
 use crate::adapters::http_out::{check_form, check_target};
 use crate::adapters::postgres::webhooks_out::{DeliveryRow, EndpointRow, EndpointUpdate, MAX_ENDPOINTS};
 use crate::api::error::ApiError;
@@ -105,14 +104,6 @@ async fn url_resolves_publicly(state: &AppState, url: &str) -> Result<(), ApiErr
         .map_err(url_error)
 }
 
-fn reply(status: u16, v: &Value) -> Result<Reply, ApiError> {
-    Ok(Reply {
-        status,
-        body: serde_json::to_vec(v).map_err(|_| ApiError::Internal)?,
-        stored: false,
-    })
-}
-
 /// `POST /api/v1/webhook_endpoints`: `{ url, enabled_events?, description? }`.
 pub async fn create(
     state: web::Data<AppState>,
@@ -150,11 +141,11 @@ pub async fn create(
             })?;
             st.webhooks.cache.invalidate(m.id.as_str());
             if created {
-                reply(201, &with_secret(&stored))
+                idempotency::reply_json(201, &with_secret(&stored))
             } else {
                 // Made by an earlier request with this key whose record has expired: the
                 // secret was shown then, and is not shown again.
-                reply(200, &endpoint_object(&stored))
+                idempotency::reply_json(200, &endpoint_object(&stored))
             }
         },
     )
@@ -249,7 +240,7 @@ pub async fn update(
                 .await?
                 .ok_or(ApiError::NotFound("webhook endpoint"))?;
             st.webhooks.cache.invalidate(m.id.as_str());
-            reply(200, &endpoint_object(&row))
+            idempotency::reply_json(200, &endpoint_object(&row))
         },
     )
     .await
@@ -290,7 +281,7 @@ pub async fn rotate_secret(
             .await?
             .ok_or(ApiError::NotFound("webhook endpoint"))?;
         st.webhooks.cache.invalidate(m.id.as_str());
-        reply(200, &with_secret(&row))
+        idempotency::reply_json(200, &with_secret(&row))
     })
     .await
 }

@@ -786,3 +786,82 @@ async fn redirects_are_not_followed_and_only_the_first_kib_of_an_answer_is_kept(
     assert_eq!(redirecting.hits().len(), 1);
     assert!(elsewhere.hits().is_empty(), "the redirect was not followed");
 }
+
+#[actix_web::test]
+async fn an_event_jetstream_delivers_again_is_not_delivered_twice() {
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    create_endpoint(
+        &app,
+        json!({ "url": receiver.url, "enabled_events": ["payment.created"] }),
+    )
+    .await;
+    let first = app.pay(100, "pm_card_visa", "manual", false).await;
+    wait_for("the first delivery", 15, async || receiver.hits().len() == 1).await;
+    let hit = receiver.hits().remove(0);
+    // The same event again in the stream (a batch redelivered after a lost ack, a relay that
+    // published it twice outside the duplicate window): its delivery already exists.
+    let nats = &app.state.nats;
+    let merchant = first.body["merchant_id"].as_str().unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "outbox-again-1");
+    nats.jetstream
+        .publish_with_headers(
+            format!("{}.events.{merchant}", nats.prefix),
+            headers,
+            hit.body.clone().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // The dispatcher reads the stream in order: once a later event has arrived, the repeat was
+    // read before it.
+    let later = app.pay(100, "pm_card_visa", "manual", false).await;
+    let later = later.body["payment_id"].as_str().unwrap().to_owned();
+    wait_for("the later event", 15, async || {
+        receiver
+            .hits()
+            .iter()
+            .any(|h| h.event["data"]["object"]["payment_id"] == later.as_str())
+    })
+    .await;
+    let times = receiver
+        .hits()
+        .iter()
+        .filter(|h| h.event["id"] == hit.event["id"])
+        .count();
+    assert_eq!(times, 1, "the repeated event was delivered again");
+}
+
+#[actix_web::test]
+async fn a_delivery_whose_lease_ran_out_is_made_by_the_poller() {
+    let app = spawn_app_with(|c| c.webhooks_out.poll_interval_ms = 50).await;
+    let receiver = Receiver::start().await;
+    // An event from before the endpoint existed: nothing will send it on its own.
+    app.pay(100, "pm_card_visa", "manual", false).await;
+    let event = app.get("/api/v1/events?type=payment.created").await.body["data"][0].clone();
+    let endpoint = create_endpoint(&app, json!({ "url": receiver.url, "enabled_events": ["refund.*"] })).await;
+    let id = endpoint["id"].as_str().unwrap().to_owned();
+    // A node claimed it, then died: its lease ended a second ago.
+    let row = payrail::domain::webhook::parse_event_id(event["id"].as_str().unwrap()).unwrap();
+    app.sql()
+        .await
+        .execute(
+            "INSERT INTO webhook_deliveries (endpoint_id, event_id, next_attempt_at, retry_until)
+             VALUES ($1, $2, now() - interval '1 second', now() + interval '1 hour')",
+            &[&id, &row],
+        )
+        .await
+        .unwrap();
+    wait_for("the poller to deliver it", 15, async || {
+        receiver.hits().iter().any(|h| h.event["id"] == event["id"])
+    })
+    .await;
+    wait_for("the log to say so", 15, async || {
+        let log = app.get(&format!("/api/v1/webhook_endpoints/{id}/deliveries")).await;
+        log.body["data"][0]["status"] == "succeeded"
+    })
+    .await;
+    assert_eq!(receiver.hits().len(), 1);
+}
