@@ -124,6 +124,14 @@ impl Application {
             metrics: metrics.clone(),
         };
         let registry = Arc::new(PaymentRegistry::new(deps, config.actors.clone()));
+        let reconciler = Arc::new(crate::actors::reconciler::Reconciler::new(
+            db.clone(),
+            registry.clone(),
+            ledger.clone(),
+            config.reconciliation.clone(),
+            config.psp.sandbox.settlement.clone(),
+            metrics.clone(),
+        ));
         let event_consumers = Arc::new(crate::actors::ActorStats::default());
         let shutdown = crate::shutdown::Shutdown::default();
         for partition in 0..config.nats.partitions {
@@ -169,6 +177,7 @@ impl Application {
             nats,
             registry,
             ledger,
+            reconciler,
             risk,
             event_consumers,
             webhooks,
@@ -224,6 +233,11 @@ impl Application {
         .map_err(|e| StartError::Bind("listener".into(), e))?
         .run();
         spawn_housekeeping(state.clone(), shutdown.clone());
+        state.reconciler.refresh_metrics().await;
+        actix_rt::spawn(crate::actors::reconciler::daily(
+            state.reconciler.clone(),
+            shutdown.clone(),
+        ));
         crate::actors::outbox_relay::spawn(state.db.clone(), state.nats.clone(), shutdown.clone());
         Ok(Application {
             port,

@@ -23,6 +23,9 @@ pub struct Config {
     pub webhooks_out: WebhooksOutConfig,
     pub ratelimit: RateLimitConfig,
     pub risk: RiskConfig,
+    /// Optional: every key has a default.
+    #[serde(default)]
+    pub reconciliation: ReconciliationConfig,
     pub log: LogConfig,
 }
 
@@ -176,6 +179,63 @@ pub struct SandboxPspConfig {
     /// The sandbox tokenizer's secret for card fingerprints (a keyed hash of the number).
     pub card_fingerprint_key: Secret,
     pub chaos: ChaosConfig,
+    /// What the sandbox charges in its settlement reports.
+    #[serde(default)]
+    pub settlement: SandboxSettlementConfig,
+}
+
+/// The sandbox PSP's fees, as its settlement reports show them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxSettlementConfig {
+    /// Per charge: basis points of the amount plus a fixed amount in minor units.
+    pub fee_bps: u32,
+    pub fee_fixed: i64,
+    /// Per dispute, in minor units.
+    pub dispute_fee: i64,
+}
+
+impl Default for SandboxSettlementConfig {
+    fn default() -> Self {
+        SandboxSettlementConfig {
+            fee_bps: 250,
+            fee_fixed: 25,
+            dispute_fee: 1500,
+        }
+    }
+}
+
+/// Reconciliation against PSP settlement reports (docs/OPERATIONS.md, "Reconciliation").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconciliationConfig {
+    /// How late a PSP may report a capture or refund: one payrail made more than this long
+    /// before the end of a report's day and missing from every report is `missing_in_report`.
+    pub window_hours: u64,
+    /// How far back each run looks for captures and refunds missing from the reports.
+    pub lookback_days: u64,
+    /// Run every enabled sandbox connector's report of the day before at this UTC time
+    /// ("HH:MM"); empty: no scheduled runs.
+    pub daily_at_utc: String,
+    /// Report lines applied per transaction.
+    pub chunk_lines: usize,
+    /// The largest report accepted, in bytes (it is spooled to disk, never held in memory).
+    pub max_report_bytes: u64,
+    /// Payments settled at once.
+    pub settle_concurrency: usize,
+}
+
+impl Default for ReconciliationConfig {
+    fn default() -> Self {
+        ReconciliationConfig {
+            window_hours: 48,
+            lookback_days: 7,
+            daily_at_utc: "02:30".into(),
+            chunk_lines: 5000,
+            max_report_bytes: 1 << 30,
+            settle_concurrency: 256,
+        }
+    }
 }
 
 /// Misbehaviour the sandbox's webhook sender can add, as real PSPs do.

@@ -29,6 +29,25 @@ enum Command {
     Migrate,
     /// Load against a running payrail (and, with --compare-postgres, the PostgreSQL ceiling).
     Loadgen(payrail::loadgen::LoadgenArgs),
+    /// Reconcile a PSP settlement report against a running payrail (streams the file to
+    /// `POST /admin/v1/reconciliation/runs` and prints the run).
+    Reconcile {
+        /// The connector whose report it is (`mca_…`).
+        #[arg(long)]
+        connector: String,
+        /// The report, a CSV file.
+        #[arg(long)]
+        file: PathBuf,
+        /// `stripe` (balance transactions) or `adyen` (Settlement Details Report); default: the connector's PSP.
+        #[arg(long)]
+        format: Option<String>,
+        /// The report's day (YYYY-MM-DD); default: the day of its latest line.
+        #[arg(long)]
+        date: Option<String>,
+        /// payrail's base URL; default: the configured bind address.
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Ledger tools.
     Ledger {
         #[command(subcommand)]
@@ -70,6 +89,79 @@ async fn ledger_verify(config: &Config) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         println!("ledger verify: VIOLATIONS FOUND");
+        ExitCode::FAILURE
+    }
+}
+
+async fn reconcile(
+    config: &Config,
+    connector: String,
+    file: PathBuf,
+    format: Option<String>,
+    date: Option<String>,
+    url: Option<String>,
+) -> ExitCode {
+    let base = url.unwrap_or_else(|| {
+        let bind: std::net::SocketAddr = config
+            .server
+            .bind
+            .parse()
+            .unwrap_or_else(|_| ([127, 0, 0, 1], 8080).into());
+        config.server.public_url_for(bind)
+    });
+    let mut query = vec![("connector_id", connector)];
+    query.extend(format.map(|f| ("format", f)));
+    query.extend(date.map(|d| ("date", d)));
+    let file = match std::fs::File::open(&file) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("payrail reconcile: {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    // The file goes out in 256 KiB pieces: never whole in memory.
+    let body = futures_util::stream::unfold(file, |mut f| async move {
+        use std::io::Read;
+        let mut buf = vec![0u8; 256 << 10];
+        match f.read(&mut buf) {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(actix_web::web::Bytes::from(buf)), f))
+            }
+            Err(e) => Some((Err(e), f)),
+        }
+    });
+    let client = awc::Client::builder()
+        .timeout(std::time::Duration::from_secs(3600))
+        .finish();
+    let request = match client
+        .post(format!("{}/admin/v1/reconciliation/runs", base.trim_end_matches('/')))
+        .query(&query)
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("payrail reconcile: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let sent = request
+        .bearer_auth(&config.admin.token)
+        .content_type("text/csv")
+        .send_stream(body)
+        .await;
+    let mut response = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("payrail reconcile: {base}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let body = response.body().limit(1 << 20).await.unwrap_or_default();
+    println!("{}", String::from_utf8_lossy(&body));
+    if response.status().is_success() {
+        ExitCode::SUCCESS
+    } else {
         ExitCode::FAILURE
     }
 }
@@ -117,6 +209,13 @@ async fn main() -> ExitCode {
         Command::Ledger {
             command: LedgerCommand::Verify,
         } => ledger_verify(&config).await,
+        Command::Reconcile {
+            connector,
+            file,
+            format,
+            date,
+            url,
+        } => reconcile(&config, connector, file, format, date, url).await,
         Command::Loadgen(args) => match payrail::loadgen::run(args, &config.database.url).await {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {

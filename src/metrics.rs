@@ -76,6 +76,16 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PspKindLabels {
+    psp: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExceptionLabels {
+    r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabels {
     state: &'static str,
 }
@@ -139,6 +149,9 @@ pub struct Metrics {
     webhook_retrying: Gauge,
     webhook_oldest: Family<EndpointKindLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     webhook_endpoints_disabled: Counter,
+    reconciliation_ratio: Family<PspKindLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    reconciliation_lines: Family<OutcomeLabels, Counter>,
+    reconciliation_open: Family<ExceptionLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -188,6 +201,9 @@ impl Metrics {
             webhook_retrying: Gauge::default(),
             webhook_oldest: Family::default(),
             webhook_endpoints_disabled: Counter::default(),
+            reconciliation_ratio: Family::default(),
+            reconciliation_lines: Family::default(),
+            reconciliation_open: Family::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -336,6 +352,21 @@ impl Metrics {
             "Webhook endpoints disabled after failing for the whole retry window",
             m.webhook_endpoints_disabled.clone(),
         );
+        r.register(
+            "reconciliation_match_ratio",
+            "Matched report lines over matched lines and new exceptions, in the last run, by PSP kind (SLO: 0.9999)",
+            m.reconciliation_ratio.clone(),
+        );
+        r.register(
+            "reconciliation_lines",
+            "Settlement report lines applied, by outcome: matched or exception",
+            m.reconciliation_lines.clone(),
+        );
+        r.register(
+            "reconciliation_exceptions_open",
+            "Reconciliation exceptions waiting for an operator, by type",
+            m.reconciliation_open.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
@@ -396,6 +427,32 @@ impl Metrics {
         self.webhook_post.observe(took.as_secs_f64());
         if let Some(lag) = lag {
             self.webhook_lag.observe(lag.as_secs_f64());
+        }
+    }
+
+    /// A reconciliation run's lines: `matched`, and those that raised an exception.
+    pub fn reconciliation_run(&self, psp: &str, matched: i64, exceptions: i64) {
+        let (m, e) = (matched.max(0) as u64, exceptions.max(0) as u64);
+        self.reconciliation_lines
+            .get_or_create(&OutcomeLabels { outcome: "matched" })
+            .inc_by(m);
+        self.reconciliation_lines
+            .get_or_create(&OutcomeLabels { outcome: "exception" })
+            .inc_by(e);
+        if m + e > 0 {
+            self.reconciliation_ratio
+                .get_or_create(&PspKindLabels { psp: psp.to_owned() })
+                .set(m as f64 / (m + e) as f64);
+        }
+    }
+
+    /// Open exceptions by type (every type seen is kept, at 0 once none is open).
+    pub fn reconciliation_open(&self, open: &[(String, i64)]) {
+        for t in crate::domain::settlement::EXCEPTION_TYPES {
+            let n = open.iter().find(|(k, _)| k == t).map(|(_, n)| *n).unwrap_or(0);
+            self.reconciliation_open
+                .get_or_create(&ExceptionLabels { r#type: t.to_owned() })
+                .set(n);
         }
     }
 

@@ -82,6 +82,8 @@ fn expected(status: Status, kind: InputKind) -> Result<Status, Rejection> {
         // 1,000 of 1,000 pending settles; 2,000 of 10,000 refunded leaves the payment captured.
         (I::RefundSucceeded | I::RefundFailed, Refunding) => Ok(Captured),
         (I::Settled, Captured) => Ok(Settled),
+        // Reconciliation may find the charge while a refund or a dispute is under way.
+        (I::Settled, Settled | Refunding | ChargebackOpen) => Ok(status),
         (I::DisputeOpened, Captured | Settled | Refunding) => Ok(ChargebackOpen),
         (I::DisputeWon, ChargebackOpen) => Ok(Settled),
         (I::DisputeLost, ChargebackOpen) => Ok(Refunded),

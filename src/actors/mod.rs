@@ -11,6 +11,7 @@ pub mod mailbox;
 pub mod outbox_relay;
 pub mod payment;
 pub mod payment_flow;
+pub mod reconciler;
 pub mod registry;
 pub mod risk;
 pub mod store;

@@ -67,6 +67,8 @@ pub enum Op {
     Resolve,
     /// Apply a PSP event (webhook), at most once.
     PspEvent(Arc<crate::adapters::nats::PspEvent>),
+    /// Reconciliation found the capture in the PSP's settlement report.
+    Settle,
 }
 
 impl Op {
@@ -102,6 +104,7 @@ impl Op {
             Op::Reject => "reject",
             Op::Resolve => "resolve",
             Op::PspEvent(_) => "psp_event",
+            Op::Settle => "settle",
         }
     }
 }

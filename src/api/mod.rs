@@ -14,6 +14,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod payments;
 pub mod ratelimit;
+pub mod reconciliation;
 pub mod refunds;
 pub mod risk;
 pub mod sandbox;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub registry: Arc<PaymentRegistry>,
     /// The ledger shards (group commit); the payment flow commits through them.
     pub ledger: Arc<crate::actors::ledger_shard::Ledger>,
+    /// Reconciliation runs against PSP settlement reports.
+    pub reconciler: Arc<crate::actors::reconciler::Reconciler>,
     /// Risk rules' cache and velocity: the risk routes invalidate a merchant's rules on change.
     pub risk: Arc<crate::actors::risk::RiskEngine>,
     /// The PSP event consumers' totals (one consumer per partition).
@@ -95,6 +98,7 @@ api_routes! {
     get "/api/v1/payments/{id}/refunds" => refunds::list_for_payment,
     get "/api/v1/refunds/{id}" => refunds::get,
     get "/api/v1/balance" => ledger::balance,
+    get "/api/v1/connectors" => reconciliation::connectors,
     get "/api/v1/ledger/journals" => ledger::journals,
     get "/api/v1/disputes" => disputes::list,
     get "/api/v1/disputes/{id}" => disputes::get,
@@ -120,10 +124,17 @@ api_routes! {
     get "/admin/v1/dead_letters" => admin::dead_letters,
     post "/admin/v1/dead_letters/{id}/replay" => admin::replay_dead_letter,
     get "/admin/v1/webhook_endpoints" => admin::webhook_endpoints,
+    get "/admin/v1/merchants/{id}/connectors" => reconciliation::merchant_connectors,
+    post "/admin/v1/reconciliation/runs" => reconciliation::create_run,
+    get "/admin/v1/reconciliation/runs" => reconciliation::list_runs,
+    get "/admin/v1/reconciliation/runs/{id}" => reconciliation::get_run,
+    get "/admin/v1/reconciliation/exceptions" => reconciliation::list_exceptions,
+    post "/admin/v1/reconciliation/exceptions/{id}/resolve" => reconciliation::resolve_exception,
     get "/admin/" => admin::live_view,
     post "/internal/webhooks/psp/{provider}" => webhooks::receive,
     post "/sandbox/v1/payment_methods" => sandbox::payment_methods,
     post "/sandbox/v1/payments/{reference}/complete_3ds" => sandbox::complete_3ds,
+    get "/sandbox/v1/settlement_reports/{date}" => reconciliation::sandbox_report,
 }
 
 /// `GET /openapi.json`: the OpenAPI 3 document of the whole API.

@@ -91,6 +91,7 @@ pub async fn complete_3ds(state: web::Data<AppState>, req: HttpRequest) -> Resul
     }
     sandbox
         .complete_3ds(reference)
+        .await
         .map_err(|_| ApiError::InvalidState(payment.status()))?;
     let reply = state
         .registry

@@ -64,6 +64,16 @@ prefixed_id!(/// A dispute, `dp_…`.
 prefixed_id!(/// One attempt at a PSP operation, `att_…`; it is also the idempotency key sent to the PSP.
     AttemptId, "att_");
 
+/// The id of a merchant's own sandbox connector: derived from the merchant's id (migration V7
+/// computes the same), so the demo merchant's is known in advance.
+pub fn sandbox_connector_id(merchant: &MerchantId) -> String {
+    use sha2::Digest;
+    format!(
+        "mca_{}",
+        &hex::encode(sha2::Sha256::digest(merchant.as_str().as_bytes()))[..24]
+    )
+}
+
 /// FNV-1a: stable across builds and platforms, so a key keeps its shard or partition.
 pub fn stable_hash(key: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

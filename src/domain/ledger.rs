@@ -20,7 +20,7 @@ pub struct Entry {
 }
 
 impl Entry {
-    fn debit(account: impl Into<String>, amount: i64) -> Entry {
+    pub fn debit(account: impl Into<String>, amount: i64) -> Entry {
         Entry {
             account: account.into(),
             debit: amount,
@@ -28,7 +28,7 @@ impl Entry {
         }
     }
 
-    fn credit(account: impl Into<String>, amount: i64) -> Entry {
+    pub fn credit(account: impl Into<String>, amount: i64) -> Entry {
         Entry {
             account: account.into(),
             debit: 0,

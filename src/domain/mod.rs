@@ -8,6 +8,7 @@ pub mod money;
 pub mod payment;
 pub mod record;
 pub mod risk;
+pub mod settlement;
 pub mod webhook;
 
 pub use ids::{AttemptId, DisputeId, JournalId, MerchantId, PaymentId, RefundId};

@@ -437,6 +437,14 @@ const RULES: &[Rule] = &[
         from: &[S::Captured],
         to: To::Status(S::Settled),
     },
+    // The charge settled while a refund or dispute is under way: the flag is set and the
+    // status stays (a finished partial refund then returns to `settled`). A refunded payment
+    // is terminal: its settlement changes nothing.
+    Rule {
+        input: InputKind::Settled,
+        from: &[S::Settled, S::Refunding, S::ChargebackOpen],
+        to: To::Stay,
+    },
     Rule {
         input: InputKind::DisputeOpened,
         from: &[S::Captured, S::Settled, S::Refunding],

@@ -13,6 +13,7 @@ mod openapi;
 mod operations;
 mod outages;
 mod process;
+mod reconciliation;
 mod recovery;
 mod risk;
 mod validation;

@@ -105,6 +105,47 @@ impl From<CommitError> for Halt {
     }
 }
 
+/// The commit that marks `payment`'s capture settled (reconciliation matched it), or `None`
+/// when there is nothing to change. Used by the payment's actor, and by a reconciliation run
+/// for a payment with no live actor: the commit is fenced by the payment's version, so an
+/// actor that activates meanwhile cannot be overwritten (one of the two commits is refused as
+/// stale, and the run then goes through the actor).
+pub fn settle_commit(payment: &Payment, now: chrono::DateTime<chrono::Utc>) -> Option<(Payment, Commit)> {
+    let (state, _) = crate::domain::decide(&payment.state, crate::domain::Input::Settled).ok()?;
+    if state == payment.state {
+        return None;
+    }
+    let mut next = payment.clone();
+    next.state = state;
+    next.version += 1;
+    next.updated_at = now;
+    let mut commit = Commit::default();
+    if payment.status() != next.status() {
+        commit.transition = Some(Transition {
+            seq: payment.transitions,
+            from: Some(payment.status()),
+            to: next.status(),
+            cause: "reconciliation.settled".to_owned(),
+        });
+        commit.outbox.push(OutboxEvent {
+            event_type: format!("payment.{}", next.status().as_str()),
+            payload: next.to_object(),
+        });
+    }
+    Some((next, commit))
+}
+
+/// [`settle_commit`] made ready to store without an actor (which would count the transition
+/// and attach the payment itself in [`Flow::commit`]).
+pub fn settle_commit_standalone(payment: &Payment, now: chrono::DateTime<chrono::Utc>) -> Option<Commit> {
+    let (mut next, mut commit) = settle_commit(payment, now)?;
+    if commit.transition.is_some() {
+        next.transitions += 1;
+    }
+    commit.payment = Some(next);
+    Some(commit)
+}
+
 /// Processes one call; returns the answer, the state as committed, and whether the state is stale.
 pub async fn process(
     deps: &PaymentDeps,
@@ -237,7 +278,18 @@ impl<'a> Flow<'a> {
             Op::Sync => self.sync().await,
             Op::Resolve => Ok(self.payment_reply(200)),
             Op::PspEvent(e) => self.psp_event(&e).await,
+            Op::Settle => self.settle().await,
         }
+    }
+
+    /// Marks the capture settled, once: a payment already settled, or one with nothing
+    /// captured, is answered as it stands.
+    async fn settle(&mut self) -> Result<Reply, Halt> {
+        let now = self.deps.clock.now();
+        if let Some((next, commit)) = settle_commit(self.payment(), now) {
+            self.commit(next, commit).await?;
+        }
+        Ok(self.payment_reply(200))
     }
 
     /// A commit with the transition (if the status moved), its outbox event, and the idempotency

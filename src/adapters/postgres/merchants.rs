@@ -118,6 +118,13 @@ impl Db {
         )
         .await
         .map_err(pg_error)?;
+        // Every merchant starts with its sandbox connector (docs/API.md, "Connectors").
+        tx.execute(
+            "INSERT INTO connectors (id, merchant_id, psp, label) VALUES ($1, $2, 'sandbox', 'sandbox')",
+            &[&crate::domain::ids::sandbox_connector_id(&id), &id.as_str()],
+        )
+        .await
+        .map_err(pg_error)?;
         tx.commit().await.map_err(pg_error)?;
         let merchant = Merchant {
             id,

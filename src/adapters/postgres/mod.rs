@@ -8,6 +8,7 @@ pub mod ledger;
 pub mod merchants;
 pub mod outbox;
 pub mod payments;
+pub mod reconciliation;
 pub mod refunds;
 pub mod risk;
 pub mod sandbox;
@@ -53,6 +54,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         6,
         "merchant_webhooks",
         include_str!("../../../migrations/V6__merchant_webhooks.sql"),
+    ),
+    (
+        7,
+        "reconciliation",
+        include_str!("../../../migrations/V7__reconciliation.sql"),
     ),
 ];
 

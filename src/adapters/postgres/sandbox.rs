@@ -77,3 +77,74 @@ impl Db {
         }))
     }
 }
+
+/// One movement in the sandbox PSP's books.
+#[derive(Debug, Clone)]
+pub struct BookRow {
+    pub id: i64,
+    pub kind: String,
+    pub reference: String,
+    pub intent: String,
+    pub amount: i64,
+    pub currency: String,
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Db {
+    /// Books a movement of the sandbox's balance once: the same object again books nothing.
+    pub async fn sandbox_book(
+        &self,
+        merchant: &str,
+        kind: &str,
+        reference: &str,
+        intent: &str,
+        amount: i64,
+        currency: &str,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO sandbox_settlement_book (merchant_id, kind, reference, intent, amount, currency)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (kind, reference) DO NOTHING",
+            )
+            .await
+            .map_err(pg_error)?;
+        client
+            .execute(&stmt, &[&merchant, &kind, &reference, &intent, &amount, &currency])
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
+    /// A page of a merchant's booked movements in `[from, to)`, after row `after`, oldest first.
+    pub async fn sandbox_book_page(
+        &self,
+        merchant: &str,
+        from: chrono::DateTime<chrono::Utc>,
+        to: chrono::DateTime<chrono::Utc>,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<BookRow>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, kind, reference, intent, amount, currency::text, at FROM sandbox_settlement_book
+                 WHERE merchant_id = $1 AND at >= $2 AND at < $3 AND id > $4 ORDER BY id LIMIT $5",
+                &[&merchant, &from, &to, &after, &limit],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(rows
+            .iter()
+            .map(|r| BookRow {
+                id: r.get(0),
+                kind: r.get(1),
+                reference: r.get(2),
+                intent: r.get(3),
+                amount: r.get(4),
+                currency: r.get(5),
+                at: r.get(6),
+            })
+            .collect())
+    }
+}

@@ -3,6 +3,7 @@
 
 pub mod events;
 pub mod sandbox;
+pub mod sandbox_settlement;
 pub mod sandbox_webhooks;
 pub mod signature;
 

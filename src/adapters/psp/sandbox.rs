@@ -115,6 +115,8 @@ fn builtin_token(token: &str) -> Option<Behaviour> {
 
 #[derive(Debug, Clone)]
 struct SandboxIntent {
+    /// Whose intent it is: its captures and refunds go to that merchant's settlement reports.
+    merchant: MerchantId,
     behaviour: Behaviour,
     amount: Money,
     capture: CaptureStrategy,
@@ -148,6 +150,24 @@ pub struct SandboxPsp {
     panicked: DashMap<String, ()>,
     /// Where the sandbox's events go, when `[psp.sandbox] webhooks` is on.
     notifier: Option<Notifier>,
+}
+
+/// What the sandbox's books record (`sandbox_settlement_book.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BookKind {
+    Charge,
+    Refund,
+    Dispute,
+}
+
+impl BookKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BookKind::Charge => "charge",
+            BookKind::Refund => "refund",
+            BookKind::Dispute => "dispute",
+        }
+    }
 }
 
 /// A sandbox-only token whose authorization panics inside the payment actor's handler, once
@@ -245,7 +265,20 @@ impl SandboxPsp {
 
     /// The customer finished the 3-D Secure step: the intent is authorized (or captured, with
     /// automatic capture). Errors with the intent's status when it was not waiting for it.
-    pub fn complete_3ds(&self, reference: &str) -> Result<(), Option<IntentStatus>> {
+    pub async fn complete_3ds(&self, reference: &str) -> Result<(), Option<IntentStatus>> {
+        let (merchant, amount, capture) = {
+            let intent = self.intents.get(reference).ok_or(None)?;
+            if !matches!(intent.status, IntentStatus::RequiresAction { .. }) {
+                return Err(Some(intent.status.clone()));
+            }
+            (intent.merchant.clone(), intent.amount, intent.capture)
+        };
+        if capture == CaptureStrategy::Automatic {
+            // The PSP's books first: a capture it cannot record does not happen.
+            self.book(&merchant, BookKind::Charge, reference, reference, amount.minor, amount)
+                .await
+                .map_err(|_| None)?;
+        }
         let mut intent = self.intents.get_mut(reference).ok_or(None)?;
         if !matches!(intent.status, IntentStatus::RequiresAction { .. }) {
             return Err(Some(intent.status.clone()));
@@ -285,11 +318,28 @@ impl SandboxPsp {
                     // a refund made before then is not disputed again.
                     let (intents, n, reference) = (self.intents.clone(), n.clone(), reference.to_owned());
                     let (captured, delay) = (*amount_captured, Duration::from_millis(self.config.dispute_delay_ms));
+                    let (db, merchant, money) = (self.db.clone(), intent.merchant.clone(), intent.amount);
                     actix_rt::spawn(async move {
                         actix_rt::time::sleep(delay).await;
                         let left = intents.get(&reference).map(|i| captured - i.refunded).unwrap_or(0);
                         if left > 0 {
-                            let dispute = json!({ "id": format!("du_{}", reference.trim_start_matches("pi_")),
+                            let id = format!("du_{}", reference.trim_start_matches("pi_"));
+                            // The dispute takes the funds back from the PSP balance at once.
+                            let booked = db
+                                .sandbox_book(
+                                    merchant.as_str(),
+                                    BookKind::Dispute.as_str(),
+                                    &id,
+                                    &reference,
+                                    -left,
+                                    money.currency.code(),
+                                )
+                                .await;
+                            if let Err(e) = booked {
+                                tracing::warn!(error = %e, "sandbox: dispute not booked; it opens when the database answers");
+                                return;
+                            }
+                            let dispute = json!({ "id": id,
                                                   "object": "dispute", "amount": left, "currency": currency,
                                                   "payment_intent": reference, "reason": "fraudulent",
                                                   "status": "needs_response" });
@@ -337,6 +387,30 @@ impl SandboxPsp {
             ));
         }
         Ok(behaviour)
+    }
+
+    /// Records a movement of the PSP balance in the sandbox's books (once per object: a retried
+    /// call books nothing twice). Unreachable books fail the call as the PSP being down.
+    async fn book(
+        &self,
+        merchant: &MerchantId,
+        kind: BookKind,
+        reference: &str,
+        intent: &str,
+        amount: i64,
+        money: Money,
+    ) -> Result<(), PspError> {
+        self.db
+            .sandbox_book(
+                merchant.as_str(),
+                kind.as_str(),
+                reference,
+                intent,
+                amount,
+                money.currency.code(),
+            )
+            .await
+            .map_err(|e| PspError::Unavailable(format!("sandbox books: {e}")))
     }
 
     async fn latency(&self) {
@@ -422,7 +496,19 @@ impl SandboxPsp {
             "{reference}_secret_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..16]
         );
+        if let IntentStatus::Succeeded { amount_captured } = status {
+            self.book(
+                &req.merchant_id,
+                BookKind::Charge,
+                &reference,
+                &reference,
+                amount_captured,
+                req.amount,
+            )
+            .await?;
+        }
         let intent = SandboxIntent {
+            merchant: req.merchant_id.clone(),
             behaviour,
             amount: req.amount,
             capture: req.capture,
@@ -442,6 +528,26 @@ impl SandboxPsp {
         self.latency().await;
         if let Some(Remembered::Intent(i)) = self.replay(&key) {
             return Ok(i);
+        }
+        let merchant = self
+            .intents
+            .get(&reference)
+            .map(|i| i.merchant.clone())
+            .ok_or_else(|| invalid("resource_missing", "No such payment intent.", None))?;
+        let capturable = self.intents.get(&reference).is_some_and(|i| {
+            matches!(i.status, IntentStatus::Authorized { amount: held }
+                if amount.minor <= held && amount.currency == i.amount.currency)
+        });
+        if capturable {
+            self.book(
+                &merchant,
+                BookKind::Charge,
+                &reference,
+                &reference,
+                amount.minor,
+                amount,
+            )
+            .await?;
         }
         let view = {
             let mut intent = self
@@ -505,25 +611,30 @@ impl SandboxPsp {
         if let Some(Remembered::Refund(r)) = self.replay(&key) {
             return Ok(r);
         }
+        let refund_reference = reference_for_refund(&key);
+        let merchant = {
+            let intent = self
+                .intents
+                .get(&reference)
+                .ok_or_else(|| invalid("resource_missing", "No such charge.", None))?;
+            refundable(&intent, amount)?;
+            intent.merchant.clone()
+        };
+        self.book(
+            &merchant,
+            BookKind::Refund,
+            &refund_reference,
+            &reference,
+            -amount.minor,
+            amount,
+        )
+        .await?;
         {
             let mut intent = self
                 .intents
                 .get_mut(&reference)
                 .ok_or_else(|| invalid("resource_missing", "No such charge.", None))?;
-            let IntentStatus::Succeeded { amount_captured } = intent.status else {
-                return Err(invalid(
-                    "charge_not_captured",
-                    "This charge has not been captured.",
-                    None,
-                ));
-            };
-            if intent.refunded + amount.minor > amount_captured {
-                return Err(invalid(
-                    "amount_too_large",
-                    "Refund amount is greater than what is left.",
-                    Some("amount"),
-                ));
-            }
+            refundable(&intent, amount)?;
             intent.refunded += amount.minor;
         }
         let status = if self.config.refund_delay_ms == 0 {
@@ -532,7 +643,7 @@ impl SandboxPsp {
             PspRefundStatus::Pending
         };
         let refund = PspRefund {
-            reference: reference_for_refund(&key),
+            reference: refund_reference,
             status,
         };
         self.remember(&key, Remembered::Refund(refund.clone()));
@@ -568,6 +679,25 @@ fn random_base62(n: usize) -> String {
     (0..n)
         .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
         .collect()
+}
+
+/// A refund of `amount` fits what is left of the captured charge.
+fn refundable(intent: &SandboxIntent, amount: Money) -> Result<(), PspError> {
+    let IntentStatus::Succeeded { amount_captured } = intent.status else {
+        return Err(invalid(
+            "charge_not_captured",
+            "This charge has not been captured.",
+            None,
+        ));
+    };
+    if intent.refunded + amount.minor > amount_captured {
+        return Err(invalid(
+            "amount_too_large",
+            "Refund amount is greater than what is left.",
+            Some("amount"),
+        ));
+    }
+    Ok(())
 }
 
 fn reference_for_refund(key: &AttemptId) -> String {

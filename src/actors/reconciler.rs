@@ -1,0 +1,769 @@
+//! Reconciliation runs (docs/DESIGN.md, "Reconciliation"): a PSP settlement report against
+//! payrail's payments, refunds and disputes.
+//!
+//! 1. **Stage.** The report (spooled to a file, never held in memory) is parsed line by line on
+//!    a blocking thread and COPYed into `settlement_stage` in ONE transaction: a file that
+//!    cannot be read is refused with nothing applied.
+//! 2. **Apply**, in chunks of `[reconciliation] chunk_lines`, in file order. A line whose key
+//!    an earlier run applied is skipped (a report given twice changes nothing); the rest are
+//!    matched by PSP reference, type, currency and amount. A matched capture is settled first
+//!    (through its actor if it is live; otherwise by the same state machine in a commit fenced
+//!    by the payment's version, through the ledger shards), then the chunk's lines,
+//!    exceptions, fee journal and payout journals commit together. A crash between the two
+//!    leaves the lines unapplied: the rerun settles again (a no-op) and applies them.
+//! 3. **Missing in report.** Captures and refunds made between `lookback_days` and
+//!    `window_hours` before the end of the report's day that no line ever matched.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use dashmap::DashMap;
+use futures_util::{StreamExt, TryStreamExt};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::error::PaymentError;
+use super::ledger_shard::Ledger;
+use super::payment::{Op, PaymentCall};
+use super::payment_flow::settle_commit_standalone;
+use super::registry::PaymentRegistry;
+use crate::adapters::postgres::commit::CommitError;
+use crate::adapters::postgres::reconciliation::{
+    new_id, AppliedLine, ChunkWrite, Connector, NewException, SettlementJournal, StagedLine, BANK, PSP_FEES_EXPENSE,
+};
+use crate::adapters::postgres::{Db, StoreError};
+use crate::adapters::psp::sandbox_settlement::{day_bounds, write_report, Faults, ReportError};
+use crate::config::{ReconciliationConfig, SandboxSettlementConfig};
+use crate::domain::ledger::{Entry, PSP_CLEARING};
+use crate::domain::settlement::{FileError, Format, LineKind, Parsed, ReportReader};
+use crate::domain::{Payment, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconError {
+    #[error("a run for this connector is in progress")]
+    Busy,
+    /// The report could not be read: nothing of it was applied.
+    #[error("{reason}")]
+    Refused { run_id: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("a payment could not be settled: {0}")]
+    Settle(#[from] PaymentError),
+    #[error("a payment could not be settled: {0}")]
+    Commit(CommitError),
+    #[error("the report could not be spooled: {0}")]
+    Io(String),
+    #[error(transparent)]
+    Report(#[from] ReportError),
+}
+
+/// A file removed when dropped: reports are spooled to disk, never kept.
+pub struct Spooled(pub PathBuf);
+
+impl Spooled {
+    pub fn new() -> Spooled {
+        Spooled(std::env::temp_dir().join(format!("payrail-report-{}.csv", uuid::Uuid::new_v4().simple())))
+    }
+}
+
+impl Default for Spooled {
+    fn default() -> Self {
+        Spooled::new()
+    }
+}
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// What a run reconciles.
+pub struct RunRequest {
+    pub connector: Connector,
+    pub format: Format,
+    /// `upload`, `sandbox` or `schedule`.
+    pub source: &'static str,
+    /// The report's day; without it, the day of its latest line.
+    pub date: Option<NaiveDate>,
+    pub file: Spooled,
+}
+
+pub struct Reconciler {
+    db: Db,
+    registry: Arc<PaymentRegistry>,
+    ledger: Arc<Ledger>,
+    config: ReconciliationConfig,
+    fees: SandboxSettlementConfig,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Connectors with a run under way on this node.
+    busy: DashMap<String, ()>,
+}
+
+/// Releases a connector's run slot however the run ends.
+struct Busy<'a>(&'a DashMap<String, ()>, String);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.remove(&self.1);
+    }
+}
+
+/// Reads a file and hashes what it read.
+struct Hashing<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Lines waiting between the parser's thread and the COPY.
+const STAGE_QUEUE: usize = 4096;
+
+#[derive(Debug, Default)]
+struct Totals {
+    lines: i64,
+    already: i64,
+    matched: i64,
+    exceptions: i64,
+    latest: Option<DateTime<Utc>>,
+}
+
+impl Reconciler {
+    pub fn new(
+        db: Db,
+        registry: Arc<PaymentRegistry>,
+        ledger: Arc<Ledger>,
+        config: ReconciliationConfig,
+        fees: SandboxSettlementConfig,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Reconciler {
+        Reconciler {
+            db,
+            registry,
+            ledger,
+            config,
+            fees,
+            metrics,
+            busy: DashMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &ReconciliationConfig {
+        &self.config
+    }
+
+    /// Writes the sandbox's report of `connector`'s day into a spooled file.
+    pub async fn sandbox_report(
+        &self,
+        connector: &Connector,
+        date: NaiveDate,
+        format: Format,
+        faults: Faults,
+    ) -> Result<Spooled, ReconError> {
+        let spooled = Spooled::new();
+        let file = std::fs::File::create(&spooled.0).map_err(|e| ReconError::Io(e.to_string()))?;
+        let out = std::io::BufWriter::new(file);
+        let (out, _) = write_report(
+            &self.db,
+            connector.merchant_id.as_str(),
+            date,
+            format,
+            faults,
+            &self.fees,
+            out,
+        )
+        .await?;
+        out.into_inner()
+            .map_err(|e| ReconError::Io(e.to_string()))?
+            .sync_all()
+            .map_err(|e| ReconError::Io(e.to_string()))?;
+        Ok(spooled)
+    }
+
+    /// Runs one report; returns the run object.
+    pub async fn run(&self, req: RunRequest) -> Result<Value, ReconError> {
+        if self.busy.insert(req.connector.id.clone(), ()).is_some() {
+            return Err(ReconError::Busy);
+        }
+        let _busy = Busy(&self.busy, req.connector.id.clone());
+        let run_id = new_id("rcn_");
+        self.db
+            .create_run(&run_id, &req.connector.id, req.format.as_str(), req.source, req.date)
+            .await?;
+        let result = self.run_inner(&run_id, &req).await;
+        let _ = self.db.drop_stage(&run_id).await;
+        match result {
+            Ok((sha, totals)) => {
+                self.db
+                    .finish_run(
+                        &run_id,
+                        "succeeded",
+                        Some(&sha),
+                        totals.lines,
+                        totals.already,
+                        totals.matched,
+                        totals.exceptions,
+                        None,
+                    )
+                    .await?;
+                self.metrics
+                    .reconciliation_run(&req.connector.psp, totals.matched, totals.exceptions);
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                tracing::warn!(run_id, connector = %req.connector.id, error = %reason, "reconciliation run failed");
+                self.db
+                    .finish_run(&run_id, "failed", None, 0, 0, 0, 0, Some(&reason))
+                    .await?;
+                if let ReconError::Refused { .. } = e {
+                    return Err(ReconError::Refused { run_id, reason });
+                }
+                return Err(e);
+            }
+        }
+        self.refresh_metrics().await;
+        Ok(self.db.run_object(&run_id).await?.unwrap_or(Value::Null))
+    }
+
+    /// Open exceptions by type into `/metrics`.
+    pub async fn refresh_metrics(&self) {
+        if let Ok(open) = self.db.open_exceptions_by_type().await {
+            self.metrics.reconciliation_open(&open);
+        }
+    }
+
+    async fn run_inner(&self, run_id: &str, req: &RunRequest) -> Result<(String, Totals), ReconError> {
+        let sha = self.stage(run_id, req.format, &req.file.0).await?;
+        let mut totals = Totals::default();
+        let mut after = 0;
+        let mut chunk_no = 0u32;
+        let chunk = self.config.chunk_lines.clamp(1, 100_000) as i64;
+        loop {
+            let page = self.db.staged_page(run_id, after, chunk).await?;
+            let Some(last) = page.last() else { break };
+            after = last.line_no;
+            chunk_no += 1;
+            totals.lines += page.len() as i64;
+            self.apply_chunk(run_id, &sha, chunk_no, &req.connector, &page, &mut totals)
+                .await?;
+        }
+        let date = req.date.or(totals.latest.map(|t| t.date_naive()));
+        if let Some(date) = date {
+            let (_, end) = day_bounds(date);
+            let cutoff = end - chrono::Duration::hours(self.config.window_hours as i64);
+            let from = cutoff - chrono::Duration::days(self.config.lookback_days.max(1) as i64);
+            totals.exceptions += self
+                .db
+                .raise_missing_in_report(&req.connector, run_id, from, cutoff)
+                .await?;
+        }
+        Ok((sha, totals))
+    }
+
+    /// Parses the file on a blocking thread into the stage; refuses it whole on a
+    /// structural error. Returns the file's SHA-256.
+    async fn stage(&self, run_id: &str, format: Format, path: &Path) -> Result<String, ReconError> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<StagedLine, FileError>>(STAGE_QUEUE);
+        let path = path.to_owned();
+        let parser = tokio::task::spawn_blocking(move || -> Result<String, String> {
+            let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+            let input = Hashing {
+                inner: std::io::BufReader::with_capacity(1 << 16, file),
+                hash: Sha256::new(),
+            };
+            let mut reader = match ReportReader::new(format, input) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return Ok(String::new());
+                }
+            };
+            while let Some(item) = reader.next_line() {
+                let staged = item.and_then(|p| to_staged(p, Utc::now()));
+                let refused = staged.is_err();
+                if tx.blocking_send(staged).is_err() || refused {
+                    // The stage stopped (a store error), or the file is refused.
+                    return Ok(String::new());
+                }
+            }
+            Ok(hex::encode(reader.into_inner().hash.finalize()))
+        });
+        let staged = self.db.stage_lines(run_id, &mut rx).await;
+        drop(rx);
+        let sha = parser
+            .await
+            .map_err(|e| ReconError::Io(e.to_string()))?
+            .map_err(ReconError::Io)?;
+        match staged? {
+            Ok(_) => Ok(sha),
+            Err(e) => Err(ReconError::Refused {
+                run_id: run_id.to_owned(),
+                reason: format!("the report was refused, nothing was applied: {e}"),
+            }),
+        }
+    }
+
+    async fn apply_chunk(
+        &self,
+        run_id: &str,
+        sha: &str,
+        chunk_no: u32,
+        connector: &Connector,
+        page: &[StagedLine],
+        totals: &mut Totals,
+    ) -> Result<(), ReconError> {
+        for _ in 0..3 {
+            let (write, settle, already) = self.classify(run_id, sha, chunk_no, connector, page).await?;
+            self.settle(connector, settle).await?;
+            if let Some(counts) = self.db.apply_chunk(connector, run_id, &write).await? {
+                totals.already += already;
+                totals.exceptions += counts.exceptions;
+                let matched = write.lines.iter().filter(|l| l.matched).count() as i64;
+                totals.matched += matched;
+                for l in &write.lines {
+                    totals.latest = totals.latest.max(Some(l.staged.created));
+                }
+                return Ok(());
+            }
+        }
+        Err(ReconError::Io(
+            "another run kept applying the same lines; try again".into(),
+        ))
+    }
+
+    /// Decides every line of a chunk: skipped, matched, or an exception.
+    async fn classify(
+        &self,
+        run_id: &str,
+        sha: &str,
+        chunk_no: u32,
+        connector: &Connector,
+        page: &[StagedLine],
+    ) -> Result<(ChunkWrite, Vec<Payment>, i64), ReconError> {
+        let keys: Vec<String> = page.iter().map(|l| l.key.clone()).collect();
+        let applied = self.db.applied_lines(&connector.id, &keys).await?;
+        let mut w = ChunkWrite::default();
+        let mut already = 0;
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut fresh: Vec<(&StagedLine, LineKind)> = Vec::new();
+        for l in page {
+            if let Some(reason) = &l.malformed {
+                w.exceptions.push(exception(
+                    "malformed_line",
+                    format!("{sha}:{}", l.line_no),
+                    l,
+                    format!("line {}: {reason}", l.line_no),
+                ));
+                continue;
+            }
+            match applied.get(&l.key) {
+                Some(r) if r != run_id => {
+                    already += 1;
+                    continue;
+                }
+                Some(_) => {}
+                None if seen.insert(l.key.as_str()) => {
+                    fresh.push((l, LineKind::parse(&l.kind).unwrap_or(LineKind::Other)));
+                    continue;
+                }
+                None => {}
+            }
+            w.exceptions.push(exception(
+                "duplicate_in_report",
+                format!("{}:{}", l.key, l.line_no),
+                l,
+                format!("line {}: {} appears more than once in the report", l.line_no, l.key),
+            ));
+        }
+        let refs = |kinds: &[LineKind]| -> Vec<String> {
+            fresh
+                .iter()
+                .filter(|(_, k)| kinds.contains(k))
+                .map(|(l, _)| l.reference.clone())
+                .collect()
+        };
+        let payments = self
+            .db
+            .payments_by_references(&connector.merchant_id, &connector.psp, &refs(&[LineKind::Charge]))
+            .await?;
+        let refunds = self
+            .db
+            .refunds_by_references(&connector.merchant_id, &refs(&[LineKind::Refund]))
+            .await?;
+        let disputes = self
+            .db
+            .disputes_by_references(
+                &connector.merchant_id,
+                &refs(&[LineKind::Dispute, LineKind::DisputeReversal]),
+            )
+            .await?;
+        let payment_ids: Vec<String> = payments.values().map(|p| p.id.to_string()).collect();
+        let refund_ids: Vec<String> = refunds.values().map(|r| r.id.clone()).collect();
+        let (mut matched_payments, mut matched_refunds) = self
+            .db
+            .already_matched(&connector.id, &payment_ids, &refund_ids)
+            .await?;
+        let mut settle = Vec::new();
+        let mut fees: BTreeMap<String, i64> = BTreeMap::new();
+        for (l, kind) in fresh {
+            let mut applied = AppliedLine {
+                staged: l.clone(),
+                kind,
+                payment_id: None,
+                refund_id: None,
+                matched: false,
+                journal_id: None,
+            };
+            let problem: Option<(&'static str, String, Option<i64>)> = match kind {
+                LineKind::Charge => match payments.get(&l.reference) {
+                    None => Some(("missing_in_payrail", "no payment has this reference".into(), None)),
+                    Some(p) => {
+                        applied.payment_id = Some(p.id.to_string());
+                        let captured = p.state.captured;
+                        if !p.currency.code().eq_ignore_ascii_case(&l.currency) {
+                            Some((
+                                "currency_mismatch",
+                                format!("the payment is in {}", p.currency.code()),
+                                None,
+                            ))
+                        } else if captured == 0
+                            || matches!(
+                                p.status(),
+                                Status::Pending
+                                    | Status::RequiresAction
+                                    | Status::Authorized
+                                    | Status::InReview
+                                    | Status::Failed
+                                    | Status::Canceled
+                            )
+                        {
+                            Some((
+                                "status_mismatch",
+                                format!("the report has a charge; the payment is {}", p.status().as_str()),
+                                Some(captured),
+                            ))
+                        } else if l.amount != captured {
+                            Some((
+                                "amount_mismatch",
+                                format!("payrail captured {captured}"),
+                                Some(captured),
+                            ))
+                        } else if !matched_payments.insert(p.id.to_string()) {
+                            Some((
+                                "duplicate_in_report",
+                                "another line already settled this capture".into(),
+                                Some(captured),
+                            ))
+                        } else {
+                            if !p.state.settled {
+                                settle.push(p.clone());
+                            }
+                            w.matched_payments.push(p.id.to_string());
+                            None
+                        }
+                    }
+                },
+                LineKind::Refund => match refunds.get(&l.reference) {
+                    None => Some(("missing_in_payrail", "no refund has this reference".into(), None)),
+                    Some(r) => {
+                        applied.payment_id = Some(r.payment_id.clone());
+                        applied.refund_id = Some(r.id.clone());
+                        if !r.currency.eq_ignore_ascii_case(&l.currency) {
+                            Some(("currency_mismatch", format!("the refund is in {}", r.currency), None))
+                        } else if r.status != "succeeded" {
+                            Some((
+                                "status_mismatch",
+                                format!("the report has a refund; payrail's is {}", r.status),
+                                Some(-r.amount),
+                            ))
+                        } else if l.amount != -r.amount {
+                            Some((
+                                "amount_mismatch",
+                                format!("payrail refunded {}", r.amount),
+                                Some(-r.amount),
+                            ))
+                        } else if !matched_refunds.insert(r.id.clone()) {
+                            Some((
+                                "duplicate_in_report",
+                                "another line already matched this refund".into(),
+                                Some(-r.amount),
+                            ))
+                        } else {
+                            w.matched_refunds.push(r.id.clone());
+                            None
+                        }
+                    }
+                },
+                LineKind::Dispute | LineKind::DisputeReversal => match disputes.get(&l.reference) {
+                    None => Some(("missing_in_payrail", "no dispute has this reference".into(), None)),
+                    Some(d) => {
+                        applied.payment_id = Some(d.payment_id.clone());
+                        let expected = if kind == LineKind::Dispute { -d.amount } else { d.amount };
+                        if !d.currency.eq_ignore_ascii_case(&l.currency) {
+                            Some(("currency_mismatch", format!("the dispute is in {}", d.currency), None))
+                        } else if kind == LineKind::DisputeReversal && d.status != "won" {
+                            Some((
+                                "status_mismatch",
+                                format!("the report reverses a dispute payrail has as {}", d.status),
+                                Some(expected),
+                            ))
+                        } else if l.amount != expected {
+                            Some((
+                                "amount_mismatch",
+                                format!("payrail's dispute is {}", d.amount),
+                                Some(expected),
+                            ))
+                        } else {
+                            None
+                        }
+                    }
+                },
+                LineKind::Payout => {
+                    // The PSP paid its balance out to the bank (a negative line), or a payout
+                    // came back (positive).
+                    let amount = l.amount.checked_abs().unwrap_or(0);
+                    if amount > 0 {
+                        let (bank, clearing) = if l.amount < 0 {
+                            (Entry::debit(BANK, amount), Entry::credit(PSP_CLEARING, amount))
+                        } else {
+                            (Entry::credit(BANK, amount), Entry::debit(PSP_CLEARING, amount))
+                        };
+                        let id = new_id("jr_");
+                        applied.journal_id = Some(id.clone());
+                        w.payout_journals.push(SettlementJournal {
+                            id,
+                            kind: "psp_payout",
+                            correlation_id: format!("{}:{}", connector.id, l.key),
+                            currency: l.currency.clone(),
+                            entries: vec![bank, clearing],
+                        });
+                    }
+                    None
+                }
+                LineKind::Other => Some((
+                    "unsupported_line",
+                    "payrail does not reconcile this type of line".into(),
+                    None,
+                )),
+            };
+            match problem {
+                None => {
+                    applied.matched = true;
+                    if kind != LineKind::Payout {
+                        *fees.entry(l.currency.clone()).or_default() += l.fee;
+                    }
+                }
+                Some((kind, detail, expected)) => {
+                    let mut e = exception(kind, l.key.clone(), l, format!("line {}: {detail}", l.line_no));
+                    e.payment_id = applied.payment_id.clone();
+                    e.refund_id = applied.refund_id.clone();
+                    e.expected = expected;
+                    w.exceptions.push(e);
+                }
+            }
+            w.lines.push(applied);
+        }
+        // A line given twice names what its first copy matched.
+        for e in w.exceptions.iter_mut().filter(|e| e.payment_id.is_none()) {
+            if let Some(first) = w.lines.iter().find(|l| Some(&l.staged.key) == e.line_key.as_ref()) {
+                e.payment_id = first.payment_id.clone();
+                e.refund_id = first.refund_id.clone();
+            }
+        }
+        for (currency, fee) in fees.into_iter().filter(|(_, f)| *f != 0) {
+            let amount = fee.checked_abs().unwrap_or(0);
+            let entries = if fee > 0 {
+                vec![
+                    Entry::debit(PSP_FEES_EXPENSE, amount),
+                    Entry::credit(PSP_CLEARING, amount),
+                ]
+            } else {
+                vec![
+                    Entry::debit(PSP_CLEARING, amount),
+                    Entry::credit(PSP_FEES_EXPENSE, amount),
+                ]
+            };
+            w.fee_journals.push(SettlementJournal {
+                id: new_id("jr_"),
+                kind: "psp_fee",
+                correlation_id: format!("{run_id}:{chunk_no}:{currency}"),
+                currency,
+                entries,
+            });
+        }
+        Ok((w, settle, already))
+    }
+
+    /// Settles matched captures before their lines are recorded.
+    async fn settle(&self, connector: &Connector, payments: Vec<Payment>) -> Result<(), ReconError> {
+        let now = Utc::now();
+        let merchant = &connector.merchant_id;
+        futures_util::stream::iter(payments.into_iter().map(|p| async move {
+            if self.registry.live_mailbox(&p.id).is_none() {
+                let Some(commit) = settle_commit_standalone(&p, now) else {
+                    return Ok(());
+                };
+                let moved = commit.transition.as_ref().map(|t| (t.from, t.to));
+                match self.ledger.commit(commit).await {
+                    Ok(()) => {
+                        if let Some((Some(from), to)) = moved {
+                            self.metrics.transition(from.as_str(), to.as_str());
+                        }
+                        return Ok(());
+                    }
+                    // Its actor woke up and wrote first: ask it.
+                    Err(CommitError::Stale) => {}
+                    Err(e) => return Err(ReconError::Commit(e)),
+                }
+            }
+            self.registry
+                .call(&p.id, PaymentCall::new(merchant.clone(), Op::Settle, None))
+                .await
+                .map(|_| ())
+                .map_err(ReconError::Settle)
+        }))
+        .buffer_unordered(self.config.settle_concurrency.clamp(1, 4096))
+        .try_collect::<()>()
+        .await
+    }
+}
+
+fn exception(kind: &'static str, dedupe_key: String, l: &StagedLine, detail: String) -> NewException {
+    NewException {
+        kind,
+        dedupe_key,
+        line_no: Some(l.line_no),
+        line_key: (!l.key.starts_with("line:")).then(|| l.key.clone()),
+        reference: (!l.reference.is_empty()).then(|| l.reference.clone()),
+        payment_id: None,
+        refund_id: None,
+        expected: None,
+        reported: l.malformed.is_none().then_some(l.amount),
+        currency: (l.currency.len() == 3).then(|| l.currency.to_ascii_uppercase()),
+        detail,
+    }
+}
+
+fn to_staged(p: Parsed, now: DateTime<Utc>) -> Result<StagedLine, FileError> {
+    let line_no = |n: u64| {
+        i32::try_from(n).map_err(|_| FileError::Structure {
+            line: n,
+            reason: "more lines than a report may have".into(),
+        })
+    };
+    Ok(match p {
+        Parsed::Line(l) => StagedLine {
+            line_no: line_no(l.line_no)?,
+            key: l.key,
+            kind: l.kind.as_str().to_owned(),
+            reference: l.reference,
+            intent: l.intent,
+            amount: l.amount,
+            fee: l.fee,
+            currency: l.currency.code().to_owned(),
+            created: l.created,
+            malformed: None,
+        },
+        Parsed::Malformed {
+            line_no: n,
+            key,
+            reason,
+        } => StagedLine {
+            line_no: line_no(n)?,
+            key: key.unwrap_or_else(|| format!("line:{n}")),
+            kind: LineKind::Other.as_str().to_owned(),
+            reference: String::new(),
+            intent: None,
+            amount: 0,
+            fee: 0,
+            currency: String::new(),
+            created: now,
+            malformed: Some(reason),
+        },
+    })
+}
+
+/// The scheduled daily run: at `[reconciliation] daily_at_utc`, every enabled sandbox
+/// connector's report of the day before. Other PSPs' reports are uploaded (`payrail
+/// reconcile`) until their connectors can fetch them.
+pub async fn daily(reconciler: Arc<Reconciler>, shutdown: crate::shutdown::Shutdown) {
+    let Some((h, m)) = parse_hhmm(&reconciler.config.daily_at_utc) else {
+        return;
+    };
+    loop {
+        let now = Utc::now();
+        let today = now.date_naive().and_hms_opt(h, m, 0).unwrap_or_default().and_utc();
+        let next = if today > now {
+            today
+        } else {
+            today + chrono::Duration::days(1)
+        };
+        let wait = (next - now).to_std().unwrap_or_default();
+        if shutdown.sleep(wait).await {
+            return;
+        }
+        let _running = shutdown.enter();
+        let date = next.date_naive() - chrono::Duration::days(1);
+        let connectors = match reconciler.db.sandbox_connectors().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduled reconciliation: connectors unavailable");
+                continue;
+            }
+        };
+        for connector in connectors {
+            let result = async {
+                let file = reconciler
+                    .sandbox_report(&connector, date, Format::Stripe, Faults::default())
+                    .await?;
+                reconciler
+                    .run(RunRequest {
+                        connector: connector.clone(),
+                        format: Format::Stripe,
+                        source: "schedule",
+                        date: Some(date),
+                        file,
+                    })
+                    .await
+            }
+            .await;
+            match result {
+                Ok(run) => {
+                    tracing::info!(connector = %connector.id, %date, run = %run["id"], "scheduled reconciliation done")
+                }
+                Err(e) => {
+                    tracing::warn!(connector = %connector.id, %date, error = %e, "scheduled reconciliation failed")
+                }
+            }
+        }
+    }
+}
+
+fn parse_hhmm(s: &str) -> Option<(u32, u32)> {
+    let (h, m) = s.trim().split_once(':')?;
+    let (h, m) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60).then_some((h, m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_times_parse() {
+        assert_eq!(parse_hhmm("02:30"), Some((2, 30)));
+        assert_eq!(parse_hhmm(""), None);
+        assert_eq!(parse_hhmm("24:00"), None);
+        assert_eq!(parse_hhmm("2:61"), None);
+    }
+}

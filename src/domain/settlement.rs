@@ -1,0 +1,884 @@
+//! PSP settlement reports: Stripe's balance-transactions export and Adyen's Settlement
+//! Details Report, read as a stream of lines (memory bounded whatever the file's size), and
+//! written back in the same formats by the sandbox. Pure: no I/O beyond the reader given.
+//!
+//! Amounts in both reports are decimal major units ("12.34"); they are read exactly into
+//! minor units with the currency's exponent, never through a float. Every line becomes a
+//! [`Line`] in the PSP balance's sense: `amount` is signed (a refund is negative), `fee` is
+//! what the PSP kept (positive), `amount - fee` is what reached the PSP balance.
+//!
+//! Two kinds of failure: a file the reader cannot follow (no header, a column missing, broken
+//! quoting, not UTF-8) is refused whole ([`FileError`]); a line whose fields do not read (an
+//! amount, a date, a currency) is [`Parsed::Malformed`] with its line number, and the rest
+//! of the file goes on.
+
+use std::io::Read;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
+
+use super::money::Currency;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Stripe,
+    Adyen,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "stripe" => Some(Format::Stripe),
+            "adyen" => Some(Format::Adyen),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Stripe => "stripe",
+            Format::Adyen => "adyen",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineKind {
+    Charge,
+    Refund,
+    Dispute,
+    DisputeReversal,
+    Payout,
+    /// A type payrail does not reconcile (a PSP's own fee line, a top-up…).
+    Other,
+}
+
+impl LineKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LineKind::Charge => "charge",
+            LineKind::Refund => "refund",
+            LineKind::Dispute => "dispute",
+            LineKind::DisputeReversal => "dispute_reversal",
+            LineKind::Payout => "payout",
+            LineKind::Other => "other",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<LineKind> {
+        [
+            LineKind::Charge,
+            LineKind::Refund,
+            LineKind::Dispute,
+            LineKind::DisputeReversal,
+            LineKind::Payout,
+            LineKind::Other,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
+/// One report line, in the PSP balance's sense.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// 1-based line of the file where the record starts.
+    pub line_no: u64,
+    /// The PSP's natural key of the line: Stripe's `txn_…`; Adyen's batch, reference, type
+    /// and modification reference.
+    pub key: String,
+    pub kind: LineKind,
+    /// The object the line is about: the intent of a charge (`pi_…`), a refund (`re_…`), a
+    /// dispute, a payout.
+    pub reference: String,
+    /// The intent the object belongs to, when the report says (Adyen's `Psp Reference`).
+    pub intent: Option<String>,
+    pub amount: i64,
+    pub fee: i64,
+    pub currency: Currency,
+    pub created: DateTime<Utc>,
+    /// The report's own type, as written (for an operator).
+    pub raw_type: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed {
+    Line(Line),
+    /// A line whose fields do not read; its key when the key itself did.
+    Malformed {
+        line_no: u64,
+        key: Option<String>,
+        reason: String,
+    },
+}
+
+/// Why a whole file is refused (nothing of it is applied).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FileError {
+    #[error("the report is empty")]
+    Empty,
+    #[error("the report has no {0:?} column (is it a {1} report?)")]
+    MissingColumn(&'static str, &'static str),
+    #[error("line {line}: {reason}")]
+    Structure { line: u64, reason: String },
+}
+
+/// What a reconciliation exception can be (docs/API.md, "Reconciliation").
+pub const EXCEPTION_TYPES: [&str; 8] = [
+    "amount_mismatch",
+    "missing_in_payrail",
+    "missing_in_report",
+    "duplicate_in_report",
+    "currency_mismatch",
+    "status_mismatch",
+    "malformed_line",
+    "unsupported_line",
+];
+
+/// The most characters one field may have: a report is data, not prose.
+const MAX_FIELD: usize = 512;
+
+/// Reads `s` ("-12.34", "1200", "0.5") as minor units of a currency with `exponent` digits
+/// after the point. More digits than the currency has, a sign in the middle, an exponent or
+/// a value past ±10¹⁵ are refused. Exact: no float is ever involved.
+pub fn parse_amount(s: &str, exponent: u8) -> Option<i64> {
+    let s = s.trim();
+    let (negative, digits) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let (whole, fraction) = match digits.split_once('.') {
+        Some((w, f)) => (w, f),
+        None => (digits, ""),
+    };
+    if whole.is_empty() && fraction.is_empty()
+        || whole.len() > 15
+        || fraction.len() > usize::from(exponent)
+        || !whole.bytes().all(|b| b.is_ascii_digit())
+        || !fraction.bytes().all(|b| b.is_ascii_digit())
+        || (digits.contains('.') && fraction.is_empty())
+    {
+        return None;
+    }
+    let mut minor: i64 = 0;
+    for b in whole.bytes().chain(fraction.bytes()) {
+        minor = minor.checked_mul(10)?.checked_add(i64::from(b - b'0'))?;
+    }
+    for _ in fraction.len()..usize::from(exponent) {
+        minor = minor.checked_mul(10)?;
+    }
+    if minor > 1_000_000_000_000_000 {
+        return None;
+    }
+    Some(if negative { -minor } else { minor })
+}
+
+/// Minor units as the reports write them: "-12.34", "1200" (JPY).
+pub fn format_amount(minor: i64, exponent: u8) -> String {
+    let sign = if minor < 0 { "-" } else { "" };
+    let abs = minor.unsigned_abs();
+    if exponent == 0 {
+        return format!("{sign}{abs}");
+    }
+    let scale = 10u64.pow(u32::from(exponent));
+    format!(
+        "{sign}{}.{:0width$}",
+        abs / scale,
+        abs % scale,
+        width = usize::from(exponent)
+    )
+}
+
+/// "2026-11-27 10:00:00" (both reports, UTC), RFC 3339, or Unix seconds.
+pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    let s = s.trim();
+    if let Ok(t) = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S") {
+        return Some(Utc.from_utc_datetime(&t));
+    }
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Some(Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0)?));
+    }
+    if !s.is_empty() && s.len() <= 12 && s.bytes().all(|b| b.is_ascii_digit()) {
+        return Utc.timestamp_opt(s.parse().ok()?, 0).single();
+    }
+    None
+}
+
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+/// The columns of one format, found by name in the header (order does not matter, extra
+/// columns are ignored).
+enum Columns {
+    Stripe {
+        id: usize,
+        kind: usize,
+        source: usize,
+        amount: usize,
+        fee: usize,
+        net: usize,
+        currency: usize,
+        created: usize,
+        category: Option<usize>,
+    },
+    Adyen {
+        psp_reference: usize,
+        kind: usize,
+        modification: Option<usize>,
+        gross_currency: usize,
+        gross_debit: usize,
+        gross_credit: usize,
+        net_currency: usize,
+        net_debit: usize,
+        net_credit: usize,
+        created: usize,
+        batch: usize,
+    },
+}
+
+pub const STRIPE_HEADER: [&str; 10] = [
+    "id",
+    "type",
+    "source",
+    "amount",
+    "fee",
+    "net",
+    "currency",
+    "created",
+    "available_on",
+    "reporting_category",
+];
+
+pub const ADYEN_HEADER: [&str; 23] = [
+    "Company Account",
+    "Merchant Account",
+    "Psp Reference",
+    "Merchant Reference",
+    "Payment Method",
+    "Creation Date",
+    "TimeZone",
+    "Type",
+    "Modification Reference",
+    "Gross Currency",
+    "Gross Debit (GC)",
+    "Gross Credit (GC)",
+    "Exchange Rate",
+    "Net Currency",
+    "Net Debit (NC)",
+    "Net Credit (NC)",
+    "Commission (NC)",
+    "Markup (NC)",
+    "Scheme Fees (NC)",
+    "Interchange (NC)",
+    "Payment Method Variant",
+    "Modification Merchant Reference",
+    "Batch Number",
+];
+
+impl Columns {
+    fn find(format: Format, header: &csv::StringRecord) -> Result<Columns, FileError> {
+        let name = format.as_str();
+        let at = |col: &'static str| {
+            header
+                .iter()
+                .position(|h| h.trim().eq_ignore_ascii_case(col))
+                .ok_or(FileError::MissingColumn(col, name))
+        };
+        let maybe = |col: &'static str| header.iter().position(|h| h.trim().eq_ignore_ascii_case(col));
+        Ok(match format {
+            Format::Stripe => Columns::Stripe {
+                id: at("id")?,
+                kind: at("type")?,
+                source: at("source")?,
+                amount: at("amount")?,
+                fee: at("fee")?,
+                net: at("net")?,
+                currency: at("currency")?,
+                created: at("created")?,
+                category: maybe("reporting_category"),
+            },
+            Format::Adyen => Columns::Adyen {
+                psp_reference: at("Psp Reference")?,
+                kind: at("Type")?,
+                modification: maybe("Modification Reference"),
+                gross_currency: at("Gross Currency")?,
+                gross_debit: at("Gross Debit (GC)")?,
+                gross_credit: at("Gross Credit (GC)")?,
+                net_currency: at("Net Currency")?,
+                net_debit: at("Net Debit (NC)")?,
+                net_credit: at("Net Credit (NC)")?,
+                created: at("Creation Date")?,
+                batch: at("Batch Number")?,
+            },
+        })
+    }
+}
+
+/// Reads a report one line at a time.
+pub struct ReportReader<R: Read> {
+    reader: csv::Reader<R>,
+    columns: Columns,
+    record: csv::StringRecord,
+}
+
+impl<R: Read> ReportReader<R> {
+    pub fn new(format: Format, input: R) -> Result<ReportReader<R>, FileError> {
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .flexible(false)
+            .trim(csv::Trim::All)
+            .from_reader(input);
+        let header = reader.headers().map_err(structure)?.clone();
+        if header.is_empty() || header.iter().all(str::is_empty) {
+            return Err(FileError::Empty);
+        }
+        let columns = Columns::find(format, &header)?;
+        Ok(ReportReader {
+            reader,
+            columns,
+            record: csv::StringRecord::new(),
+        })
+    }
+
+    /// What the lines were read from.
+    pub fn into_inner(self) -> R {
+        self.reader.into_inner()
+    }
+
+    /// The next line; `None` at the end; an error refuses the whole file.
+    pub fn next_line(&mut self) -> Option<Result<Parsed, FileError>> {
+        match self.reader.read_record(&mut self.record) {
+            Ok(false) => None,
+            Ok(true) => {
+                let line_no = self.record.position().map(|p| p.line()).unwrap_or(0);
+                Some(Ok(self.interpret(line_no)))
+            }
+            Err(e) => Some(Err(structure(e))),
+        }
+    }
+
+    fn interpret(&self, line_no: u64) -> Parsed {
+        let r = &self.record;
+        if let Some(long) = r.iter().find(|f| f.len() > MAX_FIELD) {
+            return Parsed::Malformed {
+                line_no,
+                key: None,
+                reason: format!("a field of {} characters (at most {MAX_FIELD})", long.len()),
+            };
+        }
+        let field = |i: usize| r.get(i).unwrap_or("");
+        let result = match &self.columns {
+            Columns::Stripe {
+                id,
+                kind,
+                source,
+                amount,
+                fee,
+                net,
+                currency,
+                created,
+                category,
+            } => {
+                let key = field(*id);
+                if key.is_empty() {
+                    return malformed(line_no, None, "id is empty");
+                }
+                stripe_line(
+                    line_no,
+                    key,
+                    field(*kind),
+                    category.map(field).unwrap_or(""),
+                    field(*source),
+                    [field(*amount), field(*fee), field(*net)],
+                    field(*currency),
+                    field(*created),
+                )
+                .map_err(|reason| (Some(key.to_owned()), reason))
+            }
+            Columns::Adyen {
+                psp_reference,
+                kind,
+                modification,
+                gross_currency,
+                gross_debit,
+                gross_credit,
+                net_currency,
+                net_debit,
+                net_credit,
+                created,
+                batch,
+            } => {
+                let modification = modification.map(field).unwrap_or("");
+                let key = format!(
+                    "{}:{}:{}:{}",
+                    field(*batch),
+                    field(*psp_reference),
+                    field(*kind),
+                    modification
+                );
+                adyen_line(
+                    line_no,
+                    &key,
+                    field(*kind),
+                    field(*psp_reference),
+                    modification,
+                    (field(*gross_currency), field(*gross_debit), field(*gross_credit)),
+                    (field(*net_currency), field(*net_debit), field(*net_credit)),
+                    field(*created),
+                )
+                .map_err(|reason| (Some(key), reason))
+            }
+        };
+        match result {
+            Ok(line) => Parsed::Line(line),
+            Err((key, reason)) => Parsed::Malformed { line_no, key, reason },
+        }
+    }
+}
+
+fn malformed(line_no: u64, key: Option<String>, reason: &str) -> Parsed {
+    Parsed::Malformed {
+        line_no,
+        key,
+        reason: reason.to_owned(),
+    }
+}
+
+fn structure(e: csv::Error) -> FileError {
+    let line = e.position().map(|p| p.line()).unwrap_or(0);
+    let reason = match e.kind() {
+        csv::ErrorKind::Utf8 { .. } => "not UTF-8".to_owned(),
+        csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
+            format!("{len} fields where the header has {expected_len}")
+        }
+        csv::ErrorKind::Io(e) => format!("could not be read: {e}"),
+        _ => "not CSV".to_owned(),
+    };
+    FileError::Structure { line, reason }
+}
+
+fn currency_of(code: &str) -> Result<Currency, String> {
+    Currency::parse(&code.to_ascii_uppercase()).ok_or_else(|| format!("unknown currency {code:?}"))
+}
+
+fn amount_of(what: &str, s: &str, c: Currency) -> Result<i64, String> {
+    if s.is_empty() {
+        return Ok(0);
+    }
+    parse_amount(s, c.exponent()).ok_or_else(|| format!("{what} {s:?} is not an amount in {}", c.code()))
+}
+
+fn reference_of(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 128 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!("reference {s:?} is not a PSP reference"));
+    }
+    Ok(s.to_owned())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stripe_line(
+    line_no: u64,
+    key: &str,
+    kind: &str,
+    category: &str,
+    source: &str,
+    [amount, fee, net]: [&str; 3],
+    currency: &str,
+    created: &str,
+) -> Result<Line, String> {
+    let currency = currency_of(currency)?;
+    let amount = amount_of("amount", amount, currency)?;
+    let fee = amount_of("fee", fee, currency)?;
+    let net = amount_of("net", net, currency)?;
+    if amount.checked_sub(fee) != Some(net) {
+        return Err(format!("amount − fee ≠ net ({amount} − {fee} ≠ {net} minor units)"));
+    }
+    let created = parse_time(created).ok_or_else(|| format!("created {created:?} is not a time"))?;
+    let line_kind = match (kind, category) {
+        ("charge" | "payment", _) => LineKind::Charge,
+        ("refund" | "payment_refund", _) => LineKind::Refund,
+        ("adjustment", "dispute") | ("dispute", _) => LineKind::Dispute,
+        ("adjustment", "dispute_reversal") => LineKind::DisputeReversal,
+        ("payout", _) => LineKind::Payout,
+        ("", _) => return Err("type is empty".into()),
+        _ => LineKind::Other,
+    };
+    Ok(Line {
+        line_no,
+        key: key.to_owned(),
+        kind: line_kind,
+        reference: reference_of(source)?,
+        intent: None,
+        amount,
+        fee,
+        currency,
+        created,
+        raw_type: kind.to_owned(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn adyen_line(
+    line_no: u64,
+    key: &str,
+    kind: &str,
+    psp_reference: &str,
+    modification: &str,
+    (gross_currency, gross_debit, gross_credit): (&str, &str, &str),
+    (net_currency, net_debit, net_credit): (&str, &str, &str),
+    created: &str,
+) -> Result<Line, String> {
+    let line_kind = match kind {
+        "Settled" | "SettledBulk" => LineKind::Charge,
+        "Refunded" | "RefundedBulk" => LineKind::Refund,
+        "Chargeback" => LineKind::Dispute,
+        "ChargebackReversed" => LineKind::DisputeReversal,
+        "MerchantPayout" => LineKind::Payout,
+        "" => return Err("Type is empty".into()),
+        _ => LineKind::Other,
+    };
+    // A payout moves only the net; every other line has its gross.
+    let currency = if gross_currency.is_empty() && line_kind == LineKind::Payout {
+        currency_of(net_currency)?
+    } else {
+        currency_of(gross_currency)?
+    };
+    if !net_currency.is_empty() && currency_of(net_currency)? != currency {
+        return Err(format!(
+            "gross in {gross_currency}, net in {net_currency}: converted lines are not reconciled"
+        ));
+    }
+    let credit = |d: &str, c: &str| -> Result<i64, String> {
+        let debit = amount_of("debit", d, currency)?;
+        let credit = amount_of("credit", c, currency)?;
+        if debit < 0 || credit < 0 {
+            return Err("a debit or credit is negative".into());
+        }
+        Ok(credit - debit)
+    };
+    let net = credit(net_debit, net_credit)?;
+    let amount = if line_kind == LineKind::Payout && gross_debit.is_empty() && gross_credit.is_empty() {
+        net
+    } else {
+        credit(gross_debit, gross_credit)?
+    };
+    let created = parse_time(created).ok_or_else(|| format!("Creation Date {created:?} is not a time"))?;
+    let (reference, intent) = match line_kind {
+        LineKind::Refund | LineKind::Dispute | LineKind::DisputeReversal if !modification.is_empty() => {
+            (reference_of(modification)?, Some(reference_of(psp_reference)?))
+        }
+        _ => (reference_of(psp_reference)?, None),
+    };
+    Ok(Line {
+        line_no,
+        key: key.to_owned(),
+        kind: line_kind,
+        reference,
+        intent,
+        amount,
+        fee: amount - net,
+        currency,
+        created,
+        raw_type: kind.to_owned(),
+    })
+}
+
+/// Writes lines in one of the two formats (the sandbox's reports, tests, the benchmark).
+pub struct ReportWriter<W: std::io::Write> {
+    format: Format,
+    writer: csv::Writer<W>,
+}
+
+impl<W: std::io::Write> ReportWriter<W> {
+    pub fn new(format: Format, out: W) -> Result<ReportWriter<W>, csv::Error> {
+        let mut writer = csv::WriterBuilder::new().from_writer(out);
+        match format {
+            Format::Stripe => writer.write_record(STRIPE_HEADER)?,
+            Format::Adyen => writer.write_record(ADYEN_HEADER)?,
+        }
+        Ok(ReportWriter { format, writer })
+    }
+
+    /// `merchant_reference` is the merchant's own reference (Adyen's column); `batch` the
+    /// settlement batch.
+    pub fn write(&mut self, line: &Line, merchant_reference: &str, batch: u32) -> Result<(), csv::Error> {
+        let e = line.currency.exponent();
+        let amt = |m: i64| format_amount(m, e);
+        let created = format_time(line.created);
+        match self.format {
+            Format::Stripe => {
+                let (kind, category) = match line.kind {
+                    LineKind::Charge => ("charge", "charge"),
+                    LineKind::Refund => ("refund", "refund"),
+                    LineKind::Dispute => ("adjustment", "dispute"),
+                    LineKind::DisputeReversal => ("adjustment", "dispute_reversal"),
+                    LineKind::Payout => ("payout", "payout"),
+                    LineKind::Other => (line.raw_type.as_str(), "other_adjustment"),
+                };
+                let available = (line.created + chrono::Duration::days(2))
+                    .format("%Y-%m-%d")
+                    .to_string();
+                self.writer.write_record([
+                    line.key.as_str(),
+                    kind,
+                    line.reference.as_str(),
+                    &amt(line.amount),
+                    &amt(line.fee),
+                    &amt(line.amount - line.fee),
+                    &line.currency.code().to_ascii_lowercase(),
+                    &created,
+                    &available,
+                    category,
+                ])
+            }
+            Format::Adyen => {
+                let kind = match line.kind {
+                    LineKind::Charge => "Settled",
+                    LineKind::Refund => "Refunded",
+                    LineKind::Dispute => "Chargeback",
+                    LineKind::DisputeReversal => "ChargebackReversed",
+                    LineKind::Payout => "MerchantPayout",
+                    LineKind::Other => line.raw_type.as_str(),
+                };
+                let split = |m: i64| {
+                    if m < 0 {
+                        (amt(-m), String::new())
+                    } else {
+                        (String::new(), amt(m))
+                    }
+                };
+                let (gd, gc) = split(line.amount);
+                let (nd, nc) = split(line.amount - line.fee);
+                let (psp_reference, modification) = match &line.intent {
+                    Some(intent) => (intent.as_str(), line.reference.as_str()),
+                    None => (line.reference.as_str(), ""),
+                };
+                let code = line.currency.code();
+                let batch = batch.to_string();
+                let (gross_currency, gd, gc) = if line.kind == LineKind::Payout {
+                    ("", String::new(), String::new())
+                } else {
+                    (code, gd, gc)
+                };
+                self.writer.write_record([
+                    "PayrailSandbox",
+                    "PayrailSandboxMerchant",
+                    psp_reference,
+                    merchant_reference,
+                    "visa",
+                    &created,
+                    "UTC",
+                    kind,
+                    modification,
+                    gross_currency,
+                    &gd,
+                    &gc,
+                    "1",
+                    code,
+                    &nd,
+                    &nc,
+                    &amt(line.fee.max(0)),
+                    "",
+                    "",
+                    "",
+                    "visa",
+                    "",
+                    &batch,
+                ])
+            }
+        }
+    }
+
+    pub fn finish(mut self) -> Result<W, std::io::Error> {
+        self.writer.flush()?;
+        self.writer.into_inner().map_err(|e| e.into_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn usd() -> Currency {
+        Currency::parse("USD").unwrap()
+    }
+
+    #[test]
+    fn amounts_read_exactly() {
+        assert_eq!(parse_amount("12.34", 2), Some(1234));
+        assert_eq!(parse_amount("-0.05", 2), Some(-5));
+        assert_eq!(parse_amount("7", 2), Some(700));
+        assert_eq!(parse_amount("7.5", 2), Some(750));
+        assert_eq!(parse_amount("1200", 0), Some(1200));
+        assert_eq!(parse_amount("1.234", 3), Some(1234));
+        for bad in [
+            "", "-", ".", "1.", "1.234", "1e3", "1,00", "--1", "1-", " 1 2", "0x10", "1.2.3",
+        ] {
+            assert_eq!(parse_amount(bad, 2), None, "{bad:?}");
+        }
+        assert_eq!(parse_amount("12.5", 0), None);
+        assert_eq!(parse_amount("99999999999999999999", 2), None);
+    }
+
+    proptest! {
+        #[test]
+        fn amounts_round_trip(minor in -1_000_000_000_000_000i64..=1_000_000_000_000_000, e in 0u8..=3) {
+            prop_assert_eq!(parse_amount(&format_amount(minor, e), e), Some(minor));
+        }
+    }
+
+    fn line(kind: LineKind, amount: i64, fee: i64) -> Line {
+        Line {
+            line_no: 0,
+            key: "txn_1".into(),
+            kind,
+            reference: "pi_1".into(),
+            intent: None,
+            amount,
+            fee,
+            currency: usd(),
+            created: Utc.with_ymd_and_hms(2026, 11, 27, 10, 0, 0).unwrap(),
+            raw_type: kind.as_str().into(),
+        }
+    }
+
+    fn read_all(format: Format, text: &str) -> Result<Vec<Parsed>, FileError> {
+        let mut r = ReportReader::new(format, text.as_bytes())?;
+        let mut out = Vec::new();
+        while let Some(p) = r.next_line() {
+            out.push(p?);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn stripe_report_round_trips() {
+        let mut w = ReportWriter::new(Format::Stripe, Vec::new()).unwrap();
+        let mut refund = line(LineKind::Refund, -500, 0);
+        refund.key = "txn_2".into();
+        refund.reference = "re_1".into();
+        w.write(&line(LineKind::Charge, 4999, 175), "", 1).unwrap();
+        w.write(&refund, "", 1).unwrap();
+        let text = String::from_utf8(w.finish().unwrap()).unwrap();
+        assert!(text.starts_with("id,type,source,amount,fee,net,currency,created,available_on,reporting_category\n"));
+        assert!(text.contains("txn_1,charge,pi_1,49.99,1.75,48.24,usd,2026-11-27 10:00:00,2026-11-29,charge"));
+        let parsed = read_all(Format::Stripe, &text).unwrap();
+        let mut first = line(LineKind::Charge, 4999, 175);
+        first.line_no = 2;
+        refund.line_no = 3;
+        assert_eq!(parsed, vec![Parsed::Line(first), Parsed::Line(refund)]);
+    }
+
+    #[test]
+    fn adyen_report_round_trips() {
+        let mut w = ReportWriter::new(Format::Adyen, Vec::new()).unwrap();
+        let mut refund = line(LineKind::Refund, -500, 0);
+        refund.reference = "re_1".into();
+        refund.intent = Some("pi_1".into());
+        let mut payout = line(LineKind::Payout, -4324, 0);
+        payout.reference = "po_1".into();
+        w.write(&line(LineKind::Charge, 4999, 175), "pay_1", 7).unwrap();
+        w.write(&refund, "pay_1", 7).unwrap();
+        w.write(&payout, "", 7).unwrap();
+        let text = String::from_utf8(w.finish().unwrap()).unwrap();
+        let parsed = read_all(Format::Adyen, &text).unwrap();
+        let keys: Vec<_> = parsed
+            .iter()
+            .map(|p| match p {
+                Parsed::Line(l) => (l.key.clone(), l.kind, l.reference.clone(), l.amount, l.fee),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                ("7:pi_1:Settled:".into(), LineKind::Charge, "pi_1".into(), 4999, 175),
+                ("7:pi_1:Refunded:re_1".into(), LineKind::Refund, "re_1".into(), -500, 0),
+                (
+                    "7:po_1:MerchantPayout:".into(),
+                    LineKind::Payout,
+                    "po_1".into(),
+                    -4324,
+                    0
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn adyen_documented_columns_read() {
+        // The Settlement Details Report's documented header, with a Settled line whose fees
+        // are split over commission, markup, scheme fees and interchange.
+        let text = "Company Account,Merchant Account,Psp Reference,Merchant Reference,Payment Method,Creation Date,TimeZone,Type,Modification Reference,Gross Currency,Gross Debit (GC),Gross Credit (GC),Exchange Rate,Net Currency,Net Debit (NC),Net Credit (NC),Commission (NC),Markup (NC),Scheme Fees (NC),Interchange (NC),Payment Method Variant,Modification Merchant Reference,Batch Number\n\
+            TestCompany,TestMerchant,8515131751004933,order-1,mc,2026-11-27 07:12:44,CET,Settled,8515131751004933,EUR,,100.00,1,EUR,,97.10,0.12,2.00,0.13,0.65,mccredit,,42\n";
+        let parsed = read_all(Format::Adyen, text).unwrap();
+        let Parsed::Line(l) = &parsed[0] else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!((l.kind, l.amount, l.fee, l.line_no), (LineKind::Charge, 10000, 290, 2));
+        assert_eq!(l.reference, "8515131751004933");
+    }
+
+    #[test]
+    fn bad_fields_make_a_malformed_line_and_the_rest_goes_on() {
+        let text = "id,type,source,amount,fee,net,currency,created,available_on,reporting_category\n\
+                    txn_1,charge,pi_1,1.00,0.10,0.90,usd,2026-11-27 10:00:00,,charge\n\
+                    txn_2,charge,pi_2,1.0x,0.10,0.90,usd,2026-11-27 10:00:00,,charge\n\
+                    txn_3,charge,pi_3,1.00,0.10,0.80,usd,2026-11-27 10:00:00,,charge\n\
+                    txn_4,charge,pi_4,1.00,0.10,0.90,xyz,2026-11-27 10:00:00,,charge\n\
+                    txn_5,charge,pi_5,1.00,0.10,0.90,usd,yesterday,,charge\n\
+                    ,charge,pi_6,1.00,0.10,0.90,usd,2026-11-27 10:00:00,,charge\n\
+                    txn_7,charge,pi_7,1.00,0.10,0.90,usd,1795000000,,charge\n";
+        let parsed = read_all(Format::Stripe, text).unwrap();
+        let malformed: Vec<u64> = parsed
+            .iter()
+            .filter_map(|p| match p {
+                Parsed::Malformed { line_no, .. } => Some(*line_no),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(malformed, vec![3, 4, 5, 6, 7]);
+        assert!(matches!(&parsed[0], Parsed::Line(l) if l.amount == 100));
+        assert!(matches!(&parsed[6], Parsed::Line(l) if l.key == "txn_7"));
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_followed_is_refused() {
+        assert_eq!(read_all(Format::Stripe, "").unwrap_err(), FileError::Empty);
+        assert_eq!(
+            read_all(Format::Stripe, "id,type,source,amount\n").unwrap_err(),
+            FileError::MissingColumn("fee", "stripe")
+        );
+        assert!(matches!(
+            read_all(Format::Adyen, "id,type,source,amount,fee,net,currency,created\n").unwrap_err(),
+            FileError::MissingColumn("Psp Reference", "adyen")
+        ));
+        let ragged = "id,type,source,amount,fee,net,currency,created\n\
+                      txn_1,charge,pi_1,1.00,0.10,0.90,usd,2026-11-27 10:00:00\n\
+                      txn_2,charge,pi_2\n";
+        assert_eq!(
+            read_all(Format::Stripe, ragged).unwrap_err(),
+            FileError::Structure {
+                line: 3,
+                reason: "3 fields where the header has 8".into()
+            }
+        );
+        let not_utf8: &[u8] = b"id,type,source,amount,fee,net,currency,created\ntxn_\xff,charge,pi,1,0,1,usd,1\n";
+        let mut r = ReportReader::new(Format::Stripe, not_utf8).unwrap();
+        assert!(matches!(r.next_line(), Some(Err(FileError::Structure { line: 2, .. }))));
+    }
+
+    #[test]
+    fn quoted_fields_read() {
+        let text = "id,type,source,amount,fee,net,currency,created\n\
+                    \"txn_1\",\"charge\",\"pi_1\",\"1,000.00\",0,1000.00,usd,2026-11-27 10:00:00\n\
+                    \"txn_2\",\"charge\",\"pi_2\",\"1000.00\",0,1000.00,usd,2026-11-27 10:00:00\n";
+        let parsed = read_all(Format::Stripe, text).unwrap();
+        assert!(matches!(&parsed[0], Parsed::Malformed { line_no: 2, .. }));
+        assert!(matches!(&parsed[1], Parsed::Line(l) if l.amount == 100_000));
+    }
+}

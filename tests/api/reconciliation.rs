@@ -1,0 +1,470 @@
+//! Reconciliation against PSP settlement reports, end to end: the sandbox books its own
+//! captures, refunds and disputes, writes its day's report (with injected faults), and a run
+//! matches it against payrail through the real PostgreSQL, ledger shards and actors.
+
+use std::collections::BTreeMap;
+
+use payrail::adapters::psp::sandbox_settlement::charge_fee;
+use serde_json::{json, Value};
+
+use crate::events::wait_for;
+use crate::helpers::{spawn_app_with, Response, TestApp, DEMO_KEY};
+
+fn quiet(c: &mut payrail::config::Config) {
+    // Today's captures are due in today's report: nothing may be late.
+    c.reconciliation.window_hours = 0;
+    c.reconciliation.daily_at_utc = String::new();
+    c.psp.sandbox.dispute_delay_ms = 20;
+}
+
+fn today() -> String {
+    chrono::Utc::now().date_naive().to_string()
+}
+
+async fn operator(app: &TestApp, method: &str, path: &str, body: Option<Value>) -> Response {
+    let token = app.state.config.admin.token.clone();
+    let body = body.map(|b| b.to_string());
+    app.request(method, path, Some(&token), None, body.as_deref()).await
+}
+
+async fn demo_connector(app: &TestApp) -> String {
+    let r = app.get("/api/v1/connectors").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"].as_array().unwrap().len(), 1);
+    assert_eq!(r.body["data"][0]["psp"], "sandbox");
+    r.body["data"][0]["id"].as_str().unwrap().to_owned()
+}
+
+/// A CSV report uploaded as the operator (`text/csv`).
+async fn upload(app: &TestApp, query: &str, csv: String) -> Response {
+    let mut resp = app
+        .client
+        .post(format!("{}/admin/v1/reconciliation/runs?{query}", app.address))
+        .insert_header(("Authorization", format!("Bearer {}", app.state.config.admin.token)))
+        .insert_header(("Content-Type", "text/csv"))
+        .send_body(csv)
+        .await
+        .unwrap();
+    let raw = resp.body().limit(1 << 20).await.unwrap().to_vec();
+    Response {
+        status: resp.status().as_u16(),
+        headers: resp.headers().clone(),
+        body: serde_json::from_slice(&raw).unwrap_or(Value::Null),
+        raw,
+    }
+}
+
+async fn exceptions(app: &TestApp, query: &str) -> Vec<Value> {
+    let r = operator(
+        app,
+        "GET",
+        &format!("/admin/v1/reconciliation/exceptions?limit=100&{query}"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["data"].as_array().unwrap().clone()
+}
+
+fn by_type(list: &[Value]) -> BTreeMap<String, Vec<Value>> {
+    let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for e in list {
+        out.entry(e["type"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(e.clone());
+    }
+    out
+}
+
+async fn status(app: &TestApp, id: &str) -> String {
+    app.get(&format!("/api/v1/payments/{id}")).await.body["status"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn scalar(app: &TestApp, sql: &str) -> i64 {
+    app.sql().await.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[actix_web::test]
+async fn a_report_with_every_fault_raises_each_exception_once_and_settles_the_rest() {
+    let app = spawn_app_with(quiet).await;
+    let connector = demo_connector(&app).await;
+    // Twelve charges, in booking order.
+    let mut charged = Vec::new();
+    for i in 0..12 {
+        let r = app.pay(1000 + i, "pm_card_visa", "automatic", true).await;
+        assert_eq!(r.body["status"], "captured", "{}", r.body);
+        charged.push((r.body["payment_id"].as_str().unwrap().to_owned(), 1000 + i));
+    }
+    // A partial capture, two partial refunds, and a dispute.
+    let manual = app.pay(2000, "pm_card_visa", "manual", true).await;
+    let manual_id = manual.body["payment_id"].as_str().unwrap().to_owned();
+    let r = app
+        .post(
+            &format!("/api/v1/payments/{manual_id}/capture"),
+            json!({ "amount": { "value": 1500, "currency": "USD" } }),
+        )
+        .await;
+    assert_eq!(r.body["status"], "captured", "{}", r.body);
+    charged.push((manual_id.clone(), 1500));
+    let refunded = charged[7].0.clone();
+    for amount in [100, 200] {
+        let r = app
+            .post(
+                &format!("/api/v1/payments/{refunded}/refunds"),
+                json!({ "amount": { "value": amount, "currency": "USD" } }),
+            )
+            .await;
+        assert_eq!(r.body["status"], "succeeded", "{}", r.body);
+    }
+    let disputed = app.pay(3000, "pm_card_createDispute", "automatic", true).await;
+    let disputed_id = disputed.body["payment_id"].as_str().unwrap().to_owned();
+    charged.push((disputed_id.clone(), 3000));
+    wait_for("the dispute", async || {
+        status(&app, &disputed_id).await == "chargeback_open"
+    })
+    .await;
+
+    // missing:2 takes charges 0–1, amount_mismatch:3 charges 2–4, duplicate:1 charge 5.
+    let r = operator(
+        &app,
+        "POST",
+        "/admin/v1/reconciliation/runs",
+        Some(json!({ "connector_id": connector, "date": today(),
+                     "faults": "amount_mismatch:3,missing:2,duplicate:1,unknown:2" })),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let run = r.body.clone();
+    assert_eq!(run["status"], "succeeded", "{run}");
+    // 14 charges − 2 missing + 1 duplicate + 2 unknown, 2 refunds, 1 dispute, 1 payout.
+    assert_eq!(run["lines"], 19, "{run}");
+    // Charges 6–13 and the first copy of 5 (9), two refunds, the dispute and the payout.
+    assert_eq!(run["matched"], 13, "{run}");
+    assert_eq!(run["exceptions"], 8, "{run}");
+    assert_eq!(run["already_applied"], 0, "{run}");
+
+    let all = exceptions(&app, &format!("run_id={}", run["id"].as_str().unwrap())).await;
+    let found = by_type(&all);
+    let ids = |t: &str| -> Vec<String> {
+        let mut v: Vec<String> = found
+            .get(t)
+            .map(|l| {
+                l.iter()
+                    .map(|e| e["payment_id"].as_str().unwrap_or("").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let expect = |range: std::ops::Range<usize>| -> Vec<String> {
+        let mut v: Vec<String> = charged[range].iter().map(|(id, _)| id.clone()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids("missing_in_report"), expect(0..2), "{all:#?}");
+    assert_eq!(ids("amount_mismatch"), expect(2..5), "{all:#?}");
+    assert_eq!(ids("duplicate_in_report"), expect(5..6), "{all:#?}");
+    assert_eq!(found.get("missing_in_payrail").map(Vec::len), Some(2), "{all:#?}");
+    assert_eq!(found.len(), 4, "no other type: {all:#?}");
+    for e in &found["amount_mismatch"] {
+        assert_eq!(
+            e["reported_amount"].as_i64().unwrap(),
+            e["expected_amount"].as_i64().unwrap() + 1
+        );
+        assert!(e["line"].as_i64().unwrap() >= 2);
+    }
+
+    // Matched captures are settled through the state machine; the others are not.
+    for (id, _) in &charged[5..12] {
+        let s = status(&app, id).await;
+        assert_eq!(s, "settled", "{id}");
+    }
+    assert_eq!(status(&app, &manual_id).await, "settled");
+    for (id, _) in &charged[0..5] {
+        assert_eq!(status(&app, id).await, "captured", "{id}");
+    }
+    // Settled while the dispute is open: the flag, not the status.
+    assert_eq!(status(&app, &disputed_id).await, "chargeback_open");
+    let settled: bool = app
+        .sql()
+        .await
+        .query_one("SELECT settled FROM payments WHERE id = $1", &[&disputed_id])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(settled);
+
+    // Fees: every matched charge's, and the dispute's; the payout moved the day's net to the bank.
+    let fees = &app.state.config.psp.sandbox.settlement;
+    let expected_fees: i64 = charged[5..14].iter().map(|(_, a)| charge_fee(*a, fees)).sum::<i64>() + fees.dispute_fee;
+    let balance = |account: &'static str| {
+        let app = &app;
+        async move {
+            scalar(
+                app,
+                &format!("SELECT coalesce(sum(debit_total - credit_total), 0)::int8 FROM ledger_accounts WHERE account = '{account}'"),
+            )
+            .await
+        }
+    };
+    assert_eq!(balance("psp_fees_expense").await, expected_fees);
+    assert!(balance("bank").await > 0);
+    assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
+    let metrics = app.request("GET", "/metrics", None, None, None).await;
+    let text = String::from_utf8_lossy(&metrics.raw).to_string();
+    let ratio_line = text
+        .lines()
+        .find(|l| l.starts_with("payrail_reconciliation_match_ratio{psp=\"sandbox\"}"))
+        .unwrap_or_else(|| panic!("no ratio in {text}"));
+    let ratio: f64 = ratio_line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((ratio - 13.0 / 21.0).abs() < 1e-9, "{ratio_line}");
+    assert!(text.contains("payrail_reconciliation_exceptions_open{type=\"amount_mismatch\"} 3"));
+
+    // The same report again changes nothing.
+    let journals = app.count("journals").await;
+    let r = operator(
+        &app,
+        "POST",
+        "/admin/v1/reconciliation/runs",
+        Some(json!({ "connector_id": connector, "date": today(),
+                     "faults": "amount_mismatch:3,missing:2,duplicate:1,unknown:2" })),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["matched"], 0, "{}", r.body);
+    assert_eq!(r.body["exceptions"], 0, "{}", r.body);
+    assert_eq!(r.body["already_applied"], 19, "{}", r.body);
+    assert_eq!(app.count("journals").await, journals);
+    assert_eq!(exceptions(&app, "").await.len(), 8);
+    assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
+
+    // A report without the faults resolves what was missing, and matches what mismatched
+    // before? No: mismatched lines were applied (as exceptions) and stay for an operator.
+    let r = operator(
+        &app,
+        "POST",
+        "/admin/v1/reconciliation/runs",
+        Some(json!({ "connector_id": connector, "date": today() })),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    // The two missing charges are new lines now: matched, settled, and their exceptions closed.
+    assert_eq!(r.body["matched"], 2, "{}", r.body);
+    for (id, _) in &charged[0..2] {
+        assert_eq!(status(&app, id).await, "settled", "{id}");
+    }
+    let open = by_type(&exceptions(&app, "status=open").await);
+    assert!(!open.contains_key("missing_in_report"), "{open:#?}");
+
+    // An operator resolves an exception; the first resolution is the record.
+    let id = found["amount_mismatch"][0]["id"].as_str().unwrap().to_owned();
+    let path = format!("/admin/v1/reconciliation/exceptions/{id}/resolve");
+    let r = operator(
+        &app,
+        "POST",
+        &path,
+        Some(json!({ "note": "PSP fixed the amount in its next report", "resolved_by": "ops@shop" })),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["status"], "resolved");
+    assert_eq!(r.body["resolved_by"], "ops@shop");
+    let again = operator(
+        &app,
+        "POST",
+        &path,
+        Some(json!({ "note": "other", "resolved_by": "someone" })),
+    )
+    .await;
+    assert_eq!(again.body["resolution_note"], "PSP fixed the amount in its next report");
+    let missing = operator(
+        &app,
+        "POST",
+        "/admin/v1/reconciliation/exceptions/rex_nope/resolve",
+        Some(json!({ "note": "x", "resolved_by": "y" })),
+    )
+    .await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(exceptions(&app, "type=amount_mismatch&status=open").await.len(), 2);
+}
+
+#[actix_web::test]
+async fn an_adyen_report_matches_every_line_and_feeds_the_same_ledger() {
+    let app = spawn_app_with(quiet).await;
+    let connector = demo_connector(&app).await;
+    let mut ids = Vec::new();
+    for amount in [1999, 2500, 10_000] {
+        let r = app.pay(amount, "pm_card_mastercard", "automatic", true).await;
+        ids.push(r.body["payment_id"].as_str().unwrap().to_owned());
+    }
+    let r = app
+        .post(
+            &format!("/api/v1/payments/{}/refunds", ids[2]),
+            json!({ "amount": { "value": 4000, "currency": "USD" } }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    // The sandbox's own report, in Adyen's format.
+    let report = app
+        .get(&format!("/sandbox/v1/settlement_reports/{}?format=adyen", today()))
+        .await;
+    assert_eq!(report.status, 200);
+    let csv = String::from_utf8(report.raw).unwrap();
+    assert!(
+        csv.starts_with("Company Account,Merchant Account,Psp Reference,"),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), 1 + 3 + 1 + 1, "{csv}");
+    let r = upload(
+        &app,
+        &format!("connector_id={connector}&format=adyen&date={}", today()),
+        csv,
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["matched"], 5, "{}", r.body);
+    assert_eq!(r.body["exceptions"], 0, "{}", r.body);
+    assert_eq!(r.body["match_ratio"], 1.0);
+    for id in &ids {
+        assert_eq!(status(&app, id).await, "settled", "{id}");
+    }
+    // Net of the day = Σ charges − fees − refund = what the bank received; psp_clearing keeps
+    // the platform's part of nothing else: debits and credits balance per account class.
+    let fees = &app.state.config.psp.sandbox.settlement;
+    let total_fees: i64 = [1999, 2500, 10_000].iter().map(|a| charge_fee(*a, fees)).sum();
+    let bank = scalar(
+        &app,
+        "SELECT coalesce(sum(debit_total - credit_total), 0)::int8 FROM ledger_accounts WHERE account = 'bank'",
+    )
+    .await;
+    assert_eq!(bank, 1999 + 2500 + 10_000 - 4000 - total_fees);
+    assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
+}
+
+#[actix_web::test]
+async fn a_malformed_report_is_refused_whole_and_bad_lines_are_exceptions_with_their_line() {
+    let app = spawn_app_with(quiet).await;
+    let connector = demo_connector(&app).await;
+    let r = app.pay(4200, "pm_card_visa", "automatic", true).await;
+    let id = r.body["payment_id"].as_str().unwrap().to_owned();
+    let reference: String = app
+        .sql()
+        .await
+        .query_one("SELECT psp_reference FROM payments WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    let header = "id,type,source,amount,fee,net,currency,created,available_on,reporting_category\n";
+    let now = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S");
+    let good = format!("txn_a,charge,{reference},42.00,1.30,40.70,usd,{now},,charge\n");
+
+    // A ragged line: the whole file is refused, and nothing of it applied.
+    let ragged = format!("{header}{good}txn_b,charge\n");
+    let r = upload(&app, &format!("connector_id={connector}"), ragged).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "report_malformed");
+    let message = r.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("line 3"), "{message}");
+    assert_eq!(app.count("settlement_lines").await, 0);
+    assert_eq!(app.count("settlement_stage").await, 0);
+    assert_eq!(status(&app, &id).await, "captured");
+    let runs = operator(&app, "GET", "/admin/v1/reconciliation/runs", None).await;
+    assert_eq!(runs.body["data"][0]["status"], "failed");
+    // Not a report at all.
+    let r = upload(&app, &format!("connector_id={connector}"), "hello,world\n1,2\n".into()).await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no \"id\" column"),
+        "{}",
+        r.body
+    );
+
+    // Lines whose fields do not read become exceptions with their line; the rest applies.
+    let mixed = format!(
+        "{header}txn_x,charge,pi_x,12.3.4,0,0,usd,{now},,charge\n{good}txn_y,charge,pi_y,1.00,0.10,0.80,usd,{now},,charge\ntxn_z,stripe_fee,fee_1,-1.00,0,-1.00,usd,{now},,fee\n"
+    );
+    let r = upload(&app, &format!("connector_id={connector}"), mixed).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["matched"], 1, "{}", r.body);
+    let list = exceptions(&app, "").await;
+    let mut lines: Vec<(String, i64)> = list
+        .iter()
+        .map(|e| (e["type"].as_str().unwrap().to_owned(), e["line"].as_i64().unwrap()))
+        .collect();
+    lines.sort_by_key(|(_, l)| *l);
+    assert_eq!(
+        lines,
+        vec![
+            ("malformed_line".to_owned(), 2),
+            ("malformed_line".to_owned(), 4),
+            ("unsupported_line".to_owned(), 5)
+        ]
+    );
+    assert_eq!(status(&app, &id).await, "settled");
+    assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
+
+    // Validation.
+    let r = upload(&app, "connector_id=mca_unknown", "x".into()).await;
+    assert_eq!(r.status, 404);
+    let other = app.new_merchant().await;
+    let theirs = app.request("GET", "/api/v1/connectors", Some(&other), None, None).await;
+    assert_ne!(theirs.body["data"][0]["id"], connector.as_str());
+    let r = app
+        .request(
+            "GET",
+            "/sandbox/v1/settlement_reports/2026-13-01",
+            Some(DEMO_KEY),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    let r = app
+        .request(
+            "GET",
+            &format!("/sandbox/v1/settlement_reports/{}?faults=lost:1", today()),
+            Some(DEMO_KEY),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 400);
+}
+
+#[actix_web::test]
+async fn the_reconcile_command_streams_a_file_to_the_server() {
+    let app = spawn_app_with(quiet).await;
+    let connector = demo_connector(&app).await;
+    let r = app.pay(777, "pm_card_visa", "automatic", true).await;
+    let id = r.body["payment_id"].as_str().unwrap().to_owned();
+    let report = app.get(&format!("/sandbox/v1/settlement_reports/{}", today())).await;
+    let dir = std::env::temp_dir().join(format!("payrail-test-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("report.csv");
+    std::fs::write(&file, &report.raw).unwrap();
+    let (address, file2) = (app.address.clone(), file.clone());
+    let out = actix_web::rt::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_payrail"))
+            .args(["reconcile", "--connector", &connector, "--file"])
+            .arg(&file2)
+            .args(["--url", &address])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(run["matched"], 2, "{run}");
+    assert_eq!(run["source"], "upload");
+    assert_eq!(status(&app, &id).await, "settled");
+}
