@@ -52,6 +52,7 @@ fn main() {
         brand: "visa".into(),
         country: "US".into(),
         funding: "credit".into(),
+        last4: "4242".into(),
     };
     let rules: Vec<Rule> = (0..50)
         .map(|i| Rule {

@@ -16,6 +16,7 @@ pub mod payments;
 pub mod ratelimit;
 pub mod reconciliation;
 pub mod refunds;
+pub mod reports;
 pub mod risk;
 pub mod sandbox;
 pub mod webhook_endpoints;
@@ -94,11 +95,15 @@ api_routes! {
     post "/api/v1/payments/{id}/approve" => payments::approve,
     post "/api/v1/payments/{id}/reject" => payments::reject,
     get "/api/v1/payments/{id}/events" => payments::events,
+    get "/api/v1/payments/{id}/receipt" => reports::receipt,
     post "/api/v1/payments/{id}/refunds" => payments::refund,
     get "/api/v1/payments/{id}/refunds" => refunds::list_for_payment,
     get "/api/v1/refunds/{id}" => refunds::get,
     get "/api/v1/balance" => ledger::balance,
     get "/api/v1/connectors" => reconciliation::connectors,
+    get "/api/v1/balance_transactions" => reports::balance_transactions,
+    get "/api/v1/reports/payments.csv" => reports::payments_csv,
+    get "/api/v1/reports/balance_transactions.csv" => reports::balance_transactions_csv,
     get "/api/v1/ledger/journals" => ledger::journals,
     get "/api/v1/disputes" => disputes::list,
     get "/api/v1/disputes/{id}" => disputes::get,
@@ -135,6 +140,7 @@ api_routes! {
     post "/sandbox/v1/payment_methods" => sandbox::payment_methods,
     post "/sandbox/v1/payments/{reference}/complete_3ds" => sandbox::complete_3ds,
     get "/sandbox/v1/settlement_reports/{date}" => reconciliation::sandbox_report,
+    get "/receipts/{token}" => reports::receipt_html,
 }
 
 /// `GET /openapi.json`: the OpenAPI 3 document of the whole API.

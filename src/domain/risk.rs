@@ -571,6 +571,9 @@ pub struct CardSignals {
     pub country: String,
     /// `credit`, `debit` or `prepaid`.
     pub funding: String,
+    /// The last four digits, for receipts (cards stored before they were kept: empty).
+    #[serde(default)]
+    pub last4: String,
 }
 
 /// What a rule does when its predicate holds.

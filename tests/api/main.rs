@@ -15,6 +15,7 @@ mod outages;
 mod process;
 mod reconciliation;
 mod recovery;
+mod reports;
 mod risk;
 mod validation;
 mod webhooks_out;

@@ -10,6 +10,7 @@ pub mod outbox;
 pub mod payments;
 pub mod reconciliation;
 pub mod refunds;
+pub mod reports;
 pub mod risk;
 pub mod sandbox;
 pub mod webhooks_out;

@@ -70,6 +70,7 @@ impl Db {
                         brand: r.get(2),
                         country,
                         funding,
+                        last4: r.get(3),
                     })
                 }
                 _ => None,

@@ -251,6 +251,7 @@ impl SandboxPsp {
             brand: pan.brand().to_owned(),
             country: country.to_owned(),
             funding: funding.to_owned(),
+            last4: pan.last4().to_owned(),
         }
     }
 
