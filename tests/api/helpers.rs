@@ -79,6 +79,43 @@ pub struct TestApp {
     pub client: Client,
     pub state: web::Data<AppState>,
     pub database_url: String,
+    /// This app made its database (another app of the test may share it).
+    owns_database: bool,
+}
+
+/// A passing test's database is dropped when its app goes. The app's ledger shards and webhook
+/// workers live on arbiters of their own, which outlive the test's runtime and would keep their
+/// pooled connections open: dropping the database (WITH FORCE) closes them, so a long test run
+/// does not exhaust PostgreSQL's connections. A failing test's database stays for inspection
+/// (and is dropped by a later run after two hours).
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if !self.owns_database || std::thread::panicking() {
+            return;
+        }
+        let Some((root, name)) = self.database_url.rsplit_once('/') else {
+            return;
+        };
+        let (root, name) = (root.to_owned(), name.to_owned());
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let admin_url = format!("{root}/postgres");
+                let connect = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls);
+                let (admin, conn) = tokio::time::timeout(Duration::from_secs(5), connect).await.ok()?.ok()?;
+                tokio::spawn(conn);
+                let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                tokio::time::timeout(Duration::from_secs(10), admin.batch_execute(&sql))
+                    .await
+                    .ok()?
+                    .ok()
+            })
+        });
+        let _ = dropped.join();
+    }
 }
 
 pub struct Response {
@@ -174,7 +211,9 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
     config.server.workers = 1;
     config.nats.stream_prefix = stream_prefix();
     clean_up_old_runs(&config).await;
+    let made = config.database.url.clone();
     configure(&mut config);
+    let owns_database = config.database.url == made;
     let database_url = config.database.url.clone();
     let app = Application::build(config).await.expect("payrail starts");
     let address = format!("http://127.0.0.1:{}", app.port());
@@ -186,6 +225,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
         client,
         state,
         database_url,
+        owns_database,
     }
 }
 
