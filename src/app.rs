@@ -124,6 +124,16 @@ impl Application {
             metrics: metrics.clone(),
         };
         let registry = Arc::new(PaymentRegistry::new(deps, config.actors.clone()));
+        // Before any request can start a run: a run still `running` now was left by a process
+        // that stopped.
+        match db.fail_abandoned_runs().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                runs = n,
+                "reconciliation runs left running by a stopped process were failed"
+            ),
+            Err(e) => tracing::warn!(error = %e, "abandoned reconciliation runs could not be closed"),
+        }
         let reconciler = Arc::new(crate::actors::reconciler::Reconciler::new(
             db.clone(),
             registry.clone(),

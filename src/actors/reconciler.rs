@@ -7,8 +7,8 @@
 //! 2. **Apply**, in chunks of `[reconciliation] chunk_lines`, in file order. A line whose key
 //!    an earlier run applied is skipped (a report given twice changes nothing); the rest are
 //!    matched by PSP reference, type, currency and amount. A matched capture is settled first
-//!    (through its actor if it is live; otherwise by the same state machine in a commit fenced
-//!    by the payment's version, through the ledger shards), then the chunk's lines,
+//!    (through its actor if it is live; otherwise by the same state-machine step in commits
+//!    fenced by each payment's version, in batches on the ledger's write path), then the chunk's lines,
 //!    exceptions, fee journal and payout journals commit together. A crash between the two
 //!    leaves the lines unapplied: the rerun settles again (a no-op) and applies them.
 //! 3. **Missing in report.** Captures and refunds made between `lookback_days` and
@@ -243,7 +243,9 @@ impl Reconciler {
     }
 
     async fn run_inner(&self, run_id: &str, req: &RunRequest) -> Result<(String, Totals), ReconError> {
+        let staging = std::time::Instant::now();
         let sha = self.stage(run_id, req.format, &req.file.0).await?;
+        tracing::debug!(run_id, stage_ms = staging.elapsed().as_millis() as u64, "report staged");
         let mut totals = Totals::default();
         let mut after = 0;
         let mut chunk_no = 0u32;
@@ -254,6 +256,11 @@ impl Reconciler {
             after = last.line_no;
             chunk_no += 1;
             totals.lines += page.len() as i64;
+            if chunk_no.is_power_of_two() && chunk_no >= 4 {
+                // A large report grows settlement_lines faster than autovacuum re-reads it: the
+                // key lookups must keep using their indexes.
+                self.db.analyze_settlement_lines().await?;
+            }
             self.apply_chunk(run_id, &sha, chunk_no, &req.connector, &page, &mut totals)
                 .await?;
         }
@@ -323,9 +330,20 @@ impl Reconciler {
         totals: &mut Totals,
     ) -> Result<(), ReconError> {
         for _ in 0..3 {
+            let t0 = std::time::Instant::now();
             let (write, settle, already) = self.classify(run_id, sha, chunk_no, connector, page).await?;
+            let t1 = std::time::Instant::now();
             self.settle(connector, settle).await?;
-            if let Some(counts) = self.db.apply_chunk(connector, run_id, &write).await? {
+            let t2 = std::time::Instant::now();
+            let applied = self.db.apply_chunk(connector, run_id, &write).await?;
+            tracing::debug!(
+                chunk_no,
+                classify_ms = (t1 - t0).as_millis() as u64,
+                settle_ms = (t2 - t1).as_millis() as u64,
+                apply_ms = t2.elapsed().as_millis() as u64,
+                "reconciliation chunk"
+            );
+            if let Some(counts) = applied {
                 totals.already += already;
                 totals.exceptions += counts.exceptions;
                 let matched = write.lines.iter().filter(|l| l.matched).count() as i64;
@@ -413,6 +431,14 @@ impl Reconciler {
             .db
             .already_matched(&connector.id, &payment_ids, &refund_ids)
             .await?;
+        let dispute_refs: Vec<String> = disputes.keys().cloned().collect();
+        let mut matched_disputes: HashSet<(LineKind, String)> = self
+            .db
+            .matched_disputes(&connector.id, &dispute_refs)
+            .await?
+            .into_iter()
+            .filter_map(|(kind, reference)| Some((LineKind::parse(&kind)?, reference)))
+            .collect();
         let mut settle = Vec::new();
         let mut fees: BTreeMap<String, i64> = BTreeMap::new();
         for (l, kind) in fresh {
@@ -468,7 +494,6 @@ impl Reconciler {
                             if !p.state.settled {
                                 settle.push(p.clone());
                             }
-                            w.matched_payments.push(p.id.to_string());
                             None
                         }
                     }
@@ -499,13 +524,17 @@ impl Reconciler {
                                 Some(-r.amount),
                             ))
                         } else {
-                            w.matched_refunds.push(r.id.clone());
                             None
                         }
                     }
                 },
                 LineKind::Dispute | LineKind::DisputeReversal => match disputes.get(&l.reference) {
                     None => Some(("missing_in_payrail", "no dispute has this reference".into(), None)),
+                    Some(_) if !matched_disputes.insert((kind, l.reference.clone())) => Some((
+                        "duplicate_in_report",
+                        "another line already matched this dispute".into(),
+                        None,
+                    )),
                     Some(d) => {
                         applied.payment_id = Some(d.payment_id.clone());
                         let expected = if kind == LineKind::Dispute { -d.amount } else { d.amount };
@@ -559,6 +588,7 @@ impl Reconciler {
             match problem {
                 None => {
                     applied.matched = true;
+                    w.matched_references.push(l.reference.clone());
                     if kind != LineKind::Payout {
                         *fees.entry(l.currency.clone()).or_default() += l.fee;
                     }
@@ -569,6 +599,12 @@ impl Reconciler {
                     e.refund_id = applied.refund_id.clone();
                     e.expected = expected;
                     w.exceptions.push(e);
+                    if kind == "status_mismatch" {
+                        // payrail may not have heard yet (a capture or refund whose PSP event
+                        // is on its way): the line is left unapplied, so the next run of a
+                        // report that has it matches it, and resolves this exception.
+                        continue;
+                    }
                 }
             }
             w.lines.push(applied);
@@ -604,23 +640,59 @@ impl Reconciler {
         Ok((w, settle, already))
     }
 
-    /// Settles matched captures before their lines are recorded.
+    /// Settles matched captures before their lines are recorded. A payment with a live actor
+    /// is asked through it. The others are settled by the same state-machine step in commits
+    /// fenced by each payment's version, written in batches of [`SETTLE_BATCH`] (one
+    /// transaction each, the ledger shards' write path); a batch refused because one payment
+    /// moved meanwhile (its actor woke up) goes one payment at a time through the shards, and a
+    /// stale one through its actor.
     async fn settle(&self, connector: &Connector, payments: Vec<Payment>) -> Result<(), ReconError> {
         let now = Utc::now();
+        let (live, idle): (Vec<Payment>, Vec<Payment>) = payments
+            .into_iter()
+            .partition(|p| self.registry.live_mailbox(&p.id).is_some());
+        let slot = crate::actors::ledger_shard::shard_of(connector.merchant_id.as_str(), self.ledger.shards()) as i16;
+        // Batches go to PostgreSQL a few at a time: each is one transaction on its own
+        // connection, so they use the database's cores together.
+        let outcomes: Vec<Result<Vec<Payment>, ReconError>> =
+            futures_util::stream::iter(idle.chunks(SETTLE_BATCH).map(|batch| async move {
+                let commits: Vec<(Payment, crate::adapters::postgres::commit::Commit)> = batch
+                    .iter()
+                    .filter_map(|p| settle_commit_standalone(p, now).map(|c| (p.clone(), c)))
+                    .collect();
+                if commits.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let refs: Vec<&crate::adapters::postgres::commit::Commit> = commits.iter().map(|(_, c)| c).collect();
+                match self.db.commit_batch(&refs, slot).await {
+                    Ok(()) => {
+                        for c in &refs {
+                            if let Some(t) = &c.transition {
+                                self.metrics
+                                    .transition(t.from.map(Status::as_str).unwrap_or("none"), t.to.as_str());
+                            }
+                        }
+                        Ok(Vec::new())
+                    }
+                    Err(CommitError::Stale) => Ok(commits.into_iter().map(|(p, _)| p).collect()),
+                    Err(e) => Err(ReconError::Commit(e)),
+                }
+            }))
+            .buffer_unordered(SETTLE_BATCHES_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut one_by_one = live;
+        for o in outcomes {
+            one_by_one.extend(o?);
+        }
         let merchant = &connector.merchant_id;
-        futures_util::stream::iter(payments.into_iter().map(|p| async move {
+        futures_util::stream::iter(one_by_one.into_iter().map(|p| async move {
             if self.registry.live_mailbox(&p.id).is_none() {
                 let Some(commit) = settle_commit_standalone(&p, now) else {
                     return Ok(());
                 };
-                let moved = commit.transition.as_ref().map(|t| (t.from, t.to));
                 match self.ledger.commit(commit).await {
-                    Ok(()) => {
-                        if let Some((Some(from), to)) = moved {
-                            self.metrics.transition(from.as_str(), to.as_str());
-                        }
-                        return Ok(());
-                    }
+                    Ok(()) => return Ok(()),
                     // Its actor woke up and wrote first: ask it.
                     Err(CommitError::Stale) => {}
                     Err(e) => return Err(ReconError::Commit(e)),
@@ -637,6 +709,11 @@ impl Reconciler {
         .await
     }
 }
+
+/// Payments settled in one transaction when none of them has a live actor.
+const SETTLE_BATCH: usize = 1000;
+/// Such transactions at once.
+const SETTLE_BATCHES_IN_FLIGHT: usize = 4;
 
 fn exception(kind: &'static str, dedupe_key: String, l: &StagedLine, detail: String) -> NewException {
     NewException {

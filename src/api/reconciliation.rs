@@ -112,7 +112,14 @@ pub async fn sandbox_report(state: web::Data<AppState>, req: HttpRequest) -> Res
         Bounded(Vec::new()),
     )
     .await
-    .map_err(|e| ApiError::from(ReconError::Report(e)))?;
+    .map_err(|e| match e {
+        ReportError::Write(_) => ApiError::invalid(
+            "report_too_large",
+            "the report is larger than one answer may be (64 MiB); reconcile it with a run, which reads it from a file",
+            None,
+        ),
+        e => ApiError::from(ReconError::Report(e)),
+    })?;
     Ok(HttpResponse::Ok()
         .content_type("text/csv; charset=utf-8")
         .insert_header((

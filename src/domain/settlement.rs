@@ -41,7 +41,7 @@ impl Format {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LineKind {
     Charge,
     Refund,
@@ -206,6 +206,32 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     None
 }
 
+/// The UTC offset, in seconds, of an Adyen report's `TimeZone` (the zone its times are in):
+/// empty, UTC or GMT, the European abbreviations Adyen writes, or a fixed `±HH:MM`.
+pub fn zone_offset(zone: &str) -> Option<i64> {
+    let hours = match zone.trim() {
+        "" | "UTC" | "GMT" | "Z" => 0,
+        "WET" => 0,
+        "WEST" | "CET" | "BST" => 1,
+        "CEST" | "EET" => 2,
+        "EEST" => 3,
+        other => {
+            let (sign, rest) = match other.as_bytes().first()? {
+                b'+' => (1, &other[1..]),
+                b'-' => (-1, &other[1..]),
+                _ => return None,
+            };
+            let (h, m) = rest.split_once(':')?;
+            let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
+            if h > 14 || m > 59 {
+                return None;
+            }
+            return Some(sign * (h * 3600 + m * 60));
+        }
+    };
+    Some(hours * 3600)
+}
+
 pub fn format_time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S").to_string()
 }
@@ -235,6 +261,7 @@ enum Columns {
         net_debit: usize,
         net_credit: usize,
         created: usize,
+        time_zone: Option<usize>,
         batch: usize,
     },
 }
@@ -311,6 +338,7 @@ impl Columns {
                 net_debit: at("Net Debit (NC)")?,
                 net_credit: at("Net Credit (NC)")?,
                 created: at("Creation Date")?,
+                time_zone: maybe("TimeZone"),
                 batch: at("Batch Number")?,
             },
         })
@@ -369,6 +397,15 @@ impl<R: Read> ReportReader<R> {
                 reason: format!("a field of {} characters (at most {MAX_FIELD})", long.len()),
             };
         }
+        // A card number has no place in a report: the line is kept out, and nothing of it is
+        // repeated anywhere.
+        if r.iter().any(super::card::contains_pan) {
+            return Parsed::Malformed {
+                line_no,
+                key: None,
+                reason: "a field holds what looks like a card number; the line was not read".into(),
+            };
+        }
         let field = |i: usize| r.get(i).unwrap_or("");
         let result = match &self.columns {
             Columns::Stripe {
@@ -409,6 +446,7 @@ impl<R: Read> ReportReader<R> {
                 net_debit,
                 net_credit,
                 created,
+                time_zone,
                 batch,
             } => {
                 let modification = modification.map(field).unwrap_or("");
@@ -428,6 +466,7 @@ impl<R: Read> ReportReader<R> {
                     (field(*gross_currency), field(*gross_debit), field(*gross_credit)),
                     (field(*net_currency), field(*net_debit), field(*net_credit)),
                     field(*created),
+                    time_zone.map(field).unwrap_or(""),
                 )
                 .map_err(|reason| (Some(key), reason))
             }
@@ -530,6 +569,7 @@ fn adyen_line(
     (gross_currency, gross_debit, gross_credit): (&str, &str, &str),
     (net_currency, net_debit, net_credit): (&str, &str, &str),
     created: &str,
+    time_zone: &str,
 ) -> Result<Line, String> {
     let line_kind = match kind {
         "Settled" | "SettledBulk" => LineKind::Charge,
@@ -565,7 +605,9 @@ fn adyen_line(
     } else {
         credit(gross_debit, gross_credit)?
     };
-    let created = parse_time(created).ok_or_else(|| format!("Creation Date {created:?} is not a time"))?;
+    let offset = zone_offset(time_zone).ok_or_else(|| format!("TimeZone {time_zone:?} is not one payrail reads"))?;
+    let created = parse_time(created).ok_or_else(|| format!("Creation Date {created:?} is not a time"))?
+        - chrono::Duration::seconds(offset);
     let (reference, intent) = match line_kind {
         LineKind::Refund | LineKind::Dispute | LineKind::DisputeReversal if !modification.is_empty() => {
             (reference_of(modification)?, Some(reference_of(psp_reference)?))
@@ -821,6 +863,8 @@ mod tests {
         };
         assert_eq!((l.kind, l.amount, l.fee, l.line_no), (LineKind::Charge, 10000, 290, 2));
         assert_eq!(l.reference, "8515131751004933");
+        // 07:12:44 CET is 06:12:44 UTC.
+        assert_eq!(l.created, Utc.with_ymd_and_hms(2026, 11, 27, 6, 12, 44).unwrap());
     }
 
     #[test]
@@ -870,6 +914,28 @@ mod tests {
         let not_utf8: &[u8] = b"id,type,source,amount,fee,net,currency,created\ntxn_\xff,charge,pi,1,0,1,usd,1\n";
         let mut r = ReportReader::new(Format::Stripe, not_utf8).unwrap();
         assert!(matches!(r.next_line(), Some(Err(FileError::Structure { line: 2, .. }))));
+    }
+
+    #[test]
+    fn a_card_number_in_a_line_is_never_read() {
+        let text = "id,type,source,amount,fee,net,currency,created\n\
+                    txn_1,charge,4242424242424242,1.00,0,1.00,usd,2026-11-27 10:00:00\n";
+        let parsed = read_all(Format::Stripe, text).unwrap();
+        match &parsed[0] {
+            Parsed::Malformed { line_no, key, reason } => {
+                assert_eq!((*line_no, key), (2, &None));
+                assert!(!reason.contains("4242"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn time_zones_read() {
+        assert_eq!(zone_offset("CET"), Some(3600));
+        assert_eq!(zone_offset("-05:30"), Some(-(5 * 3600 + 1800)));
+        assert_eq!(zone_offset(""), Some(0));
+        assert_eq!(zone_offset("America/New_York"), None);
     }
 
     #[test]

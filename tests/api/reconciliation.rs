@@ -294,7 +294,12 @@ async fn a_report_with_every_fault_raises_each_exception_once_and_settles_the_re
 
 #[actix_web::test]
 async fn an_adyen_report_matches_every_line_and_feeds_the_same_ledger() {
-    let app = spawn_app_with(quiet).await;
+    // Actors leave memory at once: the run settles the payments without them (the batch path).
+    let app = spawn_app_with(|c| {
+        quiet(c);
+        c.actors.idle_timeout_ms = 50;
+    })
+    .await;
     let connector = demo_connector(&app).await;
     let mut ids = Vec::new();
     for amount in [1999, 2500, 10_000] {
@@ -318,6 +323,7 @@ async fn an_adyen_report_matches_every_line_and_feeds_the_same_ledger() {
         csv.starts_with("Company Account,Merchant Account,Psp Reference,"),
         "{csv}"
     );
+    wait_for("the actors to passivate", async || app.state.registry.live() == 0).await;
     assert_eq!(csv.lines().count(), 1 + 3 + 1 + 1, "{csv}");
     let r = upload(
         &app,
@@ -409,6 +415,29 @@ async fn a_malformed_report_is_refused_whole_and_bad_lines_are_exceptions_with_t
     );
     assert_eq!(status(&app, &id).await, "settled");
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
+
+    // A charge payrail has not captured yet is a status_mismatch and stays unapplied; once the
+    // capture lands, the same report matches it and the exception resolves itself.
+    let held = app.pay(3000, "pm_card_visa", "manual", true).await;
+    let held_id = held.body["payment_id"].as_str().unwrap().to_owned();
+    let held_ref = held.body["psp_reference"].as_str().unwrap().to_owned();
+    let early = format!("{header}txn_held,charge,{held_ref},30.00,1.00,29.00,usd,{now},,charge\n");
+    let r = upload(&app, &format!("connector_id={connector}"), early.clone()).await;
+    assert_eq!(
+        (r.body["matched"].as_i64(), r.body["exceptions"].as_i64()),
+        (Some(0), Some(1)),
+        "{}",
+        r.body
+    );
+    assert_eq!(exceptions(&app, "type=status_mismatch&status=open").await.len(), 1);
+    let r = app
+        .post(&format!("/api/v1/payments/{held_id}/capture"), json!({}))
+        .await;
+    assert_eq!(r.body["status"], "captured", "{}", r.body);
+    let r = upload(&app, &format!("connector_id={connector}"), early).await;
+    assert_eq!(r.body["matched"], 1, "{}", r.body);
+    assert_eq!(status(&app, &held_id).await, "settled");
+    assert_eq!(exceptions(&app, "type=status_mismatch&status=open").await.len(), 0);
 
     // Validation.
     let r = upload(&app, "connector_id=mca_unknown", "x".into()).await;

@@ -135,10 +135,9 @@ pub struct ChunkWrite {
     /// The chunk's fee journals (one per currency), with the currency they cover.
     pub fee_journals: Vec<SettlementJournal>,
     pub payout_journals: Vec<SettlementJournal>,
-    /// Captures (payment ids) and refunds this chunk matched: their `missing_in_report`
-    /// exceptions resolve themselves.
-    pub matched_payments: Vec<String>,
-    pub matched_refunds: Vec<String>,
+    /// The references (intent, refund, dispute) of the lines this chunk matched: their open
+    /// `missing_in_report` and `status_mismatch` exceptions resolve themselves.
+    pub matched_references: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -502,6 +501,57 @@ impl Db {
         ))
     }
 
+    /// Fresh planner statistics for `settlement_lines` (a sample: cheap at any size).
+    pub async fn analyze_settlement_lines(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.batch_execute("ANALYZE settlement_lines").await.map_err(pg_error)
+    }
+
+    /// Dispute lines of this connector already matched, as (kind, reference).
+    pub async fn matched_disputes(
+        &self,
+        connector: &str,
+        references: &[String],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        if references.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT kind, reference FROM settlement_lines WHERE reference = ANY($1) AND connector_id = $2
+                   AND kind IN ('dispute', 'dispute_reversal') AND outcome = 'matched'",
+                &[&references, &connector],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Runs a process left `running` when it stopped are failed, and their staged lines removed.
+    /// (Single node: a run belongs to the process that started it.)
+    pub async fn fail_abandoned_runs(&self) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE reconciliation_runs SET status = 'failed', finished_at = now(),
+                     error = 'the process running it stopped; the lines it applied stay applied, run the report again'
+                 WHERE status = 'running'",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?;
+        client
+            .execute(
+                "DELETE FROM settlement_stage s WHERE NOT EXISTS
+                     (SELECT 1 FROM reconciliation_runs r WHERE r.id = s.run_id AND r.status = 'running')",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(n)
+    }
+
     /// Writes one chunk: its lines, exceptions and journals, and the balances they move, in
     /// one transaction. Returns the lines and exceptions actually inserted (a line another
     /// run got in first is not counted twice).
@@ -649,13 +699,13 @@ impl Db {
             .await
             .map_err(pg_error)?;
         let exceptions = insert_exceptions(&tx, &connector.id, run_id, &w.exceptions).await?;
-        if !w.matched_payments.is_empty() || !w.matched_refunds.is_empty() {
+        if !w.matched_references.is_empty() {
             tx.execute(
                 "UPDATE reconciliation_exceptions SET status = 'resolved', resolved_by = 'reconciliation',
                      resolution = 'matched by run ' || $2, resolved_at = now()
-                 WHERE connector_id = $1 AND type = 'missing_in_report' AND status = 'open'
-                   AND (payment_id = ANY($3) AND refund_id IS NULL OR refund_id = ANY($4))",
-                &[&connector.id, &run_id, &w.matched_payments, &w.matched_refunds],
+                 WHERE connector_id = $1 AND type IN ('missing_in_report', 'status_mismatch') AND status = 'open'
+                   AND reference = ANY($3)",
+                &[&connector.id, &run_id, &w.matched_references],
             )
             .await
             .map_err(pg_error)?;

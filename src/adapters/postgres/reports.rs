@@ -164,14 +164,18 @@ impl Db {
     /// The payment's receipt token, made at the first call (128 random bits).
     pub async fn receipt_token(&self, payment: &str) -> Result<String, StoreError> {
         let client = self.client().await?;
-        let fresh = format!("rcpt_{}", uuid::Uuid::new_v4().simple());
-        let row = client
-            .query_one(
-                "WITH made AS (INSERT INTO receipts (token, payment_id) VALUES ($1, $2)
-                               ON CONFLICT (payment_id) DO NOTHING RETURNING token)
-                 SELECT token FROM made UNION ALL SELECT token FROM receipts WHERE payment_id = $2 LIMIT 1",
+        let fresh = format!("rcpt_{}", hex::encode(rand::random::<[u8; 16]>()));
+        // Two statements: a concurrent first call's row is committed (its insert made this one
+        // wait) and visible by the time this one reads.
+        client
+            .execute(
+                "INSERT INTO receipts (token, payment_id) VALUES ($1, $2) ON CONFLICT (payment_id) DO NOTHING",
                 &[&fresh, &payment],
             )
+            .await
+            .map_err(pg_error)?;
+        let row = client
+            .query_one("SELECT token FROM receipts WHERE payment_id = $1", &[&payment])
             .await
             .map_err(pg_error)?;
         Ok(row.get(0))
