@@ -52,24 +52,6 @@ CREATE TABLE reconciliation_runs (
 );
 CREATE INDEX reconciliation_runs_connector ON reconciliation_runs (connector_id, started_at DESC);
 
--- A report is parsed into this table in ONE transaction before anything is applied, so a
--- malformed file leaves nothing behind. Rows are removed when the run ends.
-CREATE UNLOGGED TABLE settlement_stage (
-    run_id    text NOT NULL,
-    line_no   integer NOT NULL,
-    line_key  text NOT NULL,
-    kind      text NOT NULL,
-    reference text NOT NULL,
-    intent    text,
-    amount    bigint NOT NULL,
-    fee       bigint NOT NULL,
-    currency  text NOT NULL,
-    created   timestamptz NOT NULL,
-    -- Why the row could not be read (its fields are then placeholders).
-    malformed text,
-    PRIMARY KEY (run_id, line_no)
-);
-
 -- Every report line applied, once: its natural key is the PSP's own (Stripe's txn id, or
 -- Adyen's batch, reference, type and modification). A line given again is skipped.
 CREATE TABLE settlement_lines (

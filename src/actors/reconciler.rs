@@ -1,10 +1,10 @@
 //! Reconciliation runs (docs/DESIGN.md, "Reconciliation"): a PSP settlement report against
 //! payrail's payments, refunds and disputes.
 //!
-//! 1. **Stage.** The report (spooled to a file, never held in memory) is parsed line by line on
-//!    a blocking thread and COPYed into `settlement_stage` in ONE transaction: a file that
-//!    cannot be read is refused with nothing applied.
-//! 2. **Apply**, in chunks of `[reconciliation] chunk_lines`, in file order. A line whose key
+//! 1. **Check.** The report (spooled to a file, never held in memory) is read through once on a
+//!    blocking thread: a file that cannot be read is refused whole, with nothing applied.
+//! 2. **Apply**, in chunks of `[reconciliation] chunk_lines`, in file order, read a second time
+//!    (a blocking thread parses the next chunk while one is applied). A line whose key
 //!    an earlier run applied is skipped (a report given twice changes nothing); the rest are
 //!    matched by PSP reference, type, currency and amount. A matched capture is settled first
 //!    (through its actor if it is live; otherwise by the same state-machine step in commits
@@ -32,7 +32,7 @@ use super::payment_flow::settle_commit_standalone;
 use super::registry::PaymentRegistry;
 use crate::adapters::postgres::commit::CommitError;
 use crate::adapters::postgres::reconciliation::{
-    new_id, AppliedLine, ChunkWrite, Connector, NewException, SettlementJournal, StagedLine, BANK, PSP_FEES_EXPENSE,
+    new_id, AppliedLine, ChunkWrite, Connector, NewException, ReportLine, SettlementJournal, BANK, PSP_FEES_EXPENSE,
 };
 use crate::adapters::postgres::{Db, StoreError};
 use crate::adapters::psp::sandbox_settlement::{day_bounds, write_report, Faults, ReportError};
@@ -54,7 +54,7 @@ pub enum ReconError {
     Settle(#[from] PaymentError),
     #[error("a payment could not be settled: {0}")]
     Commit(CommitError),
-    #[error("the report could not be spooled: {0}")]
+    #[error("the report file could not be written or read: {0}")]
     Io(String),
     #[error(transparent)]
     Report(#[from] ReportError),
@@ -125,9 +125,6 @@ impl<R: Read> Read for Hashing<R> {
         Ok(n)
     }
 }
-
-/// Lines waiting between the parser's thread and the COPY.
-const STAGE_QUEUE: usize = 4096;
 
 #[derive(Debug, Default)]
 struct Totals {
@@ -201,7 +198,6 @@ impl Reconciler {
             .create_run(&run_id, &req.connector.id, req.format.as_str(), req.source, req.date)
             .await?;
         let result = self.run_inner(&run_id, &req).await;
-        let _ = self.db.drop_stage(&run_id).await;
         match result {
             Ok((sha, totals)) => {
                 self.db
@@ -243,17 +239,42 @@ impl Reconciler {
     }
 
     async fn run_inner(&self, run_id: &str, req: &RunRequest) -> Result<(String, Totals), ReconError> {
-        let staging = std::time::Instant::now();
-        let sha = self.stage(run_id, req.format, &req.file.0).await?;
-        tracing::debug!(run_id, stage_ms = staging.elapsed().as_millis() as u64, "report staged");
+        let checking = std::time::Instant::now();
+        let sha = self.check(run_id, req.format, &req.file.0).await?;
+        tracing::debug!(
+            run_id,
+            check_ms = checking.elapsed().as_millis() as u64,
+            "report read through"
+        );
         let mut totals = Totals::default();
-        let mut after = 0;
         let mut chunk_no = 0u32;
-        let chunk = self.config.chunk_lines.clamp(1, 100_000) as i64;
-        loop {
-            let page = self.db.staged_page(run_id, after, chunk).await?;
-            let Some(last) = page.last() else { break };
-            after = last.line_no;
+        let chunk = self.config.chunk_lines.clamp(1, 100_000);
+        // The second reading: chunks of lines, parsed on a blocking thread while the previous
+        // chunk is applied. The queue holds two chunks at most.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<ReportLine>>(2);
+        let (path, format) = (req.file.0.clone(), req.format);
+        let parser = tokio::task::spawn_blocking(move || -> Result<(), FileError> {
+            let Ok(file) = std::fs::File::open(&path) else {
+                return Err(FileError::Empty);
+            };
+            let mut reader = ReportReader::new(format, std::io::BufReader::with_capacity(1 << 16, file))?;
+            let mut page = Vec::with_capacity(chunk);
+            while let Some(item) = reader.next_line() {
+                page.push(to_line(item?, Utc::now())?);
+                if page.len() == chunk
+                    && tx
+                        .blocking_send(std::mem::replace(&mut page, Vec::with_capacity(chunk)))
+                        .is_err()
+                {
+                    return Ok(());
+                }
+            }
+            if !page.is_empty() {
+                let _ = tx.blocking_send(page);
+            }
+            Ok(())
+        });
+        while let Some(page) = rx.recv().await {
             chunk_no += 1;
             totals.lines += page.len() as i64;
             if chunk_no.is_power_of_two() && chunk_no >= 4 {
@@ -263,6 +284,16 @@ impl Reconciler {
             }
             self.apply_chunk(run_id, &sha, chunk_no, &req.connector, &page, &mut totals)
                 .await?;
+        }
+        match parser.await {
+            Ok(Ok(())) => {}
+            // The file was read whole once already: it changed under the run.
+            Ok(Err(e)) => {
+                return Err(ReconError::Io(format!(
+                    "the spooled report changed while it was applied: {e}"
+                )))
+            }
+            Err(e) => return Err(ReconError::Io(e.to_string())),
         }
         let date = req.date.or(totals.latest.map(|t| t.date_naive()));
         if let Some(date) = date {
@@ -277,12 +308,12 @@ impl Reconciler {
         Ok((sha, totals))
     }
 
-    /// Parses the file on a blocking thread into the stage; refuses it whole on a
-    /// structural error. Returns the file's SHA-256.
-    async fn stage(&self, run_id: &str, format: Format, path: &Path) -> Result<String, ReconError> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<StagedLine, FileError>>(STAGE_QUEUE);
+    /// The first reading: the whole file, on a blocking thread, before anything is applied. A
+    /// file the reader cannot follow is refused here, with nothing applied. Returns the file's
+    /// SHA-256.
+    async fn check(&self, run_id: &str, format: Format, path: &Path) -> Result<String, ReconError> {
         let path = path.to_owned();
-        let parser = tokio::task::spawn_blocking(move || -> Result<String, String> {
+        let checked = tokio::task::spawn_blocking(move || -> Result<Result<String, FileError>, String> {
             let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
             let input = Hashing {
                 inner: std::io::BufReader::with_capacity(1 << 16, file),
@@ -290,34 +321,22 @@ impl Reconciler {
             };
             let mut reader = match ReportReader::new(format, input) {
                 Ok(r) => r,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return Ok(String::new());
-                }
+                Err(e) => return Ok(Err(e)),
             };
             while let Some(item) = reader.next_line() {
-                let staged = item.and_then(|p| to_staged(p, Utc::now()));
-                let refused = staged.is_err();
-                if tx.blocking_send(staged).is_err() || refused {
-                    // The stage stopped (a store error), or the file is refused.
-                    return Ok(String::new());
+                if let Err(e) = item.and_then(|p| to_line(p, Utc::now())) {
+                    return Ok(Err(e));
                 }
             }
-            Ok(hex::encode(reader.into_inner().hash.finalize()))
-        });
-        let staged = self.db.stage_lines(run_id, &mut rx).await;
-        drop(rx);
-        let sha = parser
-            .await
-            .map_err(|e| ReconError::Io(e.to_string()))?
-            .map_err(ReconError::Io)?;
-        match staged? {
-            Ok(_) => Ok(sha),
-            Err(e) => Err(ReconError::Refused {
-                run_id: run_id.to_owned(),
-                reason: format!("the report was refused, nothing was applied: {e}"),
-            }),
-        }
+            Ok(Ok(hex::encode(reader.into_inner().hash.finalize())))
+        })
+        .await
+        .map_err(|e| ReconError::Io(e.to_string()))?
+        .map_err(ReconError::Io)?;
+        checked.map_err(|e| ReconError::Refused {
+            run_id: run_id.to_owned(),
+            reason: format!("the report was refused, nothing was applied: {e}"),
+        })
     }
 
     async fn apply_chunk(
@@ -326,7 +345,7 @@ impl Reconciler {
         sha: &str,
         chunk_no: u32,
         connector: &Connector,
-        page: &[StagedLine],
+        page: &[ReportLine],
         totals: &mut Totals,
     ) -> Result<(), ReconError> {
         for _ in 0..3 {
@@ -349,7 +368,7 @@ impl Reconciler {
                 let matched = write.lines.iter().filter(|l| l.matched).count() as i64;
                 totals.matched += matched;
                 for l in &write.lines {
-                    totals.latest = totals.latest.max(Some(l.staged.created));
+                    totals.latest = totals.latest.max(Some(l.line.created));
                 }
                 return Ok(());
             }
@@ -366,14 +385,14 @@ impl Reconciler {
         sha: &str,
         chunk_no: u32,
         connector: &Connector,
-        page: &[StagedLine],
+        page: &[ReportLine],
     ) -> Result<(ChunkWrite, Vec<Payment>, i64), ReconError> {
         let keys: Vec<String> = page.iter().map(|l| l.key.clone()).collect();
         let applied = self.db.applied_lines(&connector.id, &keys).await?;
         let mut w = ChunkWrite::default();
         let mut already = 0;
         let mut seen: HashSet<&str> = HashSet::new();
-        let mut fresh: Vec<(&StagedLine, LineKind)> = Vec::new();
+        let mut fresh: Vec<(&ReportLine, LineKind)> = Vec::new();
         for l in page {
             if let Some(reason) = &l.malformed {
                 w.exceptions.push(exception(
@@ -443,7 +462,7 @@ impl Reconciler {
         let mut fees: BTreeMap<String, i64> = BTreeMap::new();
         for (l, kind) in fresh {
             let mut applied = AppliedLine {
-                staged: l.clone(),
+                line: l.clone(),
                 kind,
                 payment_id: None,
                 refund_id: None,
@@ -611,7 +630,7 @@ impl Reconciler {
         }
         // A line given twice names what its first copy matched.
         for e in w.exceptions.iter_mut().filter(|e| e.payment_id.is_none()) {
-            if let Some(first) = w.lines.iter().find(|l| Some(&l.staged.key) == e.line_key.as_ref()) {
+            if let Some(first) = w.lines.iter().find(|l| Some(&l.line.key) == e.line_key.as_ref()) {
                 e.payment_id = first.payment_id.clone();
                 e.refund_id = first.refund_id.clone();
             }
@@ -715,7 +734,7 @@ const SETTLE_BATCH: usize = 1000;
 /// Such transactions at once.
 const SETTLE_BATCHES_IN_FLIGHT: usize = 4;
 
-fn exception(kind: &'static str, dedupe_key: String, l: &StagedLine, detail: String) -> NewException {
+fn exception(kind: &'static str, dedupe_key: String, l: &ReportLine, detail: String) -> NewException {
     NewException {
         kind,
         dedupe_key,
@@ -731,7 +750,7 @@ fn exception(kind: &'static str, dedupe_key: String, l: &StagedLine, detail: Str
     }
 }
 
-fn to_staged(p: Parsed, now: DateTime<Utc>) -> Result<StagedLine, FileError> {
+fn to_line(p: Parsed, now: DateTime<Utc>) -> Result<ReportLine, FileError> {
     let line_no = |n: u64| {
         i32::try_from(n).map_err(|_| FileError::Structure {
             line: n,
@@ -739,7 +758,7 @@ fn to_staged(p: Parsed, now: DateTime<Utc>) -> Result<StagedLine, FileError> {
         })
     };
     Ok(match p {
-        Parsed::Line(l) => StagedLine {
+        Parsed::Line(l) => ReportLine {
             line_no: line_no(l.line_no)?,
             key: l.key,
             kind: l.kind.as_str().to_owned(),
@@ -755,7 +774,7 @@ fn to_staged(p: Parsed, now: DateTime<Utc>) -> Result<StagedLine, FileError> {
             line_no: n,
             key,
             reason,
-        } => StagedLine {
+        } => ReportLine {
             line_no: line_no(n)?,
             key: key.unwrap_or_else(|| format!("line:{n}")),
             kind: LineKind::Other.as_str().to_owned(),

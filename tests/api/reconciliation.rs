@@ -376,7 +376,6 @@ async fn a_malformed_report_is_refused_whole_and_bad_lines_are_exceptions_with_t
     let message = r.body["error"]["message"].as_str().unwrap();
     assert!(message.contains("line 3"), "{message}");
     assert_eq!(app.count("settlement_lines").await, 0);
-    assert_eq!(app.count("settlement_stage").await, 0);
     assert_eq!(status(&app, &id).await, "captured");
     let runs = operator(&app, "GET", "/admin/v1/reconciliation/runs", None).await;
     assert_eq!(runs.body["data"][0]["status"], "failed");

@@ -1,14 +1,11 @@
 //! Connectors, reconciliation runs, settlement lines and exceptions (docs/API.md,
-//! "Reconciliation"). A report is staged by COPY in one transaction, then applied chunk by
-//! chunk: each chunk's lines, exceptions and journals commit together, so a line is applied
-//! once however often its report is given.
+//! "Reconciliation"). A report is applied chunk by chunk: each chunk's lines, exceptions and
+//! journals commit together, so a line is applied once however often its report is given.
 
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{json, Value};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
 
 use super::payments::{payment_from_row, COLUMNS};
 use super::{pg_error, Db, StoreError};
@@ -54,9 +51,9 @@ fn connector_from_row(r: &tokio_postgres::Row) -> Connector {
 
 const CONNECTOR_COLUMNS: &str = "id, merchant_id, psp, label, enabled, created_at";
 
-/// One staged report line (`settlement_stage`).
+/// One line of a report as a run applies it (a malformed line keeps only its number and why).
 #[derive(Debug, Clone)]
-pub struct StagedLine {
+pub struct ReportLine {
     pub line_no: i32,
     pub key: String,
     pub kind: String,
@@ -91,7 +88,7 @@ pub struct DisputeFacts {
 /// A line as applied: its row in `settlement_lines`.
 #[derive(Debug, Clone)]
 pub struct AppliedLine {
-    pub staged: StagedLine,
+    pub line: ReportLine,
     pub kind: LineKind,
     pub payment_id: Option<String>,
     pub refund_id: Option<String>,
@@ -265,102 +262,6 @@ impl Db {
         Ok(())
     }
 
-    /// Stages a report's lines in ONE transaction: the receiver yields lines until the end
-    /// (`None`) or an error that refuses the file, which rolls everything back.
-    pub async fn stage_lines<E>(
-        &self,
-        run_id: &str,
-        rx: &mut tokio::sync::mpsc::Receiver<Result<StagedLine, E>>,
-    ) -> Result<Result<u64, E>, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_error)?;
-        let sink = tx
-            .copy_in(
-                "COPY settlement_stage (run_id, line_no, line_key, kind, reference, intent, amount, fee, currency, created, malformed)
-                 FROM STDIN BINARY",
-            )
-            .await
-            .map_err(pg_error)?;
-        let types = [
-            Type::TEXT,
-            Type::INT4,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::INT8,
-            Type::INT8,
-            Type::TEXT,
-            Type::TIMESTAMPTZ,
-            Type::TEXT,
-        ];
-        let writer = BinaryCopyInWriter::new(sink, &types);
-        futures_util::pin_mut!(writer);
-        let mut n = 0u64;
-        while let Some(item) = rx.recv().await {
-            let l = match item {
-                Ok(l) => l,
-                // Dropping the transaction rolls the staged lines back.
-                Err(e) => return Ok(Err(e)),
-            };
-            let row: [&(dyn ToSql + Sync); 11] = [
-                &run_id,
-                &l.line_no,
-                &l.key,
-                &l.kind,
-                &l.reference,
-                &l.intent,
-                &l.amount,
-                &l.fee,
-                &l.currency,
-                &l.created,
-                &l.malformed,
-            ];
-            writer.as_mut().write(&row).await.map_err(pg_error)?;
-            n += 1;
-        }
-        writer.finish().await.map_err(pg_error)?;
-        tx.commit().await.map_err(pg_error)?;
-        Ok(Ok(n))
-    }
-
-    /// Staged lines after `after_line`, in file order.
-    pub async fn staged_page(&self, run_id: &str, after_line: i32, limit: i64) -> Result<Vec<StagedLine>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT line_no, line_key, kind, reference, intent, amount, fee, currency, created, malformed
-                 FROM settlement_stage WHERE run_id = $1 AND line_no > $2 ORDER BY line_no LIMIT $3",
-                &[&run_id, &after_line, &limit],
-            )
-            .await
-            .map_err(pg_error)?;
-        Ok(rows
-            .iter()
-            .map(|r| StagedLine {
-                line_no: r.get(0),
-                key: r.get(1),
-                kind: r.get(2),
-                reference: r.get(3),
-                intent: r.get(4),
-                amount: r.get(5),
-                fee: r.get(6),
-                currency: r.get(7),
-                created: r.get(8),
-                malformed: r.get(9),
-            })
-            .collect())
-    }
-
-    pub async fn drop_stage(&self, run_id: &str) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client
-            .execute("DELETE FROM settlement_stage WHERE run_id = $1", &[&run_id])
-            .await
-            .map_err(pg_error)?;
-        Ok(())
-    }
-
     /// Which of `keys` a run already applied for this connector: key → run id.
     pub async fn applied_lines(&self, connector: &str, keys: &[String]) -> Result<HashMap<String, String>, StoreError> {
         let client = self.client().await?;
@@ -528,7 +429,7 @@ impl Db {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// Runs a process left `running` when it stopped are failed, and their staged lines removed.
+    /// Runs a process left `running` when it stopped are failed.
     /// (Single node: a run belongs to the process that started it.)
     pub async fn fail_abandoned_runs(&self) -> Result<u64, StoreError> {
         let client = self.client().await?;
@@ -537,14 +438,6 @@ impl Db {
                 "UPDATE reconciliation_runs SET status = 'failed', finished_at = now(),
                      error = 'the process running it stopped; the lines it applied stay applied, run the report again'
                  WHERE status = 'running'",
-                &[],
-            )
-            .await
-            .map_err(pg_error)?;
-        client
-            .execute(
-                "DELETE FROM settlement_stage s WHERE NOT EXISTS
-                     (SELECT 1 FROM reconciliation_runs r WHERE r.id = s.run_id AND r.status = 'running')",
                 &[],
             )
             .await
@@ -568,7 +461,7 @@ impl Db {
         tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&connector.id])
             .await
             .map_err(pg_error)?;
-        let keys: Vec<&str> = w.lines.iter().map(|l| l.staged.key.as_str()).collect();
+        let keys: Vec<&str> = w.lines.iter().map(|l| l.line.key.as_str()).collect();
         let taken: i64 = tx
             .query_one(
                 "SELECT count(*) FROM settlement_lines WHERE connector_id = $1 AND line_key = ANY($2)",
@@ -652,21 +545,21 @@ impl Db {
             Vec::with_capacity(n),
         );
         for l in &w.lines {
-            keys.push(l.staged.key.as_str());
-            line_nos.push(l.staged.line_no);
+            keys.push(l.line.key.as_str());
+            line_nos.push(l.line.line_no);
             kinds.push(l.kind.as_str());
-            refs.push(l.staged.reference.as_str());
-            intents.push(l.staged.intent.as_deref());
-            amounts.push(l.staged.amount);
-            fees.push(l.staged.fee);
-            currencies.push(l.staged.currency.as_str());
-            created.push(l.staged.created);
+            refs.push(l.line.reference.as_str());
+            intents.push(l.line.intent.as_deref());
+            amounts.push(l.line.amount);
+            fees.push(l.line.fee);
+            currencies.push(l.line.currency.as_str());
+            created.push(l.line.created);
             payments.push(l.payment_id.as_deref());
             refunds.push(l.refund_id.as_deref());
             outcomes.push(if l.matched { "matched" } else { "exception" });
             jids.push(match (&l.journal_id, l.matched) {
                 (Some(j), _) => Some(j.clone()),
-                (None, true) if l.staged.fee != 0 => fee_journal_of(&l.staged.currency),
+                (None, true) if l.line.fee != 0 => fee_journal_of(&l.line.currency),
                 _ => None,
             });
         }
