@@ -75,6 +75,7 @@ CREATE TABLE settlement_lines (
 );
 CREATE INDEX settlement_lines_payment ON settlement_lines (payment_id, kind) WHERE payment_id IS NOT NULL;
 CREATE INDEX settlement_lines_refund ON settlement_lines (refund_id) WHERE refund_id IS NOT NULL;
+CREATE INDEX settlement_lines_dispute ON settlement_lines (reference, kind) WHERE kind IN ('dispute', 'dispute_reversal');
 
 CREATE TABLE reconciliation_exceptions (
     id           text PRIMARY KEY CHECK (id LIKE 'rex\_%'),

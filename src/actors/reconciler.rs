@@ -126,6 +126,14 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
+/// A chunk classified and settled, waiting for its commit.
+struct Prepared {
+    chunk_no: u32,
+    page: Vec<ReportLine>,
+    write: ChunkWrite,
+    already: i64,
+}
+
 #[derive(Debug, Default)]
 struct Totals {
     lines: i64,
@@ -282,7 +290,14 @@ impl Reconciler {
                 // key lookups must keep using their indexes.
                 self.db.analyze_settlement_lines().await?;
             }
-            self.apply_chunk(run_id, &sha, chunk_no, &req.connector, &page, &mut totals)
+            let (write, already) = self.prepare(run_id, &sha, chunk_no, &req.connector, &page).await?;
+            let prepared = Prepared {
+                chunk_no,
+                page,
+                write,
+                already,
+            };
+            self.commit_chunk(run_id, &sha, &req.connector, prepared, &mut totals)
                 .await?;
         }
         match parser.await {
@@ -339,27 +354,55 @@ impl Reconciler {
         })
     }
 
-    async fn apply_chunk(
+    /// Classifies a chunk and settles what it matched: everything but the chunk's own commit.
+    async fn prepare(
         &self,
         run_id: &str,
         sha: &str,
         chunk_no: u32,
         connector: &Connector,
         page: &[ReportLine],
+    ) -> Result<(ChunkWrite, i64), ReconError> {
+        let t0 = std::time::Instant::now();
+        let (write, settle, already) = self.classify(run_id, sha, chunk_no, connector, page).await?;
+        let t1 = std::time::Instant::now();
+        self.settle(connector, settle).await?;
+        tracing::debug!(
+            chunk_no,
+            classify_ms = (t1 - t0).as_millis() as u64,
+            settle_ms = t1.elapsed().as_millis() as u64,
+            "reconciliation chunk prepared"
+        );
+        Ok((write, already))
+    }
+
+    /// Commits a prepared chunk. The database refuses it if a line of it, or a capture, refund
+    /// or dispute it matched, was applied since it was classified (by another run, on this node
+    /// or another): it is then prepared again.
+    async fn commit_chunk(
+        &self,
+        run_id: &str,
+        sha: &str,
+        connector: &Connector,
+        chunk: Prepared,
         totals: &mut Totals,
     ) -> Result<(), ReconError> {
-        for _ in 0..3 {
+        let Prepared {
+            chunk_no,
+            page,
+            mut write,
+            mut already,
+        } = chunk;
+        for attempt in 0..3 {
+            if attempt > 0 {
+                (write, already) = self.prepare(run_id, sha, chunk_no, connector, &page).await?;
+            }
             let t0 = std::time::Instant::now();
-            let (write, settle, already) = self.classify(run_id, sha, chunk_no, connector, page).await?;
-            let t1 = std::time::Instant::now();
-            self.settle(connector, settle).await?;
-            let t2 = std::time::Instant::now();
             let applied = self.db.apply_chunk(connector, run_id, &write).await?;
             tracing::debug!(
                 chunk_no,
-                classify_ms = (t1 - t0).as_millis() as u64,
-                settle_ms = (t2 - t1).as_millis() as u64,
-                apply_ms = t2.elapsed().as_millis() as u64,
+                attempt,
+                apply_ms = t0.elapsed().as_millis() as u64,
                 "reconciliation chunk"
             );
             if let Some(counts) = applied {

@@ -14,6 +14,8 @@ fn quiet(c: &mut payrail::config::Config) {
     // Today's captures are due in today's report: nothing may be late.
     c.reconciliation.window_hours = 0;
     c.reconciliation.daily_at_utc = String::new();
+    // Chunks of three lines: every report here runs over several.
+    c.reconciliation.chunk_lines = 3;
     c.psp.sandbox.dispute_delay_ms = 20;
 }
 
@@ -495,4 +497,49 @@ async fn the_reconcile_command_streams_a_file_to_the_server() {
     assert_eq!(run["matched"], 2, "{run}");
     assert_eq!(run["source"], "upload");
     assert_eq!(status(&app, &id).await, "settled");
+}
+
+#[actix_web::test]
+async fn a_line_repeated_in_a_later_chunk_is_matched_once() {
+    // Chunks of three lines: the repeats below sit in the chunk after their first copies.
+    let app = spawn_app_with(quiet).await;
+    let connector = demo_connector(&app).await;
+    let mut refs = Vec::new();
+    for amount in [1000, 2000, 3000] {
+        let r = app.pay(amount, "pm_card_visa", "automatic", true).await;
+        refs.push((
+            r.body["payment_id"].as_str().unwrap().to_owned(),
+            r.body["psp_reference"].as_str().unwrap().to_owned(),
+            amount,
+        ));
+    }
+    let now = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S");
+    let line = |key: &str, reference: &str, amount: i64| {
+        let major = payrail::domain::settlement::format_amount(amount, 2);
+        format!("{key},charge,{reference},{major},0.00,{major},usd,{now},,charge\n")
+    };
+    let mut csv = "id,type,source,amount,fee,net,currency,created,available_on,reporting_category\n".to_owned();
+    csv += &line("txn_1", &refs[0].1, refs[0].2);
+    csv += &line("txn_2", &refs[1].1, refs[1].2);
+    csv += &line("txn_3", &refs[2].1, refs[2].2);
+    // The same key again, and the same capture under another key.
+    csv += &line("txn_1", &refs[0].1, refs[0].2);
+    csv += &line("txn_2b", &refs[1].1, refs[1].2);
+    let r = upload(&app, &format!("connector_id={connector}"), csv).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        (r.body["matched"].as_i64(), r.body["exceptions"].as_i64()),
+        (Some(3), Some(2)),
+        "{}",
+        r.body
+    );
+    let dups = exceptions(&app, "type=duplicate_in_report").await;
+    let mut keys: Vec<&str> = dups.iter().map(|e| e["line_key"].as_str().unwrap()).collect();
+    keys.sort();
+    assert_eq!(keys, vec!["txn_1", "txn_2b"], "{dups:#?}");
+    let other_key = dups.iter().find(|e| e["line_key"] == "txn_2b").unwrap();
+    assert_eq!(other_key["payment_id"], refs[1].0.as_str());
+    let matched = scalar(&app, "SELECT count(*) FROM settlement_lines WHERE outcome = 'matched'").await;
+    assert_eq!(matched, 3);
+    assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
 }

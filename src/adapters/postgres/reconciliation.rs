@@ -473,6 +473,39 @@ impl Db {
         if taken > 0 {
             return Ok(None);
         }
+        // …and one matched line per capture, refund and dispute, whichever chunk or run
+        // matched it first.
+        let mut charges = Vec::new();
+        let mut refunds = Vec::new();
+        let mut disputes = Vec::new();
+        let mut reversals = Vec::new();
+        for l in w.lines.iter().filter(|l| l.matched) {
+            match l.kind {
+                LineKind::Charge => charges.extend(l.payment_id.as_deref()),
+                LineKind::Refund => refunds.extend(l.refund_id.as_deref()),
+                LineKind::Dispute => disputes.push(l.line.reference.as_str()),
+                LineKind::DisputeReversal => reversals.push(l.line.reference.as_str()),
+                LineKind::Payout | LineKind::Other => {}
+            }
+        }
+        let matched_since: i64 = tx
+            .query_one(
+                "SELECT (SELECT count(*) FROM settlement_lines WHERE payment_id = ANY($2) AND kind = 'charge'
+                           AND connector_id = $1 AND outcome = 'matched')
+                      + (SELECT count(*) FROM settlement_lines WHERE refund_id = ANY($3)
+                           AND connector_id = $1 AND outcome = 'matched')
+                      + (SELECT count(*) FROM settlement_lines WHERE reference = ANY($4) AND kind = 'dispute'
+                           AND connector_id = $1 AND outcome = 'matched')
+                      + (SELECT count(*) FROM settlement_lines WHERE reference = ANY($5) AND kind = 'dispute_reversal'
+                           AND connector_id = $1 AND outcome = 'matched')",
+                &[&connector.id, &charges, &refunds, &disputes, &reversals],
+            )
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        if matched_since > 0 {
+            return Ok(None);
+        }
         let merchant = connector.merchant_id.as_str();
         let now = Utc::now();
         // Journals first: lines point at them.
