@@ -104,15 +104,24 @@ CREATE TABLE reconciliation_exceptions (
 );
 CREATE INDEX reconciliation_exceptions_open ON reconciliation_exceptions (created_at DESC, id DESC) WHERE status = 'open';
 CREATE INDEX reconciliation_exceptions_run ON reconciliation_exceptions (run_id);
+-- A matched line resolves the open exceptions with its reference.
+CREATE INDEX reconciliation_exceptions_open_reference ON reconciliation_exceptions (connector_id, reference)
+    WHERE status = 'open';
+-- Report lines name refunds and disputes by the PSP's reference.
+CREATE INDEX refunds_psp_reference ON refunds (psp_reference) WHERE psp_reference IS NOT NULL;
+CREATE INDEX disputes_psp_reference ON disputes (psp_reference);
 
 -- Journals a report posts: the PSP's fees (Dr psp_fees_expense / Cr psp_clearing) and its
 -- payouts to the bank (Dr bank / Cr psp_clearing). A payout has no payment.
 ALTER TABLE journals ALTER COLUMN payment_id DROP NOT NULL;
 ALTER TABLE journals DROP CONSTRAINT journals_kind_check;
+-- NOT VALID, then VALIDATE: the check of the rows already there takes no lock that stops writes.
 ALTER TABLE journals ADD CONSTRAINT journals_kind_check
-    CHECK (kind IN ('capture', 'refund', 'dispute_opened', 'dispute_won', 'psp_fee', 'psp_payout'));
+    CHECK (kind IN ('capture', 'refund', 'dispute_opened', 'dispute_won', 'psp_fee', 'psp_payout')) NOT VALID;
+ALTER TABLE journals VALIDATE CONSTRAINT journals_kind_check;
 ALTER TABLE journals ADD CONSTRAINT journals_payment_unless_settlement
-    CHECK (payment_id IS NOT NULL OR kind IN ('psp_fee', 'psp_payout'));
+    CHECK (payment_id IS NOT NULL OR kind IN ('psp_fee', 'psp_payout')) NOT VALID;
+ALTER TABLE journals VALIDATE CONSTRAINT journals_payment_unless_settlement;
 -- Settlement journals are keyed by what posted them (a chunk of a run, a payout line).
 CREATE UNIQUE INDEX journals_settlement_key ON journals (kind, correlation_id) WHERE payment_id IS NULL;
 -- A merchant's ledger movements by time: balance transactions, and captures to reconcile.

@@ -416,9 +416,8 @@ impl Reconciler {
                 return Ok(());
             }
         }
-        Err(ReconError::Io(
-            "another run kept applying the same lines; try again".into(),
-        ))
+        // Another run kept applying the same lines.
+        Err(ReconError::Busy)
     }
 
     /// Decides every line of a chunk: skipped, matched, or an exception.
@@ -651,9 +650,6 @@ impl Reconciler {
                 None => {
                     applied.matched = true;
                     w.matched_references.push(l.reference.clone());
-                    if kind != LineKind::Payout {
-                        *fees.entry(l.currency.clone()).or_default() += l.fee;
-                    }
                 }
                 Some((kind, detail, expected)) => {
                     let mut e = exception(kind, l.key.clone(), l, format!("line {}: {detail}", l.line_no));
@@ -669,14 +665,28 @@ impl Reconciler {
                     }
                 }
             }
+            // The PSP kept its fee whether or not the line matched: every applied line's fee
+            // is posted (a status-mismatched line's waits with the line).
+            *fees.entry(l.currency.clone()).or_default() += l.fee;
             w.lines.push(applied);
         }
         // A line given twice names what its first copy matched.
-        for e in w.exceptions.iter_mut().filter(|e| e.payment_id.is_none()) {
-            if let Some(first) = w.lines.iter().find(|l| Some(&l.line.key) == e.line_key.as_ref()) {
-                e.payment_id = first.payment_id.clone();
-                e.refund_id = first.refund_id.clone();
-            }
+        let by_key: std::collections::HashMap<&str, &AppliedLine> =
+            w.lines.iter().map(|l| (l.line.key.as_str(), l)).collect();
+        let named: Vec<(usize, Option<String>, Option<String>)> = w
+            .exceptions
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.payment_id.is_none())
+            .filter_map(|(i, e)| {
+                let first = by_key.get(e.line_key.as_deref()?)?;
+                Some((i, first.payment_id.clone(), first.refund_id.clone()))
+            })
+            .collect();
+        drop(by_key);
+        for (i, payment, refund) in named {
+            w.exceptions[i].payment_id = payment;
+            w.exceptions[i].refund_id = refund;
         }
         for (currency, fee) in fees.into_iter().filter(|(_, f)| *f != 0) {
             let amount = fee.checked_abs().unwrap_or(0);

@@ -35,6 +35,9 @@ pub enum ApiError {
     RateLimited,
     #[error("{0} is unavailable; retry later")]
     Unavailable(&'static str),
+    /// The request collides with work under way on the same object (409).
+    #[error("{message}")]
+    Conflict { code: &'static str, message: &'static str },
     #[error("internal error")]
     Internal,
 }
@@ -60,7 +63,9 @@ impl ApiError {
             }
             ApiError::Authentication => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::InvalidState(_) | ApiError::IdempotencyKeyInUse => StatusCode::CONFLICT,
+            ApiError::InvalidState(_) | ApiError::IdempotencyKeyInUse | ApiError::Conflict { .. } => {
+                StatusCode::CONFLICT
+            }
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -88,6 +93,7 @@ impl ApiError {
             ApiError::AmountTooLarge { .. } => "amount_too_large",
             ApiError::IdempotencyKeyMissing => "idempotency_key_missing",
             ApiError::IdempotencyKeyInUse => "idempotency_key_in_use",
+            ApiError::Conflict { code, .. } => code,
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::BodyTooLarge(_) => "body_too_large",
             ApiError::RateLimited => "rate_limited",

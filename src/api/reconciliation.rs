@@ -20,16 +20,16 @@ use crate::domain::MerchantId;
 impl From<ReconError> for ApiError {
     fn from(e: ReconError) -> ApiError {
         match e {
-            ReconError::Busy => ApiError::invalid(
-                "reconciliation_in_progress",
-                "a run for this connector is in progress; try again when it ends",
-                None,
-            ),
+            ReconError::Busy => ApiError::Conflict {
+                code: "reconciliation_in_progress",
+                message: "a run for this connector is in progress; try again when it ends",
+            },
             ReconError::Refused { run_id, reason } => {
                 ApiError::invalid("report_malformed", format!("{reason} (run {run_id})"), None)
             }
             ReconError::Store(e) => e.into(),
             ReconError::Settle(e) => e.into(),
+            ReconError::Commit(crate::adapters::postgres::commit::CommitError::Store(e)) => e.into(),
             ReconError::Commit(_) => ApiError::Unavailable("the ledger"),
             ReconError::Report(ReportError::Faults(m)) => ApiError::param("faults", m),
             ReconError::Report(ReportError::Store(e)) => e.into(),
@@ -209,7 +209,12 @@ pub async fn create_run(
             file,
         }
     };
-    let run = state.reconciler.run(run).await?;
+    // The run goes on if the caller hangs up: it is a task of its own, and this answer waits
+    // for it.
+    let reconciler = state.reconciler.clone();
+    let run = actix_rt::spawn(async move { reconciler.run(run).await })
+        .await
+        .map_err(|_| ApiError::Internal)??;
     Ok(json_value(201, &run))
 }
 
@@ -302,6 +307,7 @@ pub async fn resolve_exception(
     let note = f.req_str("note", 2000)?;
     let by = f.req_str("resolved_by", 200)?;
     body::no_card_data("note", note)?;
+    body::no_card_data("resolved_by", by)?;
     let exception = state
         .db
         .resolve_exception(&id, note, by)

@@ -511,7 +511,14 @@ impl Db {
         // Journals first: lines point at them.
         let journals: Vec<&SettlementJournal> = w.fee_journals.iter().chain(&w.payout_journals).collect();
         let mut written_journals = HashSet::new();
+        // Balance deltas, summed and then written in (account, currency) order: two runs'
+        // chunks lock the shared accounts' rows in the same order, so they never deadlock.
+        let mut deltas: std::collections::BTreeMap<(&str, &str), (i64, i64)> = std::collections::BTreeMap::new();
         for j in &journals {
+            if !crate::domain::ledger::is_balanced(&j.entries) {
+                tracing::error!(journal = %j.id, "a settlement journal does not balance; refused");
+                return Err(StoreError::Broken);
+            }
             let inserted = tx
                 .execute(
                     "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
@@ -540,6 +547,17 @@ impl Db {
             )
             .await
             .map_err(pg_error)?;
+            for e in &j.entries {
+                let d = deltas.entry((e.account.as_str(), j.currency.as_str())).or_default();
+                d.0 = d.0.checked_add(e.debit).ok_or(StoreError::Broken)?;
+                d.1 = d.1.checked_add(e.credit).ok_or(StoreError::Broken)?;
+            }
+        }
+        if !deltas.is_empty() {
+            let accounts: Vec<&str> = deltas.keys().map(|k| k.0).collect();
+            let currencies: Vec<&str> = deltas.keys().map(|k| k.1).collect();
+            let debits: Vec<i64> = deltas.values().map(|v| v.0).collect();
+            let credits: Vec<i64> = deltas.values().map(|v| v.1).collect();
             tx.execute(
                 "INSERT INTO ledger_accounts (account, currency, slot, debit_total, credit_total)
                  SELECT a, c, $1, d, k FROM unnest($2::text[], $3::text[], $4::int8[], $5::int8[]) AS u(a, c, d, k)
@@ -590,10 +608,10 @@ impl Db {
             payments.push(l.payment_id.as_deref());
             refunds.push(l.refund_id.as_deref());
             outcomes.push(if l.matched { "matched" } else { "exception" });
-            jids.push(match (&l.journal_id, l.matched) {
-                (Some(j), _) => Some(j.clone()),
-                (None, true) if l.line.fee != 0 => fee_journal_of(&l.line.currency),
-                _ => None,
+            jids.push(match &l.journal_id {
+                Some(j) => Some(j.clone()),
+                None if l.line.fee != 0 => fee_journal_of(&l.line.currency),
+                None => None,
             });
         }
         let lines = tx

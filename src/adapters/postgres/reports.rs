@@ -93,14 +93,19 @@ impl Db {
             Cursor::Oldest(None) => (None, None),
         };
         let sql = format!(
-            "SELECT j.id, j.kind, j.payment_id, j.currency::text, j.created_at,
-                    coalesce(sum(e.credit - e.debit) FILTER (WHERE e.account = $2), 0)::int8,
-                    coalesce(sum(e.credit - e.debit) FILTER (WHERE e.account = $3), 0)::int8
-             FROM journals j JOIN entries e ON e.journal_id = j.id
-             WHERE j.merchant_id = $1 AND j.payment_id IS NOT NULL
-               AND ($4::timestamptz IS NULL OR j.created_at >= $4) AND ($5::timestamptz IS NULL OR j.created_at < $5)
-               AND {bound}
-             GROUP BY j.id ORDER BY j.created_at {order}, j.id {order} LIMIT $8"
+            // The page of journals first (the index on (merchant_id, created_at, id) stops at
+            // the limit), then each one's entries: a page costs its own rows, not the history.
+            "SELECT j.id, j.kind, j.payment_id, j.currency::text, j.created_at, m.net, m.fee
+             FROM (SELECT id, kind, payment_id, currency, created_at FROM journals j
+                   WHERE j.merchant_id = $1 AND j.payment_id IS NOT NULL
+                     AND ($4::timestamptz IS NULL OR j.created_at >= $4) AND ($5::timestamptz IS NULL OR j.created_at < $5)
+                     AND {bound}
+                   ORDER BY j.created_at {order}, j.id {order} LIMIT $8) j
+             CROSS JOIN LATERAL (
+                 SELECT coalesce(sum(e.credit - e.debit) FILTER (WHERE e.account = $2), 0)::int8 AS net,
+                        coalesce(sum(e.credit - e.debit) FILTER (WHERE e.account = $3), 0)::int8 AS fee
+                 FROM entries e WHERE e.journal_id = j.id) m
+             ORDER BY j.created_at {order}, j.id {order}"
         );
         let rows = client
             .query(
