@@ -63,10 +63,14 @@ pub type Endpoints = Arc<Vec<Arc<EndpointRow>>>;
 #[derive(Default)]
 pub struct EndpointCache {
     map: DashMap<String, (Instant, Endpoints)>,
+    /// Bumped by every invalidation: a read that began before one must not put what it read
+    /// back (it may predate the change, and would hide it for the whole TTL).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl EndpointCache {
     pub fn invalidate(&self, merchant: &str) {
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.map.remove(merchant);
     }
 
@@ -85,6 +89,7 @@ impl EndpointCache {
                 return Ok(e.1.clone());
             }
         }
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
         let rows = db.endpoints(merchant).await?;
         let enabled: Endpoints = Arc::new(
             rows.into_iter()
@@ -92,10 +97,18 @@ impl EndpointCache {
                 .map(Arc::new)
                 .collect(),
         );
+        if self.generation.load(std::sync::atomic::Ordering::SeqCst) != generation {
+            // Changed while it was read: used this once, not kept.
+            return Ok(enabled);
+        }
         if self.map.len() >= MAX_CACHED_MERCHANTS {
             self.map.clear();
         }
         self.map.insert(merchant.to_owned(), (Instant::now(), enabled.clone()));
+        if self.generation.load(std::sync::atomic::Ordering::SeqCst) != generation {
+            // An invalidation between the check and the insert: take the entry back out.
+            self.map.remove(merchant);
+        }
         Ok(enabled)
     }
 }
