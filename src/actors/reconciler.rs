@@ -239,6 +239,14 @@ impl Reconciler {
         Ok(self.db.run_object(&run_id).await?.unwrap_or(Value::Null))
     }
 
+    /// A committed settle's status change, in `/metrics` as the actor's own commits count it.
+    fn count_transition(&self, t: Option<&crate::adapters::postgres::commit::Transition>) {
+        if let Some(t) = t {
+            self.metrics
+                .transition(t.from.map(Status::as_str).unwrap_or("none"), t.to.as_str());
+        }
+    }
+
     /// Open exceptions by type into `/metrics`.
     pub async fn refresh_metrics(&self) {
         if let Ok(open) = self.db.open_exceptions_by_type().await {
@@ -738,12 +746,7 @@ impl Reconciler {
                 let refs: Vec<&crate::adapters::postgres::commit::Commit> = commits.iter().map(|(_, c)| c).collect();
                 match self.db.commit_batch(&refs, slot).await {
                     Ok(()) => {
-                        for c in &refs {
-                            if let Some(t) = &c.transition {
-                                self.metrics
-                                    .transition(t.from.map(Status::as_str).unwrap_or("none"), t.to.as_str());
-                            }
-                        }
+                        refs.iter().for_each(|c| self.count_transition(c.transition.as_ref()));
                         Ok(Vec::new())
                     }
                     Err(CommitError::Stale) => Ok(commits.into_iter().map(|(p, _)| p).collect()),
@@ -763,8 +766,12 @@ impl Reconciler {
                 let Some(commit) = settle_commit_standalone(&p, now) else {
                     return Ok(());
                 };
+                let transition = commit.transition.clone();
                 match self.ledger.commit(commit).await {
-                    Ok(()) => return Ok(()),
+                    Ok(()) => {
+                        self.count_transition(transition.as_ref());
+                        return Ok(());
+                    }
                     // Its actor woke up and wrote first: ask it.
                     Err(CommitError::Stale) => {}
                     Err(e) => return Err(ReconError::Commit(e)),

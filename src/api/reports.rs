@@ -13,7 +13,7 @@ use crate::adapters::postgres::Db;
 use crate::api::error::ApiError;
 use crate::domain::record::{list_object, timestamp};
 use crate::domain::settlement::format_amount;
-use crate::domain::{MerchantId, Payment, PaymentId};
+use crate::domain::{MerchantId, Payment};
 
 /// Rows per page of an export: one query and about 200 KiB of CSV at a time.
 const EXPORT_PAGE: i64 = 2000;
@@ -211,11 +211,7 @@ pub async fn balance_transactions_csv(state: web::Data<AppState>, req: HttpReque
 /// `GET /api/v1/payments/{id}/receipt`
 pub async fn receipt(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let merchant = auth::merchant(&state, &req).await?;
-    let id = req
-        .match_info()
-        .get("id")
-        .and_then(PaymentId::parse)
-        .ok_or(ApiError::NotFound("payment"))?;
+    let id = super::payments::path_id(&req)?;
     let p = state
         .db
         .payment_for_merchant(&merchant.id, &id)
