@@ -61,6 +61,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "reconciliation",
         include_str!("../../../migrations/V7__reconciliation.sql"),
     ),
+    (8, "hot_updates", include_str!("../../../migrations/V8__hot_updates.sql")),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.
