@@ -55,6 +55,8 @@ pub enum Op {
         amount: Option<Money>,
         reason: Option<String>,
         resume: Option<RefundId>,
+        /// How a split payment's refund is shared (docs/API.md, "Split payments").
+        share: RefundShare,
     },
     /// Catch up with the PSP after the customer completed 3-D Secure.
     Sync,
@@ -71,14 +73,35 @@ pub enum Op {
     Settle,
 }
 
+/// Who gives back a split payment's refund: the sellers their parts (`reverse_splits`,
+/// default true), the platform its application fee's part (`refund_application_fee`, default
+/// false: the sellers bear it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefundShare {
+    pub reverse_splits: bool,
+    pub refund_application_fee: bool,
+}
+
+impl Default for RefundShare {
+    fn default() -> Self {
+        RefundShare {
+            reverse_splits: true,
+            refund_application_fee: false,
+        }
+    }
+}
+
 impl Op {
     /// The operation as a retry runs it: a refund resumes the one its key already created.
     pub fn resuming(self, resource_id: Option<&str>) -> Op {
         match self {
-            Op::Refund { amount, reason, .. } => Op::Refund {
+            Op::Refund {
+                amount, reason, share, ..
+            } => Op::Refund {
                 amount,
                 reason,
                 resume: resource_id.and_then(RefundId::parse),
+                share,
             },
             other => other,
         }

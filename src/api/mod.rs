@@ -2,6 +2,7 @@
 //! idempotency and body validation are shared here, and every error renders through
 //! [`crate::api::error::ApiError`].
 
+pub mod accounts;
 pub mod admin;
 pub mod auth;
 pub mod body;
@@ -19,6 +20,7 @@ pub mod refunds;
 pub mod reports;
 pub mod risk;
 pub mod sandbox;
+pub mod transfers;
 pub mod webhook_endpoints;
 pub mod webhooks;
 
@@ -100,6 +102,15 @@ api_routes! {
     get "/api/v1/payments/{id}/refunds" => refunds::list_for_payment,
     get "/api/v1/refunds/{id}" => refunds::get,
     get "/api/v1/balance" => ledger::balance,
+    post "/api/v1/accounts" => accounts::create,
+    get "/api/v1/accounts" => accounts::list,
+    get "/api/v1/accounts/{id}" => accounts::get,
+    post "/api/v1/accounts/{id}" => accounts::update,
+    get "/api/v1/accounts/{id}/balance" => accounts::balance,
+    post "/api/v1/transfers" => transfers::create,
+    get "/api/v1/transfers" => transfers::list,
+    get "/api/v1/transfers/{id}" => transfers::get,
+    post "/api/v1/transfers/{id}/reversals" => transfers::reverse,
     get "/api/v1/connectors" => reconciliation::connectors,
     get "/api/v1/balance_transactions" => reports::balance_transactions,
     get "/api/v1/reports/payments.csv" => reports::payments_csv,

@@ -7,13 +7,15 @@ use chrono::{DateTime, Utc};
 
 use super::body::{self, Fields};
 use super::{auth, idempotency, json_value, AppState};
+use crate::actors::payment::RefundShare;
 use crate::actors::payment_flow::Live;
 use crate::actors::{Op, PaymentCall, Reply};
 use crate::adapters::postgres::merchants::Merchant;
 use crate::adapters::postgres::payments::PaymentFilter;
 use crate::api::error::ApiError;
+use crate::domain::marketplace::{SplitError, Splits, MAX_SPLITS};
 use crate::domain::record::{list_object, now};
-use crate::domain::{CaptureStrategy, Payment, PaymentId, Status};
+use crate::domain::{AccountId, CaptureStrategy, Payment, PaymentId, Status};
 
 const CREATE_FIELDS: &[&str] = &[
     "order_id",
@@ -25,6 +27,8 @@ const CREATE_FIELDS: &[&str] = &[
     "description",
     "metadata",
     "customer",
+    "splits",
+    "application_fee_amount",
 ];
 
 /// A payment id from the path; a malformed one names no payment, so it is a 404.
@@ -69,6 +73,7 @@ fn new_payment(state: &AppState, merchant: &Merchant, body: &[u8]) -> Result<(Pa
         fee_bps: merchant.fee_bps,
         fee_fixed: merchant.fee_fixed,
         customer: f.opt_customer("customer")?,
+        splits: splits(&obj, &f, amount.minor)?,
         ..Payment::pending(
             PaymentId::generate(),
             merchant.id.clone(),
@@ -79,6 +84,82 @@ fn new_payment(state: &AppState, merchant: &Merchant, body: &[u8]) -> Result<(Pa
         )
     };
     Ok((payment, confirm))
+}
+
+/// `splits` (`[{ "account": "acct_…", "amount": n }]`, 1 to 100) and `application_fee_amount`,
+/// as given: which accounts they name is checked by [`splits_payable`].
+fn splits(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    f: &Fields<'_>,
+    amount: i64,
+) -> Result<Option<Splits>, ApiError> {
+    let fee = f.opt_int("application_fee_amount", 0, crate::domain::MAX_AMOUNT)?;
+    let Some(list) = obj.get("splits").filter(|v| !v.is_null()) else {
+        return match fee {
+            None => Ok(None),
+            Some(fee) => Splits::new(amount, fee, Vec::new())
+                .map(Some)
+                .map_err(|e| ApiError::param("application_fee_amount", e.to_string())),
+        };
+    };
+    let list = list
+        .as_array()
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| ApiError::param("splits", "splits must be a list of 1 to 100 objects"))?;
+    if list.len() > MAX_SPLITS {
+        return Err(ApiError::param("splits", SplitError::TooMany.to_string()));
+    }
+    let mut parsed = Vec::with_capacity(list.len());
+    for (i, item) in list.iter().enumerate() {
+        let prefix = format!("splits[{i}].");
+        let o = item
+            .as_object()
+            .ok_or_else(|| ApiError::param("splits", "each split must be an object"))?;
+        let sf = Fields::new(o, &["account", "amount"], &prefix)?;
+        let account = AccountId::parse(sf.req_str("account", 80)?)
+            .ok_or_else(|| ApiError::param(&format!("{prefix}account"), "account must be an account id (acct_…)"))?;
+        let a = sf.opt_int("amount", 1, crate::domain::MAX_AMOUNT)?.ok_or_else(|| {
+            ApiError::invalid(
+                "parameter_missing",
+                format!("{prefix}amount is required"),
+                format!("{prefix}amount"),
+            )
+        })?;
+        parsed.push((account, a));
+    }
+    Splits::new(amount, fee.unwrap_or(0), parsed)
+        .map(Some)
+        .map_err(|e| ApiError::param("splits", e.to_string()))
+}
+
+/// Every account a payment's splits name is the platform's and receives funds.
+async fn splits_payable(state: &AppState, merchant: &Merchant, payment: &Payment) -> Result<(), ApiError> {
+    let Some(s) = &payment.splits else { return Ok(()) };
+    if s.splits.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = s.splits.iter().map(|x| x.account.as_str()).collect();
+    let found = state.db.accounts_of(&merchant.id, &ids).await?;
+    for (i, x) in s.splits.iter().enumerate() {
+        match found.iter().find(|a| a.id == x.account) {
+            None => {
+                return Err(ApiError::invalid(
+                    "resource_missing",
+                    "no such account",
+                    format!("splits[{i}].account"),
+                ))
+            }
+            Some(a) if !a.receives_funds() => {
+                return Err(ApiError::invalid(
+                    "account_inactive",
+                    "the account does not receive funds (it is restricted or disabled)",
+                    format!("splits[{i}].account"),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// `POST /api/v1/payments`
@@ -124,6 +205,8 @@ pub async fn create(
                     stored: false,
                 });
             }
+            // Checked here, not with the request's form: a retry is answered as the first was.
+            splits_payable(state, merchant, &payment).await?;
             // The payment's actor stores it (and, with confirm, authorizes it): like every
             // other change, creation goes through the actor.
             let id = payment.id.clone();
@@ -254,11 +337,22 @@ pub async fn refund(
 ) -> Result<HttpResponse, ApiError> {
     operate(state, req, payload, |state, body| {
         let obj = body::object(body)?;
-        let f = Fields::new(&obj, &["amount", "reason"], "")?;
+        let f = Fields::new(
+            &obj,
+            &["amount", "reason", "reverse_splits", "refund_application_fee"],
+            "",
+        )?;
+        let default = RefundShare::default();
         Ok(Op::Refund {
             amount: f.opt_amount("amount", &state.currencies)?,
             reason: f.opt_str("reason", 64)?.map(str::to_owned),
             resume: None,
+            share: RefundShare {
+                reverse_splits: f.opt_bool("reverse_splits")?.unwrap_or(default.reverse_splits),
+                refund_application_fee: f
+                    .opt_bool("refund_application_fee")?
+                    .unwrap_or(default.refund_application_fee),
+            },
         })
     })
     .await

@@ -61,6 +61,10 @@ prefixed_id!(/// A ledger journal, `jr_…`.
     JournalId, "jr_");
 prefixed_id!(/// A dispute, `dp_…`.
     DisputeId, "dp_");
+prefixed_id!(/// A platform's connected (seller) account, `acct_…`.
+    AccountId, "acct_");
+prefixed_id!(/// A transfer from a platform to one of its sellers, `tr_…`.
+    TransferId, "tr_");
 prefixed_id!(/// One attempt at a PSP operation, `att_…`; it is also the idempotency key sent to the PSP.
     AttemptId, "att_");
 

@@ -4,6 +4,7 @@
 pub mod card;
 pub mod ids;
 pub mod ledger;
+pub mod marketplace;
 pub mod money;
 pub mod payment;
 pub mod record;
@@ -11,7 +12,7 @@ pub mod risk;
 pub mod settlement;
 pub mod webhook;
 
-pub use ids::{AttemptId, DisputeId, JournalId, MerchantId, PaymentId, RefundId};
+pub use ids::{AccountId, AttemptId, DisputeId, JournalId, MerchantId, PaymentId, RefundId};
 pub use money::{platform_fee, Currency, Money, MoneyError, MAX_AMOUNT};
 pub use payment::{decide, CaptureStrategy, Effect, Input, JournalKind, PaymentState, PspOp, Rejection, Status};
 pub use record::{Dispute, DisputeStatus, Failure, NextAction, Payment, Refund, RefundStatus};

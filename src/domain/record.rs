@@ -62,6 +62,8 @@ pub struct Payment {
     pub card: Option<super::risk::CardSignals>,
     /// What the merchant's risk rules decided at confirm.
     pub risk: Option<super::risk::RiskDecision>,
+    /// A platform's payment shared with its sellers: the splits and what each part got.
+    pub splits: Option<super::marketplace::Splits>,
 }
 
 impl Payment {
@@ -101,6 +103,7 @@ impl Payment {
             customer: None,
             card: None,
             risk: None,
+            splits: None,
         }
     }
 
@@ -139,6 +142,11 @@ impl Payment {
                                                         "country": c.country, "funding": c.funding,
                                                         "fingerprint": c.fingerprint })),
             "risk": self.risk,
+            "application_fee_amount": self.splits.as_ref().map(|s| s.application_fee_amount),
+            "splits": self.splits.as_ref().map(|s| s.splits.iter().map(|x| json!({
+                "account": x.account, "amount": x.amount, "amount_captured": x.captured,
+                "amount_returned": x.returned, "amount_debited": x.debited,
+            })).collect::<Vec<_>>()),
             "created_at": timestamp(self.created_at),
             "updated_at": timestamp(self.updated_at),
         })
@@ -180,6 +188,10 @@ pub struct Refund {
     pub psp_reference: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// For a split payment: the sellers give back their parts of it.
+    pub reverse_splits: bool,
+    /// For a split payment: the platform gives back its application fee's part of it.
+    pub refund_application_fee: bool,
 }
 
 impl Refund {
@@ -193,6 +205,8 @@ impl Refund {
             "status": self.status.as_str(),
             "reason": self.reason,
             "psp_reference": self.psp_reference,
+            "reverse_splits": self.reverse_splits,
+            "refund_application_fee": self.refund_application_fee,
             "created_at": timestamp(self.created_at),
             "updated_at": timestamp(self.updated_at),
         })

@@ -8,6 +8,7 @@ mod isolation;
 mod ledger;
 mod lifecycle;
 mod logs;
+mod marketplace;
 mod money_safety;
 mod openapi;
 mod operations;

@@ -339,6 +339,7 @@ impl Sim {
                         amount: amount.map(money),
                         reason: None,
                         resume: None,
+                        share: Default::default(),
                     },
                 }
                 .resuming(resource_id.as_deref());

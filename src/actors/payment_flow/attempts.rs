@@ -371,33 +371,54 @@ impl Flow<'_> {
             r.updated_at = next.updated_at;
             r
         });
+        // The journal first: a split payment's journal brings its splits up to date, and the
+        // payment's event carries them.
+        let mut journal = None;
+        for e in &effects {
+            if let Effect::Journal { kind, amount } = *e {
+                let correlation = match (&refund, attempt) {
+                    _ if self.dispute.is_some() => self.dispute.as_ref().map(|d| d.id.to_string()).unwrap_or_default(),
+                    (Some(r), _) => r.id.to_string(),
+                    (None, Some(a)) => a.id.to_string(),
+                    (None, None) => format!("{cause}:{}", next.version),
+                };
+                let merchant = next.merchant_id.clone();
+                let (payment_amount, fee_bps, fee_fixed) = (next.state.amount, next.fee_bps, next.fee_fixed);
+                let entries = match next.splits.as_mut() {
+                    None => postings(kind, amount, &merchant, fee_bps, fee_fixed),
+                    Some(splits) => {
+                        let share = refund
+                            .as_ref()
+                            .map(|r| (r.reverse_splits, r.refund_application_fee))
+                            .unwrap_or((true, false));
+                        splits
+                            .postings(kind, amount, payment_amount, &merchant, fee_bps, fee_fixed, share)
+                            .ok_or_else(|| {
+                                tracing::error!(payment_id = %next.id, ?kind, amount, "a split payment's journal could not be shared");
+                                PaymentError::Store(crate::adapters::postgres::StoreError::Broken)
+                            })?
+                    }
+                };
+                journal = Some(Journal {
+                    kind,
+                    correlation_id: correlation,
+                    currency: next.currency,
+                    entries,
+                });
+            }
+        }
         let body = match &refund {
             Some(r) => reply_body(&r.to_object()),
             None => reply_body(&next.to_object()),
         };
         let mut commit = self.transition_commit(&before, &next, cause, Some((status, body.clone())));
+        commit.journal = journal;
         commit.attempt_finished = attempt.map(|a| (a.id.clone(), o.attempt));
         if let Some(x) = &o.exception {
             exceptions.push((before.id.clone(), x.clone()));
         }
         commit.exceptions = exceptions;
         let dispute = self.dispute.take().filter(|_| accepted);
-        for e in effects {
-            if let Effect::Journal { kind, amount } = e {
-                let correlation = match (&refund, attempt) {
-                    _ if dispute.is_some() => dispute.as_ref().map(|d| d.id.to_string()).unwrap_or_default(),
-                    (Some(r), _) => r.id.to_string(),
-                    (None, Some(a)) => a.id.to_string(),
-                    (None, None) => format!("{cause}:{}", next.version),
-                };
-                commit.journal = Some(Journal {
-                    kind,
-                    correlation_id: correlation,
-                    currency: next.currency,
-                    entries: postings(kind, amount, &next.merchant_id, next.fee_bps, next.fee_fixed),
-                });
-            }
-        }
         if let Some(r) = &refund {
             if accepted && o.refund_status.is_some() {
                 commit.outbox.push(OutboxEvent {

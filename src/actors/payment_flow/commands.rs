@@ -250,6 +250,7 @@ impl Flow<'_> {
         amount: Option<Money>,
         reason: Option<String>,
         resume: Option<RefundId>,
+        share: crate::actors::payment::RefundShare,
     ) -> Result<Reply, Halt> {
         if let Some(id) = resume {
             // The first request with this key created the refund and then died; the open
@@ -277,6 +278,8 @@ impl Flow<'_> {
             psp_reference: None,
             created_at: at,
             updated_at: at,
+            reverse_splits: share.reverse_splits,
+            refund_application_fee: share.refund_application_fee,
         };
         let attempt = self.new_attempt(PspOp::Refund { amount }, Some(refund.id.clone()));
         let mut next = self.next_version();

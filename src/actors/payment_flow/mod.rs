@@ -274,7 +274,12 @@ impl<'a> Flow<'a> {
             } => self.confirm(payment_method, created).await,
             Op::Capture { amount } => self.capture(amount).await,
             Op::Cancel => self.cancel().await,
-            Op::Refund { amount, reason, resume } => self.refund(amount, reason, resume).await,
+            Op::Refund {
+                amount,
+                reason,
+                resume,
+                share,
+            } => self.refund(amount, reason, resume, share).await,
             Op::Sync => self.sync().await,
             Op::Resolve => Ok(self.payment_reply(200)),
             Op::PspEvent(e) => self.psp_event(&e).await,

@@ -148,11 +148,11 @@ impl Clone for CommitError {
 const PAYMENTS_INSERT: &str = "INSERT INTO payments (id, merchant_id, order_id, status, amount, currency,
         amount_capturable, amount_captured, amount_refunded, refund_pending, amount_disputed, settled, capture_strategy,
         payment_method, psp, psp_reference, client_secret, next_action, failure, customer_id, description, metadata,
-        fee_bps, fee_fixed, version, transitions, created_at, updated_at, customer, card, risk)
+        fee_bps, fee_fixed, version, transitions, created_at, updated_at, customer, card, risk, splits)
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::int8[], $8::int8[],
         $9::int8[], $10::int8[], $11::int8[], $12::bool[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[],
         $18::jsonb[], $19::jsonb[], $20::text[], $21::text[], $22::jsonb[], $23::int4[], $24::int8[], $25::int4[],
-        $26::int4[], $27::timestamptz[], $28::timestamptz[], $29::jsonb[], $30::jsonb[], $31::jsonb[])";
+        $26::int4[], $27::timestamptz[], $28::timestamptz[], $29::jsonb[], $30::jsonb[], $31::jsonb[], $32::jsonb[])";
 
 /// Only where the stored version is the one before: a row that moved on is not updated, and
 /// the missing id in RETURNING tells the batch it lost a race.
@@ -161,20 +161,20 @@ const PAYMENTS_UPDATE: &str = "UPDATE payments p SET status = u.status, amount_c
         amount_disputed = u.disputed, settled = u.settled, payment_method = u.payment_method,
         psp_reference = u.psp_reference, client_secret = u.client_secret, next_action = u.next_action,
         failure = u.failure, version = u.version, transitions = u.transitions, updated_at = u.updated_at,
-        card = u.card, risk = u.risk
+        card = u.card, risk = u.risk, splits = u.splits
     FROM unnest($1::text[], $2::int4[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[], $8::int8[],
         $9::bool[], $10::text[], $11::text[], $12::text[], $13::jsonb[], $14::jsonb[], $15::int4[], $16::timestamptz[],
-        $17::jsonb[], $18::jsonb[])
+        $17::jsonb[], $18::jsonb[], $19::jsonb[])
         AS u(id, version, status, capturable, captured, refunded, refund_pending, disputed, settled, payment_method,
-             psp_reference, client_secret, next_action, failure, transitions, updated_at, card, risk)
+             psp_reference, client_secret, next_action, failure, transitions, updated_at, card, risk, splits)
     WHERE p.id = u.id AND p.version = u.version - 1
     RETURNING p.id";
 
 const REFUNDS: &str =
     "INSERT INTO refunds (id, payment_id, merchant_id, amount, currency, status, reason, psp_reference,
-        created_at, updated_at)
+        created_at, updated_at, reverse_splits, refund_application_fee)
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[],
-        $9::timestamptz[], $10::timestamptz[])
+        $9::timestamptz[], $10::timestamptz[], $11::bool[], $12::bool[])
     ON CONFLICT (id) DO UPDATE SET status = excluded.status, psp_reference = excluded.psp_reference,
         updated_at = excluded.updated_at";
 
@@ -300,6 +300,8 @@ columns!(RefundColumns {
     psp_reference: Option<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    reverse_splits: bool,
+    refund_application_fee: bool,
 });
 
 columns!(TransitionColumns {
@@ -440,6 +442,7 @@ struct PaymentColumns {
     customer: Vec<Option<Value>>,
     card: Vec<Option<Value>>,
     risk: Vec<Option<Value>>,
+    splits: Vec<Option<Value>>,
 }
 
 impl PaymentColumns {
@@ -480,6 +483,7 @@ impl PaymentColumns {
         self.customer.push(json(p.customer.as_ref().map(serde_json::to_value))?);
         self.card.push(json(p.card.as_ref().map(serde_json::to_value))?);
         self.risk.push(json(p.risk.as_ref().map(serde_json::to_value))?);
+        self.splits.push(json(p.splits.as_ref().map(serde_json::to_value))?);
         Ok(())
     }
 
@@ -516,6 +520,7 @@ impl PaymentColumns {
             &self.customer,
             &self.card,
             &self.risk,
+            &self.splits,
         ]
     }
 
@@ -539,6 +544,7 @@ impl PaymentColumns {
             &self.updated_at,
             &self.card,
             &self.risk,
+            &self.splits,
         ]
     }
 }
@@ -566,6 +572,8 @@ impl Columns {
                 t.psp_reference.push(r.psp_reference.clone());
                 t.created_at.push(r.created_at);
                 t.updated_at.push(r.updated_at);
+                t.reverse_splits.push(r.reverse_splits);
+                t.refund_application_fee.push(r.refund_application_fee);
             }
             if let Some(tr) = &commit.transition {
                 let t = &mut c.transitions;

@@ -1,6 +1,7 @@
 //! PostgreSQL: the pool, database creation, migrations, and the error mapping that makes an
 //! unreachable database a 503 (fail closed) rather than a guess.
 
+pub mod accounts;
 pub mod commit;
 pub mod events;
 pub mod idempotency;
@@ -13,6 +14,7 @@ pub mod refunds;
 pub mod reports;
 pub mod risk;
 pub mod sandbox;
+pub mod transfers;
 pub mod webhooks_out;
 
 use std::time::Duration;
@@ -61,7 +63,16 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "reconciliation",
         include_str!("../../../migrations/V7__reconciliation.sql"),
     ),
-    (8, "hot_updates", include_str!("../../../migrations/V8__hot_updates.sql")),
+    (
+        8,
+        "hot_updates",
+        include_str!("../../../migrations/V8__hot_updates.sql"),
+    ),
+    (
+        9,
+        "marketplaces",
+        include_str!("../../../migrations/V9__marketplaces.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.

@@ -59,3 +59,19 @@ impl Db {
         Ok(published.len())
     }
 }
+
+/// Writes an event of no payment (an account's, a transfer's) in the caller's transaction.
+pub(super) async fn insert_event(
+    tx: &tokio_postgres::Transaction<'_>,
+    merchant: &str,
+    kind: &str,
+    payload: &serde_json::Value,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO outbox (merchant_id, event_type, payload) VALUES ($1, $2, $3)",
+        &[&merchant, &kind, payload],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}

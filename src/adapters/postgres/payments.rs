@@ -15,7 +15,7 @@ use crate::domain::{
 pub(super) const COLUMNS: &str = "id, merchant_id, order_id, status, amount, currency, amount_capturable, \
     amount_captured, amount_refunded, refund_pending, amount_disputed, settled, capture_strategy, payment_method, \
     psp, psp_reference, client_secret, next_action, failure, customer_id, description, metadata, fee_bps, \
-    fee_fixed, version, transitions, created_at, updated_at, customer, card, risk";
+    fee_fixed, version, transitions, created_at, updated_at, customer, card, risk, splits";
 
 /// A PSP call recorded before it was made (docs/DESIGN.md, "Calling the PSP safely").
 #[derive(Debug, Clone, PartialEq)]
@@ -105,6 +105,7 @@ pub(super) fn payment_from_row(row: &tokio_postgres::Row) -> Result<Payment, Sto
         customer: json_column(row.get(28)).map_err(|_| bad("customer"))?,
         card: json_column(row.get(29)).map_err(|_| bad("card"))?,
         risk: json_column(row.get(30)).map_err(|_| bad("risk"))?,
+        splits: json_column(row.get(31)).map_err(|_| bad("splits"))?,
     })
 }
 

@@ -4,7 +4,8 @@ use super::{pg_error, Db, StoreError};
 use crate::domain::{Currency, MerchantId, Money, PaymentId, Refund, RefundId, RefundStatus};
 
 const COLUMNS: &str =
-    "id, payment_id, merchant_id, amount, currency, status, reason, psp_reference, created_at, updated_at";
+    "id, payment_id, merchant_id, amount, currency, status, reason, psp_reference, created_at, updated_at, \
+    reverse_splits, refund_application_fee";
 
 fn from_row(row: &tokio_postgres::Row) -> Result<Refund, StoreError> {
     let currency: String = row.get(4);
@@ -19,6 +20,8 @@ fn from_row(row: &tokio_postgres::Row) -> Result<Refund, StoreError> {
         psp_reference: row.get(7),
         created_at: row.get(8),
         updated_at: row.get(9),
+        reverse_splits: row.get(10),
+        refund_application_fee: row.get(11),
     })
 }
 

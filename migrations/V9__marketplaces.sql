@@ -1,0 +1,64 @@
+-- Marketplaces (docs/API.md, "Connected accounts and split payments"): a platform merchant's
+-- sellers, and the splits of its payments. A seller's money lives in the ledger, in
+-- seller_pending:{acct} and seller_available:{acct}; this table holds who the seller is.
+CREATE TABLE connected_accounts (
+    id                 text PRIMARY KEY CHECK (id LIKE 'acct\_%'),
+    platform_id        text NOT NULL REFERENCES merchants (id),
+    name               text NOT NULL CHECK (length(name) BETWEEN 1 AND 200),
+    email              text CHECK (length(email) <= 254),
+    country            char(2) NOT NULL,
+    default_currency   char(3) NOT NULL,
+    status             text NOT NULL CHECK (status IN ('active', 'restricted', 'disabled')),
+    payout_interval    text NOT NULL CHECK (payout_interval IN ('manual', 'daily', 'weekly')),
+    payout_delay_days  integer NOT NULL CHECK (payout_delay_days BETWEEN 0 AND 30),
+    payout_minimum     bigint NOT NULL CHECK (payout_minimum >= 0),
+    metadata           jsonb NOT NULL DEFAULT '{}',
+    created_at         timestamptz NOT NULL,
+    updated_at         timestamptz NOT NULL
+);
+CREATE INDEX connected_accounts_platform ON connected_accounts (platform_id, created_at DESC, id DESC);
+
+-- A split payment's splits, application fee, and what each part got and gave back (NULL for a
+-- payment without splits).
+ALTER TABLE payments ADD COLUMN splits jsonb;
+
+-- How a refund of a split payment is shared: the sellers give back their parts
+-- (reverse_splits), and the platform its application fee (refund_application_fee).
+ALTER TABLE refunds ADD COLUMN reverse_splits boolean NOT NULL DEFAULT true;
+ALTER TABLE refunds ADD COLUMN refund_application_fee boolean NOT NULL DEFAULT false;
+
+-- Transfers from a platform's balance to one of its sellers (separate charges and transfers),
+-- and their reversals. The reversed total can never pass the amount: the database checks it.
+CREATE TABLE transfers (
+    id              text PRIMARY KEY CHECK (id LIKE 'tr\_%'),
+    platform_id     text NOT NULL REFERENCES merchants (id),
+    destination     text NOT NULL REFERENCES connected_accounts (id),
+    amount          bigint NOT NULL CHECK (amount > 0),
+    currency        char(3) NOT NULL,
+    amount_reversed bigint NOT NULL DEFAULT 0 CHECK (amount_reversed BETWEEN 0 AND amount),
+    source_payment  text REFERENCES payments (id),
+    transfer_group  text CHECK (length(transfer_group) <= 64),
+    metadata        jsonb NOT NULL DEFAULT '{}',
+    created_at      timestamptz NOT NULL
+);
+CREATE INDEX transfers_platform ON transfers (platform_id, created_at DESC, id DESC);
+
+CREATE TABLE transfer_reversals (
+    id          text PRIMARY KEY CHECK (id LIKE 'trr\_%'),
+    transfer_id text NOT NULL REFERENCES transfers (id),
+    amount      bigint NOT NULL CHECK (amount > 0),
+    created_at  timestamptz NOT NULL
+);
+CREATE INDEX transfer_reversals_transfer ON transfer_reversals (transfer_id, created_at);
+
+-- Their journals belong to no payment; each is keyed by the transfer or reversal that posted it
+-- (journals_settlement_key: one journal per kind and correlation when payment_id is NULL).
+ALTER TABLE journals DROP CONSTRAINT journals_kind_check;
+ALTER TABLE journals ADD CONSTRAINT journals_kind_check
+    CHECK (kind IN ('capture', 'refund', 'dispute_opened', 'dispute_won', 'psp_fee', 'psp_payout',
+                    'transfer', 'transfer_reversal')) NOT VALID;
+ALTER TABLE journals VALIDATE CONSTRAINT journals_kind_check;
+ALTER TABLE journals DROP CONSTRAINT journals_payment_unless_settlement;
+ALTER TABLE journals ADD CONSTRAINT journals_payment_unless_settlement
+    CHECK (payment_id IS NOT NULL OR kind IN ('psp_fee', 'psp_payout', 'transfer', 'transfer_reversal')) NOT VALID;
+ALTER TABLE journals VALIDATE CONSTRAINT journals_payment_unless_settlement;

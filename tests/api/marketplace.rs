@@ -1,0 +1,595 @@
+//! Marketplaces: a platform's connected accounts, and split payments whose captures, refunds
+//! and disputes move each seller's money in the ledger.
+
+use serde_json::{json, Value};
+
+use crate::events::{send_event, wait_for};
+use crate::helpers::{spawn_app, TestApp, DEMO_KEY};
+
+async fn account(app: &TestApp, name: &str) -> String {
+    let r = app
+        .post(
+            "/api/v1/accounts",
+            json!({ "name": name, "country": "FR", "default_currency": "USD", "email": "seller@example.com" }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body["id"].as_str().unwrap().to_owned()
+}
+
+/// (pending, available) of a seller in USD.
+async fn seller(app: &TestApp, acct: &str) -> (i64, i64) {
+    let b = app.get(&format!("/api/v1/accounts/{acct}/balance")).await;
+    assert_eq!(b.status, 200, "{}", b.body);
+    let pick = |side: &str| {
+        b.body[side]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["currency"] == "USD")
+            .map(|x| x["amount"].as_i64().unwrap())
+            .unwrap_or(0)
+    };
+    (pick("pending"), pick("available"))
+}
+
+async fn platform_payable(app: &TestApp) -> i64 {
+    let b = app.get("/api/v1/balance").await.body;
+    b["balances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["currency"] == "USD")
+        .map(|x| x["payable"].as_i64().unwrap())
+        .unwrap_or(0)
+}
+
+async fn split_payment(app: &TestApp, amount: i64, capture: &str, method: &str, body: Value) -> Value {
+    let mut req = json!({ "order_id": "ord_split", "amount": { "value": amount, "currency": "USD" },
+                          "payment_method": method, "capture_strategy": capture, "confirm": true });
+    for (k, v) in body.as_object().unwrap() {
+        req[k] = v.clone();
+    }
+    let r = app.post("/api/v1/payments", req).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body
+}
+
+async fn refund(app: &TestApp, id: &str, body: Value) -> Value {
+    let r = app.post(&format!("/api/v1/payments/{id}/refunds"), body).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body
+}
+
+async fn assert_ledger_clean(app: &TestApp) {
+    let report = app.state.db.verify_ledger().await.unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
+
+#[actix_web::test]
+async fn a_platform_creates_reads_lists_and_updates_its_accounts_and_no_one_elses() {
+    let app = spawn_app().await;
+    let body = json!({ "name": "Ana's Pottery", "country": "PT", "default_currency": "USD",
+                       "payout_schedule": { "interval": "weekly", "delay_days": 7, "minimum": 5000 },
+                       "metadata": { "seller_ref": "s-1" } })
+    .to_string();
+    let first = app
+        .request(
+            "POST",
+            "/api/v1/accounts",
+            Some(DEMO_KEY),
+            Some("acct-key-1"),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    let id = first.body["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("acct_"));
+    assert_eq!(first.body["status"], "active");
+    assert_eq!(
+        first.body["payout_schedule"],
+        json!({ "interval": "weekly", "delay_days": 7, "minimum": 5000 })
+    );
+    // The same key again: the same account, not a second one.
+    let again = app
+        .request(
+            "POST",
+            "/api/v1/accounts",
+            Some(DEMO_KEY),
+            Some("acct-key-1"),
+            Some(&body),
+        )
+        .await;
+    assert_eq!((again.status, again.body["id"].as_str()), (201, Some(id.as_str())));
+    assert_eq!(app.count("connected_accounts").await, 1);
+
+    let others: Vec<String> = vec![account(&app, "B").await, account(&app, "C").await];
+    let page = app.get("/api/v1/accounts?limit=2").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let ids: Vec<&str> = page.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![others[1].as_str(), others[0].as_str()]);
+    assert_eq!(page.body["has_more"], true);
+    let rest = app
+        .get(&format!("/api/v1/accounts?limit=2&starting_after={}", others[0]))
+        .await;
+    assert_eq!(rest.body["data"][0]["id"], id.as_str());
+    assert_eq!(rest.body["has_more"], false);
+
+    let updated = app
+        .post(
+            &format!("/api/v1/accounts/{id}"),
+            json!({ "status": "restricted", "payout_schedule": { "minimum": 0 } }),
+        )
+        .await;
+    assert_eq!(updated.status, 200, "{}", updated.body);
+    assert_eq!(updated.body["status"], "restricted");
+    assert_eq!(updated.body["payout_schedule"]["interval"], "weekly");
+    assert_eq!(updated.body["payout_schedule"]["minimum"], 0);
+    assert_eq!(
+        app.get(&format!("/api/v1/accounts/{id}")).await.body["status"],
+        "restricted"
+    );
+    // Each change is an event.
+    let db = app.sql().await;
+    let kinds: Vec<String> = db
+        .query(
+            "SELECT event_type FROM outbox WHERE event_type LIKE 'account.%' AND payload->>'id' = $1 ORDER BY id",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(kinds, ["account.created", "account.updated"]);
+
+    // Another platform sees none of them.
+    let other = app.new_merchant().await;
+    for (method, path) in [
+        ("GET", format!("/api/v1/accounts/{id}")),
+        ("GET", format!("/api/v1/accounts/{id}/balance")),
+    ] {
+        let r = app.request(method, &path, Some(&other), None, None).await;
+        assert_eq!(r.status, 404, "{path}: {}", r.body);
+    }
+    let r = app
+        .request(
+            "POST",
+            &format!("/api/v1/accounts/{id}"),
+            Some(&other),
+            Some("k-other"),
+            Some(r#"{"status":"disabled"}"#),
+        )
+        .await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    let listed = app.request("GET", "/api/v1/accounts", Some(&other), None, None).await;
+    assert_eq!(listed.body["data"], json!([]));
+
+    for (bad, param) in [
+        (
+            json!({ "name": "x", "country": "pt", "default_currency": "USD" }),
+            "country",
+        ),
+        (
+            json!({ "name": "x", "country": "PT", "default_currency": "XYZ" }),
+            "default_currency",
+        ),
+        (
+            json!({ "name": "x", "country": "PT", "default_currency": "USD", "status": "gone" }),
+            "status",
+        ),
+        (
+            json!({ "name": "x", "country": "PT", "default_currency": "USD", "payout_schedule": { "delay_days": 31 } }),
+            "payout_schedule.delay_days",
+        ),
+    ] {
+        let r = app.post("/api/v1/accounts", bad).await;
+        assert_eq!(
+            (r.status, r.body["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{}",
+            r.body
+        );
+    }
+}
+
+#[actix_web::test]
+async fn a_capture_credits_each_seller_and_the_platform_its_share() {
+    let app = spawn_app().await;
+    let (a, b) = (account(&app, "A").await, account(&app, "B").await);
+    let p = split_payment(
+        &app,
+        10_000,
+        "automatic",
+        "pm_card_visa",
+        json!({ "splits": [{ "account": a, "amount": 6_000 }, { "account": b, "amount": 2_500 }],
+                "application_fee_amount": 1_000 }),
+    )
+    .await;
+    assert_eq!(p["status"], "captured", "{p}");
+    assert_eq!(p["application_fee_amount"], 1_000);
+    assert_eq!(p["splits"][0]["amount_captured"], 6_000);
+    assert_eq!(p["splits"][1]["amount_captured"], 2_500);
+    assert_eq!(seller(&app, &a).await, (6_000, 0));
+    assert_eq!(seller(&app, &b).await, (2_500, 0));
+    // The platform: its fee and the unsplit 500, less payrail's fee (2.9 % + 30 = 320).
+    assert_eq!(platform_payable(&app).await, 1_500 - 320);
+    // The capture journal: every entry, once.
+    let db = app.sql().await;
+    let id = p["payment_id"].as_str().unwrap();
+    let rows = db
+        .query(
+            "SELECT e.account, e.debit, e.credit FROM entries e JOIN journals j ON j.id = e.journal_id
+             WHERE j.payment_id = $1 ORDER BY e.account",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let entries: Vec<(String, i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let mut expected = vec![
+        (
+            format!("merchant_payable:{}", p["merchant_id"].as_str().unwrap()),
+            0,
+            1_180,
+        ),
+        ("platform_fee_revenue".to_owned(), 0, 320),
+        ("psp_clearing".to_owned(), 10_000, 0),
+        (format!("seller_pending:{a}"), 0, 6_000),
+        (format!("seller_pending:{b}"), 0, 2_500),
+    ];
+    expected.sort();
+    assert_eq!(entries, expected);
+    assert_ledger_clean(&app).await;
+}
+
+#[actix_web::test]
+async fn a_partial_capture_shares_pro_rata_and_refunds_take_back_from_the_sellers() {
+    let app = spawn_app().await;
+    let (a, b, c) = (
+        account(&app, "A").await,
+        account(&app, "B").await,
+        account(&app, "C").await,
+    );
+    let p = split_payment(
+        &app,
+        3_000,
+        "manual",
+        "pm_card_visa",
+        json!({ "splits": [{ "account": a, "amount": 1_000 }, { "account": b, "amount": 1_000 },
+                           { "account": c, "amount": 1_000 }] }),
+    )
+    .await;
+    let id = p["payment_id"].as_str().unwrap().to_owned();
+    let r = app
+        .post(
+            &format!("/api/v1/payments/{id}/capture"),
+            json!({ "amount": { "value": 1_001, "currency": "USD" } }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // 333.67 each: the unit left over goes to the largest remainder, then the first.
+    let captured: Vec<i64> = r.body["splits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["amount_captured"].as_i64().unwrap())
+        .collect();
+    assert_eq!(captured, vec![334, 334, 333]);
+    // payrail's fee on 1,001 (2.9 % + 30 = 59) is the platform's: it has no part of its own.
+    assert_eq!(platform_payable(&app).await, -59);
+
+    // Two partial refunds reversing the splits, then the rest without.
+    let r1 = refund(&app, &id, json!({ "amount": { "value": 500, "currency": "USD" } })).await;
+    assert_eq!(
+        (r1["reverse_splits"].as_bool(), r1["refund_application_fee"].as_bool()),
+        (Some(true), Some(false))
+    );
+    refund(&app, &id, json!({ "amount": { "value": 301, "currency": "USD" } })).await;
+    refund(
+        &app,
+        &id,
+        json!({ "amount": { "value": 200, "currency": "USD" }, "reverse_splits": false }),
+    )
+    .await;
+    let sellers = [seller(&app, &a).await, seller(&app, &b).await, seller(&app, &c).await];
+    let given_back: i64 = sellers.iter().map(|s| -s.1).sum();
+    assert_eq!(given_back, 801, "{sellers:?}");
+    for (s, got) in sellers.iter().zip([334, 334, 333]) {
+        assert_eq!(s.0, got);
+        assert!((-s.1 - 267).abs() <= 1, "{sellers:?}");
+    }
+    // The platform paid the refund that did not reverse the splits.
+    assert_eq!(platform_payable(&app).await, -59 - 200);
+    let payment = app.get(&format!("/api/v1/payments/{id}")).await.body;
+    let returned: i64 = payment["splits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["amount_returned"].as_i64().unwrap())
+        .sum();
+    // Every part of the capture is accounted for: 801 from the sellers, 200 covered for them.
+    assert_eq!(returned, 1_001);
+    assert_ledger_clean(&app).await;
+}
+
+#[actix_web::test]
+async fn refunding_the_application_fee_is_the_platforms_choice() {
+    let app = spawn_app().await;
+    let a = account(&app, "A").await;
+    let split = json!({ "splits": [{ "account": a, "amount": 9_000 }], "application_fee_amount": 1_000 });
+    // Kept: the seller bears the fee's part of a full refund.
+    let kept = split_payment(&app, 10_000, "automatic", "pm_card_visa", split.clone()).await;
+    refund(&app, kept["payment_id"].as_str().unwrap(), json!({})).await;
+    assert_eq!(seller(&app, &a).await, (9_000, -10_000));
+    assert_eq!(platform_payable(&app).await, 1_000 - 320);
+    // Refunded: the platform gives its fee back, the seller only what it got.
+    let given = split_payment(&app, 10_000, "automatic", "pm_card_visa", split).await;
+    refund(
+        &app,
+        given["payment_id"].as_str().unwrap(),
+        json!({ "refund_application_fee": true }),
+    )
+    .await;
+    assert_eq!(seller(&app, &a).await, (18_000, -19_000));
+    assert_eq!(platform_payable(&app).await, (1_000 - 320) - 320);
+    assert_ledger_clean(&app).await;
+}
+
+#[actix_web::test]
+async fn a_dispute_debits_the_sellers_and_a_won_one_gives_it_all_back() {
+    let app = spawn_app().await;
+    let (a, b) = (account(&app, "A").await, account(&app, "B").await);
+    let p = split_payment(
+        &app,
+        5_000,
+        "automatic",
+        "pm_card_createDispute",
+        json!({ "splits": [{ "account": a, "amount": 3_000 }, { "account": b, "amount": 1_500 }],
+                "application_fee_amount": 500 }),
+    )
+    .await;
+    let (id, pi) = (
+        p["payment_id"].as_str().unwrap().to_owned(),
+        p["psp_reference"].as_str().unwrap().to_owned(),
+    );
+    let platform_before = platform_payable(&app).await;
+    let opened = json!({ "id": "du_m1", "object": "dispute", "amount": 5000, "currency": "usd",
+                         "reason": "fraudulent", "status": "needs_response", "payment_intent": pi });
+    assert_eq!(
+        send_event(&app, "evt_m_open", "charge.dispute.created", opened).await,
+        200
+    );
+    wait_for("the dispute", async || {
+        app.get(&format!("/api/v1/payments/{id}")).await.body["status"] == "chargeback_open"
+    })
+    .await;
+    // Each seller gives back its part and bears the fee's, in proportion: 3,000 + 333 and
+    // 1,500 + 167; the platform keeps its fee.
+    assert_eq!(seller(&app, &a).await, (3_000, -3_333));
+    assert_eq!(seller(&app, &b).await, (1_500, -1_667));
+    assert_eq!(platform_payable(&app).await, platform_before);
+    let won = json!({ "id": "du_m1", "object": "dispute", "amount": 5000, "status": "won", "payment_intent": pi });
+    assert_eq!(send_event(&app, "evt_m_won", "charge.dispute.closed", won).await, 200);
+    wait_for("the won dispute", async || {
+        app.get(&format!("/api/v1/payments/{id}")).await.body["status"] == "settled"
+    })
+    .await;
+    assert_eq!(seller(&app, &a).await, (3_000, 0));
+    assert_eq!(seller(&app, &b).await, (1_500, 0));
+    assert_eq!(platform_payable(&app).await, platform_before);
+    assert_ledger_clean(&app).await;
+}
+
+#[actix_web::test]
+async fn splits_are_refused_unless_every_account_is_the_platforms_and_active() {
+    let app = spawn_app().await;
+    let a = account(&app, "A").await;
+    let disabled = account(&app, "D").await;
+    let r = app
+        .post(&format!("/api/v1/accounts/{disabled}"), json!({ "status": "disabled" }))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Another platform's account is no account of this one.
+    let other_key = app.new_merchant().await;
+    let theirs = app
+        .request(
+            "POST",
+            "/api/v1/accounts",
+            Some(&other_key),
+            Some("k-theirs"),
+            Some(r#"{"name":"T","country":"US","default_currency":"USD"}"#),
+        )
+        .await;
+    let theirs = theirs.body["id"].as_str().unwrap().to_owned();
+    let create = |splits: Value, fee: Option<i64>| {
+        let mut body = json!({ "order_id": "o", "amount": { "value": 1_000, "currency": "USD" },
+                               "payment_method": "pm_card_visa", "confirm": true, "splits": splits });
+        if let Some(f) = fee {
+            body["application_fee_amount"] = json!(f);
+        }
+        let app = &app;
+        async move { app.post("/api/v1/payments", body).await }
+    };
+    let cases = [
+        (
+            json!([{ "account": disabled, "amount": 100 }]),
+            None,
+            "account_inactive",
+            "splits[0].account",
+        ),
+        (
+            json!([{ "account": a, "amount": 1 }, { "account": theirs, "amount": 100 }]),
+            None,
+            "resource_missing",
+            "splits[1].account",
+        ),
+        (
+            json!([{ "account": a, "amount": 900 }]),
+            Some(101),
+            "parameter_invalid",
+            "splits",
+        ),
+        (
+            json!([{ "account": a, "amount": 0 }]),
+            None,
+            "parameter_invalid",
+            "splits[0].amount",
+        ),
+        (
+            json!([{ "account": a, "amount": 10 }, { "account": a, "amount": 10 }]),
+            None,
+            "parameter_invalid",
+            "splits",
+        ),
+        (
+            json!([{ "account": "pay_x", "amount": 10 }]),
+            None,
+            "parameter_invalid",
+            "splits[0].account",
+        ),
+        (json!([]), None, "parameter_invalid", "splits"),
+    ];
+    for (splits, fee, code, param) in cases {
+        let r = create(splits.clone(), fee).await;
+        assert_eq!(
+            (
+                r.status,
+                r.body["error"]["code"].as_str(),
+                r.body["error"]["param"].as_str()
+            ),
+            (400, Some(code), Some(param)),
+            "{splits}: {}",
+            r.body
+        );
+    }
+    let too_many: Vec<Value> = (0..101).map(|_| json!({ "account": a, "amount": 1 })).collect();
+    assert_eq!(create(json!(too_many), None).await.status, 400);
+    assert_eq!(app.count("payments").await, 0);
+}
+
+#[actix_web::test]
+async fn concurrent_transfers_never_overdraw_the_platform() {
+    let app = spawn_app().await;
+    let a = account(&app, "A").await;
+    let b = account(&app, "B").await;
+    let r = app.pay(10_000, "pm_card_visa", "automatic", true).await;
+    assert_eq!(r.body["status"], "captured", "{}", r.body);
+    let balance = platform_payable(&app).await;
+    assert_eq!(balance, 10_000 - 320);
+    // 50 transfers of 300 at once (15,000 asked of 9,680): exactly the 32 that fit succeed.
+    let results = futures_util::future::join_all((0..50).map(|i| {
+        let dest = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let app = &app;
+        async move {
+            app.post(
+                "/api/v1/transfers",
+                json!({ "amount": 300, "currency": "USD", "destination": dest, "transfer_group": "order_7" }),
+            )
+            .await
+        }
+    }))
+    .await;
+    let ok = results.iter().filter(|r| r.status == 201).count() as i64;
+    let refused: Vec<&crate::helpers::Response> = results.iter().filter(|r| r.status != 201).collect();
+    assert_eq!(ok, balance / 300, "{:?}", refused.first().map(|r| &r.body));
+    for r in &refused {
+        assert_eq!(
+            (r.status, r.body["error"]["code"].as_str()),
+            (400, Some("balance_insufficient")),
+            "{}",
+            r.body
+        );
+    }
+    assert_eq!(platform_payable(&app).await, balance - ok * 300);
+    let (_, a_avail) = seller(&app, &a).await;
+    let (_, b_avail) = seller(&app, &b).await;
+    assert_eq!(a_avail + b_avail, ok * 300);
+    assert_eq!(app.count("transfers").await, ok);
+    assert_ledger_clean(&app).await;
+}
+
+#[actix_web::test]
+async fn a_transfer_is_idempotent_and_reversed_at_most_in_full() {
+    let app = spawn_app().await;
+    let a = account(&app, "A").await;
+    app.pay(5_000, "pm_card_visa", "automatic", true).await;
+    let body = json!({ "amount": 1_000, "currency": "USD", "destination": a }).to_string();
+    let first = app
+        .request("POST", "/api/v1/transfers", Some(DEMO_KEY), Some("tr-key"), Some(&body))
+        .await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    let again = app
+        .request("POST", "/api/v1/transfers", Some(DEMO_KEY), Some("tr-key"), Some(&body))
+        .await;
+    assert_eq!(again.body["id"], first.body["id"]);
+    assert_eq!(app.count("transfers").await, 1);
+    let id = first.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(seller(&app, &a).await, (0, 1_000));
+
+    let part = app
+        .post(&format!("/api/v1/transfers/{id}/reversals"), json!({ "amount": 400 }))
+        .await;
+    assert_eq!(
+        (part.status, part.body["amount"].as_i64()),
+        (201, Some(400)),
+        "{}",
+        part.body
+    );
+    let too_much = app
+        .post(&format!("/api/v1/transfers/{id}/reversals"), json!({ "amount": 601 }))
+        .await;
+    assert_eq!(
+        (too_much.status, too_much.body["error"]["code"].as_str()),
+        (400, Some("amount_too_large"))
+    );
+    let rest = app.post(&format!("/api/v1/transfers/{id}/reversals"), json!({})).await;
+    assert_eq!(
+        (rest.status, rest.body["amount"].as_i64()),
+        (201, Some(600)),
+        "{}",
+        rest.body
+    );
+    let t = app.get(&format!("/api/v1/transfers/{id}")).await.body;
+    assert_eq!(
+        (t["amount_reversed"].as_i64(), t["reversed"].as_bool()),
+        (Some(1_000), Some(true))
+    );
+    assert_eq!(seller(&app, &a).await, (0, 0));
+    assert_eq!(platform_payable(&app).await, 5_000 - 175);
+    let db = app.sql().await;
+    let kinds: Vec<String> = db
+        .query(
+            "SELECT event_type FROM outbox WHERE event_type LIKE 'transfer.%' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(kinds, ["transfer.created", "transfer.reversed", "transfer.reversed"]);
+    // Another platform can neither see nor reverse it; a disabled account receives nothing.
+    let other = app.new_merchant().await;
+    let r = app
+        .request("GET", &format!("/api/v1/transfers/{id}"), Some(&other), None, None)
+        .await;
+    assert_eq!(r.status, 404);
+    app.post(&format!("/api/v1/accounts/{a}"), json!({ "status": "disabled" }))
+        .await;
+    let r = app
+        .post(
+            "/api/v1/transfers",
+            json!({ "amount": 1, "currency": "USD", "destination": a }),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (400, Some("account_inactive"))
+    );
+    assert_ledger_clean(&app).await;
+}
