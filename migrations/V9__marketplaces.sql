@@ -62,3 +62,39 @@ ALTER TABLE journals DROP CONSTRAINT journals_payment_unless_settlement;
 ALTER TABLE journals ADD CONSTRAINT journals_payment_unless_settlement
     CHECK (payment_id IS NOT NULL OR kind IN ('psp_fee', 'psp_payout', 'transfer', 'transfer_reversal')) NOT VALID;
 ALTER TABLE journals VALIDATE CONSTRAINT journals_payment_unless_settlement;
+
+-- A seller's captured funds wait in seller_pending:{acct} until their available_on (the
+-- capture's time plus the account's payout delay), then a release journal moves them to
+-- seller_available:{acct}. Each credit of a seller_pending account is noted here by the
+-- database itself as its entry is written, whichever code path wrote it.
+CREATE TABLE seller_pending_funds (
+    entry_id         bigint PRIMARY KEY REFERENCES entries (id),
+    account          text NOT NULL REFERENCES connected_accounts (id),
+    currency         char(3) NOT NULL,
+    amount           bigint NOT NULL CHECK (amount > 0),
+    available_on     timestamptz NOT NULL,
+    released_journal text REFERENCES journals (id)
+);
+CREATE INDEX seller_pending_funds_due ON seller_pending_funds (available_on) WHERE released_journal IS NULL;
+
+CREATE FUNCTION seller_pending_funds_note() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO seller_pending_funds (entry_id, account, currency, amount, available_on)
+    SELECT NEW.id, a.id, NEW.currency, NEW.credit, now() + make_interval(days => a.payout_delay_days)
+    FROM connected_accounts a WHERE a.id = substr(NEW.account, 16);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER entries_seller_pending AFTER INSERT ON entries FOR EACH ROW
+    WHEN (NEW.credit > 0 AND NEW.account LIKE 'seller\_pending:%')
+    EXECUTE FUNCTION seller_pending_funds_note();
+
+ALTER TABLE journals DROP CONSTRAINT journals_kind_check;
+ALTER TABLE journals ADD CONSTRAINT journals_kind_check
+    CHECK (kind IN ('capture', 'refund', 'dispute_opened', 'dispute_won', 'psp_fee', 'psp_payout',
+                    'transfer', 'transfer_reversal', 'funds_available')) NOT VALID;
+ALTER TABLE journals VALIDATE CONSTRAINT journals_kind_check;
+ALTER TABLE journals DROP CONSTRAINT journals_payment_unless_settlement;
+ALTER TABLE journals ADD CONSTRAINT journals_payment_unless_settlement
+    CHECK (payment_id IS NOT NULL OR kind IN ('psp_fee', 'psp_payout', 'transfer', 'transfer_reversal',
+                                              'funds_available')) NOT VALID;
+ALTER TABLE journals VALIDATE CONSTRAINT journals_payment_unless_settlement;

@@ -316,6 +316,26 @@ fn spawn_housekeeping(state: web::Data<AppState>, shutdown: crate::shutdown::Shu
                 .await;
         }
     });
+    let release = state.clone();
+    let stop = shutdown.clone();
+    actix_rt::spawn(async move {
+        let _running = stop.enter();
+        let config = release.config.marketplace.clone();
+        let every = Duration::from_secs(config.release_every_secs.clamp(1, 86_400));
+        while !stop.sleep(every).await {
+            // Bounded work per tick, however large the backlog.
+            for _ in 0..100 {
+                match release.db.release_seller_funds(config.release_batch).await {
+                    Ok(n) if n as i64 >= config.release_batch.clamp(1, 10_000) => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "releasing sellers' funds");
+                        break;
+                    }
+                }
+            }
+        }
+    });
     actix_rt::spawn(async move {
         let _running = shutdown.enter();
         while !shutdown.sleep(Duration::from_secs(60)).await {

@@ -26,6 +26,9 @@ pub struct Config {
     /// Optional: every key has a default.
     #[serde(default)]
     pub reconciliation: ReconciliationConfig,
+    /// Optional: every key has a default.
+    #[serde(default)]
+    pub marketplace: MarketplaceConfig,
     pub log: LogConfig,
 }
 
@@ -201,6 +204,25 @@ impl Default for SandboxSettlementConfig {
             fee_bps: 250,
             fee_fixed: 25,
             dispute_fee: 1500,
+        }
+    }
+}
+
+/// Marketplaces (docs/API.md, "Marketplaces").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MarketplaceConfig {
+    /// How often sellers' funds whose day has come move from pending to available, in seconds.
+    pub release_every_secs: u64,
+    /// Captured credits released per transaction (a tick repeats until none is due).
+    pub release_batch: i64,
+}
+
+impl Default for MarketplaceConfig {
+    fn default() -> Self {
+        MarketplaceConfig {
+            release_every_secs: 60,
+            release_batch: 1000,
         }
     }
 }

@@ -593,3 +593,58 @@ async fn a_transfer_is_idempotent_and_reversed_at_most_in_full() {
     );
     assert_ledger_clean(&app).await;
 }
+
+#[actix_web::test]
+async fn funds_become_available_on_their_day_once() {
+    let app = spawn_app().await;
+    let now_account = |name: &'static str, delay: i64| {
+        let app = &app;
+        async move {
+            let r = app
+                .post(
+                    "/api/v1/accounts",
+                    json!({ "name": name, "country": "FR", "default_currency": "USD",
+                            "payout_schedule": { "delay_days": delay } }),
+                )
+                .await;
+            assert_eq!(r.status, 201, "{}", r.body);
+            r.body["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let (soon, later) = (now_account("Soon", 0).await, now_account("Later", 7).await);
+    let p = split_payment(
+        &app,
+        10_000,
+        "automatic",
+        "pm_card_visa",
+        json!({ "splits": [{ "account": soon, "amount": 6_000 }, { "account": later, "amount": 3_000 }] }),
+    )
+    .await;
+    // A refund before the funds are available is taken from the available balance.
+    refund(
+        &app,
+        p["payment_id"].as_str().unwrap(),
+        json!({ "amount": { "value": 1_000, "currency": "USD" } }),
+    )
+    .await;
+    assert_eq!(seller(&app, &soon).await, (6_000, -600));
+    // The one with no delay is due now; the other in seven days.
+    assert_eq!(app.state.db.release_seller_funds(1_000).await.unwrap(), 1);
+    assert_eq!(seller(&app, &soon).await, (0, 5_400));
+    assert_eq!(seller(&app, &later).await, (3_000, -300));
+    // Released once, whatever runs again.
+    assert_eq!(app.state.db.release_seller_funds(1_000).await.unwrap(), 0);
+    assert_eq!(seller(&app, &soon).await, (0, 5_400));
+    let db = app.sql().await;
+    let due: i64 = db
+        .query_one(
+            "SELECT count(*) FROM seller_pending_funds WHERE released_journal IS NULL
+             AND available_on BETWEEN now() + interval '6 days 23 hours' AND now() + interval '7 days'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(due, 1);
+    assert_ledger_clean(&app).await;
+}

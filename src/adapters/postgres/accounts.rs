@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::outbox::insert_event;
 use super::{pg_error, Db, StoreError};
+use crate::domain::ledger::Entry;
 use crate::domain::marketplace::{seller_available, seller_pending};
 use crate::domain::record::timestamp;
 use crate::domain::{AccountId, MerchantId};
@@ -282,5 +283,53 @@ impl Db {
             }
         }
         Ok(by_currency.into_iter().map(|(c, (p, a))| (c, p, a)).collect())
+    }
+
+    /// Moves sellers' funds whose `available_on` has come from pending to available: at most
+    /// `limit` captured credits, one `funds_available` journal per account and currency
+    /// (`Dr seller_pending / Cr seller_available`), in one transaction. Rows another node is
+    /// releasing are skipped; each credit is released once. Returns how many were released.
+    pub async fn release_seller_funds(&self, limit: i64) -> Result<usize, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let rows = tx
+            .query(
+                "SELECT f.entry_id, f.account, f.currency::text, f.amount, a.platform_id
+                 FROM seller_pending_funds f JOIN connected_accounts a ON a.id = f.account
+                 WHERE f.released_journal IS NULL AND f.available_on <= now()
+                 ORDER BY f.available_on, f.entry_id LIMIT $1
+                 FOR UPDATE OF f SKIP LOCKED",
+                &[&limit.clamp(1, 10_000)],
+            )
+            .await
+            .map_err(pg_error)?;
+        // (account, currency) → (platform, entry ids, total), in order: one journal each.
+        let mut groups: BTreeMap<(String, String), (String, Vec<i64>, i64)> = BTreeMap::new();
+        for r in &rows {
+            let g = groups
+                .entry((r.get(1), r.get(2)))
+                .or_insert_with(|| (r.get(4), Vec::new(), 0));
+            g.1.push(r.get(0));
+            g.2 = g.2.checked_add(r.get::<_, i64>(3)).ok_or(StoreError::Broken)?;
+        }
+        let now = Utc::now();
+        for ((account, currency), (platform, entries, total)) in &groups {
+            let acct = AccountId::from_trusted(account.clone());
+            let lines = [
+                Entry::debit(seller_pending(&acct), *total),
+                Entry::credit(seller_available(&acct), *total),
+            ];
+            // Keyed by the first credit it releases: a credit is released once, so is the key.
+            let key = format!("release:{}", entries[0]);
+            let journal = super::transfers::post(&tx, "funds_available", &key, platform, currency, &lines, now).await?;
+            tx.execute(
+                "UPDATE seller_pending_funds SET released_journal = $1 WHERE entry_id = ANY($2)",
+                &[&journal, entries],
+            )
+            .await
+            .map_err(pg_error)?;
+        }
+        tx.commit().await.map_err(pg_error)?;
+        Ok(rows.len())
     }
 }

@@ -117,8 +117,8 @@ async fn lock_balance(tx: &tokio_postgres::Transaction<'_>, platform: &str, curr
     Ok(())
 }
 
-/// One balanced journal of no payment, its entries and the balance rows it moves.
-async fn post(
+/// One balanced journal of no payment, its entries and the balance rows it moves; returns its id.
+pub(super) async fn post(
     tx: &tokio_postgres::Transaction<'_>,
     kind: &str,
     correlation: &str,
@@ -126,7 +126,7 @@ async fn post(
     currency: &str,
     entries: &[Entry],
     at: DateTime<Utc>,
-) -> Result<(), StoreError> {
+) -> Result<String, StoreError> {
     if !crate::domain::ledger::is_balanced(entries) {
         tracing::error!(kind, correlation, "a transfer journal does not balance; refused");
         return Err(StoreError::Broken);
@@ -159,7 +159,7 @@ async fn post(
         .await
         .map_err(pg_error)?;
     }
-    Ok(())
+    Ok(id)
 }
 
 impl Db {
