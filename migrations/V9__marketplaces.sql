@@ -12,6 +12,9 @@ CREATE TABLE connected_accounts (
     payout_interval    text NOT NULL CHECK (payout_interval IN ('manual', 'daily', 'weekly')),
     payout_delay_days  integer NOT NULL CHECK (payout_delay_days BETWEEN 0 AND 30),
     payout_minimum     bigint NOT NULL CHECK (payout_minimum >= 0),
+    -- Where payouts go: a bank account token of the payout rail (the sandbox's: ba_success,
+    -- ba_delayed, ba_failure).
+    bank_account       text NOT NULL CHECK (length(bank_account) BETWEEN 1 AND 64),
     metadata           jsonb NOT NULL DEFAULT '{}',
     created_at         timestamptz NOT NULL,
     updated_at         timestamptz NOT NULL
@@ -91,10 +94,30 @@ CREATE TRIGGER entries_seller_pending AFTER INSERT ON entries FOR EACH ROW
 ALTER TABLE journals DROP CONSTRAINT journals_kind_check;
 ALTER TABLE journals ADD CONSTRAINT journals_kind_check
     CHECK (kind IN ('capture', 'refund', 'dispute_opened', 'dispute_won', 'psp_fee', 'psp_payout',
-                    'transfer', 'transfer_reversal', 'funds_available')) NOT VALID;
+                    'transfer', 'transfer_reversal', 'funds_available', 'payout', 'payout_paid',
+                    'payout_returned')) NOT VALID;
 ALTER TABLE journals VALIDATE CONSTRAINT journals_kind_check;
 ALTER TABLE journals DROP CONSTRAINT journals_payment_unless_settlement;
 ALTER TABLE journals ADD CONSTRAINT journals_payment_unless_settlement
     CHECK (payment_id IS NOT NULL OR kind IN ('psp_fee', 'psp_payout', 'transfer', 'transfer_reversal',
-                                              'funds_available')) NOT VALID;
+                                              'funds_available', 'payout', 'payout_paid', 'payout_returned')) NOT VALID;
 ALTER TABLE journals VALIDATE CONSTRAINT journals_payment_unless_settlement;
+
+-- Payouts: a seller's available funds (or, with no account, the platform's own balance) sent to
+-- a bank account through the payout rail. pending → in_transit → paid | failed, or canceled
+-- while pending. The rail reports the outcome by signed webhook.
+CREATE TABLE payouts (
+    id           text PRIMARY KEY CHECK (id LIKE 'po\_%'),
+    platform_id  text NOT NULL REFERENCES merchants (id),
+    account      text REFERENCES connected_accounts (id),
+    amount       bigint NOT NULL CHECK (amount > 0),
+    currency     char(3) NOT NULL,
+    status       text NOT NULL CHECK (status IN ('pending', 'in_transit', 'paid', 'failed', 'canceled')),
+    bank_account text NOT NULL CHECK (length(bank_account) BETWEEN 1 AND 64),
+    automatic    boolean NOT NULL,
+    failure_code text,
+    created_at   timestamptz NOT NULL,
+    updated_at   timestamptz NOT NULL
+);
+CREATE INDEX payouts_platform ON payouts (platform_id, created_at DESC, id DESC);
+CREATE INDEX payouts_open ON payouts (updated_at) WHERE status IN ('pending', 'in_transit');

@@ -334,6 +334,7 @@ fn spawn_housekeeping(state: web::Data<AppState>, shutdown: crate::shutdown::Shu
                     }
                 }
             }
+            crate::api::payouts::housekeeping(&release).await;
         }
     });
     actix_rt::spawn(async move {

@@ -216,6 +216,11 @@ pub struct MarketplaceConfig {
     pub release_every_secs: u64,
     /// Captured credits released per transaction (a tick repeats until none is due).
     pub release_batch: i64,
+    /// Make the sellers' scheduled payouts (`daily`, `weekly` on Mondays, UTC).
+    pub scheduled_payouts: bool,
+    /// A payout still `pending` or `in_transit` this long is handed to the rail again (the
+    /// rail takes a payout once per id and reports it again).
+    pub payout_recheck_secs: u64,
 }
 
 impl Default for MarketplaceConfig {
@@ -223,6 +228,8 @@ impl Default for MarketplaceConfig {
         MarketplaceConfig {
             release_every_secs: 60,
             release_batch: 1000,
+            scheduled_payouts: true,
+            payout_recheck_secs: 300,
         }
     }
 }

@@ -20,6 +20,7 @@ use super::mailbox::{ActorStats, Mailbox};
 use super::payment::{Op, PaymentCall};
 use super::registry::PaymentRegistry;
 use crate::adapters::nats::{Nats, PspEvent};
+use crate::adapters::postgres::payouts::PayoutEvent;
 use crate::adapters::postgres::Db;
 use crate::config::NatsConfig;
 use crate::metrics::Metrics;
@@ -258,6 +259,27 @@ impl Worker {
                 };
             }
         };
+        if event.event_type.starts_with("payout.") && !event.reference.is_empty() {
+            // The payout rail's report: it belongs to a payout, not a payment.
+            let object: serde_json::Value = serde_json::from_slice(&event.object).unwrap_or_default();
+            return match self
+                .db
+                .apply_payout_event(
+                    &event.provider,
+                    &event.event_id,
+                    &event.event_type,
+                    &event.reference,
+                    &object,
+                    &event.raw,
+                )
+                .await
+            {
+                Ok(PayoutEvent::Applied) => Verdict::Ack("applied"),
+                Ok(PayoutEvent::Duplicate) => Verdict::Ack("duplicate"),
+                Ok(PayoutEvent::Unknown) => Verdict::Retry("unknown_reference", "no payout with this id"),
+                Err(_) => Verdict::Retry("retried", "the database was unavailable"),
+            };
+        }
         let found = match self.db.payment_of_reference(&event.provider, &event.reference).await {
             Ok(found) => found,
             Err(_) => return Verdict::Retry("retried", "the database was unavailable"),

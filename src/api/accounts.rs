@@ -53,6 +53,20 @@ fn payout_schedule(obj: &Map<String, Value>) -> Result<Schedule, ApiError> {
     ))
 }
 
+/// `bank_account`: a token of the payout rail (docs/API.md, "Payouts").
+pub fn bank_account(f: &Fields<'_>) -> Result<Option<String>, ApiError> {
+    match f.opt_str("bank_account", 64)? {
+        Some(b) if !crate::adapters::psp::sandbox::BANK_TOKENS.contains(&b) => Err(ApiError::param(
+            "bank_account",
+            format!(
+                "bank_account must be a bank account token: {}",
+                crate::adapters::psp::sandbox::BANK_TOKENS.join(", ")
+            ),
+        )),
+        b => Ok(b.map(str::to_owned)),
+    }
+}
+
 fn email(f: &Fields<'_>) -> Result<Option<String>, ApiError> {
     match f.opt_str("email", 254)? {
         Some(e) if !e.contains('@') || e.chars().any(char::is_whitespace) => {
@@ -84,6 +98,7 @@ pub async fn create(
                 "status",
                 "payout_schedule",
                 "metadata",
+                "bank_account",
             ],
             "",
         )?;
@@ -119,6 +134,7 @@ pub async fn create(
             metadata: f.opt_metadata("metadata")?.unwrap_or_default(),
             created_at: at,
             updated_at: at,
+            bank_account: bank_account(&f)?.unwrap_or_else(|| "ba_success".into()),
         })
     })();
     let st = &state;
@@ -170,7 +186,11 @@ pub async fn update(
     let parsed = (|| {
         let id = path_account(&req)?;
         let obj = body::object(&body)?;
-        let f = Fields::new(&obj, &["name", "email", "status", "payout_schedule", "metadata"], "")?;
+        let f = Fields::new(
+            &obj,
+            &["name", "email", "status", "payout_schedule", "metadata", "bank_account"],
+            "",
+        )?;
         let (interval, delay, minimum) = payout_schedule(&obj)?;
         Ok((
             id,
@@ -182,6 +202,7 @@ pub async fn update(
                 payout_delay_days: delay,
                 payout_minimum: minimum,
                 metadata: f.opt_metadata("metadata")?,
+                bank_account: bank_account(&f)?,
             },
         ))
     })();

@@ -14,6 +14,7 @@ pub mod idempotency;
 pub mod ledger;
 pub mod metrics;
 pub mod payments;
+pub mod payouts;
 pub mod ratelimit;
 pub mod reconciliation;
 pub mod refunds;
@@ -111,6 +112,10 @@ api_routes! {
     get "/api/v1/transfers" => transfers::list,
     get "/api/v1/transfers/{id}" => transfers::get,
     post "/api/v1/transfers/{id}/reversals" => transfers::reverse,
+    post "/api/v1/payouts" => payouts::create,
+    get "/api/v1/payouts" => payouts::list,
+    get "/api/v1/payouts/{id}" => payouts::get,
+    post "/api/v1/payouts/{id}/cancel" => payouts::cancel,
     get "/api/v1/connectors" => reconciliation::connectors,
     get "/api/v1/balance_transactions" => reports::balance_transactions,
     get "/api/v1/reports/payments.csv" => reports::payments_csv,

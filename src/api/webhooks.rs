@@ -117,8 +117,9 @@ fn stripe_event(state: &AppState, req: &HttpRequest, provider: &str, raw: &[u8])
     let object = event["data"]["object"]
         .as_object()
         .ok_or_else(|| malformed("the event has no data.object"))?;
-    // docs/API.md: data.object.id for payment_intent.*, data.object.payment_intent for charge.*.
-    let reference = if event_type.starts_with("payment_intent.") {
+    // docs/API.md: data.object.id for payment_intent.* and payout.*, data.object.payment_intent
+    // for charge.*.
+    let reference = if event_type.starts_with("payment_intent.") || event_type.starts_with("payout.") {
         object.get("id")
     } else {
         object.get("payment_intent")

@@ -169,10 +169,6 @@ impl Splits {
         })
     }
 
-    fn parts_count(&self) -> usize {
-        self.splits.len() + 2
-    }
-
     /// What each part still holds of the capture.
     fn holding(&self) -> Vec<i64> {
         let mut w: Vec<i64> = self.splits.iter().map(|s| s.captured - s.returned).collect();
@@ -263,14 +259,15 @@ impl Splits {
             vec![0; n]
         };
         if reverse_splits && !refund_application_fee && parts[n] > 0 {
-            // The platform keeps its fee: the sellers bear its part, in proportion to theirs
-            // in this refund (or, if theirs is nothing, to what they were captured).
-            let by_this: Vec<i64> = parts[..n].to_vec();
-            let by_capture: Vec<i64> = self.splits.iter().map(|s| s.captured).collect();
-            let borne = share(parts[n], &by_this).or_else(|| share(parts[n], &by_capture));
-            if let Some(borne) = borne {
-                for (s, b) in sellers.iter_mut().zip(borne) {
-                    *s += b;
+            // The platform keeps its fee: the fee's part is borne by the other parts of this
+            // refund in proportion, the sellers' share of it split among them by their parts,
+            // the rest's share staying with the platform (nobody else, if no part gave back).
+            let sellers_gave: i64 = parts[..n].iter().sum();
+            if let Some(split) = share(parts[n], &[sellers_gave, parts[n + 1]]) {
+                if let Some(borne) = share(split[0], &parts[..n]) {
+                    for (s, b) in sellers.iter_mut().zip(borne) {
+                        *s = s.checked_add(b)?;
+                    }
                 }
             }
         }
@@ -327,10 +324,8 @@ impl Splits {
 
     /// A won dispute of `amount`: everyone gets back exactly what the dispute took from them.
     pub fn dispute_won(&mut self, amount: i64, platform: &MerchantId) -> Option<Postings> {
-        let taken = self.dispute.take().unwrap_or_else(|| Taken {
-            parts: vec![0; self.parts_count()],
-            sellers: vec![0; self.splits.len()],
-        });
+        // What the dispute took was stored when it opened; without it, refuse rather than guess.
+        let taken = self.dispute.take()?;
         let n = self.splits.len();
         if taken.parts.len() != n + 2 || taken.sellers.len() != n {
             return None;

@@ -41,7 +41,15 @@ pub fn event_object(
 }
 
 /// Event types an endpoint may name: `*`, a known type, or a family such as `payment.*`.
-pub const EVENT_FAMILIES: &[&str] = &["payment", "refund", "dispute", "webhook_endpoint"];
+pub const EVENT_FAMILIES: &[&str] = &[
+    "payment",
+    "refund",
+    "dispute",
+    "webhook_endpoint",
+    "account",
+    "transfer",
+    "payout",
+];
 
 /// Whether `enabled` (an endpoint's `enabled_events`) takes `event_type`.
 pub fn wants(enabled: &[String], event_type: &str) -> bool {

@@ -468,7 +468,13 @@ async fn splits_are_refused_unless_every_account_is_the_platforms_and_active() {
         );
     }
     let too_many: Vec<Value> = (0..101).map(|_| json!({ "account": a, "amount": 1 })).collect();
-    assert_eq!(create(json!(too_many), None).await.status, 400);
+    let r = create(json!(too_many), None).await;
+    assert_eq!(
+        (r.status, r.body["error"]["message"].as_str()),
+        (400, Some("a payment has at most 100 splits")),
+        "{}",
+        r.body
+    );
     assert_eq!(app.count("payments").await, 0);
 }
 
@@ -646,5 +652,221 @@ async fn funds_become_available_on_their_day_once() {
         .unwrap()
         .get(0);
     assert_eq!(due, 1);
+    assert_ledger_clean(&app).await;
+}
+
+/// A payout's status, once it is no longer moving.
+async fn payout_settles(app: &TestApp, id: &str, status: &str) -> Value {
+    let mut last = Value::Null;
+    wait_for(&format!("payout {id} {status}"), async || {
+        last = app.get(&format!("/api/v1/payouts/{id}")).await.body;
+        last["status"] == status
+    })
+    .await;
+    last
+}
+
+#[actix_web::test]
+async fn payouts_leave_the_available_balance_and_come_back_if_they_fail() {
+    let app = spawn_app().await;
+    let r = app
+        .post(
+            "/api/v1/accounts",
+            json!({ "name": "A", "country": "FR", "default_currency": "USD", "payout_schedule": { "delay_days": 0, "interval": "manual" } }),
+        )
+        .await;
+    let a = r.body["id"].as_str().unwrap().to_owned();
+    split_payment(
+        &app,
+        10_000,
+        "automatic",
+        "pm_card_visa",
+        json!({ "splits": [{ "account": a, "amount": 8_000 }] }),
+    )
+    .await;
+    // Pending funds are not paid out.
+    let early = app
+        .post(
+            "/api/v1/payouts",
+            json!({ "amount": 1, "currency": "USD", "account": a }),
+        )
+        .await;
+    assert_eq!(
+        (early.status, early.body["error"]["code"].as_str()),
+        (400, Some("balance_insufficient"))
+    );
+    app.state.db.release_seller_funds(100).await.unwrap();
+    assert_eq!(seller(&app, &a).await, (0, 8_000));
+
+    // Paid: the money reaches the bank through payouts_in_transit.
+    let paid = app
+        .post(
+            "/api/v1/payouts",
+            json!({ "amount": 5_000, "currency": "USD", "account": a }),
+        )
+        .await;
+    assert_eq!(paid.status, 201, "{}", paid.body);
+    assert!(
+        ["in_transit", "paid"].contains(&paid.body["status"].as_str().unwrap()),
+        "{}",
+        paid.body
+    );
+    let id = paid.body["id"].as_str().unwrap().to_owned();
+    payout_settles(&app, &id, "paid").await;
+    assert_eq!(seller(&app, &a).await, (0, 3_000));
+    // Failed: it comes back to the seller.
+    let failed = app
+        .post(
+            "/api/v1/payouts",
+            json!({ "amount": 2_000, "currency": "USD", "account": a, "bank_account": "ba_failure" }),
+        )
+        .await;
+    assert_eq!(failed.status, 201, "{}", failed.body);
+    let f = payout_settles(&app, failed.body["id"].as_str().unwrap(), "failed").await;
+    assert_eq!(f["failure_code"], "account_closed");
+    assert_eq!(seller(&app, &a).await, (0, 3_000));
+    // Never more than available.
+    let over = app
+        .post(
+            "/api/v1/payouts",
+            json!({ "amount": 3_001, "currency": "USD", "account": a }),
+        )
+        .await;
+    assert_eq!(
+        (over.status, over.body["error"]["code"].as_str()),
+        (400, Some("balance_insufficient"))
+    );
+    // The platform pays out its own balance too.
+    let own = app
+        .post("/api/v1/payouts", json!({ "amount": 1_000, "currency": "USD" }))
+        .await;
+    assert_eq!(own.status, 201, "{}", own.body);
+    payout_settles(&app, own.body["id"].as_str().unwrap(), "paid").await;
+    assert_eq!(platform_payable(&app).await, 2_000 - 320 - 1_000);
+    // Each event once: the rail's webhooks applied through the bridge.
+    let db = app.sql().await;
+    let kinds: Vec<String> = db
+        .query(
+            "SELECT event_type FROM outbox WHERE event_type LIKE 'payout.%' AND payload->>'id' = $1 ORDER BY id",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(kinds, ["payout.created", "payout.updated", "payout.paid"]);
+    let bank: i64 = db
+        .query_one(
+            "SELECT coalesce(sum(credit_total - debit_total), 0)::bigint FROM ledger_accounts WHERE account = 'bank'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(bank, 6_000);
+    let in_transit: i64 = db
+        .query_one(
+            "SELECT coalesce(sum(credit_total - debit_total), 0)::bigint FROM ledger_accounts
+             WHERE account = 'payouts_in_transit'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(in_transit, 0);
+    assert_ledger_clean(&app).await;
+}
+
+#[actix_web::test]
+async fn concurrent_payouts_never_exceed_the_available_balance() {
+    let app = spawn_app().await;
+    let r = app
+        .post(
+            "/api/v1/accounts",
+            json!({ "name": "A", "country": "FR", "default_currency": "USD",
+                    "payout_schedule": { "delay_days": 0, "interval": "manual" }, "bank_account": "ba_delayed" }),
+        )
+        .await;
+    let a = r.body["id"].as_str().unwrap().to_owned();
+    split_payment(
+        &app,
+        10_000,
+        "automatic",
+        "pm_card_visa",
+        json!({ "splits": [{ "account": a, "amount": 9_000 }] }),
+    )
+    .await;
+    app.state.db.release_seller_funds(100).await.unwrap();
+    // 50 payouts of 250 at once (12,500 asked of 9,000): exactly the 36 that fit.
+    let results = futures_util::future::join_all((0..50).map(|_| {
+        let (app, a) = (&app, a.clone());
+        async move {
+            app.post(
+                "/api/v1/payouts",
+                json!({ "amount": 250, "currency": "USD", "account": a }),
+            )
+            .await
+        }
+    }))
+    .await;
+    let ok = results.iter().filter(|r| r.status == 201).count();
+    assert_eq!(ok, 36);
+    assert!(results
+        .iter()
+        .filter(|r| r.status != 201)
+        .all(|r| r.body["error"]["code"] == "balance_insufficient"));
+    assert_eq!(seller(&app, &a).await, (0, 0));
+    // A payout in transit cannot be canceled; every one of them is paid in the end.
+    let first = results.iter().find(|r| r.status == 201).unwrap().body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cancel = app.post(&format!("/api/v1/payouts/{first}/cancel"), json!({})).await;
+    assert_eq!(cancel.status, 409, "{}", cancel.body);
+    wait_for("every payout paid", async || {
+        let db = app.sql().await;
+        let paid: i64 = db
+            .query_one("SELECT count(*) FROM payouts WHERE status = 'paid'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        paid == 36
+    })
+    .await;
+    assert_ledger_clean(&app).await;
+}
+
+#[actix_web::test]
+async fn a_daily_schedule_pays_out_the_available_balance_once_a_day() {
+    let app = spawn_app().await;
+    let r = app
+        .post(
+            "/api/v1/accounts",
+            json!({ "name": "A", "country": "FR", "default_currency": "USD",
+                    "payout_schedule": { "delay_days": 0, "interval": "daily", "minimum": 100 } }),
+        )
+        .await;
+    let a = r.body["id"].as_str().unwrap().to_owned();
+    split_payment(
+        &app,
+        1_000,
+        "automatic",
+        "pm_card_visa",
+        json!({ "splits": [{ "account": a, "amount": 700 }] }),
+    )
+    .await;
+    app.state.db.release_seller_funds(100).await.unwrap();
+    payrail::api::payouts::housekeeping(&app.state).await;
+    payrail::api::payouts::housekeeping(&app.state).await;
+    let list = app.get("/api/v1/payouts").await.body;
+    let data = list["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1, "{list}");
+    assert_eq!(
+        (data[0]["amount"].as_i64(), data[0]["automatic"].as_bool()),
+        (Some(700), Some(true))
+    );
+    payout_settles(&app, data[0]["id"].as_str().unwrap(), "paid").await;
+    assert_eq!(seller(&app, &a).await, (0, 0));
     assert_ledger_clean(&app).await;
 }

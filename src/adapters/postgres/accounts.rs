@@ -16,7 +16,7 @@ use crate::domain::record::timestamp;
 use crate::domain::{AccountId, MerchantId};
 
 const COLUMNS: &str = "id, platform_id, name, email, country, default_currency, status, payout_interval, \
-    payout_delay_days, payout_minimum, metadata, created_at, updated_at";
+    payout_delay_days, payout_minimum, metadata, created_at, updated_at, bank_account";
 
 /// Platforms list at most this many accounts per page.
 pub const MAX_PAGE: i64 = 100;
@@ -37,6 +37,8 @@ pub struct Account {
     pub metadata: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Where its payouts go: a bank account token of the payout rail.
+    pub bank_account: String,
 }
 
 impl Account {
@@ -55,6 +57,7 @@ impl Account {
                 "delay_days": self.payout_delay_days,
                 "minimum": self.payout_minimum,
             },
+            "bank_account": self.bank_account,
             "metadata": self.metadata,
             "created_at": timestamp(self.created_at),
             "updated_at": timestamp(self.updated_at),
@@ -77,6 +80,7 @@ pub struct AccountUpdate {
     pub payout_delay_days: Option<i32>,
     pub payout_minimum: Option<i64>,
     pub metadata: Option<BTreeMap<String, String>>,
+    pub bank_account: Option<String>,
 }
 
 fn from_row(row: &tokio_postgres::Row) -> Result<Account, StoreError> {
@@ -95,6 +99,7 @@ fn from_row(row: &tokio_postgres::Row) -> Result<Account, StoreError> {
         metadata: serde_json::from_value(metadata).map_err(|_| StoreError::Broken)?,
         created_at: row.get(11),
         updated_at: row.get(12),
+        bank_account: row.get(13),
     })
 }
 
@@ -112,7 +117,7 @@ impl Db {
             .query_opt(
                 &format!(
                     "INSERT INTO connected_accounts ({COLUMNS})
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
                      ON CONFLICT (id) DO NOTHING RETURNING {COLUMNS}"
                 ),
                 &[
@@ -129,6 +134,7 @@ impl Db {
                     &metadata,
                     &a.created_at,
                     &a.updated_at,
+                    &a.bank_account,
                 ],
             )
             .await
@@ -231,7 +237,7 @@ impl Db {
                          status = coalesce($5, status), payout_interval = coalesce($6, payout_interval),
                          payout_delay_days = coalesce($7, payout_delay_days),
                          payout_minimum = coalesce($8, payout_minimum), metadata = coalesce($9, metadata),
-                         updated_at = now()
+                         bank_account = coalesce($10, bank_account), updated_at = now()
                      WHERE id = $1 AND platform_id = $2 RETURNING {COLUMNS}"
                 ),
                 &[
@@ -244,6 +250,7 @@ impl Db {
                     &u.payout_delay_days,
                     &u.payout_minimum,
                     &metadata,
+                    &u.bank_account,
                 ],
             )
             .await

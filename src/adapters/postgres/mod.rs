@@ -9,6 +9,7 @@ pub mod ledger;
 pub mod merchants;
 pub mod outbox;
 pub mod payments;
+pub mod payouts;
 pub mod reconciliation;
 pub mod refunds;
 pub mod reports;

@@ -107,7 +107,11 @@ fn from_row(row: &tokio_postgres::Row) -> Transfer {
 }
 
 /// The lock every transfer (and payout) of a platform's balance in a currency takes first.
-async fn lock_balance(tx: &tokio_postgres::Transaction<'_>, platform: &str, currency: &str) -> Result<(), StoreError> {
+pub(super) async fn lock_balance(
+    tx: &tokio_postgres::Transaction<'_>,
+    platform: &str,
+    currency: &str,
+) -> Result<(), StoreError> {
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext('payable:' || $1 || ':' || $2))",
         &[&platform, &currency],
@@ -281,8 +285,8 @@ impl Db {
         let current = from_row(&current);
         if let Some(r) = tx
             .query_opt(
-                "SELECT id, transfer_id, amount, created_at FROM transfer_reversals WHERE id = $1",
-                &[&reversal_id],
+                "SELECT id, transfer_id, amount, created_at FROM transfer_reversals WHERE id = $1 AND transfer_id = $2",
+                &[&reversal_id, &transfer_id],
             )
             .await
             .map_err(pg_error)?

@@ -170,6 +170,13 @@ impl BookKind {
     }
 }
 
+/// The sandbox payout rail's bank account tokens: paid at once, paid after a few seconds in
+/// transit, and failed (the bank account is closed).
+pub const BANK_TOKENS: &[&str] = &["ba_success", "ba_delayed", "ba_failure"];
+
+/// How long a payout to `ba_delayed` stays in transit.
+pub const DELAYED_PAYOUT: Duration = Duration::from_secs(3);
+
 /// A sandbox-only token whose authorization panics inside the payment actor's handler, once
 /// per attempt: the supervision drill (issue 5) and its test use it.
 pub const PANIC_ONCE: &str = "pm_card_panicOnceInHandler";
@@ -293,6 +300,39 @@ impl SandboxPsp {
             },
         };
         self.announce(reference, &intent);
+        Ok(())
+    }
+
+    /// The payout rail: takes payout `id` (its own idempotency key: sent again, the same
+    /// payout) and reports its outcome by signed webhook (`payout.paid` or `payout.failed`,
+    /// `data.object.id` = `id`), as the bank token says. Without webhooks the rail cannot report,
+    /// so it refuses.
+    pub fn submit_payout(&self, id: &str, amount: i64, currency: &str, bank_account: &str) -> Result<(), PspError> {
+        let Some(n) = &self.notifier else {
+            return Err(PspError::Unavailable(
+                "the sandbox payout rail reports by webhook: [psp.sandbox] webhooks is off".into(),
+            ));
+        };
+        let object = |status: &str| {
+            json!({ "id": id, "object": "payout", "amount": amount, "currency": currency.to_ascii_lowercase(),
+                    "status": status, "destination": bank_account })
+        };
+        match bank_account {
+            "ba_success" => n.send("payout.paid", object("paid"), Duration::ZERO),
+            "ba_delayed" => n.send("payout.paid", object("paid"), DELAYED_PAYOUT),
+            "ba_failure" => {
+                let mut o = object("failed");
+                o["failure_code"] = json!("account_closed");
+                n.send("payout.failed", o, Duration::ZERO)
+            }
+            _ => {
+                return Err(invalid(
+                    "resource_missing",
+                    "no such bank account",
+                    Some("bank_account"),
+                ))
+            }
+        }
         Ok(())
     }
 

@@ -1,0 +1,245 @@
+//! `/api/v1/payouts`: a seller's available funds, or the platform's own balance, sent to a bank
+//! account (docs/API.md, "Payouts").
+
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::accounts::bank_account;
+use super::body::{self, Fields};
+use super::payments::{int_param, query};
+use super::{auth, idempotency, json_value, AppState};
+use crate::adapters::postgres::payouts::Payout;
+use crate::adapters::postgres::transfers::Moved;
+use crate::api::error::ApiError;
+use crate::domain::record::{list_object, now};
+use crate::domain::{AccountId, Currency, MAX_AMOUNT};
+
+fn path_payout(req: &HttpRequest) -> Result<String, ApiError> {
+    req.match_info()
+        .get("id")
+        .filter(|id| {
+            id.starts_with("po_") && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
+        .map(str::to_owned)
+        .ok_or(ApiError::NotFound("payout"))
+}
+
+/// Hands a new payout to the payout rail and marks it `in_transit`; a rail that does not take
+/// it leaves it `pending` for the next tick of the payout sweeper. Returns the payout as it
+/// stands.
+pub async fn submit(state: &AppState, p: Payout) -> Result<Payout, ApiError> {
+    let Some(rail) = &state.sandbox else {
+        return Ok(p);
+    };
+    match rail.submit_payout(&p.id, p.amount, &p.currency, &p.bank_account) {
+        Ok(()) => Ok(state.db.payout_in_transit(&p.id).await?.unwrap_or(p)),
+        Err(e) => {
+            tracing::warn!(payout = %p.id, error = %e, "the payout rail did not take the payout; it stays pending");
+            Ok(p)
+        }
+    }
+}
+
+/// `POST /api/v1/payouts`: `{ amount, currency, account?, bank_account? }`; without `account`,
+/// the platform's own balance is paid out.
+pub async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let (merchant, body, key) = idempotency::begin(&state, &req, payload).await?;
+    let id = idempotency::derived_id("po", merchant.id.as_str(), &key);
+    let parsed = (|| {
+        let obj = body::object(&body)?;
+        let f = Fields::new(&obj, &["amount", "currency", "account", "bank_account"], "")?;
+        let amount = f
+            .opt_int("amount", 1, MAX_AMOUNT)?
+            .ok_or_else(|| ApiError::invalid("parameter_missing", "amount is required", "amount".to_owned()))?;
+        let currency = Currency::parse(f.req_str("currency", 3)?)
+            .filter(|c| state.currencies.contains(c))
+            .ok_or_else(|| ApiError::param("currency", "currency is not a currency this deployment accepts"))?;
+        let account = match f.opt_str("account", 80)? {
+            None => None,
+            Some(a) => Some(
+                AccountId::parse(a)
+                    .ok_or_else(|| ApiError::param("account", "account must be an account id (acct_…)"))?,
+            ),
+        };
+        let at = now();
+        Ok((
+            Payout {
+                id: id.clone(),
+                platform_id: merchant.id.clone(),
+                account,
+                amount,
+                currency: currency.code().to_owned(),
+                status: "pending".into(),
+                bank_account: String::new(),
+                automatic: false,
+                failure_code: None,
+                created_at: at,
+                updated_at: at,
+            },
+            bank_account(&f)?,
+        ))
+    })();
+    let (st, m) = (&state, &merchant);
+    idempotency::run(
+        &state,
+        &merchant,
+        &req,
+        key,
+        &body,
+        parsed,
+        |(mut p, bank), _| async move {
+            if st.sandbox.is_none() {
+                return Err(ApiError::Unavailable("the payout rail"));
+            }
+            p.bank_account = match &p.account {
+                Some(a) => {
+                    let account = st.db.account(&m.id, a).await?.ok_or_else(|| {
+                        ApiError::invalid("resource_missing", "no such account", "account".to_owned())
+                    })?;
+                    if account.status == "disabled" {
+                        return Err(ApiError::invalid(
+                            "account_inactive",
+                            "a disabled account is not paid out",
+                            "account".to_owned(),
+                        ));
+                    }
+                    bank.unwrap_or(account.bank_account)
+                }
+                None => bank.unwrap_or_else(|| "ba_success".into()),
+            };
+            match st.db.create_payout(&p).await? {
+                Moved::Created(p) => idempotency::reply_json(201, &submit(st, p).await?.to_object()),
+                Moved::Existing(p) => idempotency::reply_json(200, &p.to_object()),
+                Moved::Insufficient => Err(ApiError::invalid(
+                    "balance_insufficient",
+                    "the available balance in this currency does not cover the payout",
+                    None,
+                )),
+                Moved::NotFound => Err(ApiError::NotFound("payout")),
+            }
+        },
+    )
+    .await
+}
+
+/// `GET /api/v1/payouts?limit=&starting_after=`: newest first.
+pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let merchant = auth::merchant(&state, &req).await?;
+    let q = query(&req)?;
+    let limit = int_param(&q, "limit", 10, 1, 100)?;
+    let after = q.get("starting_after").map(String::as_str);
+    let (list, more) = state.db.list_payouts(&merchant.id, limit, after).await?;
+    Ok(json_value(
+        200,
+        &list_object(list.iter().map(Payout::to_object).collect(), more),
+    ))
+}
+
+/// `GET /api/v1/payouts/{id}`
+pub async fn get(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let merchant = auth::merchant(&state, &req).await?;
+    let id = path_payout(&req)?;
+    let p = state
+        .db
+        .payout(&merchant.id, &id)
+        .await?
+        .ok_or(ApiError::NotFound("payout"))?;
+    Ok(json_value(200, &p.to_object()))
+}
+
+/// `POST /api/v1/payouts/{id}/cancel`: only while `pending`; otherwise `409`.
+pub async fn cancel(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let (merchant, body, key) = idempotency::begin(&state, &req, payload).await?;
+    let parsed = (|| {
+        let id = path_payout(&req)?;
+        let obj = body::object(&body)?;
+        Fields::new(&obj, &[], "")?;
+        Ok(id)
+    })();
+    let (st, m) = (&state, &merchant);
+    idempotency::run(&state, &merchant, &req, key, &body, parsed, |id, _| async move {
+        let p = st
+            .db
+            .cancel_payout(&m.id, &id)
+            .await?
+            .ok_or(ApiError::NotFound("payout"))?;
+        if p.status != "canceled" {
+            return Err(ApiError::Conflict {
+                code: "payout_not_cancelable",
+                message: "only a pending payout can be canceled",
+            });
+        }
+        idempotency::reply_json(200, &p.to_object())
+    })
+    .await
+}
+
+/// Payouts the housekeeping tick makes and hands on, at most this many each.
+const TICK_PAYOUTS: i64 = 1_000;
+
+/// The payout part of the marketplace tick: the sellers' scheduled payouts for today (one per
+/// account, currency and UTC day: the id is derived from them), and payouts the rail may not
+/// have taken or answered handed to it again.
+pub async fn housekeeping(state: &AppState) {
+    let config = &state.config.marketplace;
+    if state.sandbox.is_none() {
+        return;
+    }
+    if config.scheduled_payouts {
+        match state.db.scheduled_payouts_due(TICK_PAYOUTS).await {
+            Ok(due) => {
+                let day = now().date_naive();
+                for (platform, account, currency, available, bank) in due {
+                    let key = format!("scheduled:{account}:{currency}:{day}");
+                    let at = now();
+                    let p = Payout {
+                        id: idempotency::derived_id("po", platform.as_str(), &key),
+                        platform_id: platform,
+                        account: Some(account),
+                        amount: available,
+                        currency,
+                        status: "pending".into(),
+                        bank_account: bank,
+                        automatic: true,
+                        failure_code: None,
+                        created_at: at,
+                        updated_at: at,
+                    };
+                    match state.db.create_payout(&p).await {
+                        Ok(Moved::Created(p)) => {
+                            let _ = submit(state, p).await;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "scheduled payout");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "scheduled payouts"),
+        }
+    }
+    let stale = config.payout_recheck_secs.clamp(1, 86_400) as i64;
+    match state.db.open_payouts(stale, TICK_PAYOUTS).await {
+        Ok(open) => {
+            for p in open {
+                if let Some(rail) = &state.sandbox {
+                    if let Err(e) = rail.submit_payout(&p.id, p.amount, &p.currency, &p.bank_account) {
+                        tracing::warn!(payout = %p.id, error = %e, "the payout rail did not take the payout again");
+                    } else if p.status == "pending" {
+                        let _ = state.db.payout_in_transit(&p.id).await;
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "open payouts"),
+    }
+}
