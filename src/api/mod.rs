@@ -203,6 +203,18 @@ pub fn json_response(status: u16, body: Vec<u8>) -> HttpResponse {
     HttpResponse::build(status).content_type("application/json").body(body)
 }
 
+/// The `{id}` of the path when it is an id of our own making with `prefix` (`we_`, `tr_`…):
+/// at most 64 ASCII letters, digits and underscores. Anything else names nothing: a 404.
+pub fn path_id_with(req: &actix_web::HttpRequest, prefix: &str, what: &'static str) -> Result<String, ApiError> {
+    req.match_info()
+        .get("id")
+        .filter(|id| {
+            id.starts_with(prefix) && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
+        .map(str::to_owned)
+        .ok_or(ApiError::NotFound(what))
+}
+
 pub fn json_value(status: u16, value: &serde_json::Value) -> HttpResponse {
     json_response(status, serde_json::to_vec(value).unwrap_or_default())
 }

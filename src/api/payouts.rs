@@ -14,13 +14,7 @@ use crate::domain::record::{list_object, now};
 use crate::domain::{AccountId, Currency, MAX_AMOUNT};
 
 fn path_payout(req: &HttpRequest) -> Result<String, ApiError> {
-    req.match_info()
-        .get("id")
-        .filter(|id| {
-            id.starts_with("po_") && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        })
-        .map(str::to_owned)
-        .ok_or(ApiError::NotFound("payout"))
+    super::path_id_with(req, "po_", "payout")
 }
 
 /// Hands a new payout to the payout rail and marks it `in_transit`; a rail that does not take

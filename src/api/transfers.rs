@@ -12,13 +12,7 @@ use crate::domain::record::{list_object, now};
 use crate::domain::{AccountId, Currency, PaymentId, MAX_AMOUNT};
 
 fn path_transfer(req: &HttpRequest) -> Result<String, ApiError> {
-    req.match_info()
-        .get("id")
-        .filter(|id| {
-            id.starts_with("tr_") && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        })
-        .map(str::to_owned)
-        .ok_or(ApiError::NotFound("transfer"))
+    super::path_id_with(req, "tr_", "transfer")
 }
 
 fn insufficient() -> ApiError {

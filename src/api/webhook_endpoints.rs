@@ -49,13 +49,7 @@ fn new_secret() -> String {
 }
 
 fn path_endpoint(req: &HttpRequest) -> Result<String, ApiError> {
-    req.match_info()
-        .get("id")
-        .filter(|id| {
-            id.starts_with("we_") && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        })
-        .map(str::to_owned)
-        .ok_or(ApiError::NotFound("webhook endpoint"))
+    super::path_id_with(req, "we_", "webhook endpoint")
 }
 
 /// `enabled_events`: 1 to 64 patterns (`*`, `payment.captured`, `refund.*`…), kept in order,

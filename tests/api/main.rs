@@ -9,6 +9,7 @@ mod ledger;
 mod lifecycle;
 mod logs;
 mod marketplace;
+mod marketplace_sim;
 mod money_safety;
 mod openapi;
 mod operations;
