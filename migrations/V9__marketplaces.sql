@@ -70,9 +70,11 @@ ALTER TABLE journals VALIDATE CONSTRAINT journals_payment_unless_settlement;
 -- capture's time plus the account's payout delay), then a release journal moves them to
 -- seller_available:{acct}. Each credit of a seller_pending account is noted here by the
 -- database itself as its entry is written, whichever code path wrote it.
+-- No foreign keys on the hot path: the trigger takes entry_id from the entry it notes and account
+-- from connected_accounts itself, so both exist by construction.
 CREATE TABLE seller_pending_funds (
-    entry_id         bigint PRIMARY KEY REFERENCES entries (id),
-    account          text NOT NULL REFERENCES connected_accounts (id),
+    entry_id         bigint PRIMARY KEY,
+    account          text NOT NULL,
     currency         char(3) NOT NULL,
     amount           bigint NOT NULL CHECK (amount > 0),
     available_on     timestamptz NOT NULL,
@@ -80,16 +82,17 @@ CREATE TABLE seller_pending_funds (
 );
 CREATE INDEX seller_pending_funds_due ON seller_pending_funds (available_on) WHERE released_journal IS NULL;
 
+-- Once per INSERT statement, over the rows it wrote (a ledger batch writes all its entries in one).
 CREATE FUNCTION seller_pending_funds_note() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO seller_pending_funds (entry_id, account, currency, amount, available_on)
-    SELECT NEW.id, a.id, NEW.currency, NEW.credit, now() + make_interval(days => a.payout_delay_days)
-    FROM connected_accounts a WHERE a.id = substr(NEW.account, 16);
+    SELECT n.id, a.id, n.currency, n.credit, now() + make_interval(days => a.payout_delay_days)
+    FROM new_entries n JOIN connected_accounts a ON a.id = substr(n.account, 16)
+    WHERE n.credit > 0 AND n.account LIKE 'seller\_pending:%';
     RETURN NULL;
 END $$;
-CREATE TRIGGER entries_seller_pending AFTER INSERT ON entries FOR EACH ROW
-    WHEN (NEW.credit > 0 AND NEW.account LIKE 'seller\_pending:%')
-    EXECUTE FUNCTION seller_pending_funds_note();
+CREATE TRIGGER entries_seller_pending AFTER INSERT ON entries REFERENCING NEW TABLE AS new_entries
+    FOR EACH STATEMENT EXECUTE FUNCTION seller_pending_funds_note();
 
 ALTER TABLE journals DROP CONSTRAINT journals_kind_check;
 ALTER TABLE journals ADD CONSTRAINT journals_kind_check

@@ -71,6 +71,13 @@ pub struct LoadgenArgs {
     /// With --mix webhooks-out: webhook endpoints (each receives every event).
     #[arg(long, default_value_t = 4)]
     pub endpoints: usize,
+    /// Marketplace payments: each payment is split between this many of the platform's sellers
+    /// (chosen with the Zipf-like skew, distinct), with a 10 % application fee. One merchant only.
+    #[arg(long, default_value_t = 0)]
+    pub splits: usize,
+    /// With --splits: the platform's sellers, created through the API before the load (untimed).
+    #[arg(long, default_value_t = 1_000)]
+    pub sellers: usize,
 }
 
 #[derive(Default)]
@@ -92,6 +99,7 @@ pub async fn run(args: LoadgenArgs, database_url: &str) -> Result<Value, String>
     };
     let client = client_for(&args);
     let keys = merchant_keys(&client, &args).await?;
+    let sellers = Rc::new(sellers(&client, &args, &keys).await?);
     let receiver = if args.mix == Mix::WebhooksOut {
         Some(Receiver::start(&client, &args, &keys).await?)
     } else {
@@ -108,13 +116,14 @@ pub async fn run(args: LoadgenArgs, database_url: &str) -> Result<Value, String>
     let ticket = Rc::new(RefCell::new(0u64));
     let mut workers = Vec::new();
     for w in 0..args.connections.max(1) {
-        let (client, hist, tally, ticket, keys, args) = (
+        let (client, hist, tally, ticket, keys, args, sellers) = (
             client.clone(),
             hist.clone(),
             tally.clone(),
             ticket.clone(),
             keys.clone(),
             args.clone(),
+            sellers.clone(),
         );
         workers.push(actix_rt::spawn(async move {
             let mut n = 0u64;
@@ -145,6 +154,7 @@ pub async fn run(args: LoadgenArgs, database_url: &str) -> Result<Value, String>
                 let ok = one_payment(
                     &client,
                     &args,
+                    &sellers,
                     key,
                     &format!("lg-{}-{w}-{n}", started.elapsed().as_nanos()),
                     due,
@@ -207,7 +217,7 @@ pub async fn run(args: LoadgenArgs, database_url: &str) -> Result<Value, String>
     let batches = batch_distribution(&before, &after);
     let mut report = json!({
         "url": args.url, "mix": format!("{:?}", args.mix).to_lowercase(), "connections": args.connections,
-        "merchants": keys.len(), "duration_s": elapsed, "target_rate": args.rate, "open_loop": args.rate > 0,
+        "merchants": keys.len(), "splits": args.splits, "sellers": sellers.ids.len(), "duration_s": elapsed, "target_rate": args.rate, "open_loop": args.rate > 0,
         "payments": t.payments, "payments_per_s": rate, "requests": t.requests,
         "latency_ms": { "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p99_9": ms(0.999), "max": h.max() as f64 / 1000.0,
                         "mean": h.mean() / 1000.0 },
@@ -410,9 +420,11 @@ fn client_for(args: &LoadgenArgs) -> Client {
 }
 
 /// One payment's requests; records each request's latency from `due`. True if all were 2xx.
+#[allow(clippy::too_many_arguments)]
 async fn one_payment(
     client: &Client,
     args: &LoadgenArgs,
+    sellers: &Sellers,
     key: &str,
     idem: &str,
     due: Instant,
@@ -425,8 +437,11 @@ async fn one_payment(
     } else {
         "manual"
     };
-    let body = json!({ "order_id": "ord_loadgen", "amount": { "value": amount, "currency": "USD" },
-                       "payment_method": "pm_card_visa", "capture_strategy": capture, "confirm": true });
+    let mut body = json!({ "order_id": "ord_loadgen", "amount": { "value": amount, "currency": "USD" },
+                           "payment_method": "pm_card_visa", "capture_strategy": capture, "confirm": true });
+    if !sellers.ids.is_empty() && args.splits > 0 {
+        split(&mut body, amount, args.splits, sellers);
+    }
     let Some(p) = post(client, args, key, "/api/v1/payments", idem, &body, due, hist, tally).await else {
         return false;
     };
@@ -689,6 +704,98 @@ pub fn zipf(rng: &mut impl Rng, n: usize) -> usize {
     n - 1
 }
 
+/// The platform's sellers, and the cumulative Zipf weights to draw them by (drawn in
+/// O(log n), however many there are).
+#[derive(Default)]
+pub struct Sellers {
+    ids: Vec<String>,
+    cdf: Vec<f64>,
+}
+
+impl Sellers {
+    fn new(ids: Vec<String>) -> Sellers {
+        let mut total = 0.0;
+        let cdf = (1..=ids.len())
+            .map(|k| {
+                total += 1.0 / k as f64;
+                total
+            })
+            .collect();
+        Sellers { ids, cdf }
+    }
+
+    fn draw(&self, rng: &mut impl Rng) -> usize {
+        let x = rng.gen::<f64>() * self.cdf.last().copied().unwrap_or(0.0);
+        self.cdf
+            .partition_point(|c| *c < x)
+            .min(self.ids.len().saturating_sub(1))
+    }
+}
+
+/// `n` distinct sellers (Zipf-skewed: a few sell a lot) sharing 80 % of `amount`; a 10 %
+/// application fee; the rest is the platform's.
+fn split(body: &mut Value, amount: i64, n: usize, sellers: &Sellers) {
+    let mut rng = rand::thread_rng();
+    let n = n.min(sellers.ids.len());
+    let mut picked: Vec<usize> = Vec::with_capacity(n);
+    while picked.len() < n {
+        let s = sellers.draw(&mut rng);
+        if !picked.contains(&s) {
+            picked.push(s);
+        }
+    }
+    let each = amount * 80 / 100 / n.max(1) as i64;
+    if each > 0 {
+        body["splits"] = Value::Array(
+            picked
+                .iter()
+                .map(|s| json!({ "account": sellers.ids[*s], "amount": each }))
+                .collect(),
+        );
+    }
+    body["application_fee_amount"] = json!(amount / 10);
+}
+
+/// With `--splits`: the platform's sellers, made before the load (untimed), `--connections`
+/// at a time.
+async fn sellers(client: &Client, args: &LoadgenArgs, keys: &[String]) -> Result<Sellers, String> {
+    if args.splits == 0 {
+        return Ok(Sellers::default());
+    }
+    if keys.len() != 1 {
+        return Err("--splits needs one merchant (the platform)".into());
+    }
+    let mut out = Vec::with_capacity(args.sellers);
+    let started = Instant::now();
+    let ids: Vec<usize> = (0..args.sellers.max(args.splits)).collect();
+    for chunk in ids.chunks(args.connections.max(1)) {
+        let made = futures_util::future::join_all(chunk.iter().map(|i| async move {
+            let mut resp = client
+                .post(format!("{}/api/v1/accounts", args.url))
+                .insert_header(("Authorization", format!("Bearer {}", keys[0])))
+                .insert_header(("Idempotency-Key", format!("loadgen-seller-{i}")))
+                .send_json(&json!({ "name": format!("seller {i}"), "country": "FR", "default_currency": "USD" }))
+                .await
+                .map_err(|e| format!("creating sellers: {e}"))?;
+            let body: Value = resp.json().await.map_err(|e| format!("creating sellers: {e}"))?;
+            body["id"]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or(format!("creating sellers: {body}"))
+        }))
+        .await;
+        for m in made {
+            out.push(m?);
+        }
+    }
+    eprintln!(
+        "{} sellers ready in {:.1} s",
+        out.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Sellers::new(out))
+}
+
 async fn merchant_keys(client: &Client, args: &LoadgenArgs) -> Result<Vec<String>, String> {
     if args.merchants <= 1 {
         return Ok(vec![args.key.clone()]);
@@ -832,6 +939,28 @@ mod tests {
             seen[zipf(&mut rng, 8)] += 1;
         }
         assert!(seen[0] > seen[1] && seen[1] > seen[7] && seen[7] > 0, "{seen:?}");
+    }
+
+    #[test]
+    fn sellers_are_drawn_with_the_same_skew_and_never_out_of_range() {
+        let mut rng = rand::thread_rng();
+        let sellers = Sellers::new((0..8).map(|i| format!("acct_{i}")).collect());
+        let mut seen = [0u32; 8];
+        for _ in 0..8000 {
+            seen[sellers.draw(&mut rng)] += 1;
+        }
+        assert!(seen[0] > seen[1] && seen[1] > seen[7] && seen[7] > 0, "{seen:?}");
+        // The exact shares of 1/k: the first about 37 % of draws.
+        assert!((2600..3300).contains(&seen[0]), "{seen:?}");
+        let mut body = json!({});
+        split(&mut body, 10_000, 5, &sellers);
+        let splits = body["splits"].as_array().unwrap();
+        let mut ids: Vec<&str> = splits.iter().map(|s| s["account"].as_str().unwrap()).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 5);
+        assert_eq!(splits.iter().map(|s| s["amount"].as_i64().unwrap()).sum::<i64>(), 8_000);
+        assert_eq!(body["application_fee_amount"], 1_000);
     }
 
     #[test]

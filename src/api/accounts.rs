@@ -238,6 +238,7 @@ pub async fn balance(state: web::Data<AppState>, req: HttpRequest) -> Result<Htt
         .await?
         .ok_or(ApiError::NotFound("account"))?;
     let balances = state.db.account_balances(&id).await?;
+    let reserved = state.db.payouts_in_flight(&merchant.id, Some(&id)).await?;
     let side = |pick: fn(&(String, i64, i64)) -> i64| {
         balances
             .iter()
@@ -251,6 +252,7 @@ pub async fn balance(state: web::Data<AppState>, req: HttpRequest) -> Result<Htt
             "account": id,
             "pending": side(|b| b.1),
             "available": side(|b| b.2),
+            "reserved": reserved.iter().map(|(c, a)| json!({ "currency": c, "amount": a })).collect::<Vec<_>>(),
         }),
     ))
 }

@@ -13,7 +13,32 @@ use crate::domain::PaymentId;
 pub async fn balance(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let merchant = auth::merchant(&state, &req).await?;
     let balances = state.db.merchant_balances(&merchant.id).await?;
-    Ok(json_value(200, &json!({ "object": "balance", "balances": balances })))
+    let in_flight = state.db.payouts_in_flight(&merchant.id, None).await?;
+    // Stripe's shape beside ours: what the merchant can transfer or pay out now (its payable),
+    // and what is held (refunds still pending, its own payouts on their way). A merchant's
+    // captured funds are its at capture: there is no pending stage (sellers have one).
+    let mut available = Vec::new();
+    let mut reserved: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
+    for b in &balances {
+        let currency = b["currency"].as_str().unwrap_or_default().to_owned();
+        available.push(json!({ "currency": currency, "amount": b["payable"] }));
+        let pending = b["pending_refunds"].as_i64().unwrap_or(0);
+        if pending != 0 {
+            *reserved.entry(currency).or_default() += pending;
+        }
+    }
+    for (currency, amount) in in_flight {
+        let r = reserved.entry(currency).or_default();
+        *r = r.checked_add(amount).ok_or(ApiError::Internal)?;
+    }
+    let reserved: Vec<_> = reserved
+        .into_iter()
+        .map(|(currency, amount)| json!({ "currency": currency, "amount": amount }))
+        .collect();
+    Ok(json_value(
+        200,
+        &json!({ "object": "balance", "balances": balances, "available": available, "reserved": reserved }),
+    ))
 }
 
 /// `GET /api/v1/ledger/journals?payment_id=…`

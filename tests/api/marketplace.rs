@@ -817,6 +817,9 @@ async fn concurrent_payouts_never_exceed_the_available_balance() {
         .filter(|r| r.status != 201)
         .all(|r| r.body["error"]["code"] == "balance_insufficient"));
     assert_eq!(seller(&app, &a).await, (0, 0));
+    // On their way (ba_delayed: about 3 s in transit), they are reserved.
+    let b = app.get(&format!("/api/v1/accounts/{a}/balance")).await.body;
+    assert_eq!(b["reserved"], json!([{ "currency": "USD", "amount": 9_000 }]), "{b}");
     // A payout in transit cannot be canceled; every one of them is paid in the end.
     let first = results.iter().find(|r| r.status == 201).unwrap().body["id"]
         .as_str()
@@ -834,6 +837,16 @@ async fn concurrent_payouts_never_exceed_the_available_balance() {
         paid == 36
     })
     .await;
+    let b = app.get(&format!("/api/v1/accounts/{a}/balance")).await.body;
+    assert_eq!(b["reserved"], json!([]), "{b}");
+    // The platform's own balance: available is its payable; nothing held.
+    let p = app.get("/api/v1/balance").await.body;
+    assert_eq!(
+        p["available"],
+        json!([{ "currency": "USD", "amount": 1_000 - 320 }]),
+        "{p}"
+    );
+    assert_eq!(p["reserved"], json!([]), "{p}");
     assert_ledger_clean(&app).await;
 }
 

@@ -354,6 +354,26 @@ impl Db {
         Ok(updated)
     }
 
+    /// Per currency, what payouts still on their way (`pending`, `in_transit`) hold: of `account`,
+    /// or of the platform's own balance when `None`.
+    pub async fn payouts_in_flight(
+        &self,
+        platform: &MerchantId,
+        account: Option<&AccountId>,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT currency::text, sum(amount)::bigint FROM payouts
+                 WHERE platform_id = $1 AND account IS NOT DISTINCT FROM $2 AND status IN ('pending', 'in_transit')
+                 GROUP BY currency ORDER BY currency",
+                &[&platform.as_str(), &account.map(|a| a.as_str())],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     /// Payouts the rail may not have taken or answered: `pending` or `in_transit` and unchanged
     /// for `older_than_secs`, oldest first.
     pub async fn open_payouts(&self, older_than_secs: i64, limit: i64) -> Result<Vec<Payout>, StoreError> {
