@@ -124,3 +124,5 @@ CREATE TABLE payouts (
 );
 CREATE INDEX payouts_platform ON payouts (platform_id, created_at DESC, id DESC);
 CREATE INDEX payouts_open ON payouts (updated_at) WHERE status IN ('pending', 'in_transit');
+-- A seller's scheduled payouts by day: one a day per currency.
+CREATE INDEX payouts_automatic ON payouts (account, currency, created_at) WHERE automatic;

@@ -738,8 +738,20 @@ fn split(body: &mut Value, amount: i64, n: usize, sellers: &Sellers) {
     let mut rng = rand::thread_rng();
     let n = n.min(sellers.ids.len());
     let mut picked: Vec<usize> = Vec::with_capacity(n);
-    while picked.len() < n {
+    // Distinct draws, a bounded number of tries; then the first sellers not drawn yet.
+    for _ in 0..n * 64 {
+        if picked.len() == n {
+            break;
+        }
         let s = sellers.draw(&mut rng);
+        if !picked.contains(&s) {
+            picked.push(s);
+        }
+    }
+    for s in 0..sellers.ids.len() {
+        if picked.len() == n {
+            break;
+        }
         if !picked.contains(&s) {
             picked.push(s);
         }
@@ -764,6 +776,9 @@ async fn sellers(client: &Client, args: &LoadgenArgs, keys: &[String]) -> Result
     }
     if keys.len() != 1 {
         return Err("--splits needs one merchant (the platform)".into());
+    }
+    if args.splits > 100 {
+        return Err("--splits: a payment has at most 100 splits".into());
     }
     let mut out = Vec::with_capacity(args.sellers);
     let started = Instant::now();

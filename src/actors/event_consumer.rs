@@ -259,7 +259,8 @@ impl Worker {
                 };
             }
         };
-        if event.event_type.starts_with("payout.") && !event.reference.is_empty() {
+        // Only the payout rail's own events (the sandbox's, in this build) move payouts.
+        if event.event_type.starts_with("payout.") && !event.reference.is_empty() && event.provider == "sandbox" {
             // The payout rail's report: it belongs to a payout, not a payment.
             let object: serde_json::Value = serde_json::from_slice(&event.object).unwrap_or_default();
             return match self
@@ -275,6 +276,7 @@ impl Worker {
                 .await
             {
                 Ok(PayoutEvent::Applied) => Verdict::Ack("applied"),
+                Ok(PayoutEvent::Refused) => Verdict::Ack("refused"),
                 Ok(PayoutEvent::Duplicate) => Verdict::Ack("duplicate"),
                 Ok(PayoutEvent::Unknown) => Verdict::Retry("unknown_reference", "no payout with this id"),
                 Err(_) => Verdict::Retry("retried", "the database was unavailable"),

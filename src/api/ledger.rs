@@ -14,15 +14,18 @@ pub async fn balance(state: web::Data<AppState>, req: HttpRequest) -> Result<Htt
     let merchant = auth::merchant(&state, &req).await?;
     let balances = state.db.merchant_balances(&merchant.id).await?;
     let in_flight = state.db.payouts_in_flight(&merchant.id, None).await?;
-    // Stripe's shape beside ours: what the merchant can transfer or pay out now (its payable),
-    // and what is held (refunds still pending, its own payouts on their way). A merchant's
-    // captured funds are its at capture: there is no pending stage (sellers have one).
+    // Stripe's shape beside ours: what the merchant can transfer or pay out now (its payable
+    // less what its pending refunds owe), and what is held (those refunds, its own payouts on
+    // their way). A merchant's captured funds are its at capture: there is no pending stage
+    // (sellers have one).
     let mut available = Vec::new();
     let mut reserved: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
     for b in &balances {
         let currency = b["currency"].as_str().unwrap_or_default().to_owned();
-        available.push(json!({ "currency": currency, "amount": b["payable"] }));
+        let payable = b["payable"].as_i64().unwrap_or(0);
         let pending = b["pending_refunds"].as_i64().unwrap_or(0);
+        let spendable = payable.checked_sub(pending).ok_or(ApiError::Internal)?;
+        available.push(json!({ "currency": currency, "amount": spendable }));
         if pending != 0 {
             *reserved.entry(currency).or_default() += pending;
         }

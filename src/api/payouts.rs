@@ -17,20 +17,31 @@ fn path_payout(req: &HttpRequest) -> Result<String, ApiError> {
     super::path_id_with(req, "po_", "payout")
 }
 
-/// Hands a new payout to the payout rail and marks it `in_transit`; a rail that does not take
-/// it leaves it `pending` for the next tick of the payout sweeper. Returns the payout as it
-/// stands.
-pub async fn submit(state: &AppState, p: Payout) -> Result<Payout, ApiError> {
-    let Some(rail) = &state.sandbox else {
-        return Ok(p);
-    };
-    match rail.submit_payout(&p.id, p.amount, &p.currency, &p.bank_account) {
-        Ok(()) => Ok(state.db.payout_in_transit(&p.id).await?.unwrap_or(p)),
+/// Hands a payout to the payout rail: `in_transit` is committed first (from then on it cannot
+/// be canceled), then the rail is called. A payout whose `in_transit` did not commit stays
+/// `pending` (cancelable: the rail never saw it) for the sweeper; a rail that does not answer
+/// leaves it `in_transit`, handed again by the sweeper. Returns the payout as it stands.
+pub async fn submit(state: &AppState, p: Payout) -> Payout {
+    let Some(rail) = rail(state) else { return p };
+    let moved = match state.db.payout_in_transit(&p.id).await {
+        Ok(Some(moved)) => moved,
+        Ok(None) => return p,
         Err(e) => {
-            tracing::warn!(payout = %p.id, error = %e, "the payout rail did not take the payout; it stays pending");
-            Ok(p)
+            tracing::warn!(payout = %p.id, error = %e, "payout not handed to the rail yet; it stays pending");
+            return p;
+        }
+    };
+    if moved.status == "in_transit" {
+        if let Err(e) = rail.submit_payout(&p.id, p.amount, &p.currency, &p.bank_account) {
+            tracing::warn!(payout = %p.id, error = %e, "the payout rail did not take the payout; handed again later");
         }
     }
+    moved
+}
+
+/// The payout rail, if this deployment has one that can report outcomes.
+fn rail(state: &AppState) -> Option<&crate::adapters::psp::sandbox::SandboxPsp> {
+    state.sandbox.as_deref().filter(|s| s.pays_out())
 }
 
 /// `POST /api/v1/payouts`: `{ amount, currency, account?, bank_account? }`; without `account`,
@@ -85,7 +96,7 @@ pub async fn create(
         &body,
         parsed,
         |(mut p, bank), _| async move {
-            if st.sandbox.is_none() {
+            if rail(st).is_none() {
                 return Err(ApiError::Unavailable("the payout rail"));
             }
             p.bank_account = match &p.account {
@@ -105,7 +116,7 @@ pub async fn create(
                 None => bank.unwrap_or_else(|| "ba_success".into()),
             };
             match st.db.create_payout(&p).await? {
-                Moved::Created(p) => idempotency::reply_json(201, &submit(st, p).await?.to_object()),
+                Moved::Created(p) => idempotency::reply_json(201, &submit(st, p).await.to_object()),
                 Moved::Existing(p) => idempotency::reply_json(200, &p.to_object()),
                 Moved::Insufficient => Err(ApiError::invalid(
                     "balance_insufficient",
@@ -183,9 +194,7 @@ const TICK_PAYOUTS: i64 = 1_000;
 /// have taken or answered handed to it again.
 pub async fn housekeeping(state: &AppState) {
     let config = &state.config.marketplace;
-    if state.sandbox.is_none() {
-        return;
-    }
+    let Some(rail) = rail(state) else { return };
     if config.scheduled_payouts {
         match state.db.scheduled_payouts_due(TICK_PAYOUTS).await {
             Ok(due) => {
@@ -208,7 +217,7 @@ pub async fn housekeeping(state: &AppState) {
                     };
                     match state.db.create_payout(&p).await {
                         Ok(Moved::Created(p)) => {
-                            let _ = submit(state, p).await;
+                            submit(state, p).await;
                         }
                         Ok(_) => {}
                         Err(e) => {
@@ -225,12 +234,11 @@ pub async fn housekeeping(state: &AppState) {
     match state.db.open_payouts(stale, TICK_PAYOUTS).await {
         Ok(open) => {
             for p in open {
-                if let Some(rail) = &state.sandbox {
-                    if let Err(e) = rail.submit_payout(&p.id, p.amount, &p.currency, &p.bank_account) {
-                        tracing::warn!(payout = %p.id, error = %e, "the payout rail did not take the payout again");
-                    } else if p.status == "pending" {
-                        let _ = state.db.payout_in_transit(&p.id).await;
-                    }
+                if p.status == "pending" {
+                    // Never handed over: in transit first, then the rail.
+                    submit(state, p).await;
+                } else if let Err(e) = rail.submit_payout(&p.id, p.amount, &p.currency, &p.bank_account) {
+                    tracing::warn!(payout = %p.id, error = %e, "the payout rail did not take the payout again");
                 }
             }
         }

@@ -579,6 +579,24 @@ async fn a_transfer_is_idempotent_and_reversed_at_most_in_full() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(kinds, ["transfer.created", "transfer.reversed", "transfer.reversed"]);
+    // The platform's balance transactions list them, and sum to its payable.
+    let txns = app.get("/api/v1/balance_transactions?limit=100").await.body;
+    let listed: Vec<(String, i64)> = txns["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["type"].as_str().unwrap().to_owned(), t["net"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("transfer_refund".to_owned(), 600),
+            ("transfer_refund".to_owned(), 400),
+            ("transfer".to_owned(), -1_000),
+            ("charge".to_owned(), 5_000 - 175),
+        ]
+    );
+    assert_eq!(listed.iter().map(|t| t.1).sum::<i64>(), platform_payable(&app).await);
     // Another platform can neither see nor reverse it; a disabled account receives nothing.
     let other = app.new_merchant().await;
     let r = app
@@ -871,6 +889,16 @@ async fn a_daily_schedule_pays_out_the_available_balance_once_a_day() {
     .await;
     app.state.db.release_seller_funds(100).await.unwrap();
     payrail::api::payouts::housekeeping(&app.state).await;
+    // New funds the same day wait for tomorrow's payout.
+    split_payment(
+        &app,
+        1_000,
+        "automatic",
+        "pm_card_visa",
+        json!({ "splits": [{ "account": a, "amount": 300 }] }),
+    )
+    .await;
+    app.state.db.release_seller_funds(100).await.unwrap();
     payrail::api::payouts::housekeeping(&app.state).await;
     let list = app.get("/api/v1/payouts").await.body;
     let data = list["data"].as_array().unwrap();
@@ -880,6 +908,128 @@ async fn a_daily_schedule_pays_out_the_available_balance_once_a_day() {
         (Some(700), Some(true))
     );
     payout_settles(&app, data[0]["id"].as_str().unwrap(), "paid").await;
-    assert_eq!(seller(&app, &a).await, (0, 0));
+    assert_eq!(seller(&app, &a).await, (0, 300));
     assert_ledger_clean(&app).await;
+}
+
+#[actix_web::test]
+async fn payout_events_apply_once_a_pending_payout_cancels_and_a_canceled_one_takes_no_outcome() {
+    use payrail::adapters::postgres::payouts::Payout;
+    use payrail::adapters::postgres::transfers::Moved;
+    let app = spawn_app().await;
+    let r = app
+        .post(
+            "/api/v1/accounts",
+            json!({ "name": "A", "country": "FR", "default_currency": "USD",
+                    "payout_schedule": { "delay_days": 0, "interval": "manual" } }),
+        )
+        .await;
+    let a = r.body["id"].as_str().unwrap().to_owned();
+    let p = split_payment(
+        &app,
+        10_000,
+        "automatic",
+        "pm_card_visa",
+        json!({ "splits": [{ "account": a, "amount": 6_000 }] }),
+    )
+    .await;
+    let platform = p["merchant_id"].as_str().unwrap().to_owned();
+    app.state.db.release_seller_funds(100).await.unwrap();
+    // Payouts made as the API makes them, but not handed to the rail: pending.
+    let pending = |id: &str, amount: i64| Payout {
+        id: id.to_owned(),
+        platform_id: payrail::domain::MerchantId::parse(&platform).unwrap(),
+        account: payrail::domain::AccountId::parse(&a),
+        amount,
+        currency: "USD".into(),
+        status: "pending".into(),
+        bank_account: "ba_success".into(),
+        automatic: false,
+        failure_code: None,
+        created_at: chrono::Utc::now(),
+        updated_at: chrono::Utc::now(),
+    };
+    for (id, amount) in [("po_cancel", 1_000), ("po_events", 2_000)] {
+        assert!(matches!(
+            app.state.db.create_payout(&pending(id, amount)).await.unwrap(),
+            Moved::Created(_)
+        ));
+    }
+    assert_eq!(seller(&app, &a).await, (0, 3_000));
+
+    // A pending payout (never handed to the rail) cancels: its money comes back.
+    let c = app.post("/api/v1/payouts/po_cancel/cancel", json!({})).await;
+    assert_eq!(
+        (c.status, c.body["status"].as_str()),
+        (200, Some("canceled")),
+        "{}",
+        c.body
+    );
+    assert_eq!(seller(&app, &a).await, (0, 4_000));
+    // An outcome for a canceled payout moves nothing.
+    let paid = |id: &str, amount: i64| json!({ "id": id, "object": "payout", "amount": amount, "currency": "usd", "status": "paid" });
+    assert_eq!(
+        send_event(&app, "evt_po_late", "payout.paid", paid("po_cancel", 1_000)).await,
+        200
+    );
+    // The other: in transit, then paid — the same event twice and another one saying the same.
+    app.state.db.payout_in_transit("po_events").await.unwrap();
+    let cancel = app.post("/api/v1/payouts/po_events/cancel", json!({})).await;
+    assert_eq!(
+        (cancel.status, cancel.body["error"]["code"].as_str()),
+        (409, Some("payout_not_cancelable"))
+    );
+    for id in ["evt_po_1", "evt_po_1", "evt_po_2"] {
+        assert_eq!(send_event(&app, id, "payout.paid", paid("po_events", 2_000)).await, 200);
+    }
+    // One saying another amount is refused.
+    assert_eq!(
+        send_event(&app, "evt_po_odd", "payout.failed", paid("po_events", 1)).await,
+        200
+    );
+    let db = app.sql().await;
+    wait_for("the payout events processed", async || {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM processed_events WHERE event_id IN ('evt_po_late', 'evt_po_1', 'evt_po_2', 'evt_po_odd')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 4
+    })
+    .await;
+    assert_eq!(app.get("/api/v1/payouts/po_cancel").await.body["status"], "canceled");
+    assert_eq!(app.get("/api/v1/payouts/po_events").await.body["status"], "paid");
+    let journals = |kind: &'static str| {
+        let db = &db;
+        async move {
+            db.query_one("SELECT count(*) FROM journals WHERE kind = $1", &[&kind])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(journals("payout_paid").await, 1);
+    // The bank returns it later: the money comes back to the seller, from the bank.
+    let mut failed = paid("po_events", 2_000);
+    failed["status"] = json!("failed");
+    failed["failure_code"] = json!("account_closed");
+    assert_eq!(send_event(&app, "evt_po_returned", "payout.failed", failed).await, 200);
+    payout_settles(&app, "po_events", "failed").await;
+    assert_eq!(seller(&app, &a).await, (0, 6_000));
+    assert_eq!(journals("payout_returned").await, 2);
+    assert_eq!(from_bank(&db).await, 0);
+    assert_ledger_clean(&app).await;
+}
+
+async fn from_bank(db: &tokio_postgres::Client) -> i64 {
+    db.query_one(
+        "SELECT coalesce(sum(credit_total - debit_total), 0)::bigint FROM ledger_accounts WHERE account = 'bank'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }

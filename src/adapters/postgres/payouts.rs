@@ -83,6 +83,9 @@ impl Payout {
 #[derive(Debug, PartialEq, Eq)]
 pub enum PayoutEvent {
     Applied,
+    /// Recorded, nothing moved: its amount or currency is not the payout's, or it reports an
+    /// outcome for a canceled payout. Logged as an error for an operator.
+    Refused,
     /// This event id was applied before.
     Duplicate,
     /// No payout with this id (yet).
@@ -130,7 +133,11 @@ impl Db {
                          created_at, updated_at)
                      SELECT $1, $2, $3, $4::bigint, $5, 'pending', $6, $7, $8, $8
                      WHERE (SELECT coalesce(sum(credit_total - debit_total), 0)::bigint FROM ledger_accounts
-                            WHERE account = $9 AND currency = $5) >= $4::bigint
+                            WHERE account = $9 AND currency = $5)
+                         -- The platform's own balance still owes its pending refunds.
+                         - (SELECT coalesce(sum(amount), 0)::bigint FROM refunds
+                            WHERE $3::text IS NULL AND merchant_id = $2 AND currency = $5 AND status = 'pending')
+                         >= $4::bigint
                      RETURNING {COLUMNS}"
                 ),
                 &[
@@ -163,7 +170,9 @@ impl Db {
         Ok(Moved::Created(stored))
     }
 
-    /// The rail took the payout: `pending` → `in_transit` (an outcome that came first stays).
+    /// The payout is handed to the rail: `pending` → `in_transit`, committed BEFORE the rail is
+    /// called, so a payout the rail may have is never cancelable (an outcome that came first
+    /// stays).
     pub async fn payout_in_transit(&self, id: &str) -> Result<Option<Payout>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
@@ -291,6 +300,16 @@ impl Db {
             return Ok(PayoutEvent::Duplicate);
         }
         let current = from_row(&row);
+        let amount_differs = object["amount"].as_i64().is_some_and(|a| a != current.amount);
+        let currency_differs = object["currency"]
+            .as_str()
+            .is_some_and(|c| !c.eq_ignore_ascii_case(&current.currency));
+        if amount_differs || currency_differs || current.status == "canceled" {
+            tracing::error!(payout = %current.id, event_id, event_type, status = %current.status,
+                amount_differs, currency_differs, "a payout event that cannot apply: recorded, nothing moved");
+            tx.commit().await.map_err(pg_error)?;
+            return Ok(PayoutEvent::Refused);
+        }
         let open = matches!(current.status.as_str(), "pending" | "in_transit");
         match event_type {
             "payout.paid" if open => {
@@ -375,15 +394,18 @@ impl Db {
     }
 
     /// Payouts the rail may not have taken or answered: `pending` or `in_transit` and unchanged
-    /// for `older_than_secs`, oldest first.
+    /// for `older_than_secs`, oldest first; each is marked as looked at now, so the next
+    /// `limit` are others (each is handed again once per `older_than_secs`, not every tick).
     pub async fn open_payouts(&self, older_than_secs: i64, limit: i64) -> Result<Vec<Payout>, StoreError> {
         let client = self.client().await?;
         let rows = client
             .query(
                 &format!(
-                    "SELECT {COLUMNS} FROM payouts WHERE status IN ('pending', 'in_transit')
-                       AND updated_at < now() - make_interval(secs => $1::float8)
-                     ORDER BY updated_at LIMIT $2"
+                    "UPDATE payouts SET updated_at = now() WHERE id IN (
+                         SELECT id FROM payouts WHERE status IN ('pending', 'in_transit')
+                           AND updated_at < now() - make_interval(secs => $1::float8)
+                         ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+                     RETURNING {COLUMNS}"
                 ),
                 &[&(older_than_secs as f64), &limit],
             )
@@ -411,6 +433,9 @@ impl Db {
                    AND (a.payout_interval = 'daily'
                         OR (a.payout_interval = 'weekly' AND extract(isodow FROM now() AT TIME ZONE 'UTC') = 1))
                    AND b.available >= greatest(a.payout_minimum, 1)
+                   -- Paid out today already: not due again before tomorrow (so the next ones are).
+                   AND NOT EXISTS (SELECT 1 FROM payouts p WHERE p.account = a.id AND p.currency = b.currency
+                                     AND p.automatic AND p.created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
                  ORDER BY a.id, b.currency LIMIT $1",
                 &[&limit],
             )

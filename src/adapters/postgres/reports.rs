@@ -32,12 +32,19 @@ impl BalanceTransaction {
     }
 }
 
-fn kind_of(journal_kind: &str) -> &'static str {
+/// Stripe's balance transaction type of a journal; `payout_status` is the payout's, for a
+/// returned one (failed or canceled).
+fn kind_of(journal_kind: &str, payout_status: Option<&str>) -> &'static str {
     match journal_kind {
         "capture" => "charge",
         "refund" => "refund",
         "dispute_opened" => "dispute",
         "dispute_won" => "dispute_reversal",
+        "transfer" => "transfer",
+        "transfer_reversal" => "transfer_refund",
+        "payout" => "payout",
+        "payout_returned" if payout_status == Some("canceled") => "payout_cancel",
+        "payout_returned" => "payout_failure",
         _ => "adjustment",
     }
 }
@@ -95,9 +102,15 @@ impl Db {
         let sql = format!(
             // The page of journals first (the index on (merchant_id, created_at, id) stops at
             // the limit), then each one's entries: a page costs its own rows, not the history.
-            "SELECT j.id, j.kind, j.payment_id, j.currency::text, j.created_at, m.net, m.fee
-             FROM (SELECT id, kind, payment_id, currency, created_at FROM journals j
-                   WHERE j.merchant_id = $1 AND j.payment_id IS NOT NULL
+            // A payment's journals, and the platform's transfers and payouts of its own balance
+            // (journals of no payment that moved its payable; a seller's payout does not).
+            "SELECT j.id, j.kind, coalesce(j.payment_id, j.correlation_id), j.currency::text, j.created_at, m.net, m.fee,
+                    po.status
+             FROM (SELECT id, kind, payment_id, correlation_id, currency, created_at FROM journals j
+                   WHERE j.merchant_id = $1
+                     AND (j.payment_id IS NOT NULL
+                          OR (j.kind IN ('transfer', 'transfer_reversal', 'payout', 'payout_returned')
+                              AND EXISTS (SELECT 1 FROM entries e WHERE e.journal_id = j.id AND e.account = $2)))
                      AND ($4::timestamptz IS NULL OR j.created_at >= $4) AND ($5::timestamptz IS NULL OR j.created_at < $5)
                      AND {bound}
                    ORDER BY j.created_at {order}, j.id {order} LIMIT $8) j
@@ -105,6 +118,7 @@ impl Db {
                  SELECT coalesce(sum(e.credit - e.debit) FILTER (WHERE e.account = $2), 0)::int8 AS net,
                         coalesce(sum(e.credit - e.debit) FILTER (WHERE e.account = $3), 0)::int8 AS fee
                  FROM entries e WHERE e.journal_id = j.id) m
+             LEFT JOIN payouts po ON j.kind = 'payout_returned' AND po.id = j.correlation_id
              ORDER BY j.created_at {order}, j.id {order}"
         );
         let rows = client
@@ -129,7 +143,7 @@ impl Db {
                 let (net, fee): (i64, i64) = (r.get(5), r.get(6));
                 BalanceTransaction {
                     id: r.get(0),
-                    kind: kind_of(r.get(1)),
+                    kind: kind_of(r.get(1), r.get::<_, Option<&str>>(7)),
                     source: r.get::<_, Option<String>>(2).unwrap_or_default(),
                     amount: net + fee,
                     fee,

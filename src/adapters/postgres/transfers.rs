@@ -188,7 +188,9 @@ impl Db {
                          metadata, created_at)
                      SELECT $1, $2, $3, $4::bigint, $5, $6, $7, $8, $9
                      WHERE (SELECT coalesce(sum(credit_total - debit_total), 0)::bigint FROM ledger_accounts
-                            WHERE account = $10 AND currency = $5) >= $4::bigint
+                            WHERE account = $10 AND currency = $5)
+                         - (SELECT coalesce(sum(amount), 0)::bigint FROM refunds
+                            WHERE merchant_id = $2 AND currency = $5 AND status = 'pending') >= $4::bigint
                      RETURNING {COLUMNS}"
                 ),
                 &[

@@ -303,10 +303,15 @@ impl SandboxPsp {
         Ok(())
     }
 
-    /// The payout rail: takes payout `id` (its own idempotency key: sent again, the same
-    /// payout) and reports its outcome by signed webhook (`payout.paid` or `payout.failed`,
-    /// `data.object.id` = `id`), as the bank token says. Without webhooks the rail cannot report,
-    /// so it refuses.
+    /// Whether the payout rail can report outcomes (it reports by webhook only).
+    pub fn pays_out(&self) -> bool {
+        self.notifier.is_some()
+    }
+
+    /// The payout rail: takes payout `id` and reports its outcome by signed webhook
+    /// (`payout.paid` or `payout.failed`, `data.object.id` = `id`), as the bank token says. It
+    /// keeps no state: handed the same payout again, it reports again, under a new event id
+    /// (payrail applies an outcome to a payout once). Without webhooks it refuses.
     pub fn submit_payout(&self, id: &str, amount: i64, currency: &str, bank_account: &str) -> Result<(), PspError> {
         let Some(n) = &self.notifier else {
             return Err(PspError::Unavailable(
