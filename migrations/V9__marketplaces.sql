@@ -126,3 +126,28 @@ CREATE INDEX payouts_platform ON payouts (platform_id, created_at DESC, id DESC)
 CREATE INDEX payouts_open ON payouts (updated_at) WHERE status IN ('pending', 'in_transit');
 -- A seller's scheduled payouts by day: one a day per currency.
 CREATE INDEX payouts_automatic ON payouts (account, currency, created_at) WHERE automatic;
+
+-- Invariant 2 (every journal balances), checked once per INSERT statement of entries instead of
+-- once per entry: a split payment's journal has eight entries, and each per-row check re-read
+-- them all. The journals a statement's entries belong to must balance when the statement ends
+-- (every writer inserts a journal's entries in one statement); the deferred per-journal trigger
+-- (journals_balanced) still refuses, at commit, a journal with no entries.
+DROP TRIGGER entries_balanced ON entries;
+CREATE FUNCTION payrail_check_entries_balanced() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    bad text;
+BEGIN
+    SELECT j.id INTO bad
+      FROM journals j
+      JOIN (SELECT DISTINCT journal_id FROM new_entries) n ON n.journal_id = j.id
+      LEFT JOIN entries e ON e.journal_id = j.id
+     GROUP BY j.id
+    HAVING count(e.id) < 2 OR sum(e.debit) <> sum(e.credit) OR bool_or(e.currency <> j.currency)
+     LIMIT 1;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'journal % does not balance', bad USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER entries_balanced AFTER INSERT ON entries REFERENCING NEW TABLE AS new_entries
+    FOR EACH STATEMENT EXECUTE FUNCTION payrail_check_entries_balanced();

@@ -197,6 +197,7 @@ async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() 
         .to_owned();
     let mut db = app.sql().await;
 
+    // Refused when the statement that wrote the entries ends.
     let tx = db.transaction().await.unwrap();
     tx.execute(
         "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
@@ -205,14 +206,33 @@ async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() 
     )
     .await
     .unwrap();
-    tx.execute(
-        "INSERT INTO entries (journal_id, account, currency, debit, credit) VALUES
-         ('jr_forged', 'psp_clearing', 'USD', 100, 0), ('jr_forged', 'platform_fee_revenue', 'USD', 0, 99)",
-        &[],
-    )
-    .await
-    .unwrap();
-    let err = tx.commit().await.unwrap_err();
+    let err = tx
+        .execute(
+            "INSERT INTO entries (journal_id, account, currency, debit, credit) VALUES
+             ('jr_forged', 'psp_clearing', 'USD', 100, 0), ('jr_forged', 'platform_fee_revenue', 'USD', 0, 99)",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION),
+        "{err}"
+    );
+    drop(tx);
+    // An entry added to a journal that balanced, later, unbalances it: refused too.
+    let journal: String = db
+        .query_one("SELECT id FROM journals WHERE payment_id = $1 LIMIT 1", &[&p])
+        .await
+        .unwrap()
+        .get(0);
+    let err = db
+        .execute(
+            "INSERT INTO entries (journal_id, account, currency, debit, credit) VALUES ($1, 'psp_clearing', 'USD', 1, 0)",
+            &[&journal],
+        )
+        .await
+        .unwrap_err();
     assert_eq!(
         err.code(),
         Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION),

@@ -143,16 +143,22 @@ pub(super) async fn post(
     )
     .await
     .map_err(pg_error)?;
+    // All of a journal's entries in one statement: the database checks the journal balances
+    // when the statement ends.
+    let accounts: Vec<&str> = entries.iter().map(|e| e.account.as_str()).collect();
+    let debits: Vec<i64> = entries.iter().map(|e| e.debit).collect();
+    let credits: Vec<i64> = entries.iter().map(|e| e.credit).collect();
+    tx.execute(
+        "INSERT INTO entries (journal_id, account, currency, debit, credit)
+         SELECT $1, a, $2, d, c FROM unnest($3::text[], $4::int8[], $5::int8[]) AS u(a, d, c)",
+        &[&id, &currency, &accounts, &debits, &credits],
+    )
+    .await
+    .map_err(pg_error)?;
     // In account order, so that two transactions lock shared balance rows in the same order.
     let mut sorted: Vec<&Entry> = entries.iter().collect();
     sorted.sort_by(|a, b| a.account.cmp(&b.account));
     for e in sorted {
-        tx.execute(
-            "INSERT INTO entries (journal_id, account, currency, debit, credit) VALUES ($1, $2, $3, $4, $5)",
-            &[&id, &e.account, &currency, &e.debit, &e.credit],
-        )
-        .await
-        .map_err(pg_error)?;
         tx.execute(
             "INSERT INTO ledger_accounts (account, currency, slot, debit_total, credit_total) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (account, currency, slot) DO UPDATE SET
