@@ -54,18 +54,6 @@ CREATE TABLE transfer_reversals (
 );
 CREATE INDEX transfer_reversals_transfer ON transfer_reversals (transfer_id, created_at);
 
--- Their journals belong to no payment; each is keyed by the transfer or reversal that posted it
--- (journals_settlement_key: one journal per kind and correlation when payment_id is NULL).
-ALTER TABLE journals DROP CONSTRAINT journals_kind_check;
-ALTER TABLE journals ADD CONSTRAINT journals_kind_check
-    CHECK (kind IN ('capture', 'refund', 'dispute_opened', 'dispute_won', 'psp_fee', 'psp_payout',
-                    'transfer', 'transfer_reversal')) NOT VALID;
-ALTER TABLE journals VALIDATE CONSTRAINT journals_kind_check;
-ALTER TABLE journals DROP CONSTRAINT journals_payment_unless_settlement;
-ALTER TABLE journals ADD CONSTRAINT journals_payment_unless_settlement
-    CHECK (payment_id IS NOT NULL OR kind IN ('psp_fee', 'psp_payout', 'transfer', 'transfer_reversal')) NOT VALID;
-ALTER TABLE journals VALIDATE CONSTRAINT journals_payment_unless_settlement;
-
 -- A seller's captured funds wait in seller_pending:{acct} until their available_on (the
 -- capture's time plus the account's payout delay), then a release journal moves them to
 -- seller_available:{acct}. Each credit of a seller_pending account is noted here by the
@@ -94,6 +82,9 @@ END $$;
 CREATE TRIGGER entries_seller_pending AFTER INSERT ON entries REFERENCING NEW TABLE AS new_entries
     FOR EACH STATEMENT EXECUTE FUNCTION seller_pending_funds_note();
 
+-- The marketplace's journals (transfers and their reversals, releases of sellers' funds, payouts)
+-- belong to no payment; each is keyed by what posted it (journals_settlement_key: one journal
+-- per kind and correlation when payment_id is NULL).
 ALTER TABLE journals DROP CONSTRAINT journals_kind_check;
 ALTER TABLE journals ADD CONSTRAINT journals_kind_check
     CHECK (kind IN ('capture', 'refund', 'dispute_opened', 'dispute_won', 'psp_fee', 'psp_payout',
