@@ -59,7 +59,7 @@ pub fn share(total: i64, weights: &[i64]) -> Option<Vec<i64>> {
     let left = usize::try_from(t - given).ok()?;
     rems.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
     for (_, _, i) in rems.into_iter().take(left) {
-        shares[i] += 1;
+        shares[i] = shares[i].checked_add(1)?;
     }
     Some(shares)
 }
@@ -170,11 +170,15 @@ impl Splits {
     }
 
     /// What each part still holds of the capture.
-    fn holding(&self) -> Vec<i64> {
-        let mut w: Vec<i64> = self.splits.iter().map(|s| s.captured - s.returned).collect();
-        w.push(self.fee.captured - self.fee.returned);
-        w.push(self.rest.captured - self.rest.returned);
-        w
+    fn holding(&self) -> Option<Vec<i64>> {
+        let mut w = self
+            .splits
+            .iter()
+            .map(|s| s.captured.checked_sub(s.returned))
+            .collect::<Option<Vec<i64>>>()?;
+        w.push(self.fee.captured.checked_sub(self.fee.returned)?);
+        w.push(self.rest.captured.checked_sub(self.rest.returned)?);
+        Some(w)
     }
 
     /// The entries of a split payment's journal of `kind` for `amount` (of a payment of
@@ -212,11 +216,18 @@ impl Splits {
     /// amounts are impossible (the caller refuses the journal).
     pub fn capture(&mut self, amount: i64, captured: i64, fee: i64, platform: &MerchantId) -> Option<Postings> {
         // What each part has not received yet: a second capture shares only the remainder.
-        let named: i64 = self.splits.iter().map(|s| s.amount).sum::<i64>() + self.application_fee_amount;
+        let named = self
+            .splits
+            .iter()
+            .try_fold(self.application_fee_amount, |a, s| a.checked_add(s.amount))?;
         let rest_amount = amount.checked_sub(named).filter(|r| *r >= 0)?;
-        let mut open: Vec<i64> = self.splits.iter().map(|s| s.amount - s.captured).collect();
-        open.push(self.application_fee_amount - self.fee.captured);
-        open.push(rest_amount - self.rest.captured);
+        let mut open = self
+            .splits
+            .iter()
+            .map(|s| s.amount.checked_sub(s.captured))
+            .collect::<Option<Vec<i64>>>()?;
+        open.push(self.application_fee_amount.checked_sub(self.fee.captured)?);
+        open.push(rest_amount.checked_sub(self.rest.captured)?);
         if open.iter().any(|o| *o < 0) {
             return None;
         }
@@ -227,13 +238,13 @@ impl Splits {
             entries.push(Entry::credit(PLATFORM_FEE_REVENUE, fee));
         }
         for (s, got) in self.splits.iter_mut().zip(&shares) {
-            s.captured += got;
+            s.captured = s.captured.checked_add(*got)?;
             if *got > 0 {
                 entries.push(Entry::credit(seller_pending(&s.account), *got));
             }
         }
-        self.fee.captured += shares[n];
-        self.rest.captured += shares[n + 1];
+        self.fee.captured = self.fee.captured.checked_add(shares[n])?;
+        self.rest.captured = self.rest.captured.checked_add(shares[n + 1])?;
         let platform_net = shares[n].checked_add(shares[n + 1])?.checked_sub(fee)?;
         let payable = merchant_payable(platform);
         match platform_net {
@@ -248,8 +259,8 @@ impl Splits {
     /// what was taken, and per seller what the seller pays (the platform pays the rest).
     fn take(&mut self, amount: i64, reverse_splits: bool, refund_application_fee: bool) -> Option<Taken> {
         let n = self.splits.len();
-        let holding = self.holding();
-        let held: i64 = holding.iter().sum();
+        let holding = self.holding()?;
+        let held = holding.iter().try_fold(0i64, |a, h| a.checked_add(*h))?;
         // More than the parts hold (disputes and refunds together beyond the capture) is the
         // platform's alone.
         let parts = share(amount.min(held), &holding)?;
@@ -272,11 +283,11 @@ impl Splits {
             }
         }
         for (i, s) in self.splits.iter_mut().enumerate() {
-            s.returned += parts[i];
-            s.debited += sellers[i];
+            s.returned = s.returned.checked_add(parts[i])?;
+            s.debited = s.debited.checked_add(sellers[i])?;
         }
-        self.fee.returned += parts[n];
-        self.rest.returned += parts[n + 1];
+        self.fee.returned = self.fee.returned.checked_add(parts[n])?;
+        self.rest.returned = self.rest.returned.checked_add(parts[n + 1])?;
         Some(Taken { parts, sellers })
     }
 
@@ -284,7 +295,7 @@ impl Splits {
     /// seller_available:{acct}` for what each seller pays, `Dr merchant_payable:{platform}` for
     /// the rest, `Cr psp_clearing`.
     fn outgoing(&self, amount: i64, taken: &Taken, platform: &MerchantId) -> Option<Postings> {
-        let sellers: i64 = taken.sellers.iter().sum();
+        let sellers = taken.sellers.iter().try_fold(0i64, |a, x| a.checked_add(*x))?;
         let platform_pays = amount.checked_sub(sellers).filter(|p| *p >= 0)?;
         let mut entries = Vec::with_capacity(self.splits.len() + 2);
         for (s, pays) in self.splits.iter().zip(&taken.sellers) {
@@ -331,12 +342,12 @@ impl Splits {
             return None;
         }
         for (i, s) in self.splits.iter_mut().enumerate() {
-            s.returned -= taken.parts[i];
-            s.debited -= taken.sellers[i];
+            s.returned = s.returned.checked_sub(taken.parts[i])?;
+            s.debited = s.debited.checked_sub(taken.sellers[i])?;
         }
-        self.fee.returned -= taken.parts[n];
-        self.rest.returned -= taken.parts[n + 1];
-        let sellers: i64 = taken.sellers.iter().sum();
+        self.fee.returned = self.fee.returned.checked_sub(taken.parts[n])?;
+        self.rest.returned = self.rest.returned.checked_sub(taken.parts[n + 1])?;
+        let sellers = taken.sellers.iter().try_fold(0i64, |a, x| a.checked_add(*x))?;
         let platform_gets = amount.checked_sub(sellers).filter(|p| *p >= 0)?;
         let mut entries = vec![Entry::debit(PSP_CLEARING, amount)];
         for (s, got) in self.splits.iter().zip(&taken.sellers) {
