@@ -1,4 +1,4 @@
--- Marketplaces (docs/API.md, "Connected accounts and split payments"): a platform merchant's
+-- Marketplaces (docs/API.md, "Marketplaces"): a platform merchant's
 -- sellers, and the splits of its payments. A seller's money lives in the ledger, in
 -- seller_pending:{acct} and seller_available:{acct}; this table holds who the seller is.
 CREATE TABLE connected_accounts (

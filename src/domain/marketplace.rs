@@ -1,4 +1,4 @@
-//! Marketplaces (docs/API.md, "Connected accounts and split payments"): how a split payment's
+//! Marketplaces (docs/API.md, "Marketplaces"): how a split payment's
 //! money is shared between the platform and its sellers when it is captured, and who gives it
 //! back when it is refunded or disputed. Pure. Every sharing sums exactly to the amount shared,
 //! and every journal built here balances (property-tested below).
