@@ -516,6 +516,27 @@ async fn concurrent_transfers_never_overdraw_the_platform() {
     let (_, b_avail) = seller(&app, &b).await;
     assert_eq!(a_avail + b_avail, ok * 300);
     assert_eq!(app.count("transfers").await, ok);
+    // Listed newest first, a page at a time, every transfer once.
+    let mut seen: Vec<String> = Vec::new();
+    let mut path = "/api/v1/transfers?limit=10".to_owned();
+    loop {
+        let page = app.get(&path).await.body;
+        let ids: Vec<String> = page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+            .collect();
+        seen.extend(ids.iter().cloned());
+        if page["has_more"] != true {
+            break;
+        }
+        path = format!("/api/v1/transfers?limit=10&starting_after={}", ids.last().unwrap());
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!((seen.len() as i64, unique.len() as i64), (ok, ok));
     assert_ledger_clean(&app).await;
 }
 

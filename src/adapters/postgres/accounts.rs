@@ -188,28 +188,16 @@ impl Db {
         limit: i64,
         starting_after: Option<&AccountId>,
     ) -> Result<(Vec<Account>, bool), StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM connected_accounts WHERE platform_id = $1
-                   AND ($2::text IS NULL OR (created_at, id) <
-                        (SELECT created_at, id FROM connected_accounts WHERE id = $2 AND platform_id = $1))
-                 ORDER BY created_at DESC, id DESC LIMIT $3"
-            ))
-            .await
-            .map_err(pg_error)?;
-        let limit = limit.clamp(1, MAX_PAGE);
-        let rows = client
-            .query(
-                &stmt,
-                &[&platform.as_str(), &starting_after.map(|a| a.as_str()), &(limit + 1)],
-            )
-            .await
-            .map_err(pg_error)?;
-        let mut accounts = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
-        let more = accounts.len() as i64 > limit;
-        accounts.truncate(limit as usize);
-        Ok((accounts, more))
+        let after = starting_after.map(|a| a.as_str());
+        self.platform_page(
+            "connected_accounts",
+            COLUMNS,
+            platform,
+            limit.min(MAX_PAGE),
+            after,
+            from_row,
+        )
+        .await
     }
 
     /// Applies `u` to the platform's account `id` with its `account.updated` event; `None` if

@@ -130,6 +130,39 @@ impl Db {
         })
     }
 
+    /// A newest-first page (keyset on `(created_at, id)`) of a platform's rows of `table`, at
+    /// most `limit` after `starting_after` (one that names none of its rows gives an empty
+    /// page), and whether more follow. `table` and `columns` are our own constants.
+    pub(super) async fn platform_page<T>(
+        &self,
+        table: &'static str,
+        columns: &'static str,
+        platform: &crate::domain::MerchantId,
+        limit: i64,
+        starting_after: Option<&str>,
+        from_row: impl Fn(&tokio_postgres::Row) -> Result<T, StoreError>,
+    ) -> Result<(Vec<T>, bool), StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {columns} FROM {table} WHERE platform_id = $1
+                   AND ($2::text IS NULL OR (created_at, id) <
+                        (SELECT created_at, id FROM {table} WHERE id = $2 AND platform_id = $1))
+                 ORDER BY created_at DESC, id DESC LIMIT $3"
+            ))
+            .await
+            .map_err(pg_error)?;
+        let limit = limit.clamp(1, 100);
+        let rows = client
+            .query(&stmt, &[&platform.as_str(), &starting_after, &(limit + 1)])
+            .await
+            .map_err(pg_error)?;
+        let mut page = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
+        let more = page.len() as i64 > limit;
+        page.truncate(limit as usize);
+        Ok((page, more))
+    }
+
     /// Tells the outbox relay that rows are waiting.
     pub fn outbox_committed(&self) {
         self.outbox_ready.notify_one();

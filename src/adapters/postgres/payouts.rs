@@ -220,23 +220,8 @@ impl Db {
         limit: i64,
         starting_after: Option<&str>,
     ) -> Result<(Vec<Payout>, bool), StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT {COLUMNS} FROM payouts WHERE platform_id = $1
-                       AND ($2::text IS NULL OR (created_at, id) <
-                            (SELECT created_at, id FROM payouts WHERE id = $2 AND platform_id = $1))
-                     ORDER BY created_at DESC, id DESC LIMIT $3"
-                ),
-                &[&platform.as_str(), &starting_after, &(limit + 1)],
-            )
+        self.platform_page("payouts", COLUMNS, platform, limit, starting_after, |r| Ok(from_row(r)))
             .await
-            .map_err(pg_error)?;
-        let mut list: Vec<Payout> = rows.iter().map(from_row).collect();
-        let more = list.len() as i64 > limit;
-        list.truncate(limit as usize);
-        Ok((list, more))
     }
 
     /// Cancels the platform's payout while it is still `pending` (the rail has not taken it):

@@ -248,23 +248,10 @@ impl Db {
         limit: i64,
         starting_after: Option<&str>,
     ) -> Result<(Vec<Transfer>, bool), StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT {COLUMNS} FROM transfers WHERE platform_id = $1
-                       AND ($2::text IS NULL OR (created_at, id) <
-                            (SELECT created_at, id FROM transfers WHERE id = $2 AND platform_id = $1))
-                     ORDER BY created_at DESC, id DESC LIMIT $3"
-                ),
-                &[&platform.as_str(), &starting_after, &(limit + 1)],
-            )
-            .await
-            .map_err(pg_error)?;
-        let mut list: Vec<Transfer> = rows.iter().map(from_row).collect();
-        let more = list.len() as i64 > limit;
-        list.truncate(limit as usize);
-        Ok((list, more))
+        self.platform_page("transfers", COLUMNS, platform, limit, starting_after, |r| {
+            Ok(from_row(r))
+        })
+        .await
     }
 
     /// Reverses `amount` of the platform's transfer (`None`: what is left of it), or finds the
