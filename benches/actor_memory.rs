@@ -71,6 +71,7 @@ async fn main() {
     ));
     let deps = PaymentDeps {
         store: Arc::new(PgStore { db, ledger }),
+        connectors: Arc::new(payrail::adapters::psp::connector::OneConnector::new(psp.clone())),
         psp,
         psp_timeout: Some(Duration::from_secs(5)),
         clock: Arc::new(SystemClock),

@@ -112,12 +112,21 @@ impl Application {
         } else {
             Arc::new(crate::actors::risk::NoRisk)
         };
+        let sealer = crate::adapters::secrets::Sealer::from_config(&config.secrets.key)
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        let connectors = Arc::new(crate::adapters::connectors::Directory::new(
+            db.clone(),
+            sandbox.clone(),
+            config.routing.clone(),
+            sealer,
+        ));
         let deps = PaymentDeps {
             store: Arc::new(PgStore {
                 db: db.clone(),
                 ledger: ledger.clone(),
             }),
             psp,
+            connectors: connectors.clone(),
             psp_timeout: Some(Duration::from_millis(config.psp.timeout_ms)),
             clock: Arc::new(SystemClock),
             risk: risk_check,
@@ -192,6 +201,7 @@ impl Application {
             event_consumers,
             webhooks,
             sandbox: Some(sandbox),
+            connectors,
             public_url: public_url_for_state,
             merchants: DashMap::new(),
             currencies,

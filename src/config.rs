@@ -29,7 +29,53 @@ pub struct Config {
     /// Optional: every key has a default.
     #[serde(default)]
     pub marketplace: MarketplaceConfig,
+    /// Optional: every key has a default.
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    /// Optional: without a key, connectors that carry credentials cannot be made.
+    #[serde(default)]
+    pub secrets: SecretsConfig,
     pub log: LogConfig,
+}
+
+/// Orchestration between connectors (docs/API.md, "Routing").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Declines worth one more try on another connector (a decline code, or the failure code
+    /// when there is none).
+    pub soft_declines: Vec<String>,
+    /// Every connector's circuit breaker.
+    pub breaker: crate::domain::routing::BreakerConfig,
+    /// How long a node trusts the connectors and rules it read of a merchant; a change made
+    /// through this node applies at once.
+    pub cache_ms: u64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            soft_declines: [
+                "processing_error",
+                "issuer_unavailable",
+                "try_again_later",
+                "reenter_transaction",
+            ]
+            .map(String::from)
+            .to_vec(),
+            breaker: crate::domain::routing::BreakerConfig::default(),
+            cache_ms: 5_000,
+        }
+    }
+}
+
+/// Secrets at rest.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsConfig {
+    /// The AES-256 key that seals connectors' credentials: 64 hex digits (32 bytes). Set it by
+    /// `PAYRAIL__SECRETS__KEY` rather than in a file.
+    pub key: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -38,6 +38,16 @@ struct PspLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PspOnlyLabels {
+    psp: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PspErrorLabels {
     psp: &'static str,
     code: &'static str,
@@ -122,6 +132,9 @@ pub struct Metrics {
     http: Histograms<HttpLabels>,
     psp: Histograms<PspLabels>,
     psp_errors: Family<PspErrorLabels, Counter>,
+    psp_failovers: Family<ReasonLabels, Counter>,
+    breakers_open: Family<PspOnlyLabels, Gauge>,
+    breaker_opened: Family<PspOnlyLabels, Counter>,
     actor_handle: Histograms<ActorLabels>,
     psp_events: Family<EventLabels, Counter>,
     idempotency_replays: Counter,
@@ -173,6 +186,9 @@ impl Metrics {
             http: Histograms::new_with_constructor(seconds),
             psp: Histograms::new_with_constructor(seconds),
             psp_errors: Family::default(),
+            psp_failovers: Family::default(),
+            breakers_open: Family::default(),
+            breaker_opened: Family::default(),
             actor_handle: Histograms::new_with_constructor(seconds),
             psp_events: Family::default(),
             idempotency_replays: Counter::default(),
@@ -220,6 +236,21 @@ impl Metrics {
             "psp_errors",
             "PSP calls that failed: timeouts, outages, refused requests",
             m.psp_errors.clone(),
+        );
+        r.register(
+            "psp_failovers",
+            "Authorizations sent on to the next connector, by why: unreachable or soft_decline",
+            m.psp_failovers.clone(),
+        );
+        r.register(
+            "psp_breakers_open",
+            "Connectors whose circuit breaker is open or half-open, by PSP kind",
+            m.breakers_open.clone(),
+        );
+        r.register(
+            "psp_breaker_opened",
+            "Times a connector's circuit breaker opened, by PSP kind",
+            m.breaker_opened.clone(),
         );
         r.register(
             "actor_handle_duration_seconds",
@@ -383,6 +414,21 @@ impl Metrics {
         self.psp
             .get_or_create(&PspLabels { psp, operation })
             .observe(d.as_secs_f64());
+    }
+
+    pub fn psp_failover(&self, reason: &'static str) {
+        self.psp_failovers.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// A breaker left `closed` (`opened`) or came back to it.
+    pub fn psp_breaker(&self, psp: &'static str, opened: bool) {
+        let l = PspOnlyLabels { psp };
+        if opened {
+            self.breakers_open.get_or_create(&l).inc();
+            self.breaker_opened.get_or_create(&l).inc();
+        } else {
+            self.breakers_open.get_or_create(&l).dec();
+        }
     }
 
     pub fn psp_error(&self, psp: &'static str, code: &'static str) {

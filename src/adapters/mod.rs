@@ -2,7 +2,9 @@
 //! the table it owns), NATS JetStream, the PSPs behind one trait, and outgoing HTTP to
 //! merchants' webhook endpoints.
 
+pub mod connectors;
 pub mod http_out;
 pub mod nats;
 pub mod postgres;
 pub mod psp;
+pub mod secrets;

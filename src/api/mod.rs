@@ -6,6 +6,7 @@ pub mod accounts;
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod connectors;
 pub mod disputes;
 pub mod error;
 pub mod events;
@@ -57,6 +58,9 @@ pub struct AppState {
     pub webhooks: crate::actors::webhook_delivery::WebhookDelivery,
     /// The sandbox PSP, when it is the configured one (its own endpoints need it).
     pub sandbox: Option<Arc<SandboxPsp>>,
+    /// Every merchant's connectors and routing as payments reach them (breakers, outages, the
+    /// cache to forget on change).
+    pub connectors: Arc<crate::adapters::connectors::Directory>,
     /// Where others reach this server (3-D Secure redirects, the sandbox's webhooks).
     pub public_url: String,
     /// Merchants by API key hash. Keys are not revoked in this version, so a cached entry
@@ -146,6 +150,11 @@ api_routes! {
     post "/admin/v1/dead_letters/{id}/replay" => admin::replay_dead_letter,
     get "/admin/v1/webhook_endpoints" => admin::webhook_endpoints,
     get "/admin/v1/merchants/{id}/connectors" => reconciliation::merchant_connectors,
+    post "/admin/v1/merchants/{id}/connectors" => connectors::create,
+    post "/admin/v1/merchants/{id}/connectors/{connector_id}" => connectors::update,
+    get "/admin/v1/merchants/{id}/routing" => connectors::get_routing,
+    put "/admin/v1/merchants/{id}/routing" => connectors::put_routing,
+    get "/admin/v1/connectors" => connectors::health,
     post "/admin/v1/reconciliation/runs" => reconciliation::create_run,
     get "/admin/v1/reconciliation/runs" => reconciliation::list_runs,
     get "/admin/v1/reconciliation/runs/{id}" => reconciliation::get_run,
@@ -153,6 +162,8 @@ api_routes! {
     post "/admin/v1/reconciliation/exceptions/{id}/resolve" => reconciliation::resolve_exception,
     get "/admin/" => admin::live_view,
     post "/internal/webhooks/psp/{provider}" => webhooks::receive,
+    post "/internal/webhooks/psp/{provider}/{connector_id}" => webhooks::receive_for_connector,
+    post "/sandbox/v1/connectors/{id}/outage" => connectors::sandbox_outage,
     post "/sandbox/v1/payment_methods" => sandbox::payment_methods,
     post "/sandbox/v1/payments/{reference}/complete_3ds" => sandbox::complete_3ds,
     get "/sandbox/v1/settlement_reports/{date}" => reconciliation::sandbox_report,

@@ -56,13 +56,64 @@ pub async fn receive(
         return Err(ApiError::NotFound("route"));
     }
     let raw = body::read(&req, payload, WEBHOOK_BODY_LIMIT).await?;
+    let w = &state.config.webhooks;
     let events = match provider.as_str() {
-        "adyen" => adyen_events(&state, &raw)?,
-        _ => vec![stripe_event(&state, &req, &provider, &raw)?],
+        "adyen" => adyen_events(&w.adyen_hmac_key, &raw)?,
+        _ => vec![stripe_event(
+            &state,
+            &req,
+            &provider,
+            &raw,
+            &[w.secret.as_str(), w.previous_secret.as_str()],
+        )?],
     };
+    publish(&state, &provider, &events).await
+}
+
+/// `POST /internal/webhooks/psp/{provider}/{connector_id}`: one connector's webhooks, verified
+/// with that connector's own secret (`webhook_secret`, or `hmac_key` for Adyen, in its sealed
+/// credentials); a connector with none is verified with `[webhooks]`' secrets, as the
+/// provider's own URL is.
+pub async fn receive_for_connector(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let provider = req.match_info().get("provider").unwrap_or_default().to_owned();
+    let id = req.match_info().get("connector_id").unwrap_or_default().to_owned();
+    if !matches!(provider.as_str(), "sandbox" | "stripe" | "adyen") {
+        return Err(ApiError::NotFound("route"));
+    }
+    if !id.starts_with("mca_") || id.len() > 64 {
+        return Err(ApiError::NotFound("connector"));
+    }
+    let connector = state.db.connector(&id).await?;
+    let connector = connector
+        .filter(|c| c.psp == provider)
+        .ok_or(ApiError::NotFound("connector"))?;
+    let raw = body::read(&req, payload, WEBHOOK_BODY_LIMIT).await?;
+    let own = super::connectors::webhook_secret(&state, &connector).await?;
+    let w = &state.config.webhooks;
+    let events = match (provider.as_str(), own.as_deref()) {
+        ("adyen", Some(key)) => adyen_events(key, &raw)?,
+        ("adyen", None) => adyen_events(&w.adyen_hmac_key, &raw)?,
+        (_, Some(secret)) => vec![stripe_event(&state, &req, &provider, &raw, &[secret])?],
+        (_, None) => vec![stripe_event(
+            &state,
+            &req,
+            &provider,
+            &raw,
+            &[w.secret.as_str(), w.previous_secret.as_str()],
+        )?],
+    };
+    publish(&state, &provider, &events).await
+}
+
+/// Publishes verified events to JetStream, and only then answers the PSP.
+async fn publish(state: &AppState, provider: &str, events: &[PspEvent]) -> Result<HttpResponse, ApiError> {
     let timeout = Duration::from_millis(state.config.nats.publish_timeout_ms);
     let mut duplicates = 0;
-    for e in &events {
+    for e in events {
         match state
             .nats
             .publish_psp_event(e, state.config.nats.partitions, timeout)
@@ -71,11 +122,11 @@ pub async fn receive(
             Ok(duplicate) => duplicates += usize::from(duplicate),
             Err(err) => {
                 tracing::warn!(provider = %provider, event_id = %e.event_id, error = %err, "webhook not published; the PSP will retry");
-                state.metrics.psp_event(&provider, "unpublished");
+                state.metrics.psp_event(provider, "unpublished");
                 return Err(ApiError::Unavailable("nats"));
             }
         }
-        state.metrics.psp_event(&provider, "received");
+        state.metrics.psp_event(provider, "received");
     }
     if provider == "adyen" {
         // Adyen's documented acknowledgement.
@@ -89,7 +140,13 @@ pub async fn receive(
 
 /// A Stripe-format event (Stripe's, or the sandbox's), verified against the current and the
 /// previous secret.
-fn stripe_event(state: &AppState, req: &HttpRequest, provider: &str, raw: &[u8]) -> Result<PspEvent, ApiError> {
+fn stripe_event(
+    state: &AppState,
+    req: &HttpRequest,
+    provider: &str,
+    raw: &[u8],
+    secrets: &[&str],
+) -> Result<PspEvent, ApiError> {
     let header = req
         .headers()
         .get("Stripe-Signature")
@@ -97,14 +154,8 @@ fn stripe_event(state: &AppState, req: &HttpRequest, provider: &str, raw: &[u8])
         .ok_or_else(|| signature_invalid("the Stripe-Signature header is missing"))?;
     let w = &state.config.webhooks;
     let now = chrono::Utc::now().timestamp();
-    verify_stripe(
-        header,
-        raw,
-        &[w.secret.as_str(), w.previous_secret.as_str()],
-        w.tolerance_seconds as i64,
-        now,
-    )
-    .map_err(|e| signature_invalid(&e.to_string()))?;
+    verify_stripe(header, raw, secrets, w.tolerance_seconds as i64, now)
+        .map_err(|e| signature_invalid(&e.to_string()))?;
     let event: Value = serde_json::from_slice(raw).map_err(|_| malformed("the event is not valid JSON"))?;
     let id = event["id"]
         .as_str()
@@ -135,8 +186,7 @@ fn stripe_event(state: &AppState, req: &HttpRequest, provider: &str, raw: &[u8])
 }
 
 /// Adyen notifications: each item verified by its own HMAC; any bad one refuses the request.
-fn adyen_events(state: &AppState, raw: &[u8]) -> Result<Vec<PspEvent>, ApiError> {
-    let key = &state.config.webhooks.adyen_hmac_key;
+fn adyen_events(key: &str, raw: &[u8]) -> Result<Vec<PspEvent>, ApiError> {
     if key.is_empty() {
         return Err(signature_invalid("no Adyen HMAC key is configured"));
     }

@@ -9,10 +9,11 @@ pub mod money;
 pub mod payment;
 pub mod record;
 pub mod risk;
+pub mod routing;
 pub mod settlement;
 pub mod webhook;
 
 pub use ids::{AccountId, AttemptId, DisputeId, JournalId, MerchantId, PaymentId, RefundId};
 pub use money::{platform_fee, Currency, Money, MoneyError, MAX_AMOUNT};
 pub use payment::{decide, CaptureStrategy, Effect, Input, JournalKind, PaymentState, PspOp, Rejection, Status};
-pub use record::{Dispute, DisputeStatus, Failure, NextAction, Payment, Refund, RefundStatus};
+pub use record::{AttemptRecord, Dispute, DisputeStatus, Failure, NextAction, Payment, Refund, RefundStatus, Routing};

@@ -64,6 +64,57 @@ pub struct Payment {
     pub risk: Option<super::risk::RiskDecision>,
     /// A platform's payment shared with its sellers: the splits and what each part got.
     pub splits: Option<super::marketplace::Splits>,
+    /// Where its authorization went. `None`: the merchant's own sandbox connector (a payment
+    /// not confirmed yet, or made before routing).
+    pub routing: Option<Routing>,
+}
+
+/// Where a payment's authorization went: the connector, the rule that chose it, and every
+/// authorization attempt (the payment object's `routing` and `attempts`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Routing {
+    pub connector_id: String,
+    pub rule: String,
+    #[serde(default)]
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// One authorization attempt as the payment object lists it. At most [`Routing::MAX_ATTEMPTS`]
+/// are kept on the payment (every one is a `psp_attempts` row).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub id: String,
+    pub connector_id: String,
+    /// `null` while open, then `succeeded`, `failed`, `requires_action`, `pending`, `rejected`
+    /// or `unreachable`.
+    pub outcome: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_code: Option<String>,
+}
+
+impl Routing {
+    pub const MAX_ATTEMPTS: usize = 20;
+
+    /// Notes a new attempt (the oldest is dropped past the bound).
+    pub fn started(&mut self, id: &str, connector_id: &str) {
+        if self.attempts.len() >= Self::MAX_ATTEMPTS {
+            self.attempts.remove(0);
+        }
+        self.attempts.push(AttemptRecord {
+            id: id.to_owned(),
+            connector_id: connector_id.to_owned(),
+            outcome: None,
+            failure_code: None,
+        });
+    }
+
+    /// Notes how an attempt ended.
+    pub fn finished(&mut self, id: &str, outcome: &str, failure_code: Option<&str>) {
+        if let Some(a) = self.attempts.iter_mut().find(|a| a.id == id) {
+            a.outcome = Some(outcome.to_owned());
+            a.failure_code = failure_code.map(str::to_owned);
+        }
+    }
 }
 
 impl Payment {
@@ -104,6 +155,7 @@ impl Payment {
             card: None,
             risk: None,
             splits: None,
+            routing: None,
         }
     }
 
@@ -147,6 +199,8 @@ impl Payment {
                 "account": x.account, "amount": x.amount, "amount_captured": x.captured,
                 "amount_returned": x.returned, "amount_debited": x.debited,
             })).collect::<Vec<_>>()),
+            "routing": self.routing.as_ref().map(|r| json!({ "connector_id": r.connector_id, "rule": r.rule })),
+            "attempts": self.routing.as_ref().map(|r| r.attempts.as_slice()).unwrap_or_default(),
             "created_at": timestamp(self.created_at),
             "updated_at": timestamp(self.updated_at),
         })

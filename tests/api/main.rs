@@ -19,5 +19,6 @@ mod reconciliation;
 mod recovery;
 mod reports;
 mod risk;
+mod routing;
 mod validation;
 mod webhooks_out;

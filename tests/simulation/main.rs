@@ -147,6 +147,9 @@ impl Sim {
         let deps = Arc::new(PaymentDeps {
             store: Arc::new(SimStore(w.clone())),
             psp: Arc::new(SimPsp(w.clone())),
+            connectors: Arc::new(payrail::adapters::psp::connector::OneConnector::new(Arc::new(SimPsp(
+                w.clone(),
+            )))),
             psp_timeout: None,
             clock: Arc::new(SimClock(w.clone())),
             risk: Arc::new(payrail::actors::risk::NoRisk),

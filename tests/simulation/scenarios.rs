@@ -483,6 +483,9 @@ fn review_holds_through_a_lost_answer_and_redelivered_events() -> Result<(), Str
     s.deps = Arc::new(PaymentDeps {
         store: Arc::new(SimStore(s.w.clone())),
         psp: Arc::new(SimPsp(s.w.clone())),
+        connectors: Arc::new(payrail::adapters::psp::connector::OneConnector::new(Arc::new(SimPsp(
+            s.w.clone(),
+        )))),
         psp_timeout: None,
         clock: Arc::new(SimClock(s.w.clone())),
         risk: Arc::new(AlwaysReview),

@@ -6,6 +6,7 @@ use crate::actors::error::PaymentError;
 use crate::actors::payment::Reply;
 use crate::adapters::postgres::commit::{AttemptOutcome, OutboxEvent};
 use crate::adapters::postgres::payments::Attempt;
+use crate::adapters::psp::connector::Connector;
 use crate::adapters::psp::{AuthorizeRequest, Intent, IntentStatus, PspError, PspRefund, PspRefundStatus};
 use crate::domain::ledger::{postings, Journal};
 use crate::domain::risk::RiskAction;
@@ -108,6 +109,19 @@ impl Outcome {
     }
 }
 
+/// How a PSP call ended when it gave no usable answer.
+pub(super) enum Called {
+    /// Provably nothing reached the PSP.
+    NotSent(String),
+    Halt(Halt),
+}
+
+impl From<Halt> for Called {
+    fn from(h: Halt) -> Called {
+        Called::Halt(h)
+    }
+}
+
 impl Flow<'_> {
     /// The answer for a key whose PSP attempt already ended: the resource as it stands.
     pub(super) async fn answer_finished(
@@ -180,18 +194,87 @@ impl Flow<'_> {
         Ok(own)
     }
 
-    /// Calls the PSP for `attempt` and commits what it answers.
+    /// Calls the PSP for `attempt` and commits what it answers. A new authorization that
+    /// provably reached no PSP, or that was softly declined, goes on to the next connector
+    /// first ([`Flow::fail_over`]).
     pub(super) async fn perform(
         &mut self,
-        attempt: Attempt,
+        mut attempt: Attempt,
         cause: &str,
         status: u16,
         refund: Option<Refund>,
     ) -> Result<Reply, Halt> {
+        let answer = loop {
+            let answer = self.call_attempt(&attempt).await;
+            match self.fail_over(&attempt, &answer).await? {
+                Some(next) => attempt = next,
+                None => break answer,
+            }
+        };
+        let outcome = match answer {
+            Ok(o) => o,
+            Err(Called::NotSent(e)) => {
+                // Nothing reached the PSP and nothing is left to try: the attempt is closed and
+                // the request may be made again.
+                tracing::warn!(payment_id = %self.payment().id, error = %e, "no connector could be reached");
+                self.close_untouched(&attempt, AttemptOutcome::Unreachable, cause, status, refund)
+                    .await?;
+                return Err(PaymentError::Unavailable("psp").into());
+            }
+            Err(Called::Halt(Halt {
+                error: PaymentError::PspRefused { code, message, param },
+                ..
+            })) => {
+                // The PSP refused the request: nothing happened there.
+                self.close_untouched(&attempt, AttemptOutcome::Rejected, cause, status, refund)
+                    .await?;
+                return Err(PaymentError::PspRefused { code, message, param }.into());
+            }
+            Err(Called::Halt(h)) => return Err(h),
+        };
+        self.apply(outcome, Some(&attempt), cause, status, refund).await
+    }
+
+    /// Closes an attempt with which nothing happened at a PSP (refused, or never reached); a
+    /// refund it carried gives its amount back. The request's own answer is its error, so the
+    /// commit does not complete its idempotency record.
+    async fn close_untouched(
+        &mut self,
+        attempt: &Attempt,
+        closed: AttemptOutcome,
+        cause: &str,
+        status: u16,
+        refund: Option<Refund>,
+    ) -> Result<(), Halt> {
+        let o = Outcome {
+            input: match attempt.op {
+                PspOp::Refund { amount } => Some(Input::RefundFailed { amount }),
+                _ => None,
+            },
+            attempt: closed,
+            reference: None,
+            client_secret: None,
+            next_action: None,
+            failure: None,
+            refund_status: refund.as_ref().map(|_| RefundStatus::Failed),
+            exception: None,
+        };
+        let saved = self.idem.take();
+        self.apply(o, Some(attempt), cause, status, refund).await?;
+        self.idem = saved;
+        Ok(())
+    }
+
+    /// One call of `attempt` to its connector. `NotSent` only for the first send of an
+    /// authorization this message started: any other call that reached no PSP still leaves
+    /// the attempt open (an earlier send of it may have reached one).
+    async fn call_attempt(&mut self, attempt: &Attempt) -> Result<Outcome, Called> {
         let p = self.payment().clone();
-        let psp = &self.deps.psp;
+        let connector = self.connector_of(attempt.connector_id.as_deref()).await?;
+        let psp = &connector.psp;
         let risk = p.risk.as_ref().map(|r| r.outcome);
         let reference = || p.psp_reference.clone().unwrap_or_default();
+        let first_send = self.unsent.take().is_some_and(|id| id == attempt.id);
         let answer = match attempt.op {
             PspOp::Authorize => {
                 let req = AuthorizeRequest {
@@ -207,7 +290,7 @@ impl Flow<'_> {
                     },
                     three_d_secure: risk == Some(RiskAction::RequestThreeDs),
                 };
-                self.call_psp("authorize", psp.authorize(req)).await.map(|i| {
+                self.call(&connector, "authorize", psp.authorize(req)).await.map(|i| {
                     let mut o = Outcome::of_intent(i, attempt.op);
                     if risk == Some(RiskAction::Review) && o.input == Some(Input::Authorized) {
                         o.input = Some(Input::HeldForReview);
@@ -216,73 +299,138 @@ impl Flow<'_> {
                 })
             }
             PspOp::Capture { amount } => self
-                .call_psp(
+                .call(
+                    &connector,
                     "capture",
                     psp.capture(attempt.id.clone(), reference(), Money::new(amount, p.currency)),
                 )
                 .await
                 .map(|i| Outcome::of_intent(i, attempt.op)),
             PspOp::Cancel => self
-                .call_psp("cancel", psp.cancel(attempt.id.clone(), reference()))
+                .call(&connector, "cancel", psp.cancel(attempt.id.clone(), reference()))
                 .await
                 .map(|i| Outcome::of_intent(i, attempt.op)),
             PspOp::Refund { amount } => self
-                .call_psp(
+                .call(
+                    &connector,
                     "refund",
                     psp.refund(attempt.id.clone(), reference(), Money::new(amount, p.currency)),
                 )
                 .await
                 .map(|r| Outcome::of_refund(r, amount)),
         };
-        let outcome = match answer {
-            Ok(o) => o,
-            Err(Halt {
-                error: PaymentError::PspRefused { code, message, param },
-                ..
-            }) => {
-                // The PSP refused the request: nothing happened there. Close the attempt; a
-                // refund it carried gives its amount back.
-                let input = match attempt.op {
-                    PspOp::Refund { amount } => Some(Input::RefundFailed { amount }),
-                    _ => None,
-                };
-                let o = Outcome {
-                    input,
-                    attempt: AttemptOutcome::Rejected,
-                    reference: None,
-                    client_secret: None,
-                    next_action: None,
-                    failure: None,
-                    refund_status: refund.as_ref().map(|_| RefundStatus::Failed),
-                    exception: None,
-                };
-                let saved = self.idem.take();
-                self.apply(o, Some(&attempt), cause, status, refund).await?;
-                self.idem = saved;
-                return Err(PaymentError::PspRefused { code, message, param }.into());
+        match answer {
+            Err(Called::NotSent(e)) if !(first_send && attempt.op == PspOp::Authorize) => {
+                tracing::warn!(payment_id = %p.id, error = %e, "PSP not reached; the attempt stays open");
+                Err(Called::Halt(PaymentError::Unavailable("psp").into()))
             }
-            Err(h) => return Err(h),
-        };
-        self.apply(outcome, Some(&attempt), cause, status, refund).await
+            other => other,
+        }
     }
 
-    pub(super) async fn call_psp<T>(
+    /// Whether an authorization's answer sends it on to the next connector: a failure that
+    /// reached no PSP (only on its first send), or a soft decline (once per message). The
+    /// attempt is closed, a new one started on the next connector in one commit, and returned.
+    /// Never for an ambiguous answer (a timeout after sending): that attempt stays open.
+    async fn fail_over(
+        &mut self,
+        attempt: &Attempt,
+        answer: &Result<Outcome, Called>,
+    ) -> Result<Option<Attempt>, Halt> {
+        if attempt.op != PspOp::Authorize || self.fallbacks.is_empty() {
+            return Ok(None);
+        }
+        let (outcome, failure, why) = match answer {
+            Err(Called::NotSent(_)) => (AttemptOutcome::Unreachable, None, "unreachable"),
+            Ok(o)
+                if !self.soft_retried
+                    && o.attempt == AttemptOutcome::Failed
+                    && o.failure.as_ref().is_some_and(|f| self.deps.connectors.soft_decline(f)) =>
+            {
+                self.soft_retried = true;
+                (AttemptOutcome::Failed, o.failure.clone(), "soft_decline")
+            }
+            _ => return Ok(None),
+        };
+        let connector = self.fallbacks.remove(0);
+        let rule = self
+            .payment()
+            .routing
+            .as_ref()
+            .map(|r| r.rule.clone())
+            .unwrap_or_else(|| "default".into());
+        let mut next = self.next_version();
+        if let Some(r) = next.routing.as_mut() {
+            r.finished(
+                attempt.id.as_str(),
+                outcome.as_str(),
+                failure.as_ref().map(|f| f.decline_code.as_deref().unwrap_or(&f.code)),
+            );
+        }
+        let mut retry = Attempt {
+            id: self.new_attempt_id(),
+            op: PspOp::Authorize,
+            refund_id: None,
+            idem_key: attempt.idem_key.clone(),
+            connector_id: None,
+        };
+        self.route_to(&mut next, &mut retry, connector.clone(), rule).await?;
+        tracing::info!(payment_id = %next.id, from = ?attempt.connector_id, to = %connector, why, "authorization failed over");
+        self.deps.metrics.psp_failover(why);
+        let commit = crate::adapters::postgres::commit::Commit {
+            attempt_started: Some(retry.clone()),
+            attempt_finished: Some((attempt.id.clone(), outcome)),
+            ..Default::default()
+        };
+        self.commit(next, commit).await?;
+        self.live.open.retain(|x| x.id != attempt.id);
+        self.live.open.push(retry.clone());
+        Ok(Some(retry))
+    }
+
+    /// The connector an attempt (or the payment, for `None`) goes to.
+    pub(super) async fn connector_of(&self, id: Option<&str>) -> Result<std::sync::Arc<Connector>, Halt> {
+        let id = id.or(self.payment().routing.as_ref().map(|r| r.connector_id.as_str()));
+        match self.deps.connectors.get(&self.payment().merchant_id, id).await? {
+            Some(c) => Ok(c),
+            None => {
+                tracing::error!(payment_id = %self.payment().id, connector = ?id, "the payment's connector is gone");
+                Err(PaymentError::Unavailable("connector").into())
+            }
+        }
+    }
+
+    /// A PSP call through `connector`'s breaker, with the timeout, counted in `/metrics`.
+    async fn call<T>(
         &self,
+        connector: &Connector,
         operation: &'static str,
         call: crate::adapters::psp::PspFuture<'_, T>,
-    ) -> Result<T, Halt> {
+    ) -> Result<T, Called> {
+        let psp = connector.kind;
+        if !connector.allow() {
+            self.deps.metrics.psp_error(psp, "breaker_open");
+            return Err(Called::NotSent(format!(
+                "connector {}: circuit breaker open",
+                connector.id
+            )));
+        }
         let started = std::time::Instant::now();
         let answer = match self.deps.psp_timeout {
             Some(limit) => tokio::time::timeout(limit, call).await,
             None => Ok(call.await),
         };
-        let psp = self.deps.psp.name();
         self.deps.metrics.psp_call(psp, operation, started.elapsed());
         match &answer {
             Ok(Ok(_)) => {}
             Ok(Err(PspError::Invalid { .. })) => self.deps.metrics.psp_error(psp, "invalid_request"),
             Ok(Err(PspError::Unavailable(_))) => self.deps.metrics.psp_error(psp, "unavailable"),
+            Ok(Err(PspError::NotSent(_))) => self.deps.metrics.psp_error(psp, "not_sent"),
             Err(_) => self.deps.metrics.psp_error(psp, "timeout"),
+        }
+        if let Some(opened) = connector.record(matches!(answer, Ok(Ok(_)) | Ok(Err(PspError::Invalid { .. })))) {
+            tracing::warn!(connector = %connector.id, psp, opened, "circuit breaker changed");
+            self.deps.metrics.psp_breaker(psp, opened);
         }
         match answer {
             Ok(Ok(v)) => Ok(v),
@@ -292,17 +440,31 @@ impl Flow<'_> {
                     "amount_too_large" => "amount_too_large",
                     _ => "psp_request_invalid",
                 };
-                Err(PaymentError::PspRefused { code, message, param }.into())
+                Err(Called::Halt(PaymentError::PspRefused { code, message, param }.into()))
             }
+            Ok(Err(PspError::NotSent(e))) => Err(Called::NotSent(e)),
             Ok(Err(PspError::Unavailable(e))) => {
                 tracing::warn!(payment_id = %self.payment().id, error = %e, "PSP unavailable");
-                Err(PaymentError::Unavailable("psp").into())
+                Err(Called::Halt(PaymentError::Unavailable("psp").into()))
             }
             Err(_) => {
                 tracing::warn!(payment_id = %self.payment().id, "PSP call timed out");
-                Err(PaymentError::Unavailable("psp").into())
+                Err(Called::Halt(PaymentError::Unavailable("psp").into()))
             }
         }
+    }
+
+    /// [`Flow::call`] for a call that is not an attempt (a retrieve): every failure halts.
+    pub(super) async fn call_psp<T>(
+        &self,
+        connector: &Connector,
+        operation: &'static str,
+        call: crate::adapters::psp::PspFuture<'_, T>,
+    ) -> Result<T, Halt> {
+        self.call(connector, operation, call).await.map_err(|e| match e {
+            Called::Halt(h) => h,
+            Called::NotSent(_) => PaymentError::Unavailable("psp").into(),
+        })
     }
 
     /// Applies a PSP outcome: the state machine decides, and the payment, its transition,
@@ -357,6 +519,12 @@ impl Flow<'_> {
             next.next_action = o.next_action.clone();
             if o.failure.is_some() {
                 next.failure = o.failure.clone();
+            }
+        }
+        if let (Some(a), Some(r)) = (attempt, next.routing.as_mut()) {
+            if a.op == PspOp::Authorize {
+                let code = o.failure.as_ref().map(|f| f.decline_code.as_deref().unwrap_or(&f.code));
+                r.finished(a.id.as_str(), o.attempt.as_str(), code);
             }
         }
         let refund = refund.map(|mut r| {

@@ -22,7 +22,7 @@ impl Flow<'_> {
             Ok(card) => card,
             // An unknown token: the PSP refuses the authorization itself, with its own answer.
             Err(PspError::Invalid { .. }) => None,
-            Err(PspError::Unavailable(_)) => return Err(PaymentError::Unavailable("psp").into()),
+            Err(PspError::Unavailable(_) | PspError::NotSent(_)) => return Err(PaymentError::Unavailable("psp").into()),
         };
         let mut assessed = payment.clone();
         assessed.card = card.clone();
@@ -91,14 +91,65 @@ impl Flow<'_> {
             .await
     }
 
-    /// A PSP attempt for this request: its id is the idempotency key the PSP will receive.
+    /// A PSP attempt for this request: its id is the idempotency key the PSP will receive. It
+    /// goes to the connector that authorized the payment (an authorization's is set by
+    /// [`Flow::routed_attempt`]).
     fn new_attempt(&self, op: PspOp, refund_id: Option<RefundId>) -> Attempt {
         Attempt {
             id: self.new_attempt_id(),
             op,
             refund_id,
             idem_key: self.idem_key(),
+            connector_id: self.payment().routing.as_ref().map(|r| r.connector_id.clone()),
         }
+    }
+
+    /// A new authorization attempt, routed (docs/API.md, "Routing"): to the first connector the
+    /// merchant's rules choose for `next` (whose card is known by now); the others are this
+    /// message's fallbacks. `next` records the choice.
+    async fn routed_attempt(&mut self, next: &mut Payment) -> Result<Attempt, Halt> {
+        let decision = self.deps.connectors.route(next).await?;
+        let Some(decision) = decision else {
+            return Err(PaymentError::PspRefused {
+                code: "no_eligible_connector",
+                message: format!("no enabled connector of this merchant takes {}", next.currency.code()),
+                param: Some("amount.currency".into()),
+            }
+            .into());
+        };
+        let mut order = decision.connectors.into_iter();
+        let first = order.next().ok_or(PaymentError::Unavailable("routing"))?;
+        self.fallbacks = order.collect();
+        self.soft_retried = false;
+        let mut attempt = self.new_attempt(PspOp::Authorize, None);
+        self.route_to(next, &mut attempt, first, decision.rule).await?;
+        Ok(attempt)
+    }
+
+    /// Points `attempt` (an authorization this message has not sent yet) at `connector`, and
+    /// notes it on `next`.
+    pub(super) async fn route_to(
+        &mut self,
+        next: &mut Payment,
+        attempt: &mut Attempt,
+        connector: String,
+        rule: String,
+    ) -> Result<(), Halt> {
+        let found = self.deps.connectors.get(&next.merchant_id, Some(&connector)).await?;
+        let kind = found.ok_or(PaymentError::Unavailable("connector"))?.kind;
+        let mut routing = next.routing.take().unwrap_or(crate::domain::Routing {
+            connector_id: String::new(),
+            rule: String::new(),
+            attempts: Vec::new(),
+        });
+        routing.started(attempt.id.as_str(), &connector);
+        routing.connector_id = connector.clone();
+        routing.rule = rule;
+        next.routing = Some(routing);
+        next.psp = kind.to_owned();
+        attempt.connector_id = Some(connector);
+        self.unsent = Some(attempt.id.clone());
+        Ok(())
     }
 
     /// docs/DESIGN.md, "Calling the PSP safely": the attempt commits (with whatever `commit`
@@ -160,7 +211,10 @@ impl Flow<'_> {
             response: (!confirm).then(|| (201, object.clone())),
             fence: i.fence,
         });
-        let attempt = (confirm && !blocked).then(|| self.new_attempt(PspOp::Authorize, None));
+        let attempt = match confirm && !blocked {
+            true => Some(self.routed_attempt(&mut payment).await?),
+            false => None,
+        };
         commit.attempt_started = attempt.clone();
         self.commit(payment, commit).await?;
         self.fresh = false;
@@ -202,7 +256,7 @@ impl Flow<'_> {
         if blocked {
             return self.block(next, status).await;
         }
-        let attempt = self.new_attempt(PspOp::Authorize, None);
+        let attempt = self.routed_attempt(&mut next).await?;
         self.start(next, Commit::default(), attempt, "api.confirm", status, None)
             .await
     }
@@ -301,7 +355,10 @@ impl Flow<'_> {
             Rejection::InvalidState(Status::RequiresAction),
             "",
         ))?;
-        let intent = self.call_psp("retrieve", self.deps.psp.retrieve(reference)).await?;
+        let connector = self.connector_of(None).await?;
+        let intent = self
+            .call_psp(&connector, "retrieve", connector.psp.retrieve(reference))
+            .await?;
         let outcome = Outcome::of_intent(intent, PspOp::Authorize);
         self.apply(outcome, None, "psp.three_d_secure_completed", 200, None)
             .await

@@ -39,7 +39,10 @@ pub const DUPLICATE_EVENT: u16 = 208;
 pub struct PaymentDeps {
     /// Reads, and every commit (in production: the ledger shards' group commit).
     pub store: std::sync::Arc<dyn PaymentStore>,
+    /// The tokenizer asked for card facts (risk rules, routing): the embedded sandbox's vault.
     pub psp: std::sync::Arc<dyn Psp>,
+    /// Where PSP calls go: routing for a new authorization, then the connector that authorized.
+    pub connectors: std::sync::Arc<dyn crate::adapters::psp::connector::Connectors>,
     /// How long a PSP call may take before its outcome counts as unknown; `None` leaves it to
     /// the PSP (the simulation's PSP decides itself when, and whether, it answers).
     pub psp_timeout: Option<Duration>,
@@ -166,6 +169,9 @@ pub async fn process(
         by_key,
         fenced: false,
         fresh: matches!(op, Op::Create { .. }),
+        fallbacks: Vec::new(),
+        unsent: None,
+        soft_retried: false,
     };
     let mut result = if matches!(op, Op::Resolve) {
         // The sweeper found an attempt open in the store: memory may not know it (an ambiguous
@@ -187,6 +193,9 @@ pub async fn process(
                 flow.live = live;
                 flow.by_key = true;
                 flow.fresh = false;
+                // Whatever the first run sent may have reached a PSP: no failover from here.
+                flow.unsent = None;
+                flow.fallbacks.clear();
                 result = flow.execute(op).await;
             }
             Ok(None) => result = Err(PaymentError::NotFound("payment").into()),
@@ -229,6 +238,15 @@ struct Flow<'a> {
     fenced: bool,
     /// `live` is a payment its creator handed over, not stored yet.
     fresh: bool,
+    /// Connectors this message's authorization may fail over to, in order (docs/DESIGN.md,
+    /// "Routing and failover").
+    fallbacks: Vec<String>,
+    /// The authorization attempt this message started and has not sent yet: only its first
+    /// call can prove that nothing reached the PSP. An attempt sent before (a retry, a
+    /// recovery) is never failed over.
+    unsent: Option<AttemptId>,
+    /// A soft decline was already retried on another connector.
+    soft_retried: bool,
 }
 
 impl<'a> Flow<'a> {

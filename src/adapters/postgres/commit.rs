@@ -42,6 +42,8 @@ pub enum AttemptOutcome {
     Pending,
     /// The PSP refused the request itself (an unknown payment method, say): nothing happened.
     Rejected,
+    /// The call never reached the PSP (docs/API.md, "Routing"): nothing happened there.
+    Unreachable,
 }
 
 impl AttemptOutcome {
@@ -52,6 +54,7 @@ impl AttemptOutcome {
             AttemptOutcome::RequiresAction,
             AttemptOutcome::Pending,
             AttemptOutcome::Rejected,
+            AttemptOutcome::Unreachable,
         ]
         .into_iter()
         .find(|o| o.as_str() == s)
@@ -64,6 +67,7 @@ impl AttemptOutcome {
             AttemptOutcome::RequiresAction => "requires_action",
             AttemptOutcome::Pending => "pending",
             AttemptOutcome::Rejected => "rejected",
+            AttemptOutcome::Unreachable => "unreachable",
         }
     }
 }
@@ -148,11 +152,12 @@ impl Clone for CommitError {
 const PAYMENTS_INSERT: &str = "INSERT INTO payments (id, merchant_id, order_id, status, amount, currency,
         amount_capturable, amount_captured, amount_refunded, refund_pending, amount_disputed, settled, capture_strategy,
         payment_method, psp, psp_reference, client_secret, next_action, failure, customer_id, description, metadata,
-        fee_bps, fee_fixed, version, transitions, created_at, updated_at, customer, card, risk, splits)
+        fee_bps, fee_fixed, version, transitions, created_at, updated_at, customer, card, risk, splits, routing)
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::int8[], $8::int8[],
         $9::int8[], $10::int8[], $11::int8[], $12::bool[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[],
         $18::jsonb[], $19::jsonb[], $20::text[], $21::text[], $22::jsonb[], $23::int4[], $24::int8[], $25::int4[],
-        $26::int4[], $27::timestamptz[], $28::timestamptz[], $29::jsonb[], $30::jsonb[], $31::jsonb[], $32::jsonb[])";
+        $26::int4[], $27::timestamptz[], $28::timestamptz[], $29::jsonb[], $30::jsonb[], $31::jsonb[], $32::jsonb[],
+        $33::jsonb[])";
 
 /// Only where the stored version is the one before: a row that moved on is not updated, and
 /// the missing id in RETURNING tells the batch it lost a race.
@@ -161,12 +166,13 @@ const PAYMENTS_UPDATE: &str = "UPDATE payments p SET status = u.status, amount_c
         amount_disputed = u.disputed, settled = u.settled, payment_method = u.payment_method,
         psp_reference = u.psp_reference, client_secret = u.client_secret, next_action = u.next_action,
         failure = u.failure, version = u.version, transitions = u.transitions, updated_at = u.updated_at,
-        card = u.card, risk = u.risk, splits = u.splits
+        card = u.card, risk = u.risk, splits = u.splits, psp = u.psp, routing = u.routing
     FROM unnest($1::text[], $2::int4[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[], $8::int8[],
         $9::bool[], $10::text[], $11::text[], $12::text[], $13::jsonb[], $14::jsonb[], $15::int4[], $16::timestamptz[],
-        $17::jsonb[], $18::jsonb[], $19::jsonb[])
+        $17::jsonb[], $18::jsonb[], $19::jsonb[], $20::text[], $21::jsonb[])
         AS u(id, version, status, capturable, captured, refunded, refund_pending, disputed, settled, payment_method,
-             psp_reference, client_secret, next_action, failure, transitions, updated_at, card, risk, splits)
+             psp_reference, client_secret, next_action, failure, transitions, updated_at, card, risk, splits, psp,
+             routing)
     WHERE p.id = u.id AND p.version = u.version - 1
     RETURNING p.id";
 
@@ -182,8 +188,9 @@ const TRANSITIONS: &str = "INSERT INTO payment_transitions (payment_id, seq, fro
     SELECT * FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])";
 
 const ATTEMPTS_START: &str = "INSERT INTO psp_attempts (id, payment_id, operation, amount, refund_id, idempotency_key,
-        started_at)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::timestamptz[])";
+        started_at, connector_id)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::timestamptz[],
+        $8::text[])";
 
 const ATTEMPTS_FINISH: &str = "UPDATE psp_attempts a SET outcome = u.outcome, finished_at = u.at
     FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS u(id, outcome, at)
@@ -321,6 +328,7 @@ columns!(AttemptStartColumns {
     refund_id: Option<String>,
     idempotency_key: Option<String>,
     started_at: DateTime<Utc>,
+    connector_id: Option<String>,
 });
 
 columns!(AttemptFinishColumns {
@@ -443,6 +451,7 @@ struct PaymentColumns {
     card: Vec<Option<Value>>,
     risk: Vec<Option<Value>>,
     splits: Vec<Option<Value>>,
+    routing: Vec<Option<Value>>,
 }
 
 impl PaymentColumns {
@@ -484,6 +493,7 @@ impl PaymentColumns {
         self.card.push(json(p.card.as_ref().map(serde_json::to_value))?);
         self.risk.push(json(p.risk.as_ref().map(serde_json::to_value))?);
         self.splits.push(json(p.splits.as_ref().map(serde_json::to_value))?);
+        self.routing.push(json(p.routing.as_ref().map(serde_json::to_value))?);
         Ok(())
     }
 
@@ -521,6 +531,7 @@ impl PaymentColumns {
             &self.card,
             &self.risk,
             &self.splits,
+            &self.routing,
         ]
     }
 
@@ -545,6 +556,8 @@ impl PaymentColumns {
             &self.card,
             &self.risk,
             &self.splits,
+            &self.psp,
+            &self.routing,
         ]
     }
 }
@@ -594,6 +607,7 @@ impl Columns {
                 t.refund_id.push(a.refund_id.as_ref().map(|r| r.to_string()));
                 t.idempotency_key.push(a.idem_key.clone());
                 t.started_at.push(at);
+                t.connector_id.push(a.connector_id.clone());
             }
             if let Some((id, outcome)) = &commit.attempt_finished {
                 let t = &mut c.finishes;

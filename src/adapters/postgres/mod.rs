@@ -14,6 +14,7 @@ pub mod reconciliation;
 pub mod refunds;
 pub mod reports;
 pub mod risk;
+pub mod routing;
 pub mod sandbox;
 pub mod transfers;
 pub mod webhooks_out;
@@ -74,6 +75,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "marketplaces",
         include_str!("../../../migrations/V9__marketplaces.sql"),
     ),
+    (10, "routing", include_str!("../../../migrations/V10__routing.sql")),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.

@@ -15,7 +15,7 @@ use crate::domain::{
 pub(super) const COLUMNS: &str = "id, merchant_id, order_id, status, amount, currency, amount_capturable, \
     amount_captured, amount_refunded, refund_pending, amount_disputed, settled, capture_strategy, payment_method, \
     psp, psp_reference, client_secret, next_action, failure, customer_id, description, metadata, fee_bps, \
-    fee_fixed, version, transitions, created_at, updated_at, customer, card, risk, splits";
+    fee_fixed, version, transitions, created_at, updated_at, customer, card, risk, splits, routing";
 
 /// A PSP call recorded before it was made (docs/DESIGN.md, "Calling the PSP safely").
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +26,8 @@ pub struct Attempt {
     pub refund_id: Option<RefundId>,
     /// The Idempotency-Key of the request that started it.
     pub idem_key: Option<String>,
+    /// The connector it goes to; `None`: the merchant's own sandbox connector.
+    pub connector_id: Option<String>,
 }
 
 impl Attempt {
@@ -106,6 +108,7 @@ pub(super) fn payment_from_row(row: &tokio_postgres::Row) -> Result<Payment, Sto
         card: json_column(row.get(29)).map_err(|_| bad("card"))?,
         risk: json_column(row.get(30)).map_err(|_| bad("risk"))?,
         splits: json_column(row.get(31)).map_err(|_| bad("splits"))?,
+        routing: json_column(row.get(32)).map_err(|_| bad("routing"))?,
     })
 }
 
@@ -128,6 +131,7 @@ fn attempt_from_row(row: &tokio_postgres::Row) -> Result<Attempt, StoreError> {
         op,
         refund_id: row.get::<_, Option<String>>(3).map(RefundId::from_trusted),
         idem_key: row.get(4),
+        connector_id: row.get(5),
     })
 }
 
@@ -145,7 +149,7 @@ impl Db {
         let payment = payment_from_row(&row)?;
         let stmt = client
             .prepare_cached(
-                "SELECT id, operation, amount, refund_id, idempotency_key FROM psp_attempts
+                "SELECT id, operation, amount, refund_id, idempotency_key, connector_id FROM psp_attempts
                  WHERE payment_id = $1 AND outcome IS NULL ORDER BY started_at, id",
             )
             .await
@@ -155,7 +159,8 @@ impl Db {
         Ok(Some((payment, attempts)))
     }
 
-    /// The PSP attempt that the request with idempotency key `key` started on the payment.
+    /// The PSP attempt that the request with idempotency key `key` started on the payment: the
+    /// last one, when a failover made it start several.
     pub async fn attempt_by_key(
         &self,
         payment: &PaymentId,
@@ -164,8 +169,8 @@ impl Db {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT id, operation, amount, refund_id, idempotency_key, outcome FROM psp_attempts
-                 WHERE payment_id = $1 AND idempotency_key = $2 ORDER BY started_at, id LIMIT 1",
+                "SELECT id, operation, amount, refund_id, idempotency_key, connector_id, outcome FROM psp_attempts
+                 WHERE payment_id = $1 AND idempotency_key = $2 ORDER BY started_at DESC, id DESC LIMIT 1",
             )
             .await
             .map_err(pg_error)?;
@@ -176,7 +181,7 @@ impl Db {
         else {
             return Ok(None);
         };
-        let outcome = match row.get::<_, Option<String>>(5) {
+        let outcome = match row.get::<_, Option<String>>(6) {
             None => None,
             Some(o) => Some(super::commit::AttemptOutcome::parse(&o).ok_or(StoreError::Broken)?),
         };

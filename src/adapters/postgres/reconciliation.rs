@@ -28,17 +28,27 @@ pub struct Connector {
     pub label: String,
     pub enabled: bool,
     pub created_at: DateTime<Utc>,
+    /// The currencies it takes; empty: any.
+    pub currencies: Vec<String>,
+    /// A sandbox connector's behaviour (`latency_ms`, `failure_rate`).
+    pub settings: Value,
+    /// Whether sealed credentials are stored (they are never read out through the API).
+    pub has_credentials: bool,
+    pub updated_at: DateTime<Utc>,
 }
 
 impl Connector {
     /// docs/API.md's Connector object (never any credential).
     pub fn to_object(&self) -> Value {
         json!({ "object": "connector", "id": self.id, "merchant_id": self.merchant_id.as_str(), "psp": self.psp,
-                "label": self.label, "enabled": self.enabled, "created": self.created_at.timestamp() })
+                "label": self.label, "enabled": self.enabled, "currencies": self.currencies,
+                "settings": self.settings, "has_credentials": self.has_credentials,
+                "webhook_url_path": format!("/internal/webhooks/psp/{}/{}", self.psp, self.id),
+                "created": self.created_at.timestamp(), "updated": self.updated_at.timestamp() })
     }
 }
 
-fn connector_from_row(r: &tokio_postgres::Row) -> Connector {
+pub(super) fn connector_from_row(r: &tokio_postgres::Row) -> Connector {
     Connector {
         id: r.get(0),
         merchant_id: MerchantId::from_trusted(r.get(1)),
@@ -46,10 +56,15 @@ fn connector_from_row(r: &tokio_postgres::Row) -> Connector {
         label: r.get(3),
         enabled: r.get(4),
         created_at: r.get(5),
+        currencies: r.get(6),
+        settings: r.get(7),
+        has_credentials: r.get(8),
+        updated_at: r.get(9),
     }
 }
 
-const CONNECTOR_COLUMNS: &str = "id, merchant_id, psp, label, enabled, created_at";
+pub(super) const CONNECTOR_COLUMNS: &str =
+    "id, merchant_id, psp, label, enabled, created_at, currencies, settings, credentials IS NOT NULL, updated_at";
 
 /// One line of a report as a run applies it (a malformed line keeps only its number and why).
 #[derive(Debug, Clone)]

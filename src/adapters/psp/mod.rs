@@ -1,6 +1,7 @@
 //! PSPs behind one trait. Every call carries an idempotency key (the attempt id), so a call
 //! repeated after a crash or a timeout is the same call to the PSP, never a second charge.
 
+pub mod connector;
 pub mod events;
 pub mod sandbox;
 pub mod sandbox_settlement;
@@ -20,6 +21,11 @@ pub enum PspError {
     /// No answer in time, or the PSP is down: the outcome is unknown and the attempt stays open.
     #[error("the PSP did not answer: {0}")]
     Unavailable(String),
+    /// The call provably never reached the PSP (connection refused, no route, a circuit
+    /// breaker open), or the PSP documents its answer as "not processed": nothing happened
+    /// there, so another connector may take the payment.
+    #[error("the PSP was not reached: {0}")]
+    NotSent(String),
     /// The PSP refused the request itself; nothing happened there.
     #[error("the PSP refused the request: {message}")]
     Invalid {

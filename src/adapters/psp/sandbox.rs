@@ -31,6 +31,9 @@ pub enum Behaviour {
     ThreeDSecure,
     Dispute,
     Fraudulent,
+    /// A soft decline (`processing_error`) on a payment's first authorization; the next one,
+    /// on any connector, succeeds.
+    ProcessingError,
 }
 
 impl Behaviour {
@@ -42,6 +45,7 @@ impl Behaviour {
             Behaviour::ThreeDSecure => "three_d_secure",
             Behaviour::Dispute => "dispute",
             Behaviour::Fraudulent => "fraudulent",
+            Behaviour::ProcessingError => "processing_error",
         }
     }
 
@@ -52,6 +56,7 @@ impl Behaviour {
             Behaviour::ThreeDSecure,
             Behaviour::Dispute,
             Behaviour::Fraudulent,
+            Behaviour::ProcessingError,
         ]
         .into_iter()
         .find(|b| b.as_str() == s)
@@ -66,6 +71,7 @@ impl Behaviour {
             "4000000000003220" => Behaviour::ThreeDSecure,
             "4000000000000259" => Behaviour::Dispute,
             "4100000000000019" => Behaviour::Fraudulent,
+            "4000000000000119" => Behaviour::ProcessingError,
             _ => Behaviour::Success,
         }
     }
@@ -81,6 +87,7 @@ fn builtin_pan(token: &str) -> Option<&'static str> {
         "pm_card_threeDSecureRequired" => "4000000000003220",
         "pm_card_createDispute" => "4000000000000259",
         "pm_card_riskLevelHighest" => "4100000000000019",
+        "pm_card_chargeDeclinedProcessingError" => "4000000000000119",
         _ => return None,
     })
 }
@@ -109,6 +116,7 @@ fn builtin_token(token: &str) -> Option<Behaviour> {
         "pm_card_threeDSecureRequired" => Behaviour::ThreeDSecure,
         "pm_card_createDispute" => Behaviour::Dispute,
         "pm_card_riskLevelHighest" => Behaviour::Fraudulent,
+        "pm_card_chargeDeclinedProcessingError" => Behaviour::ProcessingError,
         _ => return None,
     })
 }
@@ -148,6 +156,8 @@ pub struct SandboxPsp {
     /// Idempotency keys `PANIC_ONCE` already panicked for: the drill panics once per key, so
     /// the restarted actor's retry goes through.
     panicked: DashMap<String, ()>,
+    /// Payments whose first authorization `ProcessingError` declined (cleared past 100,000).
+    soft_declined: DashMap<String, ()>,
     /// Where the sandbox's events go, when `[psp.sandbox] webhooks` is on.
     notifier: Option<Notifier>,
 }
@@ -210,6 +220,7 @@ impl SandboxPsp {
             order: Mutex::new(VecDeque::new()),
             cards: DashMap::new(),
             panicked: DashMap::new(),
+            soft_declined: DashMap::new(),
             notifier,
         }
     }
@@ -514,9 +525,22 @@ impl SandboxPsp {
         } else {
             self.behaviour(&req.merchant_id, &req.payment_method).await?
         };
+        let behaviour = match behaviour {
+            Behaviour::ProcessingError => {
+                if self.soft_declined.len() >= 100_000 {
+                    self.soft_declined.clear();
+                }
+                match self.soft_declined.insert(req.payment_id.to_string(), ()) {
+                    None => Behaviour::ProcessingError,
+                    Some(()) => Behaviour::Success,
+                }
+            }
+            b => b,
+        };
         let reference = reference("pi_", &req.key);
         let amount = req.amount.minor;
         let status = match behaviour {
+            Behaviour::ProcessingError => declined("processing_error", "An error occurred while processing the card."),
             // A risk rule asked for 3-D Secure: the sandbox challenges, as ThreeDSecure does.
             Behaviour::Success | Behaviour::Dispute if req.three_d_secure => IntentStatus::RequiresAction {
                 redirect_url: format!("{}/sandbox/v1/payments/{reference}/complete_3ds", self.public_url),

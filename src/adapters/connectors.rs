@@ -1,0 +1,273 @@
+//! The connectors of every merchant as the payment flow reaches them (docs/DESIGN.md, "Routing
+//! and failover"): each merchant's connectors and routing rules, read from PostgreSQL and
+//! trusted for `[routing] cache_ms` (a change made through this node applies at once), and one
+//! run-time [`Connector`] per connector, kept while the process runs so that its circuit
+//! breaker remembers. A sandbox connector is the embedded sandbox seen through that
+//! connector's own latency, failure rate and outage switch.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use serde_json::Value;
+
+use super::postgres::reconciliation::Connector as ConnectorRow;
+use super::postgres::{Db, StoreError};
+use super::psp::connector::{Connector, Connectors};
+use super::psp::sandbox::SandboxPsp;
+use super::psp::{AuthorizeRequest, Intent, Psp, PspError, PspFuture, PspRefund};
+use super::secrets::Sealer;
+use crate::actors::store::StoreFuture;
+use crate::config::RoutingConfig;
+use crate::domain::ids::{sandbox_connector_id, stable_hash};
+use crate::domain::routing::{Decision, Facts, RoutingRules};
+use crate::domain::{AttemptId, Failure, MerchantId, Money, Payment};
+
+/// Merchants whose routing a node keeps in memory; past it, the cache starts again.
+const MAX_MERCHANTS: usize = 100_000;
+
+/// What a node knows of one merchant's routing.
+struct MerchantRouting {
+    loaded: Instant,
+    connectors: Vec<ConnectorRow>,
+    rules: RoutingRules,
+}
+
+pub struct Directory {
+    db: Db,
+    sandbox: Arc<SandboxPsp>,
+    config: RoutingConfig,
+    sealer: Option<Sealer>,
+    merchants: DashMap<MerchantId, Arc<MerchantRouting>>,
+    /// Connector id → its run-time connector (the breaker lives here).
+    runtimes: DashMap<String, Arc<Connector>>,
+    /// Sandbox connectors switched to an outage on this node.
+    outages: DashMap<String, Arc<AtomicBool>>,
+}
+
+impl Directory {
+    pub fn new(db: Db, sandbox: Arc<SandboxPsp>, config: RoutingConfig, sealer: Option<Sealer>) -> Directory {
+        Directory {
+            db,
+            sandbox,
+            config,
+            sealer,
+            merchants: DashMap::new(),
+            runtimes: DashMap::new(),
+            outages: DashMap::new(),
+        }
+    }
+
+    pub fn sealer(&self) -> Option<&Sealer> {
+        self.sealer.as_ref()
+    }
+
+    /// Forgets what this node read of `merchant`: its next payment reads the connectors and
+    /// rules again. A changed connector gets a new run-time connector (and a closed breaker).
+    pub fn invalidate(&self, merchant: &MerchantId, connector: Option<&str>) {
+        self.merchants.remove(merchant);
+        if let Some(id) = connector {
+            self.runtimes.remove(id);
+        }
+    }
+
+    /// Switches a sandbox connector's outage on this node: every call to it then fails before
+    /// reaching the sandbox, as a refused connection does.
+    pub fn set_outage(&self, connector: &str, on: bool) {
+        self.outage_flag(connector).store(on, Ordering::Relaxed);
+    }
+
+    fn outage_flag(&self, connector: &str) -> Arc<AtomicBool> {
+        self.outages
+            .entry(connector.to_owned())
+            .or_insert_with(|| Arc::new(AtomicBool::new(false)))
+            .clone()
+    }
+
+    /// Every run-time connector this node has built, with its breaker: `/admin/v1/connectors`.
+    pub fn breakers(&self) -> Vec<(String, &'static str, &'static str, u64, bool)> {
+        let mut out: Vec<_> = self
+            .runtimes
+            .iter()
+            .map(|e| {
+                let (state, opened) = e.value().breaker_state();
+                let outage = self
+                    .outages
+                    .get(e.key())
+                    .map(|f| f.load(Ordering::Relaxed))
+                    .unwrap_or(false);
+                (e.key().clone(), e.value().kind, state, opened, outage)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    async fn routing_of(&self, merchant: &MerchantId) -> Result<Arc<MerchantRouting>, StoreError> {
+        let ttl = Duration::from_millis(self.config.cache_ms);
+        if let Some(m) = self.merchants.get(merchant) {
+            if m.loaded.elapsed() < ttl {
+                return Ok(m.clone());
+            }
+        }
+        let connectors = self.db.connectors_of(merchant).await?;
+        let rules = match self.db.routing_rules(merchant).await? {
+            None => RoutingRules::default(),
+            Some((v, _)) => serde_json::from_value(v).map_err(|e| {
+                tracing::error!(merchant_id = %merchant, error = %e, "stored routing rules do not parse");
+                StoreError::Broken
+            })?,
+        };
+        let m = Arc::new(MerchantRouting {
+            loaded: Instant::now(),
+            connectors,
+            rules,
+        });
+        if self.merchants.len() >= MAX_MERCHANTS {
+            self.merchants.clear();
+        }
+        self.merchants.insert(merchant.clone(), m.clone());
+        Ok(m)
+    }
+
+    fn build(&self, row: &ConnectorRow) -> Option<Arc<Connector>> {
+        let psp: Arc<dyn Psp> = match row.psp.as_str() {
+            "sandbox" => Arc::new(SandboxConnector {
+                inner: self.sandbox.clone(),
+                id: row.id.clone(),
+                latency: Duration::from_millis(row.settings.get("latency_ms").and_then(Value::as_u64).unwrap_or(0)),
+                failure_rate: row.settings.get("failure_rate").and_then(Value::as_f64).unwrap_or(0.0),
+                outage: self.outage_flag(&row.id),
+            }),
+            other => {
+                tracing::error!(connector = %row.id, psp = other, "no adapter for this PSP in this build");
+                return None;
+            }
+        };
+        let kind = match row.psp.as_str() {
+            "stripe" => "stripe",
+            "adyen" => "adyen",
+            _ => "sandbox",
+        };
+        Some(Arc::new(Connector::new(row.id.clone(), kind, psp, self.config.breaker)))
+    }
+}
+
+impl Connectors for Directory {
+    fn route<'a>(&'a self, payment: &'a Payment) -> StoreFuture<'a, Option<Decision>> {
+        Box::pin(async move {
+            let m = self.routing_of(&payment.merchant_id).await?;
+            let currency = payment.currency.code();
+            let eligible: Vec<&str> = m
+                .connectors
+                .iter()
+                .filter(|c| c.enabled && (c.currencies.is_empty() || c.currencies.iter().any(|x| x == currency)))
+                .map(|c| c.id.as_str())
+                .collect();
+            let facts = Facts {
+                currency: payment.currency,
+                amount: payment.state.amount,
+                card: payment.card.as_ref(),
+                metadata: &payment.metadata,
+                key: stable_hash(payment.id.as_str()),
+            };
+            Ok(m.rules.route(&facts, &eligible))
+        })
+    }
+
+    fn get<'a>(&'a self, merchant: &'a MerchantId, id: Option<&'a str>) -> StoreFuture<'a, Option<Arc<Connector>>> {
+        Box::pin(async move {
+            let id = id.map(str::to_owned).unwrap_or_else(|| sandbox_connector_id(merchant));
+            if let Some(c) = self.runtimes.get(&id) {
+                return Ok(Some(c.clone()));
+            }
+            let m = self.routing_of(merchant).await?;
+            let Some(row) = m.connectors.iter().find(|c| c.id == id) else {
+                return Ok(None);
+            };
+            let Some(built) = self.build(row) else {
+                return Ok(None);
+            };
+            Ok(Some(self.runtimes.entry(id).or_insert(built).clone()))
+        })
+    }
+
+    fn soft_decline(&self, failure: &Failure) -> bool {
+        let code = failure.decline_code.as_deref().unwrap_or(&failure.code);
+        self.config.soft_declines.iter().any(|s| s == code)
+    }
+}
+
+/// The embedded sandbox through one sandbox connector: its added latency, its share of calls
+/// answered "not processed", and its outage switch.
+struct SandboxConnector {
+    inner: Arc<SandboxPsp>,
+    id: String,
+    latency: Duration,
+    failure_rate: f64,
+    outage: Arc<AtomicBool>,
+}
+
+impl SandboxConnector {
+    /// What happens before the sandbox hears of a call.
+    async fn gate(&self) -> Result<(), PspError> {
+        if self.outage.load(Ordering::Relaxed) {
+            return Err(PspError::NotSent(format!(
+                "sandbox connector {}: connection refused (outage)",
+                self.id
+            )));
+        }
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        if self.failure_rate > 0.0 && rand::random::<f64>() < self.failure_rate {
+            return Err(PspError::NotSent(format!(
+                "sandbox connector {}: 503, request not processed",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Psp for SandboxConnector {
+    fn name(&self) -> &'static str {
+        "sandbox"
+    }
+
+    fn authorize(&self, req: AuthorizeRequest) -> PspFuture<'_, Intent> {
+        Box::pin(async move {
+            self.gate().await?;
+            self.inner.authorize(req).await
+        })
+    }
+
+    fn capture(&self, key: AttemptId, reference: String, amount: Money) -> PspFuture<'_, Intent> {
+        Box::pin(async move {
+            self.gate().await?;
+            self.inner.capture(key, reference, amount).await
+        })
+    }
+
+    fn cancel(&self, key: AttemptId, reference: String) -> PspFuture<'_, Intent> {
+        Box::pin(async move {
+            self.gate().await?;
+            self.inner.cancel(key, reference).await
+        })
+    }
+
+    fn refund(&self, key: AttemptId, reference: String, amount: Money) -> PspFuture<'_, PspRefund> {
+        Box::pin(async move {
+            self.gate().await?;
+            self.inner.refund(key, reference, amount).await
+        })
+    }
+
+    fn retrieve(&self, reference: String) -> PspFuture<'_, Intent> {
+        Box::pin(async move {
+            self.gate().await?;
+            self.inner.retrieve(reference).await
+        })
+    }
+}
