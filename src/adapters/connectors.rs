@@ -172,7 +172,17 @@ impl Connectors for Directory {
                 metadata: &payment.metadata,
                 key: stable_hash(payment.id.as_str()),
             };
-            Ok(m.rules.route(&facts, &eligible))
+            let mut decision = m.rules.route(&facts, &eligible);
+            if let Some(d) = decision.as_mut() {
+                // A connector whose breaker is open goes last: a payment is not sent to it (and
+                // failed over, one commit more) while others can take it. Once its cool-down is
+                // over it is in its place again, and the next payment is its probe.
+                let open = |id: &String| self.runtimes.get(id).is_some_and(|c| c.is_open());
+                if d.connectors.iter().any(open) {
+                    d.connectors.sort_by_key(open);
+                }
+            }
+            Ok(decision)
         })
     }
 

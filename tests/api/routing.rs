@@ -415,15 +415,21 @@ async fn an_outage_fails_over_and_the_breaker_opens_then_closes() {
             p.body
         );
         let id = p.body["payment_id"].as_str().unwrap();
-        assert_eq!(
-            attempts(&app, id).await,
-            [
-                att("authorize", &a, Some("unreachable")),
-                att("authorize", "mca_b", Some("succeeded"))
-            ]
-        );
-        assert_eq!(p.body["attempts"][0]["outcome"], "unreachable");
-        assert_eq!(p.body["attempts"].as_array().unwrap().len(), 2);
+        if i < 3 {
+            assert_eq!(
+                attempts(&app, id).await,
+                [
+                    att("authorize", &a, Some("unreachable")),
+                    att("authorize", "mca_b", Some("succeeded"))
+                ]
+            );
+            assert_eq!(p.body["attempts"][0]["outcome"], "unreachable");
+            assert_eq!(p.body["attempts"].as_array().unwrap().len(), 2);
+        } else {
+            // A's breaker opened at the third failure: routing puts A last, so later payments
+            // go to B straight away, with no attempt on A.
+            assert_eq!(attempts(&app, id).await, [att("authorize", "mca_b", Some("succeeded"))]);
+        }
     }
     // Three failures in a row opened A's breaker: the calls after it did not try A at all.
     let token = app.state.config.admin.token.clone();
@@ -457,8 +463,10 @@ async fn an_outage_fails_over_and_the_breaker_opens_then_closes() {
         metrics.contains("payrail_psp_breakers_open{psp=\"sandbox\"} 1"),
         "{metrics}"
     );
-    assert!(metrics.contains("payrail_psp_failovers_total{reason=\"unreachable\"} 5"));
-    assert!(metrics.contains("code=\"breaker_open\""));
+    assert!(
+        metrics.contains("payrail_psp_failovers_total{reason=\"unreachable\"} 3"),
+        "{metrics}"
+    );
 
     // Back from the outage: after the cool-down one probe goes to A, and it closes the breaker.
     outage(&app, &a, false).await;

@@ -52,6 +52,11 @@ impl Connector {
         (was_closed != closed).then_some(was_closed)
     }
 
+    /// Whether its breaker is open and still cooling down: routing puts it last.
+    pub fn is_open(&self) -> bool {
+        self.breaker().state(Instant::now()) == "open"
+    }
+
     /// `closed`, `open` or `half_open`, and how often it opened.
     pub fn breaker_state(&self) -> (&'static str, u64) {
         let b = self.breaker();
