@@ -16,6 +16,7 @@ use super::postgres::reconciliation::Connector as ConnectorRow;
 use super::postgres::{Db, StoreError};
 use super::psp::connector::{Connector, Connectors};
 use super::psp::sandbox::SandboxPsp;
+use super::psp::stripe::StripePsp;
 use super::psp::{AuthorizeRequest, Intent, Psp, PspError, PspFuture, PspRefund};
 use super::secrets::Sealer;
 use crate::actors::store::StoreFuture;
@@ -131,26 +132,62 @@ impl Directory {
         Ok(m)
     }
 
-    fn build(&self, row: &ConnectorRow) -> Option<Arc<Connector>> {
-        let psp: Arc<dyn Psp> = match row.psp.as_str() {
-            "sandbox" => Arc::new(SandboxConnector {
-                inner: self.sandbox.clone(),
-                id: row.id.clone(),
-                latency: Duration::from_millis(row.settings.get("latency_ms").and_then(Value::as_u64).unwrap_or(0)),
-                failure_rate: row.settings.get("failure_rate").and_then(Value::as_f64).unwrap_or(0.0),
-                outage: self.outage_flag(&row.id),
-            }),
+    /// The run-time connector of a row: its adapter, with its credentials opened. `None` (and
+    /// an error logged) when it cannot be made: no adapter, missing or unreadable credentials.
+    async fn build(&self, row: &ConnectorRow) -> Result<Option<Arc<Connector>>, StoreError> {
+        let (psp, kind): (Arc<dyn Psp>, &'static str) = match row.psp.as_str() {
+            "sandbox" => (
+                Arc::new(SandboxConnector {
+                    inner: self.sandbox.clone(),
+                    id: row.id.clone(),
+                    latency: Duration::from_millis(row.settings.get("latency_ms").and_then(Value::as_u64).unwrap_or(0)),
+                    failure_rate: row.settings.get("failure_rate").and_then(Value::as_f64).unwrap_or(0.0),
+                    outage: self.outage_flag(&row.id),
+                }),
+                "sandbox",
+            ),
+            "stripe" => {
+                let Some(creds) = self.credentials(row).await? else {
+                    return Ok(None);
+                };
+                let Some(key) = creds.get("api_key").and_then(Value::as_str) else {
+                    tracing::error!(connector = %row.id, "a Stripe connector without api_key");
+                    return Ok(None);
+                };
+                let base = creds.get("api_base").and_then(Value::as_str).map(str::to_owned);
+                (Arc::new(StripePsp::new(row.id.clone(), key.to_owned(), base)), "stripe")
+            }
             other => {
                 tracing::error!(connector = %row.id, psp = other, "no adapter for this PSP in this build");
-                return None;
+                return Ok(None);
             }
         };
-        let kind = match row.psp.as_str() {
-            "stripe" => "stripe",
-            "adyen" => "adyen",
-            _ => "sandbox",
+        Ok(Some(Arc::new(Connector::new(
+            row.id.clone(),
+            kind,
+            psp,
+            self.config.breaker,
+        ))))
+    }
+
+    /// A connector's credentials, opened; `None` (logged) when it has none or they do not open.
+    async fn credentials(&self, row: &ConnectorRow) -> Result<Option<serde_json::Map<String, Value>>, StoreError> {
+        let Some(sealed) = self.db.connector_credentials(&row.id).await? else {
+            tracing::error!(connector = %row.id, "a connector without credentials");
+            return Ok(None);
         };
-        Some(Arc::new(Connector::new(row.id.clone(), kind, psp, self.config.breaker)))
+        let Some(sealer) = &self.sealer else {
+            tracing::error!(connector = %row.id, "a connector has credentials but no [secrets] key is configured");
+            return Ok(None);
+        };
+        let plain = match sealer.open(&row.id, &sealed) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(connector = %row.id, error = %e, "a connector's credentials do not open");
+                return Ok(None);
+            }
+        };
+        Ok(serde_json::from_slice(&plain).ok())
     }
 }
 
@@ -196,7 +233,7 @@ impl Connectors for Directory {
             let Some(row) = m.connectors.iter().find(|c| c.id == id) else {
                 return Ok(None);
             };
-            let Some(built) = self.build(row) else {
+            let Some(built) = self.build(row).await? else {
                 return Ok(None);
             };
             Ok(Some(self.runtimes.entry(id).or_insert(built).clone()))

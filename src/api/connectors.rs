@@ -17,7 +17,7 @@ use crate::domain::routing::RoutingRules;
 use crate::domain::MerchantId;
 
 /// PSP kinds this build has an adapter for.
-const SUPPORTED: &[&str] = &["sandbox"];
+const SUPPORTED: &[&str] = &["sandbox", "stripe"];
 
 /// Credential fields each PSP kind takes.
 fn credential_fields(psp: &str) -> &'static [&'static str] {
@@ -66,7 +66,43 @@ fn credentials(obj: &Map<String, Value>, psp: &str) -> Result<Option<Vec<u8>>, A
             ));
         }
     }
+    if let Some(base) = m.get("api_base").and_then(Value::as_str) {
+        // Over the internet only with TLS; plain HTTP only to this machine (a local double).
+        let local = ["http://127.0.0.1:", "http://localhost:", "http://[::1]:"]
+            .iter()
+            .any(|p| base.starts_with(p));
+        if !(base.starts_with("https://") || local) {
+            return Err(ApiError::param(
+                "credentials.api_base",
+                "api_base must be an https URL (or http on this machine)",
+            ));
+        }
+    }
     serde_json::to_vec(m).map(Some).map_err(|_| ApiError::Internal)
+}
+
+/// Refuses credentials (given whole) without one a PSP cannot work without, naming it.
+fn missing_credential(obj: &Map<String, Value>, psp: &str) -> Result<(), ApiError> {
+    let given = obj.get("credentials").and_then(Value::as_object);
+    match required_credentials(psp)
+        .iter()
+        .find(|k| !given.is_some_and(|g| g.contains_key(**k)))
+    {
+        Some(missing) => Err(ApiError::param(
+            &format!("credentials.{missing}"),
+            format!("a {psp} connector needs credentials.{missing}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The credentials a PSP cannot work without.
+fn required_credentials(psp: &str) -> &'static [&'static str] {
+    match psp {
+        "stripe" => &["api_key"],
+        "adyen" => &["api_key", "merchant_account"],
+        _ => &[],
+    }
 }
 
 fn currencies(state: &AppState, obj: &Map<String, Value>) -> Result<Option<Vec<String>>, ApiError> {
@@ -196,7 +232,9 @@ pub async fn create(
     let enabled = f.opt_bool("enabled")?.unwrap_or(true);
     let currencies = currencies(&state, &obj)?.unwrap_or_default();
     let settings = settings(&obj, psp)?.unwrap_or_else(|| json!({}));
-    let sealed = seal(&state, &id, credentials(&obj, psp)?)?;
+    let plain = credentials(&obj, psp)?;
+    missing_credential(&obj, psp)?;
+    let sealed = seal(&state, &id, plain)?;
     if state.db.connectors_of(&merchant).await?.is_empty() {
         return Err(ApiError::NotFound("merchant"));
     }
@@ -250,7 +288,11 @@ pub async fn update(
     let enabled = f.opt_bool("enabled")?;
     let currencies = currencies(&state, &obj)?;
     let settings = settings(&obj, &existing.psp)?;
-    let sealed = seal(&state, &id, credentials(&obj, &existing.psp)?)?;
+    let plain = credentials(&obj, &existing.psp)?;
+    if plain.is_some() {
+        missing_credential(&obj, &existing.psp)?;
+    }
+    let sealed = seal(&state, &id, plain)?;
     let c = state
         .db
         .update_connector(

@@ -20,5 +20,6 @@ mod recovery;
 mod reports;
 mod risk;
 mod routing;
+mod stripe;
 mod validation;
 mod webhooks_out;

@@ -153,16 +153,38 @@ async fn connectors_keep_their_credentials_sealed_and_are_made_once_per_id() {
         (409, Some("connector_id_taken"))
     );
     // What this build cannot do is said, not pretended.
+    let adyen = operator(
+        &app,
+        "POST",
+        &format!("/admin/v1/merchants/{merchant}/connectors"),
+        json!({ "psp": "adyen", "label": "A", "credentials": { "api_key": "k", "merchant_account": "m" } }),
+    )
+    .await;
+    assert_eq!(
+        (adyen.status, adyen.body["error"]["code"].as_str()),
+        (400, Some("psp_not_supported"))
+    );
     let stripe = operator(
         &app,
         "POST",
         &format!("/admin/v1/merchants/{merchant}/connectors"),
-        json!({ "psp": "stripe", "label": "S", "credentials": { "api_key": "sk_x", "webhook_secret": "w" } }),
+        json!({ "psp": "stripe", "label": "S", "credentials": { "webhook_secret": "w" } }),
     )
     .await;
     assert_eq!(
-        (stripe.status, stripe.body["error"]["code"].as_str()),
-        (400, Some("psp_not_supported"))
+        (stripe.status, stripe.body["error"]["param"].as_str()),
+        (400, Some("credentials.api_key"))
+    );
+    let plain_http = operator(
+        &app,
+        "POST",
+        &format!("/admin/v1/merchants/{merchant}/connectors"),
+        json!({ "psp": "stripe", "label": "S", "credentials": { "api_key": "sk_x", "api_base": "http://stripe.example" } }),
+    )
+    .await;
+    assert_eq!(
+        (plain_http.status, plain_http.body["error"]["param"].as_str()),
+        (400, Some("credentials.api_base"))
     );
     let bad = operator(
         &app,

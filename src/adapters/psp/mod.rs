@@ -7,6 +7,7 @@ pub mod sandbox;
 pub mod sandbox_settlement;
 pub mod sandbox_webhooks;
 pub mod signature;
+pub mod stripe;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,7 +15,7 @@ use std::pin::Pin;
 use crate::domain::risk::CardSignals;
 use crate::domain::{AttemptId, CaptureStrategy, Failure, MerchantId, Money, PaymentId};
 
-pub type PspFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, PspError>> + Send + 'a>>;
+pub type PspFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, PspError>> + 'a>>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PspError {

@@ -1,0 +1,575 @@
+//! Stripe, through the PaymentIntents API (docs/API.md, "Connectors"). Every call carries an
+//! `Idempotency-Key` derived from the attempt id, so a call repeated after a timeout is the same
+//! call to Stripe. An authorization is two calls: the intent is created (key `{attempt}`), then
+//! confirmed (key `{attempt}:confirm`), so a decline still names its intent.
+//!
+//! What Stripe's answers mean for money (`PspError`):
+//! - no connection made (refused, no route, DNS), 401/403 (the key is refused) and 429 (rate
+//!   limited): Stripe documents these as not processed → `NotSent`;
+//! - a 402 card error: the authorization was declined → `Failed`;
+//! - other 4xx: Stripe refused the request itself → `Invalid`;
+//! - 5xx, a timeout, a lost connection after sending: the outcome is unknown → `Unavailable`.
+//!
+//! HTTP is actix's own client, one per arbiter thread (it is not `Send`): calls run on the
+//! payment actor's thread.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{AuthorizeRequest, Intent, IntentStatus, Psp, PspError, PspFuture, PspRefund, PspRefundStatus};
+use crate::domain::{AttemptId, CaptureStrategy, Failure, Money};
+
+pub const DEFAULT_API_BASE: &str = "https://api.stripe.com";
+/// The most of an answer payrail reads.
+const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+thread_local! {
+    static CLIENT: awc::Client = awc::Client::builder()
+        // The payment flow bounds every call by `[psp] timeout_ms`; this is only a backstop.
+        .timeout(Duration::from_secs(120))
+        .disable_redirects()
+        .finish();
+}
+
+pub struct StripePsp {
+    connector: String,
+    api_key: String,
+    api_base: String,
+}
+
+impl StripePsp {
+    pub fn new(connector: String, api_key: String, api_base: Option<String>) -> StripePsp {
+        StripePsp {
+            connector,
+            api_key,
+            api_base: api_base
+                .unwrap_or_else(|| DEFAULT_API_BASE.to_owned())
+                .trim_end_matches('/')
+                .to_owned(),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<String>,
+        form: &[(&str, String)],
+    ) -> Result<Value, Fail> {
+        let url = format!("{}{path}", self.api_base);
+        let mut req = CLIENT.with(|c| match method {
+            "GET" => c.get(&url),
+            _ => c.post(&url),
+        });
+        req = req.insert_header(("Authorization", format!("Bearer {}", self.api_key)));
+        if let Some(k) = key {
+            req = req.insert_header(("Idempotency-Key", k));
+        }
+        let sent = match method {
+            "GET" => req.send().await,
+            _ => req.send_form(&form).await,
+        };
+        let mut resp = match sent {
+            Ok(r) => r,
+            Err(awc::error::SendRequestError::Connect(e)) => {
+                return Err(PspError::NotSent(format!("stripe connector {}: {e}", self.connector)).into())
+            }
+            Err(awc::error::SendRequestError::Url(e)) => {
+                return Err(PspError::NotSent(format!("stripe connector {}: bad api_base: {e}", self.connector)).into())
+            }
+            Err(e) => return Err(PspError::Unavailable(format!("stripe: {e}")).into()),
+        };
+        let status = resp.status().as_u16();
+        let body = resp.body().limit(MAX_ANSWER_BYTES).await.map_err(|e| {
+            Fail::from(PspError::Unavailable(format!(
+                "stripe: the answer could not be read: {e}"
+            )))
+        })?;
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        match status {
+            200..=299 => Ok(v),
+            401 | 403 | 429 => Err(PspError::NotSent(format!(
+                "stripe connector {}: {status} {}",
+                self.connector,
+                v["error"]["type"].as_str().unwrap_or("")
+            ))
+            .into()),
+            402 => {
+                let e = &v["error"];
+                Err(Fail::Declined(Failure {
+                    code: e["code"].as_str().unwrap_or("card_declined").to_owned(),
+                    decline_code: e["decline_code"].as_str().map(str::to_owned),
+                    message: e["message"].as_str().unwrap_or("The card was declined.").to_owned(),
+                }))
+            }
+            400..=499 => Err(PspError::Invalid {
+                code: v["error"]["code"]
+                    .as_str()
+                    .unwrap_or("stripe_request_invalid")
+                    .to_owned(),
+                message: v["error"]["message"]
+                    .as_str()
+                    .unwrap_or("Stripe refused the request")
+                    .to_owned(),
+                param: v["error"]["param"].as_str().map(str::to_owned),
+            }
+            .into()),
+            _ => Err(PspError::Unavailable(format!("stripe: {status}")).into()),
+        }
+    }
+
+    async fn authorize(&self, req: AuthorizeRequest) -> Result<Intent, PspError> {
+        let mut form = vec![
+            ("amount", req.amount.minor.to_string()),
+            ("currency", req.amount.currency.code().to_ascii_lowercase()),
+            ("payment_method", req.payment_method.clone()),
+            (
+                "capture_method",
+                match req.capture {
+                    CaptureStrategy::Manual => "manual",
+                    CaptureStrategy::Automatic => "automatic",
+                }
+                .to_owned(),
+            ),
+            ("metadata[payrail_payment_id]", req.payment_id.to_string()),
+            ("metadata[payrail_attempt_id]", req.key.to_string()),
+        ];
+        if req.three_d_secure {
+            form.push(("payment_method_options[card][request_three_d_secure]", "any".to_owned()));
+        }
+        let created = self
+            .call("POST", "/v1/payment_intents", Some(req.key.to_string()), &form)
+            .await?;
+        let id = created["id"]
+            .as_str()
+            .filter(|s| s.starts_with("pi_"))
+            .ok_or_else(|| PspError::Unavailable("stripe: the created intent has no id".into()))?
+            .to_owned();
+        if created["status"] != "requires_confirmation" {
+            // Confirmed already (a repeated key answers with the intent as it is now).
+            return intent(&created, None);
+        }
+        let confirmed = self
+            .call(
+                "POST",
+                &format!("/v1/payment_intents/{id}/confirm"),
+                Some(format!("{}:confirm", req.key)),
+                &[],
+            )
+            .await;
+        match confirmed {
+            Ok(v) => intent(&v, None),
+            // Declined: the intent is known, and the decline is the answer.
+            Err(Fail::Declined(f)) => Ok(Intent {
+                reference: id,
+                client_secret: created["client_secret"].as_str().unwrap_or_default().to_owned(),
+                status: IntentStatus::Failed(f),
+            }),
+            // Not confirmed (`NotSent`): the intent exists unconfirmed, nothing is authorized,
+            // and Stripe expires it; another connector may take the payment.
+            Err(Fail::Psp(e)) => Err(e),
+        }
+    }
+}
+
+/// What a Stripe call can end in besides its answer.
+enum Fail {
+    /// A 402: the card was declined.
+    Declined(Failure),
+    Psp(PspError),
+}
+
+impl From<PspError> for Fail {
+    fn from(e: PspError) -> Fail {
+        Fail::Psp(e)
+    }
+}
+
+impl From<Fail> for PspError {
+    /// Outside an authorization a decline is a refusal of the request.
+    fn from(f: Fail) -> PspError {
+        match f {
+            Fail::Psp(e) => e,
+            Fail::Declined(d) => PspError::Invalid {
+                code: d.code,
+                message: d.message,
+                param: None,
+            },
+        }
+    }
+}
+
+/// Stripe's intent as payrail reads it. `asked` is the amount a capture asked for, when Stripe
+/// does not state what it captured.
+fn intent(v: &Value, asked: Option<i64>) -> Result<Intent, PspError> {
+    let reference = v["id"]
+        .as_str()
+        .filter(|s| s.starts_with("pi_"))
+        .ok_or_else(|| PspError::Unavailable("stripe: an intent without id".into()))?
+        .to_owned();
+    let amount = v["amount"].as_i64().unwrap_or(0);
+    let status = match v["status"].as_str().unwrap_or_default() {
+        "requires_capture" => IntentStatus::Authorized {
+            amount: v["amount_capturable"].as_i64().filter(|a| *a > 0).unwrap_or(amount),
+        },
+        "succeeded" => IntentStatus::Succeeded {
+            amount_captured: v["amount_received"].as_i64().or(asked).unwrap_or(amount),
+        },
+        "requires_action" => IntentStatus::RequiresAction {
+            redirect_url: v["next_action"]["redirect_to_url"]["url"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        },
+        "requires_payment_method" => {
+            let e = &v["last_payment_error"];
+            IntentStatus::Failed(Failure {
+                code: e["code"].as_str().unwrap_or("card_declined").to_owned(),
+                decline_code: e["decline_code"].as_str().map(str::to_owned),
+                message: e["message"].as_str().unwrap_or("The payment failed.").to_owned(),
+            })
+        }
+        "canceled" => IntentStatus::Canceled,
+        other => {
+            // `processing`, `requires_confirmation`: not decided yet; the attempt stays open.
+            return Err(PspError::Unavailable(format!("stripe: intent {reference} is {other}")));
+        }
+    };
+    Ok(Intent {
+        reference,
+        client_secret: v["client_secret"].as_str().unwrap_or_default().to_owned(),
+        status,
+    })
+}
+
+impl Psp for StripePsp {
+    fn name(&self) -> &'static str {
+        "stripe"
+    }
+
+    fn authorize(&self, req: AuthorizeRequest) -> PspFuture<'_, Intent> {
+        Box::pin(StripePsp::authorize(self, req))
+    }
+
+    fn capture(&self, key: AttemptId, reference: String, amount: Money) -> PspFuture<'_, Intent> {
+        Box::pin(async move {
+            let v = self
+                .call(
+                    "POST",
+                    &format!("/v1/payment_intents/{reference}/capture"),
+                    Some(key.to_string()),
+                    &[("amount_to_capture", amount.minor.to_string())],
+                )
+                .await?;
+            intent(&v, Some(amount.minor))
+        })
+    }
+
+    fn cancel(&self, key: AttemptId, reference: String) -> PspFuture<'_, Intent> {
+        Box::pin(async move {
+            let v = self
+                .call(
+                    "POST",
+                    &format!("/v1/payment_intents/{reference}/cancel"),
+                    Some(key.to_string()),
+                    &[],
+                )
+                .await?;
+            intent(&v, None)
+        })
+    }
+
+    fn refund(&self, key: AttemptId, reference: String, amount: Money) -> PspFuture<'_, PspRefund> {
+        Box::pin(async move {
+            let v = self
+                .call(
+                    "POST",
+                    "/v1/refunds",
+                    Some(key.to_string()),
+                    &[("payment_intent", reference), ("amount", amount.minor.to_string())],
+                )
+                .await?;
+            let reference = v["id"]
+                .as_str()
+                .filter(|s| s.starts_with("re_"))
+                .ok_or_else(|| PspError::Unavailable("stripe: a refund without id".into()))?
+                .to_owned();
+            let status = match v["status"].as_str().unwrap_or_default() {
+                "succeeded" => PspRefundStatus::Succeeded,
+                "failed" | "canceled" => PspRefundStatus::Failed,
+                _ => PspRefundStatus::Pending,
+            };
+            Ok(PspRefund { reference, status })
+        })
+    }
+
+    fn retrieve(&self, reference: String) -> PspFuture<'_, Intent> {
+        Box::pin(async move {
+            let v = self
+                .call("GET", &format!("/v1/payment_intents/{reference}"), None, &[])
+                .await?;
+            intent(&v, None)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Stripe's recorded answers (shapes from Stripe's API reference) served by a local double
+    //! that keeps every request payrail sends.
+
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::domain::{Currency, MerchantId, PaymentId};
+
+    /// A request as the double received it: request line, headers (lower-case names), body.
+    type Seen = (String, Vec<(String, String)>, String);
+
+    /// Serves `answers` in order, one per request, and records the requests.
+    fn double(answers: Vec<(u16, &'static str)>) -> (String, Arc<Mutex<Vec<Seen>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            let mut answers = answers.into_iter();
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    let mut headers = Vec::new();
+                    loop {
+                        let mut h = String::new();
+                        reader.read_line(&mut h).unwrap();
+                        let h = h.trim_end().to_owned();
+                        if h.is_empty() {
+                            break;
+                        }
+                        let (k, v) = h.split_once(':').unwrap();
+                        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+                    }
+                    let len: usize = headers
+                        .iter()
+                        .find(|(k, _)| k == "content-length")
+                        .map(|(_, v)| v.parse().unwrap())
+                        .unwrap_or(0);
+                    let mut body = vec![0; len];
+                    reader.read_exact(&mut body).unwrap();
+                    log.lock()
+                        .unwrap()
+                        .push((line.trim_end().to_owned(), headers, String::from_utf8(body).unwrap()));
+                    let (status, answer) = answers.next().unwrap_or((500, "{}"));
+                    let out = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    stream.write_all(out.as_bytes()).unwrap();
+                }
+            }
+        });
+        (base, seen)
+    }
+
+    fn request(key: &str, capture: CaptureStrategy) -> AuthorizeRequest {
+        AuthorizeRequest {
+            key: AttemptId::from_trusted(key.into()),
+            payment_id: PaymentId::from_trusted("pay_1".into()),
+            merchant_id: MerchantId::from_trusted("mer_1".into()),
+            amount: Money::new(2_000, Currency::parse("EUR").unwrap()),
+            payment_method: "pm_1Qcard".into(),
+            capture,
+            three_d_secure: false,
+        }
+    }
+
+    const CREATED: &str = r#"{"id":"pi_3Qrec","object":"payment_intent","amount":2000,"currency":"eur",
+        "status":"requires_confirmation","client_secret":"pi_3Qrec_secret_x","capture_method":"manual"}"#;
+    const AUTHORIZED: &str = r#"{"id":"pi_3Qrec","object":"payment_intent","amount":2000,"amount_capturable":2000,
+        "amount_received":0,"currency":"eur","status":"requires_capture","client_secret":"pi_3Qrec_secret_x"}"#;
+    const DECLINED: &str = r#"{"error":{"type":"card_error","code":"card_declined","decline_code":"insufficient_funds",
+        "message":"Your card has insufficient funds.","charge":"ch_3Qrec",
+        "payment_intent":{"id":"pi_3Qrec","object":"payment_intent","status":"requires_payment_method"}}}"#;
+    const CAPTURED: &str = r#"{"id":"pi_3Qrec","object":"payment_intent","amount":2000,"amount_capturable":0,
+        "amount_received":1500,"currency":"eur","status":"succeeded","client_secret":"pi_3Qrec_secret_x"}"#;
+    const REFUND_PENDING: &str = r#"{"id":"re_3Qrec","object":"refund","amount":500,"currency":"eur",
+        "payment_intent":"pi_3Qrec","status":"pending"}"#;
+
+    fn header<'a>(seen: &'a Seen, name: &str) -> Option<&'a str> {
+        seen.1.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    #[actix_rt::test]
+    async fn every_call_carries_the_attempt_as_its_idempotency_key_and_amounts_in_minor_units() {
+        let (base, seen) = double(vec![
+            (200, CREATED),
+            (200, AUTHORIZED),
+            (200, CAPTURED),
+            (200, REFUND_PENDING),
+        ]);
+        let stripe = StripePsp::new("mca_s".into(), "sk_test_rec".into(), Some(base));
+        let i = stripe
+            .authorize(request("att_1", CaptureStrategy::Manual))
+            .await
+            .unwrap();
+        assert_eq!(
+            (i.reference.as_str(), i.status.clone()),
+            ("pi_3Qrec", IntentStatus::Authorized { amount: 2000 })
+        );
+        let eur = Currency::parse("EUR").unwrap();
+        let c = Psp::capture(
+            &stripe,
+            AttemptId::from_trusted("att_2".into()),
+            "pi_3Qrec".into(),
+            Money::new(1_500, eur),
+        )
+        .await
+        .unwrap();
+        assert_eq!(c.status, IntentStatus::Succeeded { amount_captured: 1500 });
+        let r = Psp::refund(
+            &stripe,
+            AttemptId::from_trusted("att_3".into()),
+            "pi_3Qrec".into(),
+            Money::new(500, eur),
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.reference.as_str(), r.status), ("re_3Qrec", PspRefundStatus::Pending));
+
+        let seen = seen.lock().unwrap().clone();
+        let lines: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
+        assert_eq!(
+            lines,
+            [
+                "POST /v1/payment_intents HTTP/1.1",
+                "POST /v1/payment_intents/pi_3Qrec/confirm HTTP/1.1",
+                "POST /v1/payment_intents/pi_3Qrec/capture HTTP/1.1",
+                "POST /v1/refunds HTTP/1.1"
+            ]
+        );
+        let keys: Vec<Option<&str>> = seen.iter().map(|s| header(s, "idempotency-key")).collect();
+        assert_eq!(
+            keys,
+            [Some("att_1"), Some("att_1:confirm"), Some("att_2"), Some("att_3")]
+        );
+        assert!(seen
+            .iter()
+            .all(|s| header(s, "authorization") == Some("Bearer sk_test_rec")));
+        assert!(
+            seen[0].2.contains("amount=2000") && seen[0].2.contains("currency=eur"),
+            "{}",
+            seen[0].2
+        );
+        assert!(seen[0].2.contains("capture_method=manual") && seen[0].2.contains("payment_method=pm_1Qcard"));
+        assert!(
+            seen[0].2.contains("metadata%5Bpayrail_attempt_id%5D=att_1"),
+            "{}",
+            seen[0].2
+        );
+        assert_eq!(seen[2].2, "amount_to_capture=1500");
+        assert_eq!(seen[3].2, "payment_intent=pi_3Qrec&amount=500");
+    }
+
+    #[actix_rt::test]
+    async fn a_decline_names_its_intent_and_keeps_stripes_decline_code() {
+        let (base, _) = double(vec![(200, CREATED), (402, DECLINED)]);
+        let stripe = StripePsp::new("mca_s".into(), "sk".into(), Some(base));
+        let i = stripe
+            .authorize(request("att_d", CaptureStrategy::Automatic))
+            .await
+            .unwrap();
+        assert_eq!(i.reference, "pi_3Qrec");
+        assert_eq!(
+            i.status,
+            IntentStatus::Failed(Failure {
+                code: "card_declined".into(),
+                decline_code: Some("insufficient_funds".into()),
+                message: "Your card has insufficient funds.".into(),
+            })
+        );
+    }
+
+    #[actix_rt::test]
+    async fn only_what_stripe_documents_as_not_processed_counts_as_not_sent() {
+        type Case = (u16, &'static str, fn(&PspError) -> bool);
+        let cases: [Case; 5] = [
+            (429, r#"{"error":{"type":"rate_limit_error"}}"#, |e| {
+                matches!(e, PspError::NotSent(_))
+            }),
+            (401, r#"{"error":{"type":"authentication_error"}}"#, |e| {
+                matches!(e, PspError::NotSent(_))
+            }),
+            (500, r#"{"error":{"type":"api_error"}}"#, |e| {
+                matches!(e, PspError::Unavailable(_))
+            }),
+            (503, "", |e| matches!(e, PspError::Unavailable(_))),
+            (
+                400,
+                r#"{"error":{"type":"invalid_request_error","code":"parameter_invalid_integer","param":"amount","message":"Invalid integer"}}"#,
+                |e| matches!(e, PspError::Invalid { code, param, .. } if code == "parameter_invalid_integer" && param.as_deref() == Some("amount")),
+            ),
+        ];
+        for (status, body, want) in cases {
+            let (base, _) = double(vec![(status, body)]);
+            let stripe = StripePsp::new("mca_s".into(), "sk".into(), Some(base));
+            let e = stripe
+                .authorize(request("att_x", CaptureStrategy::Automatic))
+                .await
+                .unwrap_err();
+            assert!(want(&e), "{status}: {e:?}");
+        }
+        // Nothing listens: the connection is refused before anything is sent.
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let stripe = StripePsp::new("mca_s".into(), "sk".into(), Some(format!("http://127.0.0.1:{port}")));
+        let e = stripe
+            .authorize(request("att_y", CaptureStrategy::Automatic))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, PspError::NotSent(_)), "{e:?}");
+    }
+
+    #[test]
+    fn stripes_intent_statuses_read_as_payrails() {
+        let read = |s: &str| intent(&serde_json::from_str(s).unwrap(), None);
+        let action = read(
+            r#"{"id":"pi_1","amount":100,"status":"requires_action",
+                "next_action":{"type":"redirect_to_url","redirect_to_url":{"url":"https://hooks.stripe.com/3d_secure_2/x"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            action.status,
+            IntentStatus::RequiresAction {
+                redirect_url: "https://hooks.stripe.com/3d_secure_2/x".into()
+            }
+        );
+        assert_eq!(
+            read(r#"{"id":"pi_1","amount":100,"status":"canceled"}"#)
+                .unwrap()
+                .status,
+            IntentStatus::Canceled
+        );
+        assert_eq!(
+            read(r#"{"id":"pi_1","amount":100,"amount_received":100,"status":"succeeded"}"#)
+                .unwrap()
+                .status,
+            IntentStatus::Succeeded { amount_captured: 100 }
+        );
+        assert!(matches!(
+            read(r#"{"id":"pi_1","amount":100,"status":"processing"}"#),
+            Err(PspError::Unavailable(_))
+        ));
+        let failed = read(
+            r#"{"id":"pi_1","amount":100,"status":"requires_payment_method",
+                "last_payment_error":{"code":"card_declined","decline_code":"do_not_honor","message":"Declined."}}"#,
+        )
+        .unwrap();
+        assert!(matches!(failed.status, IntentStatus::Failed(f) if f.decline_code.as_deref() == Some("do_not_honor")));
+    }
+}
