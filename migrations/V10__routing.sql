@@ -23,6 +23,10 @@ CREATE TABLE routing_rules (
 -- Every PSP attempt names the connector it went to. NULL: made before connectors were routed
 -- (the merchant's own sandbox connector).
 ALTER TABLE psp_attempts ADD COLUMN connector_id text;
+-- The PSP's reference of an authorization that was failed over (a soft decline): its events
+-- find the payment through it, and are recorded without changing it.
+ALTER TABLE psp_attempts ADD COLUMN psp_reference text;
+CREATE INDEX psp_attempts_reference ON psp_attempts (psp_reference) WHERE psp_reference IS NOT NULL;
 -- `unreachable`: the call failed before the PSP received it (connection refused, a circuit
 -- breaker open, an answer the PSP documents as "not processed"): nothing happened there.
 ALTER TABLE psp_attempts DROP CONSTRAINT psp_attempts_outcome_check;

@@ -592,6 +592,25 @@ async fn a_soft_decline_is_retried_once_elsewhere_and_a_hard_one_never() {
     );
     assert_eq!(p.body["attempts"][0]["failure_code"], "processing_error");
     assert_eq!(p.body["failure"], Value::Null, "the payment did not fail");
+    // The declined intent's own event finds the payment through its attempt, and is recorded
+    // without changing it (never a dead letter, never a failed payment).
+    wait_for("the declined intent's event", async || {
+        app.sql()
+            .await
+            .query_opt(
+                "SELECT 1 FROM processed_events WHERE payment_id = $1 AND event_type = 'payment_intent.payment_failed'",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    assert_eq!(app.count("dead_letters").await, 0);
+    assert_eq!(
+        app.get(&format!("/api/v1/payments/{id}")).await.body["status"],
+        "captured"
+    );
     // A hard decline stays declined, on the first connector only.
     let p = pay(&app, 1_000, "USD", "pm_card_chargeDeclined", "automatic", json!({})).await;
     assert_eq!(p.body["status"], "failed");

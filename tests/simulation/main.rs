@@ -30,6 +30,7 @@ use serde_json::Value;
 use payrail::actors::event_consumer::{disposition, Disposition};
 use payrail::actors::payment_flow::{process, Live, PaymentDeps};
 use payrail::actors::{IdemKey, Op, Reply};
+use payrail::adapters::postgres::commit::AttemptOutcome;
 use payrail::adapters::postgres::idempotency::Begin;
 use payrail::adapters::psp::{IntentStatus, PspError, PspRefundStatus};
 use payrail::api::error::ApiError;
@@ -147,9 +148,7 @@ impl Sim {
         let deps = Arc::new(PaymentDeps {
             store: Arc::new(SimStore(w.clone())),
             psp: Arc::new(SimPsp(w.clone())),
-            connectors: Arc::new(payrail::adapters::psp::connector::OneConnector::new(Arc::new(SimPsp(
-                w.clone(),
-            )))),
+            connectors: Arc::new(SimConnectors::new(Arc::new(SimPsp(w.clone())))),
             psp_timeout: None,
             clock: Arc::new(SimClock(w.clone())),
             risk: Arc::new(payrail::actors::risk::NoRisk),
@@ -592,7 +591,10 @@ impl Sim {
         let faulty = !w.calm;
         let roll = w.rng.below(100);
         let known = w.psp.by_key.contains_key(call_key(&call.call));
-        let answer = if faulty && w.faults.psp_refusals && roll < 4 && !known {
+        let answer = if faulty && w.faults.failover && (4..9).contains(&roll) && !known {
+            // The connection was refused: the PSP never heard of this call.
+            Err(PspError::NotSent("connection refused (simulated)".into()))
+        } else if faulty && w.faults.psp_refusals && roll < 4 && !known {
             let e = PspError::Invalid {
                 code: "processing_error".into(),
                 message: "refused by the simulated PSP".into(),
@@ -917,21 +919,43 @@ impl Sim {
         for v in &w.check_violations {
             bad.push(format!("the flow tried a write the database refuses: {v}"));
         }
-        // No key produces two effects.
+        // What the PSP did with an attempt: whether it authorized (or charged) with it.
+        let authorized = |a: &payrail::domain::AttemptId| {
+            w.psp.acted.contains(a)
+                && matches!(
+                    w.psp.by_key.get(a),
+                    Some(Ok(Answer::Intent(i))) if !matches!(i.status, IntentStatus::Failed(_))
+                )
+        };
+        // No key produces two effects. A key may start more than one attempt only by failing
+        // an authorization over: then every attempt but its last ended `unreachable` (and the
+        // PSP never heard of it) or `failed` (a soft decline).
         for r in &self.requests {
-            let attempts: Vec<_> =
+            let mut attempts: Vec<_> =
                 w.db.attempts
                     .values()
                     .filter(|a| a.payment == r.payment && a.attempt.idem_key.as_deref() == Some(r.key.as_str()))
                     .collect();
+            attempts.sort_by_key(|a| a.seq);
             if attempts.len() > 1 {
                 let acted = attempts.iter().filter(|a| w.psp.acted.contains(&a.attempt.id)).count();
-                bad.push(format!(
-                    "key {} ({:?}) started {} PSP attempts, {acted} of which the PSP acted on",
-                    r.key,
-                    r.kind,
-                    attempts.len()
-                ));
+                let effects = attempts.iter().filter(|a| authorized(&a.attempt.id)).count();
+                let failed_over = attempts
+                    .iter()
+                    .all(|a| a.attempt.op == payrail::domain::PspOp::Authorize)
+                    && attempts[..attempts.len() - 1].iter().all(|a| match a.outcome {
+                        Some(AttemptOutcome::Unreachable) => !w.psp.acted.contains(&a.attempt.id),
+                        Some(AttemptOutcome::Failed) => !authorized(&a.attempt.id),
+                        _ => false,
+                    });
+                if !failed_over || effects > 1 {
+                    bad.push(format!(
+                        "key {} ({:?}) started {} PSP attempts, {acted} of which the PSP acted on ({effects} authorized)",
+                        r.key,
+                        r.kind,
+                        attempts.len()
+                    ));
+                }
             }
             // A 2xx answer names something durable.
             if let Some((status, body)) = &r.answer {
@@ -948,6 +972,18 @@ impl Sim {
             }
         }
         for p in w.db.payments.values() {
+            // Whatever the connectors did, a payment is authorized at most once.
+            let authorizations = w
+                .db
+                .attempts
+                .values()
+                .filter(|a| {
+                    a.payment == p.id && a.attempt.op == payrail::domain::PspOp::Authorize && authorized(&a.attempt.id)
+                })
+                .count();
+            if authorizations > 1 {
+                bad.push(format!("{}: authorized {authorizations} times", p.id));
+            }
             let s = &p.state;
             if !s.amounts_consistent() || !payment_checks(p) {
                 bad.push(format!("{} amounts inconsistent: {s:?}", p.id));
@@ -1040,6 +1076,8 @@ struct Coverage {
     splits: u64,
     ambiguous: u64,
     takeovers: u64,
+    failed_over_unreachable: u64,
+    failed_over_soft: u64,
 }
 
 impl Coverage {
@@ -1053,6 +1091,21 @@ impl Coverage {
             }
         }
         self.psp_effects += w.psp.acted.len() as u64;
+        // Attempts closed so that another connector could take the payment.
+        let next_of = |a: &AttemptRow| {
+            w.db.attempts
+                .values()
+                .any(|b| b.payment == a.payment && b.seq > a.seq && b.attempt.idem_key == a.attempt.idem_key)
+        };
+        for a in w.db.attempts.values() {
+            match a.outcome {
+                Some(AttemptOutcome::Unreachable) if next_of(a) => self.failed_over_unreachable += 1,
+                Some(AttemptOutcome::Failed) if a.attempt.op == payrail::domain::PspOp::Authorize && next_of(a) => {
+                    self.failed_over_soft += 1
+                }
+                _ => {}
+            }
+        }
         self.refunds_succeeded +=
             w.db.refunds
                 .values()
@@ -1205,7 +1258,8 @@ fn main() {
     );
     println!(
         "coverage: {} answers 2xx, {} 4xx; {} PSP effects, {} refunds succeeded, {} disputes; {} events applied, \
-         {} dead letters, {} exceptions; {} crashes, {} split incarnations, {} ambiguous commits, {} key takeovers",
+         {} dead letters, {} exceptions; {} crashes, {} split incarnations, {} ambiguous commits, {} key takeovers; \
+         failovers: {} unreachable, {} soft declines",
         c.answered_2xx,
         c.answered_4xx,
         c.psp_effects,
@@ -1217,10 +1271,68 @@ fn main() {
         c.crashes,
         c.splits,
         c.ambiguous,
-        c.takeovers
+        c.takeovers,
+        c.failed_over_unreachable,
+        c.failed_over_soft
     );
     println!("{passed} passed, {failed} failed");
     if failed > 0 {
         std::process::exit(1);
+    }
+}
+
+/// Two connectors over the one simulated PSP (as the embedded sandbox's connectors share it):
+/// a payment's authorization goes to one first and may fail over to the other.
+struct SimConnectors {
+    a: Arc<payrail::adapters::psp::connector::Connector>,
+    b: Arc<payrail::adapters::psp::connector::Connector>,
+}
+
+impl SimConnectors {
+    fn new(psp: Arc<SimPsp>) -> SimConnectors {
+        use payrail::adapters::psp::connector::Connector;
+        use payrail::domain::routing::BreakerConfig;
+        SimConnectors {
+            a: Arc::new(Connector::new(
+                "mca_a".into(),
+                "sandbox",
+                psp.clone(),
+                BreakerConfig::never(),
+            )),
+            b: Arc::new(Connector::new("mca_b".into(), "sandbox", psp, BreakerConfig::never())),
+        }
+    }
+}
+
+impl payrail::adapters::psp::connector::Connectors for SimConnectors {
+    fn route<'a>(
+        &'a self,
+        payment: &'a Payment,
+    ) -> payrail::actors::store::StoreFuture<'a, Option<payrail::domain::routing::Decision>> {
+        let (first, second) = match payrail::domain::ids::stable_hash(payment.id.as_str()) % 2 {
+            0 => (&self.a, &self.b),
+            _ => (&self.b, &self.a),
+        };
+        let d = payrail::domain::routing::Decision {
+            connectors: vec![first.id.clone(), second.id.clone()],
+            rule: "default".into(),
+        };
+        Box::pin(std::future::ready(Ok(Some(d))))
+    }
+
+    fn get<'a>(
+        &'a self,
+        _merchant: &'a MerchantId,
+        id: Option<&'a str>,
+    ) -> payrail::actors::store::StoreFuture<'a, Option<Arc<payrail::adapters::psp::connector::Connector>>> {
+        let c = match id {
+            Some("mca_b") => self.b.clone(),
+            _ => self.a.clone(),
+        };
+        Box::pin(std::future::ready(Ok(Some(c))))
+    }
+
+    fn soft_decline(&self, f: &payrail::domain::Failure) -> bool {
+        f.decline_code.as_deref() == Some("processing_error")
     }
 }

@@ -77,6 +77,9 @@ pub struct Faults {
     pub event_chaos: bool,
     /// Customers dispute captured payments.
     pub disputes: bool,
+    /// Two connectors: a call may not reach the PSP at all (it never hears of it), and an
+    /// issuer may decline softly; the flow fails authorizations over between them.
+    pub failover: bool,
 }
 
 impl Faults {
@@ -91,6 +94,7 @@ impl Faults {
             psp_refusals: true,
             event_chaos: true,
             disputes: true,
+            failover: true,
         }
     }
 
@@ -105,6 +109,7 @@ impl Faults {
             psp_refusals: false,
             event_chaos: false,
             disputes: false,
+            failover: false,
         }
     }
 
@@ -122,6 +127,7 @@ impl Faults {
                 "psp_refusals" => f.psp_refusals = true,
                 "event_chaos" => f.event_chaos = true,
                 "disputes" => f.disputes = true,
+                "failover" => f.failover = true,
                 _ => return None,
             }
         }
@@ -607,7 +613,14 @@ impl World {
                 self.psp.next += 1;
                 let reference = format!("pi_{}", self.psp.next);
                 let declined = self.rng.chance(100);
-                let status = if declined {
+                let soft = !self.calm && self.faults.failover && self.rng.chance(12);
+                let status = if soft {
+                    IntentStatus::Failed(Failure {
+                        code: "card_declined".into(),
+                        decline_code: Some("processing_error".into()),
+                        message: "An error occurred while processing the card.".into(),
+                    })
+                } else if declined {
                     IntentStatus::Failed(Failure {
                         code: "card_declined".into(),
                         decline_code: Some("generic_decline".into()),

@@ -205,6 +205,17 @@ impl Flow<'_> {
         refund: Option<Refund>,
     ) -> Result<Reply, Halt> {
         let answer = loop {
+            if attempt.op == PspOp::Authorize && self.unsent.as_ref() != Some(&attempt.id) {
+                // Sending an authorization again (a retry, a recovery) is claimed by a commit
+                // first. A failover closes an attempt as "never reached the PSP" only on the
+                // strength of its first send; the claim moves the payment's version, so that
+                // closing (fenced by the version it read) cannot land once anyone else may
+                // have sent the attempt, and a claim cannot land once it is closed
+                // (docs/DESIGN.md, "Routing and failover").
+                let next = self.next_version();
+                self.commit(next, crate::adapters::postgres::commit::Commit::default())
+                    .await?;
+            }
             let answer = self.call_attempt(&attempt).await;
             match self.fail_over(&attempt, &answer).await? {
                 Some(next) => attempt = next,
@@ -380,6 +391,9 @@ impl Flow<'_> {
         let commit = crate::adapters::postgres::commit::Commit {
             attempt_started: Some(retry.clone()),
             attempt_finished: Some((attempt.id.clone(), outcome)),
+            // The declined intent's reference stays on its attempt, not on the payment: its
+            // events find the payment through it and change nothing.
+            attempt_reference: answer.as_ref().ok().and_then(|o| o.reference.clone()),
             ..Default::default()
         };
         self.commit(next, commit).await?;

@@ -49,6 +49,12 @@ impl Flow<'_> {
                 return self.settle_event(outcome, &cause).await;
             }
         }
+        if !e.reference.is_empty() && self.payment().psp_reference.as_deref() != Some(e.reference.as_str()) {
+            // About an intent this payment left behind (an authorization failed over to another
+            // connector after a soft decline): a fact, recorded, that moves nothing.
+            self.event = Some(event);
+            return self.settle_event(outcome, &cause).await;
+        }
         match translated.fact {
             PspFact::Succeeded { amount } => {
                 let amount = amount.unwrap_or(self.payment().state.amount);

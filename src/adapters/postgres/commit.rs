@@ -108,6 +108,9 @@ pub struct Commit {
     pub transition: Option<Transition>,
     pub attempt_started: Option<Attempt>,
     pub attempt_finished: Option<(AttemptId, AttemptOutcome)>,
+    /// The PSP's reference of the finished attempt, kept on it when the payment does not take
+    /// it (an authorization failed over after a soft decline).
+    pub attempt_reference: Option<String>,
     pub refunds: Vec<Refund>,
     pub journal: Option<Journal>,
     pub outbox: Vec<OutboxEvent>,
@@ -192,8 +195,9 @@ const ATTEMPTS_START: &str = "INSERT INTO psp_attempts (id, payment_id, operatio
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::timestamptz[],
         $8::text[])";
 
-const ATTEMPTS_FINISH: &str = "UPDATE psp_attempts a SET outcome = u.outcome, finished_at = u.at
-    FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS u(id, outcome, at)
+const ATTEMPTS_FINISH: &str = "UPDATE psp_attempts a SET outcome = u.outcome, finished_at = u.at,
+        psp_reference = coalesce(u.reference, a.psp_reference)
+    FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[]) AS u(id, outcome, at, reference)
     WHERE a.id = u.id AND a.outcome IS NULL";
 
 const JOURNALS: &str = "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
@@ -335,6 +339,7 @@ columns!(AttemptFinishColumns {
     id: String,
     outcome: String,
     finished_at: DateTime<Utc>,
+    reference: Option<String>,
 });
 
 columns!(JournalColumns {
@@ -614,6 +619,7 @@ impl Columns {
                 t.id.push(id.to_string());
                 t.outcome.push(outcome.as_str().to_owned());
                 t.finished_at.push(at);
+                t.reference.push(commit.attempt_reference.clone());
             }
             if let Some(j) = &commit.journal {
                 // Invariant 2, asserted in code before the database checks it again at commit.

@@ -59,7 +59,8 @@ impl Db {
         Ok(())
     }
 
-    /// The payment a PSP reference (`pi_…`) belongs to.
+    /// The payment a PSP reference (`pi_…`) belongs to: the payment's own, or one of its
+    /// authorizations that was failed over (its events are recorded, not applied).
     pub async fn payment_of_reference(
         &self,
         psp: &str,
@@ -67,7 +68,13 @@ impl Db {
     ) -> Result<Option<(PaymentId, MerchantId)>, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached("SELECT id, merchant_id FROM payments WHERE psp = $1 AND psp_reference = $2")
+            .prepare_cached(
+                "(SELECT id, merchant_id FROM payments WHERE psp = $1 AND psp_reference = $2)
+                 UNION ALL
+                 (SELECT p.id, p.merchant_id FROM psp_attempts a JOIN payments p ON p.id = a.payment_id
+                  WHERE a.psp_reference = $2 AND p.psp = $1)
+                 LIMIT 1",
+            )
             .await
             .map_err(pg_error)?;
         let row = client.query_opt(&stmt, &[&psp, &reference]).await.map_err(pg_error)?;
