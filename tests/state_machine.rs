@@ -12,7 +12,7 @@ fn state_in(status: Status) -> PaymentState {
     let mut s = PaymentState::new(10_000);
     s.status = status;
     match status {
-        Status::Authorized | Status::InReview => s.capturable = 10_000,
+        Status::Authorized | Status::InReview | Status::Capturing => s.capturable = 10_000,
         Status::Captured | Status::Settled => s.captured = 10_000,
         Status::Refunding => {
             s.captured = 10_000;
@@ -48,6 +48,8 @@ fn sample(kind: InputKind) -> Input {
         InputKind::AuthorizationFailed => Input::AuthorizationFailed,
         InputKind::Charged => Input::Charged { amount: 10_000 },
         InputKind::Captured => Input::Captured { amount: 500 },
+        InputKind::CaptureReceived => Input::CaptureReceived { amount: 500 },
+        InputKind::CaptureFailed => Input::CaptureFailed,
         InputKind::Canceled => Input::Canceled,
         InputKind::RefundSucceeded => Input::RefundSucceeded { amount: 500 },
         InputKind::RefundFailed => Input::RefundFailed { amount: 500 },
@@ -73,10 +75,13 @@ fn expected(status: Status, kind: InputKind) -> Result<Status, Rejection> {
         (I::AuthorizationFailed, Pending | RequiresAction) => Ok(Failed),
         (I::Charged, Pending | RequiresAction) => Ok(Captured),
         (I::Capture, Authorized) => Ok(Authorized),
-        (I::Captured, Authorized) => Ok(Captured),
+        (I::Captured, Authorized | Capturing) => Ok(Captured),
+        // An asynchronous PSP received the capture; it confirms or fails it later.
+        (I::CaptureReceived, Authorized) => Ok(Capturing),
+        (I::CaptureFailed, Capturing) => Ok(Authorized),
         (I::Cancel, Pending) => Ok(Canceled),
         (I::Cancel, RequiresAction | Authorized) => Ok(status),
-        (I::Canceled, Pending | RequiresAction | Authorized | InReview) => Ok(Canceled),
+        (I::Canceled, Pending | RequiresAction | Authorized | InReview | Capturing) => Ok(Canceled),
         (I::Refund, Captured | Settled | Refunding) => Ok(Refunding),
         (I::Refund, Refunded) => Err(Rejection::AmountTooLarge),
         // 1,000 of 1,000 pending settles; 2,000 of 10,000 refunded leaves the payment captured.
@@ -121,7 +126,7 @@ fn every_status_and_input_pair_follows_the_diagram() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 209);
+    assert_eq!(checked, 12 * 21);
 }
 
 #[test]
@@ -243,6 +248,8 @@ fn any_input() -> impl Strategy<Value = Input> {
         Just(Input::AuthorizationFailed),
         amount.clone().prop_map(|amount| Input::Charged { amount }),
         amount.clone().prop_map(|amount| Input::Captured { amount }),
+        amount.clone().prop_map(|amount| Input::CaptureReceived { amount }),
+        Just(Input::CaptureFailed),
         Just(Input::Canceled),
         amount.clone().prop_map(|amount| Input::RefundSucceeded { amount }),
         amount.clone().prop_map(|amount| Input::RefundFailed { amount }),
@@ -336,4 +343,50 @@ fn review_holds_the_authorization_until_the_merchant_decides() {
     );
     let canceled = decide(&rejected, Input::Canceled).unwrap().0;
     assert_eq!((canceled.status, canceled.capturable), (Status::Canceled, 0));
+}
+
+/// An asynchronous PSP (Adyen) received a capture: no other capture and no cancel until it
+/// confirms (the capture journal then) or fails it (the authorization holds as before).
+#[test]
+fn a_received_capture_holds_the_authorization_until_the_psp_decides() {
+    let (capturing, effects) = decide(&state_in(Status::Authorized), Input::CaptureReceived { amount: 6_000 }).unwrap();
+    assert_eq!(
+        (capturing.status, capturing.capturable, capturing.captured),
+        (Status::Capturing, 10_000, 0)
+    );
+    assert!(effects.is_empty(), "nothing is posted before the PSP confirms");
+    for refused in [
+        Input::Capture { amount: 100 },
+        Input::Cancel,
+        Input::Refund { amount: 100 },
+    ] {
+        assert_eq!(
+            decide(&capturing, refused),
+            Err(Rejection::InvalidState(Status::Capturing)),
+            "{refused:?}"
+        );
+    }
+    let (captured, effects) = decide(&capturing, Input::Captured { amount: 6_000 }).unwrap();
+    assert_eq!(
+        (captured.status, captured.captured, captured.capturable),
+        (Status::Captured, 6_000, 0)
+    );
+    assert_eq!(
+        effects,
+        vec![Effect::Journal {
+            kind: JournalKind::Capture,
+            amount: 6_000
+        }]
+    );
+    let (back, effects) = decide(&capturing, Input::CaptureFailed).unwrap();
+    assert_eq!((back.status, back.capturable), (Status::Authorized, 10_000));
+    assert!(effects.is_empty());
+    assert_eq!(
+        decide(&capturing, Input::CaptureReceived { amount: 10_001 }).map(|s| s.0.status),
+        Err(Rejection::InvalidState(Status::Capturing))
+    );
+    assert_eq!(
+        decide(&state_in(Status::Authorized), Input::CaptureReceived { amount: 10_001 }),
+        Err(Rejection::AmountTooLarge)
+    );
 }

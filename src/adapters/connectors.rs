@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use super::postgres::reconciliation::Connector as ConnectorRow;
 use super::postgres::{Db, StoreError};
+use super::psp::adyen::AdyenPsp;
 use super::psp::connector::{Connector, Connectors};
 use super::psp::sandbox::SandboxPsp;
 use super::psp::stripe::StripePsp;
@@ -156,6 +157,20 @@ impl Directory {
                 };
                 let base = creds.get("api_base").and_then(Value::as_str).map(str::to_owned);
                 (Arc::new(StripePsp::new(row.id.clone(), key.to_owned(), base)), "stripe")
+            }
+            "adyen" => {
+                let Some(creds) = self.credentials(row).await? else {
+                    return Ok(None);
+                };
+                let field = |k: &str| creds.get(k).and_then(Value::as_str).map(str::to_owned);
+                let (Some(key), Some(account)) = (field("api_key"), field("merchant_account")) else {
+                    tracing::error!(connector = %row.id, "an Adyen connector without api_key or merchant_account");
+                    return Ok(None);
+                };
+                (
+                    Arc::new(AdyenPsp::new(row.id.clone(), key, account, field("api_base"))),
+                    "adyen",
+                )
             }
             other => {
                 tracing::error!(connector = %row.id, psp = other, "no adapter for this PSP in this build");

@@ -16,9 +16,6 @@ use crate::domain::record::list_object;
 use crate::domain::routing::RoutingRules;
 use crate::domain::MerchantId;
 
-/// PSP kinds this build has an adapter for.
-const SUPPORTED: &[&str] = &["sandbox", "stripe"];
-
 /// Credential fields each PSP kind takes.
 fn credential_fields(psp: &str) -> &'static [&'static str] {
     match psp {
@@ -210,13 +207,6 @@ pub async fn create(
     let psp = f.req_str("psp", 16)?;
     if !matches!(psp, "sandbox" | "stripe" | "adyen") {
         return Err(ApiError::param("psp", "psp must be sandbox, stripe or adyen"));
-    }
-    if !SUPPORTED.contains(&psp) {
-        return Err(ApiError::invalid(
-            "psp_not_supported",
-            format!("this build has no {psp} adapter yet"),
-            Some("psp".to_owned()),
-        ));
     }
     let label = f.req_str("label", 100)?;
     let id = match f.opt_str("connector_id", 64)? {

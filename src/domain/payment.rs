@@ -16,6 +16,9 @@ pub enum Status {
     /// Authorized at the PSP, held by a risk rule until the merchant approves or rejects it:
     /// not capturable.
     InReview,
+    /// A capture the PSP received and has not confirmed yet (an asynchronous PSP such as
+    /// Adyen): no other capture or cancel until it confirms or fails.
+    Capturing,
     Captured,
     Settled,
     Refunding,
@@ -26,11 +29,12 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 11] = [
+    pub const ALL: [Status; 12] = [
         Status::Pending,
         Status::RequiresAction,
         Status::Authorized,
         Status::InReview,
+        Status::Capturing,
         Status::Captured,
         Status::Settled,
         Status::Refunding,
@@ -46,6 +50,7 @@ impl Status {
             Status::RequiresAction => "requires_action",
             Status::Authorized => "authorized",
             Status::InReview => "in_review",
+            Status::Capturing => "capturing",
             Status::Captured => "captured",
             Status::Settled => "settled",
             Status::Refunding => "refunding",
@@ -171,6 +176,12 @@ pub enum Input {
     Captured {
         amount: i64,
     },
+    /// The PSP received a capture and will confirm it later (by event).
+    CaptureReceived {
+        amount: i64,
+    },
+    /// The PSP could not make a capture it had received: the authorization holds again.
+    CaptureFailed,
     Canceled,
     RefundSucceeded {
         amount: i64,
@@ -202,6 +213,8 @@ pub enum InputKind {
     AuthorizationFailed,
     Charged,
     Captured,
+    CaptureReceived,
+    CaptureFailed,
     Canceled,
     RefundSucceeded,
     RefundFailed,
@@ -212,7 +225,7 @@ pub enum InputKind {
 }
 
 impl InputKind {
-    pub const ALL: [InputKind; 19] = [
+    pub const ALL: [InputKind; 21] = [
         InputKind::Confirm,
         InputKind::Capture,
         InputKind::Cancel,
@@ -225,6 +238,8 @@ impl InputKind {
         InputKind::AuthorizationFailed,
         InputKind::Charged,
         InputKind::Captured,
+        InputKind::CaptureReceived,
+        InputKind::CaptureFailed,
         InputKind::Canceled,
         InputKind::RefundSucceeded,
         InputKind::RefundFailed,
@@ -250,6 +265,8 @@ impl Input {
             Input::AuthorizationFailed => InputKind::AuthorizationFailed,
             Input::Charged { .. } => InputKind::Charged,
             Input::Captured { .. } => InputKind::Captured,
+            Input::CaptureReceived { .. } => InputKind::CaptureReceived,
+            Input::CaptureFailed => InputKind::CaptureFailed,
             Input::Canceled => InputKind::Canceled,
             Input::RefundSucceeded { .. } => InputKind::RefundSucceeded,
             Input::RefundFailed { .. } => InputKind::RefundFailed,
@@ -266,6 +283,7 @@ impl Input {
             | Input::Refund { amount }
             | Input::Charged { amount }
             | Input::Captured { amount }
+            | Input::CaptureReceived { amount }
             | Input::RefundSucceeded { amount }
             | Input::RefundFailed { amount }
             | Input::DisputeOpened { amount } => Some(amount),
@@ -394,8 +412,18 @@ const RULES: &[Rule] = &[
     },
     Rule {
         input: InputKind::Captured,
-        from: &[S::Authorized],
+        from: &[S::Authorized, S::Capturing],
         to: To::Status(S::Captured),
+    },
+    Rule {
+        input: InputKind::CaptureReceived,
+        from: &[S::Authorized],
+        to: To::Status(S::Capturing),
+    },
+    Rule {
+        input: InputKind::CaptureFailed,
+        from: &[S::Capturing],
+        to: To::Status(S::Authorized),
     },
     Rule {
         input: InputKind::Cancel,
@@ -407,9 +435,10 @@ const RULES: &[Rule] = &[
         from: &[S::RequiresAction, S::Authorized],
         to: To::Stay,
     },
+    // A capture the PSP received may still end in the authorization's expiry.
     Rule {
         input: InputKind::Canceled,
-        from: &[S::Pending, S::RequiresAction, S::Authorized, S::InReview],
+        from: &[S::Pending, S::RequiresAction, S::Authorized, S::InReview, S::Capturing],
         to: To::Status(S::Canceled),
     },
     Rule {
@@ -513,6 +542,10 @@ pub fn decide(state: &PaymentState, input: Input) -> Result<(PaymentState, Vec<E
                 amount,
             });
         }
+        // The capture stays reserved in `capturable` while the PSP works on it: a failure
+        // leaves the authorization as it was.
+        Input::CaptureReceived { amount } => guard(amount <= state.capturable)?,
+        Input::CaptureFailed => {}
         Input::Captured { amount } => {
             guard(amount <= state.capturable)?;
             // A partial capture releases the rest of the authorization.
@@ -603,6 +636,10 @@ pub const ALLOWED_EDGES: &[(Status, Status)] = &[
     (S::RequiresAction, S::Canceled),
     (S::Authorized, S::Captured),
     (S::Authorized, S::Canceled),
+    (S::Authorized, S::Capturing),
+    (S::Capturing, S::Captured),
+    (S::Capturing, S::Authorized),
+    (S::Capturing, S::Canceled),
     (S::Pending, S::InReview),
     (S::RequiresAction, S::InReview),
     (S::InReview, S::Authorized),

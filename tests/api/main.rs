@@ -1,5 +1,6 @@
 //! Integration tests: the real server, PostgreSQL and NATS. One binary, so it links once.
 
+mod adyen;
 mod crash;
 mod events;
 mod helpers;

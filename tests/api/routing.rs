@@ -152,17 +152,17 @@ async fn connectors_keep_their_credentials_sealed_and_are_made_once_per_id() {
         (taken.status, taken.body["error"]["code"].as_str()),
         (409, Some("connector_id_taken"))
     );
-    // What this build cannot do is said, not pretended.
+    // What a PSP cannot work without is named.
     let adyen = operator(
         &app,
         "POST",
         &format!("/admin/v1/merchants/{merchant}/connectors"),
-        json!({ "psp": "adyen", "label": "A", "credentials": { "api_key": "k", "merchant_account": "m" } }),
+        json!({ "psp": "adyen", "label": "A", "credentials": { "api_key": "k" } }),
     )
     .await;
     assert_eq!(
-        (adyen.status, adyen.body["error"]["code"].as_str()),
-        (400, Some("psp_not_supported"))
+        (adyen.status, adyen.body["error"]["param"].as_str()),
+        (400, Some("credentials.merchant_account"))
     );
     let stripe = operator(
         &app,

@@ -734,7 +734,7 @@ impl World {
                 self.emit("payment_intent.payment_failed", reference, o);
             }
             IntentStatus::Canceled => self.emit("payment_intent.canceled", reference, base),
-            IntentStatus::RequiresAction { .. } => {}
+            IntentStatus::RequiresAction { .. } | IntentStatus::CaptureReceived { .. } => {}
         }
     }
 

@@ -50,6 +50,12 @@ impl Outcome {
                 })
             }
             (IntentStatus::Succeeded { .. }, _) => {}
+            (IntentStatus::CaptureReceived { amount }, PspOp::Capture { .. }) => {
+                // Decided later, by the PSP's event: the attempt is done, the payment waits.
+                o.attempt = AttemptOutcome::Pending;
+                o.input = Some(Input::CaptureReceived { amount });
+            }
+            (IntentStatus::CaptureReceived { .. }, _) => {}
             (IntentStatus::RequiresAction { redirect_url }, _) => {
                 o.attempt = AttemptOutcome::RequiresAction;
                 o.next_action = Some(NextAction {

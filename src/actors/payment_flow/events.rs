@@ -60,7 +60,7 @@ impl Flow<'_> {
                 let amount = amount.unwrap_or(self.payment().state.amount);
                 outcome.input = match status {
                     Status::Pending | Status::RequiresAction => Some(Input::Charged { amount }),
-                    Status::Authorized => Some(Input::Captured { amount }),
+                    Status::Authorized | Status::Capturing => Some(Input::Captured { amount }),
                     _ => None,
                 };
             }
@@ -70,6 +70,11 @@ impl Flow<'_> {
                     let review = self.payment().risk.as_ref().map(|r| r.outcome) == Some(RiskAction::Review);
                     outcome.input = Some(if review {
                         Input::HeldForReview
+                    } else if self.payment().capture_strategy == crate::domain::CaptureStrategy::Automatic {
+                        // Authorized with automatic capture (Adyen's AUTHORISATION): captured.
+                        Input::Charged {
+                            amount: self.payment().state.amount,
+                        }
                     } else {
                         Input::Authorized
                     });
@@ -82,8 +87,16 @@ impl Flow<'_> {
                 }
             }
             PspFact::Canceled => {
-                if matches!(status, Status::Pending | Status::RequiresAction | Status::Authorized) {
+                if matches!(
+                    status,
+                    Status::Pending | Status::RequiresAction | Status::Authorized | Status::Capturing
+                ) {
                     outcome.input = Some(Input::Canceled);
+                }
+            }
+            PspFact::CaptureFailed => {
+                if status == Status::Capturing {
+                    outcome.input = Some(Input::CaptureFailed);
                 }
             }
             PspFact::Refunds(listed) => {

@@ -35,6 +35,8 @@ pub enum PspFact {
     /// The authorization failed.
     Failed(Failure),
     Canceled,
+    /// A capture the PSP had received could not be made: the authorization holds.
+    CaptureFailed,
     /// Refunds of the payment and where each stands.
     Refunds(Vec<ListedRefund>),
     DisputeOpened {
@@ -108,11 +110,52 @@ pub fn translate(event: &PspEvent) -> Translated {
             reference: text(&object["id"]).unwrap_or_default(),
             won: object["status"] == "won",
         },
+        t if t.starts_with("adyen.") => return adyen(&object),
         _ => PspFact::Other,
     };
     Translated {
         fact,
         currency: text(&object["currency"]),
+    }
+}
+
+/// An Adyen notification item (`NotificationRequestItem`) in payrail's terms. Its `success`
+/// decides; a modification's own reference is `pspReference`, the payment's
+/// `originalReference` (the bridge routed the event by it).
+fn adyen(item: &Value) -> Translated {
+    let success = item["success"].as_str() == Some("true");
+    let amount = item["amount"]["value"].as_i64();
+    let reference = item["pspReference"].as_str().unwrap_or_default().to_owned();
+    let reason = item["reason"].as_str().filter(|r| !r.is_empty());
+    let refund = |status| {
+        PspFact::Refunds(vec![ListedRefund {
+            reference: reference.clone(),
+            status: Some(status),
+        }])
+    };
+    let fact = match (item["eventCode"].as_str().unwrap_or_default(), success) {
+        ("AUTHORISATION", true) => PspFact::Authorized,
+        ("AUTHORISATION", false) => PspFact::Failed(Failure {
+            code: "card_declined".into(),
+            decline_code: reason.map(super::adyen::decline_code),
+            message: reason.unwrap_or("Refused").to_owned(),
+        }),
+        ("CAPTURE", true) => PspFact::Succeeded { amount },
+        ("CAPTURE", false) | ("CAPTURE_FAILED", _) => PspFact::CaptureFailed,
+        ("CANCELLATION", true) => PspFact::Canceled,
+        ("REFUND", true) => refund(PspRefundStatus::Succeeded),
+        ("REFUND", false) | ("REFUND_FAILED", _) => refund(PspRefundStatus::Failed),
+        ("CHARGEBACK", _) => PspFact::DisputeOpened {
+            reference,
+            amount,
+            reason: reason.map(str::to_owned),
+        },
+        ("CHARGEBACK_REVERSED", _) => PspFact::DisputeClosed { reference, won: true },
+        _ => PspFact::Other,
+    };
+    Translated {
+        fact,
+        currency: item["amount"]["currency"].as_str().map(str::to_owned),
     }
 }
 

@@ -1,8 +1,10 @@
 //! PSPs behind one trait. Every call carries an idempotency key (the attempt id), so a call
 //! repeated after a crash or a timeout is the same call to the PSP, never a second charge.
 
+pub mod adyen;
 pub mod connector;
 pub mod events;
+pub mod http;
 pub mod sandbox;
 pub mod sandbox_settlement;
 pub mod sandbox_webhooks;
@@ -49,6 +51,10 @@ pub enum IntentStatus {
     /// Captured (automatic capture, or after a capture call).
     Succeeded {
         amount_captured: i64,
+    },
+    /// The PSP received a capture of `amount` and confirms it later, by event (Adyen).
+    CaptureReceived {
+        amount: i64,
     },
     Failed(Failure),
     Canceled,

@@ -412,7 +412,8 @@ impl SandboxPsp {
                 n.send("payment_intent.payment_failed", o, Duration::ZERO);
             }
             IntentStatus::Canceled => n.send("payment_intent.canceled", base("canceled"), Duration::ZERO),
-            IntentStatus::RequiresAction { .. } => {}
+            // The sandbox captures at once; it never answers "received".
+            IntentStatus::RequiresAction { .. } | IntentStatus::CaptureReceived { .. } => {}
         }
     }
 

@@ -106,6 +106,15 @@ impl AdyenFields<'_> {
     }
 }
 
+/// Signs an Adyen notification item as Adyen does (for doubles and tests); `None` for a key
+/// that is not hex.
+pub fn sign_adyen(fields: &AdyenFields<'_>, key_hex: &str) -> Option<String> {
+    let key = hex::decode(key_hex).ok()?;
+    let mut mac = HmacSha256::new_from_slice(&key).ok()?;
+    mac.update(fields.signed_string().as_bytes());
+    Some(base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()))
+}
+
 /// Verifies an Adyen notification item's `hmacSignature` (base64) with the hex key.
 pub fn verify_adyen(fields: &AdyenFields<'_>, key_hex: &str, signature_b64: &str) -> Result<(), SignatureError> {
     let key = hex::decode(key_hex).map_err(|_| SignatureError::Malformed)?;

@@ -10,10 +10,7 @@
 //! - other 4xx: Stripe refused the request itself → `Invalid`;
 //! - 5xx, a timeout, a lost connection after sending: the outcome is unknown → `Unavailable`.
 //!
-//! HTTP is actix's own client, one per arbiter thread (it is not `Send`): calls run on the
-//! payment actor's thread.
-
-use std::time::Duration;
+//! HTTP goes through `super::http` (actix's client, on the payment actor's thread).
 
 use serde_json::Value;
 
@@ -21,16 +18,6 @@ use super::{AuthorizeRequest, Intent, IntentStatus, Psp, PspError, PspFuture, Ps
 use crate::domain::{AttemptId, CaptureStrategy, Failure, Money};
 
 pub const DEFAULT_API_BASE: &str = "https://api.stripe.com";
-/// The most of an answer payrail reads.
-const MAX_ANSWER_BYTES: usize = 1 << 20;
-
-thread_local! {
-    static CLIENT: awc::Client = awc::Client::builder()
-        // The payment flow bounds every call by `[psp] timeout_ms`; this is only a backstop.
-        .timeout(Duration::from_secs(120))
-        .disable_redirects()
-        .finish();
-}
 
 pub struct StripePsp {
     connector: String,
@@ -58,35 +45,17 @@ impl StripePsp {
         form: &[(&str, String)],
     ) -> Result<Value, Fail> {
         let url = format!("{}{path}", self.api_base);
-        let mut req = CLIENT.with(|c| match method {
-            "GET" => c.get(&url),
-            _ => c.post(&url),
-        });
-        req = req.insert_header(("Authorization", format!("Bearer {}", self.api_key)));
+        let mut headers = vec![("Authorization", format!("Bearer {}", self.api_key))];
         if let Some(k) = key {
-            req = req.insert_header(("Idempotency-Key", k));
+            headers.push(("Idempotency-Key", k));
         }
+        let req = super::http::request(method, &url, &headers);
         let sent = match method {
             "GET" => req.send().await,
             _ => req.send_form(&form).await,
         };
-        let mut resp = match sent {
-            Ok(r) => r,
-            Err(awc::error::SendRequestError::Connect(e)) => {
-                return Err(PspError::NotSent(format!("stripe connector {}: {e}", self.connector)).into())
-            }
-            Err(awc::error::SendRequestError::Url(e)) => {
-                return Err(PspError::NotSent(format!("stripe connector {}: bad api_base: {e}", self.connector)).into())
-            }
-            Err(e) => return Err(PspError::Unavailable(format!("stripe: {e}")).into()),
-        };
-        let status = resp.status().as_u16();
-        let body = resp.body().limit(MAX_ANSWER_BYTES).await.map_err(|e| {
-            Fail::from(PspError::Unavailable(format!(
-                "stripe: the answer could not be read: {e}"
-            )))
-        })?;
-        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let who = format!("stripe connector {}", self.connector);
+        let (status, v) = super::http::answer(&who, sent).await?;
         match status {
             200..=299 => Ok(v),
             401 | 403 | 429 => Err(PspError::NotSent(format!(
