@@ -69,13 +69,21 @@ impl Default for RoutingConfig {
     }
 }
 
-/// Secrets at rest.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Secrets at rest. Its `Debug` never shows the key.
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SecretsConfig {
     /// The AES-256 key that seals connectors' credentials: 64 hex digits (32 bytes). Set it by
     /// `PAYRAIL__SECRETS__KEY` rather than in a file.
     pub key: String,
+}
+
+impl std::fmt::Debug for SecretsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretsConfig")
+            .field("key", &if self.key.is_empty() { "" } else { "***" })
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

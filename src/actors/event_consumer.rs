@@ -300,6 +300,12 @@ impl Worker {
             }
             return Verdict::Retry("unknown_reference", "no payment with this PSP reference");
         };
+        if event.merchant.as_deref().is_some_and(|m| m != merchant.as_str()) {
+            // Verified with one merchant's connector secret, about another merchant's payment:
+            // never applied, never recorded (so it cannot shadow the real event's id).
+            tracing::warn!(payment_id = %payment_id, event_id = %event.event_id, "a connector's event names another merchant's payment; dropped");
+            return Verdict::Ack("foreign");
+        }
         let call = PaymentCall::new(merchant, Op::PspEvent(Arc::new(event)), None);
         match self.registry.call(&payment_id, call).await {
             Ok(reply) if reply.status == super::payment_flow::DUPLICATE_EVENT => Verdict::Ack("duplicate"),

@@ -877,7 +877,11 @@ pub async fn daily(reconciler: Arc<Reconciler>, shutdown: crate::shutdown::Shutd
                 continue;
             }
         };
-        for connector in connectors {
+        // The sandbox keeps one book per merchant: its own sandbox connector reconciles it.
+        let own = connectors
+            .into_iter()
+            .filter(|c| c.id == crate::domain::ids::sandbox_connector_id(&c.merchant_id));
+        for connector in own {
             let result = async {
                 let file = reconciler
                     .sandbox_report(&connector, date, Format::Stripe, Faults::default())

@@ -42,8 +42,10 @@ pub struct Directory {
     config: RoutingConfig,
     sealer: Option<Sealer>,
     merchants: DashMap<MerchantId, Arc<MerchantRouting>>,
-    /// Connector id → its run-time connector (the breaker lives here).
-    runtimes: DashMap<String, Arc<Connector>>,
+    /// Connector id → its run-time connector (the breaker lives here), and the row version
+    /// (`updated_at`) it was built from: a changed row (credentials, `api_base`, settings)
+    /// gets a new one once this node reads the row again.
+    runtimes: DashMap<String, (chrono::DateTime<chrono::Utc>, Arc<Connector>)>,
     /// Sandbox connectors switched to an outage on this node.
     outages: DashMap<String, Arc<AtomicBool>>,
 }
@@ -66,12 +68,10 @@ impl Directory {
     }
 
     /// Forgets what this node read of `merchant`: its next payment reads the connectors and
-    /// rules again. A changed connector gets a new run-time connector (and a closed breaker).
-    pub fn invalidate(&self, merchant: &MerchantId, connector: Option<&str>) {
+    /// rules again, and a connector whose row changed gets a new run-time connector (and a
+    /// closed breaker). Other nodes do the same within `[routing] cache_ms`.
+    pub fn invalidate(&self, merchant: &MerchantId) {
         self.merchants.remove(merchant);
-        if let Some(id) = connector {
-            self.runtimes.remove(id);
-        }
     }
 
     /// Switches a sandbox connector's outage on this node: every call to it then fails before
@@ -93,13 +93,13 @@ impl Directory {
             .runtimes
             .iter()
             .map(|e| {
-                let (state, opened) = e.value().breaker_state();
+                let (state, opened) = e.value().1.breaker_state();
                 let outage = self
                     .outages
                     .get(e.key())
                     .map(|f| f.load(Ordering::Relaxed))
                     .unwrap_or(false);
-                (e.key().clone(), e.value().kind, state, opened, outage)
+                (e.key().clone(), e.value().1.kind, state, opened, outage)
             })
             .collect();
         out.sort();
@@ -229,7 +229,7 @@ impl Connectors for Directory {
                 // A connector whose breaker is open goes last: a payment is not sent to it (and
                 // failed over, one commit more) while others can take it. Once its cool-down is
                 // over it is in its place again, and the next payment is its probe.
-                let open = |id: &String| self.runtimes.get(id).is_some_and(|c| c.is_open());
+                let open = |id: &String| self.runtimes.get(id).is_some_and(|c| c.1.is_open());
                 if d.connectors.iter().any(open) {
                     d.connectors.sort_by_key(open);
                 }
@@ -241,17 +241,23 @@ impl Connectors for Directory {
     fn get<'a>(&'a self, merchant: &'a MerchantId, id: Option<&'a str>) -> StoreFuture<'a, Option<Arc<Connector>>> {
         Box::pin(async move {
             let id = id.map(str::to_owned).unwrap_or_else(|| sandbox_connector_id(merchant));
-            if let Some(c) = self.runtimes.get(&id) {
-                return Ok(Some(c.clone()));
-            }
             let m = self.routing_of(merchant).await?;
             let Some(row) = m.connectors.iter().find(|c| c.id == id) else {
                 return Ok(None);
             };
+            if let Some(c) = self.runtimes.get(&id) {
+                if c.0 == row.updated_at {
+                    return Ok(Some(c.1.clone()));
+                }
+            }
             let Some(built) = self.build(row).await? else {
                 return Ok(None);
             };
-            Ok(Some(self.runtimes.entry(id).or_insert(built).clone()))
+            let mut entry = self.runtimes.entry(id).or_insert((row.updated_at, built.clone()));
+            if entry.0 != row.updated_at {
+                *entry = (row.updated_at, built);
+            }
+            Ok(Some(entry.1.clone()))
         })
     }
 

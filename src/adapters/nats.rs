@@ -92,6 +92,11 @@ pub struct PspEvent {
     pub object: Vec<u8>,
     /// The PSP's body exactly as it came, for audit.
     pub raw: Vec<u8>,
+    /// The merchant whose connector's own secret verified it (its webhook URL); `None` when
+    /// the deployment's secret for the PSP did. Such an event may only change that merchant's
+    /// payments.
+    #[serde(default)]
+    pub merchant: Option<String>,
 }
 
 /// The partition of a PSP object reference: one payment's events always share one.

@@ -64,18 +64,31 @@ fn credentials(obj: &Map<String, Value>, psp: &str) -> Result<Option<Vec<u8>>, A
         }
     }
     if let Some(base) = m.get("api_base").and_then(Value::as_str) {
-        // Over the internet only with TLS; plain HTTP only to this machine (a local double).
-        let local = ["http://127.0.0.1:", "http://localhost:", "http://[::1]:"]
-            .iter()
-            .any(|p| base.starts_with(p));
-        if !(base.starts_with("https://") || local) {
+        if !api_base_ok(base) {
             return Err(ApiError::param(
                 "credentials.api_base",
-                "api_base must be an https URL (or http on this machine)",
+                "api_base must be an https URL (or http on this machine), with no user information",
             ));
         }
     }
     serde_json::to_vec(m).map(Some).map_err(|_| ApiError::Internal)
+}
+
+/// A PSP's API base: over the internet only with TLS, plain HTTP only to this machine (a local
+/// double); parsed, so that `http://127.0.0.1:1@elsewhere` is not taken for this machine.
+fn api_base_ok(base: &str) -> bool {
+    let Ok(uri) = base.parse::<awc::http::Uri>() else {
+        return false;
+    };
+    let Some(authority) = uri.authority() else { return false };
+    if authority.as_str().contains('@') || uri.query().is_some() {
+        return false;
+    }
+    match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => matches!(authority.host(), "127.0.0.1" | "localhost" | "[::1]"),
+        _ => false,
+    }
 }
 
 /// Refuses credentials (given whole) without one a PSP cannot work without, naming it.
@@ -247,7 +260,7 @@ pub async fn create(
             message: "another connector has this id",
         });
     }
-    state.connectors.invalidate(&merchant, Some(&id));
+    state.connectors.invalidate(&merchant);
     tracing::info!(merchant_id = %merchant, connector = %id, psp, made, "connector created");
     Ok(json_value(if made { 201 } else { 200 }, &c.to_object()))
 }
@@ -298,7 +311,7 @@ pub async fn update(
         )
         .await?
         .ok_or(ApiError::NotFound("connector"))?;
-    state.connectors.invalidate(&merchant, Some(&id));
+    state.connectors.invalidate(&merchant);
     tracing::info!(merchant_id = %merchant, connector = %id, "connector updated");
     Ok(json_value(200, &c.to_object()))
 }
@@ -355,7 +368,7 @@ pub async fn put_routing(
         .map_err(|e| ApiError::invalid("parameter_invalid", e.message, Some(e.param)))?;
     let stored = serde_json::to_value(&rules).map_err(|_| ApiError::Internal)?;
     let version = state.db.put_routing_rules(&merchant, &stored).await?;
-    state.connectors.invalidate(&merchant, None);
+    state.connectors.invalidate(&merchant);
     tracing::info!(merchant_id = %merchant, version, rules = rules.rules.len(), "routing rules replaced");
     Ok(json_value(200, &routing_object(&merchant, &rules, version)))
 }
@@ -437,4 +450,31 @@ pub async fn webhook_secret(state: &AppState, c: &Connector) -> Result<Option<St
     let creds: Map<String, Value> = serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)?;
     let field = if c.psp == "adyen" { "hmac_key" } else { "webhook_secret" };
     Ok(creds.get(field).and_then(Value::as_str).map(str::to_owned))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn api_bases_are_parsed_not_matched_by_prefix() {
+        for ok in [
+            "https://api.stripe.com",
+            "https://checkout-test.adyen.com/v71",
+            "http://127.0.0.1:8420",
+            "http://localhost:1/v71",
+            "http://[::1]:9",
+        ] {
+            assert!(super::api_base_ok(ok), "{ok}");
+        }
+        for bad in [
+            "http://127.0.0.1:1@attacker.example/",
+            "https://user:pw@api.stripe.com",
+            "http://stripe.example",
+            "ftp://127.0.0.1",
+            "127.0.0.1:8420",
+            "http://127.0.0.1.attacker.example",
+            "",
+        ] {
+            assert!(!super::api_base_ok(bad), "{bad}");
+        }
+    }
 }

@@ -173,10 +173,15 @@ pub async fn create_run(
         let obj = body::object(&body)?;
         let f = Fields::new(&obj, &["connector_id", "date", "format", "faults"], "")?;
         let connector = connector_param(&state, Some(f.req_str("connector_id", 64)?)).await?;
-        if connector.psp != "sandbox" {
+        // The sandbox keeps one book per merchant: only the merchant's own sandbox connector
+        // fetches it (another sandbox connector of the merchant would apply the same lines
+        // again under its own keys).
+        if connector.psp != "sandbox"
+            || connector.id != crate::domain::ids::sandbox_connector_id(&connector.merchant_id)
+        {
             return Err(ApiError::invalid(
                 "connector_cannot_fetch",
-                "only sandbox connectors fetch their reports; upload this PSP's report as text/csv",
+                "only a merchant's own sandbox connector fetches the sandbox's report; upload this connector's report as text/csv",
                 Some("connector_id".to_owned()),
             ));
         }

@@ -94,7 +94,7 @@ pub async fn receive_for_connector(
     let raw = body::read(&req, payload, WEBHOOK_BODY_LIMIT).await?;
     let own = super::connectors::webhook_secret(&state, &connector).await?;
     let w = &state.config.webhooks;
-    let events = match (provider.as_str(), own.as_deref()) {
+    let mut events = match (provider.as_str(), own.as_deref()) {
         ("adyen", Some(key)) => adyen_events(key, &raw)?,
         ("adyen", None) => adyen_events(&w.adyen_hmac_key, &raw)?,
         (_, Some(secret)) => vec![stripe_event(&state, &req, &provider, &raw, &[secret])?],
@@ -106,17 +106,40 @@ pub async fn receive_for_connector(
             &[w.secret.as_str(), w.previous_secret.as_str()],
         )?],
     };
+    // Verified with this connector's own secret: such an event may change only its merchant's
+    // payments, and its JetStream dedupe id is the connector's own, so a forged id can never
+    // hide another connector's real event.
+    if own.is_some() {
+        for e in &mut events {
+            e.merchant = Some(connector.merchant_id.to_string());
+        }
+        return publish_as(&state, &provider, &events, Some(&connector.id)).await;
+    }
     publish(&state, &provider, &events).await
 }
 
 /// Publishes verified events to JetStream, and only then answers the PSP.
 async fn publish(state: &AppState, provider: &str, events: &[PspEvent]) -> Result<HttpResponse, ApiError> {
+    publish_as(state, provider, events, None).await
+}
+
+/// [`publish`], the JetStream message ids prefixed with `scope` when given.
+async fn publish_as(
+    state: &AppState,
+    provider: &str,
+    events: &[PspEvent],
+    scope: Option<&str>,
+) -> Result<HttpResponse, ApiError> {
     let timeout = Duration::from_millis(state.config.nats.publish_timeout_ms);
     let mut duplicates = 0;
     for e in events {
+        let id = match scope {
+            Some(scope) => format!("{scope}:{}", e.event_id),
+            None => e.event_id.clone(),
+        };
         match state
             .nats
-            .publish_psp_event(e, state.config.nats.partitions, timeout)
+            .publish_psp_event_as(e, &id, state.config.nats.partitions, timeout)
             .await
         {
             Ok(duplicate) => duplicates += usize::from(duplicate),
@@ -182,6 +205,7 @@ fn stripe_event(
         reference: reference.and_then(Value::as_str).unwrap_or_default().to_owned(),
         object: serde_json::to_vec(object).unwrap_or_default(),
         raw: raw.to_vec(),
+        merchant: None,
     })
 }
 
@@ -229,6 +253,7 @@ fn adyen_events(key: &str, raw: &[u8]) -> Result<Vec<PspEvent>, ApiError> {
             reference: reference.to_owned(),
             object: serde_json::to_vec(n).unwrap_or_default(),
             raw: raw.to_vec(),
+            merchant: None,
         })?);
     }
     Ok(events)

@@ -366,8 +366,11 @@ pub enum BreakerState {
     Open {
         until: Instant,
     },
-    /// One probe is out; everything else is refused until it answers.
-    HalfOpen,
+    /// One probe is out since `since`; everything else is refused until it answers, or until
+    /// a cool-down has passed without an answer (a probe whose call was dropped: another goes).
+    HalfOpen {
+        since: Instant,
+    },
 }
 
 /// A circuit breaker: failures are calls that got no answer (a timeout, a connection refused,
@@ -402,10 +405,16 @@ impl Breaker {
         match self.state {
             BreakerState::Closed => true,
             BreakerState::Open { until } if now >= until => {
-                self.state = BreakerState::HalfOpen;
+                self.state = BreakerState::HalfOpen { since: now };
                 true
             }
-            BreakerState::Open { .. } | BreakerState::HalfOpen => false,
+            BreakerState::HalfOpen { since }
+                if now.duration_since(since) >= Duration::from_millis(self.config.cool_down_ms) =>
+            {
+                self.state = BreakerState::HalfOpen { since: now };
+                true
+            }
+            BreakerState::Open { .. } | BreakerState::HalfOpen { .. } => false,
         }
     }
 
@@ -419,7 +428,7 @@ impl Breaker {
         self.calls = self.calls.saturating_add(1);
         if answered {
             self.consecutive = 0;
-            if self.state == BreakerState::HalfOpen {
+            if matches!(self.state, BreakerState::HalfOpen { .. }) {
                 self.state = BreakerState::Closed;
                 self.calls = 0;
                 self.failures = 0;
@@ -432,7 +441,7 @@ impl Breaker {
         let rate_tripped = self.calls >= self.config.min_calls
             && u64::from(self.failures) * 100 >= u64::from(self.config.error_rate_percent) * u64::from(self.calls);
         let trip = match self.state {
-            BreakerState::HalfOpen => true,
+            BreakerState::HalfOpen { .. } => true,
             BreakerState::Closed => self.consecutive >= self.config.consecutive_failures || rate_tripped,
             BreakerState::Open { .. } => false,
         };
@@ -455,7 +464,7 @@ impl Breaker {
             BreakerState::Closed => "closed",
             BreakerState::Open { until } if now >= until => "half_open",
             BreakerState::Open { .. } => "open",
-            BreakerState::HalfOpen => "half_open",
+            BreakerState::HalfOpen { .. } => "half_open",
         }
     }
 }
@@ -668,6 +677,11 @@ mod tests {
         assert_eq!(b.state(t1), "half_open");
         assert!(b.allow(t1), "one probe");
         assert!(!b.allow(t1), "only one");
+        // A probe whose answer never comes (its call was dropped) does not hold the breaker
+        // half-open for ever: after a cool-down another probe goes.
+        let mut stuck = b.clone();
+        assert!(!stuck.allow(t1 + Duration::from_millis(999)));
+        assert!(stuck.allow(t1 + Duration::from_millis(1_000)));
         b.record(false, t1);
         assert_eq!((b.state(t1), b.opened), ("open", 2));
         let t2 = t1 + Duration::from_millis(1_000);

@@ -265,6 +265,41 @@ async fn connectors_keep_their_credentials_sealed_and_are_made_once_per_id() {
     };
     assert_eq!(post(app.state.config.webhooks.secret.clone(), event.clone()).await, 400);
     assert_eq!(post(secret.to_owned(), event.clone()).await, 200);
+    // A merchant's connector secret does not reach another merchant's payments: an event it
+    // signed about one is dropped, never applied.
+    let theirs = app
+        .request(
+            "POST",
+            "/api/v1/payments",
+            Some(&other),
+            Some("k-other-pay"),
+            Some(r#"{"order_id":"o","amount":{"value":700,"currency":"USD"},"payment_method":"pm_card_visa","capture_strategy":"manual","confirm":true}"#),
+        )
+        .await;
+    assert_eq!(theirs.body["status"], "authorized", "{}", theirs.body);
+    let pi = theirs.body["psp_reference"].as_str().unwrap();
+    let forged = json!({ "id": "evt_forged_cancel", "type": "payment_intent.canceled",
+                         "data": { "object": { "id": pi, "status": "canceled" } } })
+    .to_string();
+    assert_eq!(post(secret.to_owned(), forged).await, 200);
+    wait_for("the forged event to be dropped", async || {
+        let m = app
+            .client
+            .get(format!("{}/metrics", app.address))
+            .send()
+            .await
+            .unwrap()
+            .body()
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&m).contains("outcome=\"foreign\"")
+    })
+    .await;
+    let id = theirs.body["payment_id"].as_str().unwrap();
+    let still = app
+        .request("GET", &format!("/api/v1/payments/{id}"), Some(&other), None, None)
+        .await;
+    assert_eq!(still.body["status"], "authorized");
     // Another PSP's path for this connector is not its URL.
     let r = app
         .client
@@ -511,7 +546,18 @@ async fn an_outage_fails_over_and_the_breaker_opens_then_closes() {
     // With every connector down, nothing is charged and the confirm can be made again.
     outage(&app, &a, true).await;
     outage(&app, "mca_b", true).await;
-    let p = pay(&app, 900, "USD", "pm_card_visa", "automatic", json!({})).await;
+    let body = json!({ "order_id": "ord_down", "amount": { "value": 900, "currency": "USD" },
+                       "payment_method": "pm_card_visa", "confirm": true })
+    .to_string();
+    let p = app
+        .request(
+            "POST",
+            "/api/v1/payments",
+            Some(DEMO_KEY),
+            Some("k-all-down"),
+            Some(&body),
+        )
+        .await;
     assert_eq!(
         (p.status, p.body["error"]["code"].as_str()),
         (503, Some("dependency_unavailable")),
@@ -526,6 +572,28 @@ async fn an_outage_fails_over_and_the_breaker_opens_then_closes() {
         .unwrap()
         .get(0);
     assert_eq!(pending, 0, "an attempt that reached no PSP is closed");
+    // The same request again, once a connector is back: it is routed again and goes through
+    // (a key whose attempts reached no PSP did nothing to replay).
+    outage(&app, "mca_b", false).await;
+    let again = app
+        .request(
+            "POST",
+            "/api/v1/payments",
+            Some(DEMO_KEY),
+            Some("k-all-down"),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(
+        (
+            again.status,
+            again.body["status"].as_str(),
+            again.body["routing"]["connector_id"].as_str()
+        ),
+        (201, Some("captured"), Some("mca_b")),
+        "{}",
+        again.body
+    );
     let twice: i64 = app
         .sql()
         .await

@@ -574,6 +574,7 @@ impl World {
             object: serde_json::to_vec(&object).unwrap_or_default(),
             raw: serde_json::to_vec(&json!({ "id": id, "type": event_type, "data": { "object": object } }))
                 .unwrap_or_default(),
+            merchant: None,
         };
         self.note(format!("psp: sends {event_type} {id} for {reference}"));
         self.psp.sent.insert(id, event.clone());

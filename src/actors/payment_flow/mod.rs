@@ -24,7 +24,7 @@ use super::error::PaymentError;
 use super::payment::{IdemKey, Op, Reply};
 use super::store::{Clock, PaymentStore};
 use crate::adapters::postgres::commit::{
-    Commit, CommitError, IdempotencyWrite, OutboxEvent, ProcessedEvent, Transition,
+    AttemptOutcome, Commit, CommitError, IdempotencyWrite, OutboxEvent, ProcessedEvent, Transition,
 };
 use crate::adapters::postgres::payments::Attempt;
 use crate::adapters::postgres::StoreError;
@@ -274,9 +274,15 @@ impl<'a> Flow<'a> {
         if let Some(reply) = self.resolve_open_attempts(op.reply_status()).await? {
             return Ok(reply);
         }
-        if let Some((attempt, Some(outcome))) = earlier {
-            // The key's work is done: answer with what it did, never do it again.
-            return self.answer_finished(&attempt, outcome, op.reply_status()).await;
+        match earlier {
+            // The key's authorization reached no connector (every one was down): nothing was
+            // done, so the request runs again and is routed again.
+            Some((_, Some(AttemptOutcome::Unreachable))) => {}
+            Some((attempt, Some(outcome))) => {
+                // The key's work is done: answer with what it did, never do it again.
+                return self.answer_finished(&attempt, outcome, op.reply_status()).await;
+            }
+            _ => {}
         }
         self.run(op).await
     }

@@ -72,7 +72,8 @@ impl Db {
                 "(SELECT id, merchant_id FROM payments WHERE psp = $1 AND psp_reference = $2)
                  UNION ALL
                  (SELECT p.id, p.merchant_id FROM psp_attempts a JOIN payments p ON p.id = a.payment_id
-                  WHERE a.psp_reference = $2 AND p.psp = $1)
+                  JOIN connectors c ON c.id = a.connector_id
+                  WHERE a.psp_reference = $2 AND c.psp = $1)
                  LIMIT 1",
             )
             .await

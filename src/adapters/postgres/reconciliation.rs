@@ -242,13 +242,16 @@ impl Db {
         Ok(rows.iter().map(connector_from_row).collect())
     }
 
-    /// Enabled sandbox connectors (the scheduled daily run fetches their reports), at most 10,000.
+    /// Merchants' own enabled sandbox connectors (the scheduled daily run fetches their
+    /// reports: the sandbox keeps one book per merchant), at most 10,000.
     pub async fn sandbox_connectors(&self) -> Result<Vec<Connector>, StoreError> {
         let client = self.client().await?;
         let rows = client
             .query(
                 &format!(
-                    "SELECT {CONNECTOR_COLUMNS} FROM connectors WHERE psp = 'sandbox' AND enabled ORDER BY id LIMIT 10000"
+                    "SELECT {CONNECTOR_COLUMNS} FROM connectors WHERE psp = 'sandbox' AND enabled
+                     AND id = 'mca_' || left(encode(sha256(convert_to(merchant_id, 'UTF8')), 'hex'), 24)
+                     ORDER BY id LIMIT 10000"
                 ),
                 &[],
             )

@@ -172,6 +172,7 @@ mod tests {
             reference: "pi_1".into(),
             object: serde_json::to_vec(&object).unwrap(),
             raw: Vec::new(),
+            merchant: None,
         }
     }
 

@@ -72,6 +72,14 @@ impl StripePsp {
                     message: e["message"].as_str().unwrap_or("The card was declined.").to_owned(),
                 }))
             }
+            // The same key is still being worked on at Stripe (a call that timed out here):
+            // its outcome is unknown, the attempt stays open.
+            409 => {
+                Err(PspError::Unavailable(format!("stripe: 409 {}", v["error"]["code"].as_str().unwrap_or(""))).into())
+            }
+            _ if v["error"]["type"] == "idempotency_error" => {
+                Err(PspError::Unavailable("stripe: idempotency_error".into()).into())
+            }
             400..=499 => Err(PspError::Invalid {
                 code: v["error"]["code"]
                     .as_str()
@@ -101,6 +109,8 @@ impl StripePsp {
                 }
                 .to_owned(),
             ),
+            // Cards only: no redirect-based method, so no return_url is needed to confirm.
+            ("payment_method_types[]", "card".to_owned()),
             ("metadata[payrail_payment_id]", req.payment_id.to_string()),
             ("metadata[payrail_attempt_id]", req.key.to_string()),
         ];
@@ -116,7 +126,8 @@ impl StripePsp {
             .ok_or_else(|| PspError::Unavailable("stripe: the created intent has no id".into()))?
             .to_owned();
         if created["status"] != "requires_confirmation" {
-            // Confirmed already (a repeated key answers with the intent as it is now).
+            // Confirmed already (created with confirmation by an earlier version, or Stripe's
+            // saved answer to this key says so).
             return intent(&created, None);
         }
         let confirmed = self
@@ -468,7 +479,12 @@ mod tests {
     #[actix_rt::test]
     async fn only_what_stripe_documents_as_not_processed_counts_as_not_sent() {
         type Case = (u16, &'static str, fn(&PspError) -> bool);
-        let cases: [Case; 5] = [
+        let cases: [Case; 6] = [
+            (
+                409,
+                r#"{"error":{"type":"idempotency_error","code":"idempotency_key_in_use"}}"#,
+                |e| matches!(e, PspError::Unavailable(_)),
+            ),
             (429, r#"{"error":{"type":"rate_limit_error"}}"#, |e| {
                 matches!(e, PspError::NotSent(_))
             }),
