@@ -48,6 +48,9 @@ pub struct Directory {
     runtimes: DashMap<String, (chrono::DateTime<chrono::Utc>, Arc<Connector>)>,
     /// Sandbox connectors switched to an outage on this node.
     outages: DashMap<String, Arc<AtomicBool>>,
+    /// Connectors that could not be made (no adapter, credentials missing or unreadable), by
+    /// the row version that failed: not tried again until the row changes.
+    broken: DashMap<String, chrono::DateTime<chrono::Utc>>,
 }
 
 impl Directory {
@@ -60,6 +63,7 @@ impl Directory {
             merchants: DashMap::new(),
             runtimes: DashMap::new(),
             outages: DashMap::new(),
+            broken: DashMap::new(),
         }
     }
 
@@ -226,6 +230,15 @@ impl Connectors for Directory {
             };
             let mut decision = m.rules.route(&facts, &eligible);
             if let Some(d) = decision.as_mut() {
+                // A connector that cannot be made (its credentials do not open, say) is skipped,
+                // not tried: the others take the payment.
+                let mut usable = Vec::with_capacity(d.connectors.len());
+                for id in d.connectors.drain(..) {
+                    if self.get(&payment.merchant_id, Some(&id)).await?.is_some() {
+                        usable.push(id);
+                    }
+                }
+                d.connectors = usable;
                 // A connector whose breaker is open goes last: a payment is not sent to it (and
                 // failed over, one commit more) while others can take it. Once its cool-down is
                 // over it is in its place again, and the next payment is its probe.
@@ -234,7 +247,7 @@ impl Connectors for Directory {
                     d.connectors.sort_by_key(open);
                 }
             }
-            Ok(decision)
+            Ok(decision.filter(|d| !d.connectors.is_empty()))
         })
     }
 
@@ -250,7 +263,14 @@ impl Connectors for Directory {
                     return Ok(Some(c.1.clone()));
                 }
             }
+            if self.broken.get(&id).is_some_and(|at| *at == row.updated_at) {
+                return Ok(None);
+            }
             let Some(built) = self.build(row).await? else {
+                if self.broken.len() >= MAX_MERCHANTS {
+                    self.broken.clear();
+                }
+                self.broken.insert(id, row.updated_at);
                 return Ok(None);
             };
             let mut entry = self.runtimes.entry(id).or_insert((row.updated_at, built.clone()));

@@ -853,3 +853,38 @@ async fn capture_refund_and_cancel_go_to_the_connector_that_authorized() {
     })
     .await;
 }
+
+#[actix_web::test]
+async fn a_connector_that_cannot_be_made_is_skipped_not_tried() {
+    let app = app().await;
+    let (merchant, a) = demo(&app).await;
+    connector(
+        &app,
+        &merchant,
+        json!({ "connector_id": "mca_stripe_broken", "psp": "stripe", "label": "S",
+                "credentials": { "api_key": "sk_test_x" } }),
+    )
+    .await;
+    routing(&app, &merchant, json!({ "default": ["mca_stripe_broken", a] })).await;
+    // Its sealed credentials no longer open (a key changed, a row copied by hand).
+    app.sql()
+        .await
+        .execute(
+            "UPDATE connectors SET credentials = decode('00112233445566778899aabbccddeeff00112233445566778899', 'hex'),
+                updated_at = now() WHERE id = 'mca_stripe_broken'",
+            &[],
+        )
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let p = pay(&app, 1_000 + i, "USD", "pm_card_visa", "automatic", json!({})).await;
+        assert_eq!(
+            (p.status, p.body["routing"]["connector_id"].as_str()),
+            (201, Some(a.as_str())),
+            "{}",
+            p.body
+        );
+        let id = p.body["payment_id"].as_str().unwrap();
+        assert_eq!(attempts(&app, id).await, [att("authorize", &a, Some("succeeded"))]);
+    }
+}
