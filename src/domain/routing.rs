@@ -457,6 +457,18 @@ impl Breaker {
         }
     }
 
+    /// Whether a call now would be refused: open and cooling down, or half-open with its probe
+    /// still out. Routing puts such a connector last.
+    pub fn refuses(&self, now: Instant) -> bool {
+        match self.state {
+            BreakerState::Closed => false,
+            BreakerState::Open { until } => now < until,
+            BreakerState::HalfOpen { since } => {
+                now.duration_since(since) < Duration::from_millis(self.config.cool_down_ms)
+            }
+        }
+    }
+
     /// `closed`, `open` or `half_open` at `now` (an open breaker past its cool-down reads as
     /// half-open: the next call is its probe).
     pub fn state(&self, now: Instant) -> &'static str {
@@ -676,6 +688,7 @@ mod tests {
         let t1 = t0 + Duration::from_millis(1_000);
         assert_eq!(b.state(t1), "half_open");
         assert!(b.allow(t1), "one probe");
+        assert!(b.refuses(t1), "routing puts it last while its probe is out");
         assert!(!b.allow(t1), "only one");
         // A probe whose answer never comes (its call was dropped) does not hold the breaker
         // half-open for ever: after a cool-down another probe goes.

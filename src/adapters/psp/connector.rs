@@ -52,9 +52,10 @@ impl Connector {
         (was_closed != closed).then_some(was_closed)
     }
 
-    /// Whether its breaker is open and still cooling down: routing puts it last.
+    /// Whether its breaker would refuse a call now (open and cooling down, or half-open with
+    /// its probe out): routing puts it last.
     pub fn is_open(&self) -> bool {
-        self.breaker().state(Instant::now()) == "open"
+        self.breaker().refuses(Instant::now())
     }
 
     /// `closed`, `open` or `half_open`, and how often it opened.
