@@ -79,11 +79,14 @@ pub struct Routing {
     pub attempts: Vec<AttemptRecord>,
 }
 
-/// One authorization attempt as the payment object lists it. At most [`Routing::MAX_ATTEMPTS`]
+/// One PSP attempt as the payment object lists it. At most [`Routing::MAX_ATTEMPTS`]
 /// are kept on the payment (every one is a `psp_attempts` row).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttemptRecord {
     pub id: String,
+    /// `authorize`, `capture`, `cancel` or `refund`.
+    #[serde(default = "authorize")]
+    pub operation: String,
     pub connector_id: String,
     /// `null` while open, then `succeeded`, `failed`, `requires_action`, `pending`, `rejected`
     /// or `unreachable`.
@@ -92,16 +95,21 @@ pub struct AttemptRecord {
     pub failure_code: Option<String>,
 }
 
+fn authorize() -> String {
+    "authorize".to_owned()
+}
+
 impl Routing {
     pub const MAX_ATTEMPTS: usize = 20;
 
     /// Notes a new attempt (the oldest is dropped past the bound).
-    pub fn started(&mut self, id: &str, connector_id: &str) {
+    pub fn started(&mut self, id: &str, operation: &str, connector_id: &str) {
         if self.attempts.len() >= Self::MAX_ATTEMPTS {
             self.attempts.remove(0);
         }
         self.attempts.push(AttemptRecord {
             id: id.to_owned(),
+            operation: operation.to_owned(),
             connector_id: connector_id.to_owned(),
             outcome: None,
             failure_code: None,

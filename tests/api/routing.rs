@@ -828,6 +828,28 @@ async fn capture_refund_and_cancel_go_to_the_connector_that_authorized() {
             att("refund", "mca_b", Some("succeeded"))
         ]
     );
+    // The payment object lists every attempt with its operation and connector.
+    let listed = app.get(&format!("/api/v1/payments/{paid}")).await.body["attempts"].clone();
+    let listed: Vec<(&str, &str, &str)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["operation"].as_str().unwrap(),
+                a["connector_id"].as_str().unwrap(),
+                a["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("authorize", "mca_b", "succeeded"),
+            ("capture", "mca_b", "succeeded"),
+            ("refund", "mca_b", "succeeded")
+        ]
+    );
     assert_eq!(
         attempts(&app, &canceled).await[1],
         att("cancel", "mca_b", Some("succeeded"))

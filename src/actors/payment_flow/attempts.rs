@@ -542,10 +542,8 @@ impl Flow<'_> {
             }
         }
         if let (Some(a), Some(r)) = (attempt, next.routing.as_mut()) {
-            if a.op == PspOp::Authorize {
-                let code = o.failure.as_ref().map(|f| f.decline_code.as_deref().unwrap_or(&f.code));
-                r.finished(a.id.as_str(), o.attempt.as_str(), code);
-            }
+            let code = o.failure.as_ref().map(|f| f.decline_code.as_deref().unwrap_or(&f.code));
+            r.finished(a.id.as_str(), o.attempt.as_str(), code);
         }
         let refund = refund.map(|mut r| {
             if accepted {

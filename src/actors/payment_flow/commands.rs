@@ -142,7 +142,7 @@ impl Flow<'_> {
             rule: String::new(),
             attempts: Vec::new(),
         });
-        routing.started(attempt.id.as_str(), &connector);
+        routing.started(attempt.id.as_str(), "authorize", &connector);
         routing.connector_id = connector.clone();
         routing.rule = rule;
         next.routing = Some(routing);
@@ -156,13 +156,19 @@ impl Flow<'_> {
     /// already holds) before the PSP hears of it; then it is performed.
     async fn start(
         &mut self,
-        next: Payment,
+        mut next: Payment,
         mut commit: Commit,
         attempt: Attempt,
         cause: &str,
         status: u16,
         refund: Option<Refund>,
     ) -> Result<Reply, Halt> {
+        // An authorization was noted on the payment when it was routed; the others here.
+        if let (Some(r), Some(c)) = (next.routing.as_mut(), attempt.connector_id.as_deref()) {
+            if attempt.op != PspOp::Authorize {
+                r.started(attempt.id.as_str(), attempt.operation().0, c);
+            }
+        }
         commit.attempt_started = Some(attempt.clone());
         self.commit(next, commit).await?;
         self.live.open.push(attempt.clone());

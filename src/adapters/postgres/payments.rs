@@ -31,7 +31,7 @@ pub struct Attempt {
 }
 
 impl Attempt {
-    pub(super) fn operation(&self) -> (&'static str, Option<i64>) {
+    pub fn operation(&self) -> (&'static str, Option<i64>) {
         match self.op {
             PspOp::Authorize => ("authorize", None),
             PspOp::Capture { amount } => ("capture", Some(amount)),
