@@ -591,8 +591,9 @@ impl Sim {
         let faulty = !w.calm;
         let roll = w.rng.below(100);
         let known = w.psp.by_key.contains_key(call_key(&call.call));
-        let answer = if faulty && w.faults.failover && (4..9).contains(&roll) && !known {
-            // The connection was refused: the PSP never heard of this call.
+        let answer = if faulty && w.faults.failover && (4..9).contains(&roll) {
+            // The connection was refused: the PSP never heard of this call (whether or not an
+            // earlier send of the same key reached it).
             Err(PspError::NotSent("connection refused (simulated)".into()))
         } else if faulty && w.faults.psp_refusals && roll < 4 && !known {
             let e = PspError::Invalid {
@@ -927,9 +928,10 @@ impl Sim {
                     Some(Ok(Answer::Intent(i))) if !matches!(i.status, IntentStatus::Failed(_))
                 )
         };
-        // No key produces two effects. A key may start more than one attempt only by failing
-        // an authorization over: then every attempt but its last ended `unreachable` (and the
-        // PSP never heard of it) or `failed` (a soft decline).
+        // No key produces two effects. A key may start more than one attempt only for an
+        // authorization that failed over or reached no PSP: then every attempt but its last
+        // ended `unreachable` (the PSP never acted on it), `failed` (a soft decline) or
+        // `rejected` (refused: nothing happened), and at most one authorized.
         for r in &self.requests {
             let mut attempts: Vec<_> =
                 w.db.attempts
@@ -946,11 +948,15 @@ impl Sim {
                     && attempts[..attempts.len() - 1].iter().all(|a| match a.outcome {
                         Some(AttemptOutcome::Unreachable) => !w.psp.acted.contains(&a.attempt.id),
                         Some(AttemptOutcome::Failed) => !authorized(&a.attempt.id),
+                        // Refused by the PSP: nothing happened there (a retry of a key whose
+                        // authorization reached no PSP runs again, and may meet a refusal).
+                        Some(AttemptOutcome::Rejected) => !w.psp.acted.contains(&a.attempt.id),
                         _ => false,
                     });
                 if !failed_over || effects > 1 {
+                    let outcomes: Vec<_> = attempts.iter().map(|a| (a.attempt.id.to_string(), a.outcome)).collect();
                     bad.push(format!(
-                        "key {} ({:?}) started {} PSP attempts, {acted} of which the PSP acted on ({effects} authorized)",
+                        "key {} ({:?}) started {} PSP attempts, {acted} of which the PSP acted on ({effects} authorized): {outcomes:?}",
                         r.key,
                         r.kind,
                         attempts.len()
