@@ -19,6 +19,7 @@ pub async fn balance(state: web::Data<AppState>, req: HttpRequest) -> Result<Htt
     // their way). A merchant's captured funds are its at capture: there is no pending stage
     // (sellers have one).
     let mut available = Vec::new();
+    let mut pending_funds = Vec::new();
     let mut reserved: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
     for b in &balances {
         let currency = b["currency"].as_str().unwrap_or_default().to_owned();
@@ -26,6 +27,8 @@ pub async fn balance(state: web::Data<AppState>, req: HttpRequest) -> Result<Htt
         let pending = b["pending_refunds"].as_i64().unwrap_or(0);
         let spendable = payable.checked_sub(pending).ok_or(ApiError::Internal)?;
         available.push(json!({ "currency": currency, "amount": spendable }));
+        // The same shape as a seller's balance: nothing of the merchant's own waits for a day.
+        pending_funds.push(json!({ "currency": currency, "amount": 0 }));
         if pending != 0 {
             *reserved.entry(currency).or_default() += pending;
         }
@@ -40,7 +43,8 @@ pub async fn balance(state: web::Data<AppState>, req: HttpRequest) -> Result<Htt
         .collect();
     Ok(json_value(
         200,
-        &json!({ "object": "balance", "balances": balances, "available": available, "reserved": reserved }),
+        &json!({ "object": "balance", "balances": balances, "available": available, "pending": pending_funds,
+                 "reserved": reserved }),
     ))
 }
 

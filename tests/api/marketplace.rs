@@ -886,6 +886,8 @@ async fn concurrent_payouts_never_exceed_the_available_balance() {
         "{p}"
     );
     assert_eq!(p["reserved"], json!([]), "{p}");
+    // Nothing of the platform's own waits for a day: its part is payable at capture.
+    assert_eq!(p["pending"], json!([{ "currency": "USD", "amount": 0 }]), "{p}");
     assert_ledger_clean(&app).await;
 }
 
