@@ -37,8 +37,10 @@ ALTER TABLE psp_attempts ADD CONSTRAINT psp_attempts_outcome_check
 -- (the payment object's `routing` and `attempts`). NULL: the merchant's own sandbox connector.
 ALTER TABLE payments ADD COLUMN routing jsonb;
 
--- `capturing`: an asynchronous PSP (Adyen) received a capture and confirms or fails it later.
+-- `processing`: the PSP took an authorization and decides it by event (Adyen's Pending,
+-- Stripe's processing). `capturing`: an asynchronous PSP (Adyen) received a capture and
+-- confirms or fails it later.
 ALTER TABLE payments DROP CONSTRAINT payments_status_check;
 ALTER TABLE payments ADD CONSTRAINT payments_status_check CHECK (status IN ('pending', 'requires_action',
-    'authorized', 'in_review', 'capturing', 'captured', 'settled', 'refunding', 'chargeback_open', 'failed',
-    'canceled', 'refunded'));
+    'processing', 'authorized', 'in_review', 'capturing', 'captured', 'settled', 'refunding', 'chargeback_open',
+    'failed', 'canceled', 'refunded'));

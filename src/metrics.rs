@@ -420,13 +420,16 @@ impl Metrics {
         self.psp_failovers.get_or_create(&ReasonLabels { reason }).inc();
     }
 
-    /// A breaker left `closed` (`opened`) or came back to it.
-    pub fn psp_breaker(&self, psp: &'static str, opened: bool) {
+    /// What a call's result did to a connector's breaker.
+    pub fn psp_breaker(&self, psp: &'static str, change: crate::adapters::psp::connector::BreakerChange) {
         let l = PspOnlyLabels { psp };
-        if opened {
-            self.breakers_open.get_or_create(&l).inc();
+        if change.opened {
             self.breaker_opened.get_or_create(&l).inc();
-        } else {
+        }
+        if change.left_closed {
+            self.breakers_open.get_or_create(&l).inc();
+        }
+        if change.closed {
             self.breakers_open.get_or_create(&l).dec();
         }
     }

@@ -45,6 +45,7 @@ fn sample(kind: InputKind) -> Input {
         InputKind::Authorized => Input::Authorized,
         InputKind::HeldForReview => Input::HeldForReview,
         InputKind::ActionRequired => Input::ActionRequired,
+        InputKind::AuthorizationPending => Input::AuthorizationPending,
         InputKind::AuthorizationFailed => Input::AuthorizationFailed,
         InputKind::Charged => Input::Charged { amount: 10_000 },
         InputKind::Captured => Input::Captured { amount: 500 },
@@ -67,21 +68,23 @@ fn expected(status: Status, kind: InputKind) -> Result<Status, Rejection> {
     let invalid = Err(Rejection::InvalidState(status));
     match (kind, status) {
         (I::Confirm, Pending) => Ok(Pending),
-        (I::Authorized, Pending | RequiresAction) => Ok(Authorized),
-        (I::HeldForReview, Pending | RequiresAction) => Ok(InReview),
+        (I::Authorized, Pending | RequiresAction | Processing) => Ok(Authorized),
+        (I::HeldForReview, Pending | RequiresAction | Processing) => Ok(InReview),
+        // The PSP took the authorization and decides it by event (Adyen's Pending).
+        (I::AuthorizationPending, Pending) => Ok(Processing),
         (I::Approve, InReview) => Ok(Authorized),
         (I::Reject, InReview) => Ok(InReview),
         (I::ActionRequired, Pending) => Ok(RequiresAction),
-        (I::AuthorizationFailed, Pending | RequiresAction) => Ok(Failed),
-        (I::Charged, Pending | RequiresAction) => Ok(Captured),
+        (I::AuthorizationFailed, Pending | RequiresAction | Processing) => Ok(Failed),
+        (I::Charged, Pending | RequiresAction | Processing) => Ok(Captured),
         (I::Capture, Authorized) => Ok(Authorized),
         (I::Captured, Authorized | Capturing) => Ok(Captured),
         // An asynchronous PSP received the capture; it confirms or fails it later.
         (I::CaptureReceived, Authorized) => Ok(Capturing),
         (I::CaptureFailed, Capturing) => Ok(Authorized),
         (I::Cancel, Pending) => Ok(Canceled),
-        (I::Cancel, RequiresAction | Authorized) => Ok(status),
-        (I::Canceled, Pending | RequiresAction | Authorized | InReview | Capturing) => Ok(Canceled),
+        (I::Cancel, RequiresAction | Processing | Authorized) => Ok(status),
+        (I::Canceled, Pending | RequiresAction | Processing | Authorized | InReview | Capturing) => Ok(Canceled),
         (I::Refund, Captured | Settled | Refunding) => Ok(Refunding),
         (I::Refund, Refunded) => Err(Rejection::AmountTooLarge),
         // 1,000 of 1,000 pending settles; 2,000 of 10,000 refunded leaves the payment captured.
@@ -126,7 +129,7 @@ fn every_status_and_input_pair_follows_the_diagram() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 12 * 21);
+    assert_eq!(checked, 13 * 22);
 }
 
 #[test]
@@ -245,6 +248,7 @@ fn any_input() -> impl Strategy<Value = Input> {
         Just(Input::Approve),
         Just(Input::Reject),
         Just(Input::ActionRequired),
+        Just(Input::AuthorizationPending),
         Just(Input::AuthorizationFailed),
         amount.clone().prop_map(|amount| Input::Charged { amount }),
         amount.clone().prop_map(|amount| Input::Captured { amount }),

@@ -324,5 +324,17 @@ pub const CONSUMER_PANIC_ONCE: &str = "sandbox.panic_once_in_consumer";
 
 /// Event types that belong to a payment: without one yet, they wait for it.
 fn concerns_a_payment(event_type: &str) -> bool {
-    event_type.starts_with("payment_intent.") || event_type.starts_with("charge.")
+    event_type.starts_with("payment_intent.")
+        || event_type.starts_with("charge.")
+        || matches!(
+            event_type,
+            "adyen.authorisation"
+                | "adyen.capture"
+                | "adyen.capture_failed"
+                | "adyen.cancellation"
+                | "adyen.refund"
+                | "adyen.refund_failed"
+                | "adyen.chargeback"
+                | "adyen.chargeback_reversed"
+        )
 }

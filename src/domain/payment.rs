@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 pub enum Status {
     Pending,
     RequiresAction,
+    /// The PSP took the authorization and decides it later (Adyen's `Pending`/`Received`,
+    /// Stripe's `processing`): its event authorizes, charges or fails it.
+    Processing,
     Authorized,
     /// Authorized at the PSP, held by a risk rule until the merchant approves or rejects it:
     /// not capturable.
@@ -29,9 +32,10 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 12] = [
+    pub const ALL: [Status; 13] = [
         Status::Pending,
         Status::RequiresAction,
+        Status::Processing,
         Status::Authorized,
         Status::InReview,
         Status::Capturing,
@@ -48,6 +52,7 @@ impl Status {
         match self {
             Status::Pending => "pending",
             Status::RequiresAction => "requires_action",
+            Status::Processing => "processing",
             Status::Authorized => "authorized",
             Status::InReview => "in_review",
             Status::Capturing => "capturing",
@@ -168,6 +173,8 @@ pub enum Input {
     /// Authorized at the PSP, and a risk rule asked for a review first.
     HeldForReview,
     ActionRequired,
+    /// The PSP took the authorization and will decide it by event.
+    AuthorizationPending,
     AuthorizationFailed,
     /// Authorized and captured in one step (automatic capture).
     Charged {
@@ -210,6 +217,7 @@ pub enum InputKind {
     Authorized,
     HeldForReview,
     ActionRequired,
+    AuthorizationPending,
     AuthorizationFailed,
     Charged,
     Captured,
@@ -225,7 +233,7 @@ pub enum InputKind {
 }
 
 impl InputKind {
-    pub const ALL: [InputKind; 21] = [
+    pub const ALL: [InputKind; 22] = [
         InputKind::Confirm,
         InputKind::Capture,
         InputKind::Cancel,
@@ -235,6 +243,7 @@ impl InputKind {
         InputKind::Authorized,
         InputKind::HeldForReview,
         InputKind::ActionRequired,
+        InputKind::AuthorizationPending,
         InputKind::AuthorizationFailed,
         InputKind::Charged,
         InputKind::Captured,
@@ -262,6 +271,7 @@ impl Input {
             Input::Authorized => InputKind::Authorized,
             Input::HeldForReview => InputKind::HeldForReview,
             Input::ActionRequired => InputKind::ActionRequired,
+            Input::AuthorizationPending => InputKind::AuthorizationPending,
             Input::AuthorizationFailed => InputKind::AuthorizationFailed,
             Input::Charged { .. } => InputKind::Charged,
             Input::Captured { .. } => InputKind::Captured,
@@ -372,13 +382,18 @@ const RULES: &[Rule] = &[
     },
     Rule {
         input: InputKind::Authorized,
-        from: &[S::Pending, S::RequiresAction],
+        from: &[S::Pending, S::RequiresAction, S::Processing],
         to: To::Status(S::Authorized),
     },
     Rule {
         input: InputKind::HeldForReview,
-        from: &[S::Pending, S::RequiresAction],
+        from: &[S::Pending, S::RequiresAction, S::Processing],
         to: To::Status(S::InReview),
+    },
+    Rule {
+        input: InputKind::AuthorizationPending,
+        from: &[S::Pending],
+        to: To::Status(S::Processing),
     },
     Rule {
         input: InputKind::Approve,
@@ -397,12 +412,12 @@ const RULES: &[Rule] = &[
     },
     Rule {
         input: InputKind::AuthorizationFailed,
-        from: &[S::Pending, S::RequiresAction],
+        from: &[S::Pending, S::RequiresAction, S::Processing],
         to: To::Status(S::Failed),
     },
     Rule {
         input: InputKind::Charged,
-        from: &[S::Pending, S::RequiresAction],
+        from: &[S::Pending, S::RequiresAction, S::Processing],
         to: To::Status(S::Captured),
     },
     Rule {
@@ -432,13 +447,20 @@ const RULES: &[Rule] = &[
     },
     Rule {
         input: InputKind::Cancel,
-        from: &[S::RequiresAction, S::Authorized],
+        from: &[S::RequiresAction, S::Processing, S::Authorized],
         to: To::Stay,
     },
     // A capture the PSP received may still end in the authorization's expiry.
     Rule {
         input: InputKind::Canceled,
-        from: &[S::Pending, S::RequiresAction, S::Authorized, S::InReview, S::Capturing],
+        from: &[
+            S::Pending,
+            S::RequiresAction,
+            S::Processing,
+            S::Authorized,
+            S::InReview,
+            S::Capturing,
+        ],
         to: To::Status(S::Canceled),
     },
     Rule {
@@ -532,7 +554,7 @@ pub fn decide(state: &PaymentState, input: Input) -> Result<(PaymentState, Vec<E
         Input::Authorized | Input::HeldForReview => next.capturable = state.amount,
         Input::Approve => {}
         Input::Reject => effects.push(Effect::Psp(PspOp::Cancel)),
-        Input::ActionRequired | Input::AuthorizationFailed | Input::DisputeLost => {}
+        Input::ActionRequired | Input::AuthorizationPending | Input::AuthorizationFailed | Input::DisputeLost => {}
         Input::Charged { amount } => {
             guard(amount <= state.amount)?;
             next.capturable = 0;
@@ -630,6 +652,12 @@ pub const ALLOWED_EDGES: &[(Status, Status)] = &[
     (S::Pending, S::Captured),
     (S::Pending, S::Failed),
     (S::Pending, S::Canceled),
+    (S::Pending, S::Processing),
+    (S::Processing, S::Authorized),
+    (S::Processing, S::InReview),
+    (S::Processing, S::Captured),
+    (S::Processing, S::Failed),
+    (S::Processing, S::Canceled),
     (S::RequiresAction, S::Authorized),
     (S::RequiresAction, S::Captured),
     (S::RequiresAction, S::Failed),

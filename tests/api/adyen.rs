@@ -46,6 +46,10 @@ fn answer(path: &str, body: &Value, n: usize) -> (u16, Value) {
                 json!({ "pspReference": psp, "resultCode": "Refused", "refusalReason": "Not enough balance",
                         "refusalReasonCode": "12", "merchantReference": body["reference"] }),
             ),
+            Some(m) if m.starts_with("stored_pending") => (
+                200,
+                json!({ "pspReference": psp, "resultCode": "Pending", "merchantReference": body["reference"] }),
+            ),
             Some("stored_bad") => (
                 422,
                 json!({ "status": 422, "errorCode": "14_0417", "message": "The stored payment method is not found",
@@ -370,6 +374,53 @@ async fn an_adyen_payment_is_decided_by_its_notifications() {
         "{}",
         r.body
     );
+
+    // Adyen's CANCELLATION confirms what payrail already took as done: recorded, nothing moves.
+    notify(&app, "CANCELLATION", true, &psp2, &psp2, 3_000, "").await;
+
+    // An authorization Adyen takes and decides later: `processing`, no second confirm, then its
+    // AUTHORISATION decides (it finds the payment by the reference kept from the answer).
+    let held = pay(&app, 700, "pm_stored_pending_1", "manual").await;
+    assert_eq!(held["status"], "processing", "{held}");
+    let held_id = held["payment_id"].as_str().unwrap().to_owned();
+    let held_psp = held["psp_reference"].as_str().unwrap().to_owned();
+    let again = app
+        .post(&format!("/api/v1/payments/{held_id}/confirm"), json!({}))
+        .await;
+    assert_eq!(again.status, 409, "{}", again.body);
+    notify(&app, "AUTHORISATION", true, &held_psp, "", 700, "").await;
+    status_is(&app, &held_id, "authorized").await;
+    let declined = pay(&app, 800, "pm_stored_pending_2", "automatic").await;
+    assert_eq!(declined["status"], "processing", "{declined}");
+    let declined_id = declined["payment_id"].as_str().unwrap().to_owned();
+    notify(
+        &app,
+        "AUTHORISATION",
+        false,
+        declined["psp_reference"].as_str().unwrap(),
+        "",
+        800,
+        "Not enough balance",
+    )
+    .await;
+    status_is(&app, &declined_id, "failed").await;
+    let failed = app.get(&format!("/api/v1/payments/{declined_id}")).await.body;
+    assert_eq!(failed["failure"]["decline_code"], "not_enough_balance", "{failed}");
+    let auto = pay(&app, 900, "pm_stored_pending_3", "automatic").await;
+    let auto_id = auto["payment_id"].as_str().unwrap().to_owned();
+    notify(
+        &app,
+        "AUTHORISATION",
+        true,
+        auto["psp_reference"].as_str().unwrap(),
+        "",
+        900,
+        "",
+    )
+    .await;
+    status_is(&app, &auto_id, "captured").await;
+    let canceled = app.get(&format!("/api/v1/payments/{id2}")).await.body;
+    assert_eq!(canceled["status"], "canceled");
 
     // Every request payrail sent, checked against what Adyen documents.
     let attempts: Vec<(String, String)> = app

@@ -8,8 +8,9 @@
 //!   are checked by the recorded-request test in `src/adapters/psp/stripe.rs`, and retries are
 //!   not exercised against it;
 //! - its declines carry no `decline_code`, and it sends no `charge.refunded` or
-//!   `charge.dispute.*` events: Stripe's recorded answers and events cover those
-//!   (`src/adapters/psp/stripe.rs` tests, and the recorded `charge.refunded` below);
+//!   `charge.dispute.*` events: Stripe's recorded answers cover the decline codes
+//!   (`src/adapters/psp/stripe.rs` tests), and Stripe's recorded `charge.refunded`,
+//!   `charge.dispute.created` and `charge.dispute.closed` are sent to the connector below;
 //! - a partial capture is a capture of all and a refund of the rest there, and its intents have
 //!   no `amount_received`: payrail reads the amount it asked for.
 
@@ -358,7 +359,7 @@ async fn a_stripe_payment_lives_its_whole_life_on_localstripe() {
 }
 
 #[actix_web::test]
-async fn stripe_unreachable_fails_over_and_a_recorded_charge_refunded_event_applies() {
+async fn stripe_unreachable_fails_over_and_stripes_recorded_refund_and_dispute_events_apply() {
     let (app, stripe, merchant) = setup().await;
     let visa = stripe.card("4242424242424242").await;
     // A second Stripe connector whose API cannot be reached (nothing listens there): payments
@@ -397,8 +398,9 @@ async fn stripe_unreachable_fails_over_and_a_recorded_charge_refunded_event_appl
     assert_eq!(p["attempts"][0]["connector_id"], "mca_stripe_dead");
     assert_eq!(p["attempts"][0]["outcome"], "unreachable");
 
-    // A refund that Stripe reports as pending, then settles by `charge.refunded` (an event
-    // localstripe never sends: Stripe's recorded shape, signed with the connector's secret).
+    // Stripe's events that localstripe never sends, in Stripe's recorded shapes, signed with the
+    // connector's secret and sent to its URL. First `charge.refunded` for a refund localstripe
+    // already answered `succeeded`: recorded once, and it changes nothing.
     let id = p["payment_id"].as_str().unwrap();
     let pi = p["psp_reference"].as_str().unwrap();
     let r = app
@@ -448,4 +450,58 @@ async fn stripe_unreachable_fails_over_and_a_recorded_charge_refunded_event_appl
     .await;
     let p = app.get(&format!("/api/v1/payments/{id}")).await.body;
     assert_eq!(p["amount_refunded"], 700, "{p}");
+
+    // Then a dispute: `charge.dispute.created` opens it, `charge.dispute.closed` (won) closes it.
+    let send = |event: Value| {
+        let app = &app;
+        async move {
+            let body = event.to_string();
+            let sig = payrail::adapters::psp::signature::sign_stripe(
+                body.as_bytes(),
+                WEBHOOK_SECRET,
+                chrono::Utc::now().timestamp(),
+            );
+            let status = app
+                .client
+                .post(format!("{}/internal/webhooks/psp/stripe/mca_stripe_local", app.address))
+                .insert_header(("Stripe-Signature", sig))
+                .insert_header(("Content-Type", "application/json"))
+                .send_body(body)
+                .await
+                .unwrap()
+                .status()
+                .as_u16();
+            assert_eq!(status, 200);
+        }
+    };
+    send(
+        json!({ "id": "evt_1QrecordedDisputeCreated", "object": "event", "type": "charge.dispute.created",
+                 "created": 1764201700, "livemode": false,
+                 "data": { "object": { "id": "du_1QrecordedDispute", "object": "dispute", "amount": 3500,
+                                       "currency": "eur", "charge": "ch_3QrecordedCharge", "payment_intent": pi,
+                                       "reason": "fraudulent", "status": "needs_response" } } }),
+    )
+    .await;
+    wait_for("the dispute to open", async || {
+        app.get(&format!("/api/v1/payments/{id}")).await.body["status"] == "chargeback_open"
+    })
+    .await;
+    let disputes = app.get("/api/v1/disputes").await.body;
+    let d = &disputes["data"][0];
+    assert_eq!(
+        (d["amount"]["value"].as_i64(), d["reason"].as_str()),
+        (Some(3_500), Some("fraudulent")),
+        "{disputes}"
+    );
+    send(
+        json!({ "id": "evt_1QrecordedDisputeClosed", "object": "event", "type": "charge.dispute.closed",
+                 "created": 1764201800, "livemode": false,
+                 "data": { "object": { "id": "du_1QrecordedDispute", "object": "dispute", "amount": 3500,
+                                       "currency": "eur", "payment_intent": pi, "status": "won" } } }),
+    )
+    .await;
+    wait_for("the dispute to be won", async || {
+        app.get(&format!("/api/v1/payments/{id}")).await.body["status"] == "settled"
+    })
+    .await;
 }

@@ -735,7 +735,7 @@ impl World {
                 self.emit("payment_intent.payment_failed", reference, o);
             }
             IntentStatus::Canceled => self.emit("payment_intent.canceled", reference, base),
-            IntentStatus::RequiresAction { .. } | IntentStatus::CaptureReceived { .. } => {}
+            IntentStatus::RequiresAction { .. } | IntentStatus::CaptureReceived { .. } | IntentStatus::Processing => {}
         }
     }
 

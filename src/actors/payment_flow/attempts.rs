@@ -56,6 +56,13 @@ impl Outcome {
                 o.input = Some(Input::CaptureReceived { amount });
             }
             (IntentStatus::CaptureReceived { .. }, _) => {}
+            (IntentStatus::Processing, PspOp::Authorize) => {
+                // Decided by the PSP's event: the attempt is done (nothing resends it), and the
+                // payment, `processing`, takes no second confirm meanwhile.
+                o.attempt = AttemptOutcome::Pending;
+                o.input = Some(Input::AuthorizationPending);
+            }
+            (IntentStatus::Processing, _) => {}
             (IntentStatus::RequiresAction { redirect_url }, _) => {
                 o.attempt = AttemptOutcome::RequiresAction;
                 o.next_action = Some(NextAction {
@@ -448,10 +455,11 @@ impl Flow<'_> {
             Ok(Err(PspError::NotSent(_))) => self.deps.metrics.psp_error(psp, "not_sent"),
             Err(_) => self.deps.metrics.psp_error(psp, "timeout"),
         }
-        if let Some(opened) = connector.record(matches!(answer, Ok(Ok(_)) | Ok(Err(PspError::Invalid { .. })))) {
-            tracing::warn!(connector = %connector.id, psp, opened, "circuit breaker changed");
-            self.deps.metrics.psp_breaker(psp, opened);
+        let change = connector.record(matches!(answer, Ok(Ok(_)) | Ok(Err(PspError::Invalid { .. }))));
+        if change.opened || change.closed {
+            tracing::warn!(connector = %connector.id, psp, opened = change.opened, "circuit breaker changed");
         }
+        self.deps.metrics.psp_breaker(psp, change);
         match answer {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(PspError::Invalid { code, message, param })) => {

@@ -59,13 +59,13 @@ impl Flow<'_> {
             PspFact::Succeeded { amount } => {
                 let amount = amount.unwrap_or(self.payment().state.amount);
                 outcome.input = match status {
-                    Status::Pending | Status::RequiresAction => Some(Input::Charged { amount }),
+                    Status::Pending | Status::RequiresAction | Status::Processing => Some(Input::Charged { amount }),
                     Status::Authorized | Status::Capturing => Some(Input::Captured { amount }),
                     _ => None,
                 };
             }
             PspFact::Authorized => {
-                if matches!(status, Status::Pending | Status::RequiresAction) {
+                if matches!(status, Status::Pending | Status::RequiresAction | Status::Processing) {
                     // A payment a rule held for review stays held, whichever news comes first.
                     let review = self.payment().risk.as_ref().map(|r| r.outcome) == Some(RiskAction::Review);
                     outcome.input = Some(if review {
@@ -81,7 +81,7 @@ impl Flow<'_> {
                 }
             }
             PspFact::Failed(failure) => {
-                if matches!(status, Status::Pending | Status::RequiresAction) {
+                if matches!(status, Status::Pending | Status::RequiresAction | Status::Processing) {
                     outcome.input = Some(Input::AuthorizationFailed);
                     outcome.failure = Some(failure);
                 }
@@ -89,7 +89,11 @@ impl Flow<'_> {
             PspFact::Canceled => {
                 if matches!(
                     status,
-                    Status::Pending | Status::RequiresAction | Status::Authorized | Status::Capturing
+                    Status::Pending
+                        | Status::RequiresAction
+                        | Status::Processing
+                        | Status::Authorized
+                        | Status::Capturing
                 ) {
                     outcome.input = Some(Input::Canceled);
                 }

@@ -113,7 +113,8 @@ impl AdyenPsp {
             "RedirectShopper" | "IdentifyShopper" | "ChallengeShopper" => IntentStatus::RequiresAction {
                 redirect_url: v["action"]["url"].as_str().unwrap_or_default().to_owned(),
             },
-            // `Pending`, `Received`: decided later, by AUTHORISATION.
+            // Decided later, by AUTHORISATION (the reference is kept, so it finds the payment).
+            "Pending" | "Received" => IntentStatus::Processing,
             other => return Err(PspError::Unavailable(format!("adyen: {reference} is {other}"))),
         };
         Ok(Intent {

@@ -11,6 +11,17 @@ use crate::actors::store::StoreFuture;
 use crate::domain::routing::{Breaker, BreakerConfig, Decision};
 use crate::domain::{Failure, MerchantId, Payment};
 
+/// What one call's result did to a breaker, for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerChange {
+    /// It opened (from closed, or again after a failed probe).
+    pub opened: bool,
+    /// It was closed and is not any more.
+    pub left_closed: bool,
+    /// It closed again.
+    pub closed: bool,
+}
+
 pub struct Connector {
     pub id: String,
     /// `sandbox`, `stripe` or `adyen`.
@@ -41,15 +52,18 @@ impl Connector {
         self.breaker().allow(Instant::now())
     }
 
-    /// A call's result: `answered` when the PSP gave an answer (a decline is one). Returns
-    /// `Some(true)` when this opened a closed breaker, `Some(false)` when it closed one.
-    pub fn record(&self, answered: bool) -> Option<bool> {
+    /// A call's result: `answered` when the PSP gave an answer (a decline is one).
+    pub fn record(&self, answered: bool) -> BreakerChange {
         let now = Instant::now();
         let mut b = self.breaker();
-        let was_closed = b.state(now) == "closed";
+        let (was_closed, opened) = (b.state(now) == "closed", b.opened);
         b.record(answered, now);
         let closed = b.state(now) == "closed";
-        (was_closed != closed).then_some(was_closed)
+        BreakerChange {
+            opened: b.opened > opened,
+            left_closed: was_closed && !closed,
+            closed: !was_closed && closed,
+        }
     }
 
     /// Whether its breaker would refuse a call now (open and cooling down, or half-open with

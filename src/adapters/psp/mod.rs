@@ -52,6 +52,9 @@ pub enum IntentStatus {
     Succeeded {
         amount_captured: i64,
     },
+    /// The PSP took the authorization and decides it later, by event (Adyen's `Pending` and
+    /// `Received`, Stripe's `processing`).
+    Processing,
     /// The PSP received a capture of `amount` and confirms it later, by event (Adyen).
     CaptureReceived {
         amount: i64,

@@ -413,7 +413,7 @@ impl SandboxPsp {
             }
             IntentStatus::Canceled => n.send("payment_intent.canceled", base("canceled"), Duration::ZERO),
             // The sandbox captures at once; it never answers "received".
-            IntentStatus::RequiresAction { .. } | IntentStatus::CaptureReceived { .. } => {}
+            IntentStatus::RequiresAction { .. } | IntentStatus::CaptureReceived { .. } | IntentStatus::Processing => {}
         }
     }
 

@@ -211,8 +211,10 @@ fn intent(v: &Value, asked: Option<i64>) -> Result<Intent, PspError> {
             })
         }
         "canceled" => IntentStatus::Canceled,
+        // Decided later, by `payment_intent.succeeded` or `payment_failed`.
+        "processing" => IntentStatus::Processing,
         other => {
-            // `processing`, `requires_confirmation`: not decided yet; the attempt stays open.
+            // `requires_confirmation`: not decided yet; the attempt stays open.
             return Err(PspError::Unavailable(format!("stripe: intent {reference} is {other}")));
         }
     };
@@ -546,8 +548,14 @@ mod tests {
                 .status,
             IntentStatus::Succeeded { amount_captured: 100 }
         );
+        assert_eq!(
+            read(r#"{"id":"pi_1","amount":100,"status":"processing"}"#)
+                .unwrap()
+                .status,
+            IntentStatus::Processing
+        );
         assert!(matches!(
-            read(r#"{"id":"pi_1","amount":100,"status":"processing"}"#),
+            read(r#"{"id":"pi_1","amount":100,"status":"requires_confirmation"}"#),
             Err(PspError::Unavailable(_))
         ));
         let failed = read(
