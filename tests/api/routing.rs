@@ -910,3 +910,75 @@ async fn a_connector_that_cannot_be_made_is_skipped_not_tried() {
         assert_eq!(attempts(&app, id).await, [att("authorize", &a, Some("succeeded"))]);
     }
 }
+
+/// Stripe keeps an idempotency key's answer for 24 hours: an attempt open longer than that is
+/// never sent again (the same key would be a new request there), and says so in `/metrics`.
+#[actix_web::test]
+async fn an_open_stripe_attempt_past_stripes_key_window_is_not_sent_again() {
+    let first = app().await;
+    let (merchant, _) = demo(&first).await;
+    let dead = format!("http://127.0.0.1:{}", crate::helpers::free_port());
+    connector(
+        &first,
+        &merchant,
+        json!({ "connector_id": "mca_stripe_old", "psp": "stripe", "label": "S",
+                "credentials": { "api_key": "sk_test_old", "api_base": dead } }),
+    )
+    .await;
+    let p = pay(&first, 2_000, "USD", "pm_card_visa", "manual", json!({})).await;
+    let id = p.body["payment_id"].as_str().unwrap().to_owned();
+    // As if it had been authorized at Stripe and its capture left open for 25 hours.
+    let db = first.sql().await;
+    db.execute(
+        "UPDATE payments SET psp = 'stripe', version = version + 1,
+            routing = jsonb_set(routing, '{connector_id}', '\"mca_stripe_old\"') WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "INSERT INTO psp_attempts (id, payment_id, operation, amount, started_at, connector_id)
+         VALUES ('att_0000000000000000000000000000old1', $1, 'capture', 2000, now() - interval '25 hours', 'mca_stripe_old')",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    // A fresh process reads the payment from the store.
+    let url = first.database_url.clone();
+    let second = spawn_app_with(move |c| {
+        c.database.url = url;
+        c.secrets.key = KEY.into();
+    })
+    .await;
+    let r = second.post(&format!("/api/v1/payments/{id}/capture"), json!({})).await;
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (503, Some("dependency_unavailable")),
+        "{}",
+        r.body
+    );
+    let metrics = second
+        .client
+        .get(format!("{}/metrics", second.address))
+        .send()
+        .await
+        .unwrap()
+        .body()
+        .await
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics).to_string();
+    assert!(metrics.contains("code=\"idempotency_window_passed\""), "{metrics}");
+    assert!(
+        !metrics.contains("psp=\"stripe\",code=\"not_sent\"") && !metrics.contains("code=\"not_sent\",psp=\"stripe\""),
+        "never sent"
+    );
+    let open: i64 = db
+        .query_one(
+            "SELECT count(*) FROM psp_attempts WHERE payment_id = $1 AND outcome IS NULL",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open, 1, "left open for an operator");
+}

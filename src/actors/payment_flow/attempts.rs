@@ -122,6 +122,10 @@ impl Outcome {
     }
 }
 
+/// Hours after which an open Stripe attempt is not sent again: Stripe forgets an idempotency
+/// key after 24 hours.
+const STRIPE_KEY_HOURS: i64 = 23;
+
 /// How a PSP call ended when it gave no usable answer.
 pub(super) enum Called {
     /// Provably nothing reached the PSP.
@@ -299,6 +303,18 @@ impl Flow<'_> {
         let risk = p.risk.as_ref().map(|r| r.outcome);
         let reference = || p.psp_reference.clone().unwrap_or_default();
         let first_send = self.unsent.take().is_some_and(|id| id == attempt.id);
+        // Stripe keeps a key's answer for 24 hours; after that the same key is a new request
+        // there, and a resend could act a second time. An attempt that old is left to an
+        // operator (docs/OPERATIONS.md, "Connectors and routing"), never sent again.
+        let too_old = attempt
+            .started_at
+            .is_some_and(|at| self.deps.clock.now() - at > chrono::Duration::hours(STRIPE_KEY_HOURS));
+        if !first_send && connector.kind == "stripe" && too_old {
+            tracing::error!(payment_id = %p.id, attempt = %attempt.id, connector = %connector.id,
+                "an open Stripe attempt is past Stripe's idempotency window: not sent again; an operator must resolve it");
+            self.deps.metrics.psp_error(connector.kind, "idempotency_window_passed");
+            return Err(Called::Halt(PaymentError::Unavailable("psp").into()));
+        }
         let answer = match attempt.op {
             PspOp::Authorize => {
                 let req = AuthorizeRequest {
@@ -397,6 +413,7 @@ impl Flow<'_> {
             refund_id: None,
             idem_key: attempt.idem_key.clone(),
             connector_id: None,
+            started_at: Some(self.deps.clock.now()),
         };
         self.route_to(&mut next, &mut retry, connector.clone(), rule).await?;
         tracing::info!(payment_id = %next.id, from = ?attempt.connector_id, to = %connector, why, "authorization failed over");

@@ -101,6 +101,7 @@ impl Flow<'_> {
             refund_id,
             idem_key: self.idem_key(),
             connector_id: self.payment().routing.as_ref().map(|r| r.connector_id.clone()),
+            started_at: Some(self.deps.clock.now()),
         }
     }
 

@@ -28,6 +28,8 @@ pub struct Attempt {
     pub idem_key: Option<String>,
     /// The connector it goes to; `None`: the merchant's own sandbox connector.
     pub connector_id: Option<String>,
+    /// When it was recorded (a PSP keeps an idempotency key's answer only so long).
+    pub started_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Attempt {
@@ -132,6 +134,7 @@ fn attempt_from_row(row: &tokio_postgres::Row) -> Result<Attempt, StoreError> {
         refund_id: row.get::<_, Option<String>>(3).map(RefundId::from_trusted),
         idem_key: row.get(4),
         connector_id: row.get(5),
+        started_at: row.get(6),
     })
 }
 
@@ -149,7 +152,7 @@ impl Db {
         let payment = payment_from_row(&row)?;
         let stmt = client
             .prepare_cached(
-                "SELECT id, operation, amount, refund_id, idempotency_key, connector_id FROM psp_attempts
+                "SELECT id, operation, amount, refund_id, idempotency_key, connector_id, started_at FROM psp_attempts
                  WHERE payment_id = $1 AND outcome IS NULL ORDER BY started_at, id",
             )
             .await
@@ -169,7 +172,7 @@ impl Db {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT id, operation, amount, refund_id, idempotency_key, connector_id, outcome FROM psp_attempts
+                "SELECT id, operation, amount, refund_id, idempotency_key, connector_id, started_at, outcome FROM psp_attempts
                  WHERE payment_id = $1 AND idempotency_key = $2 ORDER BY started_at DESC, id DESC LIMIT 1",
             )
             .await
@@ -181,7 +184,7 @@ impl Db {
         else {
             return Ok(None);
         };
-        let outcome = match row.get::<_, Option<String>>(6) {
+        let outcome = match row.get::<_, Option<String>>(7) {
             None => None,
             Some(o) => Some(super::commit::AttemptOutcome::parse(&o).ok_or(StoreError::Broken)?),
         };

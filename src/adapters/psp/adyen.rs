@@ -47,7 +47,7 @@ impl AdyenPsp {
         ];
         let sent = super::http::request("POST", &url, &headers).send_json(&body).await;
         let who = format!("adyen connector {}", self.connector);
-        let (status, v) = super::http::answer(&who, sent).await?;
+        let super::http::Answer { status, body: v, .. } = super::http::answer(&who, sent).await?;
         match status {
             200..=299 => Ok(v),
             401 | 403 | 429 => Err(PspError::NotSent(format!(

@@ -40,7 +40,7 @@ pub async fn answer(
         awc::ClientResponse<impl futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>>>,
         awc::error::SendRequestError,
     >,
-) -> Result<(u16, Value), PspError> {
+) -> Result<Answer, PspError> {
     let mut resp = match sent {
         Ok(r) => r,
         Err(awc::error::SendRequestError::Connect(e)) => return Err(PspError::NotSent(format!("{who}: {e}"))),
@@ -50,10 +50,27 @@ pub async fn answer(
         Err(e) => return Err(PspError::Unavailable(format!("{who}: {e}"))),
     };
     let status = resp.status().as_u16();
+    // Stripe marks an answer it replays for a key it already saw.
+    let replayed = resp
+        .headers()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
     let body = resp
         .body()
         .limit(MAX_ANSWER_BYTES)
         .await
         .map_err(|e| PspError::Unavailable(format!("{who}: the answer could not be read: {e}")))?;
-    Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+    Ok(Answer {
+        status,
+        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        replayed,
+    })
+}
+
+/// A PSP's answer: its status, its JSON body (`Null` when it is not JSON), and whether it is
+/// the saved answer to a key already used (`Idempotent-Replayed: true`).
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub replayed: bool,
 }

@@ -44,6 +44,17 @@ impl StripePsp {
         key: Option<String>,
         form: &[(&str, String)],
     ) -> Result<Value, Fail> {
+        self.call_replayed(method, path, key, form).await.map(|(v, _)| v)
+    }
+
+    /// [`StripePsp::call`], and whether Stripe replayed a saved answer for the key.
+    async fn call_replayed(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<String>,
+        form: &[(&str, String)],
+    ) -> Result<(Value, bool), Fail> {
         let url = format!("{}{path}", self.api_base);
         let mut headers = vec![("Authorization", format!("Bearer {}", self.api_key))];
         if let Some(k) = key {
@@ -55,9 +66,13 @@ impl StripePsp {
             _ => req.send_form(&form).await,
         };
         let who = format!("stripe connector {}", self.connector);
-        let (status, v) = super::http::answer(&who, sent).await?;
+        let super::http::Answer {
+            status,
+            body: v,
+            replayed,
+        } = super::http::answer(&who, sent).await?;
         match status {
-            200..=299 => Ok(v),
+            200..=299 => Ok((v, replayed)),
             401 | 403 | 429 => Err(PspError::NotSent(format!(
                 "stripe connector {}: {status} {}",
                 self.connector,
@@ -117,14 +132,21 @@ impl StripePsp {
         if req.three_d_secure {
             form.push(("payment_method_options[card][request_three_d_secure]", "any".to_owned()));
         }
-        let created = self
-            .call("POST", "/v1/payment_intents", Some(req.key.to_string()), &form)
+        let (mut created, replayed) = self
+            .call_replayed("POST", "/v1/payment_intents", Some(req.key.to_string()), &form)
             .await?;
         let id = created["id"]
             .as_str()
             .filter(|s| s.starts_with("pi_"))
             .ok_or_else(|| PspError::Unavailable("stripe: the created intent has no id".into()))?
             .to_owned();
+        if replayed && created["status"] == "requires_confirmation" {
+            // A resend: the saved answer shows the intent as it was created. Read it as it is
+            // now, so a confirm whose own answer was lost (or saved as an error) is seen done.
+            created = self
+                .call("GET", &format!("/v1/payment_intents/{id}"), None, &[])
+                .await?;
+        }
         if created["status"] != "requires_confirmation" {
             // Confirmed already (created with confirmation by an earlier version, or Stripe's
             // saved answer to this key says so).
@@ -349,8 +371,13 @@ mod tests {
                         .unwrap()
                         .push((line.trim_end().to_owned(), headers, String::from_utf8(body).unwrap()));
                     let (status, answer) = answers.next().unwrap_or((500, "{}"));
+                    // `REPLAY:` marks Stripe's saved answer to a key it already saw.
+                    let (extra, answer) = match answer.strip_prefix("REPLAY:") {
+                        Some(rest) => ("idempotent-replayed: true\r\n", rest),
+                        None => ("", answer),
+                    };
                     let out = format!(
-                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n{answer}",
                         answer.len()
                     );
                     stream.write_all(out.as_bytes()).unwrap();
@@ -457,6 +484,29 @@ mod tests {
         );
         assert_eq!(seen[2].2, "amount_to_capture=1500");
         assert_eq!(seen[3].2, "payment_intent=pi_3Qrec&amount=500");
+    }
+
+    /// A resend after a confirm whose answer was lost: Stripe replays the create's saved answer
+    /// (the intent unconfirmed), so payrail reads the intent as it is now before confirming
+    /// anything, and finds it authorized: no second confirm.
+    #[actix_rt::test]
+    async fn a_resend_reads_the_intent_before_confirming_it_again() {
+        let replayed: &'static str = Box::leak(format!("REPLAY:{CREATED}").into_boxed_str());
+        let (base, seen) = double(vec![(200, replayed), (200, AUTHORIZED)]);
+        let stripe = StripePsp::new("mca_s".into(), "sk".into(), Some(base));
+        let i = stripe
+            .authorize(request("att_r", CaptureStrategy::Manual))
+            .await
+            .unwrap();
+        assert_eq!(i.status, IntentStatus::Authorized { amount: 2000 });
+        let lines: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
+        assert_eq!(
+            lines,
+            [
+                "POST /v1/payment_intents HTTP/1.1",
+                "GET /v1/payment_intents/pi_3Qrec HTTP/1.1"
+            ]
+        );
     }
 
     #[actix_rt::test]
