@@ -4,6 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+/// mimalloc instead of glibc's allocator: a payment's path allocates small objects on many
+/// threads (requests, actors, JSON), where glibc spent a quarter of the split-payment mix's CPU
+/// (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use payrail::adapters::postgres::Db;
 use payrail::app::Application;
 use payrail::config::{Config, LogFormat};
