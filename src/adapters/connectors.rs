@@ -152,7 +152,7 @@ impl Directory {
                 "sandbox",
             ),
             "stripe" => {
-                let Some(creds) = self.credentials(row).await? else {
+                let Some(creds) = self.credentials_to_build(row).await? else {
                     return Ok(None);
                 };
                 let Some(key) = creds.get("api_key").and_then(Value::as_str) else {
@@ -163,7 +163,7 @@ impl Directory {
                 (Arc::new(StripePsp::new(row.id.clone(), key.to_owned(), base)), "stripe")
             }
             "adyen" => {
-                let Some(creds) = self.credentials(row).await? else {
+                let Some(creds) = self.credentials_to_build(row).await? else {
                     return Ok(None);
                 };
                 let field = |k: &str| creds.get(k).and_then(Value::as_str).map(str::to_owned);
@@ -189,25 +189,51 @@ impl Directory {
         ))))
     }
 
-    /// A connector's credentials, opened; `None` (logged) when it has none or they do not open.
-    async fn credentials(&self, row: &ConnectorRow) -> Result<Option<serde_json::Map<String, Value>>, StoreError> {
-        let Some(sealed) = self.db.connector_credentials(&row.id).await? else {
-            tracing::error!(connector = %row.id, "a connector without credentials");
+    /// A connector's credentials, opened: `Ok(None)` when it has none, `Err(Unreadable)` (logged)
+    /// when they cannot be opened (no `[secrets] key`, another key, not JSON). The one place
+    /// sealed credentials are read: routing skips such a connector, a webhook answers 503.
+    pub async fn credentials(&self, id: &str) -> Result<Option<serde_json::Map<String, Value>>, CredentialsError> {
+        let Some(sealed) = self.db.connector_credentials(id).await? else {
             return Ok(None);
         };
         let Some(sealer) = &self.sealer else {
-            tracing::error!(connector = %row.id, "a connector has credentials but no [secrets] key is configured");
-            return Ok(None);
+            tracing::error!(connector = %id, "a connector has credentials but no [secrets] key is configured");
+            return Err(CredentialsError::Unreadable);
         };
-        let plain = match sealer.open(&row.id, &sealed) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(connector = %row.id, error = %e, "a connector's credentials do not open");
-                return Ok(None);
-            }
-        };
-        Ok(serde_json::from_slice(&plain).ok())
+        let plain = sealer.open(id, &sealed).map_err(|e| {
+            tracing::error!(connector = %id, error = %e, "a connector's credentials do not open");
+            CredentialsError::Unreadable
+        })?;
+        serde_json::from_slice(&plain).map(Some).map_err(|_| {
+            tracing::error!(connector = %id, "a connector's credentials are not a JSON object");
+            CredentialsError::Unreadable
+        })
     }
+
+    /// [`Directory::credentials`] for building an adapter: `None` when they are missing or
+    /// cannot be opened (logged).
+    async fn credentials_to_build(
+        &self,
+        row: &ConnectorRow,
+    ) -> Result<Option<serde_json::Map<String, Value>>, StoreError> {
+        match self.credentials(&row.id).await {
+            Ok(Some(c)) => Ok(Some(c)),
+            Ok(None) => {
+                tracing::error!(connector = %row.id, "a connector without credentials");
+                Ok(None)
+            }
+            Err(CredentialsError::Unreadable) => Ok(None),
+            Err(CredentialsError::Store(e)) => Err(e),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("the connector's credentials cannot be opened")]
+    Unreadable,
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl Connectors for Directory {

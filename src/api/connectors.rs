@@ -436,18 +436,14 @@ pub async fn webhook_secret(state: &AppState, c: &Connector) -> Result<Option<St
     if !c.has_credentials {
         return Ok(None);
     }
-    let Some(sealed) = state.db.connector_credentials(&c.id).await? else {
-        return Ok(None);
+    use crate::adapters::connectors::CredentialsError;
+    let creds = match state.connectors.credentials(&c.id).await {
+        Ok(Some(creds)) => creds,
+        Ok(None) => return Ok(None),
+        // The PSP retries a 503: the key may be put right meanwhile.
+        Err(CredentialsError::Unreadable) => return Err(ApiError::Unavailable("the connector's credentials")),
+        Err(CredentialsError::Store(e)) => return Err(e.into()),
     };
-    let sealer = state.connectors.sealer().ok_or_else(|| {
-        tracing::error!(connector = %c.id, "a connector has credentials but no [secrets] key is configured");
-        ApiError::Unavailable("the secrets key")
-    })?;
-    let plain = sealer.open(&c.id, &sealed).map_err(|e| {
-        tracing::error!(connector = %c.id, error = %e, "a connector's credentials do not open");
-        ApiError::Unavailable("the connector's credentials")
-    })?;
-    let creds: Map<String, Value> = serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)?;
     let field = if c.psp == "adyen" { "hmac_key" } else { "webhook_secret" };
     Ok(creds.get(field).and_then(Value::as_str).map(str::to_owned))
 }
