@@ -667,6 +667,13 @@ impl World {
                     _ => return Err(refused("payment_intent_unexpected_state")),
                 }
                 self.announce(reference);
+                if self.faults.failover && self.rng.chance(250) {
+                    // An asynchronous PSP (Adyen): the capture is only "received" in the answer;
+                    // its event (just announced) confirms it.
+                    let mut received = self.intent(reference);
+                    received.status = IntentStatus::CaptureReceived { amount: *amount };
+                    return Ok(Answer::Intent(received));
+                }
                 Ok(Answer::Intent(self.intent(reference)))
             }
             Call::Cancel { reference, .. } => {
