@@ -57,10 +57,28 @@ printf 'seeded in %.1f s; report %s lines, %s MiB\n' "$(echo "$(date +%s.%N) - $
 rss_before=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
 
 echo "== payrail reconcile --connector $connector --file report.csv"
+# CPU time over the run, in clock ticks: the whole machine (busy), payrail, nats-server; the rest
+# is PostgreSQL's, less whatever else the machine runs.
+cpu() {
+    python3 - "$pid" <<'PY'
+import os, sys
+def ticks(pid):
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12])
+v = list(map(int, open("/proc/stat").readline().split()[1:]))
+nats = [p for p in os.listdir("/proc") if p.isdigit() and open(f"/proc/{p}/comm").read().strip() == "nats-server"]
+print(sum(v) - v[3] - v[4], ticks(sys.argv[1]), sum(ticks(p) for p in nats))
+PY
+}
+cpu0=$(cpu)
 t0=$(date +%s.%N)
 ./target/release/payrail reconcile --connector "$connector" --file "$report" --url "http://127.0.0.1:$port" > "$work/run.json"
 secs=$(echo "$(date +%s.%N) - $t0" | bc)
+cpu1=$(cpu)
 hwm=$(awk '/VmHWM/ {print $2}' /proc/$pid/status)
+read -r b0 p0 n0 <<< "$cpu0"; read -r b1 p1 n1 <<< "$cpu1"
+hz=$(getconf CLK_TCK)
+echo "CPU seconds over the run: machine $(((b1 - b0) / hz)) of $(($(nproc) * ${secs%.*})); payrail $(((p1 - p0) / hz)), nats-server $(((n1 - n0) / hz)), the rest (PostgreSQL) $(((b1 - b0 - p1 + p0 - n1 + n0) / hz))"
 python3 - "$work/run.json" "$secs" "$lines" "$rss_before" "$hwm" <<'PY'
 import json, sys
 run = json.load(open(sys.argv[1]))

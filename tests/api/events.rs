@@ -578,7 +578,7 @@ async fn the_outbox_relay_publishes_each_committed_event_to_the_merchants_subjec
     wait_for("the outbox to drain", async || {
         let db = app.sql().await;
         let n: i64 = db
-            .query_one("SELECT count(*) FROM outbox WHERE published_at IS NULL", &[])
+            .query_one("SELECT count(*) FROM outbox_pending", &[])
             .await
             .unwrap()
             .get(0);

@@ -271,6 +271,34 @@ async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() 
         let message = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
         assert!(message.contains("append-only"), "{sql}: {e}");
     }
+    // The audit trail names real payments and is never rewritten; a payment with one stays.
+    let err = db
+        .batch_execute(
+            "INSERT INTO payment_transitions (payment_id, seq, from_status, to_status, cause, at)
+             VALUES ('pay_nobody', 1, NULL, 'pending', 'forged', now())",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
+        "{err}"
+    );
+    let err = db
+        .batch_execute("UPDATE payment_transitions SET cause = 'forged'")
+        .await
+        .unwrap_err();
+    let message = err.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+    assert!(message.contains("append-only"), "{err}");
+    let err = db
+        .execute("DELETE FROM payments WHERE id = $1", &[&p])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
+        "{err}"
+    );
     // A balanced journal slipped in past the ledger's balances is caught by verify.
     let tx = db.transaction().await.unwrap();
     tx.execute(

@@ -555,3 +555,105 @@ async fn a_line_repeated_in_a_later_chunk_is_matched_once() {
     assert_eq!(matched, 3);
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
 }
+
+#[actix_web::test]
+async fn the_database_refuses_a_chunk_whose_lines_or_captures_were_applied_since_it_was_classified() {
+    // Runs of one connector on two nodes classify the same report at once; only one may apply a
+    // line, and only one line may match a capture. The database decides, at the lines' INSERT.
+    use payrail::adapters::postgres::reconciliation::{AppliedLine, ChunkWrite, ReportLine};
+    use payrail::domain::settlement::LineKind;
+    use tokio_postgres::error::SqlState;
+
+    let app = spawn_app_with(quiet).await;
+    let connector_id = demo_connector(&app).await;
+    let paid = app.pay(1500, "pm_card_visa", "automatic", true).await;
+    let (payment, reference) = (
+        paid.body["payment_id"].as_str().unwrap().to_owned(),
+        paid.body["psp_reference"].as_str().unwrap().to_owned(),
+    );
+    let now = chrono::Utc::now();
+    let major = payrail::domain::settlement::format_amount(1500, 2);
+    let csv = format!(
+        "id,type,source,amount,fee,net,currency,created,available_on,reporting_category\n\
+         txn_a,charge,{reference},{major},0.00,{major},usd,{},,charge\n",
+        now.format("%Y-%m-%d %H:%M:%S")
+    );
+    let run = upload(&app, &format!("connector_id={connector_id}"), csv).await;
+    assert_eq!(run.status, 201, "{}", run.body);
+    assert_eq!(run.body["matched"], 1, "{}", run.body);
+    let run_id = run.body["id"].as_str().unwrap().to_owned();
+
+    let db = &app.state.db;
+    let connector = db.connector(&connector_id).await.unwrap().unwrap();
+    let line = |key: &str, matched: bool| AppliedLine {
+        line: ReportLine {
+            line_no: 2,
+            key: key.to_owned(),
+            kind: "charge".into(),
+            reference: reference.clone(),
+            intent: None,
+            amount: 1500,
+            fee: 0,
+            currency: "USD".into(),
+            created: now,
+            malformed: None,
+        },
+        kind: LineKind::Charge,
+        payment_id: Some(payment.clone()),
+        refund_id: None,
+        matched,
+        journal_id: None,
+    };
+    let chunk = |lines: Vec<AppliedLine>| ChunkWrite {
+        lines,
+        ..ChunkWrite::default()
+    };
+    // The same line again (another node classified it before this run applied it).
+    let again = db
+        .apply_chunk(&connector, &run_id, &chunk(vec![line("txn_a", true)]))
+        .await;
+    assert!(matches!(again, Ok(None)), "{again:?}");
+    // The same capture matched by another line.
+    let second = db
+        .apply_chunk(&connector, &run_id, &chunk(vec![line("txn_b", true)]))
+        .await;
+    assert!(matches!(second, Ok(None)), "{second:?}");
+    // A line naming it that did not match is recorded beside the match.
+    let unmatched = db
+        .apply_chunk(&connector, &run_id, &chunk(vec![line("txn_c", false)]))
+        .await;
+    assert!(matches!(unmatched, Ok(Some(_))), "{unmatched:?}");
+    assert_eq!(
+        scalar(
+            &app,
+            &format!("SELECT count(*) FROM settlement_lines WHERE payment_id = '{payment}'")
+        )
+        .await,
+        2
+    );
+
+    // The lines' references stay enforced without per-line foreign keys.
+    let sql = app.sql().await;
+    let insert = |connector: &str, run: &str| {
+        format!(
+            "INSERT INTO settlement_lines (connector_id, line_key, run_id, line_no, kind, reference, amount, fee,
+                 currency, created, outcome)
+             VALUES ('{connector}', 'txn_z', '{run}', 9, 'payout', 'po_1', -100, 0, 'USD', now(), 'matched')"
+        )
+    };
+    for (c, r) in [("mca_nobody", run_id.as_str()), (connector_id.as_str(), "rcn_nothing")] {
+        let err = sql.batch_execute(&insert(c, r)).await.unwrap_err();
+        assert_eq!(err.code(), Some(&SqlState::FOREIGN_KEY_VIOLATION), "{err}");
+    }
+    let err = sql
+        .batch_execute("UPDATE settlement_lines SET run_id = 'rcn_other'")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::RESTRICT_VIOLATION), "{err}");
+    let err = sql
+        .batch_execute(&format!("DELETE FROM reconciliation_runs WHERE id = '{run_id}'"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::FOREIGN_KEY_VIOLATION), "{err}");
+    assert!(db.verify_ledger().await.unwrap().is_clean());
+}

@@ -76,6 +76,16 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../../migrations/V9__marketplaces.sql"),
     ),
     (10, "routing", include_str!("../../../migrations/V10__routing.sql")),
+    (
+        11,
+        "reconciliation_speed",
+        include_str!("../../../migrations/V11__reconciliation_speed.sql"),
+    ),
+    (
+        12,
+        "lean_event_writes",
+        include_str!("../../../migrations/V12__lean_event_writes.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.
@@ -105,7 +115,14 @@ impl Db {
             .parse()
             .map_err(|e: tokio_postgres::Error| SetupError::Url(e.to_string()))?;
         pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
-        pg.options(format!("-c statement_timeout={}", config.statement_timeout_ms));
+        // payrail's statements are short and index-driven: compiling them (JIT) or starting
+        // parallel workers for them costs more than it saves, and on a busy server a parallel
+        // sequential scan is planned where index probes are what pays (docs/BENCHMARKS.md,
+        // "Reconciliation of a large settlement report").
+        pg.options(format!(
+            "-c statement_timeout={} -c jit=off -c max_parallel_workers_per_gather=0",
+            config.statement_timeout_ms
+        ));
         if pg.get_application_name().is_none() {
             pg.application_name("payrail");
         }

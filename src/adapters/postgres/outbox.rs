@@ -15,9 +15,10 @@ pub struct OutboxRow {
 }
 
 impl Db {
-    /// Takes up to `limit` unpublished rows (locked, skipping rows another node holds), hands
-    /// them to `publish`, and marks the ones it returns as published, all in one transaction:
-    /// a crash in between publishes them again, which `Nats-Msg-Id` dedupes.
+    /// Takes up to `limit` unpublished events (their `outbox_pending` rows locked, skipping rows
+    /// another node holds), hands them to `publish`, and deletes the pending rows of the ones it
+    /// returns, all in one transaction: a crash in between publishes them again, which
+    /// `Nats-Msg-Id` dedupes. The event rows themselves are never written to again.
     pub async fn relay_outbox<F, Fut>(&self, limit: i64, publish: F) -> Result<usize, StoreError>
     where
         F: FnOnce(Vec<OutboxRow>) -> Fut,
@@ -27,8 +28,10 @@ impl Db {
         let tx = client.transaction().await.map_err(pg_error)?;
         let rows = tx
             .query(
-                "SELECT id, merchant_id, event_type, payload, created_at FROM outbox WHERE published_at IS NULL
-                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                "SELECT o.id, o.merchant_id, o.event_type, o.payload, o.created_at
+                 FROM (SELECT id FROM outbox_pending ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) p
+                 JOIN outbox o ON o.id = p.id
+                 ORDER BY o.id",
                 &[&limit],
             )
             .await
@@ -48,12 +51,9 @@ impl Db {
             .collect();
         let published = publish(rows).await;
         if !published.is_empty() {
-            tx.execute(
-                "UPDATE outbox SET published_at = now() WHERE id = ANY($1)",
-                &[&published],
-            )
-            .await
-            .map_err(pg_error)?;
+            tx.execute("DELETE FROM outbox_pending WHERE id = ANY($1)", &[&published])
+                .await
+                .map_err(pg_error)?;
         }
         tx.commit().await.map_err(pg_error)?;
         Ok(published.len())

@@ -474,56 +474,14 @@ impl Db {
     ) -> Result<Option<ChunkCounts>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        // Runs of one connector apply one chunk at a time, on any node; a line applied since
-        // the chunk was classified sends it back to be classified again (`None`).
+        // Runs of one connector apply one chunk at a time, on any node. A line applied since
+        // the chunk was classified, or a capture, refund or dispute another line matched since
+        // (whichever chunk or run matched it first), is refused by the database at the lines'
+        // INSERT (their primary key, and one matched line per capture, refund and dispute:
+        // migration V11): the chunk is then rolled back whole and classified again (`None`).
         tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&connector.id])
             .await
             .map_err(pg_error)?;
-        let keys: Vec<&str> = w.lines.iter().map(|l| l.line.key.as_str()).collect();
-        let taken: i64 = tx
-            .query_one(
-                "SELECT count(*) FROM settlement_lines WHERE connector_id = $1 AND line_key = ANY($2)",
-                &[&connector.id, &keys],
-            )
-            .await
-            .map_err(pg_error)?
-            .get(0);
-        if taken > 0 {
-            return Ok(None);
-        }
-        // …and one matched line per capture, refund and dispute, whichever chunk or run
-        // matched it first.
-        let mut charges = Vec::new();
-        let mut refunds = Vec::new();
-        let mut disputes = Vec::new();
-        let mut reversals = Vec::new();
-        for l in w.lines.iter().filter(|l| l.matched) {
-            match l.kind {
-                LineKind::Charge => charges.extend(l.payment_id.as_deref()),
-                LineKind::Refund => refunds.extend(l.refund_id.as_deref()),
-                LineKind::Dispute => disputes.push(l.line.reference.as_str()),
-                LineKind::DisputeReversal => reversals.push(l.line.reference.as_str()),
-                LineKind::Payout | LineKind::Other => {}
-            }
-        }
-        let matched_since: i64 = tx
-            .query_one(
-                "SELECT (SELECT count(*) FROM settlement_lines WHERE payment_id = ANY($2) AND kind = 'charge'
-                           AND connector_id = $1 AND outcome = 'matched')
-                      + (SELECT count(*) FROM settlement_lines WHERE refund_id = ANY($3)
-                           AND connector_id = $1 AND outcome = 'matched')
-                      + (SELECT count(*) FROM settlement_lines WHERE reference = ANY($4) AND kind = 'dispute'
-                           AND connector_id = $1 AND outcome = 'matched')
-                      + (SELECT count(*) FROM settlement_lines WHERE reference = ANY($5) AND kind = 'dispute_reversal'
-                           AND connector_id = $1 AND outcome = 'matched')",
-                &[&connector.id, &charges, &refunds, &disputes, &reversals],
-            )
-            .await
-            .map_err(pg_error)?
-            .get(0);
-        if matched_since > 0 {
-            return Ok(None);
-        }
         let merchant = connector.merchant_id.as_str();
         let now = Utc::now();
         // Journals first: lines point at them.
@@ -639,7 +597,7 @@ impl Db {
                  SELECT $1, k, $2, n, t, r, i, a, f, c, cr, p, rf, o, j FROM unnest($3::text[], $4::int4[], $5::text[],
                      $6::text[], $7::text[], $8::int8[], $9::int8[], $10::text[], $11::timestamptz[], $12::text[],
                      $13::text[], $14::text[], $15::text[]) AS u(k, n, t, r, i, a, f, c, cr, p, rf, o, j)
-                 ON CONFLICT (connector_id, line_key) DO NOTHING",
+",
                 &[
                     &connector.id,
                     &run_id,
@@ -658,8 +616,15 @@ impl Db {
                     &jids,
                 ],
             )
-            .await
-            .map_err(pg_error)?;
+            .await;
+        let lines = match lines {
+            Ok(n) => n,
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                tracing::debug!(connector = %connector.id, error = %e, "a line of the chunk was applied since it was classified");
+                return Ok(None);
+            }
+            Err(e) => return Err(pg_error(e)),
+        };
         let exceptions = insert_exceptions(&tx, &connector.id, run_id, &w.exceptions).await?;
         if !w.matched_references.is_empty() {
             tx.execute(
@@ -701,7 +666,9 @@ impl Db {
                  WHERE j.merchant_id = $3 AND j.created_at >= $4 AND j.created_at < $5 AND j.kind = 'capture'
                    AND p.psp = $6
                    AND NOT EXISTS (SELECT 1 FROM settlement_lines l WHERE l.payment_id = p.id AND l.kind = 'charge'
-                                   AND l.connector_id = $1)
+                                   AND l.outcome = 'matched' AND l.connector_id = $1)
+                   AND NOT EXISTS (SELECT 1 FROM settlement_lines l WHERE l.payment_id = p.id AND l.kind = 'charge'
+                                   AND l.outcome = 'exception' AND l.connector_id = $1)
                  ON CONFLICT (connector_id, type, dedupe_key) DO NOTHING",
                 &[&connector.id, &run_id, &connector.merchant_id.as_str(), &from, &to, &connector.psp],
             )
@@ -717,7 +684,10 @@ impl Db {
                  FROM journals j JOIN refunds r ON r.id = j.correlation_id JOIN payments p ON p.id = r.payment_id
                  WHERE j.merchant_id = $3 AND j.created_at >= $4 AND j.created_at < $5 AND j.kind = 'refund'
                    AND p.psp = $6
-                   AND NOT EXISTS (SELECT 1 FROM settlement_lines l WHERE l.refund_id = r.id AND l.connector_id = $1)
+                   AND NOT EXISTS (SELECT 1 FROM settlement_lines l WHERE l.refund_id = r.id AND l.outcome = 'matched'
+                                   AND l.connector_id = $1)
+                   AND NOT EXISTS (SELECT 1 FROM settlement_lines l WHERE l.refund_id = r.id AND l.outcome = 'exception'
+                                   AND l.connector_id = $1)
                  ON CONFLICT (connector_id, type, dedupe_key) DO NOTHING",
                 &[&connector.id, &run_id, &connector.merchant_id.as_str(), &from, &to, &connector.psp],
             )
