@@ -314,7 +314,7 @@ impl Default for ReconciliationConfig {
             window_hours: 48,
             lookback_days: 7,
             daily_at_utc: "02:30".into(),
-            chunk_lines: 5000,
+            chunk_lines: 3000,
             max_report_bytes: 1 << 30,
             settle_concurrency: 256,
         }

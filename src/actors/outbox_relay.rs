@@ -69,8 +69,8 @@ async fn publish(nats: &Nats, row: &OutboxRow) -> Result<async_nats::jetstream::
     headers.insert("Nats-Msg-Id", format!("outbox-{}", row.id).as_str());
     headers.insert("Payrail-Event-Type", row.event_type.as_str());
     // The event exactly as merchants read and receive it (docs/API.md, "Events").
-    let event = crate::domain::webhook::event_object(row.id, &row.event_type, row.created_at, &row.payload);
-    let payload = serde_json::to_vec(&event).map_err(|e| e.to_string())?;
+    let payload = crate::domain::webhook::event_bytes(row.id, &row.event_type, row.created_at, &row.payload)
+        .map_err(|e| e.to_string())?;
     nats.jetstream
         .publish_with_headers(subject, headers, payload.into())
         .await

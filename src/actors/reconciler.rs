@@ -290,6 +290,12 @@ impl Reconciler {
             }
             Ok(())
         });
+        // Chunk N commits while chunk N + 1 is classified and settled: the two use PostgreSQL
+        // differently (one connection writing lines; reads, then several connections settling),
+        // so together they keep both of its cores busy. A line or capture of chunk N + 1 that
+        // chunk N applies meanwhile makes the database refuse chunk N + 1's commit, which then
+        // prepares it again (`commit_chunk`).
+        let mut waiting: Option<Prepared> = None;
         while let Some(page) = rx.recv().await {
             chunk_no += 1;
             totals.lines += page.len() as i64;
@@ -298,14 +304,26 @@ impl Reconciler {
                 // key lookups must keep using their indexes.
                 self.db.analyze_settlement_lines().await?;
             }
-            let (write, already) = self.prepare(run_id, &sha, chunk_no, &req.connector, &page).await?;
-            let prepared = Prepared {
+            let prepare = self.prepare(run_id, &sha, chunk_no, &req.connector, &page);
+            let (prepared, committed) = match waiting.take() {
+                Some(before) => {
+                    let commit = self.commit_chunk(run_id, &sha, &req.connector, before, &mut totals);
+                    let (p, c) = futures_util::future::join(prepare, commit).await;
+                    (p, c)
+                }
+                None => (prepare.await, Ok(())),
+            };
+            committed?;
+            let (write, already) = prepared?;
+            waiting = Some(Prepared {
                 chunk_no,
                 page,
                 write,
                 already,
-            };
-            self.commit_chunk(run_id, &sha, &req.connector, prepared, &mut totals)
+            });
+        }
+        if let Some(last) = waiting {
+            self.commit_chunk(run_id, &sha, &req.connector, last, &mut totals)
                 .await?;
         }
         match parser.await {
@@ -437,8 +455,35 @@ impl Reconciler {
         connector: &Connector,
         page: &[ReportLine],
     ) -> Result<(ChunkWrite, Vec<Payment>, i64), ReconError> {
-        let keys: Vec<String> = page.iter().map(|l| l.key.clone()).collect();
-        let applied = self.db.applied_lines(&connector.id, &keys).await?;
+        // Every look-up at once, each on its own connection: the lines already applied, and the
+        // payments, refunds and disputes the chunk's lines name, with whether a line of this
+        // connector matched them already. (A line applied before is looked up for nothing.)
+        let keys: Vec<&str> = page.iter().map(|l| l.key.as_str()).collect();
+        let refs = |kinds: &[LineKind]| -> Vec<&str> {
+            page.iter()
+                .filter(|l| l.malformed.is_none())
+                .filter(|l| kinds.contains(&LineKind::parse(&l.kind).unwrap_or(LineKind::Other)))
+                .map(|l| l.reference.as_str())
+                .collect()
+        };
+        let (charges, refund_refs, dispute_refs) = (
+            refs(&[LineKind::Charge]),
+            refs(&[LineKind::Refund]),
+            refs(&[LineKind::Dispute, LineKind::DisputeReversal]),
+        );
+        let merchant = &connector.merchant_id;
+        let (applied, (payments, mut matched_payments), (refunds, mut matched_refunds), disputes, matched_disputes) = tokio::try_join!(
+            self.db.applied_lines(&connector.id, &keys),
+            self.db
+                .payments_by_references(merchant, &connector.psp, &connector.id, &charges),
+            self.db.refunds_by_references(merchant, &connector.id, &refund_refs),
+            self.db.disputes_by_references(merchant, &dispute_refs),
+            self.db.matched_disputes(&connector.id, &dispute_refs),
+        )?;
+        let mut matched_disputes: HashSet<(LineKind, String)> = matched_disputes
+            .into_iter()
+            .filter_map(|(kind, reference)| Some((LineKind::parse(&kind)?, reference)))
+            .collect();
         let mut w = ChunkWrite::default();
         let mut already = 0;
         let mut seen: HashSet<&str> = HashSet::new();
@@ -472,42 +517,6 @@ impl Reconciler {
                 format!("line {}: {} appears more than once in the report", l.line_no, l.key),
             ));
         }
-        let refs = |kinds: &[LineKind]| -> Vec<String> {
-            fresh
-                .iter()
-                .filter(|(_, k)| kinds.contains(k))
-                .map(|(l, _)| l.reference.clone())
-                .collect()
-        };
-        let payments = self
-            .db
-            .payments_by_references(&connector.merchant_id, &connector.psp, &refs(&[LineKind::Charge]))
-            .await?;
-        let refunds = self
-            .db
-            .refunds_by_references(&connector.merchant_id, &refs(&[LineKind::Refund]))
-            .await?;
-        let disputes = self
-            .db
-            .disputes_by_references(
-                &connector.merchant_id,
-                &refs(&[LineKind::Dispute, LineKind::DisputeReversal]),
-            )
-            .await?;
-        let payment_ids: Vec<String> = payments.values().map(|p| p.id.to_string()).collect();
-        let refund_ids: Vec<String> = refunds.values().map(|r| r.id.clone()).collect();
-        let (mut matched_payments, mut matched_refunds) = self
-            .db
-            .already_matched(&connector.id, &payment_ids, &refund_ids)
-            .await?;
-        let dispute_refs: Vec<String> = disputes.keys().cloned().collect();
-        let mut matched_disputes: HashSet<(LineKind, String)> = self
-            .db
-            .matched_disputes(&connector.id, &dispute_refs)
-            .await?
-            .into_iter()
-            .filter_map(|(kind, reference)| Some((LineKind::parse(&kind)?, reference)))
-            .collect();
         let mut settle = Vec::new();
         let mut fees: BTreeMap<String, i64> = BTreeMap::new();
         for (l, kind) in fresh {
@@ -561,7 +570,7 @@ impl Reconciler {
                             ))
                         } else {
                             if !p.state.settled {
-                                settle.push(p.clone());
+                                settle.push(l.reference.as_str());
                             }
                             None
                         }
@@ -717,6 +726,10 @@ impl Reconciler {
                 entries,
             });
         }
+        // The payments to settle, moved out of the look-up (not copied: a chunk's payments are
+        // most of its memory).
+        let mut payments = payments;
+        let settle = settle.into_iter().filter_map(|r| payments.remove(r)).collect();
         Ok((w, settle, already))
     }
 
@@ -734,22 +747,23 @@ impl Reconciler {
         let slot = crate::actors::ledger_shard::shard_of(connector.merchant_id.as_str(), self.ledger.shards()) as i16;
         // Batches go to PostgreSQL a few at a time: each is one transaction on its own
         // connection, so they use the database's cores together.
+        // As many batches as go at once, each no larger than SETTLE_BATCH: none is left to run
+        // alone at the end.
+        let size = idle.len().div_ceil(SETTLE_BATCHES_IN_FLIGHT).clamp(1, SETTLE_BATCH);
         let outcomes: Vec<Result<Vec<Payment>, ReconError>> =
-            futures_util::stream::iter(idle.chunks(SETTLE_BATCH).map(|batch| async move {
-                let commits: Vec<(Payment, crate::adapters::postgres::commit::Commit)> = batch
-                    .iter()
-                    .filter_map(|p| settle_commit_standalone(p, now).map(|c| (p.clone(), c)))
-                    .collect();
+            futures_util::stream::iter(idle.chunks(size).map(|batch| async move {
+                let commits: Vec<crate::adapters::postgres::commit::Commit> =
+                    batch.iter().filter_map(|p| settle_commit_standalone(p, now)).collect();
                 if commits.is_empty() {
                     return Ok(Vec::new());
                 }
-                let refs: Vec<&crate::adapters::postgres::commit::Commit> = commits.iter().map(|(_, c)| c).collect();
+                let refs: Vec<&crate::adapters::postgres::commit::Commit> = commits.iter().collect();
                 match self.db.commit_batch(&refs, slot).await {
                     Ok(()) => {
                         refs.iter().for_each(|c| self.count_transition(c.transition.as_ref()));
                         Ok(Vec::new())
                     }
-                    Err(CommitError::Stale) => Ok(commits.into_iter().map(|(p, _)| p).collect()),
+                    Err(CommitError::Stale) => Ok(batch.to_vec()),
                     Err(e) => Err(ReconError::Commit(e)),
                 }
             }))
@@ -790,7 +804,7 @@ impl Reconciler {
 }
 
 /// Payments settled in one transaction when none of them has a live actor.
-const SETTLE_BATCH: usize = 1000;
+const SETTLE_BATCH: usize = 2000;
 /// Such transactions at once.
 const SETTLE_BATCHES_IN_FLIGHT: usize = 4;
 

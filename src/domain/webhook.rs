@@ -40,6 +40,64 @@ pub fn event_object(
     })
 }
 
+/// [`event_object`] as bytes, around an object that is JSON text already (the outbox relay's:
+/// the stored payload is published without being parsed into a tree and serialized again).
+pub fn event_bytes(
+    id: i64,
+    event_type: &str,
+    created_at: chrono::DateTime<chrono::Utc>,
+    object: &serde_json::value::RawValue,
+) -> Result<Vec<u8>, serde_json::Error> {
+    #[derive(serde::Serialize)]
+    struct Data<'a> {
+        object: &'a serde_json::value::RawValue,
+    }
+    #[derive(serde::Serialize)]
+    struct Event<'a> {
+        object: &'static str,
+        id: String,
+        #[serde(rename = "type")]
+        event_type: &'a str,
+        created: i64,
+        created_at: String,
+        data: Data<'a>,
+    }
+    serde_json::to_vec(&Event {
+        object: "event",
+        id: event_id(id),
+        event_type,
+        created: created_at.timestamp(),
+        created_at: crate::domain::record::timestamp(created_at),
+        data: Data { object },
+    })
+}
+
+/// JSON text without the whitespace between its tokens (PostgreSQL writes `jsonb` as
+/// `{"a": 1, "b": [2, 3]}`); whitespace inside strings is kept. Input that is not JSON comes
+/// out as garbled as it went in: the caller validates.
+pub fn compact_json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+            out.push(c);
+        } else if !c.is_ascii_whitespace() {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Event types an endpoint may name: `*`, a known type, or a family such as `payment.*`.
 pub const EVENT_FAMILIES: &[&str] = &[
     "payment",
@@ -223,6 +281,48 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn events_built_around_stored_json_text_are_the_events_built_from_trees() {
+        // As PostgreSQL writes jsonb: a space after every ':' and ',' between tokens, and
+        // strings that hold both, quotes and backslashes.
+        let stored = r#"{"id": "pay_1", "amount": 1500, "metadata": {"note": "a: b, c \"d\" \\"}, "splits": [1, 2], "card": null}"#;
+        let tree: serde_json::Value = serde_json::from_str(stored).unwrap();
+        let compact = compact_json(stored);
+        assert_eq!(compact, serde_json::to_string(&tree).unwrap());
+        let raw = serde_json::value::RawValue::from_string(compact).unwrap();
+        let at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let bytes = event_bytes(42, "payment.settled", at, &raw).unwrap();
+        assert_eq!(
+            bytes,
+            serde_json::to_vec(&event_object(42, "payment.settled", at, &tree)).unwrap()
+        );
+    }
+
+    fn json_tree() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            "[ -~\\t\\n\"\\\\é€]{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                prop::collection::vec(("[ -~]{0,8}", inner), 0..6)
+                    .prop_map(|kv| serde_json::Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn compacting_json_text_keeps_every_value_and_drops_only_the_space_between_tokens(tree in json_tree()) {
+            let spaced = serde_json::to_string_pretty(&tree).unwrap();
+            prop_assert_eq!(compact_json(&spaced), serde_json::to_string(&tree).unwrap());
+        }
+    }
 
     #[test]
     fn event_ids_round_trip_and_sort_as_rows_do() {

@@ -632,18 +632,18 @@ impl Flow<'_> {
         let dispute = self.dispute.take().filter(|_| accepted);
         if let Some(r) = &refund {
             if accepted && o.refund_status.is_some() {
-                commit.outbox.push(OutboxEvent {
-                    event_type: format!("refund.{}", r.status.as_str()),
-                    payload: r.to_object(),
-                });
+                commit.outbox.push(OutboxEvent::new(
+                    format!("refund.{}", r.status.as_str()),
+                    &r.to_object(),
+                ));
             }
             commit.refunds.push(r.clone());
         }
         if let Some(d) = dispute {
-            commit.outbox.push(OutboxEvent {
-                event_type: format!("dispute.{}", d.status.as_str()),
-                payload: d.to_object(),
-            });
+            commit.outbox.push(OutboxEvent::new(
+                format!("dispute.{}", d.status.as_str()),
+                &d.to_object(),
+            ));
             commit.disputes.push(d);
         }
         self.commit(next, commit).await?;

@@ -205,10 +205,7 @@ impl Flow<'_> {
                 to: Status::Pending,
                 cause: "api.create".into(),
             }),
-            outbox: vec![OutboxEvent {
-                event_type: "payment.created".into(),
-                payload: payment.to_object(),
-            }],
+            outbox: vec![OutboxEvent::new("payment.created", &payment.to_object())],
             ..Commit::default()
         };
         commit.idempotency = self.idem.as_ref().map(|i| IdempotencyWrite {

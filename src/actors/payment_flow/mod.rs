@@ -130,10 +130,10 @@ pub fn settle_commit(payment: &Payment, now: chrono::DateTime<chrono::Utc>) -> O
             to: next.status(),
             cause: "reconciliation.settled".to_owned(),
         });
-        commit.outbox.push(OutboxEvent {
-            event_type: format!("payment.{}", next.status().as_str()),
-            payload: next.to_object(),
-        });
+        commit.outbox.push(OutboxEvent::new(
+            format!("payment.{}", next.status().as_str()),
+            &next.to_object(),
+        ));
     }
     Some((next, commit))
 }
@@ -338,10 +338,10 @@ impl<'a> Flow<'a> {
                 to: next.status(),
                 cause: cause.to_owned(),
             });
-            commit.outbox.push(OutboxEvent {
-                event_type: format!("payment.{}", next.status().as_str()),
-                payload: next.to_object(),
-            });
+            commit.outbox.push(OutboxEvent::new(
+                format!("payment.{}", next.status().as_str()),
+                &next.to_object(),
+            ));
         }
         commit.idempotency = self.idem.as_ref().map(|i| IdempotencyWrite {
             merchant_id: i.merchant.clone(),

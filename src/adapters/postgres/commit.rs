@@ -14,8 +14,9 @@ use std::future::Future;
 use std::pin::Pin;
 
 use chrono::{DateTime, Utc};
+use serde_json::value::RawValue;
 use serde_json::Value;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::Statement;
 
 use super::payments::Attempt;
@@ -97,7 +98,19 @@ pub struct ProcessedEvent {
 #[derive(Debug, Clone)]
 pub struct OutboxEvent {
     pub event_type: String,
-    pub payload: Value,
+    /// The object as JSON text: a commit carries it to the database, which keeps it as `jsonb`,
+    /// and nothing reads it back before then.
+    pub payload: Box<RawValue>,
+}
+
+impl OutboxEvent {
+    pub fn new(event_type: impl Into<String>, payload: &Value) -> OutboxEvent {
+        OutboxEvent {
+            event_type: event_type.into(),
+            // A tree of JSON values always serializes.
+            payload: serde_json::value::to_raw_value(payload).unwrap_or_else(|_| RawValue::NULL.to_owned()),
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -364,7 +377,7 @@ columns!(OutboxColumns {
     merchant_id: String,
     payment_id: String,
     event_type: String,
-    payload: Value,
+    payload: Json<Box<RawValue>>,
 });
 
 columns!(IdempotencyColumns {
@@ -650,7 +663,7 @@ impl Columns {
                 t.merchant_id.push(p.merchant_id.to_string());
                 t.payment_id.push(p.id.to_string());
                 t.event_type.push(e.event_type.clone());
-                t.payload.push(e.payload.clone());
+                t.payload.push(Json(e.payload.clone()));
             }
             if let Some(e) = &commit.processed_event {
                 let t = &mut c.processed;

@@ -281,7 +281,7 @@ impl Db {
     }
 
     /// Which of `keys` a run already applied for this connector: key → run id.
-    pub async fn applied_lines(&self, connector: &str, keys: &[String]) -> Result<HashMap<String, String>, StoreError> {
+    pub async fn applied_lines(&self, connector: &str, keys: &[&str]) -> Result<HashMap<String, String>, StoreError> {
         let client = self.client().await?;
         let rows = client
             .query(
@@ -293,74 +293,89 @@ impl Db {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// The merchant's payments at `psp` with these references, by reference.
+    /// The merchant's payments at `psp` with these references, by reference; and the ids of
+    /// those a line of `connector` matched already.
     pub async fn payments_by_references(
         &self,
         merchant: &MerchantId,
         psp: &str,
-        references: &[String],
-    ) -> Result<HashMap<String, Payment>, StoreError> {
+        connector: &str,
+        references: &[&str],
+    ) -> Result<(HashMap<String, Payment>, HashSet<String>), StoreError> {
         if references.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(Default::default());
         }
         let client = self.client().await?;
         let rows = client
             .query(
                 &format!(
-                    "SELECT {COLUMNS} FROM payments WHERE psp = $1 AND psp_reference = ANY($2) AND merchant_id = $3"
+                    "SELECT {COLUMNS}, EXISTS (SELECT 1 FROM settlement_lines l WHERE l.payment_id = payments.id
+                         AND l.kind = 'charge' AND l.outcome = 'matched' AND l.connector_id = $4)
+                     FROM payments WHERE psp = $1 AND psp_reference = ANY($2) AND merchant_id = $3"
                 ),
-                &[&psp, &references, &merchant.as_str()],
+                &[&psp, &references, &merchant.as_str(), &connector],
             )
             .await
             .map_err(pg_error)?;
-        let mut out = HashMap::with_capacity(rows.len());
+        let (mut out, mut matched) = (HashMap::with_capacity(rows.len()), HashSet::new());
         for r in &rows {
             let p = payment_from_row(r)?;
+            if r.get::<_, bool>(r.len() - 1) {
+                matched.insert(p.id.to_string());
+            }
             if let Some(reference) = p.psp_reference.clone() {
                 out.insert(reference, p);
             }
         }
-        Ok(out)
+        Ok((out, matched))
     }
 
+    /// The merchant's refunds with these references, by reference; and the ids of those a
+    /// line of `connector` matched already.
     pub async fn refunds_by_references(
         &self,
         merchant: &MerchantId,
-        references: &[String],
-    ) -> Result<HashMap<String, RefundFacts>, StoreError> {
+        connector: &str,
+        references: &[&str],
+    ) -> Result<(HashMap<String, RefundFacts>, HashSet<String>), StoreError> {
         if references.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(Default::default());
         }
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT psp_reference, id, payment_id, amount, currency::text, status FROM refunds
-                 WHERE psp_reference = ANY($1) AND merchant_id = $2",
-                &[&references, &merchant.as_str()],
+                "SELECT r.psp_reference, r.id, r.payment_id, r.amount, r.currency::text, r.status,
+                        EXISTS (SELECT 1 FROM settlement_lines l WHERE l.refund_id = r.id AND l.outcome = 'matched'
+                                AND l.connector_id = $3)
+                 FROM refunds r WHERE r.psp_reference = ANY($1) AND r.merchant_id = $2",
+                &[&references, &merchant.as_str(), &connector],
             )
             .await
             .map_err(pg_error)?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                (
-                    r.get(0),
-                    RefundFacts {
-                        id: r.get(1),
-                        payment_id: r.get(2),
-                        amount: r.get(3),
-                        currency: r.get(4),
-                        status: r.get(5),
-                    },
-                )
-            })
-            .collect())
+        let (mut out, mut matched) = (HashMap::with_capacity(rows.len()), HashSet::new());
+        for r in &rows {
+            let id: String = r.get(1);
+            if r.get::<_, bool>(6) {
+                matched.insert(id.clone());
+            }
+            out.insert(
+                r.get(0),
+                RefundFacts {
+                    id,
+                    payment_id: r.get(2),
+                    amount: r.get(3),
+                    currency: r.get(4),
+                    status: r.get(5),
+                },
+            );
+        }
+        Ok((out, matched))
     }
 
     pub async fn disputes_by_references(
         &self,
         merchant: &MerchantId,
-        references: &[String],
+        references: &[&str],
     ) -> Result<HashMap<String, DisputeFacts>, StoreError> {
         if references.is_empty() {
             return Ok(HashMap::new());
@@ -390,36 +405,6 @@ impl Db {
             .collect())
     }
 
-    /// Which of these captures (payment ids) or refunds a line of this connector already matched.
-    pub async fn already_matched(
-        &self,
-        connector: &str,
-        payments: &[String],
-        refunds: &[String],
-    ) -> Result<(HashSet<String>, HashSet<String>), StoreError> {
-        let client = self.client().await?;
-        let p = client
-            .query(
-                "SELECT payment_id FROM settlement_lines
-                 WHERE payment_id = ANY($1) AND kind = 'charge' AND outcome = 'matched' AND connector_id = $2",
-                &[&payments, &connector],
-            )
-            .await
-            .map_err(pg_error)?;
-        let r = client
-            .query(
-                "SELECT refund_id FROM settlement_lines
-                 WHERE refund_id = ANY($1) AND outcome = 'matched' AND connector_id = $2",
-                &[&refunds, &connector],
-            )
-            .await
-            .map_err(pg_error)?;
-        Ok((
-            p.iter().map(|r| r.get(0)).collect(),
-            r.iter().map(|r| r.get(0)).collect(),
-        ))
-    }
-
     /// Fresh planner statistics for `settlement_lines` (a sample: cheap at any size).
     pub async fn analyze_settlement_lines(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
@@ -430,7 +415,7 @@ impl Db {
     pub async fn matched_disputes(
         &self,
         connector: &str,
-        references: &[String],
+        references: &[&str],
     ) -> Result<Vec<(String, String)>, StoreError> {
         if references.is_empty() {
             return Ok(Vec::new());
