@@ -122,7 +122,10 @@ pub fn settle_commit(payment: &Payment, now: chrono::DateTime<chrono::Utc>) -> O
     next.state = state;
     next.version += 1;
     next.updated_at = now;
-    let mut commit = Commit::default();
+    let mut commit = Commit {
+        state_only: true,
+        ..Commit::default()
+    };
     if payment.status() != next.status() {
         commit.transition = Some(Transition {
             seq: payment.transitions,

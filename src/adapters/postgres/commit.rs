@@ -132,6 +132,10 @@ pub struct Commit {
     pub disputes: Vec<crate::domain::Dispute>,
     /// PSP-side facts the state machine could not take, for an operator: (payment, what).
     pub exceptions: Vec<(crate::domain::PaymentId, String)>,
+    /// The payment's update changes only its state (`PaymentState`), `version`, `transitions`
+    /// and `updated_at`: it is written by a statement that sends only those columns (a
+    /// settlement's, at report scale). Whoever sets it must change nothing else of the payment.
+    pub state_only: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +178,18 @@ const PAYMENTS_INSERT: &str = "INSERT INTO payments (id, merchant_id, order_id, 
         $18::jsonb[], $19::jsonb[], $20::text[], $21::text[], $22::jsonb[], $23::int4[], $24::int8[], $25::int4[],
         $26::int4[], $27::timestamptz[], $28::timestamptz[], $29::jsonb[], $30::jsonb[], $31::jsonb[], $32::jsonb[],
         $33::jsonb[])";
+
+/// [`PAYMENTS_UPDATE`] for a commit that changes only the payment's state (`Commit::state_only`).
+const PAYMENTS_STATE_UPDATE: &str = "UPDATE payments p SET status = u.status, amount_capturable = u.capturable,
+        amount_captured = u.captured, amount_refunded = u.refunded, refund_pending = u.refund_pending,
+        amount_disputed = u.disputed, settled = u.settled, version = u.version, transitions = u.transitions,
+        updated_at = u.updated_at
+    FROM unnest($1::text[], $2::int4[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[], $8::int8[],
+        $9::bool[], $10::int4[], $11::timestamptz[])
+        AS u(id, version, status, capturable, captured, refunded, refund_pending, disputed, settled, transitions,
+             updated_at)
+    WHERE p.id = u.id AND p.version = u.version - 1
+    RETURNING p.id";
 
 /// Only where the stored version is the one before: a row that moved on is not updated, and
 /// the missing id in RETURNING tells the batch it lost a race.
@@ -255,6 +271,7 @@ const BALANCES: &str = "INSERT INTO ledger_accounts (account, currency, slot, de
 struct Statements {
     payments_insert: Statement,
     payments_update: Statement,
+    payments_state_update: Statement,
     refunds: Statement,
     transitions: Statement,
     attempts_start: Statement,
@@ -275,6 +292,7 @@ impl Statements {
         Ok(Statements {
             payments_insert: p(PAYMENTS_INSERT).await?,
             payments_update: p(PAYMENTS_UPDATE).await?,
+            payments_state_update: p(PAYMENTS_STATE_UPDATE).await?,
             refunds: p(REFUNDS).await?,
             transitions: p(TRANSITIONS).await?,
             attempts_start: p(ATTEMPTS_START).await?,
@@ -326,6 +344,20 @@ columns!(RefundColumns {
     updated_at: DateTime<Utc>,
     reverse_splits: bool,
     refund_application_fee: bool,
+});
+
+columns!(StateColumns {
+    id: String,
+    version: i32,
+    status: &'static str,
+    capturable: i64,
+    captured: i64,
+    refunded: i64,
+    refund_pending: i64,
+    disputed: i64,
+    settled: bool,
+    transitions: i32,
+    updated_at: DateTime<Utc>,
 });
 
 columns!(TransitionColumns {
@@ -421,6 +453,7 @@ columns!(DisputeColumns {
 struct Columns {
     ins: PaymentColumns,
     upd: PaymentColumns,
+    state: StateColumns,
     refunds: RefundColumns,
     transitions: TransitionColumns,
     starts: AttemptStartColumns,
@@ -588,6 +621,19 @@ impl Columns {
             let at = p.updated_at;
             if p.version == 1 {
                 c.ins.push(p)?;
+            } else if commit.state_only {
+                let (s, t) = (&p.state, &mut c.state);
+                t.id.push(p.id.to_string());
+                t.version.push(p.version);
+                t.status.push(s.status.as_str());
+                t.capturable.push(s.capturable);
+                t.captured.push(s.captured);
+                t.refunded.push(s.refunded);
+                t.refund_pending.push(s.refund_pending);
+                t.disputed.push(s.disputed);
+                t.settled.push(s.settled);
+                t.transitions.push(p.transitions);
+                t.updated_at.push(p.updated_at);
             } else {
                 c.upd.push(p)?;
             }
@@ -744,6 +790,14 @@ impl Db {
             cols.upd.id.len(),
             cols.upd.update_params(),
         );
+        let state_check = queue(
+            &mut pending,
+            tx,
+            &st.payments_state_update,
+            true,
+            cols.state.len(),
+            cols.state.params(),
+        );
         queue(
             &mut pending,
             tx,
@@ -838,7 +892,9 @@ impl Db {
         // explains any error after it (a duplicate audit-trail seq, say), so it wins. Then a
         // key that was taken over.
         let count = |at: Option<usize>| at.and_then(|k| results[k].as_ref().ok().copied().flatten());
-        if matches!(count(stale_check), Some(n) if n as usize != cols.upd.id.len()) {
+        if matches!(count(stale_check), Some(n) if n as usize != cols.upd.id.len())
+            || matches!(count(state_check), Some(n) if n as usize != cols.state.len())
+        {
             return Err(CommitError::Stale);
         }
         if matches!(count(fence_check), Some(n) if n as usize != cols.idempotency.len()) {
