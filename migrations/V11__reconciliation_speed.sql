@@ -4,7 +4,7 @@
 -- One matched line per capture, refund and dispute (per connector), whichever chunk or run matched
 -- it first: unique partial indexes, so that a second one fails the INSERT that writes it. Lines
 -- that did not match keep their own partial indexes (the "missing in report" scan asks whether any
--- line named a capture or refund); every line is still in exactly one index of each pair.
+-- line named a capture or refund).
 DROP INDEX settlement_lines_payment;
 DROP INDEX settlement_lines_refund;
 DROP INDEX settlement_lines_dispute;

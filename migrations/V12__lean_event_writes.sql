@@ -7,6 +7,9 @@
 -- event's id while it waits for JetStream's acknowledgement; the relay locks and deletes it. A
 -- statement-level trigger notes every event an INSERT writes, whichever code path writes it, so
 -- no event can be committed and never published.
+-- Writers wait while the events still waiting move over (a node of the previous version may be
+-- committing events meanwhile).
+LOCK TABLE outbox IN SHARE ROW EXCLUSIVE MODE;
 CREATE TABLE outbox_pending (id bigint PRIMARY KEY);
 INSERT INTO outbox_pending SELECT id FROM outbox WHERE published_at IS NULL;
 

@@ -308,8 +308,7 @@ impl Reconciler {
             let (prepared, committed) = match waiting.take() {
                 Some(before) => {
                     let commit = self.commit_chunk(run_id, &sha, &req.connector, before, &mut totals);
-                    let (p, c) = futures_util::future::join(prepare, commit).await;
-                    (p, c)
+                    futures_util::future::join(prepare, commit).await
                 }
                 None => (prepare.await, Ok(())),
             };
@@ -419,7 +418,7 @@ impl Reconciler {
             mut write,
             mut already,
         } = chunk;
-        for attempt in 0..3 {
+        for attempt in 0..4 {
             if attempt > 0 {
                 (write, already) = self.prepare(run_id, sha, chunk_no, connector, &page).await?;
             }
@@ -735,8 +734,8 @@ impl Reconciler {
 
     /// Settles matched captures before their lines are recorded. A payment with a live actor
     /// is asked through it. The others are settled by the same state-machine step in commits
-    /// fenced by each payment's version, written in batches of [`SETTLE_BATCH`] (one
-    /// transaction each, the ledger shards' write path); a batch refused because one payment
+    /// fenced by each payment's version, written in [`SETTLE_BATCHES_IN_FLIGHT`] batches of at
+    /// most [`SETTLE_BATCH`] (one transaction each, the ledger shards' write path); a batch refused because one payment
     /// moved meanwhile (its actor woke up) goes one payment at a time through the shards, and a
     /// stale one through its actor.
     async fn settle(&self, connector: &Connector, payments: Vec<Payment>) -> Result<(), ReconError> {
@@ -746,9 +745,8 @@ impl Reconciler {
             .partition(|p| self.registry.live_mailbox(&p.id).is_some());
         let slot = crate::actors::ledger_shard::shard_of(connector.merchant_id.as_str(), self.ledger.shards()) as i16;
         // Batches go to PostgreSQL a few at a time: each is one transaction on its own
-        // connection, so they use the database's cores together.
-        // As many batches as go at once, each no larger than SETTLE_BATCH: none is left to run
-        // alone at the end.
+        // connection, so they use the database's cores together. As many batches as go at once,
+        // each no larger than SETTLE_BATCH: none is left to run alone at the end.
         let size = idle.len().div_ceil(SETTLE_BATCHES_IN_FLIGHT).clamp(1, SETTLE_BATCH);
         let outcomes: Vec<Result<Vec<Payment>, ReconError>> =
             futures_util::stream::iter(idle.chunks(size).map(|batch| async move {

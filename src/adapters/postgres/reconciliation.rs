@@ -449,8 +449,8 @@ impl Db {
     }
 
     /// Writes one chunk: its lines, exceptions and journals, and the balances they move, in
-    /// one transaction. Returns the lines and exceptions actually inserted (a line another
-    /// run got in first is not counted twice).
+    /// one transaction. `None` when the database refused it because a line of it, or a capture,
+    /// refund or dispute it matched, was applied since it was classified (nothing written).
     pub async fn apply_chunk(
         &self,
         connector: &Connector,
@@ -530,8 +530,7 @@ impl Db {
             .await
             .map_err(pg_error)?;
         }
-        // The lines; a key another run applied meanwhile is skipped (and its journal with it:
-        // this chunk's fee journal covers only the lines inserted here).
+        // The lines, each naming the journal that carried its fee.
         let fee_journal_of = |currency: &str| {
             w.fee_journals
                 .iter()
