@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use payrail::actors::error::PaymentError;
 use payrail::actors::ledger_shard::Ledger;
 use payrail::actors::payment_flow::{Live, PaymentDeps};
 use payrail::actors::store::{PgStore, SystemClock};
@@ -123,18 +124,20 @@ async fn activate(registry: &Arc<PaymentRegistry>, merchant: &MerchantId, count:
             let p = payment(&merchant, *i);
             async move {
                 let id = p.id.clone();
-                let call = PaymentCall::new(merchant, Op::Resolve, None);
-                registry
-                    .call_with(
-                        &id,
-                        Some(Live {
-                            payment: p,
-                            open: vec![],
-                        }),
-                        call,
-                    )
-                    .await
-                    .expect("actor answers")
+                // An operation the state machine refuses for a pending payment, answered from
+                // memory: the actor is started and stays live, and nothing is read or written.
+                // (`Resolve` starts from the store, where these payments are not.)
+                let call = PaymentCall::new(merchant, Op::Approve, None);
+                let live = Some(Live {
+                    payment: p,
+                    open: vec![],
+                });
+                if let Err(e) = registry.call_with(&id, live, call).await {
+                    assert!(
+                        matches!(e, PaymentError::Rejected { .. }),
+                        "the actor answers from memory: {e}"
+                    );
+                }
             }
         });
         futures_util::future::join_all(calls).await;

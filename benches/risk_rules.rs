@@ -32,11 +32,11 @@ fn main() {
         order_id: "ord".into(),
         fee_bps: 290,
         fee_fixed: 30,
-        customer: Some(Customer {
+        customer: Some(Box::new(Customer {
             email: Some("someone@shop.example".into()),
             ip: Some("203.0.113.9".into()),
             country: Some("FR".into()),
-        }),
+        })),
         ..Payment::pending(
             PaymentId::generate(),
             MerchantId::parse("mer_bench").unwrap(),

@@ -333,7 +333,7 @@ impl RiskCheck for RiskEngine {
             let decision = decide_risk(&m.rules, &signals);
             let amount = payment.state.amount;
             self.velocity
-                .count(payment.customer.as_ref(), card, amount, payment.updated_at);
+                .count(payment.customer.as_deref(), card, amount, payment.updated_at);
             Ok(decision)
         })
     }

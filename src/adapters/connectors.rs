@@ -250,7 +250,7 @@ impl Connectors for Directory {
             let facts = Facts {
                 currency: payment.currency,
                 amount: payment.state.amount,
-                card: payment.card.as_ref(),
+                card: payment.card.as_deref(),
                 metadata: &payment.metadata,
                 key: stable_hash(payment.id.as_str()),
             };

@@ -72,8 +72,8 @@ fn new_payment(state: &AppState, merchant: &Merchant, body: &[u8]) -> Result<(Pa
         metadata: f.opt_metadata("metadata")?.unwrap_or_default(),
         fee_bps: merchant.fee_bps,
         fee_fixed: merchant.fee_fixed,
-        customer: f.opt_customer("customer")?,
-        splits: splits(&obj, &f, amount.minor)?,
+        customer: f.opt_customer("customer")?.map(Box::new),
+        splits: splits(&obj, &f, amount.minor)?.map(Box::new),
         ..Payment::pending(
             PaymentId::generate(),
             merchant.id.clone(),

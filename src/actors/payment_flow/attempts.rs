@@ -561,9 +561,9 @@ impl Flow<'_> {
             },
         };
         if accepted {
-            next.next_action = o.next_action.clone();
+            next.next_action = o.next_action.clone().map(Box::new);
             if o.failure.is_some() {
-                next.failure = o.failure.clone();
+                next.failure = o.failure.clone().map(Box::new);
             }
         }
         if let (Some(a), Some(r)) = (attempt, next.routing.as_mut()) {

@@ -25,7 +25,7 @@ impl Flow<'_> {
             Err(PspError::Unavailable(_) | PspError::NotSent(_)) => return Err(PaymentError::Unavailable("psp").into()),
         };
         let mut assessed = payment.clone();
-        assessed.card = card.clone();
+        assessed.card = card.clone().map(Box::new);
         let decision = self.deps.risk.assess(&assessed, card.as_ref()).await?;
         self.deps.metrics.risk_decision(decision.outcome.as_str());
         if decision.outcome != RiskAction::Allow {
@@ -40,11 +40,11 @@ impl Flow<'_> {
             .map_err(|r| PaymentError::rejected(r, "payment_method"))?;
         let rule = next.risk.as_ref().and_then(|r| r.rule.clone()).unwrap_or_default();
         next.state = state;
-        next.failure = Some(Failure {
+        next.failure = Some(Box::new(Failure {
             code: "blocked".into(),
             decline_code: None,
             message: format!("The payment was blocked by the risk rule {rule}."),
-        });
+        }));
         let body = reply_body(&next.to_object());
         let commit = self.transition_commit(
             &self.live.payment.clone(),
@@ -138,7 +138,7 @@ impl Flow<'_> {
     ) -> Result<(), Halt> {
         let found = self.deps.connectors.get(&next.merchant_id, Some(&connector)).await?;
         let kind = found.ok_or(PaymentError::Unavailable("connector"))?.kind;
-        let mut routing = next.routing.take().unwrap_or(crate::domain::Routing {
+        let mut routing = next.routing.take().map(|r| *r).unwrap_or(crate::domain::Routing {
             connector_id: String::new(),
             rule: String::new(),
             attempts: Vec::new(),
@@ -146,7 +146,7 @@ impl Flow<'_> {
         routing.started(attempt.id.as_str(), "authorize", &connector);
         routing.connector_id = connector.clone();
         routing.rule = rule;
-        next.routing = Some(routing);
+        next.routing = Some(Box::new(routing));
         next.psp = kind.to_owned();
         attempt.connector_id = Some(connector);
         self.unsent = Some(attempt.id.clone());
@@ -194,7 +194,7 @@ impl Flow<'_> {
         if confirm {
             let (card, decision) = self.assess(&payment).await?;
             blocked = decision.outcome == RiskAction::Block;
-            payment.card = card;
+            payment.card = card.map(Box::new);
             payment.risk = Some(decision);
         }
         let object = reply_body(&payment.to_object());
@@ -255,7 +255,7 @@ impl Flow<'_> {
         // The merchant's risk rules decide before the PSP hears of the payment.
         let (card, decision) = self.assess(&next).await?;
         let blocked = decision.outcome == RiskAction::Block;
-        next.card = card;
+        next.card = card.map(Box::new);
         next.risk = Some(decision);
         if blocked {
             return self.block(next, status).await;
