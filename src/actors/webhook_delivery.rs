@@ -15,7 +15,7 @@
 //! waits in PostgreSQL. At least once: a crash between a 2xx and its record sends it again.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -159,7 +159,7 @@ impl WebhookDelivery {
                 stats,
                 cache,
                 workers: RefCell::new(HashMap::new()),
-                held: RefCell::new(HashSet::new()),
+                held: RefCell::new(HashMap::new()),
                 in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT_TOTAL)),
                 outcomes,
                 shutdown,
@@ -193,7 +193,9 @@ struct Shared {
     workers: RefCell<HashMap<String, mpsc::Sender<Job>>>,
     /// Deliveries this node holds (in a mailbox or in flight): a claim that finds one of them
     /// again (its lease ran out while it waited) does not queue it twice.
-    held: RefCell<HashSet<i64>>,
+    /// Deliveries waiting or in flight on this node, with the retry window they were claimed
+    /// in (a redelivery asked for meanwhile opens a new one).
+    held: RefCell<HashMap<i64, DateTime<Utc>>>,
     /// POSTs in flight over all endpoints.
     in_flight: Arc<Semaphore>,
     outcomes: mpsc::Sender<Attempt>,
@@ -228,14 +230,15 @@ impl Shared {
     /// Puts `job` in its endpoint's mailbox, starting the worker if needed. False when there is
     /// no room: the caller gives the delivery back to PostgreSQL ([`Shared::release`]).
     fn hand(self: &Rc<Self>, job: Job) -> bool {
-        if self.held.borrow().contains(&job.delivery_id) {
-            // Already here, waiting or in flight; the claim only renewed its lease.
+        if self.held.borrow().get(&job.delivery_id) == Some(&job.retry_until) {
+            // Already here, waiting or in flight; the claim only renewed its lease. (Claimed in
+            // another window, it is a redelivery asked for meanwhile: it is sent again.)
             return true;
         }
         if self.room() == 0 {
             return false;
         }
-        let delivery = job.delivery_id;
+        let (delivery, window) = (job.delivery_id, job.retry_until);
         let id = job.endpoint.id.clone();
         let sender = {
             let mut workers = self.workers.borrow_mut();
@@ -250,7 +253,7 @@ impl Shared {
         };
         match sender.try_send(job) {
             Ok(()) => {
-                self.held.borrow_mut().insert(delivery);
+                self.held.borrow_mut().insert(delivery, window);
                 self.stats.mailbox_depth.fetch_add(1, Ordering::Relaxed);
                 true
             }
@@ -318,6 +321,7 @@ impl Shared {
             error: sent.error,
             succeeded: sent.outcome == "succeeded",
             next_attempt_at,
+            retry_until: job.retry_until,
         };
         // Bounded: when the recorder is behind, POSTs wait here.
         let _ = self.outcomes.send(attempt).await;
@@ -345,9 +349,12 @@ async fn work(shared: Rc<Shared>, endpoint: String, mut rx: mpsc::Receiver<Job>)
         let s = shared.clone();
         actix_rt::spawn(async move {
             let _permits = (permit, total);
-            let delivery = job.delivery_id;
+            let (delivery, window) = (job.delivery_id, job.retry_until);
             s.attempt(job).await;
-            s.held.borrow_mut().remove(&delivery);
+            let mut held = s.held.borrow_mut();
+            if held.get(&delivery) == Some(&window) {
+                held.remove(&delivery);
+            }
         });
     }
     // Same poll as the timeout: nothing was sent to this mailbox in between.

@@ -1,7 +1,7 @@
 //! Merchant webhooks: the events API, endpoints, signed deliveries (verified by stripe-python),
 //! filters, rotation, retries and the delivery log, redelivery, disabling, and SSRF refusals.
 
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,13 +20,14 @@ pub struct Hit {
 }
 
 /// A local HTTP endpoint that records what it receives and answers `status`, with `answer` as
-/// the body if set, and `Location: <redirect>` if set.
+/// the body if set, and `Location: <redirect>` if set, after `delay_ms`.
 pub struct Receiver {
     pub url: String,
     pub hits: Arc<Mutex<Vec<Hit>>>,
     pub status: Arc<AtomicU16>,
     pub answer: Arc<Mutex<Option<String>>>,
     pub redirect: Arc<Mutex<Option<String>>>,
+    pub delay_ms: Arc<AtomicU64>,
 }
 
 impl Receiver {
@@ -35,13 +36,20 @@ impl Receiver {
         let status = Arc::new(AtomicU16::new(200));
         let answer: Arc<Mutex<Option<String>>> = Arc::default();
         let redirect: Arc<Mutex<Option<String>>> = Arc::default();
+        let delay_ms = Arc::new(AtomicU64::new(0));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let (h, s, a, r) = (hits.clone(), status.clone(), answer.clone(), redirect.clone());
+        let (h, s, a, r, d) = (
+            hits.clone(),
+            status.clone(),
+            answer.clone(),
+            redirect.clone(),
+            delay_ms.clone(),
+        );
         let server = HttpServer::new(move || {
-            let (h, s, a, r) = (h.clone(), s.clone(), a.clone(), r.clone());
+            let (h, s, a, r, d) = (h.clone(), s.clone(), a.clone(), r.clone(), d.clone());
             App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-                let (h, s, a, r) = (h.clone(), s.clone(), a.clone(), r.clone());
+                let (h, s, a, r, d) = (h.clone(), s.clone(), a.clone(), r.clone(), d.clone());
                 async move {
                     let signature = req
                         .headers()
@@ -55,6 +63,10 @@ impl Receiver {
                         body: body.to_vec(),
                         event,
                     });
+                    let delay = d.load(Ordering::SeqCst);
+                    if delay > 0 {
+                        actix_rt::time::sleep(Duration::from_millis(delay)).await;
+                    }
                     let code = s.load(Ordering::SeqCst);
                     let mut resp = HttpResponse::build(actix_web::http::StatusCode::from_u16(code).unwrap());
                     if let Some(to) = r.lock().unwrap().clone() {
@@ -80,6 +92,7 @@ impl Receiver {
             status,
             answer,
             redirect,
+            delay_ms,
         }
     }
 
@@ -864,4 +877,44 @@ async fn a_delivery_whose_lease_ran_out_is_made_by_the_poller() {
     })
     .await;
     assert_eq!(receiver.hits().len(), 1);
+}
+
+#[actix_web::test]
+async fn a_redelivery_asked_for_while_a_delivery_is_under_way_is_made_too() {
+    // The outcome of the attempt under way must not be recorded over the new request.
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    let endpoint = create_endpoint(
+        &app,
+        json!({ "url": receiver.url, "enabled_events": ["payment.created"] }),
+    )
+    .await;
+    let id = endpoint["id"].as_str().unwrap().to_owned();
+    app.pay(100, "pm_card_visa", "manual", false).await;
+    wait_for("the first delivery", 15, async || !receiver.hits().is_empty()).await;
+    let event = receiver.hits()[0].event["id"].as_str().unwrap().to_owned();
+    wait_for("the first delivery to be recorded", 15, async || {
+        let log = app.get(&format!("/api/v1/webhook_endpoints/{id}/deliveries")).await;
+        log.body["data"][0]["status"] == "succeeded"
+    })
+    .await;
+    // The endpoint answers slowly: the redelivery is under way while the second is asked for.
+    receiver.delay_ms.store(1500, Ordering::SeqCst);
+    let redeliver = async || {
+        let r = app
+            .post(&format!("/api/v1/events/{event}/redeliver"), json!({ "endpoint": id }))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+    redeliver().await;
+    wait_for("the redelivery to arrive", 15, async || receiver.hits().len() == 2).await;
+    redeliver().await;
+    receiver.delay_ms.store(0, Ordering::SeqCst);
+    wait_for("the second redelivery", 15, async || receiver.hits().len() >= 3).await;
+    assert!(receiver.hits().iter().all(|h| h.event["id"] == event.as_str()));
+    wait_for("the last one to be recorded", 15, async || {
+        let log = app.get(&format!("/api/v1/webhook_endpoints/{id}/deliveries")).await;
+        log.body["data"][0]["status"] == "succeeded"
+    })
+    .await;
 }

@@ -177,6 +177,10 @@ pub struct Attempt {
     pub succeeded: bool,
     /// The next try when it failed; `None` when it succeeded or the retry window is over.
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The retry window the attempt was made in. A redelivery requested while it was under way
+    /// opens a new one, and this outcome is then not recorded over it: the delivery is made
+    /// again, as asked.
+    pub retry_until: DateTime<Utc>,
 }
 
 /// One row of an endpoint's delivery log.
@@ -601,6 +605,7 @@ impl Db {
         let errors: Vec<Option<&str>> = attempts.iter().map(|a| a.error.as_deref()).collect();
         let succeeded: Vec<bool> = attempts.iter().map(|a| a.succeeded).collect();
         let next: Vec<Option<DateTime<Utc>>> = attempts.iter().map(|a| a.next_attempt_at).collect();
+        let windows: Vec<DateTime<Utc>> = attempts.iter().map(|a| a.retry_until).collect();
         let mut healthy: Vec<&str> = attempts
             .iter()
             .filter(|a| a.succeeded)
@@ -618,7 +623,8 @@ impl Db {
 
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        // A delivery settled or tried again meanwhile (a lease that ran out) stays as it was.
+        // A delivery settled or tried again meanwhile (a lease that ran out), or redelivered on
+        // request meanwhile (a new retry window), stays as it was.
         let update = tx
             .prepare_cached(
                 "UPDATE webhook_deliveries d SET
@@ -629,16 +635,16 @@ impl Db {
                      next_attempt_at = CASE WHEN t.ok THEN NULL ELSE t.next END,
                      delivered_at = CASE WHEN t.ok THEN t.at END
                  FROM unnest($1::bigint[], $2::timestamptz[], $3::smallint[], $4::int[], $5::text[], $6::text[],
-                             $7::bool[], $8::timestamptz[], $9::int[])
-                      AS t(id, at, code, latency, response, error, ok, next, prev)
-                 WHERE d.id = t.id AND d.status = 'pending' AND d.attempts = t.prev",
+                             $7::bool[], $8::timestamptz[], $9::int[], $10::timestamptz[])
+                      AS t(id, at, code, latency, response, error, ok, next, prev, until)
+                 WHERE d.id = t.id AND d.status = 'pending' AND d.attempts = t.prev AND d.retry_until = t.until",
             )
             .await
             .map_err(pg_error)?;
         tx.execute(
             &update,
             &[
-                &ids, &ats, &codes, &latencies, &responses, &errors, &succeeded, &next, &prev,
+                &ids, &ats, &codes, &latencies, &responses, &errors, &succeeded, &next, &prev, &windows,
             ],
         )
         .await
