@@ -191,10 +191,10 @@ struct Shared {
     cache: Arc<EndpointCache>,
     client: WebhookClient,
     workers: RefCell<HashMap<String, mpsc::Sender<Job>>>,
-    /// Deliveries this node holds (in a mailbox or in flight): a claim that finds one of them
-    /// again (its lease ran out while it waited) does not queue it twice.
-    /// Deliveries waiting or in flight on this node, with the retry window they were claimed
-    /// in (a redelivery asked for meanwhile opens a new one).
+    /// Deliveries this node holds (in a mailbox or in flight), with the retry window they were
+    /// claimed in: a claim that finds one of them again in the same window (its lease ran out
+    /// while it waited) does not queue it twice; in a new window (a redelivery asked for
+    /// meanwhile) it is queued again.
     held: RefCell<HashMap<i64, DateTime<Utc>>>,
     /// POSTs in flight over all endpoints.
     in_flight: Arc<Semaphore>,
