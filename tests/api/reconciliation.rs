@@ -657,3 +657,46 @@ async fn the_database_refuses_a_chunk_whose_lines_or_captures_were_applied_since
     assert_eq!(err.code(), Some(&SqlState::FOREIGN_KEY_VIOLATION), "{err}");
     assert!(db.verify_ledger().await.unwrap().is_clean());
 }
+
+#[actix_web::test]
+async fn a_settlement_written_from_a_stale_payment_is_refused_and_lands_once() {
+    // The narrow state-only update is fenced by the payment's version like the full one: a
+    // settlement computed from a copy that another writer moved past is refused as stale.
+    use payrail::actors::payment_flow::settle_commit_standalone;
+    use payrail::adapters::postgres::commit::CommitError;
+
+    let app = spawn_app_with(quiet).await;
+    let paid = app.pay(2500, "pm_card_visa", "automatic", true).await;
+    let id = payrail::domain::PaymentId::parse(paid.body["payment_id"].as_str().unwrap()).unwrap();
+    let db = &app.state.db;
+    let (stale, _) = db.load_payment(&id).await.unwrap().unwrap();
+    let first = settle_commit_standalone(&stale, chrono::Utc::now()).unwrap();
+    assert!(first.state_only);
+    db.commit_batch(&[&first], 0).await.unwrap();
+    let again = settle_commit_standalone(&stale, chrono::Utc::now()).unwrap();
+    assert!(matches!(db.commit_batch(&[&again], 0).await, Err(CommitError::Stale)));
+    let (now, _) = db.load_payment(&id).await.unwrap().unwrap();
+    assert_eq!(now.status().as_str(), "settled");
+    assert_eq!(now.version, stale.version + 1);
+    // The card and the routing the narrow update does not write are as they were.
+    assert_eq!((&now.card, &now.routing), (&stale.card, &stale.routing));
+    let id_str = id.to_string();
+    assert_eq!(
+        scalar(
+            &app,
+            &format!(
+                "SELECT count(*) FROM payment_transitions WHERE payment_id = '{id_str}' AND to_status = 'settled'"
+            )
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        scalar(
+            &app,
+            &format!("SELECT count(*) FROM outbox WHERE payment_id = '{id_str}' AND event_type = 'payment.settled'")
+        )
+        .await,
+        1
+    );
+}
