@@ -19,6 +19,7 @@ use crate::actors::payment_flow::PaymentDeps;
 use crate::actors::store::{PgStore, SystemClock};
 use crate::actors::PaymentRegistry;
 use crate::adapters::nats::{Nats, NatsError};
+use crate::adapters::postgres::node_lock::{NodeLock, NodeLockError};
 use crate::adapters::postgres::{Db, SetupError};
 use crate::adapters::psp::sandbox::SandboxPsp;
 use crate::adapters::psp::sandbox_webhooks::Notifier;
@@ -40,6 +41,8 @@ pub enum StartError {
     Config(String),
     #[error("demo merchant: {0}")]
     Demo(crate::adapters::postgres::StoreError),
+    #[error(transparent)]
+    NodeLock(#[from] NodeLockError),
 }
 
 pub struct Application {
@@ -47,6 +50,8 @@ pub struct Application {
     server: Server,
     state: web::Data<AppState>,
     shutdown: crate::shutdown::Shutdown,
+    /// Held while this process serves; released when it is dropped.
+    node_lock: NodeLock,
 }
 
 impl Application {
@@ -58,6 +63,10 @@ impl Application {
         if !applied.is_empty() {
             tracing::info!(?applied, "migrations applied");
         }
+        // Before anything that acts on the database's payments: one node per database.
+        let node_lock = db
+            .node_lock(Duration::from_millis(config.database.node_lock_wait_ms))
+            .await?;
         let nats = Nats::connect(&config.nats).await?;
         if config.sandbox.demo_merchant {
             db.ensure_demo_merchant(config.payments.default_fee_bps, config.payments.default_fee_fixed)
@@ -259,11 +268,19 @@ impl Application {
             shutdown.clone(),
         ));
         crate::actors::outbox_relay::spawn(state.db.clone(), state.nats.clone(), shutdown.clone());
+        // Another node took the lock while this one's session was down: stop serving.
+        let (lost, handle) = (node_lock.lost(), server.handle());
+        actix_rt::spawn(async move {
+            if lost.await {
+                handle.stop(false).await;
+            }
+        });
         Ok(Application {
             port,
             server,
             state,
             shutdown,
+            node_lock,
         })
     }
 
@@ -273,6 +290,11 @@ impl Application {
 
     pub fn state(&self) -> web::Data<AppState> {
         self.state.clone()
+    }
+
+    /// Stops the server from outside, as SIGTERM does (tests stop one node to start another).
+    pub fn server_handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
     }
 
     /// Serves until SIGTERM or SIGINT, then stops gracefully: no new connections, in-flight
@@ -288,6 +310,11 @@ impl Application {
             tracing::info!("payrail stopped cleanly");
         } else {
             tracing::warn!("background loops still running at the shutdown bound; exiting anyway");
+        }
+        if self.node_lock.is_lost() {
+            return Err(std::io::Error::other(
+                "another payrail node took this database's node lock; stopped serving",
+            ));
         }
         served
     }

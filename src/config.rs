@@ -136,6 +136,15 @@ pub struct DatabaseConfig {
     pub pool_wait_ms: u64,
     pub connect_timeout_ms: u64,
     pub statement_timeout_ms: u64,
+    /// How long `payrail serve` waits for another node on this database to go before it
+    /// refuses to start (one node per database; a restart after `kill -9` may find the old
+    /// session not yet ended).
+    #[serde(default = "default_node_lock_wait_ms")]
+    pub node_lock_wait_ms: u64,
+}
+
+fn default_node_lock_wait_ms() -> u64 {
+    5_000
 }
 
 impl std::fmt::Debug for DatabaseConfig {

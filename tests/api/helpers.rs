@@ -81,6 +81,8 @@ pub struct TestApp {
     pub database_url: String,
     /// This app made its database (another app of the test may share it).
     owns_database: bool,
+    server: actix_web::dev::ServerHandle,
+    running: Mutex<Option<actix_rt::task::JoinHandle<std::io::Result<()>>>>,
 }
 
 /// A passing test's database is dropped when its app goes. The app's ledger shards and webhook
@@ -196,8 +198,9 @@ async fn clean_up_old_runs(config: &Config) {
     }
 }
 
-pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
-    captured_logs();
+/// The configuration every test app starts from: config.toml with a database and a stream
+/// prefix of its own, on port 0.
+pub fn test_config() -> Config {
     let mut config = Config::load(std::path::Path::new(repo_config_path())).expect("config.toml");
     let base = config
         .database
@@ -210,6 +213,12 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
     config.server.bind = "127.0.0.1:0".into();
     config.server.workers = 1;
     config.nats.stream_prefix = stream_prefix();
+    config
+}
+
+pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
+    captured_logs();
+    let mut config = test_config();
     clean_up_old_runs(&config).await;
     let made = config.database.url.clone();
     configure(&mut config);
@@ -218,7 +227,8 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
     let app = Application::build(config).await.expect("payrail starts");
     let address = format!("http://127.0.0.1:{}", app.port());
     let state = app.state();
-    actix_rt::spawn(app.run_until_stopped());
+    let server = app.server_handle();
+    let running = Mutex::new(Some(actix_rt::spawn(app.run_until_stopped())));
     let client = Client::builder().timeout(Duration::from_secs(30)).finish();
     TestApp {
         address,
@@ -226,10 +236,31 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
         state,
         database_url,
         owns_database,
+        server,
+        running,
     }
 }
 
 impl TestApp {
+    /// Stops this app as SIGTERM would, and waits until it has: its background loops are done
+    /// and its node lock released, so another app may serve its database.
+    pub async fn stop(&self) -> std::io::Result<()> {
+        self.server.stop(true).await;
+        self.stopped_within(Duration::from_secs(30)).await
+    }
+
+    /// Waits for this app to stop on its own, and returns how its run ended.
+    pub async fn stopped_within(&self, bound: Duration) -> std::io::Result<()> {
+        let running = self.running.lock().unwrap().take();
+        match running {
+            Some(r) => actix_rt::time::timeout(bound, r)
+                .await
+                .expect("the app stops in time")
+                .expect("run_until_stopped"),
+            None => Ok(()),
+        }
+    }
+
     pub async fn request(
         &self,
         method: &str,

@@ -21,6 +21,7 @@ mod recovery;
 mod reports;
 mod risk;
 mod routing;
+mod single_node;
 mod stripe;
 mod validation;
 mod webhooks_out;

@@ -61,6 +61,7 @@ async fn a_confirm_left_open_by_a_psp_timeout_is_completed_once_by_its_retry() {
     assert_eq!(slow.count("journals").await, 0);
 
     // payrail comes back with a PSP that answers: the retry resends the same attempt.
+    slow.stop().await.unwrap();
     let healthy = spawn_app_with(|c| c.database.url = slow.database_url.clone()).await;
     let r = healthy
         .request("POST", "/api/v1/payments", Some(DEMO_KEY), Some("k-open"), Some(CREATE))
@@ -80,20 +81,38 @@ async fn a_confirm_left_open_by_a_psp_timeout_is_completed_once_by_its_retry() {
     assert_eq!((replay.status, replay.raw == r.raw), (201, true));
 }
 
+/// Sets the added latency of the demo merchant's sandbox connector.
+async fn set_latency(app: &TestApp, ms: u64) {
+    let connector = app.get("/api/v1/connectors").await.body["data"][0].clone();
+    let path = format!(
+        "/admin/v1/merchants/{}/connectors/{}",
+        connector["merchant_id"].as_str().unwrap(),
+        connector["id"].as_str().unwrap()
+    );
+    let body = json!({ "settings": { "latency_ms": ms } }).to_string();
+    let token = app.state.config.admin.token.clone();
+    let r = app.request("POST", &path, Some(&token), None, Some(&body)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
 #[actix_web::test]
 async fn a_refund_left_open_stays_reserved_and_its_retry_completes_it_once() {
-    let healthy = spawn_app().await;
+    let healthy = spawn_app_with(|c| c.psp.timeout_ms = 150).await;
     let p = healthy.pay(3000, "pm_card_visa", "automatic", true).await.body["payment_id"]
         .as_str()
         .unwrap()
         .to_owned();
-    let slow = app_with_a_psp_that_times_out(Some(&healthy.database_url)).await;
+    // The payment's connector turns slow: the refund's call is left open (it may have been
+    // made). The embedded sandbox keeps its charges in memory, so this is one process
+    // throughout, its connector slowed and then restored.
+    set_latency(&healthy, 600).await;
     let path = format!("/api/v1/payments/{p}/refunds");
     let body = r#"{"amount":{"value":2000,"currency":"USD"}}"#;
-    let r = slow
+    let r = healthy
         .request("POST", &path, Some(DEMO_KEY), Some("rf-open"), Some(body))
         .await;
     assert_eq!(r.status, 503, "{}", r.body);
+    set_latency(&healthy, 0).await;
 
     // The pending refund holds its amount: a second refund cannot take it.
     let r = healthy
@@ -231,6 +250,7 @@ async fn an_attempt_left_open_is_completed_even_if_no_client_returns() {
         .await;
     assert_eq!(r.status, 503);
     // A restarted payrail with a working PSP finds it on its own.
+    slow.stop().await.unwrap();
     let healthy = spawn_app_with(|c| {
         c.database.url = slow.database_url.clone();
         c.psp.timeout_ms = 200;

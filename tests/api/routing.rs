@@ -944,6 +944,7 @@ async fn an_open_stripe_attempt_past_stripes_key_window_is_not_sent_again() {
     .await
     .unwrap();
     // A fresh process reads the payment from the store.
+    first.stop().await.unwrap();
     let url = first.database_url.clone();
     let second = spawn_app_with(move |c| {
         c.database.url = url;

@@ -7,6 +7,7 @@ pub mod events;
 pub mod idempotency;
 pub mod ledger;
 pub mod merchants;
+pub mod node_lock;
 pub mod outbox;
 pub mod payments;
 pub mod payouts;
@@ -95,6 +96,8 @@ pub struct Db {
     /// Woken when a commit wrote outbox rows, so the relay publishes them at once instead of
     /// at its next poll.
     outbox_ready: std::sync::Arc<tokio::sync::Notify>,
+    /// The sessions' settings, for the node lock's own connection.
+    pg: std::sync::Arc<tokio_postgres::Config>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +131,7 @@ impl Db {
         }
         ensure_database(&pg).await?;
         let manager = Manager::from_config(
-            pg,
+            pg.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -146,6 +149,7 @@ impl Db {
         Ok(Db {
             pool,
             outbox_ready: Default::default(),
+            pg: std::sync::Arc::new(pg),
         })
     }
 
@@ -180,6 +184,12 @@ impl Db {
         let more = page.len() as i64 > limit;
         page.truncate(limit as usize);
         Ok((page, more))
+    }
+
+    /// Takes this database's node lock (one serving payrail per database), waiting up to
+    /// `wait` for a holder to go.
+    pub async fn node_lock(&self, wait: Duration) -> Result<node_lock::NodeLock, node_lock::NodeLockError> {
+        node_lock::NodeLock::acquire(&self.pg, wait).await
     }
 
     /// Tells the outbox relay that rows are waiting.
