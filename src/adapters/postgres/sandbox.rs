@@ -106,22 +106,21 @@ impl Db {
         amount: i64,
         currency: &str,
     ) -> Result<(), StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_error)?;
-        tx.batch_execute("SET LOCAL synchronous_commit TO OFF")
-            .await
-            .map_err(pg_error)?;
-        let stmt = tx
+        let client = self.client().await?;
+        // One statement, its own transaction: `set_config(…, true)` turns the WAL flush off for
+        // this transaction only (a `SET LOCAL` would need BEGIN and COMMIT round trips).
+        let stmt = client
             .prepare_cached(
                 "INSERT INTO sandbox_settlement_book (merchant_id, kind, reference, intent, amount, currency)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (kind, reference) DO NOTHING",
+                 SELECT $1, $2, $3, $4, $5, $6 FROM (SELECT set_config('synchronous_commit', 'off', true)) async_commit
+                 ON CONFLICT (kind, reference) DO NOTHING",
             )
             .await
             .map_err(pg_error)?;
-        tx.execute(&stmt, &[&merchant, &kind, &reference, &intent, &amount, &currency])
+        client
+            .execute(&stmt, &[&merchant, &kind, &reference, &intent, &amount, &currency])
             .await
             .map_err(pg_error)?;
-        tx.commit().await.map_err(pg_error)?;
         Ok(())
     }
 
