@@ -6,15 +6,30 @@ use std::fmt;
 macro_rules! prefixed_id {
     ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-        #[serde(transparent)]
-        pub struct $name(String);
+        ///
+        /// Shared, not copied: a clone is a reference count, so a payment's actor, its registry
+        /// entry and its state hold one id between them, and every payment of a merchant one
+        /// merchant id.
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(std::sync::Arc<str>);
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                String::deserialize(d).map(Self::from_trusted)
+            }
+        }
 
         impl $name {
             pub const PREFIX: &'static str = $prefix;
 
             pub fn generate() -> Self {
-                $name(format!("{}{}", $prefix, uuid::Uuid::now_v7().simple()))
+                $name(format!("{}{}", $prefix, uuid::Uuid::now_v7().simple()).into())
             }
 
             /// Accepts what `generate` makes and what an older deployment may have made: the
@@ -24,12 +39,12 @@ macro_rules! prefixed_id {
                 let ok = !body.is_empty()
                     && body.len() <= 64
                     && body.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-                ok.then(|| $name(s.to_owned()))
+                ok.then(|| $name(s.into()))
             }
 
             /// For values read back from our own storage, which only ever holds valid ids.
             pub fn from_trusted(s: String) -> Self {
-                $name(s)
+                $name(s.into())
             }
 
             pub fn as_str(&self) -> &str {
