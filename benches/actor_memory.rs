@@ -80,6 +80,7 @@ async fn main() {
         metrics,
     };
     let registry = Arc::new(PaymentRegistry::new(deps, config.actors.clone()));
+    registry.spawn_passivation();
     let merchant = MerchantId::parse("mer_bench").unwrap();
 
     let before = rss_bytes();

@@ -142,6 +142,7 @@ impl Application {
             metrics: metrics.clone(),
         };
         let registry = Arc::new(PaymentRegistry::new(deps, config.actors.clone()));
+        registry.spawn_passivation();
         // Before any request can start a run: a run still `running` now was left by a process
         // that stopped.
         match db.fail_abandoned_runs().await {

@@ -26,6 +26,13 @@ impl ActorStats {
     }
 }
 
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// How many recent messages a mailbox remembers for operators.
 pub const RECENT: usize = 20;
 
@@ -33,10 +40,13 @@ pub const RECENT: usize = 20;
 #[derive(Debug)]
 pub struct Mailbox {
     depth: AtomicI64,
-    /// Milliseconds since the Unix epoch of the last message taken up; 0 before the first.
+    /// Milliseconds since the Unix epoch of the last message taken up or finished (payment
+    /// actors say when they finish one); 0 before the first.
     last_message_ms: AtomicI64,
     /// The actor's own status, as an index its kind defines (`UNKNOWN` until it says).
     status: AtomicU8,
+    /// A passivation request is on its way to the actor: the sweep does not send another.
+    passivation_asked: std::sync::atomic::AtomicBool,
     /// The last `RECENT` messages taken up: their type and time, never their content. A std
     /// Mutex: held for one push, never across an await.
     recent: Mutex<VecDeque<(&'static str, i64)>>,
@@ -51,7 +61,9 @@ impl Mailbox {
             depth: AtomicI64::new(0),
             last_message_ms: AtomicI64::new(0),
             status: AtomicU8::new(Mailbox::UNKNOWN),
-            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
+            passivation_asked: std::sync::atomic::AtomicBool::new(false),
+            // Grown as messages come (most payments see a handful), never past RECENT.
+            recent: Mutex::new(VecDeque::new()),
             kind,
         }
     }
@@ -74,14 +86,14 @@ impl Mailbox {
     pub fn received(&self, name: &'static str) {
         self.left();
         self.kind.messages.fetch_add(1, Ordering::Relaxed);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let now = now_ms();
         self.last_message_ms.store(now, Ordering::Relaxed);
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if recent.len() == RECENT {
             recent.pop_front();
+        } else if recent.len() == recent.capacity() {
+            let more = recent.capacity().max(2).min(RECENT - recent.len());
+            recent.reserve_exact(more);
         }
         recent.push_back((name, now));
     }
@@ -94,6 +106,30 @@ impl Mailbox {
     fn left(&self) {
         self.depth.fetch_sub(1, Ordering::Relaxed);
         self.kind.mailbox_depth.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A handler finished now: the actor was busy until now.
+    pub fn touch(&self) {
+        self.last_message_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether nothing was taken up or finished for `idle` (a mailbox that never saw a message
+    /// counts from its creation).
+    pub fn idle_for(&self, idle: std::time::Duration) -> bool {
+        now_ms() - self.last_message_ms() >= idle.as_millis() as i64
+    }
+
+    /// Whether the actor looks idle for `idle_ms` (nothing waiting, no message taken up since)
+    /// and has not been asked to passivate yet; if so, it counts as asked from now on.
+    pub fn ask_to_passivate(&self, now_ms: i64, idle_ms: i64) -> bool {
+        self.depth() == 0
+            && now_ms - self.last_message_ms() >= idle_ms
+            && !self.passivation_asked.swap(true, Ordering::Relaxed)
+    }
+
+    /// The actor handled a passivation request (and stayed, or stops).
+    pub fn passivation_answered(&self) {
+        self.passivation_asked.store(false, Ordering::Relaxed);
     }
 
     pub fn set_status(&self, status: u8) {
@@ -141,5 +177,10 @@ mod tests {
             m.received("sync");
         }
         assert_eq!(m.recent().len(), RECENT);
+        // Grown on demand, never past the bound (an idle actor holds only what it saw).
+        let capacity = m.recent.lock().unwrap().capacity();
+        assert!((RECENT..RECENT + 4).contains(&capacity), "{capacity}");
+        let fresh = Mailbox::new(Arc::new(ActorStats::default()));
+        assert_eq!(fresh.recent.lock().unwrap().capacity(), 0);
     }
 }

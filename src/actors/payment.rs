@@ -165,46 +165,36 @@ impl PaymentCall {
 
 pub struct PaymentActor {
     id: PaymentId,
-    deps: Arc<PaymentDeps>,
-    /// The registry's map, so that a stopping actor removes its own entry (and only its own:
-    /// `generation` tells incarnations apart).
-    registry: Arc<DashMap<PaymentId, ActorEntry>>,
-    generation: u64,
+    /// What every payment actor shares: one pointer per actor instead of five fields.
+    shared: Arc<ActorShared>,
+    /// Also tells this incarnation's registry entry from a later one's (`Arc::ptr_eq`), and
+    /// keeps the time of its last message.
     mailbox: Arc<Mailbox>,
     /// `None` until loaded, while a message runs, or after a failure.
     live: Option<Live>,
-    load_error: Option<PaymentError>,
-    last_activity: Instant,
-    idle_timeout: Duration,
-    mailbox_capacity: usize,
-    kind: Arc<super::ActorStats>,
+    /// Boxed: rare, and a live actor should not carry its room.
+    load_error: Option<Box<PaymentError>>,
+}
+
+/// The registry's settings and handles, shared by all its actors.
+pub struct ActorShared {
+    pub deps: Arc<PaymentDeps>,
+    /// The registry's map, so that a stopping actor removes its own entry (and only its own:
+    /// its mailbox tells incarnations apart).
+    pub registry: Arc<DashMap<PaymentId, ActorEntry>>,
+    pub idle_timeout: Duration,
+    pub mailbox_capacity: usize,
+    pub kind: Arc<super::ActorStats>,
 }
 
 impl PaymentActor {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        id: PaymentId,
-        deps: Arc<PaymentDeps>,
-        registry: Arc<DashMap<PaymentId, ActorEntry>>,
-        generation: u64,
-        mailbox: Arc<Mailbox>,
-        idle_timeout: Duration,
-        mailbox_capacity: usize,
-        kind: Arc<super::ActorStats>,
-        known: Option<Live>,
-    ) -> PaymentActor {
+    pub fn new(id: PaymentId, shared: Arc<ActorShared>, mailbox: Arc<Mailbox>, known: Option<Live>) -> PaymentActor {
         PaymentActor {
             id,
-            deps,
-            registry,
-            generation,
+            shared,
             mailbox,
             live: known,
             load_error: None,
-            last_activity: Instant::now(),
-            idle_timeout,
-            mailbox_capacity,
-            kind,
         }
     }
 }
@@ -213,9 +203,9 @@ impl Actor for PaymentActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.mailbox_capacity);
-        self.kind.live.fetch_add(1, Ordering::Relaxed);
-        let deps = self.deps.clone();
+        ctx.set_mailbox_capacity(self.shared.mailbox_capacity);
+        self.shared.kind.live.fetch_add(1, Ordering::Relaxed);
+        let deps = self.shared.deps.clone();
         let id = self.id.clone();
         // `wait` holds every message back until the state is loaded (unless its creator
         // handed it over).
@@ -233,19 +223,15 @@ impl Actor for PaymentActor {
                     }),
             );
         }
-        let every = (self.idle_timeout / 4).max(Duration::from_millis(10));
-        ctx.run_interval(every, |act, ctx| {
-            if act.last_activity.elapsed() >= act.idle_timeout && act.mailbox.depth() == 0 {
-                tracing::debug!(payment_id = %act.id, "passivating idle payment actor");
-                ctx.stop();
-            }
-        });
+        // No timer of its own: the registry's sweep asks idle actors to passivate
+        // (`Passivate`), so a live actor costs no timer entry.
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        self.kind.live.fetch_sub(1, Ordering::Relaxed);
-        self.registry
-            .remove_if(&self.id, |_, e| e.generation == self.generation);
+        self.shared.kind.live.fetch_sub(1, Ordering::Relaxed);
+        self.shared
+            .registry
+            .remove_if(&self.id, |_, e| Arc::ptr_eq(&e.mailbox, &self.mailbox));
     }
 }
 
@@ -260,9 +246,27 @@ pub fn status_index(s: crate::domain::Status) -> u8 {
 
 impl PaymentActor {
     fn fail(&mut self, ctx: &mut Context<Self>, error: PaymentError) {
-        self.load_error = Some(error);
+        self.load_error = Some(Box::new(error));
         self.live = None;
         ctx.run_later(FAILED_LINGER, |_, ctx| ctx.stop());
+    }
+}
+
+/// The registry's sweep found this actor idle: it stops if it still is (nothing handled for
+/// `[actors] idle_timeout_ms`, nothing waiting).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Passivate;
+
+impl Handler<Passivate> for PaymentActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Passivate, ctx: &mut Self::Context) {
+        self.mailbox.passivation_answered();
+        if self.mailbox.idle_for(self.shared.idle_timeout) && self.mailbox.depth() == 0 {
+            tracing::debug!(payment_id = %self.id, "passivating idle payment actor");
+            ctx.stop();
+        }
     }
 }
 
@@ -271,7 +275,6 @@ impl Handler<PaymentCall> for PaymentActor {
 
     fn handle(&mut self, call: PaymentCall, _ctx: &mut Self::Context) -> Self::Result {
         self.mailbox.received(call.op.name());
-        self.last_activity = Instant::now();
         let span =
             tracing::info_span!(parent: &call.parent, "payment_actor", payment_id = %self.id, op = call.op.name());
         let live = match self.live.take() {
@@ -284,25 +287,26 @@ impl Handler<PaymentCall> for PaymentActor {
             None => {
                 let e = self
                     .load_error
-                    .clone()
+                    .as_deref()
+                    .cloned()
                     .unwrap_or(PaymentError::Unavailable("payment actor"));
                 return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
             }
         };
-        let deps = self.deps.clone();
+        let deps = self.shared.deps.clone();
         let started = Instant::now();
         let work = async move {
             let run = process(&deps, live, call.op, call.idem).instrument(span);
             AssertUnwindSafe(run).catch_unwind().await
         };
         AtomicResponse::new(Box::pin(work.into_actor(self).map(move |result, act, ctx| {
-            act.last_activity = Instant::now();
-            act.deps.metrics.handled("payment", started.elapsed());
+            act.mailbox.touch();
+            act.shared.deps.metrics.handled("payment", started.elapsed());
             match result {
                 Ok((reply, live, stale)) => {
                     if stale {
                         // Someone else wrote this payment: reload from PostgreSQL on next use.
-                        act.kind.restarts.fetch_add(1, Ordering::Relaxed);
+                        act.shared.kind.restarts.fetch_add(1, Ordering::Relaxed);
                         ctx.stop();
                     } else {
                         act.mailbox.set_status(status_index(live.payment.status()));
@@ -314,7 +318,7 @@ impl Handler<PaymentCall> for PaymentActor {
                     // A panic in the handler: its state is unknown. Stop; the registry starts a
                     // fresh incarnation from PostgreSQL, and this caller's key is released.
                     tracing::error!(payment_id = %act.id, "payment actor panicked; restarting from PostgreSQL");
-                    act.kind.restarts.fetch_add(1, Ordering::Relaxed);
+                    act.shared.kind.restarts.fetch_add(1, Ordering::Relaxed);
                     ctx.stop();
                     Err(PaymentError::Unavailable("payment actor"))
                 }

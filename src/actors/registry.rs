@@ -12,7 +12,7 @@ use dashmap::DashMap;
 
 use super::error::PaymentError;
 use super::mailbox::{ActorStats, Mailbox};
-use super::payment::{PaymentActor, PaymentCall, Reply};
+use super::payment::{ActorShared, PaymentActor, PaymentCall, Reply};
 use super::payment_flow::{Live, PaymentDeps};
 use crate::config::ActorsConfig;
 use crate::domain::PaymentId;
@@ -29,7 +29,8 @@ pub struct ActorEntry {
 
 pub struct PaymentRegistry {
     actors: Arc<DashMap<PaymentId, ActorEntry>>,
-    deps: Arc<PaymentDeps>,
+    /// What its actors share.
+    shared: Arc<ActorShared>,
     generation: AtomicU64,
     config: ActorsConfig,
     pub stats: Arc<ActorStats>,
@@ -37,12 +38,22 @@ pub struct PaymentRegistry {
 
 impl PaymentRegistry {
     pub fn new(deps: PaymentDeps, config: ActorsConfig) -> PaymentRegistry {
+        let actors = Arc::new(DashMap::new());
+        let stats = Arc::new(ActorStats::default());
         PaymentRegistry {
-            actors: Arc::new(DashMap::new()),
-            deps: Arc::new(deps),
+            shared: Arc::new(ActorShared {
+                deps: Arc::new(deps),
+                registry: actors.clone(),
+                idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+                // actix's own bound sits above ours, so `send` never parks a caller: ours
+                // answers 503 first.
+                mailbox_capacity: config.mailbox_capacity + 1,
+                kind: stats.clone(),
+            }),
+            actors,
             generation: AtomicU64::new(1),
             config,
-            stats: Arc::new(ActorStats::default()),
+            stats,
         }
     }
 
@@ -104,22 +115,40 @@ impl PaymentRegistry {
     fn start(&self, id: &PaymentId, known: Option<Live>) -> ActorEntry {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let mailbox = Arc::new(Mailbox::new(self.stats.clone()));
-        let actor = PaymentActor::new(
-            id.clone(),
-            self.deps.clone(),
-            self.actors.clone(),
-            generation,
-            mailbox.clone(),
-            Duration::from_millis(self.config.idle_timeout_ms),
-            // actix's own bound sits above ours, so `send` never parks a caller: ours answers 503 first.
-            self.config.mailbox_capacity + 1,
-            self.stats.clone(),
-            known,
-        );
+        let actor = PaymentActor::new(id.clone(), self.shared.clone(), mailbox.clone(), known);
         ActorEntry {
             addr: actor.start(),
             generation,
             mailbox,
+        }
+    }
+
+    /// Asks every actor that looks idle to passivate, every quarter of `[actors]
+    /// idle_timeout_ms`, for as long as the registry exists: one sweep instead of a timer per
+    /// actor. The actor decides (it knows when its last message ended).
+    pub fn spawn_passivation(self: &Arc<Self>) {
+        let registry = Arc::downgrade(self);
+        let idle = Duration::from_millis(self.config.idle_timeout_ms);
+        let every = (idle / 4).max(Duration::from_millis(10));
+        actix_rt::spawn(async move {
+            loop {
+                actix_rt::time::sleep(every).await;
+                let Some(registry) = registry.upgrade() else { return };
+                registry.ask_idle_to_passivate(idle);
+            }
+        });
+    }
+
+    fn ask_idle_to_passivate(&self, idle: Duration) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let idle_ms = idle.as_millis() as i64;
+        for e in self.actors.iter() {
+            if e.mailbox.ask_to_passivate(now_ms, idle_ms) {
+                e.addr.do_send(super::payment::Passivate);
+            }
         }
     }
 
@@ -149,6 +178,6 @@ impl PaymentRegistry {
     }
 
     pub fn deps(&self) -> &PaymentDeps {
-        &self.deps
+        &self.shared.deps
     }
 }

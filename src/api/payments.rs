@@ -69,7 +69,7 @@ fn new_payment(state: &AppState, merchant: &Merchant, body: &[u8]) -> Result<(Pa
         capture_strategy,
         customer_id: f.opt_str("customer_id", 64)?.map(str::to_owned),
         description: f.opt_str("description", 1000)?.map(str::to_owned),
-        metadata: f.opt_metadata("metadata")?.unwrap_or_default(),
+        metadata: f.opt_metadata("metadata")?.unwrap_or_default().into(),
         fee_bps: merchant.fee_bps,
         fee_fixed: merchant.fee_fixed,
         customer: f.opt_customer("customer")?.map(Box::new),

@@ -48,7 +48,7 @@ pub struct Payment {
     pub failure: Option<Box<Failure>>,
     pub customer_id: Option<String>,
     pub description: Option<String>,
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Metadata,
     /// The merchant's fee when the payment was created: the price agreed then is the one charged.
     pub fee_bps: u32,
     pub fee_fixed: i64,
@@ -63,7 +63,7 @@ pub struct Payment {
     /// What the PSP's tokenizer knows of the card (never the number), once confirmed.
     pub card: Option<Box<super::risk::CardSignals>>,
     /// What the merchant's risk rules decided at confirm.
-    pub risk: Option<super::risk::RiskDecision>,
+    pub risk: Option<Box<super::risk::RiskDecision>>,
     /// A platform's payment shared with its sellers: the splits and what each part got.
     pub splits: Option<Box<super::marketplace::Splits>>,
     /// Where its authorization went. `None`: the merchant's own sandbox connector (a payment
@@ -154,7 +154,7 @@ impl Payment {
             failure: None,
             customer_id: None,
             description: None,
-            metadata: BTreeMap::new(),
+            metadata: Metadata::default(),
             fee_bps: 0,
             fee_fixed: 0,
             version: 1,
@@ -354,4 +354,99 @@ pub fn now() -> DateTime<Utc> {
 /// `{ "object": "list", "data": [...], "has_more": bool }`.
 pub fn list_object(data: Vec<Value>, has_more: bool) -> Value {
     json!({ "object": "list", "data": data, "has_more": has_more })
+}
+
+/// A payment's metadata: the merchant's string keys and values (at most 50), sorted by key.
+/// A sorted vector, not a `BTreeMap`: a live actor holds its payment, and a B-tree node for
+/// even one key is over 500 bytes where this holds what it holds. Serialized as a JSON object
+/// in key order, as the map was.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metadata(Vec<(String, String)>);
+
+impl Metadata {
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    /// Sets `key` (replacing its value, if it had one).
+    pub fn insert(&mut self, key: String, value: String) {
+        match self.0.binary_search_by(|(k, _)| k.cmp(&key)) {
+            Ok(i) => self.0[i].1 = value,
+            Err(i) => self.0.insert(i, (key, value)),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<(String, String)> for Metadata {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Metadata {
+        let mut m = Metadata::default();
+        for (k, v) in pairs {
+            m.insert(k, v);
+        }
+        m.0.shrink_to_fit();
+        m
+    }
+}
+
+impl<const N: usize> From<[(String, String); N]> for Metadata {
+    fn from(pairs: [(String, String); N]) -> Metadata {
+        pairs.into_iter().collect()
+    }
+}
+
+impl From<BTreeMap<String, String>> for Metadata {
+    fn from(map: BTreeMap<String, String>) -> Metadata {
+        // Already in key order.
+        Metadata(map.into_iter().collect())
+    }
+}
+
+impl Serialize for Metadata {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Metadata, D::Error> {
+        BTreeMap::<String, String>::deserialize(d).map(Metadata::from)
+    }
+}
+
+#[cfg(test)]
+mod metadata_tests {
+    use super::Metadata;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    proptest! {
+        /// The sorted vector answers and serializes exactly as the map it replaced.
+        #[test]
+        fn metadata_behaves_as_a_btreemap(pairs in prop::collection::vec(("[a-d]{1,3}", "[a-z]{0,4}"), 0..12),
+                                          probe in "[a-d]{1,3}") {
+            let map: BTreeMap<String, String> = pairs.iter().cloned().collect();
+            let meta: Metadata = pairs.iter().cloned().collect();
+            prop_assert_eq!(meta.len(), map.len());
+            prop_assert_eq!(meta.get(&probe), map.get(&probe));
+            prop_assert_eq!(serde_json::to_string(&meta).unwrap(), serde_json::to_string(&map).unwrap());
+            let back: Metadata = serde_json::from_str(&serde_json::to_string(&map).unwrap()).unwrap();
+            prop_assert_eq!(&back, &meta);
+            prop_assert_eq!(Metadata::from(map.clone()), meta);
+        }
+    }
 }

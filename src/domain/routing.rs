@@ -90,7 +90,7 @@ pub struct Facts<'a> {
     pub currency: Currency,
     pub amount: i64,
     pub card: Option<&'a CardSignals>,
-    pub metadata: &'a BTreeMap<String, String>,
+    pub metadata: &'a super::record::Metadata,
     /// A stable hash of the payment's id: its place in a weighted split.
     pub key: u64,
 }
@@ -497,7 +497,12 @@ mod tests {
         }
     }
 
-    fn facts<'a>(amount: i64, cur: &str, card: Option<&'a CardSignals>, m: &'a BTreeMap<String, String>) -> Facts<'a> {
+    fn facts<'a>(
+        amount: i64,
+        cur: &str,
+        card: Option<&'a CardSignals>,
+        m: &'a crate::domain::record::Metadata,
+    ) -> Facts<'a> {
         Facts {
             currency: Currency::parse(cur).unwrap(),
             amount,
@@ -523,7 +528,7 @@ mod tests {
         );
         let all = ["mca_a", "mca_b", "mca_c"];
         r.validate(&all).unwrap();
-        let none = BTreeMap::new();
+        let none = crate::domain::record::Metadata::default();
         let visa_gb = card("visa", "424242", "GB");
         let visa_us = card("visa", "411111", "US");
         let mc = card("mastercard", "555555", "US");
@@ -543,7 +548,7 @@ mod tests {
             (d.rule.as_str(), d.connectors.clone()),
             ("default", vec!["mca_a".to_string(), "mca_b".into()])
         );
-        let vip: BTreeMap<_, _> = [("tier".to_string(), "vip".to_string())].into();
+        let vip: crate::domain::record::Metadata = [("tier".to_string(), "vip".to_string())].into();
         assert_eq!(r.route(&facts(500, "USD", Some(&mc), &vip), &all).unwrap().rule, "vip");
         // A card rule never matches a payment whose card is unknown.
         assert_eq!(r.route(&facts(500, "USD", None, &none), &all).unwrap().rule, "default");
@@ -556,7 +561,7 @@ mod tests {
     #[test]
     fn no_rules_and_no_default_take_every_eligible_connector_oldest_first() {
         let r = RoutingRules::default();
-        let none = BTreeMap::new();
+        let none = crate::domain::record::Metadata::default();
         let d = r.route(&facts(1, "USD", None, &none), &["mca_old", "mca_new"]).unwrap();
         assert_eq!(
             (d.rule.as_str(), d.connectors.clone()),
@@ -641,7 +646,7 @@ mod tests {
                                    split: Some(vec![Weighted { connector: "mca_c".into(), weight: 3 }, Weighted { connector: "mca_a".into(), weight: 7 }]) }],
                 default: default.clone(),
             };
-            let none = BTreeMap::new();
+            let none = crate::domain::record::Metadata::default();
             let f = Facts { currency: Currency::parse("USD").unwrap(), amount, card: None, metadata: &none, key };
             match r.route(&f, &eligible) {
                 None => {

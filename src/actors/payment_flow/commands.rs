@@ -195,7 +195,7 @@ impl Flow<'_> {
             let (card, decision) = self.assess(&payment).await?;
             blocked = decision.outcome == RiskAction::Block;
             payment.card = card.map(Box::new);
-            payment.risk = Some(decision);
+            payment.risk = Some(Box::new(decision));
         }
         let object = reply_body(&payment.to_object());
         let mut commit = Commit {
@@ -256,7 +256,7 @@ impl Flow<'_> {
         let (card, decision) = self.assess(&next).await?;
         let blocked = decision.outcome == RiskAction::Block;
         next.card = card.map(Box::new);
-        next.risk = Some(decision);
+        next.risk = Some(Box::new(decision));
         if blocked {
             return self.block(next, status).await;
         }
