@@ -15,7 +15,7 @@ use crate::adapters::postgres::payments::PaymentFilter;
 use crate::api::error::ApiError;
 use crate::domain::marketplace::{SplitError, Splits, MAX_SPLITS};
 use crate::domain::record::{list_object, now};
-use crate::domain::{AccountId, CaptureStrategy, Payment, PaymentId, Status};
+use crate::domain::{AccountId, CaptureStrategy, Currency, Payment, PaymentId, Status};
 
 const CREATE_FIELDS: &[&str] = &[
     "order_id",
@@ -41,10 +41,22 @@ pub fn path_id(req: &HttpRequest) -> Result<PaymentId, ApiError> {
 
 /// The new payment a create request describes, validated before anything is stored.
 fn new_payment(state: &AppState, merchant: &Merchant, body: &[u8]) -> Result<(Payment, bool), ApiError> {
+    parse_create(body, merchant, &state.currencies, state.registry.deps().psp.name())
+}
+
+/// A create request's body as a new payment of `merchant` (and whether to confirm it at once),
+/// in `currencies`, for `psp`: parsing and every validation, nothing stored. Public for the
+/// hot-path benchmark (`benches/hot_path.rs`).
+pub fn parse_create(
+    body: &[u8],
+    merchant: &Merchant,
+    currencies: &[Currency],
+    psp: &str,
+) -> Result<(Payment, bool), ApiError> {
     let obj = body::object(body)?;
     let f = Fields::new(&obj, CREATE_FIELDS, "")?;
     let order_id = f.req_str("order_id", 64)?;
-    let amount = f.req_amount("amount", &state.currencies)?;
+    let amount = f.req_amount("amount", currencies)?;
     let payment_method = f.opt_payment_method("payment_method")?.ok_or_else(|| {
         ApiError::invalid(
             "parameter_missing",
@@ -79,7 +91,7 @@ fn new_payment(state: &AppState, merchant: &Merchant, body: &[u8]) -> Result<(Pa
             merchant.id.clone(),
             amount,
             payment_method.to_owned(),
-            state.registry.deps().psp.name().to_owned(),
+            psp.to_owned(),
             at,
         )
     };

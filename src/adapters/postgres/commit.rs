@@ -450,7 +450,7 @@ columns!(DisputeColumns {
 
 /// The batch as column arrays, one set per statement.
 #[derive(Default)]
-struct Columns {
+pub struct Columns {
     ins: PaymentColumns,
     upd: PaymentColumns,
     state: StateColumns,
@@ -614,7 +614,9 @@ impl PaymentColumns {
 }
 
 impl Columns {
-    fn of(batch: &[&Commit]) -> Result<Columns, StoreError> {
+    /// The batch as its statements bind it: one vector per column of each table it writes.
+    /// Public for the hot-path benchmark (`benches/hot_path.rs`).
+    pub fn of(batch: &[&Commit]) -> Result<Columns, StoreError> {
         let mut c = Columns::default();
         for commit in batch {
             let Some(p) = commit.payment.as_ref() else { continue };
