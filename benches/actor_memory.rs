@@ -78,6 +78,7 @@ async fn main() {
         clock: Arc::new(SystemClock),
         risk: Arc::new(payrail::actors::risk::NoRisk),
         metrics,
+        landing: Default::default(),
     };
     let registry = Arc::new(PaymentRegistry::new(deps, config.actors.clone()));
     registry.spawn_passivation();

@@ -140,6 +140,7 @@ impl Application {
             clock: Arc::new(SystemClock),
             risk: risk_check,
             metrics: metrics.clone(),
+            landing: Default::default(),
         };
         let registry = Arc::new(PaymentRegistry::new(deps, config.actors.clone()));
         registry.spawn_passivation();

@@ -22,6 +22,7 @@ export PAYRAIL__LOG__LEVEL=warn
 export PAYRAIL__RECONCILIATION__DAILY_AT_UTC=""
 url=http://127.0.0.1:18091
 psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/dev/null
+python3 scripts/fuzz/drop_streams.py BENCHMARKET_PSP_EVENTS BENCHMARKET_EVENTS 2>/dev/null || true
 ./target/release/payrail serve > /tmp/payrail-bench-market.log 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null; python3 scripts/fuzz/drop_streams.py BENCHMARKET_PSP_EVENTS BENCHMARKET_EVENTS 2>/dev/null || true' EXIT

@@ -26,6 +26,7 @@ run() {
   local label=$1 enabled=$2
   local db=payrail_bench_risk_$label
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db" 2>/dev/null
+  python3 scripts/fuzz/drop_streams.py BENCHRISK_PSP_EVENTS BENCHRISK_EVENTS 2>/dev/null || true
   PAYRAIL__DATABASE__URL=postgres://postgres@127.0.0.1:5432/$db PAYRAIL__RISK__ENABLED=$enabled \
     ./target/release/payrail serve > /tmp/payrail-bench-risk.log 2>&1 &
   local pid=$!
@@ -40,6 +41,7 @@ run() {
     --connections 64 --duration "$secs" --report target/loadgen-risk-$label.json 2>/dev/null | tail -4
   kill $pid; wait $pid 2>/dev/null || true
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db" 2>/dev/null
+  python3 scripts/fuzz/drop_streams.py BENCHRISK_PSP_EVENTS BENCHRISK_EVENTS 2>/dev/null || true
 }
 run on true
 run off false

@@ -18,10 +18,14 @@ export PAYRAIL__DATABASE__URL=postgres://postgres@127.0.0.1:5432/payrail_bench
 export PAYRAIL__SERVER__BIND=127.0.0.1:18080
 export PAYRAIL__NATS__STREAM_PREFIX=BENCH
 export PAYRAIL__LOG__LEVEL=warn
+# A fresh database and fresh streams: events a previous run left unacknowledged would otherwise
+# be delivered to this one, fail their lookups and end as dead letters.
+drop_streams() { python3 scripts/fuzz/drop_streams.py BENCH_PSP_EVENTS BENCH_EVENTS 2>/dev/null || true; }
 psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS payrail_bench" 2>/dev/null
+drop_streams
 ./target/release/payrail serve > /tmp/payrail-bench.log 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null || true' EXIT
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null; drop_streams' EXIT
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:18080/readyz >/dev/null && break; sleep 0.1; done
 
 echo "== payrail loadgen --compare-postgres --connections 64 --duration $secs --merchants $merchants"

@@ -61,6 +61,10 @@ impl Actor for EventConsumer {
     }
 }
 
+/// How long an event waits for a commit under way that stores its PSP reference. A ledger
+/// batch takes milliseconds; the bound only matters when PostgreSQL stalls.
+const LANDING_WAIT: Duration = Duration::from_secs(2);
+
 /// What happened to one delivery.
 enum Verdict {
     Ack(&'static str),
@@ -282,10 +286,21 @@ impl Worker {
                 Err(_) => Verdict::Retry("retried", "the database was unavailable"),
             };
         }
-        let found = match self.db.payment_of_reference(&event.provider, &event.reference).await {
+        let mut found = match self.db.payment_of_reference(&event.provider, &event.reference).await {
             Ok(found) => found,
             Err(_) => return Verdict::Retry("retried", "the database was unavailable"),
         };
+        // Not stored yet, but its commit is under way here: wait for it and look again, rather
+        // than come back in half a second.
+        if found.is_none()
+            && !event.reference.is_empty()
+            && self.registry.deps().landing.wait(&event.reference, LANDING_WAIT).await
+        {
+            found = match self.db.payment_of_reference(&event.provider, &event.reference).await {
+                Ok(found) => found,
+                Err(_) => return Verdict::Retry("retried", "the database was unavailable"),
+            };
+        }
         let Some((payment_id, merchant)) = found else {
             if event.reference.is_empty() || !concerns_a_payment(&event.event_type) {
                 // Recorded, acknowledged, ignored (docs/API.md).

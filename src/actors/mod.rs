@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod event_consumer;
+pub mod landing;
 pub mod ledger_shard;
 pub mod mailbox;
 pub mod outbox_relay;

@@ -153,6 +153,7 @@ impl Sim {
             clock: Arc::new(SimClock(w.clone())),
             risk: Arc::new(payrail::actors::risk::NoRisk),
             metrics: Arc::new(payrail::metrics::Metrics::default()),
+            landing: Default::default(),
         });
         Sim {
             w,

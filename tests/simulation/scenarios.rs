@@ -490,6 +490,7 @@ fn review_holds_through_a_lost_answer_and_redelivered_events() -> Result<(), Str
         clock: Arc::new(SimClock(s.w.clone())),
         risk: Arc::new(AlwaysReview),
         metrics: Arc::new(payrail::metrics::Metrics::default()),
+        landing: Default::default(),
     });
     let p = s.add_payment(1000, false);
     let confirm = s.request(&p, Kind::Confirm, None);

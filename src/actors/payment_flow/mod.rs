@@ -50,6 +50,8 @@ pub struct PaymentDeps {
     /// The merchant's risk rules, asked before every authorization.
     pub risk: std::sync::Arc<dyn super::risk::RiskCheck>,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// PSP references whose first commit is under way, for the event consumer.
+    pub landing: std::sync::Arc<super::landing::Landing>,
 }
 
 /// A live payment: its committed state and the PSP attempts still without an outcome.
@@ -384,6 +386,11 @@ impl<'a> Flow<'a> {
             idempotency: None,
             ..commit.clone()
         });
+        // A PSP reference stored for the first time: its events may already be waiting.
+        let _landing = match (&next.psp_reference, &self.live.payment.psp_reference) {
+            (Some(r), None) => self.deps.landing.begin(r),
+            _ => None,
+        };
         match (self.deps.store.commit(commit).await, retry) {
             (Ok(()), _) => {}
             (Err(CommitError::Fenced), Some(retry)) => {
