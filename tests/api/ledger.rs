@@ -220,6 +220,45 @@ async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() 
         "{err}"
     );
     drop(tx);
+    // Balanced sums are not enough: one entry alone, or an entry in another currency than its
+    // journal's, is refused too; one statement's good journal does not cover another's bad one.
+    for (case, entries) in [
+        ("one entry", "('jr_forged', 'psp_clearing', 'USD', 100, 0)"),
+        (
+            "another currency",
+            "('jr_forged', 'psp_clearing', 'EUR', 100, 0), ('jr_forged', 'platform_fee_revenue', 'USD', 0, 100)",
+        ),
+        (
+            "a good journal beside it",
+            "('jr_good', 'psp_clearing', 'USD', 100, 0), ('jr_good', 'platform_fee_revenue', 'USD', 0, 100),
+             ('jr_forged', 'psp_clearing', 'USD', 100, 0), ('jr_forged', 'platform_fee_revenue', 'USD', 0, 99)",
+        ),
+    ] {
+        let tx = db.transaction().await.unwrap();
+        tx.execute(
+            "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
+             VALUES ('jr_forged', $1, $2, 'refund', 'forged', 'USD', now()),
+                    ('jr_good', $1, $2, 'refund', 'good', 'USD', now())",
+            &[&p, &merchant],
+        )
+        .await
+        .unwrap();
+        let err = tx
+            .execute(
+                &format!("INSERT INTO entries (journal_id, account, currency, debit, credit) VALUES {entries}"),
+                &[],
+            )
+            .await
+            .expect_err(case);
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION),
+            "{case}: {err}"
+        );
+        let said = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+        assert_eq!(said, "journal jr_forged does not balance", "{case}");
+        drop(tx);
+    }
     // An entry added to a journal that balanced, later, unbalances it: refused too.
     let journal: String = db
         .query_one("SELECT id FROM journals WHERE payment_id = $1 LIMIT 1", &[&p])

@@ -87,6 +87,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "lean_event_writes",
         include_str!("../../../migrations/V12__lean_event_writes.sql"),
     ),
+    (
+        13,
+        "trigger_plans",
+        include_str!("../../../migrations/V13__trigger_plans.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.
