@@ -594,3 +594,35 @@ async fn the_outbox_relay_publishes_each_committed_event_to_the_merchants_subjec
     let body: Value = serde_json::from_slice(&first.payload).unwrap();
     assert_eq!(body["type"], "payment.created");
 }
+
+/// An event that comes while the commit storing its payment's PSP reference still waits for its
+/// ledger batch is applied on its first delivery: the consumer waits for that commit and looks
+/// again (`Landing`) instead of sending it back for a redelivery half a second later.
+#[actix_web::test]
+async fn an_event_racing_its_payments_commit_is_applied_on_its_first_delivery() {
+    // Every commit waits 400 ms for company: the sandbox's event, sent as it authorizes, reaches
+    // the consumer while the confirm's commit, the one that stores the reference, still waits.
+    let app = spawn_app_with(|c| c.ledger.max_wait_us = 400_000).await;
+    let r = app.pay(1800, "pm_card_visa", "automatic", true).await;
+    assert_eq!(
+        (r.status, r.body["status"].as_str()),
+        (201, Some("captured")),
+        "{}",
+        r.body
+    );
+    let metrics = async || {
+        let m = app.request("GET", "/metrics", None, None, None).await;
+        String::from_utf8_lossy(&m.raw).into_owned()
+    };
+    wait_for("the sandbox's event to be applied", async || {
+        metrics()
+            .await
+            .contains("payrail_psp_events_total{provider=\"sandbox\",outcome=\"applied\"} 1")
+    })
+    .await;
+    let m = metrics().await;
+    assert!(
+        !m.contains("outcome=\"unknown_reference\""),
+        "the event was sent back for a redelivery: {m}"
+    );
+}
