@@ -59,14 +59,15 @@ impl Application {
     /// (creating the streams), ensures the demo merchant, and binds the listener.
     pub async fn build(config: Config) -> Result<Application, StartError> {
         let db = Db::connect(&config.database).await?;
+        // Before anything that changes the database (migrations included) or acts on its
+        // payments: one node per database.
+        let node_lock = db
+            .node_lock(Duration::from_millis(config.database.node_lock_wait_ms))
+            .await?;
         let applied = db.migrate().await?;
         if !applied.is_empty() {
             tracing::info!(?applied, "migrations applied");
         }
-        // Before anything that acts on the database's payments: one node per database.
-        let node_lock = db
-            .node_lock(Duration::from_millis(config.database.node_lock_wait_ms))
-            .await?;
         let nats = Nats::connect(&config.nats).await?;
         if config.sandbox.demo_merchant {
             db.ensure_demo_merchant(config.payments.default_fee_bps, config.payments.default_fee_fixed)
@@ -270,10 +271,12 @@ impl Application {
             shutdown.clone(),
         ));
         crate::actors::outbox_relay::spawn(state.db.clone(), state.nats.clone(), shutdown.clone());
-        // Another node took the lock while this one's session was down: stop serving.
-        let (lost, handle) = (node_lock.lost(), server.handle());
+        // Another node took the lock while this one's session was down: stop serving at once,
+        // the background loops first (consumers, relay, sweeper), then HTTP.
+        let (lost, handle, stopping) = (node_lock.lost(), server.handle(), shutdown.clone());
         actix_rt::spawn(async move {
             if lost.await {
+                stopping.begin();
                 handle.stop(false).await;
             }
         });

@@ -3,8 +3,9 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Totals for one kind of actor (`payment`, `ledger_shard`, `event_consumer`).
 #[derive(Debug, Default)]
@@ -26,11 +27,19 @@ impl ActorStats {
     }
 }
 
+/// Milliseconds since the Unix epoch from a monotonic clock: the wall clock read once, then
+/// advanced by `Instant`, so that a step of the wall clock neither holds passivation back nor
+/// hurries it.
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    static ORIGIN: OnceLock<(Instant, i64)> = OnceLock::new();
+    let (at, epoch_ms) = ORIGIN.get_or_init(|| {
+        let epoch_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        (Instant::now(), epoch_ms)
+    });
+    epoch_ms + at.elapsed().as_millis() as i64
 }
 
 /// How many recent messages a mailbox remembers for operators.
@@ -113,8 +122,10 @@ impl Mailbox {
         self.last_message_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    /// Whether nothing was taken up or finished for `idle` (a mailbox that never saw a message
-    /// counts from its creation).
+    /// Whether nothing was taken up or finished for `idle`. A mailbox that never saw a message
+    /// is idle: an actor is sent its first message as it starts, and one the sweep stops
+    /// before it took that message up hands it to the next incarnation, as any stopping actor
+    /// does.
     pub fn idle_for(&self, idle: std::time::Duration) -> bool {
         now_ms() - self.last_message_ms() >= idle.as_millis() as i64
     }

@@ -26,17 +26,10 @@ impl Db {
     ) -> Result<Begin, StoreError> {
         let client = self.client().await?;
         let lease = lease_ms as f64 / 1000.0;
-        // The claim commits without waiting for its WAL flush (`synchronous_commit` off for
-        // its own transaction only). Nothing leaves payrail on the strength of a claim alone:
-        // every path after it (the PSP attempt recorded before a PSP call, the operation's
-        // commit, a stored 4xx, a released 5xx) is a synchronous commit, and flushing its WAL
-        // flushes the claim's, which was written before it. A crash before such a commit loses
-        // the claim and nothing else, and a retry then starts afresh, as it would have.
         let stmt = client
             .prepare_cached(
                 "INSERT INTO idempotency_keys (merchant_id, key, fingerprint, locked_until)
-                 SELECT $1, $2, $3, now() + make_interval(secs => $4)
-                   FROM (SELECT set_config('synchronous_commit', 'off', true)) async_commit
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4))
                  ON CONFLICT (merchant_id, key) DO NOTHING RETURNING 1",
             )
             .await

@@ -6,8 +6,9 @@
 //!
 //! The lock is a guard against a misconfiguration, not a fence: PostgreSQL releases it when the
 //! holding session ends (the process dies, the connection is cut, PostgreSQL restarts). The
-//! holder then takes it again; if another process took it first, the holder stops serving
-//! (fail closed), so the two overlap for at most one retry interval.
+//! holder then takes it again at once; if another process took it first, the holder stops its
+//! background loops and its HTTP server (fail closed). Work already in hand finishes, fenced as
+//! every commit is by the payment's version and the key's fence.
 
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ pub const NODE_LOCK_KEY: i64 = 7_423_002;
 /// How often a node that lost its lock's connection tries to take the lock again, and how
 /// often a starting node asks while another holds it.
 const RETRY: Duration = Duration::from_millis(250);
-const RETAKE_INTERVAL: Duration = Duration::from_secs(1);
+const RETAKE_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeLockError {
@@ -115,8 +116,9 @@ async fn holder(client: &tokio_postgres::Client) -> Option<String> {
     Some(format!("{name}, connected from {addr} since {since}"))
 }
 
-/// Holds the session open. When it ends, takes the lock again on a new one; if another process
-/// holds it by then, says so and stops.
+/// Holds the session open. When it ends, takes the lock again on a new session at once, then
+/// every `RETAKE_INTERVAL` while PostgreSQL cannot be reached; if another process holds it by
+/// then, says so and stops.
 async fn keep(
     pg: tokio_postgres::Config,
     client: tokio_postgres::Client,
@@ -130,10 +132,13 @@ async fn keep(
             drop(client);
             tracing::warn!(?ended, "the node lock's database session ended; taking the lock again");
         }
-        tokio::time::sleep(RETAKE_INTERVAL).await;
-        let Ok((client, connection)) = pg.connect(NoTls).await else {
-            // PostgreSQL is unreachable: every request answers 503 meanwhile.
-            continue;
+        let (client, connection) = match pg.connect(NoTls).await {
+            Ok(c) => c,
+            Err(_) => {
+                // PostgreSQL is unreachable: every request answers 503 meanwhile.
+                tokio::time::sleep(RETAKE_INTERVAL).await;
+                continue;
+            }
         };
         let connection = tokio::spawn(connection);
         match try_lock(&client).await {
@@ -147,7 +152,10 @@ async fn keep(
                 let _ = lost.send(true);
                 return;
             }
-            Err(e) => tracing::warn!(error = %e, "node lock"),
+            Err(e) => {
+                tracing::warn!(error = %e, "node lock");
+                tokio::time::sleep(RETAKE_INTERVAL).await;
+            }
         }
     }
 }
