@@ -117,6 +117,17 @@ async fn wait_for(what: &str, secs: u64, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// Waits until the endpoint's latest delivery is recorded as succeeded.
+async fn wait_for_latest_delivery_succeeded(app: &TestApp, endpoint: &str, what: &str) {
+    wait_for(what, 15, async || {
+        let log = app
+            .get(&format!("/api/v1/webhook_endpoints/{endpoint}/deliveries"))
+            .await;
+        log.body["data"][0]["status"] == "succeeded"
+    })
+    .await;
+}
+
 async fn create_endpoint(app: &TestApp, body: Value) -> Value {
     let r = app.post("/api/v1/webhook_endpoints", body).await;
     assert_eq!(r.status, 201, "{}", r.body);
@@ -419,11 +430,7 @@ async fn failed_deliveries_are_retried_with_backoff_logged_and_redelivered_on_re
     assert!(read.body["failing_since"].is_string());
 
     receiver.status.store(200, Ordering::SeqCst);
-    wait_for("the retry to succeed", 15, async || {
-        let log = app.get(&format!("/api/v1/webhook_endpoints/{id}/deliveries")).await;
-        log.body["data"][0]["status"] == "succeeded"
-    })
-    .await;
+    wait_for_latest_delivery_succeeded(&app, &id, "the retry to succeed").await;
     let read = app.get(&format!("/api/v1/webhook_endpoints/{id}")).await;
     assert!(read.body["failing_since"].is_null(), "healthy again");
     let event = receiver.hits()[0].event["id"].as_str().unwrap().to_owned();
@@ -871,11 +878,7 @@ async fn a_delivery_whose_lease_ran_out_is_made_by_the_poller() {
         receiver.hits().iter().any(|h| h.event["id"] == event["id"])
     })
     .await;
-    wait_for("the log to say so", 15, async || {
-        let log = app.get(&format!("/api/v1/webhook_endpoints/{id}/deliveries")).await;
-        log.body["data"][0]["status"] == "succeeded"
-    })
-    .await;
+    wait_for_latest_delivery_succeeded(&app, &id, "the log to say so").await;
     assert_eq!(receiver.hits().len(), 1);
 }
 
@@ -893,11 +896,7 @@ async fn a_redelivery_asked_for_while_a_delivery_is_under_way_is_made_too() {
     app.pay(100, "pm_card_visa", "manual", false).await;
     wait_for("the first delivery", 15, async || !receiver.hits().is_empty()).await;
     let event = receiver.hits()[0].event["id"].as_str().unwrap().to_owned();
-    wait_for("the first delivery to be recorded", 15, async || {
-        let log = app.get(&format!("/api/v1/webhook_endpoints/{id}/deliveries")).await;
-        log.body["data"][0]["status"] == "succeeded"
-    })
-    .await;
+    wait_for_latest_delivery_succeeded(&app, &id, "the first delivery to be recorded").await;
     // The endpoint answers slowly: the redelivery is under way while the second is asked for.
     receiver.delay_ms.store(1500, Ordering::SeqCst);
     let redeliver = async || {
@@ -912,9 +911,5 @@ async fn a_redelivery_asked_for_while_a_delivery_is_under_way_is_made_too() {
     receiver.delay_ms.store(0, Ordering::SeqCst);
     wait_for("the second redelivery", 15, async || receiver.hits().len() >= 3).await;
     assert!(receiver.hits().iter().all(|h| h.event["id"] == event.as_str()));
-    wait_for("the last one to be recorded", 15, async || {
-        let log = app.get(&format!("/api/v1/webhook_endpoints/{id}/deliveries")).await;
-        log.body["data"][0]["status"] == "succeeded"
-    })
-    .await;
+    wait_for_latest_delivery_succeeded(&app, &id, "the last one to be recorded").await;
 }

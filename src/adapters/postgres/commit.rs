@@ -505,6 +505,24 @@ struct PaymentColumns {
     routing: Vec<Option<Value>>,
 }
 
+impl StateColumns {
+    /// The columns a state-only update writes (`Commit::state_only`), nothing else.
+    fn push(&mut self, p: &Payment) {
+        let s = &p.state;
+        self.id.push(p.id.to_string());
+        self.version.push(p.version);
+        self.status.push(s.status.as_str());
+        self.capturable.push(s.capturable);
+        self.captured.push(s.captured);
+        self.refunded.push(s.refunded);
+        self.refund_pending.push(s.refund_pending);
+        self.disputed.push(s.disputed);
+        self.settled.push(s.settled);
+        self.transitions.push(p.transitions);
+        self.updated_at.push(p.updated_at);
+    }
+}
+
 impl PaymentColumns {
     fn push(&mut self, p: &Payment) -> Result<(), StoreError> {
         let s = &p.state;
@@ -624,18 +642,7 @@ impl Columns {
             if p.version == 1 {
                 c.ins.push(p)?;
             } else if commit.state_only {
-                let (s, t) = (&p.state, &mut c.state);
-                t.id.push(p.id.to_string());
-                t.version.push(p.version);
-                t.status.push(s.status.as_str());
-                t.capturable.push(s.capturable);
-                t.captured.push(s.captured);
-                t.refunded.push(s.refunded);
-                t.refund_pending.push(s.refund_pending);
-                t.disputed.push(s.disputed);
-                t.settled.push(s.settled);
-                t.transitions.push(p.transitions);
-                t.updated_at.push(p.updated_at);
+                c.state.push(p);
             } else {
                 c.upd.push(p)?;
             }
