@@ -130,12 +130,10 @@ impl Mailbox {
         now_ms() - self.last_message_ms() >= idle.as_millis() as i64
     }
 
-    /// Whether the actor looks idle for `idle_ms` (nothing waiting, no message taken up since)
+    /// Whether the actor looks idle for `idle` (nothing waiting, no message taken up or finished since)
     /// and has not been asked to passivate yet; if so, it counts as asked from now on.
-    pub fn ask_to_passivate(&self, now_ms: i64, idle_ms: i64) -> bool {
-        self.depth() == 0
-            && now_ms - self.last_message_ms() >= idle_ms
-            && !self.passivation_asked.swap(true, Ordering::Relaxed)
+    pub fn ask_to_passivate(&self, idle: std::time::Duration) -> bool {
+        self.depth() == 0 && self.idle_for(idle) && !self.passivation_asked.swap(true, Ordering::Relaxed)
     }
 
     /// The actor handled a passivation request (and stayed, or stops).
@@ -178,6 +176,24 @@ mod tests {
         b.dropped();
         assert_eq!((a.depth(), b.depth(), kind.depth()), (1, 0, 1));
         assert_eq!(a.recent().iter().map(|r| r.0).collect::<Vec<_>>(), ["capture"]);
+    }
+
+    #[test]
+    fn an_idle_actor_is_asked_to_passivate_once_until_it_answers() {
+        use std::time::Duration;
+        let m = Mailbox::new(Arc::new(ActorStats::default()));
+        let hour = Duration::from_secs(3600);
+        assert!(m.ask_to_passivate(Duration::ZERO), "idle: asked");
+        assert!(!m.ask_to_passivate(Duration::ZERO), "one request on its way at a time");
+        m.passivation_answered();
+        assert!(m.ask_to_passivate(Duration::ZERO), "asked again once it answered");
+        m.passivation_answered();
+        m.sent();
+        assert!(!m.ask_to_passivate(Duration::ZERO), "a message waits");
+        m.received("capture");
+        m.touch();
+        assert!(!m.ask_to_passivate(hour), "busy within the hour");
+        assert!(m.idle_for(Duration::ZERO) && !m.idle_for(hour));
     }
 
     #[test]

@@ -140,13 +140,8 @@ impl PaymentRegistry {
     }
 
     fn ask_idle_to_passivate(&self, idle: Duration) {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        let idle_ms = idle.as_millis() as i64;
         for e in self.actors.iter() {
-            if e.mailbox.ask_to_passivate(now_ms, idle_ms) {
+            if e.mailbox.ask_to_passivate(idle) {
                 e.addr.do_send(super::payment::Passivate);
             }
         }
