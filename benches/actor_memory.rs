@@ -71,7 +71,11 @@ async fn main() {
         None,
     ));
     let deps = PaymentDeps {
-        store: Arc::new(PgStore { db, ledger }),
+        store: Arc::new(PgStore {
+            db,
+            ledger,
+            leases: None,
+        }),
         connectors: Arc::new(payrail::adapters::psp::connector::OneConnector::new(psp.clone())),
         psp,
         psp_timeout: Some(Duration::from_secs(5)),

@@ -61,8 +61,13 @@ impl Application {
         let db = Db::connect(&config.database).await?;
         // Before anything that changes the database (migrations included) or acts on its
         // payments: one node per database.
+        // payments. Cluster nodes share the lock: they may run beside each other, not beside a
+        // node outside cluster mode.
         let node_lock = db
-            .node_lock(Duration::from_millis(config.database.node_lock_wait_ms))
+            .node_lock(
+                Duration::from_millis(config.database.node_lock_wait_ms),
+                config.cluster.enabled,
+            )
             .await?;
         let applied = db.migrate().await?;
         if !applied.is_empty() {
@@ -84,6 +89,16 @@ impl Application {
         // tests, `bind` changed by an override), so that the sandbox's webhooks find this server.
         let public_url = config.server.public_url_for(bound);
         let public_url_for_state = public_url.clone();
+        let leases = config.cluster.enabled.then(|| {
+            Arc::new(crate::adapters::cluster::Leases::new(
+                &config.cluster,
+                public_url.clone(),
+            ))
+        });
+        let lease_bucket = match &leases {
+            Some(_) => Some(crate::adapters::cluster::open_bucket(&nats, &config.cluster, config.nats.replicas).await?),
+            None => None,
+        };
         let notifier = (config.psp.provider == "sandbox" && config.psp.sandbox.webhooks).then(|| {
             Notifier::start(
                 format!("{public_url}/internal/webhooks/psp/sandbox"),
@@ -134,6 +149,7 @@ impl Application {
             store: Arc::new(PgStore {
                 db: db.clone(),
                 ledger: ledger.clone(),
+                leases: leases.clone(),
             }),
             psp,
             connectors: connectors.clone(),
@@ -145,15 +161,46 @@ impl Application {
         };
         let registry = Arc::new(PaymentRegistry::new(deps, config.actors.clone()));
         registry.spawn_passivation();
-        // Before any request can start a run: a run still `running` now was left by a process
-        // that stopped.
-        match db.fail_abandoned_runs().await {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                runs = n,
-                "reconciliation runs left running by a stopped process were failed"
-            ),
-            Err(e) => tracing::warn!(error = %e, "abandoned reconciliation runs could not be closed"),
+        let shutdown = crate::shutdown::Shutdown::default();
+        if let (Some(leases), Some(kv)) = (&leases, lease_bucket) {
+            let forwarder = Arc::new(crate::actors::forward::Forwarder {
+                client: nats.client.clone(),
+                prefix: nats.prefix.clone(),
+                leases: leases.clone(),
+                timeout: Duration::from_millis(config.cluster.forward_timeout_ms),
+                metrics: metrics.clone(),
+            });
+            registry.set_forwarder(forwarder.clone());
+            forwarder
+                .serve(
+                    registry.clone(),
+                    config.cluster.max_forwarded_in_flight,
+                    shutdown.clone(),
+                )
+                .await?;
+            let evict = registry.clone();
+            let keeper = crate::adapters::cluster::LeaseKeeper {
+                leases: leases.clone(),
+                kv,
+                db: db.clone(),
+                config: config.cluster.clone(),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+                on_lost: Box::new(move |p| evict.evict_partition(p)),
+            };
+            actix_rt::spawn(keeper.run());
+            tracing::info!(node = %leases.node, partitions = leases.partitions(), "cluster mode: joining");
+        } else {
+            // Before any request can start a run: a run still `running` now was left by a
+            // process that stopped. (In cluster mode the other nodes' runs are running.)
+            match db.fail_abandoned_runs().await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    runs = n,
+                    "reconciliation runs left running by a stopped process were failed"
+                ),
+                Err(e) => tracing::warn!(error = %e, "abandoned reconciliation runs could not be closed"),
+            }
         }
         let reconciler = Arc::new(crate::actors::reconciler::Reconciler::new(
             db.clone(),
@@ -164,7 +211,6 @@ impl Application {
             metrics.clone(),
         ));
         let event_consumers = Arc::new(crate::actors::ActorStats::default());
-        let shutdown = crate::shutdown::Shutdown::default();
         for partition in 0..config.nats.partitions {
             EventConsumer {
                 partition,
@@ -219,6 +265,7 @@ impl Application {
             currencies,
             metrics,
             rate_limiter,
+            leases,
         });
         let app_state = state.clone();
         let server = HttpServer::new(move || {
@@ -341,9 +388,11 @@ fn spawn_housekeeping(state: web::Data<AppState>, shutdown: crate::shutdown::Shu
         let every = Duration::from_millis(recovery.config.psp.timeout_ms.clamp(1_000, 30_000));
         while !stop.sleep(every).await {
             let stale = recovery.config.psp.timeout_ms * 2;
-            let Ok(found) = recovery.db.payments_with_stale_attempts(stale, SWEEP_BATCH).await else {
+            let Ok(mut found) = recovery.db.payments_with_stale_attempts(stale, SWEEP_BATCH).await else {
                 continue;
             };
+            // Cluster mode: each node completes its own partitions' payments.
+            found.retain(|(id, _)| !recovery.registry.is_elsewhere(id));
             // The oldest first, several at once: one slow PSP call does not hold up the rest.
             // The Resolve reloads each payment from PostgreSQL, so an attempt its actor's
             // memory missed (an ambiguous commit) is completed too.

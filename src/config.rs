@@ -35,6 +35,9 @@ pub struct Config {
     /// Optional: without a key, connectors that carry credentials cannot be made.
     #[serde(default)]
     pub secrets: SecretsConfig,
+    /// Optional: without it (or with `enabled = false`) payrail runs as one node per database.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     pub log: LogConfig,
 }
 
@@ -173,6 +176,52 @@ pub struct NatsConfig {
     pub fetch_batch: usize,
     /// How long the webhook bridge waits for JetStream's ack before answering 503.
     pub publish_timeout_ms: u64,
+    /// Copies JetStream keeps of each stream and of the cluster's lease bucket: 1 on a single
+    /// nats-server, 3 on a three-server cluster.
+    #[serde(default = "one_replica")]
+    pub replicas: usize,
+}
+
+fn one_replica() -> usize {
+    1
+}
+
+/// Several payrail nodes on one database and one NATS cluster (docs/DESIGN.md, "Growing past
+/// one machine"). Off by default: one process serves the database alone.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    pub enabled: bool,
+    /// This node's name, unique in the cluster; empty: `<host>-<pid>`.
+    pub node_id: String,
+    /// Payments, ledger shards' commits and PSP-event partitions map onto this many partitions,
+    /// each owned by one live node. Fixed for the life of a deployment.
+    pub partitions: u32,
+    /// A lease not renewed for this long expires in NATS KV; another node may then take it.
+    pub lease_ttl_ms: u64,
+    /// How often a node renews its leases and rebalances.
+    pub renew_every_ms: u64,
+    /// Partitions a node takes or gives up per round: bounds the moves when nodes join.
+    pub max_moves: usize,
+    /// How long a call forwarded to a partition's owner may take before the caller gets 503.
+    pub forward_timeout_ms: u64,
+    /// Forwarded calls one node serves at once; past that, the caller gets 503.
+    pub max_forwarded_in_flight: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            enabled: false,
+            node_id: String::new(),
+            partitions: 64,
+            lease_ttl_ms: 3_000,
+            renew_every_ms: 1_000,
+            max_moves: 8,
+            forward_timeout_ms: 30_000,
+            max_forwarded_in_flight: 4_096,
+        }
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -546,6 +595,28 @@ impl Config {
         }
         if w.allow_private_targets && self.psp.provider != "sandbox" {
             return bad("[webhooks_out] allow_private_targets = true is for local use with the sandbox PSP: with a real PSP, merchant webhooks must not reach private networks");
+        }
+        let c = &self.cluster;
+        if c.enabled {
+            if c.partitions == 0 || c.partitions < self.nats.partitions {
+                return bad("[cluster] partitions must be at least [nats] partitions: each PSP-event partition's consumer runs on the owner of the cluster partition with its number");
+            }
+            if c.renew_every_ms == 0 || c.lease_ttl_ms < 2 * c.renew_every_ms {
+                return bad("[cluster] lease_ttl_ms must be at least twice renew_every_ms: a lease must survive one late renewal");
+            }
+            if c.max_moves == 0 || c.max_forwarded_in_flight == 0 || c.forward_timeout_ms == 0 {
+                return bad("[cluster] max_moves, max_forwarded_in_flight and forward_timeout_ms must be positive");
+            }
+            if !c
+                .node_id
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+            {
+                return bad("[cluster] node_id must be letters, digits, '-' or '_'");
+            }
+        }
+        if self.nats.replicas == 0 || self.nats.replicas > 5 {
+            return bad("[nats] replicas must be 1 to 5");
         }
         if self.sandbox.demo_merchant && self.psp.provider != "sandbox" {
             return bad("[sandbox] demo_merchant = true needs [psp] provider = \"sandbox\": the demo key must never reach a real PSP");

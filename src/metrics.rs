@@ -125,6 +125,8 @@ pub struct Scrape {
     pub pool: (i64, i64, i64),
     /// Merchant webhook deliveries waiting, if PostgreSQL answered in time.
     pub webhook_backlog: Option<crate::adapters::postgres::webhooks_out::Backlog>,
+    /// Partitions this node owns and live nodes it sees, in cluster mode.
+    pub cluster: Option<(i64, i64)>,
 }
 
 pub struct Metrics {
@@ -165,6 +167,10 @@ pub struct Metrics {
     reconciliation_ratio: Family<PspKindLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     reconciliation_lines: Family<OutcomeLabels, Counter>,
     reconciliation_open: Family<ExceptionLabels, Gauge>,
+    cluster_moves: Family<KindLabels, Counter>,
+    cluster_partitions_owned: Gauge,
+    cluster_nodes: Gauge,
+    forwarded: Family<OutcomeLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -217,6 +223,10 @@ impl Metrics {
             webhook_retrying: Gauge::default(),
             webhook_oldest: Family::default(),
             webhook_endpoints_disabled: Counter::default(),
+            cluster_moves: Family::default(),
+            cluster_partitions_owned: Gauge::default(),
+            cluster_nodes: Gauge::default(),
+            forwarded: Family::default(),
             reconciliation_ratio: Family::default(),
             reconciliation_lines: Family::default(),
             reconciliation_open: Family::default(),
@@ -384,6 +394,26 @@ impl Metrics {
             m.webhook_endpoints_disabled.clone(),
         );
         r.register(
+            "cluster_partition_moves",
+            "Partition leases this node took (acquired), gave up to rebalance (released) or lost (lost: not renewed in time, or taken)",
+            m.cluster_moves.clone(),
+        );
+        r.register(
+            "cluster_partitions_owned",
+            "Partitions whose lease this node holds (cluster mode)",
+            m.cluster_partitions_owned.clone(),
+        );
+        r.register(
+            "cluster_nodes",
+            "Live nodes this node sees in the cluster (cluster mode)",
+            m.cluster_nodes.clone(),
+        );
+        r.register(
+            "cluster_forwarded_calls",
+            "Payment calls this node forwarded to their partition's owner, by outcome",
+            m.forwarded.clone(),
+        );
+        r.register(
             "reconciliation_match_ratio",
             "Matched report lines over matched lines and new exceptions, in the last run, by PSP kind (SLO: 0.9999)",
             m.reconciliation_ratio.clone(),
@@ -515,6 +545,17 @@ impl Metrics {
         self.ledger_commit.observe(took.as_secs_f64());
     }
 
+    /// A partition lease taken (`acquired`), given up (`released`) or lost (`lost`).
+    pub fn cluster_move(&self, kind: &'static str) {
+        self.cluster_moves.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// A call forwarded to its partition's owner: `ok`, `refused` (the owner answered an
+    /// error), `unavailable` (no answer in time, or NATS down).
+    pub fn forwarded(&self, outcome: &'static str) {
+        self.forwarded.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
     /// The OpenMetrics text of every metric, with `scrape`'s figures set first.
     pub fn encode(&self, scrape: &Scrape) -> String {
         for (actor, f) in &scrape.actors {
@@ -542,6 +583,10 @@ impl Metrics {
             .set(idle);
         self.pool_waiters.set(waiting);
         self.risk_velocity_keys.set(scrape.risk_velocity_keys);
+        if let Some((owned, nodes)) = scrape.cluster {
+            self.cluster_partitions_owned.set(owned);
+            self.cluster_nodes.set(nodes);
+        }
         if let Some(b) = scrape.webhook_backlog {
             self.webhook_pending.set(b.pending);
             self.webhook_retrying.set(b.retrying);

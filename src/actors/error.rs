@@ -30,6 +30,15 @@ pub enum PaymentError {
     Unavailable(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Cluster mode: the node that owns the payment answered this, already in the API's words
+    /// (status and body as docs/API.md shapes them).
+    #[error("the payment's node answered {status}")]
+    Remote {
+        status: u16,
+        body: Vec<u8>,
+        /// Whether an idempotent request stores it for replay (the owner's verdict).
+        replayable: bool,
+    },
 }
 
 impl PaymentError {
@@ -43,7 +52,9 @@ impl PaymentError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            PaymentError::Unavailable(_) | PaymentError::Store(StoreError::Unavailable)
+            PaymentError::Unavailable(_)
+                | PaymentError::Store(StoreError::Unavailable)
+                | PaymentError::Remote { status: 503, .. }
         )
     }
 }

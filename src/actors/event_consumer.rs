@@ -70,6 +70,9 @@ enum Verdict {
     Ack(&'static str),
     /// Failed: deliver it again later, or park it once it failed often enough.
     Retry(&'static str, &'static str),
+    /// Cluster mode: its payment's partition is between owners. Delivered again shortly and
+    /// never parked for it: a lease moves within seconds.
+    Wait,
 }
 
 /// What becomes of an event whose handling failed on its `delivered`-th delivery.
@@ -125,6 +128,12 @@ impl Worker {
             };
             backoff = Duration::from_millis(100);
             while !self.shutdown.is_stopping() {
+                // Cluster mode: only the owner of the cluster partition with this number reads
+                // it; the others wait, ready to take over when its lease moves.
+                if !self.registry.owns_partition(self.partition) {
+                    self.shutdown.sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
                 let messages = match crate::adapters::nats::fetch_batch(&consumer, self.config.fetch_batch).await {
                     Ok(m) => m,
                     Err(e) => {
@@ -174,6 +183,10 @@ impl Worker {
             Verdict::Ack(outcome) => {
                 self.record(message, outcome);
                 message.ack().await
+            }
+            Verdict::Wait => {
+                self.record(message, "moving");
+                message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await
             }
             Verdict::Retry(outcome, reason) => match disposition(delivered, self.config.max_deliver) {
                 Disposition::DeadLetter if self.park(message, reason, delivered as i32).await => {
@@ -325,6 +338,10 @@ impl Worker {
         match self.registry.call(&payment_id, call).await {
             Ok(reply) if reply.status == super::payment_flow::DUPLICATE_EVENT => Verdict::Ack("duplicate"),
             Ok(_) => Verdict::Ack("applied"),
+            Err(e) if e.is_transient() && self.registry.is_elsewhere(&payment_id) => {
+                tracing::info!(payment_id = %payment_id, error = %e, "PSP event waits for its payment's partition to settle on a node");
+                Verdict::Wait
+            }
             Err(e) => {
                 tracing::warn!(payment_id = %payment_id, error = %e, "PSP event not applied yet; it will be redelivered");
                 Verdict::Retry("retried", "its payment could not apply it")

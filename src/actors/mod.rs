@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod event_consumer;
+pub mod forward;
 pub mod landing;
 pub mod ledger_shard;
 pub mod mailbox;

@@ -23,7 +23,7 @@ use crate::domain::{MerchantId, Money, PaymentId, RefundId};
 const FAILED_LINGER: Duration = Duration::from_millis(200);
 
 /// The idempotency record a call completes in its commit.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct IdemKey {
     pub merchant: MerchantId,
     pub key: String,
@@ -32,8 +32,9 @@ pub struct IdemKey {
     pub fence: i64,
 }
 
-/// A merchant's operation on a payment.
-#[derive(Debug, Clone)]
+/// A merchant's operation on a payment. Serializable: in cluster mode a call travels to the
+/// node that owns the payment (`actors::forward`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Op {
     /// Store the new payment the actor was started with (it is not in PostgreSQL yet) and,
     /// with `confirm`, authorize it at once. Answered `201`.
@@ -76,7 +77,7 @@ pub enum Op {
 /// Who gives back a split payment's refund: the sellers their parts (`reverse_splits`,
 /// default true), the platform its application fee's part (`refund_application_fee`, default
 /// false: the sellers bear it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RefundShare {
     pub reverse_splits: bool,
     pub refund_application_fee: bool,

@@ -34,6 +34,8 @@ pub struct PaymentRegistry {
     generation: AtomicU64,
     config: ActorsConfig,
     pub stats: Arc<ActorStats>,
+    /// Cluster mode: where calls for payments of other nodes' partitions go.
+    forwarder: std::sync::OnceLock<Arc<super::forward::Forwarder>>,
 }
 
 impl PaymentRegistry {
@@ -54,7 +56,35 @@ impl PaymentRegistry {
             generation: AtomicU64::new(1),
             config,
             stats,
+            forwarder: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Cluster mode: from now on, calls for payments this node does not own are forwarded.
+    pub fn set_forwarder(&self, forwarder: Arc<super::forward::Forwarder>) {
+        let _ = self.forwarder.set(forwarder);
+    }
+
+    /// Whether this node reads PSP-event partition `partition`: always outside cluster mode;
+    /// in it, while it owns the cluster partition with that number.
+    pub fn owns_partition(&self, partition: u32) -> bool {
+        self.forwarder.get().is_none_or(|f| f.leases.owns(partition))
+    }
+
+    /// Cluster mode: the payment's partition is not this node's now (owned elsewhere, or
+    /// between owners).
+    pub fn is_elsewhere(&self, id: &PaymentId) -> bool {
+        self.forwarder
+            .get()
+            .is_some_and(|f| !f.leases.owns(f.leases.partition_of(id.as_str())))
+    }
+
+    /// Drops the live actors of `partition`'s payments (it moved to another node). A message
+    /// an actor is handling finishes; its commit is fenced by the partition's lease.
+    pub fn evict_partition(&self, partition: u32) {
+        let Some(f) = self.forwarder.get() else { return };
+        self.actors
+            .retain(|id, _| f.leases.partition_of(id.as_str()) != partition);
     }
 
     /// Delivers `call` to the payment's actor and waits for its answer.
@@ -66,7 +96,30 @@ impl PaymentRegistry {
     /// payment its creator hands over, not stored yet) instead of reading PostgreSQL. Each
     /// try hands it over again: an actor that stopped after a failed creation leaves the next
     /// incarnation to start from it too.
+    ///
+    /// In cluster mode a payment of another node's partition is served by that node: the call
+    /// is forwarded, and answered with what the owner answered.
     pub async fn call_with(
+        &self,
+        id: &PaymentId,
+        known: Option<Live>,
+        call: PaymentCall,
+    ) -> Result<Reply, PaymentError> {
+        if let Some(f) = self.forwarder.get() {
+            let partition = f.leases.partition_of(id.as_str());
+            if !f.leases.owns(partition) {
+                if known.is_some() {
+                    // A new payment is created where its id's partition is owned.
+                    return Err(PaymentError::Unavailable("payment's partition (moved while creating)"));
+                }
+                return f.call(partition, id, call).await;
+            }
+        }
+        self.call_local(id, known, call).await
+    }
+
+    /// Delivers `call` to the payment's actor on this node.
+    pub async fn call_local(
         &self,
         id: &PaymentId,
         known: Option<Live>,

@@ -73,6 +73,9 @@ impl Clock for SystemClock {
 pub struct PgStore {
     pub db: Db,
     pub ledger: Arc<Ledger>,
+    /// Cluster mode: every commit carries its partition's lease, and a payment whose partition
+    /// this node does not own is not written at all.
+    pub leases: Option<Arc<crate::adapters::cluster::Leases>>,
 }
 
 impl PaymentStore for PgStore {
@@ -86,7 +89,13 @@ impl PaymentStore for PgStore {
         })
     }
 
-    fn commit(&self, commit: Commit) -> CommitFuture<'_> {
+    fn commit(&self, mut commit: Commit) -> CommitFuture<'_> {
+        if let (Some(leases), Some(payment)) = (&self.leases, &commit.payment) {
+            match leases.token(payment.id.as_str()) {
+                Some(token) => commit.lease = Some(token),
+                None => return Box::pin(std::future::ready(Err(CommitError::Moved))),
+            }
+        }
         Box::pin(self.ledger.commit(commit))
     }
 

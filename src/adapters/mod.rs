@@ -2,6 +2,7 @@
 //! the table it owns), NATS JetStream, the PSPs behind one trait, and outgoing HTTP to
 //! merchants' webhook endpoints.
 
+pub mod cluster;
 pub mod connectors;
 pub mod http_out;
 pub mod nats;

@@ -29,7 +29,8 @@ impl Nats {
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
             .name("payrail")
-            .connect(config.url.as_str())
+            // A comma-separated list reaches a cluster: the client picks one and fails over.
+            .connect(config.url.split(',').map(str::trim).collect::<Vec<&str>>())
             .await
             .map_err(|e| NatsError::Connect(e.to_string()))?;
         let jetstream = jetstream::new(client.clone());
@@ -64,6 +65,7 @@ impl Nats {
                     duplicate_window: window,
                     max_messages: config.max_stream_messages,
                     max_age: Duration::from_secs(7 * 24 * 3600),
+                    num_replicas: config.replicas,
                     ..Default::default()
                 })
                 .await

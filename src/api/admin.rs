@@ -128,6 +128,38 @@ pub async fn actors(state: web::Data<AppState>, req: HttpRequest) -> Result<Http
     ))
 }
 
+/// `GET /admin/v1/cluster`: this node, the live nodes with how many partitions each owns, and
+/// every partition's owner. Outside cluster mode: one node, no partitions.
+pub async fn cluster(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    auth::operator(&state, &req)?;
+    let Some(leases) = &state.leases else {
+        return Ok(json_value(
+            200,
+            &serde_json::json!({ "object": "cluster", "mode": "single", "node": null, "nodes": [],
+                "partitions": [], "partition_count": 0 }),
+        ));
+    };
+    let map = leases.map();
+    let nodes: Vec<serde_json::Value> = leases
+        .nodes()
+        .into_iter()
+        .map(|n| {
+            let owned = map
+                .iter()
+                .filter(|p| p.owner.as_deref() == Some(n.node.as_str()))
+                .count();
+            serde_json::json!({ "node": n.node, "url": n.url, "started_at": n.started_at,
+                "partitions_owned": owned, "self": n.node == *leases.node })
+        })
+        .collect();
+    Ok(json_value(
+        200,
+        &serde_json::json!({ "object": "cluster", "mode": "cluster", "node": &*leases.node,
+            "partition_count": leases.partitions(), "complete": leases.complete(),
+            "nodes": nodes, "partitions": map }),
+    ))
+}
+
 /// `GET /admin/v1/actors/{kind}/{id}`: one actor: its state, mailbox and recent messages
 /// (their type and time; never their content).
 pub async fn actor(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {

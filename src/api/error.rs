@@ -40,6 +40,13 @@ pub enum ApiError {
     Conflict { code: &'static str, message: &'static str },
     #[error("internal error")]
     Internal,
+    /// Cluster mode: the answer of the node that owns the payment, passed on as it came.
+    #[error("the payment's node answered {status}")]
+    Remote {
+        status: u16,
+        body: Vec<u8>,
+        replayable: bool,
+    },
 }
 
 impl ApiError {
@@ -71,6 +78,9 @@ impl ApiError {
             ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Remote { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            }
         }
     }
 
@@ -79,7 +89,7 @@ impl ApiError {
             ApiError::Authentication => "authentication_error",
             ApiError::IdempotencyKeyInUse | ApiError::IdempotencyKeyReused => "idempotency_error",
             ApiError::RateLimited => "rate_limit_error",
-            ApiError::Unavailable(_) | ApiError::Internal => "api_error",
+            ApiError::Unavailable(_) | ApiError::Internal | ApiError::Remote { .. } => "api_error",
             _ => "invalid_request_error",
         }
     }
@@ -99,6 +109,7 @@ impl ApiError {
             ApiError::RateLimited => "rate_limited",
             ApiError::Unavailable(_) => "dependency_unavailable",
             ApiError::Internal => "internal_error",
+            ApiError::Remote { .. } => "remote",
         }
     }
 
@@ -113,6 +124,9 @@ impl ApiError {
 
     /// The response body, exactly as docs/API.md shapes it.
     pub fn body(&self) -> Vec<u8> {
+        if let ApiError::Remote { body, .. } = self {
+            return body.clone();
+        }
         let mut error = json!({ "type": self.error_type(), "code": self.code(), "message": self.to_string() });
         if let Some(p) = self.param_name() {
             error["param"] = json!(p);
@@ -123,6 +137,9 @@ impl ApiError {
     /// Whether an idempotent request that ended in this error stores it for replay: only the
     /// answers the operation itself produced (docs/API.md, "Idempotency").
     pub fn is_replayable(&self) -> bool {
+        if let ApiError::Remote { replayable, .. } = self {
+            return *replayable;
+        }
         !matches!(
             self,
             ApiError::Authentication
@@ -152,7 +169,7 @@ impl actix_web::ResponseError for ApiError {
     fn error_response(&self) -> actix_web::HttpResponse {
         let mut resp = actix_web::HttpResponse::build(self.status());
         resp.content_type("application/json");
-        if matches!(self, ApiError::Unavailable(_) | ApiError::RateLimited) {
+        if matches!(self, ApiError::Unavailable(_) | ApiError::RateLimited) || self.status().as_u16() == 503 {
             resp.insert_header(("Retry-After", "1"));
         }
         resp.body(self.body())
@@ -181,6 +198,15 @@ impl From<crate::actors::PaymentError> for ApiError {
             P::KeyTakenOver => ApiError::IdempotencyKeyInUse,
             P::Unavailable(what) => ApiError::Unavailable(what),
             P::Store(s) => s.into(),
+            P::Remote {
+                status,
+                body,
+                replayable,
+            } => ApiError::Remote {
+                status,
+                body,
+                replayable,
+            },
         }
     }
 }

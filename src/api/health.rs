@@ -14,6 +14,22 @@ pub async fn healthz() -> HttpResponse {
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let database = state.db.ping().await;
     let nats = state.nats.is_connected();
-    let status = if database && nats { 200 } else { 503 };
-    json_value(status, &json!({ "database": database, "nats": nats }))
+    let Some(leases) = &state.leases else {
+        let status = if database && nats { 200 } else { 503 };
+        return json_value(status, &json!({ "database": database, "nats": nats }));
+    };
+    // Cluster mode: ready once every partition has a live owner and this node serves some (or
+    // the cluster has more nodes than partitions).
+    let (owned, complete) = (leases.owned(), leases.complete());
+    let serving = owned > 0 || leases.nodes().len() > leases.partitions() as usize;
+    let status = if database && nats && complete && serving {
+        200
+    } else {
+        503
+    };
+    json_value(
+        status,
+        &json!({ "database": database, "nats": nats,
+            "cluster": { "node": &*leases.node, "partitions_owned": owned, "complete": complete } }),
+    )
 }

@@ -43,6 +43,10 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         dead_letters_unreplayed: unreplayed,
         risk_velocity_keys: state.risk.velocity.keys() as i64,
         webhook_backlog: backlog,
+        cluster: state
+            .leases
+            .as_ref()
+            .map(|l| (l.owned() as i64, l.nodes().len() as i64)),
         pool: (
             pool.size.saturating_sub(pool.available) as i64,
             pool.available as i64,

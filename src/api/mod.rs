@@ -70,6 +70,8 @@ pub struct AppState {
     pub currencies: Vec<Currency>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub rate_limiter: ratelimit::RateLimiter,
+    /// Cluster mode: partition ownership (routing, `/admin/v1/cluster`, readiness).
+    pub leases: Option<Arc<crate::adapters::cluster::Leases>>,
 }
 
 pub const MAX_CACHED_KEYS: usize = 100_000;
@@ -145,6 +147,7 @@ api_routes! {
     get "/api/v1/webhook_endpoints/{id}/deliveries" => webhook_endpoints::deliveries,
     post "/admin/v1/merchants" => admin::create_merchant,
     get "/admin/v1/actors" => admin::actors,
+    get "/admin/v1/cluster" => admin::cluster,
     get "/admin/v1/actors/{kind}/{id}" => admin::actor,
     get "/admin/v1/dead_letters" => admin::dead_letters,
     post "/admin/v1/dead_letters/{id}/replay" => admin::replay_dead_letter,

@@ -174,6 +174,25 @@ async fn splits_payable(state: &AppState, merchant: &Merchant, payment: &Payment
     Ok(())
 }
 
+/// Cluster mode: a new payment's id is drawn again until its partition is one this node owns,
+/// so that its actor starts here and creation is never forwarded. Outside cluster mode the id
+/// stays as drawn.
+fn with_local_id(state: &AppState, mut payment: Payment) -> Result<Payment, ApiError> {
+    let Some(leases) = &state.leases else {
+        return Ok(payment);
+    };
+    if leases.owned() > 0 {
+        // Owning k of P partitions, a draw lands in one with probability k/P (at least 1/P).
+        for _ in 0..(64 * leases.partitions()) {
+            if leases.owns(leases.partition_of(payment.id.as_str())) {
+                return Ok(payment);
+            }
+            payment.id = PaymentId::generate();
+        }
+    }
+    Err(ApiError::Unavailable("this node's partitions (it owns none yet)"))
+}
+
 /// `POST /api/v1/payments`
 pub async fn create(
     state: web::Data<AppState>,
@@ -221,6 +240,7 @@ pub async fn create(
             splits_payable(state, merchant, &payment).await?;
             // The payment's actor stores it (and, with confirm, authorizes it): like every
             // other change, creation goes through the actor.
+            let payment = with_local_id(state, payment)?;
             let id = payment.id.clone();
             let live = Live {
                 payment,

@@ -1,6 +1,7 @@
 //! Integration tests: the real server, PostgreSQL and NATS. One binary, so it links once.
 
 mod adyen;
+mod cluster;
 mod crash;
 mod events;
 mod helpers;

@@ -96,6 +96,11 @@ impl From<CommitError> for Halt {
                 error: PaymentError::KeyTakenOver,
                 stale: false,
             },
+            // Another node owns the payment now: this actor's memory is not to be trusted.
+            CommitError::Moved => Halt {
+                error: PaymentError::Unavailable("payment (its partition moved to another node)"),
+                stale: true,
+            },
             // The ledger never took it: nothing was written.
             CommitError::Unavailable(what) => Halt {
                 error: PaymentError::Unavailable(what),

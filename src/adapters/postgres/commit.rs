@@ -136,6 +136,9 @@ pub struct Commit {
     /// and `updated_at`: it is written by a statement that sends only those columns (a
     /// settlement's, at report scale). Whoever sets it must change nothing else of the payment.
     pub state_only: bool,
+    /// Cluster mode: the lease under which this node's actor writes the payment. The commit
+    /// lands only if `partition_fences` still holds it ([`FENCE`]).
+    pub lease: Option<crate::adapters::cluster::LeaseToken>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +150,10 @@ pub enum CommitError {
     /// longer speaks for it.
     #[error("the idempotency key was taken over by a newer request")]
     Fenced,
+    /// Cluster mode: the payment's partition is no longer this node's (its lease expired or
+    /// moved): nothing was written.
+    #[error("the payment's partition moved to another node")]
+    Moved,
     /// The ledger could not take the commit (its queue is full, a shard is gone): nothing
     /// was written.
     #[error("{0} is unavailable")]
@@ -161,6 +168,7 @@ impl Clone for CommitError {
         match self {
             CommitError::Stale => CommitError::Stale,
             CommitError::Fenced => CommitError::Fenced,
+            CommitError::Moved => CommitError::Moved,
             CommitError::Unavailable(what) => CommitError::Unavailable(what),
             CommitError::Store(e) => CommitError::Store(e.clone()),
         }
@@ -266,6 +274,15 @@ const BALANCES: &str = "INSERT INTO ledger_accounts (account, currency, slot, de
     ON CONFLICT (account, currency, slot) DO UPDATE SET
         debit_total = ledger_accounts.debit_total + excluded.debit_total,
         credit_total = ledger_accounts.credit_total + excluded.credit_total";
+
+/// Cluster mode, first in a batch: each partition the batch writes must still be held under
+/// the lease its commits carry. `FOR SHARE` holds the rows until the batch ends, so a node
+/// taking a partition over (`Db::take_partition`) waits for the batch, and a batch after it
+/// finds the new holder and fails as `Moved`.
+pub const FENCE: &str = "SELECT f.partition FROM partition_fences f
+    JOIN unnest($1::int4[], $2::int8[], $3::text[]) AS u(p, r, h)
+      ON f.partition = u.p AND f.revision = u.r AND f.holder = u.h
+    FOR SHARE OF f";
 
 /// Every statement of a batch, prepared (cached per connection) and named.
 struct Statements {
@@ -761,6 +778,38 @@ impl Columns {
     }
 }
 
+/// The distinct leases a batch's commits carry, as [`FENCE`]'s column arrays.
+#[derive(Default)]
+struct Fences {
+    partitions: Vec<i32>,
+    revisions: Vec<i64>,
+    holders: Vec<String>,
+}
+
+impl Fences {
+    fn of(batch: &[&Commit]) -> Fences {
+        let mut f = Fences::default();
+        for t in batch.iter().filter_map(|c| c.lease.as_ref()) {
+            let seen = f
+                .partitions
+                .iter()
+                .zip(&f.revisions)
+                .zip(&f.holders)
+                .any(|((p, r), h)| *p == t.partition && *r == t.revision && h.as_str() == &*t.holder);
+            if !seen {
+                f.partitions.push(t.partition);
+                f.revisions.push(t.revision);
+                f.holders.push(t.holder.to_string());
+            }
+        }
+        f
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        vec![&self.partitions, &self.revisions, &self.holders]
+    }
+}
+
 /// How many rows a statement touched, and whether that count is a verdict on the batch.
 type Pending<'a> = Pin<Box<dyn Future<Output = Result<Option<u64>, tokio_postgres::Error>> + 'a>>;
 
@@ -782,7 +831,24 @@ impl Db {
         let tx = &txn;
         // Prepared first (cached per connection), so the executes below go out strictly in order.
         let st = Statements::prepare(tx).await?;
+        let fences = Fences::of(batch);
+        let fence_statement = match fences.partitions.is_empty() {
+            true => None,
+            false => Some(tx.prepare_cached(FENCE).await.map_err(pg_error)?),
+        };
         let mut pending: Vec<Pending<'_>> = Vec::with_capacity(16);
+        // First, so that the lease rows are held before anything is written.
+        let lease_check = match &fence_statement {
+            Some(statement) => queue(
+                &mut pending,
+                tx,
+                statement,
+                true,
+                fences.partitions.len(),
+                fences.params(),
+            ),
+            None => None,
+        };
         queue(
             &mut pending,
             tx,
@@ -901,6 +967,10 @@ impl Db {
         // explains any error after it (a duplicate audit-trail seq, say), so it wins. Then a
         // key that was taken over.
         let count = |at: Option<usize>| at.and_then(|k| results[k].as_ref().ok().copied().flatten());
+        // A partition that moved explains everything else: another node's actor owns it now.
+        if matches!(count(lease_check), Some(n) if n as usize != fences.partitions.len()) {
+            return Err(CommitError::Moved);
+        }
         if matches!(count(stale_check), Some(n) if n as usize != cols.upd.id.len())
             || matches!(count(state_check), Some(n) if n as usize != cols.state.len())
         {

@@ -92,6 +92,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "trigger_plans",
         include_str!("../../../migrations/V13__trigger_plans.sql"),
     ),
+    (
+        14,
+        "partition_fences",
+        include_str!("../../../migrations/V14__partition_fences.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.
@@ -191,10 +196,31 @@ impl Db {
         Ok((page, more))
     }
 
+    /// Cluster mode: records that `holder` now holds `partition` under lease `revision`. Waits
+    /// for commits still holding the previous fence (FOR SHARE) to finish; from then on they
+    /// are refused.
+    pub async fn take_partition(&self, partition: i32, revision: i64, holder: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO partition_fences (partition, revision, holder) VALUES ($1, $2, $3)
+                 ON CONFLICT (partition) DO UPDATE
+                    SET revision = excluded.revision, holder = excluded.holder, taken_at = now()",
+                &[&partition, &revision, &holder],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
     /// Takes this database's node lock (one serving payrail per database), waiting up to
     /// `wait` for a holder to go.
-    pub async fn node_lock(&self, wait: Duration) -> Result<node_lock::NodeLock, node_lock::NodeLockError> {
-        node_lock::NodeLock::acquire(&self.pg, wait).await
+    pub async fn node_lock(
+        &self,
+        wait: Duration,
+        shared: bool,
+    ) -> Result<node_lock::NodeLock, node_lock::NodeLockError> {
+        node_lock::NodeLock::acquire(&self.pg, wait, shared).await
     }
 
     /// Tells the outbox relay that rows are waiting.

@@ -1,8 +1,10 @@
-//! One payrail node per database. payrail has no cluster mode yet: two `payrail serve`
-//! processes on one database would each run actors, consumers and sweepers for the same
-//! payments, and nothing but luck would keep their commits apart. So a serving process holds a
-//! PostgreSQL session-level advisory lock on a connection of its own, and a second one is
-//! refused at start with the holder's name.
+//! One payrail node per database, unless the nodes run in cluster mode. Two `payrail serve`
+//! processes outside cluster mode on one database would each run actors, consumers and
+//! sweepers for the same payments, and nothing but luck would keep their commits apart. So a
+//! serving process holds a PostgreSQL session-level advisory lock on a connection of its own,
+//! and a second one is refused at start with the holder's name. Cluster nodes hold the same
+//! lock *shared*: they start beside each other (partition leases keep them apart), and a node
+//! outside cluster mode cannot start beside them, nor they beside it.
 //!
 //! The lock is a guard against a misconfiguration, not a fence: PostgreSQL releases it when the
 //! holding session ends (the process dies, the connection is cut, PostgreSQL restarts). The
@@ -29,6 +31,16 @@ pub enum NodeLockError {
          database: stop it, or point this one at another database"
     )]
     Held { holder: String },
+    #[error(
+        "payrail nodes in cluster mode are serving this database ({holder}); start this one with \
+         [cluster] enabled = true to join them, or point it at another database"
+    )]
+    HeldByCluster { holder: String },
+    #[error(
+        "a payrail node outside cluster mode is serving this database ({holder}); a cluster node \
+         cannot join it: stop it first"
+    )]
+    HeldBySingle { holder: String },
     #[error("database: {0}")]
     Postgres(#[from] tokio_postgres::Error),
 }
@@ -49,21 +61,28 @@ impl Drop for NodeLock {
 impl NodeLock {
     /// Takes the lock, waiting up to `wait` for a holder to go (a process restarted after
     /// `kill -9` may start before PostgreSQL has noticed the old session end).
-    pub async fn acquire(pg: &tokio_postgres::Config, wait: Duration) -> Result<NodeLock, NodeLockError> {
+    /// `shared`: a cluster node's hold, which other cluster nodes share.
+    pub async fn acquire(pg: &tokio_postgres::Config, wait: Duration, shared: bool) -> Result<NodeLock, NodeLockError> {
         let deadline = tokio::time::Instant::now() + wait;
         let pg = with_name(pg);
         loop {
             let (client, connection) = pg.connect(NoTls).await?;
             let connection = tokio::spawn(connection);
-            if try_lock(&client).await? {
+            if try_lock(&client, shared).await? {
                 let (tell, lost) = watch::channel(false);
-                let keeper = tokio::spawn(keep(pg, client, connection, tell));
+                let keeper = tokio::spawn(keep(pg, client, connection, tell, shared));
                 return Ok(NodeLock { keeper, lost });
             }
             let holder = holder(&client).await.unwrap_or_else(|| "holder unknown".into());
             drop(client);
             if tokio::time::Instant::now() + RETRY > deadline {
-                return Err(NodeLockError::Held { holder });
+                return Err(if shared {
+                    NodeLockError::HeldBySingle { holder }
+                } else if holder_is_shared(&holder) {
+                    NodeLockError::HeldByCluster { holder }
+                } else {
+                    NodeLockError::Held { holder }
+                });
             }
             tokio::time::sleep(RETRY).await;
         }
@@ -91,29 +110,47 @@ fn with_name(pg: &tokio_postgres::Config) -> tokio_postgres::Config {
     pg
 }
 
-async fn try_lock(client: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
-    Ok(client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&NODE_LOCK_KEY])
-        .await?
-        .get(0))
+async fn try_lock(client: &tokio_postgres::Client, shared: bool) -> Result<bool, tokio_postgres::Error> {
+    let sql = if shared {
+        "SELECT pg_try_advisory_lock_shared($1)"
+    } else {
+        "SELECT pg_try_advisory_lock($1)"
+    };
+    Ok(client.query_one(sql, &[&NODE_LOCK_KEY]).await?.get(0))
 }
 
-/// Who holds the lock in this database: its session's name, address and start.
+/// [`holder`] names shared holders with this mark.
+const SHARED_MARK: &str = " (cluster mode)";
+
+fn holder_is_shared(holder: &str) -> bool {
+    holder.contains(SHARED_MARK)
+}
+
+/// Who holds the lock in this database: its session's name, address and start (the first
+/// of the cluster nodes when they share it).
 async fn holder(client: &tokio_postgres::Client) -> Option<String> {
-    let row = client
-        .query_opt(
+    let rows = client
+        .query(
             "SELECT a.application_name, coalesce(host(a.client_addr), 'local socket'),
-                    to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+                    to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    l.mode = 'ShareLock'
                FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
               WHERE l.locktype = 'advisory' AND l.granted
                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                AND l.objsubid = 1 AND ((l.classid::bigint << 32) | l.objid::bigint) = $1",
+                AND l.objsubid = 1 AND ((l.classid::bigint << 32) | l.objid::bigint) = $1
+              ORDER BY a.backend_start",
             &[&NODE_LOCK_KEY],
         )
         .await
-        .ok()??;
-    let (name, addr, since): (String, String, String) = (row.get(0), row.get(1), row.get(2));
-    Some(format!("{name}, connected from {addr} since {since}"))
+        .ok()?;
+    let row = rows.first()?;
+    let (name, addr, since, shared): (String, String, String, bool) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    let mark = if shared { SHARED_MARK } else { "" };
+    let others = match rows.len() {
+        1 => String::new(),
+        n => format!(", and {} more", n - 1),
+    };
+    Some(format!("{name}{mark}, connected from {addr} since {since}{others}"))
 }
 
 /// Holds the session open. When it ends, takes the lock again on a new session at once, then
@@ -124,6 +161,7 @@ async fn keep(
     client: tokio_postgres::Client,
     connection: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
     lost: watch::Sender<bool>,
+    shared: bool,
 ) {
     let mut held = Some((client, connection));
     loop {
@@ -141,7 +179,7 @@ async fn keep(
             }
         };
         let connection = tokio::spawn(connection);
-        match try_lock(&client).await {
+        match try_lock(&client, shared).await {
             Ok(true) => {
                 tracing::info!("node lock taken again");
                 held = Some((client, connection));

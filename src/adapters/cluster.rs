@@ -1,0 +1,494 @@
+//! Cluster mode (docs/DESIGN.md, "Growing past one machine"): payments map onto a fixed number
+//! of partitions, and each partition is owned by one live node through a lease in a NATS KV
+//! bucket, `{prefix}_CLUSTER`.
+//!
+//! - `p.<n>` holds partition n's lease: the owner's node id. A node takes a free partition with
+//!   a revision-checked `create` (only one node can create a key), renews it every `[cluster]
+//!   renew_every_ms` with a revision-checked `update`, and gives it up with a revision-checked
+//!   delete. The bucket's `max_age` is the lease TTL: a key nobody renews disappears, and the
+//!   partition is free again.
+//! - `n.<node>` says a node is alive and where it serves (`NodeInfo`), renewed the same way.
+//!
+//! The create's revision is the lease's fence. Before a node serves a partition it writes
+//! `(revision, holder)` into `partition_fences`; every commit a payment actor makes in cluster
+//! mode carries its partition's fence and the database refuses it unless the row still holds it
+//! (`commit::FENCE`). The TTL decides who may take over; the database decides who may write.
+//!
+//! A node that cannot renew stops serving a partition one renewal period before its lease can
+//! expire elsewhere: a node cut off from NATS fails closed rather than race its successor.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::kv;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::adapters::nats::{Nats, NatsError};
+use crate::adapters::postgres::Db;
+use crate::config::ClusterConfig;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+const PARTITION_KEY: &str = "p.";
+const NODE_KEY: &str = "n.";
+/// The most one KV operation of the lease loop may take before the round goes on without it.
+const KV_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// What a node says about itself in `n.<node>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node: String,
+    /// This process: a node restarted under the same id is another instance.
+    pub instance: String,
+    /// Where its HTTP API is reached.
+    pub url: String,
+    pub started_at: String,
+}
+
+/// A KV entry as the watch last saw it.
+#[derive(Debug, Clone)]
+struct Seen<T> {
+    value: T,
+    /// Server time of the entry, in Unix nanoseconds.
+    at_ns: i128,
+}
+
+#[derive(Default)]
+struct View {
+    owners: Vec<Option<Seen<Arc<str>>>>,
+    nodes: BTreeMap<Arc<str>, Seen<NodeInfo>>,
+}
+
+/// The fence a commit carries: its partition, and the lease this node holds on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseToken {
+    pub partition: i32,
+    pub revision: i64,
+    pub holder: Arc<str>,
+}
+
+/// Who owns what, as this node knows it; shared by the lease loop, the registry (routing), the
+/// store (fences) and the event consumers (which partitions to read).
+pub struct Leases {
+    pub node: Arc<str>,
+    /// `<node>/<instance>`: what `partition_fences.holder` holds for this process.
+    pub holder: Arc<str>,
+    pub info: NodeInfo,
+    count: u32,
+    ttl: Duration,
+    /// The revision of this node's lease on each partition (its fence); 0 where it holds none.
+    owned: Box<[AtomicI64]>,
+    view: RwLock<View>,
+    /// Bumped whenever this node takes or gives up a partition.
+    pub changes: AtomicU64,
+}
+
+/// One partition as `/admin/v1/cluster` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionView {
+    pub partition: u32,
+    pub owner: Option<String>,
+}
+
+impl Leases {
+    pub fn new(config: &ClusterConfig, url: String) -> Leases {
+        let node: Arc<str> = if config.node_id.is_empty() {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-"))
+                .unwrap_or_else(|_| "node".into());
+            format!("{host}-{}", std::process::id()).into()
+        } else {
+            config.node_id.as_str().into()
+        };
+        let instance = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let count = config.partitions.max(1);
+        Leases {
+            holder: format!("{node}/{instance}").into(),
+            info: NodeInfo {
+                node: node.to_string(),
+                instance,
+                url,
+                started_at: crate::domain::record::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            },
+            node,
+            count,
+            ttl: Duration::from_millis(config.lease_ttl_ms),
+            owned: (0..count).map(|_| AtomicI64::new(0)).collect(),
+            view: RwLock::new(View {
+                owners: vec![None; count as usize],
+                nodes: BTreeMap::new(),
+            }),
+            changes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.count
+    }
+
+    /// The partition of a payment (by its id).
+    pub fn partition_of(&self, key: &str) -> u32 {
+        (crate::domain::ids::stable_hash(key) % u64::from(self.count)) as u32
+    }
+
+    pub fn owns(&self, partition: u32) -> bool {
+        self.fence(partition).is_some()
+    }
+
+    pub fn owned(&self) -> usize {
+        self.owned.iter().filter(|r| r.load(Ordering::Acquire) > 0).count()
+    }
+
+    fn fence(&self, partition: u32) -> Option<i64> {
+        let r = self.owned.get(partition as usize)?.load(Ordering::Acquire);
+        (r > 0).then_some(r)
+    }
+
+    /// The fence for a commit of this payment, or `None` if this node does not own its partition.
+    pub fn token(&self, payment: &str) -> Option<LeaseToken> {
+        let partition = self.partition_of(payment);
+        self.fence(partition).map(|revision| LeaseToken {
+            partition: partition as i32,
+            revision,
+            holder: self.holder.clone(),
+        })
+    }
+
+    /// The live node that owns `partition` (this one included), as the watch last saw it.
+    pub fn owner(&self, partition: u32) -> Option<Arc<str>> {
+        if self.owns(partition) {
+            return Some(self.node.clone());
+        }
+        let now = now_ns();
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        view.owners
+            .get(partition as usize)?
+            .as_ref()
+            .filter(|s| self.fresh(s.at_ns, now))
+            .map(|s| s.value.clone())
+    }
+
+    /// Live nodes (this one always among them), with what they say about themselves.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        let now = now_ns();
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        let mut nodes: Vec<NodeInfo> = view
+            .nodes
+            .values()
+            .filter(|s| self.fresh(s.at_ns, now) && s.value.node != *self.node)
+            .map(|s| s.value.clone())
+            .collect();
+        nodes.push(self.info.clone());
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        nodes
+    }
+
+    /// Every partition with its live owner, if it has one.
+    pub fn map(&self) -> Vec<PartitionView> {
+        (0..self.count)
+            .map(|p| PartitionView {
+                partition: p,
+                owner: self.owner(p).map(|o| o.to_string()),
+            })
+            .collect()
+    }
+
+    /// Whether every partition has a live owner: any payment can be served.
+    pub fn complete(&self) -> bool {
+        (0..self.count).all(|p| self.owner(p).is_some())
+    }
+
+    /// An entry the watch saw at `at_ns` is still a live lease. A lease may outlive this by the
+    /// server's expiry sweep; a `create` on it then fails and is tried again next round.
+    fn fresh(&self, at_ns: i128, now: i128) -> bool {
+        now - at_ns < self.ttl.as_nanos() as i128
+    }
+
+    fn set_owned(&self, partition: u32, revision: i64) {
+        self.owned[partition as usize].store(revision, Ordering::Release);
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn saw(&self, entry: &kv::Entry) {
+        let at_ns = entry.created.unix_timestamp_nanos();
+        let put = matches!(entry.operation, kv::Operation::Put);
+        let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = entry
+            .key
+            .strip_prefix(PARTITION_KEY)
+            .and_then(|p| p.parse::<usize>().ok())
+        {
+            if let Some(slot) = view.owners.get_mut(p) {
+                *slot = match std::str::from_utf8(&entry.value) {
+                    Ok(owner) if put => Some(Seen {
+                        value: owner.into(),
+                        at_ns,
+                    }),
+                    _ => None,
+                };
+            }
+        } else if let Some(node) = entry.key.strip_prefix(NODE_KEY) {
+            match serde_json::from_slice::<NodeInfo>(&entry.value) {
+                Ok(info) if put => {
+                    view.nodes.insert(node.into(), Seen { value: info, at_ns });
+                }
+                _ => {
+                    view.nodes.remove(node);
+                }
+            }
+        }
+    }
+}
+
+fn now_ns() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+/// The lease bucket's name.
+pub fn bucket(prefix: &str) -> String {
+    format!("{prefix}_CLUSTER")
+}
+
+/// Opens (or creates) the lease bucket: history 1, `max_age` = the lease TTL. The bucket's
+/// stream is made as the KV convention shapes it, by hand: the client's own `create_key_value`
+/// first asks for account details in a form nats-server 2.9 does not answer.
+pub async fn open_bucket(nats: &Nats, config: &ClusterConfig, replicas: usize) -> Result<kv::Store, NatsError> {
+    use async_nats::jetstream::stream;
+    let name = bucket(&nats.prefix);
+    nats.jetstream
+        .get_or_create_stream(stream::Config {
+            name: format!("KV_{name}"),
+            description: Some("payrail partition leases and live nodes".into()),
+            subjects: vec![format!("$KV.{name}.>")],
+            max_messages_per_subject: 1,
+            max_age: Duration::from_millis(config.lease_ttl_ms),
+            storage: stream::StorageType::File,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            num_replicas: replicas,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| NatsError::JetStream(e.to_string()))?;
+    nats.jetstream
+        .get_key_value(name)
+        .await
+        .map_err(|e| NatsError::JetStream(e.to_string()))
+}
+
+/// Called with a partition this node stops serving (given up or lost), so that its live
+/// actors are dropped before another node's actors take the payments over.
+pub type OnLost = Box<dyn Fn(u32) + Send + Sync>;
+
+/// A lease this node holds.
+struct Held {
+    /// The key's latest revision (renewals move it).
+    revision: u64,
+    /// When the last renewal that succeeded was sent: the lease lives at least `ttl` past it.
+    renewed: Instant,
+}
+
+/// Keeps this node's leases: watches the bucket, renews, takes free partitions and gives up
+/// extra ones until each live node holds its share, and gives everything back on shutdown.
+pub struct LeaseKeeper {
+    pub leases: Arc<Leases>,
+    pub kv: kv::Store,
+    pub db: Db,
+    pub config: ClusterConfig,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: Shutdown,
+    pub on_lost: OnLost,
+}
+
+impl LeaseKeeper {
+    /// Runs until shutdown, then releases every lease it holds.
+    pub async fn run(self) {
+        let _running = self.shutdown.enter();
+        let watch = tokio::spawn(watch(self.kv.clone(), self.leases.clone(), self.shutdown.clone()));
+        let every = Duration::from_millis(self.config.renew_every_ms);
+        let mut held: HashMap<u32, Held> = HashMap::new();
+        loop {
+            self.round(&mut held).await;
+            if self.shutdown.sleep(every).await {
+                break;
+            }
+        }
+        self.release_all(&mut held).await;
+        watch.abort();
+    }
+
+    async fn round(&self, held: &mut HashMap<u32, Held>) {
+        let started = Instant::now();
+        let leases = &self.leases;
+        let node = leases.node.as_bytes().to_vec();
+        let info = serde_json::to_vec(&leases.info).unwrap_or_default();
+        let _ = tokio::time::timeout(
+            KV_TIMEOUT,
+            self.kv.put(format!("{NODE_KEY}{}", leases.node), info.into()),
+        )
+        .await;
+        // Renew everything at once.
+        let renewals = futures_util::future::join_all(held.iter().map(|(&p, h)| {
+            let kv = &self.kv;
+            let value = node.clone();
+            async move {
+                let r = tokio::time::timeout(KV_TIMEOUT, kv.update(key(p), value.into(), h.revision)).await;
+                (p, r)
+            }
+        }))
+        .await;
+        for (p, r) in renewals {
+            match r {
+                Ok(Ok(revision)) => {
+                    if let Some(h) = held.get_mut(&p) {
+                        h.revision = revision;
+                        h.renewed = started;
+                    }
+                }
+                Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    tracing::warn!(
+                        partition = p,
+                        "partition lease taken by another node; stopped serving it"
+                    );
+                    self.drop_partition(held, p, "lost");
+                }
+                // NATS slow or unreachable: the lease may still be ours; the deadline below decides.
+                _ => {}
+            }
+        }
+        // Fail closed: stop serving one renewal period before the lease could expire elsewhere.
+        let ttl = Duration::from_millis(self.config.lease_ttl_ms);
+        let margin = Duration::from_millis(self.config.renew_every_ms);
+        let expiring: Vec<u32> = held
+            .iter()
+            .filter(|(_, h)| h.renewed.elapsed() + margin >= ttl)
+            .map(|(&p, _)| p)
+            .collect();
+        for p in expiring {
+            tracing::error!(
+                partition = p,
+                "partition lease not renewed in time (NATS unreachable?); stopped serving it"
+            );
+            self.drop_partition(held, p, "lost");
+        }
+        self.rebalance(held, started).await;
+    }
+
+    /// Takes free partitions up to this node's share, or gives up what is above it, at most
+    /// `max_moves` per round.
+    async fn rebalance(&self, held: &mut HashMap<u32, Held>, started: Instant) {
+        let leases = &self.leases;
+        let count = leases.partitions() as usize;
+        let nodes = leases.nodes().len().max(1);
+        let share = count.div_ceil(nodes);
+        let moves = self.config.max_moves;
+        if held.len() > share {
+            let mut mine: Vec<u32> = held.keys().copied().collect();
+            mine.sort_unstable();
+            for p in mine.into_iter().rev().take((held.len() - share).min(moves)) {
+                let revision = held.get(&p).map(|h| h.revision);
+                self.drop_partition(held, p, "released");
+                if let Some(revision) = revision {
+                    let _ =
+                        tokio::time::timeout(KV_TIMEOUT, self.kv.delete_expect_revision(key(p), Some(revision))).await;
+                }
+            }
+            return;
+        }
+        if held.len() >= share {
+            return;
+        }
+        // Free partitions, starting at a place of this node's own so that nodes joining together
+        // do not all race for the same ones.
+        let start = (crate::domain::ids::stable_hash(&leases.node) % count as u64) as usize;
+        let free: Vec<u32> = (0..count)
+            .map(|i| ((start + i) % count) as u32)
+            .filter(|&p| !held.contains_key(&p) && leases.owner(p).is_none())
+            .take((share - held.len()).min(moves))
+            .collect();
+        for p in free {
+            let created = tokio::time::timeout(
+                KV_TIMEOUT,
+                self.kv.create(key(p), leases.node.as_bytes().to_vec().into()),
+            )
+            .await;
+            let Ok(Ok(revision)) = created else { continue };
+            // The fence first: from this commit on, the previous holder can no longer write, and
+            // commits it had under way are done (they held the row FOR SHARE).
+            match self.db.take_partition(p as i32, revision as i64, &leases.holder).await {
+                Ok(()) => {
+                    held.insert(
+                        p,
+                        Held {
+                            revision,
+                            renewed: started,
+                        },
+                    );
+                    leases.set_owned(p, revision as i64);
+                    self.metrics.cluster_move("acquired");
+                    tracing::info!(partition = p, revision, "partition lease taken");
+                }
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "partition fence could not be written; lease given back");
+                    let _ =
+                        tokio::time::timeout(KV_TIMEOUT, self.kv.delete_expect_revision(key(p), Some(revision))).await;
+                }
+            }
+        }
+    }
+
+    fn drop_partition(&self, held: &mut HashMap<u32, Held>, p: u32, why: &'static str) {
+        held.remove(&p);
+        self.leases.set_owned(p, 0);
+        (self.on_lost)(p);
+        self.metrics.cluster_move(why);
+    }
+
+    /// On shutdown: stop serving each partition, then delete its lease so that another node
+    /// takes it at once rather than after the TTL.
+    async fn release_all(&self, held: &mut HashMap<u32, Held>) {
+        let all: Vec<(u32, u64)> = held.iter().map(|(&p, h)| (p, h.revision)).collect();
+        for &(p, _) in &all {
+            self.drop_partition(held, p, "released");
+        }
+        futures_util::future::join_all(all.into_iter().map(|(p, revision)| {
+            tokio::time::timeout(KV_TIMEOUT, self.kv.delete_expect_revision(key(p), Some(revision)))
+        }))
+        .await;
+        let _ = tokio::time::timeout(KV_TIMEOUT, self.kv.delete(format!("{NODE_KEY}{}", self.leases.node))).await;
+        tracing::info!("partition leases given back");
+    }
+}
+
+fn key(partition: u32) -> String {
+    format!("{PARTITION_KEY}{partition}")
+}
+
+/// Keeps `leases`' view of the bucket current; a broken watch is opened again.
+async fn watch(kv: kv::Store, leases: Arc<Leases>, shutdown: Shutdown) {
+    while !shutdown.is_stopping() {
+        match kv.watch_all().await {
+            Ok(mut entries) => {
+                while let Some(entry) = entries.next().await {
+                    match entry {
+                        Ok(e) => leases.saw(&e),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cluster lease watch");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cluster lease watch could not start"),
+        }
+        shutdown.sleep(Duration::from_millis(250)).await;
+    }
+}

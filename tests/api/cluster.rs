@@ -1,0 +1,288 @@
+//! Cluster mode: three in-process nodes on one database and one NATS share the partitions
+//! through leases, forward calls for payments they do not own, hand a stopped node's
+//! partitions to the survivors, and a node whose lease moved cannot write (the database
+//! refuses its fence).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use payrail::app::{Application, StartError};
+use serde_json::json;
+
+use crate::helpers::{spawn_app_with, TestApp};
+
+const PARTITIONS: u32 = 16;
+
+fn cluster(c: &mut payrail::config::Config, node: &str) {
+    c.cluster.enabled = true;
+    c.cluster.node_id = node.into();
+    c.cluster.partitions = PARTITIONS;
+    c.cluster.lease_ttl_ms = 1_500;
+    c.cluster.renew_every_ms = 400;
+    c.cluster.max_moves = 16;
+    c.cluster.forward_timeout_ms = 10_000;
+}
+
+/// Three nodes on one database and one set of streams, once every partition has an owner and
+/// each node owns some.
+async fn three_nodes() -> Vec<TestApp> {
+    let a = spawn_app_with(|c| cluster(c, "a")).await;
+    let (url, prefix) = (a.database_url.clone(), a.state.config.nats.stream_prefix.clone());
+    let mut nodes = vec![a];
+    for name in ["b", "c"] {
+        let (url, prefix) = (url.clone(), prefix.clone());
+        nodes.push(
+            spawn_app_with(move |c| {
+                cluster(c, name);
+                c.database.url = url;
+                c.nats.stream_prefix = prefix;
+            })
+            .await,
+        );
+    }
+    settled(&nodes, "three nodes share the partitions").await;
+    nodes
+}
+
+/// Which partitions each node owns.
+fn owned(node: &TestApp) -> BTreeSet<u32> {
+    let leases = node.state.leases.as_ref().expect("cluster mode");
+    (0..PARTITIONS).filter(|&p| leases.owns(p)).collect()
+}
+
+/// Waits until the nodes own every partition between them, each exactly once, each node some.
+async fn settled(nodes: &[TestApp], what: &str) -> Duration {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(30);
+    loop {
+        let sets: Vec<BTreeSet<u32>> = nodes.iter().map(owned).collect();
+        let total: usize = sets.iter().map(BTreeSet::len).sum();
+        let union: BTreeSet<u32> = sets.iter().flatten().copied().collect();
+        let seen_by_all = nodes.iter().all(|n| n.state.leases.as_ref().unwrap().complete());
+        if total == PARTITIONS as usize
+            && union.len() == PARTITIONS as usize
+            && sets.iter().all(|s| !s.is_empty())
+            && seen_by_all
+        {
+            return started.elapsed();
+        }
+        assert!(Instant::now() < deadline, "{what}: partitions {sets:?}");
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The node that owns `payment`.
+fn owner<'a>(nodes: &'a [TestApp], payment: &str) -> &'a TestApp {
+    let found: Vec<&TestApp> = nodes
+        .iter()
+        .filter(|n| {
+            let l = n.state.leases.as_ref().unwrap();
+            l.owns(l.partition_of(payment))
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "one owner for {payment}");
+    found[0]
+}
+
+async fn capture_journals(sql: &tokio_postgres::Client, payment: &str) -> i64 {
+    sql.query_one(
+        "SELECT count(*) FROM journals WHERE payment_id = $1 AND kind = 'capture'",
+        &[&payment],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[actix_web::test]
+async fn three_nodes_share_the_partitions_and_any_node_serves_any_payment() {
+    let nodes = three_nodes().await;
+    // Readiness says so, and the operator view shows every partition's owner.
+    for n in &nodes {
+        let r = n.request("GET", "/readyz", None, None, None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let token = nodes[0].state.config.admin.token.clone();
+    let view = nodes[0]
+        .request("GET", "/admin/v1/cluster", Some(&token), None, None)
+        .await;
+    assert_eq!(view.status, 200, "{}", view.body);
+    assert_eq!(view.body["mode"], "cluster");
+    assert_eq!(view.body["nodes"].as_array().unwrap().len(), 3, "{}", view.body);
+    assert_eq!(view.body["partitions"].as_array().unwrap().len(), PARTITIONS as usize);
+    assert!(view.body["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["owner"].is_string()));
+    let fences = nodes[0].count("partition_fences").await;
+    assert_eq!(fences, PARTITIONS as i64);
+
+    // Payments created on each node, then every operation through the other nodes.
+    for (i, creator) in nodes.iter().enumerate() {
+        let made = creator.pay(5_000, "pm_card_visa", "manual", true).await;
+        assert_eq!(made.status, 201, "{}", made.body);
+        let id = made.body["payment_id"].as_str().unwrap().to_owned();
+        // Created where its partition is owned: no forwarding for creation.
+        assert!(
+            std::ptr::eq(owner(&nodes, &id), creator),
+            "payment {id} created off its owner"
+        );
+        let other = &nodes[(i + 1) % 3];
+        let third = &nodes[(i + 2) % 3];
+        let captured = other
+            .post(
+                &format!("/api/v1/payments/{id}/capture"),
+                json!({ "amount": { "value": 3_000, "currency": "USD" } }),
+            )
+            .await;
+        assert_eq!(captured.status, 200, "{}", captured.body);
+        assert_eq!(captured.body["amount_captured"], 3_000, "{}", captured.body);
+        let refunded = third
+            .post(
+                &format!("/api/v1/payments/{id}/refunds"),
+                json!({ "amount": { "value": 1_000, "currency": "USD" } }),
+            )
+            .await;
+        assert_eq!(refunded.status, 201, "{}", refunded.body);
+        // A state-machine refusal comes back from the owner as it said it.
+        let refused = other.post(&format!("/api/v1/payments/{id}/cancel"), json!({})).await;
+        assert_eq!(refused.status, 409, "{}", refused.body);
+        assert_eq!(
+            refused.body["error"]["code"], "payment_invalid_state",
+            "{}",
+            refused.body
+        );
+        // Only the owner has the payment's actor.
+        let pid = payrail::domain::PaymentId::parse(&id).unwrap();
+        assert!(creator.state.registry.live_mailbox(&pid).is_some());
+        assert!(other.state.registry.live_mailbox(&pid).is_none());
+        assert!(third.state.registry.live_mailbox(&pid).is_none());
+        let seen = third.get(&format!("/api/v1/payments/{id}")).await;
+        assert_eq!(seen.body["amount_refunded"], 1_000, "{}", seen.body);
+    }
+
+    // An idempotent retry through another node is answered as the first was.
+    let made = nodes[0].pay(700, "pm_card_visa", "manual", true).await;
+    let id = made.body["payment_id"].as_str().unwrap().to_owned();
+    let path = format!("/api/v1/payments/{id}/capture");
+    let body = Some("{}");
+    let first = nodes[1]
+        .request("POST", &path, Some(crate::helpers::DEMO_KEY), Some("cap-1"), body)
+        .await;
+    let again = nodes[2]
+        .request("POST", &path, Some(crate::helpers::DEMO_KEY), Some("cap-1"), body)
+        .await;
+    assert_eq!(
+        (first.status, again.status),
+        (200, 200),
+        "{} {}",
+        first.body,
+        again.body
+    );
+    assert_eq!(first.raw, again.raw);
+    assert_eq!(capture_journals(&nodes[0].sql().await, &id).await, 1);
+}
+
+#[actix_web::test]
+async fn a_stopped_node_s_partitions_move_to_the_survivors_who_serve_its_payments() {
+    let mut nodes = three_nodes().await;
+    let leaving = nodes.pop().unwrap();
+    let made = leaving.pay(4_000, "pm_card_visa", "automatic", true).await;
+    assert_eq!(made.status, 201, "{}", made.body);
+    let id = made.body["payment_id"].as_str().unwrap().to_owned();
+    leaving.stop().await.unwrap();
+    let moved = settled(&nodes, "the survivors take the stopped node's partitions").await;
+    assert!(moved < Duration::from_secs(5), "{moved:?}");
+    // Its payment is served by its new owner, from PostgreSQL.
+    let new_owner = owner(&nodes, &id);
+    let seen = new_owner.get(&format!("/api/v1/payments/{id}")).await;
+    assert_eq!(seen.body["status"], "captured", "{}", seen.body);
+    let other = nodes.iter().find(|n| !std::ptr::eq(*n, new_owner)).unwrap();
+    let refunded = other
+        .post(
+            &format!("/api/v1/payments/{id}/refunds"),
+            json!({ "amount": { "value": 4_000, "currency": "USD" } }),
+        )
+        .await;
+    // The embedded sandbox keeps its charges in the memory of the node that made them: the
+    // refund reaches the PSP from the new owner, which answers that it does not know the
+    // charge. What matters here is that the new owner's actor handled it and nothing moved.
+    assert!(refunded.status < 500, "{} {}", refunded.status, refunded.body);
+    // Payments keep being created and captured on the survivors.
+    for n in &nodes {
+        let r = n.pay(1_000, "pm_card_visa", "automatic", true).await;
+        assert_eq!(
+            (r.status, r.body["status"].as_str()),
+            (201, Some("captured")),
+            "{}",
+            r.body
+        );
+    }
+}
+
+#[actix_web::test]
+async fn a_node_whose_partition_moved_cannot_write_it() {
+    let nodes = three_nodes().await;
+    let made = nodes[0].pay(2_500, "pm_card_visa", "manual", true).await;
+    assert_eq!(made.status, 201, "{}", made.body);
+    let id = made.body["payment_id"].as_str().unwrap().to_owned();
+    let owner = owner(&nodes, &id);
+    let leases = owner.state.leases.as_ref().unwrap();
+    let partition = leases.partition_of(&id) as i32;
+    // Another holder takes the partition in the database while the owner still believes it
+    // holds the lease (a paused process, a partitioned network): the owner's commits stop.
+    let sql = owner.sql().await;
+    sql.execute(
+        "UPDATE partition_fences SET revision = revision + 1000000, holder = 'elsewhere/1' WHERE partition = $1",
+        &[&partition],
+    )
+    .await
+    .unwrap();
+    let r = owner.post(&format!("/api/v1/payments/{id}/capture"), json!({})).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    let row = sql
+        .query_one("SELECT status, amount_captured FROM payments WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    let (status, captured): (String, i64) = (row.get(0), row.get(1));
+    assert_eq!((status.as_str(), captured), ("authorized", 0));
+    assert_eq!(capture_journals(&sql, &id).await, 0);
+}
+
+#[actix_web::test]
+async fn cluster_nodes_and_a_node_outside_cluster_mode_refuse_each_other() {
+    let a = spawn_app_with(|c| cluster(c, "a")).await;
+    let mut single = crate::helpers::test_config();
+    single.database.url = a.database_url.clone();
+    single.database.node_lock_wait_ms = 300;
+    let refused = match Application::build(single).await {
+        Ok(_) => panic!("a node outside cluster mode started beside cluster nodes"),
+        Err(e) => e,
+    };
+    assert!(matches!(refused, StartError::NodeLock(_)), "{refused}");
+    assert!(
+        refused
+            .to_string()
+            .contains("in cluster mode are serving this database"),
+        "{refused}"
+    );
+    a.stop().await.unwrap();
+
+    let url = a.database_url.clone();
+    let alone = spawn_app_with(move |c| c.database.url = url).await;
+    let mut joining = crate::helpers::test_config();
+    cluster(&mut joining, "b");
+    joining.database.url = alone.database_url.clone();
+    joining.database.node_lock_wait_ms = 300;
+    let refused = match Application::build(joining).await {
+        Ok(_) => panic!("a cluster node started beside a node outside cluster mode"),
+        Err(e) => e,
+    };
+    assert!(
+        refused
+            .to_string()
+            .contains("outside cluster mode is serving this database"),
+        "{refused}"
+    );
+}
