@@ -216,8 +216,8 @@ impl Default for ClusterConfig {
             node_id: String::new(),
             partitions: 64,
             lease_ttl_ms: 3_000,
-            renew_every_ms: 1_000,
-            max_moves: 8,
+            renew_every_ms: 500,
+            max_moves: 16,
             forward_timeout_ms: 30_000,
             max_forwarded_in_flight: 4_096,
         }

@@ -65,7 +65,8 @@ deadline = time.monotonic() + 60
 while time.monotonic() < deadline:
     try:
         seen = [json.load(urllib.request.urlopen(f"http://127.0.0.1:{base + 1000 + i}/jsz", timeout=1)) for i in range(n)]
-        if all(s.get("meta_cluster", {}).get("leader") for s in seen) and all(len(s.get("meta_cluster", {}).get("replicas", [])) == n - 1 for s in seen):
+        leaders = {s.get("meta_cluster", {}).get("leader") for s in seen}
+        if len(leaders) == 1 and None not in leaders and "" not in leaders:
             sys.exit(0)
     except OSError:
         pass

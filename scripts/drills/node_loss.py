@@ -13,6 +13,9 @@ serve again (owned by the survivors) within 5 s. Non-2xx answers during the move
 nats-servers is killed with SIGKILL mid-run. PASS when every webhook payrail acknowledged
 (200) is recorded as processed, the nodes keep serving, and the checks above hold.
 
+A request the killed node had in flight holds its Idempotency-Key until the key's lease
+passes; the clients retry `idempotency_key_in_use` answers until then, and the drill counts them.
+
 Usage: scripts/drills/node_loss.py [--kill payrail|nats] [--seconds 12] [--threads 12] [--binary …]"""
 
 import argparse
@@ -63,17 +66,21 @@ class Load:
     def __init__(self, nodes, threads):
         self.nodes, self.threads, self.acked, self.statuses = nodes, threads, [], {}
         self.lock, self.stop_flag, self.workers, self.failovers = threading.Lock(), threading.Event(), [], 0
+        self.reasons = {}
 
-    def count(self, status):
+    def count(self, status, body=None):
         with self.lock:
             self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
+            if not (isinstance(status, int) and 200 <= status < 300) and isinstance(body, dict) and "error" in body:
+                why = f"{status} {body['error'].get('code')}: {body['error'].get('message')}"
+                self.reasons[why] = self.reasons.get(why, 0) + 1
 
     def _run(self, n):
         i = 0
         while not self.stop_flag.is_set():
             i += 1
             idem = f"drill-{n}-{i}-{uuid.uuid4().hex[:8]}"
-            for attempt in range(20):
+            for attempt in range(120):
                 node = self.nodes[(n + i + attempt) % len(self.nodes)]
                 if not node["alive"]:
                     continue
@@ -81,7 +88,14 @@ class Load:
                     status, body = drill.create_confirm(node["port"], 1000 + i, idem)
                 except OSError:
                     status, body = "connection_error", None
-                self.count(status)
+                self.count(status, body)
+                in_use = status == 409 and isinstance(body, dict) and body["error"]["code"] == "idempotency_key_in_use"
+                if in_use:
+                    # The killed node held the key for its request in flight: the key's lease
+                    # ([idempotency] in_flight_lease_ms) must pass before another node may take
+                    # it over. A client retries, as docs/API.md tells it to.
+                    time.sleep(0.5)
+                    continue
                 if isinstance(status, int) and status < 500:
                     if 200 <= status < 300:
                         with self.lock:
@@ -100,7 +114,7 @@ class Load:
     def stop(self):
         self.stop_flag.set()
         for t in self.workers:
-            t.join(30)
+            t.join(90)
 
 
 class Webhooks:
@@ -108,7 +122,7 @@ class Webhooks:
     payrail acknowledged with 200."""
 
     def __init__(self, nodes):
-        self.nodes, self.acked, self.statuses = nodes, [], {}
+        self.nodes, self.acked, self.statuses, self.refused_at = nodes, [], {}, []
         self.stop_flag, self.thread = threading.Event(), None
 
     def _run(self):
@@ -131,6 +145,8 @@ class Webhooks:
             self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
             if status == 200:
                 self.acked.append(event_id)
+            else:
+                self.refused_at.append(time.monotonic())
             time.sleep(0.01)
 
     def start(self):
@@ -190,6 +206,7 @@ def main():
             moved_s = wait_partitions_without(nodes[:-1], dead_node)
         else:
             os.kill(nats[-1]["pid"], signal.SIGKILL)
+        killed = time.monotonic()
         killed_at = len(load.acked)
         time.sleep(args.seconds / 2)
         load.stop()
@@ -237,13 +254,16 @@ def main():
                    "changed": changed, "journals_twice": twice, "events_applied_twice": events_twice,
                    "broken_transition_chains": broken, "ledger": verify,
                    "non_2xx_answers": non_2xx or 0, "retried_on_another_node": load.failovers,
-                   "responses": load.statuses}
+                   "responses": load.statuses, "non_2xx_reasons": load.reasons}
         if args.kill == "payrail":
             ok = ok and moved_s is not None and moved_s < 5
             figures["partitions_serving_again_s"] = f"{moved_s:.2f}" if moved_s is not None else "never"
         else:
+            # A refused webhook is retried by its PSP: nothing is lost, but the window is reported.
+            window = (f"{min(hooks.refused_at) - killed:.2f}..{max(hooks.refused_at) - killed:.2f}"
+                      if hooks.refused_at else "none")
             figures.update({"webhooks_acknowledged": len(hooks.acked), "webhooks_lost": lost_hooks,
-                            "webhook_responses": hooks.statuses})
+                            "webhook_responses": hooks.statuses, "webhooks_refused_s_after_kill": window})
         drill.verdict(f"{args.kill} node loss in a three-node cluster", ok, figures)
     finally:
         down(workdir)

@@ -9,6 +9,9 @@ use async_nats::jetstream::{self, stream};
 
 use crate::config::NatsConfig;
 
+/// Tries of the stream setup at start, 500 ms apart, after the first.
+const STREAM_SETUP_TRIES: u32 = 20;
+
 #[derive(Clone)]
 pub struct Nats {
     pub client: async_nats::Client,
@@ -39,8 +42,20 @@ impl Nats {
             jetstream,
             prefix: config.stream_prefix.clone(),
         };
-        nats.ensure_streams(config).await?;
-        Ok(nats)
+        // A JetStream cluster that has just formed (or lost a server) may time out a stream
+        // request while it settles: a bounded number of tries, then the error.
+        let mut tries = 0;
+        loop {
+            match nats.ensure_streams(config).await {
+                Ok(()) => return Ok(nats),
+                Err(e) if tries < STREAM_SETUP_TRIES => {
+                    tries += 1;
+                    tracing::warn!(error = %e, tries, "JetStream streams not ready; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub fn psp_events_stream(&self) -> String {

@@ -114,7 +114,7 @@ pub struct Db {
 pub enum SetupError {
     #[error("invalid database url: {0}")]
     Url(String),
-    #[error("database: {0}")]
+    #[error("database: {}", .0.as_db_error().map(|d| d.message()).map_or_else(|| .0.to_string(), str::to_owned))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
     Pool(String),
@@ -303,16 +303,29 @@ async fn ensure_database(pg: &tokio_postgres::Config) -> Result<(), SetupError> 
     admin.dbname("postgres");
     let (client, connection) = admin.connect(NoTls).await?;
     let conn = tokio::spawn(connection);
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
-        .await?
-        .is_some();
-    if !exists {
-        // Two processes may race here; the loser's "already exists" is success.
-        if let Err(e) = client.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await {
-            if e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) {
-                return Err(e.into());
+    // Several processes may race here (a cluster's nodes starting together): the loser's
+    // "already exists" is success, and one that finds template1 busy with another's CREATE
+    // DATABASE looks again shortly (at most 50 times).
+    for tries in 1.. {
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+            .await?
+            .is_some();
+        if exists {
+            break;
+        }
+        match client.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await {
+            Ok(()) => break,
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => break,
+            // Another's CREATE DATABASE under way: template1 busy, or its name not yet visible.
+            Err(e)
+                if tries < 50
+                    && (e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
+                        || e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)) =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
+            Err(e) => return Err(e.into()),
         }
     }
     drop(client);
