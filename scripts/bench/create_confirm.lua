@@ -1,5 +1,6 @@
 -- wrk: create+confirm with automatic capture, a fresh Idempotency-Key per request.
--- Keys are "<thread>-<run start>-<counter>": distinct across threads and runs.
+-- Keys are "<tag><thread>-<run start>-<counter>": distinct across threads, runs and tagged
+-- processes.
 local counter = 0
 local prefix = ""
 local threads = 0
@@ -11,7 +12,8 @@ function setup(thread)
 end
 
 function init(args)
-    prefix = tostring(tid) .. "-" .. tostring(started)
+    -- An optional tag (wrk … -- <tag>) keeps several wrk processes' keys apart.
+    prefix = (args[1] or "") .. tostring(tid) .. "-" .. tostring(started)
 end
 
 function request()

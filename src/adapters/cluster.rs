@@ -81,6 +81,10 @@ pub struct Leases {
     ttl: Duration,
     /// The revision of this node's lease on each partition (its fence); 0 where it holds none.
     owned: Box<[AtomicI64]>,
+    /// Until when (milliseconds since `epoch`) this node may serve each partition: one renewal
+    /// period before its lease could expire elsewhere, however late the lease keeper runs.
+    serve_until: Box<[AtomicU64]>,
+    epoch: Instant,
     view: RwLock<View>,
     /// Bumped whenever this node takes or gives up a partition.
     pub changes: AtomicU64,
@@ -117,6 +121,8 @@ impl Leases {
             count,
             ttl: Duration::from_millis(config.lease_ttl_ms),
             owned: (0..count).map(|_| AtomicI64::new(0)).collect(),
+            serve_until: (0..count).map(|_| AtomicU64::new(0)).collect(),
+            epoch: Instant::now(),
             view: RwLock::new(View {
                 owners: vec![None; count as usize],
                 nodes: BTreeMap::new(),
@@ -139,12 +145,24 @@ impl Leases {
     }
 
     pub fn owned(&self) -> usize {
-        self.owned.iter().filter(|r| r.load(Ordering::Acquire) > 0).count()
+        (0..self.count).filter(|&p| self.owns(p)).count()
     }
 
     fn fence(&self, partition: u32) -> Option<i64> {
         let r = self.owned.get(partition as usize)?.load(Ordering::Acquire);
-        (r > 0).then_some(r)
+        let until = self.serve_until[partition as usize].load(Ordering::Acquire);
+        (r > 0 && self.millis(Instant::now()) < until).then_some(r)
+    }
+
+    fn millis(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// A renewal sent at `sent` succeeded: the lease lives at least `ttl` past it, and this
+    /// node serves until one renewal period (`margin`) before that.
+    fn renewed(&self, partition: u32, sent: Instant, margin: Duration) {
+        let until = self.millis(sent + self.ttl.saturating_sub(margin));
+        self.serve_until[partition as usize].store(until, Ordering::Release);
     }
 
     /// The fence for a commit of this payment, or `None` if this node does not own its partition.
@@ -351,6 +369,7 @@ impl LeaseKeeper {
                     if let Some(h) = held.get_mut(&p) {
                         h.revision = revision;
                         h.renewed = started;
+                        leases.renewed(p, started, Duration::from_millis(self.config.renew_every_ms));
                     }
                 }
                 Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
@@ -432,6 +451,7 @@ impl LeaseKeeper {
                             renewed: started,
                         },
                     );
+                    leases.renewed(p, started, Duration::from_millis(self.config.renew_every_ms));
                     leases.set_owned(p, revision as i64);
                     self.metrics.cluster_move("acquired");
                     tracing::info!(partition = p, revision, "partition lease taken");
@@ -490,5 +510,70 @@ async fn watch(kv: kv::Store, leases: Arc<Leases>, shutdown: Shutdown) {
             Err(e) => tracing::warn!(error = %e, "cluster lease watch could not start"),
         }
         shutdown.sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leases(ttl_ms: u64) -> Leases {
+        Leases::new(
+            &ClusterConfig {
+                enabled: true,
+                node_id: "n1".into(),
+                partitions: 8,
+                lease_ttl_ms: ttl_ms,
+                ..ClusterConfig::default()
+            },
+            "http://127.0.0.1:1".into(),
+        )
+    }
+
+    #[test]
+    fn a_payment_always_maps_to_the_same_partition_in_range() {
+        let l = leases(3_000);
+        for i in 0..1_000 {
+            let id = format!("pay_{i:032}");
+            let p = l.partition_of(&id);
+            assert!(p < 8);
+            assert_eq!(p, l.partition_of(&id));
+        }
+    }
+
+    #[test]
+    fn a_lease_is_served_only_until_one_renewal_period_before_it_could_expire() {
+        let l = leases(3_000);
+        let margin = Duration::from_millis(500);
+        assert!(!l.owns(3) && l.token("x").is_none());
+        l.set_owned(3, 41);
+        // Owned, but never renewed: not served.
+        assert!(!l.owns(3));
+        l.renewed(3, Instant::now(), margin);
+        assert!(l.owns(3));
+        assert_eq!(l.owned(), 1);
+        // Renewed 2.6 s ago: within a renewal period of the TTL, so no longer served, whatever
+        // the lease keeper is doing.
+        l.renewed(3, Instant::now() - Duration::from_millis(2_600), margin);
+        assert!(!l.owns(3));
+        l.renewed(3, Instant::now() - Duration::from_millis(2_400), margin);
+        assert!(l.owns(3));
+        // Given up: not served, however fresh.
+        l.set_owned(3, 0);
+        assert!(!l.owns(3));
+    }
+
+    #[test]
+    fn a_commit_s_token_names_its_partition_the_lease_revision_and_this_process() {
+        let l = leases(3_000);
+        let id = "pay_0123456789abcdef0123456789abcdef";
+        let p = l.partition_of(id);
+        l.set_owned(p, 77);
+        l.renewed(p, Instant::now(), Duration::from_millis(500));
+        let t = l.token(id).expect("owned");
+        assert_eq!((t.partition, t.revision), (p as i32, 77));
+        assert!(t.holder.starts_with("n1/") && t.holder.len() > 3);
+        // Another process with the same node id is another holder.
+        assert_ne!(leases(3_000).holder, l.holder);
     }
 }
