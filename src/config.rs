@@ -218,7 +218,7 @@ impl Default for ClusterConfig {
             lease_ttl_ms: 3_000,
             renew_every_ms: 500,
             max_moves: 16,
-            forward_timeout_ms: 30_000,
+            forward_timeout_ms: 20_000,
             max_forwarded_in_flight: 4_096,
         }
     }
@@ -606,6 +606,9 @@ impl Config {
             }
             if c.max_moves == 0 || c.max_forwarded_in_flight == 0 || c.forward_timeout_ms == 0 {
                 return bad("[cluster] max_moves, max_forwarded_in_flight and forward_timeout_ms must be positive");
+            }
+            if c.forward_timeout_ms >= self.idempotency.in_flight_lease_ms {
+                return bad("[cluster] forward_timeout_ms must be shorter than [idempotency] in_flight_lease_ms: a key must stay claimed while its forwarded call may still run");
             }
             if !c
                 .node_id

@@ -30,6 +30,10 @@ pub enum PaymentError {
     Unavailable(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Cluster mode: the payment's node did not answer a forwarded call in time; it may still
+    /// be at work on it.
+    #[error("the payment's node did not answer in time; the outcome is unknown")]
+    OutcomeUnknown,
     /// Cluster mode: the node that owns the payment answered this, already in the API's words
     /// (status and body as docs/API.md shapes them).
     #[error("the payment's node answered {status}")]
@@ -55,6 +59,7 @@ impl PaymentError {
             PaymentError::Unavailable(_)
                 | PaymentError::Store(StoreError::Unavailable)
                 | PaymentError::Remote { status: 503, .. }
+                | PaymentError::OutcomeUnknown
         )
     }
 }

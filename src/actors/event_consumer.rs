@@ -52,6 +52,7 @@ impl Actor for EventConsumer {
             mailbox: self.mailbox.clone(),
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
+            waits: dashmap::DashMap::new(),
         };
         ctx.spawn(async move { worker.run().await }.into_actor(self));
     }
@@ -104,7 +105,14 @@ struct Worker {
     mailbox: Arc<Mailbox>,
     metrics: Arc<Metrics>,
     shutdown: crate::shutdown::Shutdown,
+    /// Cluster mode: deliveries of each event (by stream sequence) that only waited for its
+    /// payment's partition to settle on a node. They do not count toward parking it.
+    waits: dashmap::DashMap<u64, i64>,
 }
+
+/// Events whose waits are remembered at most; past it the memory is cleared (their waits then
+/// count toward parking like failures: the safe side).
+const MAX_REMEMBERED_WAITS: usize = 10_000;
 
 impl Worker {
     /// Pulls until shutdown; a broken connection or consumer is retried with a capped backoff.
@@ -178,18 +186,29 @@ impl Worker {
             self.kind.restarts.fetch_add(1, Ordering::Relaxed);
             Verdict::Retry("panicked", "the consumer panicked on it")
         });
-        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        let (delivered, sequence) = message
+            .info()
+            .map(|i| (i.delivered, i.stream_sequence))
+            .unwrap_or((1, 0));
+        let waited = self.waits.get(&sequence).map_or(0, |w| *w);
         let result = match verdict {
             Verdict::Ack(outcome) => {
+                self.waits.remove(&sequence);
                 self.record(message, outcome);
                 message.ack().await
             }
             Verdict::Wait => {
+                if self.waits.len() >= MAX_REMEMBERED_WAITS {
+                    self.waits.clear();
+                }
+                *self.waits.entry(sequence).or_insert(0) += 1;
                 self.record(message, "moving");
-                message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await
+                let delay = Duration::from_millis(500 * (waited + 1).clamp(1, 10) as u64);
+                message.ack_with(AckKind::Nak(Some(delay))).await
             }
-            Verdict::Retry(outcome, reason) => match disposition(delivered, self.config.max_deliver) {
+            Verdict::Retry(outcome, reason) => match disposition(delivered - waited, self.config.max_deliver) {
                 Disposition::DeadLetter if self.park(message, reason, delivered as i32).await => {
+                    self.waits.remove(&sequence);
                     self.record(message, "dead_lettered");
                     message.ack().await
                 }
@@ -338,7 +357,7 @@ impl Worker {
         match self.registry.call(&payment_id, call).await {
             Ok(reply) if reply.status == super::payment_flow::DUPLICATE_EVENT => Verdict::Ack("duplicate"),
             Ok(_) => Verdict::Ack("applied"),
-            Err(e) if e.is_transient() && self.registry.is_elsewhere(&payment_id) => {
+            Err(e) if super::forward::is_handover(&e) => {
                 tracing::info!(payment_id = %payment_id, error = %e, "PSP event waits for its payment's partition to settle on a node");
                 Verdict::Wait
             }

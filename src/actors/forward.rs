@@ -26,6 +26,19 @@ use crate::domain::{MerchantId, PaymentId};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
+/// Cluster mode: the partition's owner cannot be reached *because the partition is changing
+/// hands* (no live owner yet, the owner gone or just given it up, this node's own lease lost
+/// under a call). Retrying shortly is right, and it is not a failure of the call itself.
+pub const NO_OWNER: &str = "payment's partition (no live owner yet)";
+pub const MOVING: &str = "payment's partition (moving between nodes)";
+pub const OWNER_GONE: &str = "payment's node (gone; its partition moves in seconds)";
+pub const MOVED: &str = "payment (its partition moved to another node)";
+
+/// Whether `e` only says that the payment's partition is changing hands.
+pub fn is_handover(e: &PaymentError) -> bool {
+    matches!(e, PaymentError::Unavailable(w) if [NO_OWNER, MOVING, OWNER_GONE, MOVED].contains(w))
+}
+
 /// A call as it travels.
 #[derive(Debug, Serialize, Deserialize)]
 struct Request {
@@ -71,7 +84,7 @@ impl Forwarder {
             Some(owner) if *owner != *self.leases.node => owner,
             _ => {
                 self.metrics.forwarded("unavailable");
-                return Err(PaymentError::Unavailable("payment's partition (no live owner yet)"));
+                return Err(PaymentError::Unavailable(NO_OWNER));
             }
         };
         let request = Request {
@@ -92,10 +105,17 @@ impl Forwarder {
             .await;
         let message = match sent {
             Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(payment_id = %id, node = %owner, error = %e, "forwarded call got no answer");
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
                 self.metrics.forwarded("unavailable");
-                return Err(PaymentError::Unavailable("payment's node"));
+                return Err(PaymentError::Unavailable(OWNER_GONE));
+            }
+            Err(e) => {
+                // It may still be at work on it: its outcome is unknown, so the idempotency key
+                // stays claimed until its lease passes (a retry meanwhile gets 409, never a
+                // second run racing the first).
+                tracing::warn!(payment_id = %id, node = %owner, error = %e, "forwarded call got no answer in time");
+                self.metrics.forwarded("unavailable");
+                return Err(PaymentError::OutcomeUnknown);
             }
         };
         match rmp_serde::from_slice::<Answer>(&message.payload) {
@@ -117,7 +137,7 @@ impl Forwarder {
             }
             Ok(Answer::NotOwner) | Err(_) => {
                 self.metrics.forwarded("unavailable");
-                Err(PaymentError::Unavailable("payment's partition (moving between nodes)"))
+                Err(PaymentError::Unavailable(MOVING))
             }
         }
     }
@@ -139,9 +159,13 @@ impl Forwarder {
         actix_rt::spawn(async move {
             let _running = shutdown.enter();
             loop {
+                // `sleep` also wakes when another loop ends a round: only a real stop ends this one.
                 let message = tokio::select! {
                     m = requests.next() => m,
-                    _ = shutdown.sleep(Duration::from_secs(3600)) => None,
+                    stopping = shutdown.sleep(Duration::from_secs(3600)) => match stopping {
+                        true => None,
+                        false => continue,
+                    },
                 };
                 let Some(message) = message else { break };
                 let Some(reply_to) = message.reply.clone() else {

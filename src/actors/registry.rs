@@ -110,7 +110,7 @@ impl PaymentRegistry {
             if !f.leases.owns(partition) {
                 if known.is_some() {
                     // A new payment is created where its id's partition is owned.
-                    return Err(PaymentError::Unavailable("payment's partition (moved while creating)"));
+                    return Err(PaymentError::Unavailable(super::forward::MOVED));
                 }
                 return f.call(partition, id, call).await;
             }

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use futures_util::StreamExt;
@@ -52,8 +52,9 @@ pub struct NodeInfo {
 #[derive(Debug, Clone)]
 struct Seen<T> {
     value: T,
-    /// Server time of the entry, in Unix nanoseconds.
-    at_ns: i128,
+    /// When this node received it: its own clock, so a peer's or the server's clock being off
+    /// never makes a live lease look expired (a lease may only look alive a little longer).
+    at: Instant,
 }
 
 #[derive(Default)]
@@ -88,6 +89,8 @@ pub struct Leases {
     view: RwLock<View>,
     /// Bumped whenever this node takes or gives up a partition.
     pub changes: AtomicU64,
+    /// The watch has delivered what the bucket held when it started.
+    current: std::sync::atomic::AtomicBool,
 }
 
 /// One partition as `/admin/v1/cluster` shows it.
@@ -128,6 +131,7 @@ impl Leases {
                 nodes: BTreeMap::new(),
             }),
             changes: AtomicU64::new(0),
+            current: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -180,23 +184,21 @@ impl Leases {
         if self.owns(partition) {
             return Some(self.node.clone());
         }
-        let now = now_ns();
         let view = self.view.read().unwrap_or_else(|e| e.into_inner());
         view.owners
             .get(partition as usize)?
             .as_ref()
-            .filter(|s| self.fresh(s.at_ns, now))
-            .map(|s| s.value.clone())
+            .filter(|s| self.fresh(s.at))
+            .map(|s| node_of(&s.value).into())
     }
 
     /// Live nodes (this one always among them), with what they say about themselves.
     pub fn nodes(&self) -> Vec<NodeInfo> {
-        let now = now_ns();
         let view = self.view.read().unwrap_or_else(|e| e.into_inner());
         let mut nodes: Vec<NodeInfo> = view
             .nodes
             .values()
-            .filter(|s| self.fresh(s.at_ns, now) && s.value.node != *self.node)
+            .filter(|s| self.fresh(s.at) && s.value.node != *self.node)
             .map(|s| s.value.clone())
             .collect();
         nodes.push(self.info.clone());
@@ -219,10 +221,10 @@ impl Leases {
         (0..self.count).all(|p| self.owner(p).is_some())
     }
 
-    /// An entry the watch saw at `at_ns` is still a live lease. A lease may outlive this by the
-    /// server's expiry sweep; a `create` on it then fails and is tried again next round.
-    fn fresh(&self, at_ns: i128, now: i128) -> bool {
-        now - at_ns < self.ttl.as_nanos() as i128
+    /// An entry this node received at `at` is still a live lease. A lease may outlive this by
+    /// the server's expiry sweep; a `create` on it then fails and is tried again next round.
+    fn fresh(&self, at: Instant) -> bool {
+        at.elapsed() < self.ttl
     }
 
     fn set_owned(&self, partition: u32, revision: i64) {
@@ -231,7 +233,7 @@ impl Leases {
     }
 
     fn saw(&self, entry: &kv::Entry) {
-        let at_ns = entry.created.unix_timestamp_nanos();
+        let at = Instant::now();
         let put = matches!(entry.operation, kv::Operation::Put);
         let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = entry
@@ -241,9 +243,9 @@ impl Leases {
         {
             if let Some(slot) = view.owners.get_mut(p) {
                 *slot = match std::str::from_utf8(&entry.value) {
-                    Ok(owner) if put => Some(Seen {
-                        value: owner.into(),
-                        at_ns,
+                    Ok(holder) if put => Some(Seen {
+                        value: holder.into(),
+                        at,
                     }),
                     _ => None,
                 };
@@ -251,21 +253,25 @@ impl Leases {
         } else if let Some(node) = entry.key.strip_prefix(NODE_KEY) {
             match serde_json::from_slice::<NodeInfo>(&entry.value) {
                 Ok(info) if put => {
-                    view.nodes.insert(node.into(), Seen { value: info, at_ns });
+                    view.nodes.insert(node.into(), Seen { value: info, at });
                 }
                 _ => {
                     view.nodes.remove(node);
                 }
             }
+            // Nodes gone for long (restarts under `<host>-<pid>` ids) are forgotten: bounded.
+            let ttl = self.ttl;
+            view.nodes.retain(|_, s| s.at.elapsed() < ttl * 20);
+        }
+        if entry.seen_current {
+            self.current.store(true, Ordering::Release);
         }
     }
 }
 
-fn now_ns() -> i128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i128)
-        .unwrap_or(0)
+/// The node part of a holder (`<node>/<instance>`).
+fn node_of(holder: &str) -> &str {
+    holder.split_once('/').map_or(holder, |(node, _)| node)
 }
 
 /// The lease bucket's name.
@@ -273,16 +279,29 @@ pub fn bucket(prefix: &str) -> String {
     format!("{prefix}_CLUSTER")
 }
 
+/// What every node of one cluster must agree on, kept in the lease bucket's description when
+/// the first node creates it; a node started with other settings is refused.
+fn settings(config: &ClusterConfig) -> String {
+    format!(
+        "payrail partition leases and live nodes: partitions={} lease_ttl_ms={}",
+        config.partitions, config.lease_ttl_ms
+    )
+}
+
 /// Opens (or creates) the lease bucket: history 1, `max_age` = the lease TTL. The bucket's
 /// stream is made as the KV convention shapes it, by hand: the client's own `create_key_value`
-/// first asks for account details in a form nats-server 2.9 does not answer.
+/// first asks for account details in a form nats-server 2.9 does not answer. A bucket made by
+/// nodes with another partition count or TTL refuses this node: one payment must map to one
+/// partition, and a lease must expire when every node thinks it does.
 pub async fn open_bucket(nats: &Nats, config: &ClusterConfig, replicas: usize) -> Result<kv::Store, NatsError> {
     use async_nats::jetstream::stream;
     let name = bucket(&nats.prefix);
-    nats.jetstream
+    let wanted = settings(config);
+    let made = nats
+        .jetstream
         .get_or_create_stream(stream::Config {
             name: format!("KV_{name}"),
-            description: Some("payrail partition leases and live nodes".into()),
+            description: Some(wanted.clone()),
             subjects: vec![format!("$KV.{name}.>")],
             max_messages_per_subject: 1,
             max_age: Duration::from_millis(config.lease_ttl_ms),
@@ -296,6 +315,14 @@ pub async fn open_bucket(nats: &Nats, config: &ClusterConfig, replicas: usize) -
         })
         .await
         .map_err(|e| NatsError::JetStream(e.to_string()))?;
+    let found = made.cached_info().config.description.clone().unwrap_or_default();
+    if found != wanted || made.cached_info().config.max_age != Duration::from_millis(config.lease_ttl_ms) {
+        return Err(NatsError::JetStream(format!(
+            "the cluster's lease bucket KV_{name} was made with other settings ({found}); this node has \
+             [cluster] partitions = {} and lease_ttl_ms = {}: every node of a cluster must agree",
+            config.partitions, config.lease_ttl_ms
+        )));
+    }
     nats.jetstream
         .get_key_value(name)
         .await
@@ -326,12 +353,23 @@ pub struct LeaseKeeper {
     pub on_lost: OnLost,
 }
 
+/// How long a fence write waits for a row lock (batches of the previous holder under way)
+/// before the take is given up and tried again next round.
+const TAKE_LOCK_TIMEOUT_MS: u64 = 1_000;
+
 impl LeaseKeeper {
     /// Runs until shutdown, then releases every lease it holds.
     pub async fn run(self) {
         let _running = self.shutdown.enter();
         let watch = tokio::spawn(watch(self.kv.clone(), self.leases.clone(), self.shutdown.clone()));
         let every = Duration::from_millis(self.config.renew_every_ms);
+        // The first round rebalances against the bucket as it is, not an empty view (an empty
+        // bucket delivers nothing, hence the bound).
+        let empty = matches!(self.kv.stream.clone().info().await, Ok(i) if i.state.messages == 0);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !empty && !self.leases.current.load(Ordering::Acquire) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let mut held: HashMap<u32, Held> = HashMap::new();
         loop {
             self.round(&mut held).await;
@@ -343,10 +381,14 @@ impl LeaseKeeper {
         watch.abort();
     }
 
+    fn margin(&self) -> Duration {
+        Duration::from_millis(self.config.renew_every_ms)
+    }
+
     async fn round(&self, held: &mut HashMap<u32, Held>) {
         let started = Instant::now();
         let leases = &self.leases;
-        let node = leases.node.as_bytes().to_vec();
+        let holder = leases.holder.as_bytes().to_vec();
         let info = serde_json::to_vec(&leases.info).unwrap_or_default();
         let _ = tokio::time::timeout(
             KV_TIMEOUT,
@@ -356,7 +398,7 @@ impl LeaseKeeper {
         // Renew everything at once.
         let renewals = futures_util::future::join_all(held.iter().map(|(&p, h)| {
             let kv = &self.kv;
-            let value = node.clone();
+            let value = holder.clone();
             async move {
                 let r = tokio::time::timeout(KV_TIMEOUT, kv.update(key(p), value.into(), h.revision)).await;
                 (p, r)
@@ -369,26 +411,40 @@ impl LeaseKeeper {
                     if let Some(h) = held.get_mut(&p) {
                         h.revision = revision;
                         h.renewed = started;
-                        leases.renewed(p, started, Duration::from_millis(self.config.renew_every_ms));
+                        leases.renewed(p, started, self.margin());
                     }
                 }
                 Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    tracing::warn!(
-                        partition = p,
-                        "partition lease taken by another node; stopped serving it"
-                    );
-                    self.drop_partition(held, p, "lost");
+                    // A renewal that timed out here may have landed: the key still holds this
+                    // process, at a revision we did not see. Adopt it (the deadline is not
+                    // extended: the next renewal does that).
+                    match tokio::time::timeout(KV_TIMEOUT, self.kv.entry(key(p))).await {
+                        Ok(Ok(Some(e)))
+                            if matches!(e.operation, kv::Operation::Put) && e.value.as_ref() == holder.as_slice() =>
+                        {
+                            if let Some(h) = held.get_mut(&p) {
+                                h.revision = e.revision;
+                            }
+                        }
+                        _ => {
+                            tracing::warn!(
+                                partition = p,
+                                "partition lease taken by another node; stopped serving it"
+                            );
+                            self.drop_partition(held, p, "lost");
+                        }
+                    }
                 }
                 // NATS slow or unreachable: the lease may still be ours; the deadline below decides.
                 _ => {}
             }
         }
-        // Fail closed: stop serving one renewal period before the lease could expire elsewhere.
+        // Fail closed: stop serving one renewal period before the lease could expire elsewhere
+        // (`Leases::owns` already refuses past that deadline; this drops the actors too).
         let ttl = Duration::from_millis(self.config.lease_ttl_ms);
-        let margin = Duration::from_millis(self.config.renew_every_ms);
         let expiring: Vec<u32> = held
             .iter()
-            .filter(|(_, h)| h.renewed.elapsed() + margin >= ttl)
+            .filter(|(_, h)| h.renewed.elapsed() + self.margin() >= ttl)
             .map(|(&p, _)| p)
             .collect();
         for p in expiring {
@@ -433,34 +489,60 @@ impl LeaseKeeper {
             .filter(|&p| !held.contains_key(&p) && leases.owner(p).is_none())
             .take((share - held.len()).min(moves))
             .collect();
-        for p in free {
-            let created = tokio::time::timeout(
-                KV_TIMEOUT,
-                self.kv.create(key(p), leases.node.as_bytes().to_vec().into()),
+        // Several at once: one slow fence write (a lock held by the previous holder's batch)
+        // does not hold up the others, nor the next renewals for long.
+        let taken = futures_util::future::join_all(free.into_iter().map(|p| self.take(p))).await;
+        for (p, revision) in taken.into_iter().flatten() {
+            held.insert(
+                p,
+                Held {
+                    revision,
+                    renewed: started,
+                },
+            );
+            leases.renewed(p, started, self.margin());
+            leases.set_owned(p, revision as i64);
+            self.metrics.cluster_move("acquired");
+            tracing::info!(partition = p, revision, "partition lease taken");
+        }
+    }
+
+    /// Creates `p`'s lease and writes its fence; the partition and the lease's revision, or
+    /// `None` if another node has it or the fence could not be written (the lease is then
+    /// given back).
+    async fn take(&self, p: u32) -> Option<(u32, u64)> {
+        let holder = self.leases.holder.as_bytes().to_vec();
+        let created = tokio::time::timeout(KV_TIMEOUT, self.kv.create(key(p), holder.into())).await;
+        let Ok(Ok(revision)) = created else { return None };
+        // The fence first: from this commit on, the previous holder can no longer write, and
+        // commits it had under way are done (they held the row FOR SHARE). A fence of a newer
+        // revision is never overwritten, unless the bucket itself was made again since (its
+        // revisions restarted below the fence's).
+        let fence = |force| {
+            self.db.take_partition(
+                p as i32,
+                revision as i64,
+                &self.leases.holder,
+                force,
+                TAKE_LOCK_TIMEOUT_MS,
             )
-            .await;
-            let Ok(Ok(revision)) = created else { continue };
-            // The fence first: from this commit on, the previous holder can no longer write, and
-            // commits it had under way are done (they held the row FOR SHARE).
-            match self.db.take_partition(p as i32, revision as i64, &leases.holder).await {
-                Ok(()) => {
-                    held.insert(
-                        p,
-                        Held {
-                            revision,
-                            renewed: started,
-                        },
-                    );
-                    leases.renewed(p, started, Duration::from_millis(self.config.renew_every_ms));
-                    leases.set_owned(p, revision as i64);
-                    self.metrics.cluster_move("acquired");
-                    tracing::info!(partition = p, revision, "partition lease taken");
+        };
+        let outcome = match fence(false).await {
+            Ok(None) => Ok(()),
+            Ok(Some(newer)) => match self.kv.stream.clone().info().await {
+                Ok(info) if (newer as u64) > info.state.last_sequence => {
+                    fence(true).await.map(|_| ()).map_err(|e| e.to_string())
                 }
-                Err(e) => {
-                    tracing::warn!(partition = p, error = %e, "partition fence could not be written; lease given back");
-                    let _ =
-                        tokio::time::timeout(KV_TIMEOUT, self.kv.delete_expect_revision(key(p), Some(revision))).await;
-                }
+                _ => Err(format!("a newer fence (revision {newer}) holds it")),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(()) => Some((p, revision)),
+            Err(why) => {
+                tracing::warn!(partition = p, %why, "partition fence not written; lease given back");
+                let _ = tokio::time::timeout(KV_TIMEOUT, self.kv.delete_expect_revision(key(p), Some(revision))).await;
+                None
             }
         }
     }
@@ -495,7 +577,8 @@ fn key(partition: u32) -> String {
 /// Keeps `leases`' view of the bucket current; a broken watch is opened again.
 async fn watch(kv: kv::Store, leases: Arc<Leases>, shutdown: Shutdown) {
     while !shutdown.is_stopping() {
-        match kv.watch_all().await {
+        // With history: the bucket's current entries first, then every change.
+        match kv.watch_with_history(">").await {
             Ok(mut entries) => {
                 while let Some(entry) = entries.next().await {
                     match entry {

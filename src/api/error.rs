@@ -40,6 +40,10 @@ pub enum ApiError {
     Conflict { code: &'static str, message: &'static str },
     #[error("internal error")]
     Internal,
+    /// A forwarded call's owner did not answer in time (cluster mode): the request may still
+    /// complete there; its Idempotency-Key stays in flight until its lease passes.
+    #[error("the payment's node did not answer in time; retry with the same Idempotency-Key")]
+    OutcomeUnknown,
     /// Cluster mode: the answer of the node that owns the payment, passed on as it came.
     #[error("the payment's node answered {status}")]
     Remote {
@@ -76,7 +80,7 @@ impl ApiError {
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::OutcomeUnknown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Remote { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
@@ -89,7 +93,9 @@ impl ApiError {
             ApiError::Authentication => "authentication_error",
             ApiError::IdempotencyKeyInUse | ApiError::IdempotencyKeyReused => "idempotency_error",
             ApiError::RateLimited => "rate_limit_error",
-            ApiError::Unavailable(_) | ApiError::Internal | ApiError::Remote { .. } => "api_error",
+            ApiError::Unavailable(_) | ApiError::Internal | ApiError::Remote { .. } | ApiError::OutcomeUnknown => {
+                "api_error"
+            }
             _ => "invalid_request_error",
         }
     }
@@ -107,7 +113,7 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::BodyTooLarge(_) => "body_too_large",
             ApiError::RateLimited => "rate_limited",
-            ApiError::Unavailable(_) => "dependency_unavailable",
+            ApiError::Unavailable(_) | ApiError::OutcomeUnknown => "dependency_unavailable",
             ApiError::Internal => "internal_error",
             ApiError::Remote { .. } => "remote",
         }
@@ -198,6 +204,7 @@ impl From<crate::actors::PaymentError> for ApiError {
             P::KeyTakenOver => ApiError::IdempotencyKeyInUse,
             P::Unavailable(what) => ApiError::Unavailable(what),
             P::Store(s) => s.into(),
+            P::OutcomeUnknown => ApiError::OutcomeUnknown,
             P::Remote {
                 status,
                 body,

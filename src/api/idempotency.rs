@@ -152,6 +152,7 @@ where
                         .await
                 }
                 Completion::Release => state.db.idempotency_release(&merchant.id, &key, fence).await,
+                Completion::Keep => Ok(()),
             };
             if let Err(e) = done {
                 // The operation's answer stands; the record stays in flight until the lease ends,
@@ -172,6 +173,10 @@ pub enum Completion {
     Store(u16, Vec<u8>),
     /// A 5xx or a conflict: store nothing and free the key, so a retry runs again.
     Release,
+    /// The outcome is unknown (the payment's node did not answer a forwarded call in time and
+    /// may still be at work): leave the key in flight until its lease passes, so that a retry
+    /// meanwhile is refused rather than run beside the first.
+    Keep,
 }
 
 /// The one rule for completing a key, shared by the API and the simulation.
@@ -180,6 +185,7 @@ pub fn completion(result: &Result<Reply, ApiError>) -> Completion {
         Ok(reply) if reply.stored => Completion::Stored,
         Ok(reply) => Completion::Store(reply.status, reply.body.clone()),
         Err(e) if e.is_replayable() => Completion::Store(e.status().as_u16(), e.body()),
+        Err(ApiError::OutcomeUnknown) => Completion::Keep,
         Err(_) => Completion::Release,
     }
 }

@@ -241,6 +241,8 @@ async fn a_node_whose_partition_moved_cannot_write_it() {
     .unwrap();
     let r = owner.post(&format!("/api/v1/payments/{id}/capture"), json!({})).await;
     assert_eq!(r.status, 503, "{}", r.body);
+    let said = r.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(said.contains("its partition moved to another node"), "{said}");
     let row = sql
         .query_one("SELECT status, amount_captured FROM payments WHERE id = $1", &[&id])
         .await

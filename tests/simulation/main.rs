@@ -462,6 +462,7 @@ impl Sim {
                     Completion::Stored => Ok(()),
                     Completion::Store(status, body) => lock(&self.w).idempotency_store(&key, fence, status, &body),
                     Completion::Release => lock(&self.w).idempotency_release(&key, fence),
+                    Completion::Keep => Ok(()),
                 };
                 match result {
                     Ok(reply) => {

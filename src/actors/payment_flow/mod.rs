@@ -98,7 +98,7 @@ impl From<CommitError> for Halt {
             },
             // Another node owns the payment now: this actor's memory is not to be trusted.
             CommitError::Moved => Halt {
-                error: PaymentError::Unavailable("payment (its partition moved to another node)"),
+                error: PaymentError::Unavailable(crate::actors::forward::MOVED),
                 stale: true,
             },
             // The ledger never took it: nothing was written.

@@ -196,21 +196,47 @@ impl Db {
         Ok((page, more))
     }
 
-    /// Cluster mode: records that `holder` now holds `partition` under lease `revision`. Waits
-    /// for commits still holding the previous fence (FOR SHARE) to finish; from then on they
-    /// are refused.
-    pub async fn take_partition(&self, partition: i32, revision: i64, holder: &str) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client
-            .execute(
+    /// Cluster mode: records that `holder` now holds `partition` under lease `revision`, unless
+    /// the row holds a newer revision already (`force`: the lease bucket was made again and its
+    /// revisions restarted). Waits at most `lock_timeout_ms` for commits still holding the
+    /// previous fence (FOR SHARE) to finish; from then on they are refused. `Some(revision)`:
+    /// the newer revision that kept it.
+    pub async fn take_partition(
+        &self,
+        partition: i32,
+        revision: i64,
+        holder: &str,
+        force: bool,
+        lock_timeout_ms: u64,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        tx.batch_execute(&format!("SET LOCAL lock_timeout = {lock_timeout_ms}"))
+            .await
+            .map_err(pg_error)?;
+        let taken = tx
+            .query_opt(
                 "INSERT INTO partition_fences (partition, revision, holder) VALUES ($1, $2, $3)
                  ON CONFLICT (partition) DO UPDATE
-                    SET revision = excluded.revision, holder = excluded.holder, taken_at = now()",
-                &[&partition, &revision, &holder],
+                    SET revision = excluded.revision, holder = excluded.holder, taken_at = now()
+                    WHERE partition_fences.revision < excluded.revision OR $4
+                 RETURNING partition",
+                &[&partition, &revision, &holder, &force],
             )
             .await
             .map_err(pg_error)?;
-        Ok(())
+        if taken.is_some() {
+            tx.commit().await.map_err(pg_error)?;
+            return Ok(None);
+        }
+        let newer = tx
+            .query_one(
+                "SELECT revision FROM partition_fences WHERE partition = $1",
+                &[&partition],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(Some(newer.get(0)))
     }
 
     /// Takes this database's node lock (one serving payrail per database), waiting up to
