@@ -26,16 +26,27 @@ fn cluster(c: &mut payrail::config::Config, node: &str) {
 /// Three nodes on one database and one set of streams, once every partition has an owner and
 /// each node owns some.
 async fn three_nodes() -> Vec<TestApp> {
-    let a = spawn_app_with(|c| cluster(c, "a")).await;
+    three_nodes_with(|_, _| {}).await
+}
+
+/// [`three_nodes`], each node's configuration changed by `configure` (given its name) too.
+async fn three_nodes_with(configure: impl Fn(&mut payrail::config::Config, &str) + Clone + 'static) -> Vec<TestApp> {
+    let first = configure.clone();
+    let a = spawn_app_with(move |c| {
+        cluster(c, "a");
+        first(c, "a");
+    })
+    .await;
     let (url, prefix) = (a.database_url.clone(), a.state.config.nats.stream_prefix.clone());
     let mut nodes = vec![a];
     for name in ["b", "c"] {
-        let (url, prefix) = (url.clone(), prefix.clone());
+        let (url, prefix, configure) = (url.clone(), prefix.clone(), configure.clone());
         nodes.push(
             spawn_app_with(move |c| {
                 cluster(c, name);
                 c.database.url = url;
                 c.nats.stream_prefix = prefix;
+                configure(c, name);
             })
             .await,
         );
@@ -162,6 +173,29 @@ async fn three_nodes_share_the_partitions_and_any_node_serves_any_payment() {
         assert_eq!(seen.body["amount_refunded"], 1_000, "{}", seen.body);
     }
 
+    // The sandbox's webhooks for those payments went to the node that made each one; each event
+    // was read by the owner of its stream partition and applied by its payment's owner.
+    let sql = nodes[0].sql().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let applied: i64 = sql
+            .query_one(
+                "SELECT count(DISTINCT payment_id) FROM processed_events WHERE payment_id IS NOT NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if applied >= 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "PSP events applied for {applied} of 3 payments"
+        );
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // An idempotent retry through another node is answered as the first was.
     let made = nodes[0].pay(700, "pm_card_visa", "manual", true).await;
     let id = made.body["payment_id"].as_str().unwrap().to_owned();
@@ -206,9 +240,22 @@ async fn a_stopped_node_s_partitions_move_to_the_survivors_who_serve_its_payment
         )
         .await;
     // The embedded sandbox keeps its charges in the memory of the node that made them: the
-    // refund reaches the PSP from the new owner, which answers that it does not know the
-    // charge. What matters here is that the new owner's actor handled it and nothing moved.
-    assert!(refunded.status < 500, "{} {}", refunded.status, refunded.body);
+    // refund reaches the PSP from the new owner, whose sandbox answers that it does not know
+    // the charge (a real PSP is shared by the nodes). The new owner's actor handled it, and
+    // nothing moved.
+    assert_eq!(
+        (refunded.status, refunded.body["error"]["code"].as_str()),
+        (400, Some("resource_missing")),
+        "{}",
+        refunded.body
+    );
+    let after = other.get(&format!("/api/v1/payments/{id}")).await;
+    assert_eq!(
+        (after.body["status"].as_str(), after.body["amount_refunded"].as_i64()),
+        (Some("captured"), Some(0)),
+        "{}",
+        after.body
+    );
     // Payments keep being created and captured on the survivors.
     for n in &nodes {
         let r = n.pay(1_000, "pm_card_visa", "automatic", true).await;
@@ -287,4 +334,60 @@ async fn cluster_nodes_and_a_node_outside_cluster_mode_refuse_each_other() {
             .contains("outside cluster mode is serving this database"),
         "{refused}"
     );
+}
+
+#[actix_web::test]
+async fn a_forwarded_call_with_no_answer_in_time_keeps_its_key_until_the_owner_finishes() {
+    // Node a's PSP is slow; the others give a forwarded call 300 ms.
+    let nodes = three_nodes_with(|c, name| {
+        c.cluster.forward_timeout_ms = 300;
+        c.idempotency.in_flight_lease_ms = 3_000;
+        if name == "a" {
+            c.psp.sandbox.latency_ms = 1_500;
+        }
+    })
+    .await;
+    let made = nodes[0].pay(3_300, "pm_card_visa", "manual", false).await;
+    assert_eq!(made.status, 201, "{}", made.body);
+    let id = made.body["payment_id"].as_str().unwrap().to_owned();
+    assert!(std::ptr::eq(owner(&nodes, &id), &nodes[0]));
+    let path = format!("/api/v1/payments/{id}/confirm");
+    let key = Some("confirm-slow");
+    let demo = Some(crate::helpers::DEMO_KEY);
+    let first = nodes[1].request("POST", &path, demo, key, Some("{}")).await;
+    assert_eq!(first.status, 503, "{}", first.body);
+    assert!(
+        first.body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not answer in time"),
+        "{}",
+        first.body
+    );
+    // The owner is still at it: the key stays claimed, a retry is refused, not run again.
+    let early = nodes[2].request("POST", &path, demo, key, Some("{}")).await;
+    assert_eq!(early.status, 409, "{}", early.body);
+    assert_eq!(early.body["error"]["code"], "idempotency_key_in_use", "{}", early.body);
+    // Once the owner's call has finished, a retry gets its answer.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let done = loop {
+        let r = nodes[1].request("POST", &path, demo, key, Some("{}")).await;
+        if r.status == 200 {
+            break r;
+        }
+        assert_eq!(r.status, 409, "{}", r.body);
+        assert!(Instant::now() < deadline, "the retry never got the owner's answer");
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(done.body["status"], "authorized", "{}", done.body);
+    let sql = nodes[0].sql().await;
+    let authorizations: i64 = sql
+        .query_one(
+            "SELECT count(*) FROM psp_attempts WHERE payment_id = $1 AND operation = 'authorize'",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(authorizations, 1);
 }
