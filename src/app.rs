@@ -175,6 +175,7 @@ impl Application {
                 .serve(
                     registry.clone(),
                     config.cluster.max_forwarded_in_flight,
+                    config.server.workers,
                     shutdown.clone(),
                 )
                 .await?;

@@ -148,6 +148,7 @@ impl Forwarder {
         self: Arc<Self>,
         registry: Arc<PaymentRegistry>,
         max_in_flight: usize,
+        threads: usize,
         shutdown: Shutdown,
     ) -> Result<(), NatsError> {
         let mut requests = self
@@ -156,7 +157,11 @@ impl Forwarder {
             .await
             .map_err(|e| NatsError::Connect(e.to_string()))?;
         let permits = Arc::new(Semaphore::new(max_in_flight));
+        // Forwarded calls run on threads of their own, as HTTP requests run on the workers': the
+        // actors they start live there, not all on the thread that reads the subscription.
+        let arbiters: Vec<actix_rt::Arbiter> = (0..threads.max(1)).map(|_| actix_rt::Arbiter::new()).collect();
         actix_rt::spawn(async move {
+            let mut next = 0usize;
             let _running = shutdown.enter();
             loop {
                 // `sleep` also wakes when another loop ends a round: only a real stop ends this one.
@@ -182,7 +187,8 @@ impl Forwarder {
                     continue;
                 };
                 let (this, registry) = (self.clone(), registry.clone());
-                actix_rt::spawn(async move {
+                next = next.wrapping_add(1);
+                arbiters[next % arbiters.len()].spawn(async move {
                     let answer = this.answer(&registry, &message.payload).await;
                     let _ = this.client.publish(reply_to, encode(&answer).into()).await;
                     drop(permit);
