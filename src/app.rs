@@ -60,9 +60,8 @@ impl Application {
     pub async fn build(config: Config) -> Result<Application, StartError> {
         let db = Db::connect(&config.database).await?;
         // Before anything that changes the database (migrations included) or acts on its
-        // payments: one node per database.
-        // payments. Cluster nodes share the lock: they may run beside each other, not beside a
-        // node outside cluster mode.
+        // payments: one node per database. Cluster nodes share the lock: they may run beside
+        // each other, not beside a node outside cluster mode.
         let node_lock = db
             .node_lock(
                 Duration::from_millis(config.database.node_lock_wait_ms),
