@@ -13,8 +13,9 @@ serve again (owned by the survivors) within 5 s. Non-2xx answers during the move
 nats-servers is killed with SIGKILL mid-run. PASS when every webhook payrail acknowledged
 (200) is recorded as processed, the nodes keep serving, and the checks above hold.
 
-A request the killed node had in flight holds its Idempotency-Key until the key's lease
-passes; the clients retry `idempotency_key_in_use` answers until then, and the drill counts them.
+A request the killed node had in flight holds its Idempotency-Key until the node leaves the
+cluster (its claim names its process; then another node takes the key over at once); the clients
+retry `idempotency_key_in_use` answers until then, and the drill counts them.
 
 Usage: scripts/drills/node_loss.py [--kill payrail|nats] [--seconds 12] [--threads 12] [--binary …]"""
 
@@ -91,9 +92,9 @@ class Load:
                 self.count(status, body)
                 in_use = status == 409 and isinstance(body, dict) and body["error"]["code"] == "idempotency_key_in_use"
                 if in_use:
-                    # The killed node held the key for its request in flight: the key's lease
-                    # ([idempotency] in_flight_lease_ms) must pass before another node may take
-                    # it over. A client retries, as docs/API.md tells it to.
+                    # The killed node held the key for its request in flight: until it has left
+                    # the cluster (about the lease TTL), another node may not take the key over.
+                    # A client retries, as docs/API.md tells it to.
                     time.sleep(0.5)
                     continue
                 if isinstance(status, int) and status < 500:

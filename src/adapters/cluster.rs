@@ -206,6 +206,14 @@ impl Leases {
         nodes
     }
 
+    /// The processes (`<node>/<instance>`) of the live nodes, this one included.
+    pub fn holders(&self) -> Vec<String> {
+        self.nodes()
+            .into_iter()
+            .map(|n| format!("{}/{}", n.node, n.instance))
+            .collect()
+    }
+
     /// Every partition with its live owner, if it has one.
     pub fn map(&self) -> Vec<PartitionView> {
         (0..self.count)

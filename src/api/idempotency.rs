@@ -106,7 +106,19 @@ where
         }
     };
     let lease = state.config.idempotency.in_flight_lease_ms;
-    let begun = state.db.idempotency_begin(&merchant.id, &key, &fp, lease).await?;
+    // Cluster mode: the claim names this process, and a key whose process is no longer a live
+    // node's is taken over at once.
+    let claimant = state
+        .leases
+        .as_ref()
+        .map(|l| crate::adapters::postgres::idempotency::Claimant {
+            holder: &l.holder,
+            live: l.holders(),
+        });
+    let begun = state
+        .db
+        .idempotency_begin_as(&merchant.id, &key, &fp, lease, claimant.as_ref())
+        .await?;
     let verdict = match &begun {
         Begin::Proceed { fence: 1, .. } => "new",
         Begin::Proceed { .. } => "taken over",

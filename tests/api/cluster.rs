@@ -391,3 +391,73 @@ async fn a_forwarded_call_with_no_answer_in_time_keeps_its_key_until_the_owner_f
         .get(0);
     assert_eq!(authorizations, 1);
 }
+
+#[actix_web::test]
+async fn a_key_claimed_by_a_process_no_longer_in_the_cluster_is_taken_over_at_once() {
+    use payrail::adapters::postgres::idempotency::{Begin, Claimant};
+    let app = crate::helpers::spawn_app().await;
+    let db = &app.state.db;
+    let merchant: String = app
+        .sql()
+        .await
+        .query_one("SELECT id FROM merchants LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let merchant = payrail::domain::MerchantId::parse(&merchant).unwrap();
+    let both = vec!["a/1".to_owned(), "b/2".to_owned()];
+    let (a, b) = (
+        Claimant {
+            holder: "a/1",
+            live: both.clone(),
+        },
+        Claimant {
+            holder: "b/2",
+            live: both,
+        },
+    );
+    let key = "k".repeat(64);
+    let lease = 60_000;
+    let first = db
+        .idempotency_begin_as(&merchant, &key, b"fp", lease, Some(&a))
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        Begin::Proceed {
+            resource_id: None,
+            fence: 1
+        }
+    );
+    // a is alive: its claim stands until its lease passes, in and out of cluster mode.
+    let early = db
+        .idempotency_begin_as(&merchant, &key, b"fp", lease, Some(&b))
+        .await
+        .unwrap();
+    assert_eq!(early, Begin::InFlight);
+    // a has left the cluster: b takes the key over at once, under a new fence.
+    let gone = Claimant {
+        holder: "b/2",
+        live: vec!["b/2".to_owned()],
+    };
+    let taken = db
+        .idempotency_begin_as(&merchant, &key, b"fp", lease, Some(&gone))
+        .await
+        .unwrap();
+    assert_eq!(
+        taken,
+        Begin::Proceed {
+            resource_id: None,
+            fence: 2
+        }
+    );
+    // Now b holds it, and b is alive.
+    let again = db
+        .idempotency_begin_as(&merchant, &key, b"fp", lease, Some(&gone))
+        .await
+        .unwrap();
+    assert_eq!(again, Begin::InFlight);
+    // Outside cluster mode only the lease counts.
+    let single = db.idempotency_begin(&merchant, &key, b"fp", lease).await.unwrap();
+    assert_eq!(single, Begin::InFlight);
+}

@@ -16,6 +16,13 @@ pub enum Begin {
     Mismatch,
 }
 
+/// Cluster mode: the process claiming a key, and the processes of the cluster's live nodes (a
+/// key claimed by any other is abandoned).
+pub struct Claimant<'a> {
+    pub holder: &'a str,
+    pub live: Vec<String>,
+}
+
 impl Db {
     pub async fn idempotency_begin(
         &self,
@@ -24,18 +31,34 @@ impl Db {
         fingerprint: &[u8],
         lease_ms: u64,
     ) -> Result<Begin, StoreError> {
+        self.idempotency_begin_as(merchant, key, fingerprint, lease_ms, None)
+            .await
+    }
+
+    /// [`Db::idempotency_begin`]; in cluster mode (`claimant`), the claim names its process,
+    /// and a key in flight whose process is not among the live ones is taken over at once.
+    pub async fn idempotency_begin_as(
+        &self,
+        merchant: &MerchantId,
+        key: &str,
+        fingerprint: &[u8],
+        lease_ms: u64,
+        claimant: Option<&Claimant<'_>>,
+    ) -> Result<Begin, StoreError> {
         let client = self.client().await?;
         let lease = lease_ms as f64 / 1000.0;
+        let holder = claimant.map(|c| c.holder);
+        let live: &[String] = claimant.map_or(&[], |c| c.live.as_slice());
         let stmt = client
             .prepare_cached(
-                "INSERT INTO idempotency_keys (merchant_id, key, fingerprint, locked_until)
-                 VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+                "INSERT INTO idempotency_keys (merchant_id, key, fingerprint, locked_until, holder)
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5)
                  ON CONFLICT (merchant_id, key) DO NOTHING RETURNING 1",
             )
             .await
             .map_err(pg_error)?;
         if client
-            .query_opt(&stmt, &[&merchant.as_str(), &key, &fingerprint, &lease])
+            .query_opt(&stmt, &[&merchant.as_str(), &key, &fingerprint, &lease, &holder])
             .await
             .map_err(pg_error)?
             .is_some()
@@ -47,13 +70,15 @@ impl Db {
         }
         let stmt = client
             .prepare_cached(
-                "SELECT fingerprint, response_status, response_body, locked_until < now()
+                "SELECT fingerprint, response_status, response_body,
+                        locked_until < now() OR coalesce(holder IS NOT NULL AND $3 AND NOT holder = ANY($4), false)
                  FROM idempotency_keys WHERE merchant_id = $1 AND key = $2",
             )
             .await
             .map_err(pg_error)?;
+        let cluster = claimant.is_some();
         let Some(row) = client
-            .query_opt(&stmt, &[&merchant.as_str(), &key])
+            .query_opt(&stmt, &[&merchant.as_str(), &key, &cluster, &live])
             .await
             .map_err(pg_error)?
         else {
@@ -73,19 +98,22 @@ impl Db {
         if !row.get::<_, bool>(3) {
             return Ok(Begin::InFlight);
         }
-        // The first request died without an answer (a crash, a 5xx), or its client gave up while
-        // it waited: take the key over, once, under a new fence. The first request, if it still
-        // runs, can no longer complete the key (its commits are fenced off).
+        // The first request died without an answer (a crash, a 5xx, its node gone from the
+        // cluster), or its client gave up while it waited: take the key over, once, under a new
+        // fence. The first request, if it still runs, can no longer complete the key (its
+        // commits are fenced off).
         let stmt = client
             .prepare_cached(
-                "UPDATE idempotency_keys SET locked_until = now() + make_interval(secs => $3), fence = fence + 1
-                 WHERE merchant_id = $1 AND key = $2 AND response_status IS NULL AND locked_until < now()
+                "UPDATE idempotency_keys SET locked_until = now() + make_interval(secs => $3), fence = fence + 1,
+                        holder = $4
+                 WHERE merchant_id = $1 AND key = $2 AND response_status IS NULL
+                   AND (locked_until < now() OR (holder IS NOT NULL AND $5 AND NOT holder = ANY($6)))
                  RETURNING resource_id, fence",
             )
             .await
             .map_err(pg_error)?;
         match client
-            .query_opt(&stmt, &[&merchant.as_str(), &key, &lease])
+            .query_opt(&stmt, &[&merchant.as_str(), &key, &lease, &holder, &cluster, &live])
             .await
             .map_err(pg_error)?
         {

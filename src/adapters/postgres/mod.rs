@@ -97,6 +97,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "partition_fences",
         include_str!("../../../migrations/V14__partition_fences.sql"),
     ),
+    (
+        15,
+        "idempotency_holder",
+        include_str!("../../../migrations/V15__idempotency_holder.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.
