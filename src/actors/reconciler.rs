@@ -203,7 +203,14 @@ impl Reconciler {
         let _busy = Busy(&self.busy, req.connector.id.clone());
         let run_id = new_id("rcn_");
         self.db
-            .create_run(&run_id, &req.connector.id, req.format.as_str(), req.source, req.date)
+            .create_run(
+                &run_id,
+                &req.connector.id,
+                req.format.as_str(),
+                req.source,
+                req.date,
+                self.registry.holder().as_deref(),
+            )
             .await?;
         let result = self.run_inner(&run_id, &req).await;
         match result {

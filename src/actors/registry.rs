@@ -65,6 +65,11 @@ impl PaymentRegistry {
         let _ = self.forwarder.set(forwarder);
     }
 
+    /// Cluster mode: this process as the cluster names it (`<node>/<instance>`).
+    pub fn holder(&self) -> Option<Arc<str>> {
+        self.forwarder.get().map(|f| f.leases.holder.clone())
+    }
+
     /// Whether this node reads PSP-event partition `partition`: always outside cluster mode;
     /// in it, while it owns the cluster partition with that number.
     pub fn owns_partition(&self, partition: u32) -> bool {

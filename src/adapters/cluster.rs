@@ -361,6 +361,9 @@ pub struct LeaseKeeper {
     pub on_lost: OnLost,
 }
 
+/// Every this many rounds (10 s at 500 ms), runs of departed nodes are looked for.
+const DEPARTED_RUNS_EVERY: u64 = 20;
+
 /// How long a fence write waits for a row lock (batches of the previous holder under way)
 /// before the take is given up and tried again next round.
 const TAKE_LOCK_TIMEOUT_MS: u64 = 1_000;
@@ -379,8 +382,8 @@ impl LeaseKeeper {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let mut held: HashMap<u32, Held> = HashMap::new();
-        loop {
-            self.round(&mut held).await;
+        for n in 1u64.. {
+            self.round(&mut held, n).await;
             if self.shutdown.sleep(every).await {
                 break;
             }
@@ -393,7 +396,7 @@ impl LeaseKeeper {
         Duration::from_millis(self.config.renew_every_ms)
     }
 
-    async fn round(&self, held: &mut HashMap<u32, Held>) {
+    async fn round(&self, held: &mut HashMap<u32, Held>, n: u64) {
         let started = Instant::now();
         let leases = &self.leases;
         let holder = leases.holder.as_bytes().to_vec();
@@ -463,6 +466,18 @@ impl LeaseKeeper {
             self.drop_partition(held, p, "lost");
         }
         self.rebalance(held, started).await;
+        // Now and then, with a complete view of the live nodes: the reconciliation runs of
+        // processes that left the cluster are failed (they will never finish).
+        if n.is_multiple_of(DEPARTED_RUNS_EVERY) && leases.current.load(Ordering::Acquire) {
+            match self.db.fail_departed_runs(&leases.holders()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    runs = n,
+                    "reconciliation runs of nodes that left the cluster were failed"
+                ),
+                Err(e) => tracing::warn!(error = %e, "reconciliation runs of departed nodes could not be closed"),
+            }
+        }
     }
 
     /// Takes free partitions up to this node's share, or gives up what is above it, at most

@@ -461,3 +461,45 @@ async fn a_key_claimed_by_a_process_no_longer_in_the_cluster_is_taken_over_at_on
     let single = db.idempotency_begin(&merchant, &key, b"fp", lease).await.unwrap();
     assert_eq!(single, Begin::InFlight);
 }
+
+#[actix_web::test]
+async fn a_reconciliation_run_of_a_process_that_left_the_cluster_is_failed() {
+    let node = spawn_app_with(|c| cluster(c, "a")).await;
+    let connector = node.get("/api/v1/connectors").await.body["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mine = node.state.leases.as_ref().unwrap().holder.to_string();
+    let sql = node.sql().await;
+    for (id, holder) in [("rcn_gone", "gone/1"), ("rcn_mine", mine.as_str())] {
+        sql.execute(
+            "INSERT INTO reconciliation_runs (id, connector_id, format, source, status, holder)
+             VALUES ($1, $2, 'stripe', 'upload', 'running', $3)",
+            &[&id, &connector, &holder],
+        )
+        .await
+        .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status: String = sql
+            .query_one("SELECT status FROM reconciliation_runs WHERE id = 'rcn_gone'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if status == "failed" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the departed process's run is still {status}"
+        );
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mine: String = sql
+        .query_one("SELECT status FROM reconciliation_runs WHERE id = 'rcn_mine'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mine, "running");
+}

@@ -102,6 +102,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "idempotency_holder",
         include_str!("../../../migrations/V15__idempotency_holder.sql"),
     ),
+    (
+        16,
+        "reconciliation_run_holder",
+        include_str!("../../../migrations/V16__reconciliation_run_holder.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.

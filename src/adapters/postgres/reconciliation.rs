@@ -267,13 +267,14 @@ impl Db {
         format: &str,
         source: &str,
         date: Option<NaiveDate>,
+        holder: Option<&str>,
     ) -> Result<(), StoreError> {
         let client = self.client().await?;
         client
             .execute(
-                "INSERT INTO reconciliation_runs (id, connector_id, format, source, report_date, status)
-                 VALUES ($1, $2, $3, $4, $5, 'running')",
-                &[&id, &connector, &format, &source, &date],
+                "INSERT INTO reconciliation_runs (id, connector_id, format, source, report_date, status, holder)
+                 VALUES ($1, $2, $3, $4, $5, 'running', $6)",
+                &[&id, &connector, &format, &source, &date, &holder],
             )
             .await
             .map_err(pg_error)?;
@@ -434,6 +435,22 @@ impl Db {
 
     /// Runs a process left `running` when it stopped are failed.
     /// (Single node: a run belongs to the process that started it.)
+    /// Cluster mode: fails the runs still `running` whose process is not among `live` (its node
+    /// died, or was restarted as another process).
+    pub async fn fail_departed_runs(&self, live: &[String]) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE reconciliation_runs SET status = 'failed', finished_at = now(),
+                     error = 'the node running it left the cluster; the lines it applied stay applied, run the report again'
+                 WHERE status = 'running' AND holder IS NOT NULL AND NOT holder = ANY($1)",
+                &[&live],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(n)
+    }
+
     pub async fn fail_abandoned_runs(&self) -> Result<u64, StoreError> {
         let client = self.client().await?;
         let n = client
