@@ -87,8 +87,6 @@ pub struct Leases {
     serve_until: Box<[AtomicU64]>,
     epoch: Instant,
     view: RwLock<View>,
-    /// Bumped whenever this node takes or gives up a partition.
-    pub changes: AtomicU64,
     /// The watch has delivered what the bucket held when it started.
     current: std::sync::atomic::AtomicBool,
 }
@@ -130,7 +128,6 @@ impl Leases {
                 owners: vec![None; count as usize],
                 nodes: BTreeMap::new(),
             }),
-            changes: AtomicU64::new(0),
             current: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -237,7 +234,6 @@ impl Leases {
 
     fn set_owned(&self, partition: u32, revision: i64) {
         self.owned[partition as usize].store(revision, Ordering::Release);
-        self.changes.fetch_add(1, Ordering::Relaxed);
     }
 
     fn saw(&self, entry: &kv::Entry) {

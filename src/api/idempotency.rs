@@ -108,12 +108,13 @@ where
     let lease = state.config.idempotency.in_flight_lease_ms;
     // Cluster mode: the claim names this process, and a key whose process is no longer a live
     // node's is taken over at once.
+    let live = || state.leases.as_ref().map_or_else(Vec::new, |l| l.holders());
     let claimant = state
         .leases
         .as_ref()
         .map(|l| crate::adapters::postgres::idempotency::Claimant {
             holder: &l.holder,
-            live: l.holders(),
+            live: &live,
         });
     let begun = state
         .db

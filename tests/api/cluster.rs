@@ -397,23 +397,16 @@ async fn a_key_claimed_by_a_process_no_longer_in_the_cluster_is_taken_over_at_on
     use payrail::adapters::postgres::idempotency::{Begin, Claimant};
     let app = crate::helpers::spawn_app().await;
     let db = &app.state.db;
-    let merchant: String = app
-        .sql()
-        .await
-        .query_one("SELECT id FROM merchants LIMIT 1", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let merchant = payrail::domain::MerchantId::parse(&merchant).unwrap();
-    let both = vec!["a/1".to_owned(), "b/2".to_owned()];
+    let merchant = app.first_merchant().await;
+    let both = || vec!["a/1".to_owned(), "b/2".to_owned()];
     let (a, b) = (
         Claimant {
             holder: "a/1",
-            live: both.clone(),
+            live: &both,
         },
         Claimant {
             holder: "b/2",
-            live: both,
+            live: &both,
         },
     );
     let key = "k".repeat(64);
@@ -436,9 +429,10 @@ async fn a_key_claimed_by_a_process_no_longer_in_the_cluster_is_taken_over_at_on
         .unwrap();
     assert_eq!(early, Begin::InFlight);
     // a has left the cluster: b takes the key over at once, under a new fence.
+    let only_b = || vec!["b/2".to_owned()];
     let gone = Claimant {
         holder: "b/2",
-        live: vec!["b/2".to_owned()],
+        live: &only_b,
     };
     let taken = db
         .idempotency_begin_as(&merchant, &key, b"fp", lease, Some(&gone))

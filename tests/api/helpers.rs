@@ -332,6 +332,18 @@ impl TestApp {
     }
 
     /// A direct connection to this test's database, for checks the API cannot make.
+    /// The id of a merchant of this app's database (the demo merchant, when it is the only one).
+    pub async fn first_merchant(&self) -> payrail::domain::MerchantId {
+        let id: String = self
+            .sql()
+            .await
+            .query_one("SELECT id FROM merchants LIMIT 1", &[])
+            .await
+            .unwrap()
+            .get(0);
+        payrail::domain::MerchantId::parse(&id).unwrap()
+    }
+
     pub async fn sql(&self) -> tokio_postgres::Client {
         let (client, conn) = tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
             .await

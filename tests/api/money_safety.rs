@@ -7,7 +7,7 @@ use std::time::Duration;
 use payrail::adapters::postgres::commit::{Commit, CommitError, IdempotencyWrite, Transition};
 use payrail::adapters::postgres::idempotency::Begin;
 use payrail::domain::record::now;
-use payrail::domain::{Currency, MerchantId, Money, Payment, PaymentId, Status};
+use payrail::domain::{Currency, Money, Payment, PaymentId, Status};
 use serde_json::json;
 
 use crate::events::{journals, send_event, wait_for};
@@ -342,14 +342,7 @@ async fn a_payments_refunds_page_through() {
 async fn a_create_commit_that_lost_its_key_inserts_nothing() {
     let app = spawn_app().await;
     let db = &app.state.db;
-    let merchant: String = app
-        .sql()
-        .await
-        .query_one("SELECT id FROM merchants LIMIT 1", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let merchant = MerchantId::parse(&merchant).unwrap();
+    let merchant = app.first_merchant().await;
     let key = "f".repeat(64);
     let first = db.idempotency_begin(&merchant, &key, b"fp", 1).await.unwrap();
     assert_eq!(

@@ -16,11 +16,12 @@ pub enum Begin {
     Mismatch,
 }
 
-/// Cluster mode: the process claiming a key, and the processes of the cluster's live nodes (a
-/// key claimed by any other is abandoned).
+/// Cluster mode: the process claiming a key, and how to list the processes of the cluster's
+/// live nodes (a key claimed by any other is abandoned). The list is made only when a key is
+/// found already claimed, not on every request.
 pub struct Claimant<'a> {
     pub holder: &'a str,
-    pub live: Vec<String>,
+    pub live: &'a (dyn Fn() -> Vec<String> + Sync),
 }
 
 impl Db {
@@ -48,7 +49,6 @@ impl Db {
         let client = self.client().await?;
         let lease = lease_ms as f64 / 1000.0;
         let holder = claimant.map(|c| c.holder);
-        let live: &[String] = claimant.map_or(&[], |c| c.live.as_slice());
         let stmt = client
             .prepare_cached(
                 "INSERT INTO idempotency_keys (merchant_id, key, fingerprint, locked_until, holder)
@@ -77,6 +77,7 @@ impl Db {
             .await
             .map_err(pg_error)?;
         let cluster = claimant.is_some();
+        let live: Vec<String> = claimant.map_or_else(Vec::new, |c| (c.live)());
         let Some(row) = client
             .query_opt(&stmt, &[&merchant.as_str(), &key, &cluster, &live])
             .await
