@@ -128,6 +128,62 @@ impl Routing {
 }
 
 impl Payment {
+    /// Whether `next` differs from this payment only in what a state-only update writes
+    /// (`state`, `version`, `transitions`, `updated_at`). Every other field is compared: a
+    /// field added to `Payment` must be listed here, or this does not compile.
+    pub fn differs_only_in_state(&self, next: &Payment) -> bool {
+        let Payment {
+            id,
+            merchant_id,
+            order_id,
+            currency,
+            state: _,
+            capture_strategy,
+            payment_method,
+            psp,
+            psp_reference,
+            client_secret,
+            next_action,
+            failure,
+            customer_id,
+            description,
+            metadata,
+            fee_bps,
+            fee_fixed,
+            version: _,
+            transitions: _,
+            created_at,
+            updated_at: _,
+            customer,
+            card,
+            risk,
+            splits,
+            routing,
+        } = self;
+        *id == next.id
+            && *merchant_id == next.merchant_id
+            && *order_id == next.order_id
+            && *currency == next.currency
+            && *capture_strategy == next.capture_strategy
+            && *payment_method == next.payment_method
+            && *psp == next.psp
+            && *psp_reference == next.psp_reference
+            && *client_secret == next.client_secret
+            && *next_action == next.next_action
+            && *failure == next.failure
+            && *customer_id == next.customer_id
+            && *description == next.description
+            && *metadata == next.metadata
+            && *fee_bps == next.fee_bps
+            && *fee_fixed == next.fee_fixed
+            && *created_at == next.created_at
+            && *customer == next.customer
+            && *card == next.card
+            && *risk == next.risk
+            && *splits == next.splits
+            && *routing == next.routing
+    }
+
     /// A new payment as a create leaves it: `pending`, version 1, nothing from the PSP yet.
     /// The optional fields (order id, capture strategy, fees, the customer's details) are set
     /// by the caller with struct update syntax.

@@ -170,3 +170,41 @@ async fn twenty_concurrent_refunds_of_500_on_3000_let_exactly_six_through() {
     );
     assert_eq!(app.count("refunds").await, 6);
 }
+
+#[actix_web::test]
+async fn claims_made_together_are_committed_together_and_each_key_is_claimed_once() {
+    use payrail::adapters::postgres::idempotency::Begin;
+    let app = spawn_app().await;
+    let merchant = app.first_merchant().await;
+    let db = app.state.db.clone();
+    let key = |i: usize| format!("{i:064}");
+    // Twenty distinct keys, the first of them asked for a second time, and one key the
+    // database refuses (a stored key is always 64 characters): all at once.
+    let mut keys: Vec<String> = (0..20).map(key).collect();
+    keys.push(key(0));
+    keys.push("bad".to_owned());
+    let begins = join_all(keys.iter().map(|k| {
+        let (db, merchant) = (db.clone(), merchant.clone());
+        async move { db.idempotency_begin(&merchant, k, b"fp", 30_000).await }
+    }))
+    .await;
+    for (i, b) in begins[..20].iter().enumerate() {
+        assert!(
+            matches!(
+                b,
+                Ok(Begin::Proceed {
+                    resource_id: None,
+                    fence: 1
+                })
+            ),
+            "key {i}: {b:?}"
+        );
+    }
+    assert_eq!(
+        begins[20],
+        Ok(Begin::InFlight),
+        "the same key again is in flight, not claimed twice"
+    );
+    assert!(begins[21].is_err(), "the refused row fails alone: {:?}", begins[21]);
+    assert_eq!(app.count("idempotency_keys").await, 20);
+}

@@ -379,6 +379,12 @@ impl<'a> Flow<'a> {
         if commit.processed_event.is_none() {
             commit.processed_event = self.event.take();
         }
+        // A commit that moves only the payment's state (a PSP event that changes nothing but
+        // is recorded, a capture by event) writes only the state columns, still fenced by
+        // the version.
+        if next.version > 1 && !commit.state_only && self.live.payment.differs_only_in_state(&next) {
+            commit.state_only = true;
+        }
         commit.payment = Some(next.clone());
         let moved = commit
             .transition

@@ -24,7 +24,84 @@ pub struct Claimant<'a> {
     pub live: &'a (dyn Fn() -> Vec<String> + Sync),
 }
 
+/// A key's claim waiting for its batch ([`Db::idempotency_begin_as`]).
+pub struct Claim {
+    merchant: String,
+    key: String,
+    fingerprint: Vec<u8>,
+    lease: f64,
+    holder: Option<String>,
+}
+
+/// Claims the batch's keys that no row holds yet, in one statement and one transaction
+/// (committed with the WAL flush, as a single claim was). A key held already inserts nothing
+/// and is not returned.
+const CLAIM: &str = "INSERT INTO idempotency_keys (merchant_id, key, fingerprint, locked_until, holder)
+    SELECT u.merchant_id, u.key, u.fingerprint, now() + make_interval(secs => u.lease), u.holder
+    FROM unnest($1::text[], $2::text[], $3::bytea[], $4::float8[], $5::text[])
+        AS u(merchant_id, key, fingerprint, lease, holder)
+    ON CONFLICT (merchant_id, key) DO NOTHING RETURNING merchant_id, key";
+
 impl Db {
+    /// Writes one batch of claims and tells each whether it claimed its key. Within a batch a
+    /// key asked for twice is claimed by its first request only: the second finds it held
+    /// (and, once the batch has committed, in flight). A batch the database refuses is
+    /// written again claim by claim, so one bad row fails only its own request.
+    async fn write_claims(&self, batch: Vec<super::group::Waiting<Claim, bool>>) {
+        let mut first = std::collections::HashSet::with_capacity(batch.len());
+        let unique: Vec<bool> = batch
+            .iter()
+            .map(|w| first.insert((w.row.merchant.as_str(), w.row.key.as_str())))
+            .collect();
+        let rows: Vec<&Claim> = batch
+            .iter()
+            .zip(&unique)
+            .filter(|(_, u)| **u)
+            .map(|(w, _)| &w.row)
+            .collect();
+        let claimed = self.insert_claims(&rows).await;
+        match claimed {
+            Ok(claimed) => {
+                for (w, unique) in batch.into_iter().zip(unique) {
+                    let ours = unique && claimed.contains(&(w.row.merchant.clone(), w.row.key.clone()));
+                    let _ = w.answer.send(Ok(ours));
+                }
+            }
+            Err(StoreError::Broken) if rows.len() > 1 => {
+                for (w, unique) in batch.into_iter().zip(unique) {
+                    let answer = if unique {
+                        self.insert_claims(&[&w.row]).await.map(|c| !c.is_empty())
+                    } else {
+                        Ok(false)
+                    };
+                    let _ = w.answer.send(answer);
+                }
+            }
+            Err(e) => {
+                for w in batch {
+                    let _ = w.answer.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    async fn insert_claims(&self, rows: &[&Claim]) -> Result<std::collections::HashSet<(String, String)>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(CLAIM).await.map_err(pg_error)?;
+        let merchants: Vec<&str> = rows.iter().map(|c| c.merchant.as_str()).collect();
+        let keys: Vec<&str> = rows.iter().map(|c| c.key.as_str()).collect();
+        let fingerprints: Vec<&[u8]> = rows.iter().map(|c| c.fingerprint.as_slice()).collect();
+        let leases: Vec<f64> = rows.iter().map(|c| c.lease).collect();
+        let holders: Vec<Option<&str>> = rows.iter().map(|c| c.holder.as_deref()).collect();
+        Ok(client
+            .query(&stmt, &[&merchants, &keys, &fingerprints, &leases, &holders])
+            .await
+            .map_err(pg_error)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
     pub async fn idempotency_begin(
         &self,
         merchant: &MerchantId,
@@ -46,28 +123,32 @@ impl Db {
         lease_ms: u64,
         claimant: Option<&Claimant<'_>>,
     ) -> Result<Begin, StoreError> {
-        let client = self.client().await?;
         let lease = lease_ms as f64 / 1000.0;
         let holder = claimant.map(|c| c.holder);
-        let stmt = client
-            .prepare_cached(
-                "INSERT INTO idempotency_keys (merchant_id, key, fingerprint, locked_until, holder)
-                 VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5)
-                 ON CONFLICT (merchant_id, key) DO NOTHING RETURNING 1",
-            )
-            .await
-            .map_err(pg_error)?;
-        if client
-            .query_opt(&stmt, &[&merchant.as_str(), &key, &fingerprint, &lease, &holder])
-            .await
-            .map_err(pg_error)?
-            .is_some()
-        {
+        // The common case, a key never seen: claimed by an insert, group-committed with the
+        // claims of concurrent requests.
+        let claim = Claim {
+            merchant: merchant.as_str().to_owned(),
+            key: key.to_owned(),
+            fingerprint: fingerprint.to_vec(),
+            lease,
+            holder: holder.map(str::to_owned),
+        };
+        let db = self.clone();
+        let claimed = self
+            .claims
+            .submit(claim, move |batch| {
+                let db = db.clone();
+                async move { db.write_claims(batch).await }
+            })
+            .await?;
+        if claimed {
             return Ok(Begin::Proceed {
                 resource_id: None,
                 fence: 1,
             });
         }
+        let client = self.client().await?;
         let stmt = client
             .prepare_cached(
                 "SELECT fingerprint, response_status, response_body,

@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod commit;
 pub mod events;
+pub mod group;
 pub mod idempotency;
 pub mod ledger;
 pub mod merchants;
@@ -118,7 +119,15 @@ pub struct Db {
     outbox_ready: std::sync::Arc<tokio::sync::Notify>,
     /// The sessions' settings, for the node lock's own connection.
     pg: std::sync::Arc<tokio_postgres::Config>,
+    /// Idempotency keys' claims, group-committed ([`group`]).
+    claims: std::sync::Arc<group::Group<idempotency::Claim, bool>>,
+    /// The sandbox's bookings, group-committed ([`group`]).
+    bookings: std::sync::Arc<group::Group<sandbox::Booking, ()>>,
 }
+
+/// Rows one group-committed statement carries at most, and rows that may wait for one.
+const GROUP_MAX_BATCH: usize = 256;
+const GROUP_MAX_QUEUED: usize = 20_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -170,6 +179,8 @@ impl Db {
             pool,
             outbox_ready: Default::default(),
             pg: std::sync::Arc::new(pg),
+            claims: std::sync::Arc::new(group::Group::new(GROUP_MAX_BATCH, GROUP_MAX_QUEUED)),
+            bookings: std::sync::Arc::new(group::Group::new(GROUP_MAX_BATCH, GROUP_MAX_QUEUED)),
         })
     }
 

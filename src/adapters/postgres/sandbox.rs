@@ -91,12 +91,34 @@ pub struct BookRow {
     pub at: chrono::DateTime<chrono::Utc>,
 }
 
+/// One movement waiting for its batch ([`Db::sandbox_book`]).
+pub struct Booking {
+    merchant: String,
+    kind: String,
+    reference: String,
+    intent: String,
+    amount: i64,
+    currency: String,
+}
+
+/// The batch's movements in one statement, its own transaction. `set_config(…, true)` turns
+/// the WAL flush off for this transaction only (a `SET LOCAL` would need BEGIN and COMMIT
+/// round trips). A movement booked already (the same kind and reference, in the table or
+/// earlier in the batch) books nothing.
+const BOOK: &str = "INSERT INTO sandbox_settlement_book (merchant_id, kind, reference, intent, amount, currency)
+    SELECT u.* FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[])
+        AS u(merchant_id, kind, reference, intent, amount, currency),
+        (SELECT set_config('synchronous_commit', 'off', true)) async_commit
+    ON CONFLICT (kind, reference) DO NOTHING";
+
 impl Db {
     /// Books a movement of the sandbox's balance once: the same object again books nothing.
     /// The simulated PSP's books, not payrail's: written without waiting for the WAL flush
-    /// (`synchronous_commit` off for this transaction only), so the sandbox adds no fsync to a
+    /// (`synchronous_commit` off for their transaction only), so the sandbox adds no fsync to a
     /// payment. A PostgreSQL crash may lose its last fraction of a second of bookings, which
     /// reconciliation then reports as `missing_in_report`, as it would a PSP's late report.
+    /// The movements of concurrent calls are written together (`group`); each call returns
+    /// once its own is committed.
     pub async fn sandbox_book(
         &self,
         merchant: &str,
@@ -106,22 +128,49 @@ impl Db {
         amount: i64,
         currency: &str,
     ) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        // One statement, its own transaction: `set_config(…, true)` turns the WAL flush off for
-        // this transaction only (a `SET LOCAL` would need BEGIN and COMMIT round trips).
-        let stmt = client
-            .prepare_cached(
-                "INSERT INTO sandbox_settlement_book (merchant_id, kind, reference, intent, amount, currency)
-                 SELECT $1, $2, $3, $4, $5, $6 FROM (SELECT set_config('synchronous_commit', 'off', true)) async_commit
-                 ON CONFLICT (kind, reference) DO NOTHING",
-            )
+        let booking = Booking {
+            merchant: merchant.to_owned(),
+            kind: kind.to_owned(),
+            reference: reference.to_owned(),
+            intent: intent.to_owned(),
+            amount,
+            currency: currency.to_owned(),
+        };
+        let db = self.clone();
+        self.bookings
+            .submit(booking, move |batch| {
+                let db = db.clone();
+                async move { db.write_bookings(batch).await }
+            })
             .await
-            .map_err(pg_error)?;
-        client
-            .execute(&stmt, &[&merchant, &kind, &reference, &intent, &amount, &currency])
-            .await
-            .map_err(pg_error)?;
-        Ok(())
+    }
+
+    async fn write_bookings(&self, batch: Vec<super::group::Waiting<Booking, ()>>) {
+        let written = async {
+            let client = self.client().await?;
+            let stmt = client.prepare_cached(BOOK).await.map_err(pg_error)?;
+            let column = |f: fn(&Booking) -> &String| batch.iter().map(|w| f(&w.row).as_str()).collect::<Vec<_>>();
+            let amounts: Vec<i64> = batch.iter().map(|w| w.row.amount).collect();
+            client
+                .execute(
+                    &stmt,
+                    &[
+                        &column(|b| &b.merchant),
+                        &column(|b| &b.kind),
+                        &column(|b| &b.reference),
+                        &column(|b| &b.intent),
+                        &amounts,
+                        &column(|b| &b.currency),
+                    ],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok::<(), StoreError>(())
+        }
+        .await;
+        for w in batch {
+            let _ = w.answer.send(written.clone());
+        }
     }
 
     /// A page of a merchant's booked movements in `[from, to)`, after row `after`, oldest first.
