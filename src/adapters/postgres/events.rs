@@ -25,18 +25,66 @@ fn dispute_from_row(row: &tokio_postgres::Row) -> Result<Dispute, StoreError> {
     })
 }
 
+/// Whether each (provider, event id) of a batch was processed: the ordinals of those that were.
+const PROCESSED: &str = "SELECT u.i FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(provider, event_id, i)
+    WHERE EXISTS (SELECT 1 FROM processed_events e WHERE e.provider = u.provider AND e.event_id = u.event_id)";
+
+/// The payment of each (PSP, reference) of a batch that has one: the payment's own reference,
+/// or one of its authorizations that was failed over (its events are recorded, not applied).
+const PAYMENTS_OF_REFERENCES: &str = "SELECT u.i, x.id, x.merchant_id
+    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(psp, reference, i)
+    CROSS JOIN LATERAL (
+        (SELECT id, merchant_id FROM payments WHERE psp = u.psp AND psp_reference = u.reference)
+        UNION ALL
+        (SELECT p.id, p.merchant_id FROM psp_attempts a JOIN payments p ON p.id = a.payment_id
+         JOIN connectors c ON c.id = a.connector_id
+         WHERE a.psp_reference = u.reference AND c.psp = u.psp)
+        LIMIT 1) x";
+
+/// A (provider or PSP, id or reference) pair waiting for its batch's look-up.
+pub type Pair = (String, String);
+
 impl Db {
+    /// Whether the event was processed. Concurrent look-ups (the consumers' and actors') are
+    /// read together, one statement per batch (`group`); each sees every commit made before
+    /// it asked.
     pub async fn event_processed(&self, provider: &str, event_id: &str) -> Result<bool, StoreError> {
+        let db = self.clone();
+        self.processed_lookups
+            .submit((provider.to_owned(), event_id.to_owned()), move |batch| {
+                let db = db.clone();
+                async move {
+                    let found = db.read_pairs(PROCESSED, &batch, |_| ()).await;
+                    for (i, w) in batch.into_iter().enumerate() {
+                        let _ = w
+                            .answer
+                            .send(found.as_ref().map(|f| f.contains_key(&i)).map_err(Clone::clone));
+                    }
+                }
+            })
+            .await
+    }
+
+    /// Runs a batch look-up over `(a, b)` pairs whose rows start with the pair's ordinal (from
+    /// 1); the rest of each row is read by `row`. By batch position (from 0).
+    async fn read_pairs<A, V>(
+        &self,
+        sql: &str,
+        batch: &[super::group::Waiting<Pair, A>],
+        row: impl Fn(&tokio_postgres::Row) -> V,
+    ) -> Result<std::collections::HashMap<usize, V>, StoreError> {
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("SELECT 1 FROM processed_events WHERE provider = $1 AND event_id = $2")
-            .await
-            .map_err(pg_error)?;
-        Ok(client
-            .query_opt(&stmt, &[&provider, &event_id])
-            .await
-            .map_err(pg_error)?
-            .is_some())
+        let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
+        let a: Vec<&str> = batch.iter().map(|w| w.row.0.as_str()).collect();
+        let b: Vec<&str> = batch.iter().map(|w| w.row.1.as_str()).collect();
+        let rows = client.query(&stmt, &[&a, &b]).await.map_err(pg_error)?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let i: i64 = r.get(0);
+                Some((usize::try_from(i).ok()?.checked_sub(1)?, row(r)))
+            })
+            .collect())
     }
 
     /// Records an event that concerns no payment (recorded, acknowledged, ignored).
@@ -60,26 +108,38 @@ impl Db {
     }
 
     /// The payment a PSP reference (`pi_…`) belongs to: the payment's own, or one of its
-    /// authorizations that was failed over (its events are recorded, not applied).
+    /// authorizations that was failed over (its events are recorded, not applied). Read with
+    /// concurrent look-ups, as [`Db::event_processed`].
     pub async fn payment_of_reference(
         &self,
         psp: &str,
         reference: &str,
     ) -> Result<Option<(PaymentId, MerchantId)>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "(SELECT id, merchant_id FROM payments WHERE psp = $1 AND psp_reference = $2)
-                 UNION ALL
-                 (SELECT p.id, p.merchant_id FROM psp_attempts a JOIN payments p ON p.id = a.payment_id
-                  JOIN connectors c ON c.id = a.connector_id
-                  WHERE a.psp_reference = $2 AND c.psp = $1)
-                 LIMIT 1",
-            )
+        let db = self.clone();
+        self.reference_lookups
+            .submit((psp.to_owned(), reference.to_owned()), move |batch| {
+                let db = db.clone();
+                async move {
+                    let found = db
+                        .read_pairs(PAYMENTS_OF_REFERENCES, &batch, |r| {
+                            (PaymentId::from_trusted(r.get(1)), MerchantId::from_trusted(r.get(2)))
+                        })
+                        .await;
+                    match found {
+                        Ok(mut found) => {
+                            for (i, w) in batch.into_iter().enumerate() {
+                                let _ = w.answer.send(Ok(found.remove(&i)));
+                            }
+                        }
+                        Err(e) => {
+                            for w in batch {
+                                let _ = w.answer.send(Err(e.clone()));
+                            }
+                        }
+                    }
+                }
+            })
             .await
-            .map_err(pg_error)?;
-        let row = client.query_opt(&stmt, &[&psp, &reference]).await.map_err(pg_error)?;
-        Ok(row.map(|r| (PaymentId::from_trusted(r.get(0)), MerchantId::from_trusted(r.get(1)))))
     }
 
     #[allow(clippy::too_many_arguments)]

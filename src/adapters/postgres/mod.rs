@@ -123,6 +123,11 @@ pub struct Db {
     claims: std::sync::Arc<group::Group<idempotency::Claim, bool>>,
     /// The sandbox's bookings, group-committed ([`group`]).
     bookings: std::sync::Arc<group::Group<sandbox::Booking, ()>>,
+    /// PSP events' dedupe look-ups, read together ([`group`]).
+    processed_lookups: std::sync::Arc<group::Group<events::Pair, bool>>,
+    /// PSP references' payments, read together ([`group`]).
+    reference_lookups:
+        std::sync::Arc<group::Group<events::Pair, Option<(crate::domain::PaymentId, crate::domain::MerchantId)>>>,
 }
 
 /// Rows one group-committed statement carries at most, and rows that may wait for one.
@@ -181,6 +186,8 @@ impl Db {
             pg: std::sync::Arc::new(pg),
             claims: std::sync::Arc::new(group::Group::new(GROUP_MAX_BATCH, GROUP_MAX_QUEUED)),
             bookings: std::sync::Arc::new(group::Group::new(GROUP_MAX_BATCH, GROUP_MAX_QUEUED)),
+            processed_lookups: std::sync::Arc::new(group::Group::new(GROUP_MAX_BATCH, GROUP_MAX_QUEUED)),
+            reference_lookups: std::sync::Arc::new(group::Group::new(GROUP_MAX_BATCH, GROUP_MAX_QUEUED)),
         })
     }
 
