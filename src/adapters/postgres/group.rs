@@ -8,8 +8,8 @@
 //! No task runs while the group is idle: the first row to find no batch under way starts a
 //! writer on the runtime of the caller, which writes batches until the queue is empty.
 //! Bounded: at most `max_batch` rows per statement, at most `max_queued` rows waiting (past
-//! it, the caller is told at once that the database is unavailable: 503, never a wait
-//! without end).
+//! it, the caller is told at once that the database is unavailable: 503), and no row waits
+//! longer than `MAX_WAIT` for its answer.
 
 use std::future::Future;
 use std::sync::Mutex;
@@ -17,6 +17,10 @@ use std::sync::Mutex;
 use tokio::sync::oneshot;
 
 use super::StoreError;
+
+/// The longest a row waits for its batch's answer before it is told the database is
+/// unavailable.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// One row waiting for its batch, and where its answer goes.
 pub struct Waiting<T, R> {
@@ -71,7 +75,13 @@ impl<T: Send + 'static, R: Send + 'static> Group<T, R> {
             let group = self.clone();
             tokio::spawn(async move { group.drain(write).await });
         }
-        answered.await.unwrap_or(Err(StoreError::Unavailable))
+        // Bounded, whatever happens to the writer: a batch waits for a pooled connection and
+        // one statement, each with its own timeout, so this is only ever reached by a writer
+        // whose runtime went away.
+        match tokio::time::timeout(MAX_WAIT, answered).await {
+            Ok(answer) => answer.unwrap_or(Err(StoreError::Unavailable)),
+            Err(_) => Err(StoreError::Unavailable),
+        }
     }
 
     async fn drain<W, F>(&self, write: W)
@@ -79,11 +89,23 @@ impl<T: Send + 'static, R: Send + 'static> Group<T, R> {
         W: Fn(Vec<Waiting<T, R>>) -> F,
         F: Future<Output = ()>,
     {
+        // A writer dropped mid-batch (its runtime shut down) leaves the group free for the
+        // next row to start another.
+        struct Free<'a, T, R>(&'a Group<T, R>, bool);
+        impl<T, R> Drop for Free<'_, T, R> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.queue.lock().unwrap_or_else(|p| p.into_inner()).writing = false;
+                }
+            }
+        }
+        let mut free = Free(self, false);
         loop {
             let batch = {
                 let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
                 if q.rows.is_empty() {
                     q.writing = false;
+                    free.1 = true;
                     return;
                 }
                 let n = q.rows.len().min(self.max_batch);
@@ -180,5 +202,46 @@ mod tests {
         release.send(()).unwrap();
         assert!(matches!(first.await.unwrap(), Err(StoreError::Unavailable)));
         assert!(matches!(second.await.unwrap(), Err(StoreError::Unavailable)));
+    }
+
+    #[test]
+    fn a_writer_whose_runtime_ends_mid_batch_frees_the_group() {
+        let group: Arc<Group<u32, u32>> = Arc::new(Group::new(8, 100));
+        let taken = |g: &Group<u32, u32>| {
+            let q = g.queue.lock().unwrap();
+            q.writing && q.rows.is_empty()
+        };
+        {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let g = group.clone();
+            rt.block_on(async {
+                let stuck = tokio::spawn(async move {
+                    g.submit(1, |rows| {
+                        drop(rows);
+                        std::future::pending::<()>()
+                    })
+                    .await
+                });
+                while !taken(&group) {
+                    tokio::task::yield_now().await;
+                }
+                drop(stuck);
+            });
+            // The runtime goes, and its writer task with it, in the middle of a batch.
+        }
+        assert!(!group.queue.lock().unwrap().writing, "the group is free again");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let answer = rt.block_on(group.submit(2, |rows| async move {
+            for w in rows {
+                let _ = w.answer.send(Ok(w.row));
+            }
+        }));
+        assert_eq!(answer.unwrap(), 2, "the next row starts a writer of its own");
     }
 }
