@@ -91,6 +91,10 @@ macro_rules! api_routes {
 }
 
 api_routes! {
+    // The router tries patterns in this order, and each `{param}` pattern costs a regex match:
+    // the busiest path with parameters comes first (a PSP event per payment).
+    post "/internal/webhooks/psp/{provider}" => webhooks::receive,
+    post "/internal/webhooks/psp/{provider}/{connector_id}" => webhooks::receive_for_connector,
     get "/healthz" => health::healthz,
     get "/readyz" => health::readyz,
     get "/metrics" => metrics::metrics,
@@ -164,8 +168,6 @@ api_routes! {
     get "/admin/v1/reconciliation/exceptions" => reconciliation::list_exceptions,
     post "/admin/v1/reconciliation/exceptions/{id}/resolve" => reconciliation::resolve_exception,
     get "/admin/" => admin::live_view,
-    post "/internal/webhooks/psp/{provider}" => webhooks::receive,
-    post "/internal/webhooks/psp/{provider}/{connector_id}" => webhooks::receive_for_connector,
     post "/sandbox/v1/connectors/{id}/outage" => connectors::sandbox_outage,
     post "/sandbox/v1/payment_methods" => sandbox::payment_methods,
     post "/sandbox/v1/payments/{reference}/complete_3ds" => sandbox::complete_3ds,

@@ -115,6 +115,15 @@ async fn deliver(client: &awc::Client, url: &str, secret: &str, e: &Outgoing) {
             .insert_header(("Content-Type", "application/json"))
             .send_body(body.clone())
             .await;
+        // The answer's body is read to its end, small as it is: a connection whose response
+        // was left unread cannot go back to the pool, and every event would open a new one.
+        let sent = match sent {
+            Ok(mut r) => {
+                let _ = r.body().limit(1 << 16).await;
+                Ok(r)
+            }
+            Err(e) => Err(e),
+        };
         match sent {
             Ok(r) if r.status().is_success() => return,
             Ok(r) if r.status().is_client_error() => {
