@@ -506,3 +506,49 @@ mod metadata_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{decide, Currency, Input, Money};
+
+    fn payment() -> Payment {
+        Payment::pending(
+            PaymentId::from_trusted("pay_1".to_owned()),
+            MerchantId::from_trusted("mer_1".to_owned()),
+            Money::new(1000, Currency::parse("USD").unwrap()),
+            "pm_card_visa".to_owned(),
+            "sandbox".to_owned(),
+            chrono::Utc::now(),
+        )
+    }
+
+    #[test]
+    fn a_change_of_state_alone_is_state_only_and_any_other_field_is_not() {
+        let before = payment();
+        let mut next = before.clone();
+        next.state = decide(&before.state, Input::Charged { amount: 1000 }).unwrap().0;
+        next.version += 1;
+        next.transitions += 1;
+        next.updated_at = before.updated_at + chrono::Duration::seconds(1);
+        assert!(before.differs_only_in_state(&next));
+
+        let mut with_reference = next.clone();
+        with_reference.psp_reference = Some("pi_1".to_owned());
+        assert!(!before.differs_only_in_state(&with_reference));
+        let mut with_routing = next.clone();
+        with_routing.routing = Some(Box::new(Routing {
+            connector_id: "con_1".to_owned(),
+            rule: "default".to_owned(),
+            attempts: Vec::new(),
+        }));
+        assert!(!before.differs_only_in_state(&with_routing));
+        let mut with_failure = next;
+        with_failure.failure = Some(Box::new(Failure {
+            code: "card_declined".to_owned(),
+            decline_code: None,
+            message: "declined".to_owned(),
+        }));
+        assert!(!before.differs_only_in_state(&with_failure));
+    }
+}

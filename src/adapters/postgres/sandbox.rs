@@ -145,32 +145,45 @@ impl Db {
             .await
     }
 
+    /// Writes one batch of movements and answers each. A batch the database refuses is written
+    /// again movement by movement, so one bad row fails only its own call.
     async fn write_bookings(&self, batch: Vec<super::group::Waiting<Booking, ()>>) {
-        let written = async {
-            let client = self.client().await?;
-            let stmt = client.prepare_cached(BOOK).await.map_err(pg_error)?;
-            let column = |f: fn(&Booking) -> &String| batch.iter().map(|w| f(&w.row).as_str()).collect::<Vec<_>>();
-            let amounts: Vec<i64> = batch.iter().map(|w| w.row.amount).collect();
-            client
-                .execute(
-                    &stmt,
-                    &[
-                        &column(|b| &b.merchant),
-                        &column(|b| &b.kind),
-                        &column(|b| &b.reference),
-                        &column(|b| &b.intent),
-                        &amounts,
-                        &column(|b| &b.currency),
-                    ],
-                )
-                .await
-                .map_err(pg_error)?;
-            Ok::<(), StoreError>(())
+        let rows: Vec<&Booking> = batch.iter().map(|w| &w.row).collect();
+        match self.insert_bookings(&rows).await {
+            Err(StoreError::Broken) if batch.len() > 1 => {
+                for w in batch {
+                    let written = self.insert_bookings(&[&w.row]).await;
+                    let _ = w.answer.send(written);
+                }
+            }
+            written => {
+                for w in batch {
+                    let _ = w.answer.send(written.clone());
+                }
+            }
         }
-        .await;
-        for w in batch {
-            let _ = w.answer.send(written.clone());
-        }
+    }
+
+    async fn insert_bookings(&self, rows: &[&Booking]) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(BOOK).await.map_err(pg_error)?;
+        let column = |f: fn(&Booking) -> &String| rows.iter().map(|b| f(b).as_str()).collect::<Vec<_>>();
+        let amounts: Vec<i64> = rows.iter().map(|b| b.amount).collect();
+        client
+            .execute(
+                &stmt,
+                &[
+                    &column(|b| &b.merchant),
+                    &column(|b| &b.kind),
+                    &column(|b| &b.reference),
+                    &column(|b| &b.intent),
+                    &amounts,
+                    &column(|b| &b.currency),
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(())
     }
 
     /// A page of a merchant's booked movements in `[from, to)`, after row `after`, oldest first.
