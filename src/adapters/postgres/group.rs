@@ -1,15 +1,20 @@
 //! Group commit for small writes that many requests make at once and that each need in their
-//! own transaction: the idempotency key's claim, the sandbox's booking. One request's row
-//! alone is a statement, a transaction and a WAL flush; under load the rows that arrive while
-//! one batch is written go together in the next, as one multi-row statement in one
-//! transaction. Each caller still waits for its own row's commit before it goes on: what it
-//! is told is exactly what a single-row statement would have told it.
+//! own transaction (the idempotency key's claim, the sandbox's booking), and for small reads
+//! on the PSP-event path. One request's row alone is a statement, a transaction and a WAL
+//! flush; under load the rows that arrive while one batch is written go together in the next,
+//! as one multi-row statement in one transaction. Each caller still waits for its own batch's
+//! commit (or read) before it goes on, and a read starts after its callers asked. What
+//! differs from a statement of its own: an error of the statement (a lost connection, a
+//! deadlock, a timeout) is every row's answer in the batch, and a caller whose wait ran out is
+//! told the database is unavailable although its row may still land (as after any lost answer).
 //!
 //! No task runs while the group is idle: the first row to find no batch under way starts a
 //! writer on the runtime of the caller, which writes batches until the queue is empty.
 //! Bounded: at most `max_batch` rows per statement, at most `max_queued` rows waiting (past
-//! it, the caller is told at once that the database is unavailable: 503), and no row waits
-//! longer than `MAX_WAIT` for its answer.
+//! it, the caller is told at once that the database is unavailable), at most `MAX_WRITE` per
+//! batch, and no row waits longer than `MAX_WAIT` for its answer. A row whose caller stopped
+//! waiting is not written. A writer whose runtime goes away frees the group and fails the
+//! rows still queued at once.
 
 use std::future::Future;
 use std::sync::Mutex;
@@ -21,6 +26,9 @@ use super::StoreError;
 /// The longest a row waits for its batch's answer before it is told the database is
 /// unavailable.
 const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+/// The longest one batch may take; past it, the batch's callers are told the database is
+/// unavailable and the writer goes on with the next.
+const MAX_WRITE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One row waiting for its batch, and where its answer goes.
 pub struct Waiting<T, R> {
@@ -71,47 +79,64 @@ impl<T: Send + 'static, R: Send + 'static> Group<T, R> {
         };
         if start {
             // Its own task: a caller that goes away (its client disconnected) must not take the
-            // batch, and everyone waiting behind it, with it.
-            let group = self.clone();
-            tokio::spawn(async move { group.drain(write).await });
+            // batch, and everyone waiting behind it, with it. The guard is made before the
+            // task, so a task dropped before it ever ran frees the group too.
+            let free = Free {
+                group: self.clone(),
+                done: false,
+            };
+            tokio::spawn(async move { free.drain(write).await });
         }
-        // Bounded, whatever happens to the writer: a batch waits for a pooled connection and
-        // one statement, each with its own timeout, so this is only ever reached by a writer
-        // whose runtime went away.
+        // Bounded, whatever happens to the writer.
         match tokio::time::timeout(MAX_WAIT, answered).await {
             Ok(answer) => answer.unwrap_or(Err(StoreError::Unavailable)),
             Err(_) => Err(StoreError::Unavailable),
         }
     }
+}
 
-    async fn drain<W, F>(&self, write: W)
+/// The writer's hold on its group. Dropped before the queue was emptied (the writer's
+/// runtime shut down, before or during a batch), it frees the group and tells the rows still
+/// queued, at once, that the database is unavailable: nothing was written for them.
+struct Free<T, R> {
+    group: std::sync::Arc<Group<T, R>>,
+    done: bool,
+}
+
+impl<T, R> Drop for Free<T, R> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut q = self.group.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.writing = false;
+            q.rows.clear();
+        }
+    }
+}
+
+impl<T: Send + 'static, R: Send + 'static> Free<T, R> {
+    async fn drain<W, F>(mut self, write: W)
     where
         W: Fn(Vec<Waiting<T, R>>) -> F,
         F: Future<Output = ()>,
     {
-        // A writer dropped mid-batch (its runtime shut down) leaves the group free for the
-        // next row to start another.
-        struct Free<'a, T, R>(&'a Group<T, R>, bool);
-        impl<T, R> Drop for Free<'_, T, R> {
-            fn drop(&mut self) {
-                if !self.1 {
-                    self.0.queue.lock().unwrap_or_else(|p| p.into_inner()).writing = false;
-                }
-            }
-        }
-        let mut free = Free(self, false);
         loop {
             let batch = {
-                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let mut q = self.group.queue.lock().unwrap_or_else(|p| p.into_inner());
+                // A row whose caller stopped waiting (its bound ran out) is not written.
+                q.rows.retain(|w| !w.answer.is_closed());
                 if q.rows.is_empty() {
                     q.writing = false;
-                    free.1 = true;
+                    self.done = true;
                     return;
                 }
-                let n = q.rows.len().min(self.max_batch);
+                let n = q.rows.len().min(self.group.max_batch);
                 q.rows.drain(..n).collect::<Vec<_>>()
             };
-            write(batch).await;
+            // A batch waits for a pooled connection and runs statements with timeouts of their
+            // own; a connection that goes silent must not hold the group beyond this. Its
+            // callers are then told the database is unavailable (the batch may have landed,
+            // as after any lost answer).
+            let _ = tokio::time::timeout(MAX_WRITE, write(batch)).await;
         }
     }
 }
@@ -243,5 +268,77 @@ mod tests {
             }
         }));
         assert_eq!(answer.unwrap(), 2, "the next row starts a writer of its own");
+    }
+
+    #[test]
+    fn a_writer_dropped_before_it_ran_frees_the_group_and_fails_what_was_queued() {
+        let group: Arc<Group<u32, u32>> = Arc::new(Group::new(8, 100));
+        {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let first = group.submit(1, |rows| async move { drop(rows) });
+                tokio::pin!(first);
+                // Queued, and its writer spawned but not yet run.
+                assert!(futures_util::FutureExt::now_or_never(first.as_mut()).is_none());
+                assert!(group.queue.lock().unwrap().writing);
+            });
+            // The runtime goes before the writer ever ran.
+        }
+        let q = group.queue.lock().unwrap();
+        assert!(!q.writing && q.rows.is_empty(), "freed, and nothing left queued");
+    }
+
+    #[tokio::test]
+    async fn a_row_whose_caller_stopped_waiting_is_not_written() {
+        let group: Arc<Group<u32, u32>> = Arc::new(Group::new(1, 100));
+        let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let released = Arc::new(tokio::sync::Mutex::new(Some(released)));
+        let write = {
+            let written = written.clone();
+            move |rows: Vec<Waiting<u32, u32>>| {
+                let (written, released) = (written.clone(), released.clone());
+                async move {
+                    if let Some(r) = released.lock().await.take() {
+                        let _ = r.await;
+                    }
+                    for w in rows {
+                        written.lock().unwrap().push(w.row);
+                        let _ = w.answer.send(Ok(w.row));
+                    }
+                }
+            }
+        };
+        let first = {
+            let (group, write) = (group.clone(), write.clone());
+            tokio::spawn(async move { group.submit(1, write).await })
+        };
+        let state = |g: &Group<u32, u32>| {
+            let q = g.queue.lock().unwrap();
+            (q.rows.len(), q.writing)
+        };
+        while state(&group) != (0, true) {
+            tokio::task::yield_now().await;
+        }
+        {
+            // A second row, queued behind the first batch, whose caller then gives up.
+            let second = group.submit(2, write.clone());
+            tokio::pin!(second);
+            assert!(futures_util::FutureExt::now_or_never(second.as_mut()).is_none());
+        }
+        let third = {
+            let (group, write) = (group.clone(), write.clone());
+            tokio::spawn(async move { group.submit(3, write).await })
+        };
+        while state(&group).0 < 2 {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        assert_eq!(third.await.unwrap().unwrap(), 3);
+        assert_eq!(*written.lock().unwrap(), vec![1, 3], "the abandoned row was skipped");
     }
 }

@@ -86,6 +86,10 @@ impl Db {
     }
 
     async fn insert_claims(&self, rows: &[&Claim]) -> Result<std::collections::HashSet<(String, String)>, StoreError> {
+        // In key order: two nodes claiming overlapping keys at once then wait for each other in
+        // the same order, never in a cycle (a deadlock would fail every claim of both batches).
+        let mut rows = rows.to_vec();
+        rows.sort_unstable_by(|a, b| (&a.merchant, &a.key).cmp(&(&b.merchant, &b.key)));
         let client = self.client().await?;
         let stmt = client.prepare_cached(CLAIM).await.map_err(pg_error)?;
         let merchants: Vec<&str> = rows.iter().map(|c| c.merchant.as_str()).collect();

@@ -165,6 +165,9 @@ impl Db {
     }
 
     async fn insert_bookings(&self, rows: &[&Booking]) -> Result<(), StoreError> {
+        // In key order, as the idempotency claims (no deadlock between concurrent batches).
+        let mut rows = rows.to_vec();
+        rows.sort_unstable_by(|a, b| (&a.kind, &a.reference).cmp(&(&b.kind, &b.reference)));
         let client = self.client().await?;
         let stmt = client.prepare_cached(BOOK).await.map_err(pg_error)?;
         let column = |f: fn(&Booking) -> &String| rows.iter().map(|b| f(b).as_str()).collect::<Vec<_>>();
