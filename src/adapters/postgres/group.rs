@@ -40,6 +40,9 @@ pub struct Group<T, R> {
     queue: Mutex<Queue<T, R>>,
     max_batch: usize,
     max_queued: usize,
+    /// [`MAX_WRITE`] and [`MAX_WAIT`]; shorter in tests.
+    max_write: std::time::Duration,
+    max_wait: std::time::Duration,
 }
 
 struct Queue<T, R> {
@@ -56,6 +59,8 @@ impl<T: Send + 'static, R: Send + 'static> Group<T, R> {
             }),
             max_batch: max_batch.max(1),
             max_queued: max_queued.max(1),
+            max_write: MAX_WRITE,
+            max_wait: MAX_WAIT,
         }
     }
 
@@ -88,7 +93,7 @@ impl<T: Send + 'static, R: Send + 'static> Group<T, R> {
             tokio::spawn(async move { free.drain(write).await });
         }
         // Bounded, whatever happens to the writer.
-        match tokio::time::timeout(MAX_WAIT, answered).await {
+        match tokio::time::timeout(self.max_wait, answered).await {
             Ok(answer) => answer.unwrap_or(Err(StoreError::Unavailable)),
             Err(_) => Err(StoreError::Unavailable),
         }
@@ -136,7 +141,7 @@ impl<T: Send + 'static, R: Send + 'static> Free<T, R> {
             // own; a connection that goes silent must not hold the group beyond this. Its
             // callers are then told the database is unavailable (the batch may have landed,
             // as after any lost answer).
-            let _ = tokio::time::timeout(MAX_WRITE, write(batch)).await;
+            let _ = tokio::time::timeout(self.group.max_write, write(batch)).await;
         }
     }
 }
@@ -340,5 +345,37 @@ mod tests {
         assert_eq!(first.await.unwrap().unwrap(), 1);
         assert_eq!(third.await.unwrap().unwrap(), 3);
         assert_eq!(*written.lock().unwrap(), vec![1, 3], "the abandoned row was skipped");
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_never_ends_is_answered_unavailable_and_the_writer_goes_on() {
+        let group: Arc<Group<u32, u32>> = Arc::new(Group {
+            max_write: std::time::Duration::from_millis(50),
+            ..Group::new(1, 100)
+        });
+        // The first batch's connection goes silent: its write never ends.
+        let write = |rows: Vec<Waiting<u32, u32>>| async move {
+            if rows.iter().any(|w| w.row == 1) {
+                std::future::pending::<()>().await;
+            }
+            for w in rows {
+                let _ = w.answer.send(Ok(w.row));
+            }
+        };
+        let first = {
+            let group = group.clone();
+            tokio::spawn(async move { group.submit(1, write).await })
+        };
+        let second = {
+            let group = group.clone();
+            tokio::spawn(async move { group.submit(2, write).await })
+        };
+        let started = std::time::Instant::now();
+        assert!(matches!(first.await.unwrap(), Err(StoreError::Unavailable)));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "bounded by the batch, not the wait"
+        );
+        assert_eq!(second.await.unwrap().unwrap(), 2, "the next batch is written");
     }
 }
