@@ -56,15 +56,51 @@ async fn a_node_whose_lock_another_took_stops_serving() {
     let first = spawn_app().await;
     assert_eq!(first.pay(1200, "pm_card_visa", "automatic", true).await.status, 201);
     // The node lock's session is cut (an operator, a network fault) and another process takes
-    // the lock before the node can take it again.
+    // the lock before the node can take it again. The other process queues for the lock first,
+    // so PostgreSQL hands it the lock the moment the node's session ends: cutting the session
+    // and then asking would race the node's own retake (on a loaded machine the node can win,
+    // and the second ask would then wait for as long as the node serves).
+    let taker = first.sql().await;
+    let queued = actix_rt::spawn(async move {
+        taker
+            .batch_execute(&format!("SELECT pg_advisory_lock({NODE_LOCK_KEY})"))
+            .await
+            .map(|()| taker)
+    });
     let other = first.sql().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = other
+            .query_one(
+                "SELECT count(*) FROM pg_locks
+                  WHERE locktype = 'advisory' AND NOT granted
+                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                    AND ((classid::bigint << 32) | objid::bigint) = $1",
+                &[&NODE_LOCK_KEY],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the other process never queued for the lock"
+        );
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
     other
-        .batch_execute(&format!(
+        .batch_execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-              WHERE datname = current_database() AND application_name LIKE 'payrail node pid %';
-             SELECT pg_advisory_lock({NODE_LOCK_KEY});"
-        ))
+              WHERE datname = current_database() AND application_name LIKE 'payrail node pid %'",
+        )
         .await
+        .unwrap();
+    let _holder = actix_rt::time::timeout(Duration::from_secs(20), queued)
+        .await
+        .expect("the other process gets the lock once the node's session ends")
+        .unwrap()
         .unwrap();
     // The node notices, fails closed, and says why.
     let ended = first.stopped_within(Duration::from_secs(20)).await;
