@@ -16,6 +16,7 @@ mod money_safety;
 mod openapi;
 mod operations;
 mod outages;
+mod plans;
 mod process;
 mod reconciliation;
 mod recovery;

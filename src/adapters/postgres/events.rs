@@ -26,12 +26,18 @@ fn dispute_from_row(row: &tokio_postgres::Row) -> Result<Dispute, StoreError> {
 }
 
 /// Whether each (provider, event id) of a batch was processed: the ordinals of those that were.
-const PROCESSED: &str = "SELECT u.i FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(provider, event_id, i)
-    WHERE EXISTS (SELECT 1 FROM processed_events e WHERE e.provider = u.provider AND e.event_id = u.event_id)";
+/// One index probe per pair, whatever the table's statistics: a semi-join (`EXISTS`) planned
+/// while the table was small is a hash join over a sequential scan of the whole table, and a
+/// cached plan stays so as the table grows (measured: 1.6 ms a look-up and 8.6 million rows
+/// read in a 10 s run from an empty database). A lateral subquery with a limit can only be a
+/// probe per row.
+pub const PROCESSED: &str = "SELECT u.i FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(provider, event_id, i)
+    CROSS JOIN LATERAL (SELECT 1 FROM processed_events e
+                         WHERE e.provider = u.provider AND e.event_id = u.event_id LIMIT 1) x";
 
 /// The payment of each (PSP, reference) of a batch that has one: the payment's own reference,
 /// or one of its authorizations that was failed over (its events are recorded, not applied).
-const PAYMENTS_OF_REFERENCES: &str = "SELECT u.i, x.id, x.merchant_id
+pub const PAYMENTS_OF_REFERENCES: &str = "SELECT u.i, x.id, x.merchant_id
     FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(psp, reference, i)
     CROSS JOIN LATERAL (
         (SELECT id, merchant_id FROM payments WHERE psp = u.psp AND psp_reference = u.reference)

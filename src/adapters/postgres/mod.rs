@@ -108,6 +108,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "reconciliation_run_holder",
         include_str!("../../../migrations/V16__reconciliation_run_holder.sql"),
     ),
+    (
+        17,
+        "attempts_finished",
+        include_str!("../../../migrations/V17__attempts_finished.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.
