@@ -279,11 +279,13 @@ impl TestApp {
             req = req.insert_header(("Idempotency-Key", i));
         }
         req = req.insert_header(("Content-Type", "application/json"));
-        let mut resp = match body {
+        let resp = match body {
             Some(b) => req.send_body(b.to_owned()).await,
             None => req.send().await,
         }
         .expect("request sent");
+        // The client's timeout ends with the answer's head; the body has a bound of its own.
+        let mut resp = resp.timeout(Duration::from_secs(30));
         let raw = resp.body().limit(16 << 20).await.expect("body").to_vec();
         let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
         Response {
@@ -344,10 +346,14 @@ impl TestApp {
         payrail::domain::MerchantId::parse(&id).unwrap()
     }
 
+    /// A connection of the test's own. Every statement on it is bounded (a lock it waits
+    /// for, or a statement that never ends, fails the test instead of hanging the run).
     pub async fn sql(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
-            .await
-            .expect("connect");
+        let mut config: tokio_postgres::Config = self.database_url.parse().expect("database url");
+        config
+            .connect_timeout(Duration::from_secs(10))
+            .options("-c statement_timeout=30000 -c lock_timeout=15000");
+        let (client, conn) = config.connect(tokio_postgres::NoTls).await.expect("connect");
         actix_rt::spawn(conn);
         client
     }

@@ -121,13 +121,18 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits() {
         })
     };
     // The request is in the actor, waiting for the slow PSP, when the signal comes.
+    let deadline = Instant::now() + Duration::from_secs(10);
     let db = loop {
         if let Ok((db, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
             actix_rt::spawn(conn);
             break db;
         }
+        assert!(
+            Instant::now() < deadline,
+            "PostgreSQL refused every connection for 10 s"
+        );
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let n: i64 = db
             .query_one("SELECT count(*) FROM psp_attempts", &[])

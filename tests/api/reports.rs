@@ -31,7 +31,7 @@ async fn text(app: &TestApp, path: &str, key: Option<&str>) -> (u16, String, Str
     if let Some(k) = key {
         req = req.insert_header(("Authorization", format!("Bearer {k}")));
     }
-    let mut resp = req.send().await.unwrap();
+    let mut resp = req.send().await.unwrap().timeout(std::time::Duration::from_secs(60));
     let body = resp.body().limit(64 << 20).await.unwrap();
     let ctype = resp
         .headers()
