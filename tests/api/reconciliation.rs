@@ -493,7 +493,9 @@ async fn the_reconcile_command_streams_a_file_to_the_server() {
     std::fs::write(&file, &report.raw).unwrap();
     let (address, file2) = (app.address.clone(), file.clone());
     let out = actix_web::rt::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_payrail"))
+        // Bounded: `timeout` ends the command if the server never answers.
+        std::process::Command::new("timeout")
+            .args(["--kill-after=5", "300", env!("CARGO_BIN_EXE_payrail")])
             .args(["reconcile", "--connector", &connector, "--file"])
             .arg(&file2)
             .args(["--url", &address])

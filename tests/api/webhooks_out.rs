@@ -144,7 +144,9 @@ async fn stripe_python_verifies(checks: &[(Vec<u8>, String, String, bool)]) {
         .collect();
     let input = Value::from(input).to_string();
     let out = tokio::task::spawn_blocking(move || {
-        let mut child = std::process::Command::new("python3")
+        // Bounded: the checker's first run builds its venv from PyPI.
+        let mut child = std::process::Command::new("timeout")
+            .args(["--kill-after=5", "600", "python3"])
             .arg(concat!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/scripts/checks/stripe_signature.py"
