@@ -359,3 +359,70 @@ async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() 
     assert!(!report.is_clean());
     assert_eq!(report.mismatched_accounts.len(), 2, "{report:?}");
 }
+
+#[actix_web::test]
+async fn a_batch_dropped_mid_flight_leaves_no_transaction_open_and_commits_nothing() {
+    // A batch's transaction opens in the same stream as its statements. If the batch's future
+    // is dropped while a statement waits (here on a row lock the test holds), its connection
+    // must never go back to the pool inside that transaction: it is closed, and PostgreSQL
+    // rolls the transaction back once the statement ends.
+    use payrail::actors::payment_flow::settle_commit_standalone;
+    use std::time::{Duration, Instant};
+
+    let app = crate::helpers::spawn_app_with(|c| c.psp.sandbox.webhooks = false).await;
+    let paid = app.pay(2500, "pm_card_visa", "automatic", true).await;
+    let id = payrail::domain::PaymentId::parse(paid.body["payment_id"].as_str().unwrap()).unwrap();
+    let db = &app.state.db;
+    let (before, _) = db.load_payment(&id).await.unwrap().unwrap();
+    let holder = app.sql().await;
+    holder
+        .batch_execute(&format!("BEGIN; SELECT 1 FROM payments WHERE id = '{id}' FOR UPDATE"))
+        .await
+        .unwrap();
+    let commit = settle_commit_standalone(&before, chrono::Utc::now()).unwrap();
+    let dropped = actix_rt::time::timeout(Duration::from_millis(500), db.commit_batch(&[&commit], 0)).await;
+    assert!(dropped.is_err(), "the batch finished while its row was locked");
+    holder.batch_execute("ROLLBACK").await.unwrap();
+
+    // Every session of this database soon leaves its transaction: none is left open.
+    let watch = app.sql().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let open: i64 = watch
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database()
+                    AND state IN ('idle in transaction', 'idle in transaction (aborted)')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let waiting: i64 = watch
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if open == 0 && waiting == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open} sessions left inside a transaction, {waiting} waiting"
+        );
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing of the dropped batch landed, and the same commit now lands once.
+    let (now, _) = db.load_payment(&id).await.unwrap().unwrap();
+    assert_eq!(now.version, before.version, "the dropped batch committed");
+    db.commit_batch(&[&commit], 0).await.unwrap();
+    let (after, _) = db.load_payment(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (after.version, after.status().as_str()),
+        (before.version + 1, "settled")
+    );
+}

@@ -284,6 +284,13 @@ pub const FENCE: &str = "SELECT f.partition FROM partition_fences f
       ON f.partition = u.p AND f.revision = u.r AND f.holder = u.h
     FOR SHARE OF f";
 
+/// [`PLANNER`]'s text, for [`BEGIN`] to start with it too.
+macro_rules! planner {
+    () => {
+        "SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+    };
+}
+
 /// The planner's settings for a batch's transaction, sent first. Every statement of a batch
 /// joins the batch's rows (`unnest`) with a table that only grows, and must cost what the batch
 /// writes, never what the table holds: one index probe per row. A connection plans each
@@ -291,8 +298,11 @@ pub const FENCE: &str = "SELECT f.partition FROM partition_fences f
 /// first seconds after a deploy), an update was a hash join over a sequential scan of the
 /// whole table, and stayed so until the next ANALYZE. The same holds for the triggers' queries
 /// first planned in a batch. docs/DESIGN.md, "Plans that stay cheap".
-pub const PLANNER: &str =
-    "SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
+pub const PLANNER: &str = planner!();
+
+/// A batch's transaction opens with its planner settings, in the same message as the statements
+/// that follow it: no round trip of its own.
+const BEGIN: &str = concat!("BEGIN; ", planner!());
 
 /// Every statement a batch may run, by name, for the test that reads their plans.
 pub const STATEMENTS: [(&str, &str); 16] = [
@@ -334,7 +344,7 @@ struct Statements {
 }
 
 impl Statements {
-    async fn prepare(tx: &deadpool_postgres::Transaction<'_>) -> Result<Statements, StoreError> {
+    async fn prepare(tx: &deadpool_postgres::ClientWrapper) -> Result<Statements, StoreError> {
         let p = |sql: &'static str| async move { tx.prepare_cached(sql).await.map_err(pg_error) };
         Ok(Statements {
             payments_insert: p(PAYMENTS_INSERT).await?,
@@ -856,18 +866,21 @@ impl Db {
     pub async fn commit_batch(&self, batch: &[&Commit], slot: i16) -> Result<(), CommitError> {
         let cols = Columns::of(batch)?;
         let deltas = aggregate(batch)?;
-        let mut client = self.client().await?;
-        let txn = client.transaction().await.map_err(pg_error)?;
-        let tx = &txn;
+        let (accounts, currencies, debits, credits) = balance_columns(&deltas);
+        let mut open = Open::new(self.client().await?);
+        let client = open.client();
         // Prepared first (cached per connection), so the executes below go out strictly in order.
-        let st = Statements::prepare(tx).await?;
+        let st = Statements::prepare(client).await?;
         let fences = Fences::of(batch);
         let fence_statement = match fences.partitions.is_empty() {
             true => None,
-            false => Some(tx.prepare_cached(FENCE).await.map_err(pg_error)?),
+            false => Some(client.prepare_cached(FENCE).await.map_err(pg_error)?),
         };
-        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(17);
-        pending.push(Box::pin(async move { tx.batch_execute(PLANNER).await.map(|()| None) }));
+        let tx: &tokio_postgres::Client = client;
+        // Everything below goes out in one stream, BEGIN first and the balances last, and is
+        // read back in order: one round trip before COMMIT, not one per step.
+        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(18);
+        pending.push(Box::pin(async move { tx.batch_execute(BEGIN).await.map(|()| None) }));
         // First, so that the lease rows are held before anything is written.
         let lease_check = match &fence_statement {
             Some(statement) => queue(
@@ -992,37 +1005,27 @@ impl Db {
             cols.disputes.len(),
             cols.disputes.params(),
         );
+        // Last, so the shard's balance rows are locked for the shortest time. Run even if a
+        // statement before it failed (the transaction is then rolled back whole).
+        if !deltas.is_empty() {
+            let params: Vec<&(dyn ToSql + Sync)> = vec![&slot, &accounts, &currencies, &debits, &credits];
+            pending.push(job(tx, &st.balances, false, params));
+        }
         // One connection runs them in the order they were sent.
         let results = futures_util::future::join_all(pending).await;
-        // A payment update that matched fewer rows than asked means a payment moved on: that
-        // explains any error after it (a duplicate audit-trail seq, say), so it wins. Then a
-        // key that was taken over.
-        let count = |at: Option<usize>| at.and_then(|k| results[k].as_ref().ok().copied().flatten());
-        // A partition that moved explains everything else: another node's actor owns it now.
-        if matches!(count(lease_check), Some(n) if n as usize != fences.partitions.len()) {
-            return Err(CommitError::Moved);
+        let checks = Checks {
+            lease: lease_check,
+            stale: stale_check,
+            state: state_check,
+            fence: fence_check,
+        };
+        match verdict(results, &checks, &fences, &cols) {
+            Ok(()) => open.commit().await.map_err(pg_error)?,
+            Err(e) => {
+                open.roll_back().await;
+                return Err(e);
+            }
         }
-        if matches!(count(stale_check), Some(n) if n as usize != cols.upd.id.len())
-            || matches!(count(state_check), Some(n) if n as usize != cols.state.len())
-        {
-            return Err(CommitError::Stale);
-        }
-        if matches!(count(fence_check), Some(n) if n as usize != cols.idempotency.len()) {
-            return Err(CommitError::Fenced);
-        }
-        if let Some(e) = results.into_iter().find_map(Result::err) {
-            return Err(pg_error(e).into());
-        }
-        if !deltas.is_empty() {
-            let accounts: Vec<&str> = deltas.keys().map(|(a, _)| a.as_str()).collect();
-            let currencies: Vec<&str> = deltas.keys().map(|(_, c)| c.as_str()).collect();
-            let debits: Vec<i64> = deltas.values().map(|d| d.0).collect();
-            let credits: Vec<i64> = deltas.values().map(|d| d.1).collect();
-            txn.execute(&st.balances, &[&slot, &accounts, &currencies, &debits, &credits])
-                .await
-                .map_err(pg_error)?;
-        }
-        txn.commit().await.map_err(pg_error)?;
         if batch.iter().any(|c| !c.outbox.is_empty()) {
             self.outbox_committed();
         }
@@ -1030,10 +1033,100 @@ impl Db {
     }
 }
 
+/// Where a batch's counted statements are in its results.
+struct Checks {
+    lease: Option<usize>,
+    stale: Option<usize>,
+    state: Option<usize>,
+    fence: Option<usize>,
+}
+
+/// What a batch's results say: a partition that moved, a lost race, a key taken over, a
+/// failed statement, or success.
+fn verdict(
+    results: Vec<Result<Option<u64>, tokio_postgres::Error>>,
+    checks: &Checks,
+    fences: &Fences,
+    cols: &Columns,
+) -> Result<(), CommitError> {
+    // A payment update that matched fewer rows than asked means a payment moved on: that
+    // explains any error after it (a duplicate audit-trail seq, say), so it wins. Then a key
+    // that was taken over.
+    let count = |at: Option<usize>| at.and_then(|k| results[k].as_ref().ok().copied().flatten());
+    // A partition that moved explains everything else: another node's actor owns it now.
+    if matches!(count(checks.lease), Some(n) if n as usize != fences.partitions.len()) {
+        return Err(CommitError::Moved);
+    }
+    if matches!(count(checks.stale), Some(n) if n as usize != cols.upd.id.len())
+        || matches!(count(checks.state), Some(n) if n as usize != cols.state.len())
+    {
+        return Err(CommitError::Stale);
+    }
+    if matches!(count(checks.fence), Some(n) if n as usize != cols.idempotency.len()) {
+        return Err(CommitError::Fenced);
+    }
+    match results.into_iter().find_map(Result::err) {
+        Some(e) => Err(pg_error(e).into()),
+        None => Ok(()),
+    }
+}
+
+/// A batch's connection while its transaction may be open. Dropped before its COMMIT or
+/// ROLLBACK was answered (the batch's future dropped mid-flight, a connection error), it takes
+/// the connection out of the pool and closes it: PostgreSQL rolls the transaction back, and no
+/// other caller is ever handed a connection inside it.
+struct Open {
+    client: Option<deadpool_postgres::Object>,
+}
+
+impl Open {
+    fn new(client: deadpool_postgres::Object) -> Open {
+        Open { client: Some(client) }
+    }
+
+    fn client(&self) -> &deadpool_postgres::ClientWrapper {
+        self.client.as_ref().expect("a batch's connection until it ends")
+    }
+
+    /// COMMIT. A refusal by the server (a deferred check) ends the transaction too; only a
+    /// connection that did not answer is closed.
+    async fn commit(&mut self) -> Result<(), tokio_postgres::Error> {
+        let answer = self.client().batch_execute("COMMIT").await;
+        if answer.as_ref().map_or_else(|e| e.code().is_some(), |()| true) {
+            self.client.take();
+        }
+        answer
+    }
+
+    async fn roll_back(&mut self) {
+        if self.client().batch_execute("ROLLBACK").await.is_ok() {
+            self.client.take();
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
+/// The balances' columns: one row per (account, currency) of the batch's deltas.
+fn balance_columns(deltas: &Deltas) -> (Vec<&str>, Vec<&str>, Vec<i64>, Vec<i64>) {
+    (
+        deltas.keys().map(|(a, _)| a.as_str()).collect(),
+        deltas.keys().map(|(_, c)| c.as_str()).collect(),
+        deltas.values().map(|d| d.0).collect(),
+        deltas.values().map(|d| d.1).collect(),
+    )
+}
+
 /// Queues `statement` if it has rows to write; its place in the queue, to read its count.
 fn queue<'a>(
     pending: &mut Vec<Pending<'a>>,
-    tx: &'a deadpool_postgres::Transaction<'a>,
+    tx: &'a tokio_postgres::Client,
     statement: &'a Statement,
     counted: bool,
     len: usize,
@@ -1048,7 +1141,7 @@ fn queue<'a>(
 /// One statement of a batch, to be run in order with the others. `counted`: its rows are
 /// returned and counted (the payment update's lost-race check).
 fn job<'a>(
-    tx: &'a deadpool_postgres::Transaction<'a>,
+    tx: &'a tokio_postgres::Client,
     statement: &'a tokio_postgres::Statement,
     counted: bool,
     params: Vec<&'a (dyn ToSql + Sync)>,
