@@ -380,33 +380,35 @@ async fn a_batch_dropped_mid_flight_leaves_no_transaction_open_and_commits_nothi
         .await
         .unwrap();
     let commit = settle_commit_standalone(&before, chrono::Utc::now()).unwrap();
-    let dropped = actix_rt::time::timeout(Duration::from_millis(500), db.commit_batch(&[&commit], 0)).await;
-    assert!(dropped.is_err(), "the batch finished while its row was locked");
+    // The batch runs until PostgreSQL shows its update waiting on the row; then it is dropped.
+    let watch = app.sql().await;
+    let waiting_on_the_row = async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if sessions(&watch, "wait_event_type = 'Lock'").await > 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the batch never waited on the locked row");
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let commits = [&commit];
+    let batch = db.commit_batch(&commits, 0);
+    match futures_util::future::select(Box::pin(batch), Box::pin(waiting_on_the_row)).await {
+        futures_util::future::Either::Left((r, _)) => panic!("the batch ended while its row was locked: {r:?}"),
+        futures_util::future::Either::Right(((), batch)) => drop(batch),
+    }
     holder.batch_execute("ROLLBACK").await.unwrap();
 
     // Every session of this database soon leaves its transaction: none is left open.
-    let watch = app.sql().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let open: i64 = watch
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database()
-                    AND state IN ('idle in transaction', 'idle in transaction (aborted)')",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        let waiting: i64 = watch
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let open = sessions(
+            &watch,
+            "state IN ('idle in transaction', 'idle in transaction (aborted)')",
+        )
+        .await;
+        let waiting = sessions(&watch, "wait_event_type = 'Lock'").await;
         if open == 0 && waiting == 0 {
             break;
         }
@@ -425,4 +427,16 @@ async fn a_batch_dropped_mid_flight_leaves_no_transaction_open_and_commits_nothi
         (after.version, after.status().as_str()),
         (before.version + 1, "settled")
     );
+}
+
+/// Sessions of the test's database that match `condition` (on `pg_stat_activity`).
+async fn sessions(client: &tokio_postgres::Client, condition: &str) -> i64 {
+    client
+        .query_one(
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND {condition}"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }

@@ -40,7 +40,9 @@ fn parameters(sql: &str) -> usize {
 fn faults(plan: &[String]) -> Vec<String> {
     let mut found = Vec::new();
     for (i, line) in plan.iter().enumerate() {
-        if line.contains("Hash Join") || line.contains("Merge Join") || line.contains("Hash Semi Join") {
+        // Hash and merge joins of every kind: inner, semi, anti, left, right, full.
+        let join = line.contains(" Join");
+        if join && (line.contains("Hash ") || line.contains("Merge ")) {
             found.push(line.trim().to_owned());
         }
         for table in GROWING {
@@ -115,6 +117,8 @@ fn a_plan_that_reads_a_whole_table_is_found() {
         "        ->  Hash",
     ]);
     assert_eq!(faults(&hashed).len(), 2, "{:?}", faults(&hashed));
+    let anti = plan(&["  ->  Hash Anti Join", "  ->  Merge Left Join"]);
+    assert_eq!(faults(&anti).len(), 2, "{:?}", faults(&anti));
     let whole_index = plan(&[
         "Update on psp_attempts a",
         "  ->  Nested Loop",

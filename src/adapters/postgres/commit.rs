@@ -293,15 +293,17 @@ macro_rules! planner {
 
 /// The planner's settings for a batch's transaction, sent first. Every statement of a batch
 /// joins the batch's rows (`unnest`) with a table that only grows, and must cost what the batch
-/// writes, never what the table holds: one index probe per row. A connection plans each
-/// statement once and keeps the plan; planned while the tables were small (a new database, the
-/// first seconds after a deploy), an update was a hash join over a sequential scan of the
-/// whole table, and stayed so until the next ANALYZE. The same holds for the triggers' queries
-/// first planned in a batch. docs/DESIGN.md, "Plans that stay cheap".
+/// writes, never what the table holds: one index probe per row. After its first executions a
+/// connection may settle on a generic plan of a prepared statement and keep it until the
+/// table's statistics change; made while the tables were small (a new database, the first
+/// minute after a deploy), an update's was a hash join over a sequential scan of the whole
+/// table, and stayed so until the next ANALYZE. The same holds for the triggers' queries first
+/// planned in a batch. docs/DESIGN.md, "Plans that stay cheap".
 pub const PLANNER: &str = planner!();
 
-/// A batch's transaction opens with its planner settings, in the same message as the statements
-/// that follow it: no round trip of its own.
+/// A batch's transaction opens with its planner settings, in one message. Its answer is awaited
+/// before any statement is sent: were BEGIN refused (a cancel landing on it), statements sent
+/// behind it would each commit on their own.
 const BEGIN: &str = concat!("BEGIN; ", planner!());
 
 /// Every statement a batch may run, by name, for the test that reads their plans.
@@ -877,10 +879,12 @@ impl Db {
             false => Some(client.prepare_cached(FENCE).await.map_err(pg_error)?),
         };
         let tx: &tokio_postgres::Client = client;
-        // Everything below goes out in one stream, BEGIN first and the balances last, and is
-        // read back in order: one round trip before COMMIT, not one per step.
-        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(18);
-        pending.push(Box::pin(async move { tx.batch_execute(BEGIN).await.map(|()| None) }));
+        // From here until COMMIT or ROLLBACK is answered, the guard closes the connection if
+        // this future is dropped.
+        tx.batch_execute(BEGIN).await.map_err(pg_error)?;
+        // Everything below goes out in one stream, the balances last, and is read back in
+        // order: one round trip between BEGIN and COMMIT, not one per step.
+        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(17);
         // First, so that the lease rows are held before anything is written.
         let lease_check = match &fence_statement {
             Some(statement) => queue(
