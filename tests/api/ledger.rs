@@ -440,3 +440,89 @@ async fn sessions(client: &tokio_postgres::Client, condition: &str) -> i64 {
         .unwrap()
         .get(0)
 }
+
+#[actix_web::test]
+async fn a_commit_that_leaves_the_payment_unchanged_writes_none_of_it_and_is_fenced_by_its_version() {
+    // A PSP event that moves nothing is recorded with a commit that leaves the payment as it
+    // is: the row is not rewritten (its xmin stays), yet the commit lands only while the row
+    // still holds the version it was decided on, also against a writer that moves the row
+    // while the commit waits for it.
+    use payrail::actors::payment_flow::settle_commit_standalone;
+    use payrail::adapters::postgres::commit::{Commit, CommitError, ProcessedEvent};
+    use std::time::{Duration, Instant};
+
+    let app = crate::helpers::spawn_app_with(|c| c.psp.sandbox.webhooks = false).await;
+    let paid = app.pay(2500, "pm_card_visa", "automatic", true).await;
+    let id = payrail::domain::PaymentId::parse(paid.body["payment_id"].as_str().unwrap()).unwrap();
+    let db = &app.state.db;
+    let sql = app.sql().await;
+    let row = async |sql: &tokio_postgres::Client| {
+        let r = sql
+            .query_one(
+                &format!("SELECT xmin::text, version FROM payments WHERE id = '{id}'"),
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get::<_, String>(0), r.get::<_, i32>(1))
+    };
+    let recorded = async |sql: &tokio_postgres::Client, event: &str| {
+        let q = format!("SELECT count(*) FROM processed_events WHERE event_id = '{event}'");
+        sql.query_one(&q, &[]).await.unwrap().get::<_, i64>(0)
+    };
+    let noop = |p: &payrail::domain::Payment, event: &str| Commit {
+        payment: Some(p.clone()),
+        unchanged: true,
+        processed_event: Some(ProcessedEvent {
+            provider: "sandbox".into(),
+            event_id: event.into(),
+            event_type: "payment_intent.succeeded".into(),
+            raw: b"{}".to_vec(),
+        }),
+        ..Commit::default()
+    };
+    let (p, _) = db.load_payment(&id).await.unwrap().unwrap();
+    let before = row(&sql).await;
+    db.commit_batch(&[&noop(&p, "evt_noop_1")], 0).await.unwrap();
+    assert_eq!(row(&sql).await, before, "the payment's row was written");
+    assert_eq!(recorded(&sql, "evt_noop_1").await, 1);
+
+    // Decided on a version another writer has moved past: stale, and nothing lands.
+    let settle = settle_commit_standalone(&p, chrono::Utc::now()).unwrap();
+    db.commit_batch(&[&settle], 0).await.unwrap();
+    assert!(matches!(
+        db.commit_batch(&[&noop(&p, "evt_noop_2")], 0).await,
+        Err(CommitError::Stale)
+    ));
+    assert_eq!(recorded(&sql, "evt_noop_2").await, 0);
+
+    // A writer holds the row and moves it while the commit waits on it: the commit sees the
+    // new version when the lock is released, and is stale.
+    let (p, _) = db.load_payment(&id).await.unwrap().unwrap();
+    sql.batch_execute(&format!(
+        "BEGIN; UPDATE payments SET version = version + 1 WHERE id = '{id}'"
+    ))
+    .await
+    .unwrap();
+    let watch = app.sql().await;
+    let commit = noop(&p, "evt_noop_3");
+    let commits = [&commit];
+    let mut batch = Box::pin(db.commit_batch(&commits, 0));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting = async {
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+            sessions(&watch, "wait_event_type = 'Lock'").await
+        };
+        match futures_util::future::select(batch.as_mut(), Box::pin(waiting)).await {
+            futures_util::future::Either::Left((r, _)) => panic!("the commit did not wait for the row: {r:?}"),
+            futures_util::future::Either::Right((n, _)) if n > 0 => break,
+            futures_util::future::Either::Right(_) => {}
+        }
+        assert!(Instant::now() < deadline, "the commit never waited on the locked row");
+    }
+    sql.batch_execute("COMMIT").await.unwrap();
+    let r = actix_rt::time::timeout(Duration::from_secs(10), batch).await;
+    assert!(matches!(r, Ok(Err(CommitError::Stale))), "{r:?}");
+    assert_eq!(recorded(&sql, "evt_noop_3").await, 0);
+}

@@ -193,7 +193,13 @@ impl Tables {
     /// The batch's statements in order, all or nothing (the caller applies it to a copy).
     fn apply(&mut self, c: &Commit, now_ms: i64) -> Result<(), CommitError> {
         let Some(p) = &c.payment else { return Ok(()) };
-        if p.version == 1 {
+        if c.unchanged {
+            // PAYMENTS_CHECK: the stored row must still hold this version; nothing is written.
+            match self.payments.get(&p.id) {
+                Some(stored) if stored.version == p.version => {}
+                _ => return Err(CommitError::Stale),
+            }
+        } else if p.version == 1 {
             if self.payments.contains_key(&p.id) {
                 return Err(violation("payments_pkey"));
             }
@@ -207,7 +213,9 @@ impl Tables {
             self.check_failed = Some(format!("payments CHECK refused {} {:?}", p.id, p.state));
             return Err(violation("payments check"));
         }
-        self.payments.insert(p.id.clone(), p.clone());
+        if !c.unchanged {
+            self.payments.insert(p.id.clone(), p.clone());
+        }
         for r in &c.refunds {
             self.refunds.insert(r.id.clone(), r.clone());
         }

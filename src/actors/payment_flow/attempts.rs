@@ -618,6 +618,11 @@ impl Flow<'_> {
                 });
             }
         }
+        // Nothing of the payment moved (a PSP event about what it already knows, an outcome the
+        // state machine refused): it keeps its version and is not written again.
+        if journal.is_none() && next.state == before.state && before.differs_only_in_state(&next) {
+            next = before.clone();
+        }
         let body = match &refund {
             Some(r) => reply_body(&r.to_object()),
             None => reply_body(&next.to_object()),

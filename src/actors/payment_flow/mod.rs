@@ -379,10 +379,12 @@ impl<'a> Flow<'a> {
         if commit.processed_event.is_none() {
             commit.processed_event = self.event.take();
         }
-        // A commit that moves only the payment's state (a PSP event that changes nothing but
-        // is recorded, a capture by event) writes only the state columns, still fenced by
-        // the version.
-        if next.version > 1 && !commit.state_only && self.live.payment.differs_only_in_state(&next) {
+        // A commit that leaves the payment as it is (its version too: see `Flow::apply`) writes
+        // none of it, but is still fenced by the version. One that moves only the payment's
+        // state (a capture by event, a settlement) writes only the state columns.
+        if next.version > 1 && next.version == self.live.payment.version {
+            commit.unchanged = true;
+        } else if next.version > 1 && !commit.state_only && self.live.payment.differs_only_in_state(&next) {
             commit.state_only = true;
         }
         commit.payment = Some(next.clone());

@@ -136,6 +136,10 @@ pub struct Commit {
     /// and `updated_at`: it is written by a statement that sends only those columns (a
     /// settlement's, at report scale). Whoever sets it must change nothing else of the payment.
     pub state_only: bool,
+    /// The payment is as stored, `version` included (a PSP event that moves nothing, an
+    /// outcome the state machine refuses): none of it is written, but the commit lands only if
+    /// the stored row still holds `version`, which stays locked until the batch ends.
+    pub unchanged: bool,
     /// Cluster mode: the lease under which this node's actor writes the payment. The commit
     /// lands only if `partition_fences` still holds it ([`FENCE`]).
     pub lease: Option<crate::adapters::cluster::LeaseToken>,
@@ -198,6 +202,15 @@ const PAYMENTS_STATE_UPDATE: &str = "UPDATE payments p SET status = u.status, am
              updated_at)
     WHERE p.id = u.id AND p.version = u.version - 1
     RETURNING p.id";
+
+/// A payment the commit leaves as it is: found only if it still holds the version the commit
+/// was decided on. `FOR SHARE` keeps it there until the batch ends: a writer that would move
+/// it waits, then finds the version it expects (nothing changed it); one that moved it first
+/// is seen here (READ COMMITTED re-reads the locked row), and the missing id fails the batch
+/// as stale, as an update's would.
+const PAYMENTS_CHECK: &str = "SELECT p.id FROM payments p
+    JOIN unnest($1::text[], $2::int4[]) AS u(id, version) ON p.id = u.id AND p.version = u.version
+    FOR SHARE OF p";
 
 /// Only where the stored version is the one before: a row that moved on is not updated, and
 /// the missing id in RETURNING tells the batch it lost a race.
@@ -307,8 +320,9 @@ pub const PLANNER: &str = planner!();
 const BEGIN: &str = concat!("BEGIN; ", planner!());
 
 /// Every statement a batch may run, by name, for the test that reads their plans.
-pub const STATEMENTS: [(&str, &str); 16] = [
+pub const STATEMENTS: [(&str, &str); 17] = [
     ("payments_insert", PAYMENTS_INSERT),
+    ("payments_check", PAYMENTS_CHECK),
     ("payments_update", PAYMENTS_UPDATE),
     ("payments_state_update", PAYMENTS_STATE_UPDATE),
     ("refunds", REFUNDS),
@@ -329,6 +343,7 @@ pub const STATEMENTS: [(&str, &str); 16] = [
 /// Every statement of a batch, prepared (cached per connection) and named.
 struct Statements {
     payments_insert: Statement,
+    payments_check: Statement,
     payments_update: Statement,
     payments_state_update: Statement,
     refunds: Statement,
@@ -350,6 +365,7 @@ impl Statements {
         let p = |sql: &'static str| async move { tx.prepare_cached(sql).await.map_err(pg_error) };
         Ok(Statements {
             payments_insert: p(PAYMENTS_INSERT).await?,
+            payments_check: p(PAYMENTS_CHECK).await?,
             payments_update: p(PAYMENTS_UPDATE).await?,
             payments_state_update: p(PAYMENTS_STATE_UPDATE).await?,
             refunds: p(REFUNDS).await?,
@@ -417,6 +433,11 @@ columns!(StateColumns {
     settled: bool,
     transitions: i32,
     updated_at: DateTime<Utc>,
+});
+
+columns!(CheckColumns {
+    id: String,
+    version: i32,
 });
 
 columns!(TransitionColumns {
@@ -511,6 +532,7 @@ columns!(DisputeColumns {
 #[derive(Default)]
 pub struct Columns {
     ins: PaymentColumns,
+    check: CheckColumns,
     upd: PaymentColumns,
     state: StateColumns,
     refunds: RefundColumns,
@@ -698,7 +720,10 @@ impl Columns {
         for commit in batch {
             let Some(p) = commit.payment.as_ref() else { continue };
             let at = p.updated_at;
-            if p.version == 1 {
+            if commit.unchanged {
+                c.check.id.push(p.id.to_string());
+                c.check.version.push(p.version);
+            } else if p.version == 1 {
                 c.ins.push(p)?;
             } else if commit.state_only {
                 c.state.push(p);
@@ -884,7 +909,7 @@ impl Db {
         tx.batch_execute(BEGIN).await.map_err(pg_error)?;
         // Everything below goes out in one stream, the balances last, and is read back in
         // order: one round trip between BEGIN and COMMIT, not one per step.
-        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(17);
+        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(18);
         // First, so that the lease rows are held before anything is written.
         let lease_check = match &fence_statement {
             Some(statement) => queue(
@@ -904,6 +929,14 @@ impl Db {
             false,
             cols.ins.id.len(),
             cols.ins.insert_params(),
+        );
+        let unchanged_check = queue(
+            &mut pending,
+            tx,
+            &st.payments_check,
+            true,
+            cols.check.len(),
+            cols.check.params(),
         );
         let stale_check = queue(
             &mut pending,
@@ -1019,6 +1052,7 @@ impl Db {
         let results = futures_util::future::join_all(pending).await;
         let checks = Checks {
             lease: lease_check,
+            unchanged: unchanged_check,
             stale: stale_check,
             state: state_check,
             fence: fence_check,
@@ -1040,6 +1074,7 @@ impl Db {
 /// Where a batch's counted statements are in its results.
 struct Checks {
     lease: Option<usize>,
+    unchanged: Option<usize>,
     stale: Option<usize>,
     state: Option<usize>,
     fence: Option<usize>,
@@ -1061,7 +1096,8 @@ fn verdict(
     if matches!(count(checks.lease), Some(n) if n as usize != fences.partitions.len()) {
         return Err(CommitError::Moved);
     }
-    if matches!(count(checks.stale), Some(n) if n as usize != cols.upd.id.len())
+    if matches!(count(checks.unchanged), Some(n) if n as usize != cols.check.len())
+        || matches!(count(checks.stale), Some(n) if n as usize != cols.upd.id.len())
         || matches!(count(checks.state), Some(n) if n as usize != cols.state.len())
     {
         return Err(CommitError::Stale);
