@@ -1,7 +1,7 @@
 //! PSP attempts: the call (with the attempt id as the PSP's idempotency key), the outcome
 //! committed with its journal, and the recovery of attempts an earlier message left open.
 
-use super::{reply_body, Flow, Halt};
+use super::{payment_object, reply_body, Flow, Halt};
 use crate::actors::error::PaymentError;
 use crate::actors::payment::Reply;
 use crate::adapters::postgres::commit::{AttemptOutcome, OutboxEvent};
@@ -623,11 +623,18 @@ impl Flow<'_> {
         if journal.is_none() && next.state == before.state && before.differs_only_in_state(&next) {
             next = before.clone();
         }
-        let body = match &refund {
-            Some(r) => reply_body(&r.to_object()),
-            None => reply_body(&next.to_object()),
+        // The payment's object, serialized once for the answer and for its event. A PSP event's
+        // answer is read by no one (only its status): no body unless a key stores it.
+        let object = match (&refund, self.event.is_some() && self.idem.is_none()) {
+            (None, false) => Some(payment_object(&next)),
+            _ => None,
         };
-        let mut commit = self.transition_commit(&before, &next, cause, Some((status, body.clone())));
+        let body = match (&refund, &object) {
+            (Some(r), _) => reply_body(&r.to_object()),
+            (None, Some(o)) => o.get().as_bytes().to_vec(),
+            (None, None) => Vec::new(),
+        };
+        let mut commit = self.transition_commit_with(&before, &next, cause, Some((status, body.clone())), object);
         commit.journal = journal;
         commit.attempt_finished = attempt.map(|a| (a.id.clone(), o.attempt));
         if let Some(x) = &o.exception {

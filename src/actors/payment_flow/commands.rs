@@ -2,7 +2,7 @@
 //! PSP attempt it needs, and hands it to `Flow::perform`.
 
 use super::attempts::Outcome;
-use super::{reply_body, Flow, Halt};
+use super::{payment_object, reply_body, Flow, Halt};
 use crate::actors::error::PaymentError;
 use crate::actors::payment::Reply;
 use crate::adapters::postgres::commit::{Commit, IdempotencyWrite, OutboxEvent, Transition};
@@ -197,7 +197,8 @@ impl Flow<'_> {
             payment.card = card.map(Box::new);
             payment.risk = Some(Box::new(decision));
         }
-        let object = reply_body(&payment.to_object());
+        let created = payment_object(&payment);
+        let object = created.get().as_bytes().to_vec();
         let mut commit = Commit {
             transition: Some(Transition {
                 seq: 0,
@@ -205,7 +206,10 @@ impl Flow<'_> {
                 to: Status::Pending,
                 cause: "api.create".into(),
             }),
-            outbox: vec![OutboxEvent::new("payment.created", &payment.to_object())],
+            outbox: vec![OutboxEvent {
+                event_type: "payment.created".into(),
+                payload: created,
+            }],
             ..Commit::default()
         };
         commit.idempotency = self.idem.as_ref().map(|i| IdempotencyWrite {

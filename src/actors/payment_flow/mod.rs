@@ -340,6 +340,19 @@ impl<'a> Flow<'a> {
         cause: &str,
         response: Option<(u16, Vec<u8>)>,
     ) -> Commit {
+        self.transition_commit_with(before, next, cause, response, None)
+    }
+
+    /// [`Flow::transition_commit`], given `next` as its event carries it (`next.to_object()`)
+    /// when the caller has serialized it already.
+    pub(super) fn transition_commit_with(
+        &self,
+        before: &Payment,
+        next: &Payment,
+        cause: &str,
+        response: Option<(u16, Vec<u8>)>,
+        object: Option<Box<serde_json::value::RawValue>>,
+    ) -> Commit {
         let mut commit = Commit::default();
         if before.status() != next.status() {
             commit.transition = Some(Transition {
@@ -348,10 +361,11 @@ impl<'a> Flow<'a> {
                 to: next.status(),
                 cause: cause.to_owned(),
             });
-            commit.outbox.push(OutboxEvent::new(
-                format!("payment.{}", next.status().as_str()),
-                &next.to_object(),
-            ));
+            let event_type = format!("payment.{}", next.status().as_str());
+            commit.outbox.push(match object {
+                Some(payload) => OutboxEvent { event_type, payload },
+                None => OutboxEvent::new(event_type, &next.to_object()),
+            });
         }
         commit.idempotency = self.idem.as_ref().map(|i| IdempotencyWrite {
             merchant_id: i.merchant.clone(),
@@ -452,4 +466,10 @@ impl<'a> Flow<'a> {
 
 pub(super) fn reply_body(v: &Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// A payment's object (docs/API.md) as JSON text, for an answer and an event alike.
+pub(super) fn payment_object(p: &Payment) -> Box<serde_json::value::RawValue> {
+    // A tree of JSON values always serializes.
+    serde_json::value::to_raw_value(&p.to_object()).unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned())
 }
