@@ -113,6 +113,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "attempts_finished",
         include_str!("../../../migrations/V17__attempts_finished.sql"),
     ),
+    (
+        18,
+        "entries_account_index",
+        include_str!("../../../migrations/V18__entries_account_index.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.
