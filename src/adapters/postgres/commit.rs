@@ -138,8 +138,7 @@ pub struct Commit {
     pub state_only: bool,
     /// The payment is as stored, `version` included (a PSP event that moves nothing, an
     /// outcome the state machine refuses): none of it is written, but the commit lands only if
-    /// the stored row still holds `version`, which stays locked until the batch ends. Its rows
-    /// (an attempt's finish) are stamped with the batch's time, not the payment's `updated_at`.
+    /// the stored row still holds `version`, which stays locked until the batch ends.
     pub unchanged: bool,
     /// Cluster mode: the lease under which this node's actor writes the payment. The commit
     /// lands only if `partition_fences` still holds it ([`FENCE`]).
@@ -720,12 +719,7 @@ impl Columns {
         let mut c = Columns::default();
         for commit in batch {
             let Some(p) = commit.payment.as_ref() else { continue };
-            // A commit's rows are stamped with the payment's `updated_at`; one that leaves the
-            // payment as it was (an attempt finished with a refused outcome) with the batch's time.
-            let at = match commit.unchanged {
-                true => Utc::now(),
-                false => p.updated_at,
-            };
+            let at = p.updated_at;
             if commit.unchanged {
                 c.check.id.push(p.id.to_string());
                 c.check.version.push(p.version);
