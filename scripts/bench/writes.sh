@@ -19,12 +19,13 @@ export PAYRAIL__NATS__STREAM_PREFIX=WRITES
 export PAYRAIL__LOG__LEVEL=warn
 work=$(mktemp -d)
 q() { psql -h 127.0.0.1 -U postgres -d "$db" -Atc "$1"; }
-psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/dev/null
+psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)"
 python3 scripts/fuzz/drop_streams.py WRITES_PSP_EVENTS WRITES_EVENTS 2>/dev/null || true
 ./target/release/payrail serve > "$work/serve.log" 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null; psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/dev/null; python3 scripts/fuzz/drop_streams.py WRITES_PSP_EVENTS WRITES_EVENTS 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/dev/null || true; python3 scripts/fuzz/drop_streams.py WRITES_PSP_EVENTS WRITES_EVENTS 2>/dev/null || true; rm -rf "$work"' EXIT
+for _ in $(seq 1 300); do curl -sf --max-time 2 "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+curl -sf --max-time 2 "http://127.0.0.1:$port/readyz" >/dev/null || { echo "payrail did not become ready" >&2; cat "$work/serve.log" >&2; exit 1; }
 
 ./target/release/payrail loadgen --url "http://127.0.0.1:$port" --connections 64 --duration "$secs" \
     > "$work/load.txt" 2>/dev/null &
@@ -53,7 +54,7 @@ q "SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del FROM pg_stat_u
     awk -F'|' -v n="$total" 'BEGIN { printf "%-26s %9s %9s %9s %9s\n", "table", "inserted", "updated", "(HOT)", "deleted" }
         $2 + $3 + $5 >= n / 100 { printf "%-26s %9.2f %9.2f %9.2f %9.2f\n", $1, $2 / n, $3 / n, $4 / n, $5 / n }'
 q "SELECT pg_relation_filenode(oid), relname FROM pg_class WHERE pg_relation_filenode(oid) IS NOT NULL" > "$work/nodes"
-"$pgbin/pg_waldump" -p "$wal" -s "$lsn0" -e "$lsn1" > "$work/wal" 2>/dev/null || true
+"$pgbin/pg_waldump" -p "$wal" -s "$lsn0" -e "$lsn1" > "$work/wal" 2> "$work/waldump.err" || { echo "pg_waldump:" >&2; head -3 "$work/waldump.err" >&2; }
 python3 - "$work/wal" "$work/nodes" "$((n1 - n0))" <<'PY'
 import collections, re, sys
 wal, nodes, n = sys.argv[1], sys.argv[2], int(sys.argv[3])

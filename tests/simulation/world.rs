@@ -196,7 +196,12 @@ impl Tables {
         if c.unchanged {
             // PAYMENTS_CHECK: the stored row must still hold this version; nothing is written.
             match self.payments.get(&p.id) {
-                Some(stored) if stored.version == p.version => {}
+                Some(stored) if stored.version == p.version => {
+                    assert_eq!(
+                        stored, p,
+                        "an unchanged commit carried a payment that differs from the stored one"
+                    );
+                }
                 _ => return Err(CommitError::Stale),
             }
         } else if p.version == 1 {

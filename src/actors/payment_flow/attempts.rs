@@ -618,9 +618,15 @@ impl Flow<'_> {
                 });
             }
         }
-        // Nothing of the payment moved (a PSP event about what it already knows, an outcome the
-        // state machine refused): it keeps its version and is not written again.
-        if journal.is_none() && next.state == before.state && before.differs_only_in_state(&next) {
+        // Nothing of the payment moved and no attempt ends (a PSP event about what it already
+        // knows): it keeps its version and is not written again. An attempt's end still moves
+        // the version, so that a stale incarnation of the actor learns of it.
+        if attempt.is_none()
+            && before.version > 1
+            && journal.is_none()
+            && next.state == before.state
+            && before.differs_only_in_state(&next)
+        {
             next = before.clone();
         }
         // The payment's object, serialized once for the answer and for its event. A PSP event's

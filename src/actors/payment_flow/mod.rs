@@ -397,6 +397,11 @@ impl<'a> Flow<'a> {
         // none of it, but is still fenced by the version. One that moves only the payment's
         // state (a capture by event, a settlement) writes only the state columns.
         if next.version > 1 && next.version == self.live.payment.version {
+            // A change made without a new version would be dropped without a word: refuse it.
+            if next != self.live.payment {
+                tracing::error!(payment_id = %next.id, "a changed payment kept its version; refusing the commit");
+                return Err(PaymentError::Store(crate::adapters::postgres::StoreError::Broken).into());
+            }
             commit.unchanged = true;
         } else if next.version > 1 && !commit.state_only && self.live.payment.differs_only_in_state(&next) {
             commit.state_only = true;

@@ -136,8 +136,8 @@ pub struct Commit {
     /// and `updated_at`: it is written by a statement that sends only those columns (a
     /// settlement's, at report scale). Whoever sets it must change nothing else of the payment.
     pub state_only: bool,
-    /// The payment is as stored, `version` included (a PSP event that moves nothing, an
-    /// outcome the state machine refuses): none of it is written, but the commit lands only if
+    /// The payment is as stored, `version` included (a PSP event that moves nothing): none of
+    /// it is written, but the commit lands only if
     /// the stored row still holds `version`, which stays locked until the batch ends.
     pub unchanged: bool,
     /// Cluster mode: the lease under which this node's actor writes the payment. The commit
