@@ -125,6 +125,22 @@ async fn a_late_success_for_a_captured_payment_moves_nothing() {
         r.body["payment_id"].as_str().unwrap().to_owned(),
         r.body["psp_reference"].as_str().unwrap().to_owned(),
     );
+    let stored = async || {
+        let db = app.sql().await;
+        let r = db
+            .query_one(
+                "SELECT xmin::text, version, updated_at FROM payments WHERE id = $1",
+                &[&p],
+            )
+            .await
+            .unwrap();
+        (
+            r.get::<_, String>(0),
+            r.get::<_, i32>(1),
+            r.get::<_, chrono::DateTime<chrono::Utc>>(2),
+        )
+    };
+    let captured = stored().await;
     // Authorization reported after the capture, then the success: both are in the past.
     let object = json!({ "id": pi, "object": "payment_intent", "amount": 1000, "amount_received": 1000 });
     assert_eq!(
@@ -157,6 +173,13 @@ async fn a_late_success_for_a_captured_payment_moves_nothing() {
             .unwrap()
             .len(),
         2
+    );
+    // Recorded through the payment's actor without rewriting the payment: same row version,
+    // same `updated_at` (docs/API.md, "PSP events").
+    assert_eq!(
+        stored().await,
+        captured,
+        "an event that moves nothing rewrote the payment"
     );
 }
 

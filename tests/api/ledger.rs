@@ -382,19 +382,9 @@ async fn a_batch_dropped_mid_flight_leaves_no_transaction_open_and_commits_nothi
     let commit = settle_commit_standalone(&before, chrono::Utc::now()).unwrap();
     // The batch runs until PostgreSQL shows its update waiting on the row; then it is dropped.
     let watch = app.sql().await;
-    let waiting_on_the_row = async {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if sessions(&watch, "wait_event_type = 'Lock'").await > 0 {
-                return;
-            }
-            assert!(Instant::now() < deadline, "the batch never waited on the locked row");
-            actix_rt::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
     let commits = [&commit];
     let batch = db.commit_batch(&commits, 0);
-    match futures_util::future::select(Box::pin(batch), Box::pin(waiting_on_the_row)).await {
+    match futures_util::future::select(Box::pin(batch), Box::pin(a_session_waits_on_a_lock(&watch))).await {
         futures_util::future::Either::Left((r, _)) => panic!("the batch ended while its row was locked: {r:?}"),
         futures_util::future::Either::Right(((), batch)) => drop(batch),
     }
@@ -429,6 +419,16 @@ async fn a_batch_dropped_mid_flight_leaves_no_transaction_open_and_commits_nothi
     );
 }
 
+/// Returns once a session of the test's database waits on a lock (10 s at most).
+async fn a_session_waits_on_a_lock(watch: &tokio_postgres::Client) {
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sessions(watch, "wait_event_type = 'Lock'").await == 0 {
+        assert!(Instant::now() < deadline, "no session ever waited on the locked row");
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Sessions of the test's database that match `condition` (on `pg_stat_activity`).
 async fn sessions(client: &tokio_postgres::Client, condition: &str) -> i64 {
     client
@@ -449,7 +449,7 @@ async fn a_commit_that_leaves_the_payment_unchanged_writes_none_of_it_and_is_fen
     // while the commit waits for it.
     use payrail::actors::payment_flow::settle_commit_standalone;
     use payrail::adapters::postgres::commit::{Commit, CommitError, ProcessedEvent};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     let app = crate::helpers::spawn_app_with(|c| c.psp.sandbox.webhooks = false).await;
     let paid = app.pay(2500, "pm_card_visa", "automatic", true).await;
@@ -508,18 +508,9 @@ async fn a_commit_that_leaves_the_payment_unchanged_writes_none_of_it_and_is_fen
     let commit = noop(&p, "evt_noop_3");
     let commits = [&commit];
     let mut batch = Box::pin(db.commit_batch(&commits, 0));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting = async {
-            actix_rt::time::sleep(Duration::from_millis(20)).await;
-            sessions(&watch, "wait_event_type = 'Lock'").await
-        };
-        match futures_util::future::select(batch.as_mut(), Box::pin(waiting)).await {
-            futures_util::future::Either::Left((r, _)) => panic!("the commit did not wait for the row: {r:?}"),
-            futures_util::future::Either::Right((n, _)) if n > 0 => break,
-            futures_util::future::Either::Right(_) => {}
-        }
-        assert!(Instant::now() < deadline, "the commit never waited on the locked row");
+    match futures_util::future::select(batch.as_mut(), Box::pin(a_session_waits_on_a_lock(&watch))).await {
+        futures_util::future::Either::Left((r, _)) => panic!("the commit did not wait for the row: {r:?}"),
+        futures_util::future::Either::Right(((), _)) => {}
     }
     sql.batch_execute("COMMIT").await.unwrap();
     let r = actix_rt::time::timeout(Duration::from_secs(10), batch).await;

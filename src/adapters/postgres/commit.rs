@@ -137,8 +137,8 @@ pub struct Commit {
     /// settlement's, at report scale). Whoever sets it must change nothing else of the payment.
     pub state_only: bool,
     /// The payment is as stored, `version` included (a PSP event that moves nothing): none of
-    /// it is written, but the commit lands only if
-    /// the stored row still holds `version`, which stays locked until the batch ends.
+    /// it is written, but the commit lands only if the stored row still holds `version`, which
+    /// stays locked until the batch ends.
     pub unchanged: bool,
     /// Cluster mode: the lease under which this node's actor writes the payment. The commit
     /// lands only if `partition_fences` still holds it ([`FENCE`]).
