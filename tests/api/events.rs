@@ -184,6 +184,54 @@ async fn a_late_success_for_a_captured_payment_moves_nothing() {
 }
 
 #[actix_web::test]
+async fn an_event_that_moves_nothing_keeps_a_3ds_payments_redirect() {
+    let app = spawn_app().await;
+    let r = app.pay(4200, "pm_card_threeDSecureRequired", "manual", true).await;
+    assert_eq!(r.body["status"], "requires_action", "{}", r.body);
+    let (p, pi) = (
+        r.body["payment_id"].as_str().unwrap().to_owned(),
+        r.body["psp_reference"].as_str().unwrap().to_owned(),
+    );
+    let redirect = r.body["next_action"].clone();
+    assert_eq!(redirect["type"], "three_d_secure");
+    // News the payment has no input for (two types payrail does not act on): both are
+    // recorded, and neither may take away the redirect the customer still has to follow.
+    let object = json!({ "id": pi, "object": "payment_intent", "amount": 4200 });
+    assert_eq!(
+        send_event(&app, "evt_3ds_other", "payment_intent.created", object.clone()).await,
+        200
+    );
+    assert_eq!(
+        send_event(&app, "evt_3ds_processing", "payment_intent.processing", object).await,
+        200
+    );
+    wait_for("both events", async || {
+        processed(&app, "evt_3ds_other").await && processed(&app, "evt_3ds_processing").await
+    })
+    .await;
+    let payment = app.get(&format!("/api/v1/payments/{p}")).await.body;
+    assert_eq!(payment["status"], "requires_action", "{payment}");
+    assert_eq!(payment["next_action"], redirect, "{payment}");
+    // And the customer can still finish it.
+    let done = app
+        .request(
+            "POST",
+            &format!("/sandbox/v1/payments/{pi}/complete_3ds"),
+            Some(DEMO_KEY),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (done.status, done.body["status"].as_str()),
+        (200, Some("authorized")),
+        "{}",
+        done.body
+    );
+    assert!(done.body["next_action"].is_null());
+}
+
+#[actix_web::test]
 async fn a_dispute_opens_and_is_won_with_its_journals_posted_once() {
     let app = spawn_app().await;
     let r = app.pay(5000, "pm_card_createDispute", "automatic", true).await;

@@ -560,7 +560,10 @@ impl Flow<'_> {
                 }
             },
         };
-        if accepted {
+        if accepted && o.input.is_some() {
+            // Only an input the state machine took moves what the customer is asked to do
+            // next: news with no input (a type payrail does not act on, a fact about an intent
+            // the payment left behind) must not take away a 3-D Secure redirect.
             next.next_action = o.next_action.clone().map(Box::new);
             if o.failure.is_some() {
                 next.failure = o.failure.clone().map(Box::new);
