@@ -26,7 +26,7 @@ psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/
 python3 scripts/fuzz/drop_streams.py GUARD_PSP_EVENTS GUARD_EVENTS 2>/dev/null || true
 ./target/release/payrail serve > "$report.log" 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null; psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/dev/null; python3 scripts/fuzz/drop_streams.py GUARD_PSP_EVENTS GUARD_EVENTS 2>/dev/null || true; rm -f "$report" "$report.log"' EXIT
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/dev/null || true; python3 scripts/fuzz/drop_streams.py GUARD_PSP_EVENTS GUARD_EVENTS 2>/dev/null || true; rm -f "$report" "$report.log"' EXIT
 for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
 curl -sf "http://127.0.0.1:$port/readyz" >/dev/null || { tail "$report.log"; exit 1; }
 ./target/release/payrail loadgen --url "http://127.0.0.1:$port" --compare-postgres --connections 64 \

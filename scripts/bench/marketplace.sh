@@ -25,7 +25,7 @@ psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/
 python3 scripts/fuzz/drop_streams.py BENCHMARKET_PSP_EVENTS BENCHMARKET_EVENTS 2>/dev/null || true
 ./target/release/payrail serve > /tmp/payrail-bench-market.log 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null; python3 scripts/fuzz/drop_streams.py BENCHMARKET_PSP_EVENTS BENCHMARKET_EVENTS 2>/dev/null || true' EXIT
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; python3 scripts/fuzz/drop_streams.py BENCHMARKET_PSP_EVENTS BENCHMARKET_EVENTS 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do curl -sf $url/readyz >/dev/null && break; sleep 0.1; done
 run() {
     ./target/release/payrail loadgen --url $url --connections 64 --duration "$secs" "$@" \

@@ -27,7 +27,7 @@ export PAYRAIL__RECONCILIATION__DAILY_AT_UTC=""
 psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/dev/null
 ./target/release/payrail serve > "$work/payrail.log" 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null; psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/dev/null; python3 scripts/fuzz/drop_streams.py ${prefix}_PSP_EVENTS ${prefix}_EVENTS 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/dev/null || true; python3 scripts/fuzz/drop_streams.py ${prefix}_PSP_EVENTS ${prefix}_EVENTS 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
 curl -sf "http://127.0.0.1:$port/readyz" >/dev/null || { tail "$work/payrail.log"; exit 1; }
 q() { psql -h 127.0.0.1 -U postgres -d "$db" -Atqc "$1"; }

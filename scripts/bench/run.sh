@@ -25,7 +25,7 @@ psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS payrail_bench" 2>/dev
 drop_streams
 ./target/release/payrail serve > /tmp/payrail-bench.log 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null; drop_streams' EXIT
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; drop_streams' EXIT
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:18080/readyz >/dev/null && break; sleep 0.1; done
 
 echo "== payrail loadgen --compare-postgres --connections 64 --duration $secs --merchants $merchants"
