@@ -309,3 +309,25 @@ async fn the_request_id_is_echoed_or_made() {
         .unwrap()
         .starts_with("req_"));
 }
+
+#[actix_web::test]
+async fn a_migration_runs_under_its_own_timeouts_not_the_pools() {
+    let app = spawn_app().await;
+    let db = &app.state.db;
+    // What a migration sees of its bounds, kept in a table of its own; the pool's 5 s
+    // statement_timeout would stop a long index build on a large database.
+    let probe = "CREATE TABLE migration_probe AS
+        SELECT current_setting('statement_timeout') AS statement_timeout,
+               current_setting('lock_timeout') AS lock_timeout";
+    assert_eq!(db.apply_migrations(&[(9001, "probe", probe)]).await.unwrap(), [9001]);
+    assert!(db.apply_migrations(&[(9001, "probe", probe)]).await.unwrap().is_empty());
+    let sql = app.sql().await;
+    let row = sql
+        .query_one("SELECT statement_timeout, lock_timeout FROM migration_probe", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1)),
+        ("1h".to_owned(), "10s".to_owned())
+    );
+}

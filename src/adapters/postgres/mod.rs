@@ -42,6 +42,10 @@ pub enum StoreError {
     Broken,
 }
 
+/// What bounds a migration instead of the pool's `statement_timeout` ([`Db::apply_migrations`]):
+/// an hour of work, and ten seconds' wait for any one lock.
+pub const MIGRATION_TIMEOUTS: &str = "SET LOCAL statement_timeout = '1h'; SET LOCAL lock_timeout = '10s'";
+
 /// The versioned migrations in `migrations/`, applied in order, each once.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "init", include_str!("../../../migrations/V1__init.sql")),
@@ -321,6 +325,14 @@ impl Db {
     /// Applies every migration the database has not seen, under an advisory lock so that
     /// several processes starting at once apply each one exactly once.
     pub async fn migrate(&self) -> Result<Vec<i32>, SetupError> {
+        self.apply_migrations(MIGRATIONS).await
+    }
+
+    /// [`Db::migrate`] with the given list (tests give their own). A migration runs under
+    /// [`MIGRATION_TIMEOUTS`], not the pool's `statement_timeout`: building an index or
+    /// rewriting a table of a large database takes longer than any request may, while a lock
+    /// it cannot get (behind a long `ledger verify`, say) still fails it soon and plainly.
+    pub async fn apply_migrations(&self, migrations: &[(i32, &str, &str)]) -> Result<Vec<i32>, SetupError> {
         let mut client = self.pool.get().await.map_err(|e| SetupError::Pool(e.to_string()))?;
         client
             .batch_execute(
@@ -331,7 +343,7 @@ impl Db {
             .await?;
         let result = async {
             let mut applied = Vec::new();
-            for (version, name, sql) in MIGRATIONS {
+            for (version, name, sql) in migrations {
                 let done = client
                     .query_opt("SELECT 1 FROM payrail_migrations WHERE version = $1", &[version])
                     .await?;
@@ -339,6 +351,7 @@ impl Db {
                     continue;
                 }
                 let tx = client.transaction().await?;
+                tx.batch_execute(MIGRATION_TIMEOUTS).await?;
                 tx.batch_execute(sql).await?;
                 tx.execute(
                     "INSERT INTO payrail_migrations (version, name) VALUES ($1, $2)",
