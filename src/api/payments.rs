@@ -229,7 +229,7 @@ pub async fn create(
                     .payment_for_merchant(&merchant.id, &id)
                     .await?
                     .ok_or(ApiError::NotFound("payment"))?;
-                let body = serde_json::to_vec(&p.to_object()).map_err(|_| ApiError::Internal)?;
+                let body = serde_json::to_vec(&p.object()).map_err(|_| ApiError::Internal)?;
                 return Ok(Reply {
                     status: 201,
                     body,

@@ -234,42 +234,125 @@ impl Payment {
     }
 
     /// docs/API.md's Payment object.
+    /// The payment object (docs/API.md, "The Payment object") as a JSON tree.
     pub fn to_object(&self) -> Value {
-        json!({
-            "object": "payment",
-            "payment_id": self.id,
-            "merchant_id": self.merchant_id,
-            "order_id": self.order_id,
-            "status": self.state.status.as_str(),
-            "amount": { "value": self.state.amount, "currency": self.currency },
-            "amount_capturable": self.state.capturable,
-            "amount_captured": self.state.captured,
-            "amount_refunded": self.state.refunded,
-            "capture_strategy": self.capture_strategy.as_str(),
-            "payment_method": self.payment_method,
-            "psp": self.psp,
-            "psp_reference": self.psp_reference,
-            "client_secret": self.client_secret,
-            "next_action": self.next_action,
-            "failure": self.failure,
-            "customer_id": self.customer_id,
-            "description": self.description,
-            "metadata": self.metadata,
-            "customer": self.customer,
-            "card": self.card.as_ref().map(|c| json!({ "brand": c.brand, "bin": c.bin, "last4": c.last4,
-                                                        "country": c.country, "funding": c.funding,
-                                                        "fingerprint": c.fingerprint })),
-            "risk": self.risk,
-            "application_fee_amount": self.splits.as_ref().map(|s| s.application_fee_amount),
-            "splits": self.splits.as_ref().map(|s| s.splits.iter().map(|x| json!({
-                "account": x.account, "amount": x.amount, "amount_captured": x.captured,
-                "amount_returned": x.returned, "amount_debited": x.debited,
-            })).collect::<Vec<_>>()),
-            "routing": self.routing.as_ref().map(|r| json!({ "connector_id": r.connector_id, "rule": r.rule })),
-            "attempts": self.routing.as_ref().map(|r| r.attempts.as_slice()).unwrap_or_default(),
-            "created_at": timestamp(self.created_at),
-            "updated_at": timestamp(self.updated_at),
-        })
+        // A map of strings and numbers always converts.
+        serde_json::to_value(self.object()).unwrap_or(Value::Null)
+    }
+
+    /// The payment object, serialized straight from the record: the hot path's answers and
+    /// events are written without building a `Value` tree first. Key order is the object's.
+    pub fn object(&self) -> PaymentObject<'_> {
+        PaymentObject(self)
+    }
+}
+
+/// [`Payment::object`]: the one definition of the payment object's fields and their order.
+pub struct PaymentObject<'a>(&'a Payment);
+
+impl Serialize for PaymentObject<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+
+        #[derive(Serialize)]
+        struct Amount {
+            value: i64,
+            currency: Currency,
+        }
+        #[derive(Serialize)]
+        struct Card<'a> {
+            brand: &'a str,
+            bin: &'a str,
+            last4: &'a str,
+            country: &'a str,
+            funding: &'a str,
+            fingerprint: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Split<'a> {
+            account: &'a super::ids::AccountId,
+            amount: i64,
+            amount_captured: i64,
+            amount_returned: i64,
+            amount_debited: i64,
+        }
+        #[derive(Serialize)]
+        struct Route<'a> {
+            connector_id: &'a str,
+            rule: &'a str,
+        }
+        struct Splits<'a>(&'a [super::marketplace::Split]);
+        impl Serialize for Splits<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.iter().map(|x| Split {
+                    account: &x.account,
+                    amount: x.amount,
+                    amount_captured: x.captured,
+                    amount_returned: x.returned,
+                    amount_debited: x.debited,
+                }))
+            }
+        }
+
+        let p = self.0;
+        let mut m = s.serialize_map(Some(28))?;
+        m.serialize_entry("object", "payment")?;
+        m.serialize_entry("payment_id", &p.id)?;
+        m.serialize_entry("merchant_id", &p.merchant_id)?;
+        m.serialize_entry("order_id", &p.order_id)?;
+        m.serialize_entry("status", p.state.status.as_str())?;
+        m.serialize_entry(
+            "amount",
+            &Amount {
+                value: p.state.amount,
+                currency: p.currency,
+            },
+        )?;
+        m.serialize_entry("amount_capturable", &p.state.capturable)?;
+        m.serialize_entry("amount_captured", &p.state.captured)?;
+        m.serialize_entry("amount_refunded", &p.state.refunded)?;
+        m.serialize_entry("capture_strategy", p.capture_strategy.as_str())?;
+        m.serialize_entry("payment_method", &p.payment_method)?;
+        m.serialize_entry("psp", &p.psp)?;
+        m.serialize_entry("psp_reference", &p.psp_reference)?;
+        m.serialize_entry("client_secret", &p.client_secret)?;
+        m.serialize_entry("next_action", &p.next_action)?;
+        m.serialize_entry("failure", &p.failure)?;
+        m.serialize_entry("customer_id", &p.customer_id)?;
+        m.serialize_entry("description", &p.description)?;
+        m.serialize_entry("metadata", &p.metadata)?;
+        m.serialize_entry("customer", &p.customer)?;
+        m.serialize_entry(
+            "card",
+            &p.card.as_ref().map(|c| Card {
+                brand: &c.brand,
+                bin: &c.bin,
+                last4: &c.last4,
+                country: &c.country,
+                funding: &c.funding,
+                fingerprint: &c.fingerprint,
+            }),
+        )?;
+        m.serialize_entry("risk", &p.risk)?;
+        m.serialize_entry(
+            "application_fee_amount",
+            &p.splits.as_ref().map(|s| s.application_fee_amount),
+        )?;
+        m.serialize_entry("splits", &p.splits.as_ref().map(|s| Splits(&s.splits)))?;
+        m.serialize_entry(
+            "routing",
+            &p.routing.as_ref().map(|r| Route {
+                connector_id: &r.connector_id,
+                rule: &r.rule,
+            }),
+        )?;
+        m.serialize_entry(
+            "attempts",
+            p.routing.as_ref().map(|r| r.attempts.as_slice()).unwrap_or_default(),
+        )?;
+        m.serialize_entry("created_at", &timestamp(p.created_at))?;
+        m.serialize_entry("updated_at", &timestamp(p.updated_at))?;
+        m.end()
     }
 }
 
@@ -521,6 +604,139 @@ mod tests {
             "sandbox".to_owned(),
             chrono::Utc::now(),
         )
+    }
+
+    /// The payment object as `json!` rendered it before [`PaymentObject`] wrote it directly:
+    /// the reference the direct serializer must match byte for byte.
+    fn reference_object(p: &Payment) -> Value {
+        json!({
+            "object": "payment",
+            "payment_id": p.id,
+            "merchant_id": p.merchant_id,
+            "order_id": p.order_id,
+            "status": p.state.status.as_str(),
+            "amount": { "value": p.state.amount, "currency": p.currency },
+            "amount_capturable": p.state.capturable,
+            "amount_captured": p.state.captured,
+            "amount_refunded": p.state.refunded,
+            "capture_strategy": p.capture_strategy.as_str(),
+            "payment_method": p.payment_method,
+            "psp": p.psp,
+            "psp_reference": p.psp_reference,
+            "client_secret": p.client_secret,
+            "next_action": p.next_action,
+            "failure": p.failure,
+            "customer_id": p.customer_id,
+            "description": p.description,
+            "metadata": p.metadata,
+            "customer": p.customer,
+            "card": p.card.as_ref().map(|c| json!({ "brand": c.brand, "bin": c.bin, "last4": c.last4,
+                                                     "country": c.country, "funding": c.funding,
+                                                     "fingerprint": c.fingerprint })),
+            "risk": p.risk,
+            "application_fee_amount": p.splits.as_ref().map(|s| s.application_fee_amount),
+            "splits": p.splits.as_ref().map(|s| s.splits.iter().map(|x| json!({
+                "account": x.account, "amount": x.amount, "amount_captured": x.captured,
+                "amount_returned": x.returned, "amount_debited": x.debited,
+            })).collect::<Vec<_>>()),
+            "routing": p.routing.as_ref().map(|r| json!({ "connector_id": r.connector_id, "rule": r.rule })),
+            "attempts": p.routing.as_ref().map(|r| r.attempts.as_slice()).unwrap_or_default(),
+            "created_at": timestamp(p.created_at),
+            "updated_at": timestamp(p.updated_at),
+        })
+    }
+
+    /// Every optional part of a payment set, with text that JSON must escape.
+    fn everything() -> Payment {
+        use super::super::ids::AccountId;
+        use super::super::marketplace::{Split, Splits};
+        use super::super::risk::{CardSignals, Customer, RiskAction, RiskDecision};
+        let mut p = payment();
+        p.state = decide(&p.state, Input::Charged { amount: 1000 }).unwrap().0;
+        p.psp_reference = Some("pi_1".to_owned());
+        p.client_secret = Some("pi_1_secret_\"x\"".to_owned());
+        p.next_action = Some(Box::new(NextAction {
+            kind: "three_d_secure".to_owned(),
+            redirect_url: "https://psp.example/3ds?a=1&b=\u{e9}".to_owned(),
+        }));
+        p.failure = Some(Box::new(Failure {
+            code: "card_declined".to_owned(),
+            decline_code: Some("do_not_honor".to_owned()),
+            message: "line\nbreak".to_owned(),
+        }));
+        p.customer_id = Some("cus_1".to_owned());
+        p.description = Some("caf\u{e9} \u{1f600}".to_owned());
+        p.metadata = [("b", "2"), ("a", "1")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        p.customer = Some(Box::new(Customer {
+            email: Some("a@example.com".to_owned()),
+            ip: None,
+            country: Some("FR".to_owned()),
+        }));
+        p.card = Some(Box::new(CardSignals {
+            fingerprint: "f".repeat(32),
+            bin: "424242".to_owned(),
+            brand: "visa".to_owned(),
+            country: "US".to_owned(),
+            funding: "credit".to_owned(),
+            last4: "4242".to_owned(),
+        }));
+        p.risk = Some(Box::new(RiskDecision {
+            score: 40,
+            outcome: RiskAction::Review,
+            rule: Some("rul_1".to_owned()),
+        }));
+        p.splits = Some(Box::new(Splits {
+            application_fee_amount: 100,
+            splits: vec![Split {
+                account: AccountId::from_trusted("acct_1".to_owned()),
+                amount: 900,
+                captured: 900,
+                returned: 10,
+                debited: 11,
+            }],
+            fee: Default::default(),
+            rest: Default::default(),
+            dispute: None,
+        }));
+        p.routing = Some(Box::new(Routing {
+            connector_id: "mca_1".to_owned(),
+            rule: "default".to_owned(),
+            attempts: vec![AttemptRecord {
+                id: "att_1".to_owned(),
+                operation: "authorize".to_owned(),
+                connector_id: "mca_1".to_owned(),
+                outcome: Some("failed".to_owned()),
+                failure_code: Some("issuer_unavailable".to_owned()),
+            }],
+        }));
+        p
+    }
+
+    #[test]
+    fn the_payment_object_is_written_exactly_as_its_json_tree_was() {
+        for p in [payment(), everything()] {
+            let direct = serde_json::to_string(&p.object()).unwrap();
+            assert_eq!(direct, serde_json::to_string(&reference_object(&p)).unwrap());
+            assert_eq!(p.to_object(), reference_object(&p));
+        }
+        // The fully set payment shows every part (the test would not notice a part left out
+        // of both renderings otherwise).
+        let object = everything().to_object();
+        for key in [
+            "next_action",
+            "failure",
+            "customer",
+            "card",
+            "risk",
+            "splits",
+            "routing",
+        ] {
+            assert!(object[key].is_object() || object[key].is_array(), "{key}: {object}");
+        }
+        assert_eq!(object.as_object().unwrap().len(), 28);
     }
 
     #[test]

@@ -45,7 +45,7 @@ impl Flow<'_> {
             decline_code: None,
             message: format!("The payment was blocked by the risk rule {rule}."),
         }));
-        let body = reply_body(&next.to_object());
+        let body = reply_body(&next.object());
         let commit = self.transition_commit(
             &self.live.payment.clone(),
             &next,
@@ -68,7 +68,7 @@ impl Flow<'_> {
         let capture = self.payment().capture_strategy == CaptureStrategy::Automatic;
         let mut next = self.next_version();
         next.state = state;
-        let body = reply_body(&next.to_object());
+        let body = reply_body(&next.object());
         let response = (!capture).then(|| (200, body.clone()));
         let commit = self.transition_commit(&self.live.payment.clone(), &next, "api.approve", response);
         self.commit(next, commit).await?;
@@ -287,7 +287,7 @@ impl Flow<'_> {
             // Nothing reached the PSP yet: the cancel is ours alone.
             let mut next = self.next_version();
             next.state = state;
-            let body = reply_body(&next.to_object());
+            let body = reply_body(&next.object());
             let commit = self.transition_commit(
                 &self.live.payment.clone(),
                 &next,

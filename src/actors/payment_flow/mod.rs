@@ -18,8 +18,6 @@ mod events;
 
 use std::time::Duration;
 
-use serde_json::Value;
-
 use super::error::PaymentError;
 use super::payment::{IdemKey, Op, Reply};
 use super::store::{Clock, PaymentStore};
@@ -142,7 +140,7 @@ pub fn settle_commit(payment: &Payment, now: chrono::DateTime<chrono::Utc>) -> O
         });
         commit.outbox.push(OutboxEvent::new(
             format!("payment.{}", next.status().as_str()),
-            &next.to_object(),
+            &next.object(),
         ));
     }
     Some((next, commit))
@@ -364,7 +362,7 @@ impl<'a> Flow<'a> {
             let event_type = format!("payment.{}", next.status().as_str());
             commit.outbox.push(match object {
                 Some(payload) => OutboxEvent { event_type, payload },
-                None => OutboxEvent::new(event_type, &next.to_object()),
+                None => OutboxEvent::new(event_type, &next.object()),
             });
         }
         commit.idempotency = self.idem.as_ref().map(|i| IdempotencyWrite {
@@ -451,7 +449,7 @@ impl<'a> Flow<'a> {
     pub(super) fn payment_reply(&self, status: u16) -> Reply {
         Reply {
             status,
-            body: reply_body(&self.payment().to_object()),
+            body: reply_body(&self.payment().object()),
             stored: false,
         }
     }
@@ -469,12 +467,12 @@ impl<'a> Flow<'a> {
     }
 }
 
-pub(super) fn reply_body(v: &Value) -> Vec<u8> {
+pub(super) fn reply_body(v: &impl serde::Serialize) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
 /// A payment's object (docs/API.md) as JSON text, for an answer and an event alike.
 pub(super) fn payment_object(p: &Payment) -> Box<serde_json::value::RawValue> {
-    // A tree of JSON values always serializes.
-    serde_json::value::to_raw_value(&p.to_object()).unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned())
+    // The object's fields are strings, numbers and maps: it always serializes.
+    serde_json::value::to_raw_value(&p.object()).unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned())
 }

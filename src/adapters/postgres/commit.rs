@@ -104,10 +104,10 @@ pub struct OutboxEvent {
 }
 
 impl OutboxEvent {
-    pub fn new(event_type: impl Into<String>, payload: &Value) -> OutboxEvent {
+    pub fn new(event_type: impl Into<String>, payload: &impl serde::Serialize) -> OutboxEvent {
         OutboxEvent {
             event_type: event_type.into(),
-            // A tree of JSON values always serializes.
+            // Payloads are JSON trees or objects of strings, numbers and maps: they serialize.
             payload: serde_json::value::to_raw_value(payload).unwrap_or_else(|_| RawValue::NULL.to_owned()),
         }
     }
