@@ -319,69 +319,48 @@ pub const PLANNER: &str = planner!();
 /// behind it would each commit on their own.
 const BEGIN: &str = concat!("BEGIN; ", planner!());
 
-/// Every statement a batch may run, by name, for the test that reads their plans.
-pub const STATEMENTS: [(&str, &str); 17] = [
-    ("payments_insert", PAYMENTS_INSERT),
-    ("payments_check", PAYMENTS_CHECK),
-    ("payments_update", PAYMENTS_UPDATE),
-    ("payments_state_update", PAYMENTS_STATE_UPDATE),
-    ("refunds", REFUNDS),
-    ("transitions", TRANSITIONS),
-    ("attempts_start", ATTEMPTS_START),
-    ("attempts_finish", ATTEMPTS_FINISH),
-    ("journals", JOURNALS),
-    ("entries", ENTRIES),
-    ("outbox", OUTBOX),
-    ("idempotency", IDEMPOTENCY),
-    ("balances", BALANCES),
-    ("processed", PROCESSED),
-    ("disputes", DISPUTES),
-    ("exceptions", EXCEPTIONS),
-    ("fence", FENCE),
-];
+/// Every statement of a batch, named once: the prepared set a batch runs ([`Statements`]) and
+/// the list the plan test reads ([`STATEMENTS`]) come from this one list, so no statement can
+/// be run without its plan being checked.
+macro_rules! statements {
+    ($($field:ident: $sql:ident),+ $(,)?) => {
+        /// Every statement of a batch, prepared (cached per connection) and named.
+        struct Statements {
+            $($field: Statement),+
+        }
 
-/// Every statement of a batch, prepared (cached per connection) and named.
-struct Statements {
-    payments_insert: Statement,
-    payments_check: Statement,
-    payments_update: Statement,
-    payments_state_update: Statement,
-    refunds: Statement,
-    transitions: Statement,
-    attempts_start: Statement,
-    attempts_finish: Statement,
-    journals: Statement,
-    entries: Statement,
-    outbox: Statement,
-    idempotency: Statement,
-    balances: Statement,
-    processed: Statement,
-    disputes: Statement,
-    exceptions: Statement,
+        impl Statements {
+            async fn prepare(tx: &deadpool_postgres::ClientWrapper) -> Result<Statements, StoreError> {
+                let p = |sql: &'static str| async move { tx.prepare_cached(sql).await.map_err(pg_error) };
+                Ok(Statements {
+                    $($field: p($sql).await?),+
+                })
+            }
+        }
+
+        /// Every statement a batch may run, by name, for the test that reads their plans: the
+        /// prepared set, and the partition fence a cluster's batch adds.
+        pub const STATEMENTS: &[(&str, &str)] = &[$((stringify!($field), $sql)),+, ("fence", FENCE)];
+    };
 }
 
-impl Statements {
-    async fn prepare(tx: &deadpool_postgres::ClientWrapper) -> Result<Statements, StoreError> {
-        let p = |sql: &'static str| async move { tx.prepare_cached(sql).await.map_err(pg_error) };
-        Ok(Statements {
-            payments_insert: p(PAYMENTS_INSERT).await?,
-            payments_check: p(PAYMENTS_CHECK).await?,
-            payments_update: p(PAYMENTS_UPDATE).await?,
-            payments_state_update: p(PAYMENTS_STATE_UPDATE).await?,
-            refunds: p(REFUNDS).await?,
-            transitions: p(TRANSITIONS).await?,
-            attempts_start: p(ATTEMPTS_START).await?,
-            attempts_finish: p(ATTEMPTS_FINISH).await?,
-            journals: p(JOURNALS).await?,
-            entries: p(ENTRIES).await?,
-            outbox: p(OUTBOX).await?,
-            idempotency: p(IDEMPOTENCY).await?,
-            balances: p(BALANCES).await?,
-            processed: p(PROCESSED).await?,
-            disputes: p(DISPUTES).await?,
-            exceptions: p(EXCEPTIONS).await?,
-        })
-    }
+statements! {
+    payments_insert: PAYMENTS_INSERT,
+    payments_check: PAYMENTS_CHECK,
+    payments_update: PAYMENTS_UPDATE,
+    payments_state_update: PAYMENTS_STATE_UPDATE,
+    refunds: REFUNDS,
+    transitions: TRANSITIONS,
+    attempts_start: ATTEMPTS_START,
+    attempts_finish: ATTEMPTS_FINISH,
+    journals: JOURNALS,
+    entries: ENTRIES,
+    outbox: OUTBOX,
+    idempotency: IDEMPOTENCY,
+    balances: BALANCES,
+    processed: PROCESSED,
+    disputes: DISPUTES,
+    exceptions: EXCEPTIONS,
 }
 
 /// A statement's column arrays: one named field per column, in the statement's `$n` order,
