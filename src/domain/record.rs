@@ -233,7 +233,6 @@ impl Payment {
         self.state.status
     }
 
-    /// docs/API.md's Payment object.
     /// The payment object (docs/API.md, "The Payment object") as a JSON tree.
     pub fn to_object(&self) -> Value {
         // A map of strings and numbers always converts.

@@ -331,3 +331,23 @@ async fn a_migration_runs_under_its_own_timeouts_not_the_pools() {
         ("1h".to_owned(), "10s".to_owned())
     );
 }
+
+#[actix_web::test]
+async fn a_process_starting_while_another_migrates_waits_past_the_pools_timeout() {
+    let app = spawn_app_with(|c| c.database.statement_timeout_ms = 1_000).await;
+    // Another process holds the migrations' lock for longer than any statement of the pool
+    // may run: a blocking wait for it would be cut off by the statement_timeout.
+    let other = app.sql().await;
+    other.batch_execute("SELECT pg_advisory_lock(7423001)").await.unwrap();
+    let started = Instant::now();
+    let migrate = actix_rt::spawn({
+        let db = app.state.db.clone();
+        async move { db.apply_migrations(&[(9002, "after the other", "SELECT 1")]).await }
+    });
+    actix_rt::time::sleep(Duration::from_millis(1_800)).await;
+    assert!(!migrate.is_finished(), "it waits while the other holds the lock");
+    other.batch_execute("SELECT pg_advisory_unlock(7423001)").await.unwrap();
+    let applied = migrate.await.unwrap().unwrap();
+    assert_eq!(applied, [9002]);
+    assert!(started.elapsed() >= Duration::from_millis(1_800));
+}

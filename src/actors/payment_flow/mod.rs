@@ -341,7 +341,7 @@ impl<'a> Flow<'a> {
         self.transition_commit_with(before, next, cause, response, None)
     }
 
-    /// [`Flow::transition_commit`], given `next` as its event carries it (`next.to_object()`)
+    /// [`Flow::transition_commit`], given `next` as its event carries it (`next.object()`)
     /// when the caller has serialized it already.
     pub(super) fn transition_commit_with(
         &self,

@@ -320,8 +320,9 @@ pub const PLANNER: &str = planner!();
 const BEGIN: &str = concat!("BEGIN; ", planner!());
 
 /// Every statement of a batch, named once: the prepared set a batch runs ([`Statements`]) and
-/// the list the plan test reads ([`STATEMENTS`]) come from this one list, so no statement can
-/// be run without its plan being checked.
+/// the list the plan test reads ([`STATEMENTS`]) come from this one list, so none of them can
+/// be run without its plan being checked. The cluster's partition fence, prepared apart (only
+/// a batch with fences runs it), is added to the list by hand.
 macro_rules! statements {
     ($($field:ident: $sql:ident),+ $(,)?) => {
         /// Every statement of a batch, prepared (cached per connection) and named.

@@ -43,8 +43,11 @@ pub enum StoreError {
 }
 
 /// What bounds a migration instead of the pool's `statement_timeout` ([`Db::apply_migrations`]):
-/// an hour of work, and ten seconds' wait for any one lock.
+/// an hour of work for each of its statements, and ten seconds' wait for any one lock.
 pub const MIGRATION_TIMEOUTS: &str = "SET LOCAL statement_timeout = '1h'; SET LOCAL lock_timeout = '10s'";
+
+/// How long a starting process waits for another that is applying migrations.
+const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(3600);
 
 /// The versioned migrations in `migrations/`, applied in order, each once.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -156,6 +159,8 @@ pub enum SetupError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
     Pool(String),
+    #[error("another process has been applying migrations for longer than {0:?}")]
+    MigrationsBusy(Duration),
 }
 
 impl Db {
@@ -334,14 +339,28 @@ impl Db {
     /// it cannot get (behind a long `ledger verify`, say) still fails it soon and plainly.
     pub async fn apply_migrations(&self, migrations: &[(i32, &str, &str)]) -> Result<Vec<i32>, SetupError> {
         let mut client = self.pool.get().await.map_err(|e| SetupError::Pool(e.to_string()))?;
-        client
-            .batch_execute(
-                "SELECT pg_advisory_lock(7423001);
-                 CREATE TABLE IF NOT EXISTS payrail_migrations (
-                     version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());",
-            )
-            .await?;
+        // Another process may be applying a long migration: wait for it as long as one of its
+        // statements may run (polled, since a blocking pg_advisory_lock would be cut off by
+        // the pool's statement_timeout), then give up plainly.
+        let deadline = tokio::time::Instant::now() + MIGRATION_LOCK_WAIT;
+        while !client
+            .query_one("SELECT pg_try_advisory_lock(7423001)", &[])
+            .await?
+            .get::<_, bool>(0)
+        {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(SetupError::MigrationsBusy(MIGRATION_LOCK_WAIT));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // Whatever happens from here, the lock is given back before the connection is.
         let result = async {
+            client
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS payrail_migrations (
+                         version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());",
+                )
+                .await?;
             let mut applied = Vec::new();
             for (version, name, sql) in migrations {
                 let done = client
