@@ -213,15 +213,7 @@ async fn an_event_that_moves_nothing_keeps_a_3ds_payments_redirect() {
     assert_eq!(payment["status"], "requires_action", "{payment}");
     assert_eq!(payment["next_action"], redirect, "{payment}");
     // And the customer can still finish it.
-    let done = app
-        .request(
-            "POST",
-            &format!("/sandbox/v1/payments/{pi}/complete_3ds"),
-            Some(DEMO_KEY),
-            None,
-            None,
-        )
-        .await;
+    let done = app.complete_3ds(&pi).await;
     assert_eq!(
         (done.status, done.body["status"].as_str()),
         (200, Some("authorized")),

@@ -307,6 +307,12 @@ impl TestApp {
         self.request("GET", path, Some(DEMO_KEY), None, None).await
     }
 
+    /// The customer completes the sandbox's 3-D Secure challenge of the intent `reference`.
+    pub async fn complete_3ds(&self, reference: &str) -> Response {
+        let path = format!("/sandbox/v1/payments/{reference}/complete_3ds");
+        self.request("POST", &path, Some(DEMO_KEY), None, None).await
+    }
+
     /// Creates (and by default confirms) a payment as the demo merchant.
     pub async fn pay(&self, amount: i64, payment_method: &str, capture: &str, confirm: bool) -> Response {
         self.post(

@@ -267,9 +267,7 @@ async fn three_d_secure_requires_action_then_completes() {
         assert_eq!(r.body["next_action"]["type"], "three_d_secure");
         let reference = r.body["psp_reference"].as_str().unwrap().to_owned();
         let path = format!("/sandbox/v1/payments/{reference}/complete_3ds");
-        let done = app
-            .request("POST", &path, Some(crate::helpers::DEMO_KEY), None, None)
-            .await;
+        let done = app.complete_3ds(&reference).await;
         assert_eq!(
             (done.status, done.body["status"].as_str()),
             (200, Some(after)),
@@ -277,9 +275,7 @@ async fn three_d_secure_requires_action_then_completes() {
             done.body
         );
         assert!(done.body["next_action"].is_null());
-        let again = app
-            .request("POST", &path, Some(crate::helpers::DEMO_KEY), None, None)
-            .await;
+        let again = app.complete_3ds(&reference).await;
         assert_eq!(
             (again.status, again.body["error"]["code"].as_str()),
             (409, Some("payment_invalid_state"))

@@ -45,8 +45,7 @@ async fn no_card_number_reaches_logs_responses_or_storage() {
                 responses.push(app.post(&format!("/api/v1/payments/{p}/{path}"), json!({})).await.raw);
             }
             if let Some(reference) = app.get(&format!("/api/v1/payments/{p}")).await.body["psp_reference"].as_str() {
-                let path = format!("/sandbox/v1/payments/{reference}/complete_3ds");
-                responses.push(app.request("POST", &path, Some(DEMO_KEY), None, None).await.raw);
+                responses.push(app.complete_3ds(reference).await.raw);
             }
             responses.push(app.get(&format!("/api/v1/payments/{p}/events")).await.raw);
             responses.push(app.get(&format!("/api/v1/ledger/journals?payment_id={p}")).await.raw);

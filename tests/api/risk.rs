@@ -126,15 +126,7 @@ async fn request_3ds_makes_the_psp_challenge() {
     assert_eq!(p["status"], "requires_action", "{p}");
     assert_eq!(p["risk"]["outcome"], "request_3ds");
     let reference = p["psp_reference"].as_str().unwrap();
-    let done = app
-        .request(
-            "POST",
-            &format!("/sandbox/v1/payments/{reference}/complete_3ds"),
-            Some(DEMO_KEY),
-            None,
-            None,
-        )
-        .await;
+    let done = app.complete_3ds(reference).await;
     assert_eq!(
         (done.status, done.body["status"].as_str()),
         (200, Some("authorized")),
