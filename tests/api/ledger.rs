@@ -278,16 +278,69 @@ async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() 
         "{err}"
     );
 
-    // A journal with no entries at all is refused too.
-    let tx = db.transaction().await.unwrap();
-    tx.execute(
-        "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
-         VALUES ('jr_empty', $1, $2, 'refund', 'empty', 'USD', now())",
-        &[&p, &merchant],
-    )
-    .await
-    .unwrap();
-    assert!(tx.commit().await.is_err());
+    // Entries of a journal that does not exist are refused, balanced or not, even beside a
+    // good journal in the same statement.
+    for (case, entries) in [
+        (
+            "balanced",
+            "('jr_nowhere', 'psp_clearing', 'USD', 100, 0), ('jr_nowhere', 'platform_fee_revenue', 'USD', 0, 100)",
+        ),
+        ("one entry", "('jr_nowhere', 'psp_clearing', 'USD', 100, 0)"),
+        (
+            "beside a good journal",
+            &*format!(
+                "('{journal}', 'psp_clearing', 'USD', 1, 0), ('{journal}', 'platform_fee_revenue', 'USD', 0, 1),
+                 ('jr_nowhere', 'psp_clearing', 'USD', 100, 0), ('jr_nowhere', 'platform_fee_revenue', 'USD', 0, 100)"
+            ),
+        ),
+    ] {
+        let err = db
+            .execute(
+                &format!("INSERT INTO entries (journal_id, account, currency, debit, credit) VALUES {entries}"),
+                &[],
+            )
+            .await
+            .expect_err(case);
+        let said = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
+            "{case}: {err}"
+        );
+        assert_eq!(said, "an entry names an unknown journal jr_nowhere", "{case}");
+    }
+
+    // A journal with no entries at all is refused at commit, and so is one whose only entries
+    // were refused.
+    for with_refused_entries in [false, true] {
+        let mut tx = db.transaction().await.unwrap();
+        tx.execute(
+            "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
+             VALUES ('jr_empty', $1, $2, 'refund', 'empty', 'USD', now())",
+            &[&p, &merchant],
+        )
+        .await
+        .unwrap();
+        if with_refused_entries {
+            let sp = tx.savepoint("entries").await.unwrap();
+            sp.execute(
+                "INSERT INTO entries (journal_id, account, currency, debit, credit) VALUES ('jr_empty', 'psp_clearing', 'USD', 1, 0)",
+                &[],
+            )
+            .await
+            .expect_err("one entry alone");
+            drop(sp);
+        }
+        let err = tx.commit().await.expect_err("a journal with no entries");
+        let said = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+        assert_eq!(said, "journal jr_empty does not balance (no entries)", "{err}");
+    }
+    let empty: i64 = db
+        .query_one("SELECT count(*) FROM journals WHERE id = 'jr_empty'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(empty, 0);
 
     // The natural key: a second capture journal for the same attempt cannot exist.
     let dup = db

@@ -9,8 +9,9 @@ use payrail::adapters::postgres::{commit, events};
 use crate::helpers::spawn_app;
 
 /// Tables that grow with every payment or event.
-const GROWING: [&str; 11] = [
+const GROWING: [&str; 12] = [
     "payments",
+    "connected_accounts",
     "psp_attempts",
     "idempotency_keys",
     "processed_events",
@@ -36,10 +37,15 @@ fn parameters(sql: &str) -> usize {
 }
 
 /// What is wrong with a plan (`EXPLAIN (COSTS OFF)` lines), if anything: a sequential scan or
-/// an index scan without a condition over a growing table, or a hash or merge join.
+/// an index scan without a condition over a growing table, a bitmap scan of a whole index, or a
+/// hash or merge join.
 fn faults(plan: &[String]) -> Vec<String> {
     let mut found = Vec::new();
     for (i, line) in plan.iter().enumerate() {
+        // A bitmap heap scan reads what its index scans found: each must have a condition.
+        if line.contains("Bitmap Index Scan on") && !plan.get(i + 1).is_some_and(|next| next.contains("Index Cond")) {
+            found.push(format!("{} (no index condition)", line.trim()));
+        }
         // Hash and merge joins of every kind: inner, semi, anti, left, right, full.
         let join = line.contains(" Join");
         if join && (line.contains("Hash ") || line.contains("Merge ")) {
@@ -49,7 +55,7 @@ fn faults(plan: &[String]) -> Vec<String> {
             let scans = |kind: &str| {
                 line.contains(&format!("{kind} on {table} ")) || line.ends_with(&format!("{kind} on {table}"))
             };
-            if scans("Seq Scan") || scans("Bitmap Heap Scan") {
+            if scans("Seq Scan") {
                 found.push(line.trim().to_owned());
             }
             let index_scan = (line.contains("Index Scan using") || line.contains("Index Only Scan using"))
@@ -126,6 +132,23 @@ fn a_plan_that_reads_a_whole_table_is_found() {
         "              Filter: (outcome IS NULL)",
     ]);
     assert_eq!(faults(&whole_index).len(), 1, "{:?}", faults(&whole_index));
+    // A stale plan seen under load: every payment read, for a batch's audit trail.
+    let whole_bitmap = plan(&[
+        "  ->  Nested Loop Anti Join",
+        "        Join Filter: (p.id = n.payment_id)",
+        "        ->  Named Tuplestore Scan",
+        "        ->  Materialize",
+        "              ->  Bitmap Heap Scan on payments p",
+        "                    ->  Bitmap Index Scan on payments_merchant_created",
+    ]);
+    assert_eq!(faults(&whole_bitmap).len(), 1, "{:?}", faults(&whole_bitmap));
+    let bitmap_probe = plan(&[
+        "  ->  Bitmap Heap Scan on entries e",
+        "        Recheck Cond: (journal_id = j.id)",
+        "        ->  Bitmap Index Scan on entries_journal",
+        "              Index Cond: (journal_id = j.id)",
+    ]);
+    assert!(faults(&bitmap_probe).is_empty(), "{:?}", faults(&bitmap_probe));
     let probes = plan(&[
         "Update on payments p",
         "  ->  Nested Loop",
@@ -134,4 +157,131 @@ fn a_plan_that_reads_a_whole_table_is_found() {
         "              Index Cond: (id = u.id)",
     ]);
     assert!(faults(&probes).is_empty(), "{:?}", faults(&probes));
+}
+
+/// A session whose every statement's plan, nested ones included (the triggers' queries), comes
+/// back as a notice: `auto_explain` with `client_min_messages = log`.
+async fn explaining_session(
+    app: &crate::helpers::TestApp,
+) -> (tokio_postgres::Client, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let config: tokio_postgres::Config = app.database_url.parse().expect("database url");
+    let (client, mut conn) = config.connect(tokio_postgres::NoTls).await.expect("connect");
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = notices.clone();
+    actix_rt::spawn(async move {
+        while let Some(message) = futures_util::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notice(n)) => sink.lock().unwrap().push(n.message().to_owned()),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    client
+        .batch_execute(
+            "LOAD 'auto_explain';
+             SET auto_explain.log_min_duration = 0;
+             SET auto_explain.log_nested_statements = on;
+             SET auto_explain.log_analyze = off;
+             SET client_min_messages = log;
+             SET plan_cache_mode = force_generic_plan;",
+        )
+        .await
+        .expect("auto_explain");
+    (client, notices)
+}
+
+/// The triggers a payment's batch fires (the audit trail's payment check, the entries' balance
+/// and journal checks, the sellers' pending funds, the outbox's pending notes, and the deferred
+/// per-journal check at commit) plan their queries once per session and keep the plan. Planned on
+/// a new database, each must still probe an index per row: a plan that reads a whole table (a
+/// bitmap scan over a whole index is one) would then run on every batch as the table grows.
+#[actix_web::test]
+async fn the_triggers_of_every_payment_probe_indexes_on_a_new_database() {
+    const ROWS: i32 = 60;
+    // A batch's worth of transitions.
+    const BATCH: usize = 16;
+    let app = spawn_app().await;
+    let p = app.pay(5000, "pm_card_visa", "automatic", true).await.body["payment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (client, notices) = explaining_session(&app).await;
+    client.batch_execute("BEGIN").await.unwrap();
+    // Tables of a few pages, as a node's sessions find them in the first seconds of a new
+    // database.
+    client
+        .execute(
+            "INSERT INTO payments SELECT (jsonb_populate_record(p, jsonb_build_object(
+                 'id', 'pay_plan' || g, 'psp_reference', NULL))).*
+             FROM payments p, generate_series(1, $2::int) g WHERE p.id = $1",
+            &[&p, &ROWS],
+        )
+        .await
+        .unwrap();
+    // Statistics of tables this small, as autovacuum's first ANALYZE of a new database leaves
+    // them: here whole-table plans look cheapest, and a session keeps what it planned.
+    client.batch_execute("ANALYZE").await.unwrap();
+
+    client
+        .execute(
+            "INSERT INTO payment_transitions (payment_id, seq, from_status, to_status, cause, at)
+             SELECT * FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])",
+            &[
+                &vec![p.clone(); BATCH],
+                &(100..100 + BATCH as i32).collect::<Vec<_>>(),
+                &vec!["captured"; BATCH],
+                &vec!["captured"; BATCH],
+                &vec!["test.plan"; BATCH],
+                &vec![chrono::Utc::now(); BATCH],
+            ],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
+             SELECT 'jr_plan', id, merchant_id, 'refund', 'plan', currency, now() FROM payments WHERE id = $1",
+            &[&p],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO entries (journal_id, account, currency, debit, credit)
+             SELECT * FROM unnest(ARRAY['jr_plan', 'jr_plan'], ARRAY['psp_clearing', 'seller_pending:acct_x'],
+                                  ARRAY['USD', 'USD'], ARRAY[100, 0]::bigint[], ARRAY[0, 100]::bigint[]);
+             INSERT INTO outbox (merchant_id, payment_id, event_type, payload)
+             SELECT merchant_id, id, 'payment.plan', '{}' FROM payments WHERE id = '$p';
+             SET CONSTRAINTS ALL IMMEDIATE;"
+                .replace("$p", &p)
+                .as_str(),
+        )
+        .await
+        .unwrap();
+    client.batch_execute("ROLLBACK").await.unwrap();
+
+    let plans = notices.lock().unwrap().clone();
+    let nested = |fragment: &str| plans.iter().any(|p| p.contains(fragment));
+    // Each trigger's query was planned and seen.
+    for fragment in [
+        "FROM new_transitions",
+        "FROM new_entries",
+        "FROM new_events",
+        "FROM connected_accounts c",
+        "FROM entries WHERE journal_id = NEW.id",
+    ] {
+        assert!(nested(fragment), "no plan seen for {fragment:?} in {plans:#?}");
+    }
+    let mut wrong = Vec::new();
+    for plan in &plans {
+        let lines: Vec<String> = plan.lines().map(str::to_owned).collect();
+        let text = lines
+            .iter()
+            .find(|l| l.contains("Query Text"))
+            .cloned()
+            .unwrap_or_default();
+        wrong.extend(faults(&lines).into_iter().map(|f| format!("{}: {f}", text.trim())));
+    }
+    assert!(wrong.is_empty(), "trigger plans that read whole tables: {wrong:#?}");
 }

@@ -125,6 +125,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "entries_account_index",
         include_str!("../../../migrations/V18__entries_account_index.sql"),
     ),
+    (
+        19,
+        "ledger_checks",
+        include_str!("../../../migrations/V19__ledger_checks.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.
