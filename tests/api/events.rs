@@ -633,13 +633,10 @@ async fn a_refund_confirmation_racing_the_api_response_posts_once() {
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
 }
 
-#[actix_web::test]
-async fn the_outbox_relay_publishes_each_committed_event_to_the_merchants_subject() {
-    let app = spawn_app_with(|c| c.psp.sandbox.webhooks = false).await;
-    let r = app.pay(700, "pm_card_visa", "automatic", true).await;
-    let merchant = r.body["merchant_id"].as_str().unwrap().to_owned();
+/// Waits until the relay has published every committed event.
+async fn outbox_drained(app: &TestApp) {
+    let db = app.sql().await;
     wait_for("the outbox to drain", async || {
-        let db = app.sql().await;
         let n: i64 = db
             .query_one("SELECT count(*) FROM outbox_pending", &[])
             .await
@@ -648,6 +645,14 @@ async fn the_outbox_relay_publishes_each_committed_event_to_the_merchants_subjec
         n == 0
     })
     .await;
+}
+
+#[actix_web::test]
+async fn the_outbox_relay_publishes_each_committed_event_to_the_merchants_subject() {
+    let app = spawn_app_with(|c| c.psp.sandbox.webhooks = false).await;
+    let r = app.pay(700, "pm_card_visa", "automatic", true).await;
+    let merchant = r.body["merchant_id"].as_str().unwrap().to_owned();
+    outbox_drained(&app).await;
     let nats = &app.state.nats;
     let mut stream = nats.jetstream.get_stream(nats.events_stream()).await.unwrap();
     let info = stream.info().await.unwrap();
@@ -656,6 +661,98 @@ async fn the_outbox_relay_publishes_each_committed_event_to_the_merchants_subjec
     assert_eq!(first.subject.as_str(), format!("{}.events.{merchant}", nats.prefix));
     let body: Value = serde_json::from_slice(&first.payload).unwrap();
     assert_eq!(body["type"], "payment.created");
+}
+
+/// Events are stored as the text payrail wrote (`body`, json); one stored before that (a jsonb
+/// `payload`, from a node of an earlier version) is published and read the same way, and a row
+/// with both or neither is refused.
+#[actix_web::test]
+async fn an_event_stored_as_jsonb_before_is_published_and_read_as_one_stored_now() {
+    let app = spawn_app_with(|c| c.psp.sandbox.webhooks = false).await;
+    let r = app.pay(700, "pm_card_visa", "automatic", true).await;
+    let merchant = r.body["merchant_id"].as_str().unwrap().to_owned();
+    let db = app.sql().await;
+    let legacy: i64 = db
+        .query_one(
+            "INSERT INTO outbox (merchant_id, event_type, payload)
+             VALUES ($1, 'payment.legacy', '{\"id\": \"pay_legacy\", \"note\": \"a  b\", \"n\": [1, 2]}')
+             RETURNING id",
+            &[&merchant],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for (case, columns, values) in [
+        ("both", "event_type, payload, body", "'payment.both', '{}', '{}'"),
+        ("neither", "event_type", "'payment.none'"),
+    ] {
+        let err = db
+            .execute(
+                &format!("INSERT INTO outbox (merchant_id, {columns}) VALUES ($1, {values})"),
+                &[&merchant],
+            )
+            .await
+            .expect_err(case);
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION),
+            "{case}: {err}"
+        );
+    }
+    outbox_drained(&app).await;
+    let nats = &app.state.nats;
+    let stream = nats.jetstream.get_stream(nats.events_stream()).await.unwrap();
+    let mut published = Vec::new();
+    for seq in 1..=3 {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        published.push(String::from_utf8(m.payload.to_vec()).unwrap());
+    }
+    // Compact (jsonb's own key order), whitespace inside strings kept, like the events stored
+    // as json beside it.
+    let old = published
+        .iter()
+        .find(|p| p.contains("payment.legacy"))
+        .expect("the legacy event");
+    assert!(
+        old.contains(r#""data":{"object":{"n":[1,2],"id":"pay_legacy","note":"a  b"}}"#),
+        "{old}"
+    );
+    let new = published
+        .iter()
+        .find(|p| p.contains("payment.created"))
+        .expect("payment.created");
+    // In the order payrail wrote it.
+    assert!(
+        new.contains(r#""data":{"object":{"object":"payment","payment_id":"pay_"#),
+        "{new}"
+    );
+    assert!(!new.contains(": ") && !new.contains(", "), "{new}");
+    // Read back through the API, both are objects.
+    let id = payrail::domain::webhook::event_id(legacy);
+    let read = app.get(&format!("/api/v1/events/{id}")).await;
+    assert_eq!(read.status, 200, "{}", read.body);
+    assert_eq!(
+        read.body["data"]["object"],
+        json!({ "id": "pay_legacy", "note": "a  b", "n": [1, 2] })
+    );
+    let list = app.get("/api/v1/events?limit=10").await;
+    let types: Vec<&str> = list.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert_eq!(
+        types,
+        ["payment.legacy", "payment.captured", "payment.created"],
+        "{}",
+        list.body
+    );
+    assert_eq!(
+        list.body["data"][2]["data"]["object"]["amount"]["value"], 700,
+        "{}",
+        list.body
+    );
 }
 
 /// An event that comes while the commit storing its payment's PSP reference still waits for its

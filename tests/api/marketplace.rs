@@ -138,7 +138,7 @@ async fn a_platform_creates_reads_lists_and_updates_its_accounts_and_no_one_else
     let db = app.sql().await;
     let kinds: Vec<String> = db
         .query(
-            "SELECT event_type FROM outbox WHERE event_type LIKE 'account.%' AND payload->>'id' = $1 ORDER BY id",
+            "SELECT event_type FROM outbox WHERE event_type LIKE 'account.%' AND body->>'id' = $1 ORDER BY id",
             &[&id],
         )
         .await
@@ -786,7 +786,7 @@ async fn payouts_leave_the_available_balance_and_come_back_if_they_fail() {
     let db = app.sql().await;
     let kinds: Vec<String> = db
         .query(
-            "SELECT event_type FROM outbox WHERE event_type LIKE 'payout.%' AND payload->>'id' = $1 ORDER BY id",
+            "SELECT event_type FROM outbox WHERE event_type LIKE 'payout.%' AND body->>'id' = $1 ORDER BY id",
             &[&id],
         )
         .await

@@ -251,7 +251,7 @@ async fn the_triggers_of_every_payment_probe_indexes_on_a_new_database() {
             "INSERT INTO entries (journal_id, account, currency, debit, credit)
              SELECT * FROM unnest(ARRAY['jr_plan', 'jr_plan'], ARRAY['psp_clearing', 'seller_pending:acct_x'],
                                   ARRAY['USD', 'USD'], ARRAY[100, 0]::bigint[], ARRAY[0, 100]::bigint[]);
-             INSERT INTO outbox (merchant_id, payment_id, event_type, payload)
+             INSERT INTO outbox (merchant_id, payment_id, event_type, body)
              SELECT merchant_id, id, 'payment.plan', '{}' FROM payments WHERE id = '$p';
              SET CONSTRAINTS ALL IMMEDIATE;"
                 .replace("$p", &p)

@@ -256,8 +256,8 @@ const JOURNALS: &str = "INSERT INTO journals (id, payment_id, merchant_id, kind,
 const ENTRIES: &str = "INSERT INTO entries (journal_id, account, currency, debit, credit)
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[])";
 
-const OUTBOX: &str = "INSERT INTO outbox (merchant_id, payment_id, event_type, payload)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])";
+const OUTBOX: &str = "INSERT INTO outbox (merchant_id, payment_id, event_type, body)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::json[])";
 
 /// Only while the key is still in flight and still holds the request's fence: a key taken over
 /// by a newer request (its lease ran out while this one waited) is not ours to complete, and

@@ -130,6 +130,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "ledger_checks",
         include_str!("../../../migrations/V19__ledger_checks.sql"),
     ),
+    (
+        20,
+        "outbox_json_body",
+        include_str!("../../../migrations/V20__outbox_json_body.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.

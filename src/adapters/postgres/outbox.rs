@@ -10,7 +10,7 @@ pub struct OutboxRow {
     pub id: i64,
     pub merchant_id: String,
     pub event_type: String,
-    /// As stored, compacted: published without being parsed.
+    /// As stored (compacted, for an event stored as jsonb): published without being parsed.
     pub payload: Box<RawValue>,
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
@@ -44,7 +44,8 @@ impl Db {
         // lag behind a burst of events.
         let rows = tx
             .query(
-                "SELECT id, merchant_id, event_type, payload::text, created_at FROM outbox WHERE id = ANY($1) ORDER BY id",
+                "SELECT id, merchant_id, event_type, body::text, payload::text, created_at
+                 FROM outbox WHERE id = ANY($1) ORDER BY id",
                 &[&pending],
             )
             .await
@@ -52,14 +53,19 @@ impl Db {
         let rows: Vec<OutboxRow> = rows
             .iter()
             .map(|r| {
-                let text: &str = r.get(3);
+                // `body` is the text payrail wrote (compact); `payload`, of events written
+                // before V20, is jsonb's text, with spaces.
+                let text = match (r.get::<_, Option<String>>(3), r.get::<_, Option<&str>>(4)) {
+                    (Some(body), _) => body,
+                    (None, Some(payload)) => crate::domain::webhook::compact_json(payload),
+                    (None, None) => return Err(StoreError::Broken),
+                };
                 Ok(OutboxRow {
                     id: r.get(0),
                     merchant_id: r.get(1),
                     event_type: r.get(2),
-                    payload: RawValue::from_string(crate::domain::webhook::compact_json(text))
-                        .map_err(|_| StoreError::Broken)?,
-                    created_at: r.get(4),
+                    payload: RawValue::from_string(text).map_err(|_| StoreError::Broken)?,
+                    created_at: r.get(5),
                 })
             })
             .collect::<Result<_, StoreError>>()?;
@@ -82,7 +88,7 @@ pub(super) async fn insert_event(
     payload: &serde_json::Value,
 ) -> Result<(), StoreError> {
     tx.execute(
-        "INSERT INTO outbox (merchant_id, event_type, payload) VALUES ($1, $2, $3)",
+        "INSERT INTO outbox (merchant_id, event_type, body) VALUES ($1, $2, $3)",
         &[&merchant, &kind, payload],
     )
     .await

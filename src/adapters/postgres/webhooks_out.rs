@@ -234,7 +234,7 @@ impl Db {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT id, event_type, payload, created_at FROM outbox
+                "SELECT id, event_type, coalesce(body::text, payload::text), created_at FROM outbox
                  WHERE merchant_id = $1
                    AND ($2::bigint IS NULL OR id < $2)
                    AND ($3::text IS NULL OR event_type = $3)
@@ -259,19 +259,25 @@ impl Db {
             .await
             .map_err(pg_error)?;
         let more = rows.len() as i64 > f.limit;
-        Ok((rows.iter().take(f.limit as usize).map(event_from_row).collect(), more))
+        let events = rows
+            .iter()
+            .take(f.limit as usize)
+            .map(event_from_row)
+            .collect::<Result<_, _>>()?;
+        Ok((events, more))
     }
 
     pub async fn event(&self, merchant: &MerchantId, id: i64) -> Result<Option<EventRow>, StoreError> {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT id, event_type, payload, created_at FROM outbox WHERE id = $1 AND merchant_id = $2",
+                "SELECT id, event_type, coalesce(body::text, payload::text), created_at FROM outbox
+                 WHERE id = $1 AND merchant_id = $2",
                 &[&id, &merchant.as_str()],
             )
             .await
             .map_err(pg_error)?;
-        Ok(row.as_ref().map(event_from_row))
+        row.as_ref().map(event_from_row).transpose()
     }
 
     /// One event by its row id, whoever's it is (the webhook dispatcher's fallback).
@@ -279,12 +285,12 @@ impl Db {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT id, event_type, payload, created_at FROM outbox WHERE id = $1",
+                "SELECT id, event_type, coalesce(body::text, payload::text), created_at FROM outbox WHERE id = $1",
                 &[&id],
             )
             .await
             .map_err(pg_error)?;
-        Ok(row.as_ref().map(event_from_row))
+        row.as_ref().map(event_from_row).transpose()
     }
 
     /// Deletes published events committed before `cutoff`, at most `limit`, from the oldest
@@ -539,7 +545,7 @@ impl Db {
                  FROM due, outbox o, webhook_endpoints w
                  WHERE d.id = due.id AND o.id = d.event_id AND w.id = d.endpoint_id
                  RETURNING d.id, d.endpoint_id, w.merchant_id, d.attempts, d.retry_until,
-                           o.id, o.event_type, o.payload, o.created_at",
+                           o.id, o.event_type, coalesce(o.body::text, o.payload::text), o.created_at",
             )
             .await
             .map_err(pg_error)?;
@@ -547,22 +553,23 @@ impl Db {
             .query(&stmt, &[&limit, &interval(lease), &skip])
             .await
             .map_err(pg_error)?;
-        Ok(rows
-            .iter()
-            .map(|r| DueDelivery {
-                id: r.get(0),
-                endpoint_id: r.get(1),
-                merchant_id: r.get(2),
-                attempts: r.get(3),
-                retry_until: r.get(4),
-                event: EventRow {
-                    id: r.get(5),
-                    event_type: r.get(6),
-                    payload: r.get(7),
-                    created_at: r.get(8),
-                },
+        rows.iter()
+            .map(|r| {
+                Ok(DueDelivery {
+                    id: r.get(0),
+                    endpoint_id: r.get(1),
+                    merchant_id: r.get(2),
+                    attempts: r.get(3),
+                    retry_until: r.get(4),
+                    event: EventRow {
+                        id: r.get(5),
+                        event_type: r.get(6),
+                        payload: event_payload(r, 7)?,
+                        created_at: r.get(8),
+                    },
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// Gives back deliveries a node claimed but had no room for: due again after `delay`
@@ -697,7 +704,7 @@ impl Db {
                     "failing_since": crate::domain::record::timestamp(since),
                 });
                 tx.execute(
-                    "INSERT INTO outbox (merchant_id, event_type, payload) VALUES ($1, 'webhook_endpoint.disabled', $2)",
+                    "INSERT INTO outbox (merchant_id, event_type, body) VALUES ($1, 'webhook_endpoint.disabled', $2)",
                     &[&merchant_id, &object],
                 )
                 .await
@@ -805,13 +812,19 @@ impl Db {
     }
 }
 
-fn event_from_row(r: &tokio_postgres::Row) -> EventRow {
-    EventRow {
+fn event_from_row(r: &tokio_postgres::Row) -> Result<EventRow, StoreError> {
+    Ok(EventRow {
         id: r.get(0),
         event_type: r.get(1),
-        payload: r.get(2),
+        payload: event_payload(r, 2)?,
         created_at: r.get(3),
-    }
+    })
+}
+
+/// An event's object from its stored text (`body`, or the jsonb `payload` of an event written
+/// before V20), its keys in the order they were written.
+fn event_payload(r: &tokio_postgres::Row, i: usize) -> Result<Value, StoreError> {
+    serde_json::from_str(r.get::<_, &str>(i)).map_err(|_| StoreError::Broken)
 }
 
 /// Ends the pending deliveries of `endpoints` as failed, with `why`.
