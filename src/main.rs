@@ -90,6 +90,9 @@ async fn ledger_verify(config: &Config) -> ExitCode {
     for j in &report.unbalanced_journals {
         println!("UNBALANCED journal {j}");
     }
+    for j in &report.orphan_entries {
+        println!("ORPHAN entries of journal {j}, which does not exist");
+    }
     if report.is_clean() {
         println!("ledger verify: clean");
         ExitCode::SUCCESS

@@ -310,6 +310,32 @@ async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() 
         assert_eq!(said, "an entry names an unknown journal jr_nowhere", "{case}");
     }
 
+    // Nor can entries name a journal another transaction has written and not yet committed.
+    let mut other = app.sql().await;
+    let pending = other.transaction().await.unwrap();
+    pending
+        .execute(
+            "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
+             VALUES ('jr_uncommitted', $1, $2, 'refund', 'uncommitted', 'USD', now())",
+            &[&p, &merchant],
+        )
+        .await
+        .unwrap();
+    let err = db
+        .execute(
+            "INSERT INTO entries (journal_id, account, currency, debit, credit) VALUES
+             ('jr_uncommitted', 'psp_clearing', 'USD', 100, 0), ('jr_uncommitted', 'platform_fee_revenue', 'USD', 0, 100)",
+            &[],
+        )
+        .await
+        .expect_err("a journal not committed yet");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
+        "{err}"
+    );
+    drop(pending);
+
     // A journal with no entries at all is refused at commit, and so is one whose only entries
     // were refused.
     for with_refused_entries in [false, true] {
@@ -411,6 +437,21 @@ async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() 
     let report = app.state.db.verify_ledger().await.unwrap();
     assert!(!report.is_clean());
     assert_eq!(report.mismatched_accounts.len(), 2, "{report:?}");
+    assert!(report.orphan_entries.is_empty(), "{report:?}");
+
+    // Entries of a journal that does not exist, slipped in around the triggers (as a restore
+    // with triggers off could): the database refuses them as written, and verify finds them.
+    let tx = db.transaction().await.unwrap();
+    tx.batch_execute(
+        "SET LOCAL session_replication_role = replica;
+         INSERT INTO entries (journal_id, account, currency, debit, credit) VALUES
+         ('jr_orphan', 'psp_clearing', 'USD', 5, 0), ('jr_orphan', 'platform_fee_revenue', 'USD', 0, 5)",
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let report = app.state.db.verify_ledger().await.unwrap();
+    assert_eq!(report.orphan_entries, ["jr_orphan"], "{report:?}");
 }
 
 #[actix_web::test]

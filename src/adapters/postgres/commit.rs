@@ -98,8 +98,8 @@ pub struct ProcessedEvent {
 #[derive(Debug, Clone)]
 pub struct OutboxEvent {
     pub event_type: String,
-    /// The object as JSON text: a commit carries it to the database, which keeps it as `jsonb`,
-    /// and nothing reads it back before then.
+    /// The object as JSON text: a commit carries it to the database, which keeps it as this
+    /// text (`outbox.body`, `json`), and nothing reads it back before then.
     pub payload: Box<RawValue>,
 }
 

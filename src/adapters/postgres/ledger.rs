@@ -87,6 +87,9 @@ pub struct LedgerReport {
     pub mismatched_accounts: Vec<(String, String, i128, i128, i128, i128)>,
     /// Journals whose entries do not balance.
     pub unbalanced_journals: Vec<String>,
+    /// Journal ids that entries name and no journal has (the database refuses such an entry
+    /// as it is written; this finds one that came in around the triggers, by a restore say).
+    pub orphan_entries: Vec<String>,
     pub journals: i64,
     pub entries: i64,
 }
@@ -96,6 +99,7 @@ impl LedgerReport {
         self.imbalance_by_currency.iter().all(|(_, d)| *d == 0)
             && self.mismatched_accounts.is_empty()
             && self.unbalanced_journals.is_empty()
+            && self.orphan_entries.is_empty()
     }
 }
 
@@ -155,6 +159,18 @@ impl Db {
             .map_err(pg_error)?
         {
             report.unbalanced_journals.push(row.get(0));
+        }
+        for row in client
+            .query(
+                "SELECT DISTINCT e.journal_id FROM entries e
+                 WHERE NOT EXISTS (SELECT 1 FROM journals j WHERE j.id = e.journal_id)
+                 ORDER BY 1 LIMIT 1000",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?
+        {
+            report.orphan_entries.push(row.get(0));
         }
         let counts = client
             .query_one(

@@ -135,6 +135,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "outbox_json_body",
         include_str!("../../../migrations/V20__outbox_json_body.sql"),
     ),
+    (
+        21,
+        "outbox_json_body_validated",
+        include_str!("../../../migrations/V21__outbox_json_body_validated.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.
