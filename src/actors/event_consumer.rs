@@ -152,20 +152,24 @@ impl Worker {
                 };
                 // The batch's events for different payments run at once; one payment's events
                 // keep their order (the batch arrives in stream order, grouped by reference).
-                let mut groups: Vec<(String, Vec<async_nats::jetstream::Message>)> = Vec::new();
+                // Each envelope is read once, here; an unreadable one is parked.
+                type Delivery = (
+                    async_nats::jetstream::Message,
+                    Result<PspEvent, rmp_serde::decode::Error>,
+                );
+                let mut groups: Vec<(String, Vec<Delivery>)> = Vec::new();
                 for m in messages {
-                    let key = rmp_serde::from_slice::<PspEvent>(&m.payload)
-                        .map(|e| e.reference)
-                        .unwrap_or_default();
+                    let event = rmp_serde::from_slice::<PspEvent>(&m.payload);
+                    let key = event.as_ref().map(|e| e.reference.clone()).unwrap_or_default();
                     match groups.iter_mut().find(|(k, _)| *k == key) {
-                        Some((_, g)) => g.push(m),
-                        None => groups.push((key, vec![m])),
+                        Some((_, g)) => g.push((m, event)),
+                        None => groups.push((key, vec![(m, event)])),
                     }
                 }
                 let this = &self;
                 futures_util::future::join_all(groups.into_iter().map(|(_, group)| async move {
-                    for message in group {
-                        this.settle(&message).await;
+                    for (message, event) in group {
+                        this.settle(&message, event).await;
                     }
                 }))
                 .await;
@@ -174,9 +178,13 @@ impl Worker {
     }
 
     /// Handles one delivery and acks or NAKs it.
-    async fn settle(&self, message: &async_nats::jetstream::Message) {
+    async fn settle(
+        &self,
+        message: &async_nats::jetstream::Message,
+        event: Result<PspEvent, rmp_serde::decode::Error>,
+    ) {
         self.mailbox.sent();
-        let verdict = AssertUnwindSafe(self.handle(message)).catch_unwind().await;
+        let verdict = AssertUnwindSafe(self.handle(message, event)).catch_unwind().await;
         self.mailbox.received("psp_event");
         let verdict = verdict.unwrap_or_else(|_| {
             tracing::error!(
@@ -278,9 +286,14 @@ impl Worker {
         self.metrics.psp_event(provider, outcome);
     }
 
-    async fn handle(&self, message: &async_nats::jetstream::Message) -> Verdict {
+    /// `event` is the message's envelope, as the batch read it.
+    async fn handle(
+        &self,
+        message: &async_nats::jetstream::Message,
+        event: Result<PspEvent, rmp_serde::decode::Error>,
+    ) -> Verdict {
         let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
-        let event: PspEvent = match rmp_serde::from_slice::<PspEvent>(&message.payload) {
+        let event: PspEvent = match event {
             // The sandbox-only supervision drill: panics on the first delivery only.
             Ok(e) if e.provider == "sandbox" && e.event_type == CONSUMER_PANIC_ONCE && delivered == 1 => {
                 panic!("sandbox: {CONSUMER_PANIC_ONCE} panics once inside the event consumer")

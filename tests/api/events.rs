@@ -633,6 +633,54 @@ async fn a_refund_confirmation_racing_the_api_response_posts_once() {
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
 }
 
+/// An envelope no consumer can read (not MessagePack, or not a PSP event) is parked as a dead
+/// letter on its first delivery, its bytes kept, and acknowledged: it never blocks the events
+/// behind it on its partition, which are applied.
+#[actix_web::test]
+async fn an_unreadable_envelope_is_parked_at_once_and_the_events_behind_it_go_on() {
+    let app = spawn_app().await;
+    let nats = &app.state.nats;
+    for partition in 0..app.state.config.nats.partitions {
+        nats.jetstream
+            .publish(nats.psp_subject(partition, "sandbox"), "not an envelope".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let r = app.pay(900, "pm_card_visa", "automatic", true).await;
+    let p = r.body["payment_id"].as_str().unwrap().to_owned();
+    wait_for("the payment's own event", async || {
+        let db = app.sql().await;
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM processed_events WHERE payment_id = $1", &[&p])
+            .await
+            .unwrap()
+            .get(0);
+        n == 1
+    })
+    .await;
+    let token = app.state.config.admin.token.clone();
+    let partitions = i64::from(app.state.config.nats.partitions);
+    wait_for("every unreadable envelope parked", async || {
+        app.request("GET", "/admin/v1/dead_letters", Some(&token), None, None)
+            .await
+            .body["total"]
+            == partitions
+    })
+    .await;
+    let db = app.sql().await;
+    let rows = db
+        .query("SELECT reason, deliveries, raw FROM dead_letters", &[])
+        .await
+        .unwrap();
+    for row in rows {
+        let (reason, deliveries, raw): (String, i32, Vec<u8>) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!((reason.as_str(), deliveries), ("unreadable envelope", 1));
+        assert_eq!(raw, b"not an envelope");
+    }
+}
+
 /// Waits until the relay has published every committed event.
 async fn outbox_drained(app: &TestApp) {
     let db = app.sql().await;
