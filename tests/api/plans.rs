@@ -36,9 +36,9 @@ fn parameters(sql: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// What is wrong with a plan (`EXPLAIN (COSTS OFF)` lines), if anything: a sequential scan or
-/// an index scan without a condition over a growing table, a bitmap scan of a whole index, or a
-/// hash or merge join.
+/// What is wrong with a plan (`EXPLAIN (COSTS OFF)` lines), if anything: a sequential or bitmap
+/// scan of a growing table, an index scan of one without a condition, a bitmap index scan
+/// without a condition (of any table: it reads the whole index), or a hash or merge join.
 fn faults(plan: &[String]) -> Vec<String> {
     let mut found = Vec::new();
     for (i, line) in plan.iter().enumerate() {
