@@ -184,6 +184,18 @@ async fn a_lost_acknowledgement_retried_with_the_same_key_posts_one_journal() {
     assert_eq!(n, 1);
 }
 
+/// Writes a refund journal of `payment` in USD, its correlation its own id, with no entries:
+/// what a writer going around payrail could.
+async fn forge_journal(c: &impl tokio_postgres::GenericClient, id: &str, payment: &str, merchant: &str) {
+    c.execute(
+        "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
+         VALUES ($1, $2, $3, 'refund', $1, 'USD', now())",
+        &[&id, &payment, &merchant],
+    )
+    .await
+    .unwrap();
+}
+
 #[actix_web::test]
 async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() {
     let app = spawn_app().await;
@@ -199,13 +211,7 @@ async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() 
 
     // Refused when the statement that wrote the entries ends.
     let tx = db.transaction().await.unwrap();
-    tx.execute(
-        "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
-         VALUES ('jr_forged', $1, $2, 'refund', 'forged', 'USD', now())",
-        &[&p, &merchant],
-    )
-    .await
-    .unwrap();
+    forge_journal(&tx, "jr_forged", &p, &merchant).await;
     let err = tx
         .execute(
             "INSERT INTO entries (journal_id, account, currency, debit, credit) VALUES
@@ -235,14 +241,8 @@ async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() 
         ),
     ] {
         let tx = db.transaction().await.unwrap();
-        tx.execute(
-            "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
-             VALUES ('jr_forged', $1, $2, 'refund', 'forged', 'USD', now()),
-                    ('jr_good', $1, $2, 'refund', 'good', 'USD', now())",
-            &[&p, &merchant],
-        )
-        .await
-        .unwrap();
+        forge_journal(&tx, "jr_forged", &p, &merchant).await;
+        forge_journal(&tx, "jr_good", &p, &merchant).await;
         let err = tx
             .execute(
                 &format!("INSERT INTO entries (journal_id, account, currency, debit, credit) VALUES {entries}"),
@@ -313,14 +313,7 @@ async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() 
     // Nor can entries name a journal another transaction has written and not yet committed.
     let mut other = app.sql().await;
     let pending = other.transaction().await.unwrap();
-    pending
-        .execute(
-            "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
-             VALUES ('jr_uncommitted', $1, $2, 'refund', 'uncommitted', 'USD', now())",
-            &[&p, &merchant],
-        )
-        .await
-        .unwrap();
+    forge_journal(&pending, "jr_uncommitted", &p, &merchant).await;
     let err = db
         .execute(
             "INSERT INTO entries (journal_id, account, currency, debit, credit) VALUES
@@ -340,13 +333,7 @@ async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() 
     // were refused.
     for with_refused_entries in [false, true] {
         let mut tx = db.transaction().await.unwrap();
-        tx.execute(
-            "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
-             VALUES ('jr_empty', $1, $2, 'refund', 'empty', 'USD', now())",
-            &[&p, &merchant],
-        )
-        .await
-        .unwrap();
+        forge_journal(&tx, "jr_empty", &p, &merchant).await;
         if with_refused_entries {
             let sp = tx.savepoint("entries").await.unwrap();
             sp.execute(
@@ -419,13 +406,7 @@ async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() 
     );
     // A balanced journal slipped in past the ledger's balances is caught by verify.
     let tx = db.transaction().await.unwrap();
-    tx.execute(
-        "INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
-         VALUES ('jr_sideways', $1, $2, 'refund', 'sideways', 'USD', now())",
-        &[&p, &merchant],
-    )
-    .await
-    .unwrap();
+    forge_journal(&tx, "jr_sideways", &p, &merchant).await;
     tx.execute(
         "INSERT INTO entries (journal_id, account, currency, debit, credit) VALUES
          ('jr_sideways', 'psp_clearing', 'USD', 7, 0), ('jr_sideways', 'platform_fee_revenue', 'USD', 0, 7)",
