@@ -52,12 +52,12 @@ def main():
         down_webhook, down_webhook_s = signed_webhook(server.port, secret)
         ready_down = drill.request(server.port, "GET", "/readyz")[0]
         created = [drill.create_confirm(server.port, 500 + i, f"nats-drill-{i}")[0] for i in range(20)]
-        waiting = int(drill.psql(db, "SELECT count(*) FROM outbox_pending"))
+        waiting = int(drill.psql(db, "SELECT count(*) FROM outbox_waiting"))
         nats = nats_server(nport, store)
         back = time.monotonic()
         caught_up_s, accepted = None, None
         while time.monotonic() - back < 30:
-            if caught_up_s is None and int(drill.psql(db, "SELECT count(*) FROM outbox_pending")) == 0:
+            if caught_up_s is None and int(drill.psql(db, "SELECT count(*) FROM outbox_waiting")) == 0:
                 caught_up_s = time.monotonic() - back
             if accepted is None and signed_webhook(server.port, secret)[0] == 200:
                 accepted = time.monotonic() - back

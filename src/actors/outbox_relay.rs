@@ -1,29 +1,57 @@
 //! `OutboxRelay`: publishes committed outbox rows to `{prefix}.events.<merchant>` on the
-//! `{prefix}_EVENTS` stream, in id order and pipelined, `Nats-Msg-Id` = `outbox-<id>`, and marks
-//! the acknowledged ones sent. A commit that writes outbox rows wakes it; otherwise it polls.
-//! Downstream consumers are at-least-once and idempotent (docs/DESIGN.md). Bounded: `BATCH` rows
-//! a round; with NATS or PostgreSQL down it backs off (capped) and catches up afterwards.
+//! `{prefix}_EVENTS` stream, in the order of the transactions that wrote them and pipelined,
+//! `Nats-Msg-Id` = `outbox-<id>`, and moves its cursor past the acknowledged ones. A commit that
+//! writes outbox rows wakes it; otherwise it polls. Events that an older, still running
+//! transaction holds back are looked at again within milliseconds. Downstream consumers are
+//! at-least-once and idempotent (docs/DESIGN.md). Bounded: `BATCH` rows a round; with NATS or
+//! PostgreSQL down it backs off (capped) and catches up afterwards.
 
 use std::time::Duration;
 
 use crate::adapters::nats::Nats;
-use crate::adapters::postgres::outbox::OutboxRow;
+use crate::adapters::postgres::outbox::{OutboxRow, Relayed};
 use crate::adapters::postgres::Db;
 
 const BATCH: i64 = 500;
 const IDLE: Duration = Duration::from_millis(200);
+/// The first wait for a transaction that holds committed events back (a batch in flight ends
+/// within milliseconds); doubled while the same wait goes on, up to [`HELD_MAX`].
+const HELD_MIN: Duration = Duration::from_millis(1);
+const HELD_MAX: Duration = Duration::from_millis(100);
 
 pub fn spawn(db: Db, nats: Nats, shutdown: crate::shutdown::Shutdown) {
     actix_rt::spawn(async move {
         let _running = shutdown.enter();
         let mut backoff = IDLE;
+        let mut held = HELD_MIN;
         while !shutdown.is_stopping() {
             let nats_ref = &nats;
             let round = db
                 .relay_outbox(BATCH, |rows| async move { publish_in_order(nats_ref, &rows).await })
                 .await;
+            if !matches!(
+                round,
+                Ok(Relayed {
+                    held: true,
+                    published: 0,
+                    ..
+                })
+            ) {
+                held = HELD_MIN;
+            }
             backoff = match round {
-                Ok(n) if n as i64 == BATCH => Duration::ZERO,
+                Ok(r) if r.published as i64 == BATCH => Duration::ZERO,
+                // Events wait behind a transaction still running: look again soon, or as soon
+                // as a commit writes events (often the very transaction that held them).
+                Ok(r) if r.held => {
+                    let wait = held;
+                    held = (held * 2).min(HELD_MAX);
+                    tokio::select! {
+                        _ = db.outbox_wait(wait) => {}
+                        _ = shutdown.sleep(wait) => {}
+                    }
+                    continue;
+                }
                 Ok(_) => IDLE,
                 Err(_) => (backoff * 2).clamp(IDLE, Duration::from_secs(5)),
             };

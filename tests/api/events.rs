@@ -686,7 +686,7 @@ async fn outbox_drained(app: &TestApp) {
     let db = app.sql().await;
     wait_for("the outbox to drain", async || {
         let n: i64 = db
-            .query_one("SELECT count(*) FROM outbox_pending", &[])
+            .query_one("SELECT count(*) FROM outbox_waiting", &[])
             .await
             .unwrap()
             .get(0);
@@ -709,6 +709,59 @@ async fn the_outbox_relay_publishes_each_committed_event_to_the_merchants_subjec
     assert_eq!(first.subject.as_str(), format!("{}.events.{merchant}", nats.prefix));
     let body: Value = serde_json::from_slice(&first.payload).unwrap();
     assert_eq!(body["type"], "payment.created");
+}
+
+/// The relay's cursor never passes an event that is not yet committed. A transaction writes an
+/// event (the lower id) and stays open while a payment commits two more after it: a relay
+/// following ids would publish those and step over the first, which it could then never
+/// publish. This one holds the payment's events back until the older transaction ends, then
+/// publishes all three in the order of their transactions.
+#[actix_web::test]
+async fn an_event_of_a_transaction_still_open_is_not_passed_by_the_events_committed_after_it() {
+    let app = spawn_app_with(|c| c.psp.sandbox.webhooks = false).await;
+    let merchant = app.pay(700, "pm_card_visa", "automatic", true).await.body["merchant_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    outbox_drained(&app).await;
+    let nats = &app.state.nats;
+    let mut stream = nats.jetstream.get_stream(nats.events_stream()).await.unwrap();
+    let mut open = app.sql().await;
+    let older = open.transaction().await.unwrap();
+    let first: i64 = older
+        .query_one(
+            "INSERT INTO outbox (merchant_id, event_type, body) VALUES ($1, 'test.older', '{}') RETURNING id",
+            &[&merchant],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let paid = app.pay(800, "pm_card_visa", "automatic", true).await;
+    assert_eq!(paid.status, 201);
+    let db = app.sql().await;
+    // The payment's events are committed, after the open transaction's in id order too, and
+    // wait: the relay has seen them and holds them back.
+    let (waiting, after): (i64, i64) = {
+        let r = db
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE id > $1) FROM outbox_waiting",
+                &[&first],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((waiting, after), (2, 2));
+    older.commit().await.unwrap();
+    outbox_drained(&app).await;
+    let mut types = Vec::new();
+    for seq in 3..=5 {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        let body: Value = serde_json::from_slice(&m.payload).unwrap();
+        types.push(body["type"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(types, ["test.older", "payment.created", "payment.captured"]);
+    assert_eq!(stream.info().await.unwrap().state.messages, 5);
 }
 
 /// Events are stored as the text payrail wrote (`body`, json); one stored before that (a jsonb

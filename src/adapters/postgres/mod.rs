@@ -140,6 +140,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "outbox_json_body_validated",
         include_str!("../../../migrations/V21__outbox_json_body_validated.sql"),
     ),
+    (
+        22,
+        "outbox_cursor",
+        include_str!("../../../migrations/V22__outbox_cursor.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.

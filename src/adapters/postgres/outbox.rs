@@ -15,42 +15,78 @@ pub struct OutboxRow {
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// The relay's transaction-scoped advisory lock: one node relays at a time (the node lock is
+/// 7423002, the migration lock 7423001). Taking it gives the round no transaction id of its own.
+const RELAY_LOCK: i64 = 7_423_003;
+
+/// A relay round's first statement: the relay's lock, the cursor, and the planner's settings
+/// for the round's read, which must walk the `outbox_relay` index from the cursor and stop at
+/// its limit. A new database's statistics make a bitmap scan and a sort look cheaper, which
+/// would read every event after the cursor (all of them, after an outage of NATS) per round.
+pub const RELAY_BEGIN: &str = "SELECT pg_try_advisory_xact_lock($1), tx::text, id,
+        set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)
+    FROM outbox_cursor";
+
+/// The events after the relay's cursor, in its order, each with whether every transaction up to
+/// its own has ended. On the `outbox_relay` index, the cursor's position its condition.
+pub const RELAY_READ: &str = "SELECT id, merchant_id, event_type, body::text, payload::text, created_at,
+        tx::text AS position, tx < pg_snapshot_xmin(pg_current_snapshot())
+    FROM outbox WHERE tx IS NOT NULL AND (tx, id) > ($1::text::xid8, $2)
+    ORDER BY tx, id LIMIT $3";
+
+/// One relay round's outcome.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Relayed {
+    /// Events published and passed by the cursor.
+    pub published: usize,
+    /// Events committed after the cursor but held back: an older transaction still runs, so a
+    /// later round publishes them (in transaction order) once it has ended.
+    pub held: bool,
+    /// Another node's relay holds the cursor.
+    pub busy: bool,
+}
+
 impl Db {
-    /// Takes up to `limit` unpublished events (their `outbox_pending` rows locked, skipping rows
-    /// another node holds), hands them to `publish`, and deletes the pending rows of the ones it
-    /// returns, all in one transaction: a crash in between publishes them again, which
-    /// `Nats-Msg-Id` dedupes. The event rows themselves are never written to again.
-    pub async fn relay_outbox<F, Fut>(&self, limit: i64, publish: F) -> Result<usize, StoreError>
+    /// Publishes up to `limit` events after the relay's cursor (migration V22), in the order
+    /// of the transactions that wrote them, then of their ids, and moves the cursor past those
+    /// `publish` returns, all in one transaction under the relay's lock.
+    ///
+    /// Only events of transactions older than every transaction still running are taken
+    /// (`tx < pg_snapshot_xmin`): those have ended, and every event written from now on, by a
+    /// transaction running or not yet begun, has a higher `tx`, so none can ever land behind
+    /// the cursor. A crash before COMMIT publishes them again, which `Nats-Msg-Id` dedupes.
+    /// The event rows themselves are never written to.
+    pub async fn relay_outbox<F, Fut>(&self, limit: i64, publish: F) -> Result<Relayed, StoreError>
     where
         F: FnOnce(Vec<OutboxRow>) -> Fut,
         Fut: std::future::Future<Output = Vec<i64>>,
     {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        let pending: Vec<i64> = tx
-            .query(
-                "SELECT id FROM outbox_pending ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                &[&limit],
-            )
-            .await
-            .map_err(pg_error)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if pending.is_empty() {
-            return Ok(0);
+        let cursor = tx.query_one(RELAY_BEGIN, &[&RELAY_LOCK]).await.map_err(pg_error)?;
+        if !cursor.get::<_, bool>(0) {
+            return Ok(Relayed {
+                busy: true,
+                ..Relayed::default()
+            });
         }
-        // By primary key: a join is planned as a scan of the whole outbox when its statistics
-        // lag behind a burst of events.
+        let (after_tx, after_id): (String, i64) = (cursor.get(1), cursor.get(2));
+        // Ordered by (tx, id), the events of ended transactions come first; the first one of a
+        // transaction still older than a running one ends the batch.
         let rows = tx
-            .query(
-                "SELECT id, merchant_id, event_type, body::text, payload::text, created_at
-                 FROM outbox WHERE id = ANY($1) ORDER BY id",
-                &[&pending],
-            )
+            .query(RELAY_READ, &[&after_tx, &after_id, &limit])
             .await
             .map_err(pg_error)?;
-        let rows: Vec<OutboxRow> = rows
+        let ready = rows.iter().take_while(|r| r.get::<_, bool>(7)).count();
+        let held = ready < rows.len();
+        if ready == 0 {
+            return Ok(Relayed {
+                held,
+                ..Relayed::default()
+            });
+        }
+        let positions: Vec<(i64, String)> = rows[..ready].iter().map(|r| (r.get(0), r.get(6))).collect();
+        let events: Vec<OutboxRow> = rows[..ready]
             .iter()
             .map(|r| {
                 // `body` is the text payrail wrote (compact); `payload`, of events written
@@ -69,14 +105,29 @@ impl Db {
                 })
             })
             .collect::<Result<_, StoreError>>()?;
-        let published = publish(rows).await;
-        if !published.is_empty() {
-            tx.execute("DELETE FROM outbox_pending WHERE id = ANY($1)", &[&published])
-                .await
-                .map_err(pg_error)?;
-        }
+        let published = publish(events).await;
+        // `publish` acknowledges a prefix of the events, in order: the cursor moves to its last.
+        let Some(last) = published.last() else {
+            return Ok(Relayed {
+                held,
+                ..Relayed::default()
+            });
+        };
+        let Some((_, last_tx)) = positions.iter().find(|(id, _)| id == last) else {
+            return Err(StoreError::Broken);
+        };
+        tx.execute(
+            "UPDATE outbox_cursor SET tx = $1::text::xid8, id = $2",
+            &[last_tx, last],
+        )
+        .await
+        .map_err(pg_error)?;
         tx.commit().await.map_err(pg_error)?;
-        Ok(published.len())
+        Ok(Relayed {
+            published: published.len(),
+            held,
+            busy: false,
+        })
     }
 }
 

@@ -301,9 +301,9 @@ impl Db {
         let gone: Vec<i64> = tx
             .query(
                 "DELETE FROM outbox WHERE id IN (
-                     SELECT id FROM (SELECT id, created_at FROM outbox ORDER BY id LIMIT $2) s
+                     SELECT id FROM (SELECT id, tx, created_at FROM outbox ORDER BY id LIMIT $2) s
                      WHERE s.created_at < $1
-                       AND NOT EXISTS (SELECT 1 FROM outbox_pending p WHERE p.id = s.id)
+                       AND (s.tx IS NULL OR (s.tx, s.id) <= (SELECT c.tx, c.id FROM outbox_cursor c))
                        AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d
                                        WHERE d.event_id = s.id AND d.status = 'pending'))
                  RETURNING id",
