@@ -435,6 +435,115 @@ async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() 
     assert_eq!(report.orphan_entries, ["jr_orphan"], "{report:?}");
 }
 
+/// The references of a payment's rows (its merchant, the payment of an attempt or a journal)
+/// are checked once per statement, without the row locks of foreign keys (migration V23), and
+/// still hold: a row naming what does not exist is refused, the names cannot change, and what
+/// is named can be neither deleted nor truncated.
+#[actix_web::test]
+async fn postgres_itself_refuses_a_payment_attempt_or_journal_naming_what_does_not_exist() {
+    use tokio_postgres::error::SqlState;
+    let app = spawn_app().await;
+    let p = app.pay(5000, "pm_card_visa", "automatic", true).await.body["payment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let merchant = app.get(&format!("/api/v1/payments/{p}")).await.body["merchant_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let db = app.sql().await;
+    let copy = |id: &str, merchant: &str| {
+        format!(
+            "INSERT INTO payments SELECT (jsonb_populate_record(p, jsonb_build_object(
+                 'id', '{id}', 'merchant_id', '{merchant}', 'psp_reference', NULL))).*
+             FROM payments p WHERE p.id = '{p}'"
+        )
+    };
+    let attempt = |id: &str, payment: &str| {
+        format!(
+            "INSERT INTO psp_attempts (id, payment_id, operation, amount, started_at)
+             VALUES ('{id}', '{payment}', 'capture', 100, now())"
+        )
+    };
+    // With balanced entries, in a transaction of its own: a journal without entries is refused
+    // at commit. One without a payment is a payout's.
+    let journal = |id: &str, payment: &str, merchant: &str| {
+        let kind = if payment == "NULL" { "payout" } else { "refund" };
+        format!(
+            "BEGIN;
+             INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
+             VALUES ('{id}', {payment}, '{merchant}', '{kind}', '{id}', 'USD', now());
+             INSERT INTO entries (journal_id, account, currency, debit, credit) VALUES
+             ('{id}', 'psp_clearing', 'USD', 100, 0), ('{id}', 'platform_fee_revenue', 'USD', 0, 100);
+             COMMIT;"
+        )
+    };
+    let refused = [
+        ("a payment of no merchant", copy("pay_orphan", "mer_nobody")),
+        ("an attempt of no payment", attempt("att_orphan", "pay_nowhere")),
+        (
+            "a journal of no payment",
+            journal("jr_orphan", "'pay_nowhere'", &merchant),
+        ),
+        ("a journal of no merchant", journal("jr_orphan", "NULL", "mer_nobody")),
+        (
+            "a payment moved to another merchant",
+            format!("UPDATE payments SET merchant_id = 'mer_nobody' WHERE id = '{p}'"),
+        ),
+        (
+            "an attempt moved to another payment",
+            format!("UPDATE psp_attempts SET payment_id = 'pay_nowhere' WHERE payment_id = '{p}'"),
+        ),
+        (
+            "a named merchant deleted",
+            format!("DELETE FROM merchants WHERE id = '{merchant}'"),
+        ),
+        (
+            "a named payment deleted",
+            format!("DELETE FROM payments WHERE id = '{p}'"),
+        ),
+    ];
+    for (case, sql) in &refused {
+        let err = db.batch_execute(sql).await.expect_err(case);
+        // A failed statement inside BEGIN leaves the transaction aborted: end it.
+        db.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!(err.code(), Some(&SqlState::FOREIGN_KEY_VIOLATION), "{case}: {err}");
+    }
+    for table in ["payments", "merchants"] {
+        let err = db
+            .batch_execute(&format!("TRUNCATE {table} CASCADE"))
+            .await
+            .expect_err(table);
+        assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{table}: {err}");
+    }
+    // The same statements naming what exists are accepted: the checks refuse only the missing.
+    for (case, sql) in [
+        ("a payment of the merchant", copy("pay_copy", &merchant)),
+        ("an attempt of the payment", attempt("att_copy", &p)),
+        (
+            "a journal of the payment",
+            journal("jr_payment", &format!("'{p}'"), &merchant),
+        ),
+        (
+            "a journal of the merchant alone",
+            journal("jr_payout", "NULL", &merchant),
+        ),
+    ] {
+        db.batch_execute(&sql).await.unwrap_or_else(|e| panic!("{case}: {e}"));
+    }
+    // In one statement, one missing reference among good ones fails the whole statement.
+    let err = db
+        .batch_execute(&format!(
+            "INSERT INTO psp_attempts (id, payment_id, operation, amount, started_at)
+             VALUES ('att_good', '{p}', 'capture', 100, now()), ('att_bad', 'pay_nowhere', 'capture', 100, now())"
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::FOREIGN_KEY_VIOLATION), "{err}");
+    let said = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    assert_eq!(said, "a PSP attempt names an unknown payment pay_nowhere");
+}
+
 #[actix_web::test]
 async fn a_batch_dropped_mid_flight_leaves_no_transaction_open_and_commits_nothing() {
     // A batch's transaction opens in the same stream as its statements. If the batch's future

@@ -201,8 +201,8 @@ async fn explaining_session(
 }
 
 /// The triggers a payment's batch fires (the audit trail's payment check, the entries' balance
-/// and journal checks, the sellers' pending funds, and the deferred per-journal check at
-/// commit) plan their queries once per session and keep the plan. Planned on
+/// and journal checks, the sellers' pending funds, the references of payments, attempts and
+/// journals, and the deferred per-journal check at commit) plan their queries once per session and keep the plan. Planned on
 /// a new database, each must still probe an index per row: a plan that reads a whole table (a
 /// bitmap scan over a whole index is one) would then run on every batch as the table grows.
 #[actix_web::test]
@@ -262,6 +262,8 @@ async fn the_triggers_of_every_payment_probe_indexes_on_a_new_database() {
                                   ARRAY['USD', 'USD'], ARRAY[100, 0]::bigint[], ARRAY[0, 100]::bigint[]);
              INSERT INTO outbox (merchant_id, payment_id, event_type, body)
              SELECT merchant_id, id, 'payment.plan', '{}' FROM payments WHERE id = '$p';
+             INSERT INTO psp_attempts (id, payment_id, operation, amount, started_at)
+             SELECT 'att_plan' || g, '$p', 'capture', 100, now() FROM generate_series(1, 16) g;
              SET CONSTRAINTS ALL IMMEDIATE;"
                 .replace("$p", &p)
                 .as_str(),
@@ -276,6 +278,9 @@ async fn the_triggers_of_every_payment_probe_indexes_on_a_new_database() {
     for fragment in [
         "FROM new_transitions",
         "FROM new_entries",
+        "FROM new_payments",
+        "FROM new_attempts",
+        "FROM new_journals",
         "INSERT INTO seller_pending_funds",
         "FROM entries WHERE journal_id = NEW.id",
     ] {

@@ -145,6 +145,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "outbox_cursor",
         include_str!("../../../migrations/V22__outbox_cursor.sql"),
     ),
+    (
+        23,
+        "payment_references",
+        include_str!("../../../migrations/V23__payment_references.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.
