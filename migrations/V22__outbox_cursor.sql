@@ -21,8 +21,8 @@ DROP FUNCTION outbox_pending_note();
 DROP TABLE outbox_pending;
 
 -- Partial: the events written before this migration never enter it. Built under this
--- transaction's lock on `outbox` (a read of the table; writers wait, single-mode startup
--- serves nothing meanwhile).
+-- transaction's exclusive lock on `outbox` (one read of the table, while readers and writers
+-- wait; a single-mode node applies migrations before it serves).
 CREATE INDEX outbox_relay ON outbox (tx, id) WHERE tx IS NOT NULL;
 
 CREATE TABLE outbox_cursor (
@@ -34,4 +34,5 @@ INSERT INTO outbox_cursor (tx, id) VALUES ('0', 0);
 
 -- Events committed and not yet published, for operators and drills.
 CREATE VIEW outbox_waiting AS
-    SELECT o.* FROM outbox o, outbox_cursor c WHERE o.tx IS NOT NULL AND (o.tx, o.id) > (c.tx, c.id);
+    SELECT o.id, o.merchant_id, o.payment_id, o.event_type, o.created_at, o.tx
+    FROM outbox o, outbox_cursor c WHERE o.tx IS NOT NULL AND (o.tx, o.id) > (c.tx, c.id);

@@ -41,6 +41,8 @@ pub enum StartError {
     Config(String),
     #[error("demo merchant: {0}")]
     Demo(crate::adapters::postgres::StoreError),
+    #[error("outbox cursor: {0}")]
+    Outbox(crate::adapters::postgres::StoreError),
     #[error(transparent)]
     NodeLock(#[from] NodeLockError),
 }
@@ -71,6 +73,11 @@ impl Application {
         let applied = db.migrate().await?;
         if !applied.is_empty() {
             tracing::info!(?applied, "migrations applied");
+        }
+        // A database copied from another PostgreSQL cluster: its events' transaction ids are
+        // that cluster's (docs/DESIGN.md, "OutboxRelay").
+        if db.outbox_rebase().await.map_err(StartError::Outbox)? {
+            tracing::warn!("the outbox cursor came from another PostgreSQL cluster: rebased on this one");
         }
         let nats = Nats::connect(&config.nats).await?;
         if config.sandbox.demo_merchant {

@@ -6,10 +6,10 @@
 //! at-least-once and idempotent (docs/DESIGN.md). Bounded: `BATCH` rows a round; with NATS or
 //! PostgreSQL down it backs off (capped) and catches up afterwards.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::adapters::nats::Nats;
-use crate::adapters::postgres::outbox::{OutboxRow, Relayed};
+use crate::adapters::postgres::outbox::OutboxRow;
 use crate::adapters::postgres::Db;
 
 const BATCH: i64 = 500;
@@ -19,36 +19,55 @@ const IDLE: Duration = Duration::from_millis(200);
 const HELD_MIN: Duration = Duration::from_millis(1);
 const HELD_MAX: Duration = Duration::from_millis(100);
 
+/// Events held back this long by one wait are logged, with the oldest transaction that holds
+/// them (any database of the PostgreSQL cluster), and again at this interval while it lasts.
+const HELD_WARN: Duration = Duration::from_secs(10);
+
 pub fn spawn(db: Db, nats: Nats, shutdown: crate::shutdown::Shutdown) {
     actix_rt::spawn(async move {
         let _running = shutdown.enter();
         let mut backoff = IDLE;
         let mut held = HELD_MIN;
+        // Since when events have waited with none published, and when that was last logged.
+        let mut held_since: Option<Instant> = None;
+        let mut warned: Option<Instant> = None;
         while !shutdown.is_stopping() {
             let nats_ref = &nats;
             let round = db
                 .relay_outbox(BATCH, |rows| async move { publish_in_order(nats_ref, &rows).await })
                 .await;
-            if !matches!(
-                round,
-                Ok(Relayed {
-                    held: true,
-                    published: 0,
-                    ..
-                })
-            ) {
-                held = HELD_MIN;
+            match &round {
+                Ok(r) if r.held && r.published == 0 && !r.failed => {
+                    let since = *held_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= HELD_WARN && warned.is_none_or(|w| w.elapsed() >= HELD_WARN) {
+                        warned = Some(Instant::now());
+                        let holder = db.oldest_writer().await.unwrap_or_default();
+                        tracing::warn!(
+                            held_secs = since.elapsed().as_secs(),
+                            %holder,
+                            "committed events wait for an older transaction still running in the PostgreSQL cluster"
+                        );
+                    }
+                }
+                _ => {
+                    held = HELD_MIN;
+                    held_since = None;
+                    warned = None;
+                }
             }
             backoff = match round {
+                // NATS refused or timed out: as when nothing waits (woken by commits, or polls).
+                Ok(r) if r.failed => IDLE,
                 Ok(r) if r.published as i64 == BATCH => Duration::ZERO,
-                // Events wait behind a transaction still running: look again soon, or as soon
-                // as a commit writes events (often the very transaction that held them).
+                // Events wait behind a transaction still running (a batch in flight, most often,
+                // which ends within milliseconds): look again soon, then less and less often.
+                // Not woken by commits: under load one lands every few milliseconds, and each
+                // round would read the same waiting events again.
                 Ok(r) if r.held => {
                     let wait = held;
                     held = (held * 2).min(HELD_MAX);
-                    tokio::select! {
-                        _ = db.outbox_wait(wait) => {}
-                        _ = shutdown.sleep(wait) => {}
+                    if shutdown.sleep(wait).await {
+                        break;
                     }
                     continue;
                 }

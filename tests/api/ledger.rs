@@ -494,14 +494,6 @@ async fn postgres_itself_refuses_a_payment_attempt_or_journal_naming_what_does_n
             "an attempt moved to another payment",
             format!("UPDATE psp_attempts SET payment_id = 'pay_nowhere' WHERE payment_id = '{p}'"),
         ),
-        (
-            "a named merchant deleted",
-            format!("DELETE FROM merchants WHERE id = '{merchant}'"),
-        ),
-        (
-            "a named payment deleted",
-            format!("DELETE FROM payments WHERE id = '{p}'"),
-        ),
     ];
     for (case, sql) in &refused {
         let err = db.batch_execute(sql).await.expect_err(case);
@@ -531,6 +523,39 @@ async fn postgres_itself_refuses_a_payment_attempt_or_journal_naming_what_does_n
     ] {
         db.batch_execute(&sql).await.unwrap_or_else(|e| panic!("{case}: {e}"));
     }
+    // What they name cannot be deleted. A merchant with nothing but a payment (no API key or
+    // connector, whose foreign keys would refuse too), and a payment with nothing but an
+    // attempt (no audit trail, which V12 checks), refuse by these checks alone.
+    db.batch_execute(
+        "INSERT INTO merchants (id, name, default_currency, fee_bps, fee_fixed)
+         VALUES ('mer_bare', 'bare', 'USD', 0, 0)",
+    )
+    .await
+    .unwrap();
+    db.batch_execute(&copy("pay_bare", "mer_bare")).await.unwrap();
+    db.batch_execute(&attempt("att_bare", "pay_bare")).await.unwrap();
+    for (case, sql) in [
+        (
+            "a merchant named by a payment deleted",
+            "DELETE FROM merchants WHERE id = 'mer_bare'",
+        ),
+        (
+            "a payment named by an attempt deleted",
+            "DELETE FROM payments WHERE id = 'pay_bare'",
+        ),
+    ] {
+        let err = db.batch_execute(sql).await.expect_err(case);
+        assert_eq!(err.code(), Some(&SqlState::FOREIGN_KEY_VIOLATION), "{case}: {err}");
+    }
+    // Named by nothing, each goes.
+    db.batch_execute(
+        "DELETE FROM psp_attempts WHERE id = 'att_bare';
+         DELETE FROM payments WHERE id = 'pay_bare';
+         DELETE FROM merchants WHERE id = 'mer_bare';",
+    )
+    .await
+    .unwrap();
+
     // In one statement, one missing reference among good ones fails the whole statement.
     let err = db
         .batch_execute(&format!(

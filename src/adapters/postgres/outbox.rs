@@ -19,13 +19,17 @@ pub struct OutboxRow {
 /// 7423002, the migration lock 7423001). Taking it gives the round no transaction id of its own.
 const RELAY_LOCK: i64 = 7_423_003;
 
-/// A relay round's first statement: the relay's lock, the cursor, and the planner's settings
-/// for the round's read, which must walk the `outbox_relay` index from the cursor and stop at
-/// its limit. A new database's statistics make a bitmap scan and a sort look cheaper, which
-/// would read every event after the cursor (all of them, after an outage of NATS) per round.
-pub const RELAY_BEGIN: &str = "SELECT pg_try_advisory_xact_lock($1), tx::text, id,
-        set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)
-    FROM outbox_cursor";
+/// A relay round's first statement: the relay's lock, and the planner's settings for the
+/// round's read, which must walk the `outbox_relay` index from the cursor and stop at its
+/// limit. A new database's statistics make a bitmap scan and a sort look cheaper, which would
+/// read every event after the cursor (all of them, after an outage of NATS) per round.
+pub const RELAY_BEGIN: &str = "SELECT pg_try_advisory_xact_lock($1),
+        set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)";
+
+/// The cursor, read by a statement of its own once the lock is held: a statement's snapshot is
+/// taken before it runs, so one that also took the lock could read the cursor as it was before
+/// the previous holder's round committed.
+const RELAY_CURSOR: &str = "SELECT tx::text, id, tx >= pg_snapshot_xmax(pg_current_snapshot()) FROM outbox_cursor";
 
 /// The events after the relay's cursor, in its order, each with whether every transaction up to
 /// its own has ended. On the `outbox_relay` index, the cursor's position its condition.
@@ -42,20 +46,25 @@ pub struct Relayed {
     /// Events committed after the cursor but held back: an older transaction still runs, so a
     /// later round publishes them (in transaction order) once it has ended.
     pub held: bool,
+    /// NATS acknowledged fewer events than the round took: the rest wait for a later round.
+    pub failed: bool,
     /// Another node's relay holds the cursor.
     pub busy: bool,
 }
 
 impl Db {
-    /// Publishes up to `limit` events after the relay's cursor (migration V22), in the order
-    /// of the transactions that wrote them, then of their ids, and moves the cursor past those
-    /// `publish` returns, all in one transaction under the relay's lock.
+    /// Publishes up to `limit` events after the relay's cursor (migration V22) and moves the
+    /// cursor past those published, all in one transaction under the relay's lock.
     ///
     /// Only events of transactions older than every transaction still running are taken
     /// (`tx < pg_snapshot_xmin`): those have ended, and every event written from now on, by a
     /// transaction running or not yet begun, has a higher `tx`, so none can ever land behind
-    /// the cursor. A crash before COMMIT publishes them again, which `Nats-Msg-Id` dedupes.
-    /// The event rows themselves are never written to.
+    /// the cursor. The cursor moves in `(tx, id)` order; the events a round takes are
+    /// published in id order, the order in which their rows were written (a transaction that
+    /// took its id first may have written its event after another that committed before it,
+    /// and both become ready together). A crash before COMMIT, or a publish that failed
+    /// part-way, publishes some again, which `Nats-Msg-Id` dedupes. The event rows themselves
+    /// are never written to.
     pub async fn relay_outbox<F, Fut>(&self, limit: i64, publish: F) -> Result<Relayed, StoreError>
     where
         F: FnOnce(Vec<OutboxRow>) -> Fut,
@@ -63,14 +72,30 @@ impl Db {
     {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        let cursor = tx.query_one(RELAY_BEGIN, &[&RELAY_LOCK]).await.map_err(pg_error)?;
-        if !cursor.get::<_, bool>(0) {
+        let locked: bool = tx
+            .query_one(RELAY_BEGIN, &[&RELAY_LOCK])
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        if !locked {
             return Ok(Relayed {
                 busy: true,
                 ..Relayed::default()
             });
         }
-        let (after_tx, after_id): (String, i64) = (cursor.get(1), cursor.get(2));
+        let cursor = tx.query_one(RELAY_CURSOR, &[]).await.map_err(pg_error)?;
+        let (after_tx, after_id): (String, i64) = (cursor.get(0), cursor.get(1));
+        if cursor.get::<_, bool>(2) {
+            // Written by transactions this cluster has not reached: the database was copied
+            // from another cluster, and every later event would land behind the cursor. A
+            // node rebases it when it starts ([`Db::outbox_rebase`]); until then, nothing.
+            tracing::error!(
+                cursor = %after_tx,
+                "the outbox cursor names a transaction this PostgreSQL cluster has not reached (a copied \
+                 database?): events are not published until a payrail node restarts and rebases it"
+            );
+            return Err(StoreError::Broken);
+        }
         // Ordered by (tx, id), the events of ended transactions come first; the first one of a
         // transaction still older than a running one ends the batch.
         let rows = tx
@@ -85,8 +110,9 @@ impl Db {
                 ..Relayed::default()
             });
         }
+        // In cursor order: each event's id and position.
         let positions: Vec<(i64, String)> = rows[..ready].iter().map(|r| (r.get(0), r.get(6))).collect();
-        let events: Vec<OutboxRow> = rows[..ready]
+        let mut events: Vec<OutboxRow> = rows[..ready]
             .iter()
             .map(|r| {
                 // `body` is the text payrail wrote (compact); `payload`, of events written
@@ -105,29 +131,79 @@ impl Db {
                 })
             })
             .collect::<Result<_, StoreError>>()?;
-        let published = publish(events).await;
-        // `publish` acknowledges a prefix of the events, in order: the cursor moves to its last.
-        let Some(last) = published.last() else {
+        events.sort_unstable_by_key(|e| e.id);
+        let published: std::collections::HashSet<i64> = publish(events).await.into_iter().collect();
+        // The cursor passes the longest run, in its order, of events all published; any
+        // published beyond it are published again by a later round.
+        let passed = positions.iter().take_while(|(id, _)| published.contains(id)).count();
+        let Some((last_id, last_tx)) = passed.checked_sub(1).map(|i| &positions[i]) else {
             return Ok(Relayed {
                 held,
+                failed: true,
                 ..Relayed::default()
             });
         };
-        let Some((_, last_tx)) = positions.iter().find(|(id, _)| id == last) else {
-            return Err(StoreError::Broken);
-        };
         tx.execute(
             "UPDATE outbox_cursor SET tx = $1::text::xid8, id = $2",
-            &[last_tx, last],
+            &[last_tx, last_id],
         )
         .await
         .map_err(pg_error)?;
         tx.commit().await.map_err(pg_error)?;
         Ok(Relayed {
-            published: published.len(),
+            published: passed,
             held,
+            failed: passed < ready,
             busy: false,
         })
+    }
+
+    /// The oldest transaction of the PostgreSQL cluster that holds a transaction id, for the
+    /// relay's warning when events wait long: its process, database, state and age.
+    pub async fn oldest_writer(&self) -> Result<String, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT format('pid %s, database %s, %s, transaction %s, open %s s', pid, datname, state,
+                               backend_xid, extract(epoch FROM now() - xact_start)::bigint)
+                 FROM pg_stat_activity WHERE backend_xid IS NOT NULL ORDER BY age(backend_xid) DESC LIMIT 1",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(row.map(|r| r.get(0)).unwrap_or_default())
+    }
+
+    /// Makes the relay's cursor this cluster's again after the database was copied from another
+    /// PostgreSQL cluster (a logical dump and restore, logical replication), whose transaction
+    /// ids the events and the cursor still carry: every event written here would sort behind
+    /// the cursor and never be published. Run at start, before this node writes anything: the
+    /// events the cursor had passed keep no transaction (published, like events written before
+    /// V22), those it had not come first (`tx` 1), and the cursor starts again. Returns whether
+    /// there was anything to do.
+    pub async fn outbox_rebase(&self) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let foreign: bool = tx
+            .query_one(
+                "SELECT tx >= pg_snapshot_xmax(pg_current_snapshot()) FROM outbox_cursor FOR UPDATE",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        if !foreign {
+            return Ok(false);
+        }
+        tx.batch_execute(
+            "UPDATE outbox o SET tx = NULL FROM outbox_cursor c WHERE o.tx IS NOT NULL AND (o.tx, o.id) <= (c.tx, c.id);
+             UPDATE outbox SET tx = '1' WHERE tx IS NOT NULL;
+             UPDATE outbox_cursor SET tx = '0', id = 0;",
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(true)
     }
 }
 
