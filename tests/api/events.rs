@@ -682,6 +682,18 @@ async fn an_unreadable_envelope_is_parked_at_once_and_the_events_behind_it_go_on
     }
 }
 
+/// A server without the sandbox's webhooks, one payment made and its two events published; and
+/// the payment's merchant.
+async fn one_payment_published() -> (TestApp, String) {
+    let app = spawn_app_with(|c| c.psp.sandbox.webhooks = false).await;
+    let merchant = app.pay(700, "pm_card_visa", "automatic", true).await.body["merchant_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    outbox_drained(&app).await;
+    (app, merchant)
+}
+
 /// Waits until the relay has published every committed event.
 async fn outbox_drained(app: &TestApp) {
     let db = app.sql().await;
@@ -719,12 +731,7 @@ async fn the_outbox_relay_publishes_each_committed_event_to_the_merchants_subjec
 /// publishes all three in the order of their transactions.
 #[actix_web::test]
 async fn an_event_of_a_transaction_still_open_is_not_passed_by_the_events_committed_after_it() {
-    let app = spawn_app_with(|c| c.psp.sandbox.webhooks = false).await;
-    let merchant = app.pay(700, "pm_card_visa", "automatic", true).await.body["merchant_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    outbox_drained(&app).await;
+    let (app, merchant) = one_payment_published().await;
     let nats = &app.state.nats;
     let mut stream = nats.jetstream.get_stream(nats.events_stream()).await.unwrap();
     let mut open = app.sql().await;
@@ -793,12 +800,7 @@ async fn an_event_of_a_transaction_still_open_is_not_passed_by_the_events_commit
 /// published, what it had not is published once, and new events follow.
 #[actix_web::test]
 async fn a_cursor_copied_from_another_cluster_is_rebased_and_no_event_is_lost_or_sent_twice() {
-    let app = spawn_app_with(|c| c.psp.sandbox.webhooks = false).await;
-    let merchant = app.pay(700, "pm_card_visa", "automatic", true).await.body["merchant_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    outbox_drained(&app).await;
+    let (app, merchant) = one_payment_published().await;
     let db = app.sql().await;
     db.batch_execute(&format!(
         "BEGIN;
