@@ -794,6 +794,39 @@ async fn an_event_of_a_transaction_still_open_is_not_passed_by_the_events_commit
     assert_eq!(stream.info().await.unwrap().state.messages, 5);
 }
 
+/// Events that become ready together are published in the order their rows were written, not
+/// in the order their transactions took ids: a transaction that took its id first (as a
+/// settlement batch does before it waits on a payment's row) writes its event after another
+/// transaction has committed one. Both wait for the first to end; then the second's event,
+/// written first, goes first.
+#[actix_web::test]
+async fn events_ready_together_are_published_in_the_order_they_were_written() {
+    let (app, merchant) = one_payment_published().await;
+    let event = |kind: &str| {
+        format!("INSERT INTO outbox (merchant_id, event_type, body) VALUES ('{merchant}', '{kind}', '{{}}')")
+    };
+    let mut first = app.sql().await;
+    let early = first.transaction().await.unwrap();
+    early.batch_execute("SELECT pg_current_xact_id()").await.unwrap();
+    app.sql()
+        .await
+        .batch_execute(&event("test.written_first"))
+        .await
+        .unwrap();
+    early.batch_execute(&event("test.written_second")).await.unwrap();
+    early.commit().await.unwrap();
+    outbox_drained(&app).await;
+    let nats = &app.state.nats;
+    let stream = nats.jetstream.get_stream(nats.events_stream()).await.unwrap();
+    let mut types = Vec::new();
+    for seq in 3..=4 {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        let body: Value = serde_json::from_slice(&m.payload).unwrap();
+        types.push(body["type"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(types, ["test.written_first", "test.written_second"]);
+}
+
 /// A database copied into another PostgreSQL cluster (a logical dump and restore) brings the
 /// old cluster's transaction ids, here far ahead of this one's: the cursor would stand in front
 /// of every event written from now on. A starting node rebases it: what it had passed stays

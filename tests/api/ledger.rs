@@ -184,6 +184,13 @@ async fn a_lost_acknowledgement_retried_with_the_same_key_posts_one_journal() {
     assert_eq!(n, 1);
 }
 
+/// A payment of 50.00 captured at once: its id and its merchant's.
+async fn captured_payment(app: &TestApp) -> (String, String) {
+    let body = app.pay(5000, "pm_card_visa", "automatic", true).await.body;
+    let id = |field: &str| body[field].as_str().unwrap().to_owned();
+    (id("payment_id"), id("merchant_id"))
+}
+
 /// Writes a refund journal of `payment` in USD, its correlation its own id, with no entries:
 /// what a writer going around payrail could.
 async fn forge_journal(c: &impl tokio_postgres::GenericClient, id: &str, payment: &str, merchant: &str) {
@@ -199,14 +206,7 @@ async fn forge_journal(c: &impl tokio_postgres::GenericClient, id: &str, payment
 #[actix_web::test]
 async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() {
     let app = spawn_app().await;
-    let p = app.pay(5000, "pm_card_visa", "automatic", true).await.body["payment_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let merchant = app.get(&format!("/api/v1/payments/{p}")).await.body["merchant_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (p, merchant) = captured_payment(&app).await;
     let mut db = app.sql().await;
 
     // Refused when the statement that wrote the entries ends.
@@ -443,14 +443,7 @@ async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() 
 async fn postgres_itself_refuses_a_payment_attempt_or_journal_naming_what_does_not_exist() {
     use tokio_postgres::error::SqlState;
     let app = spawn_app().await;
-    let p = app.pay(5000, "pm_card_visa", "automatic", true).await.body["payment_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let merchant = app.get(&format!("/api/v1/payments/{p}")).await.body["merchant_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (p, merchant) = captured_payment(&app).await;
     let db = app.sql().await;
     let copy = |id: &str, merchant: &str| {
         format!(
