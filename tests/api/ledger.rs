@@ -191,6 +191,79 @@ async fn captured_payment(app: &TestApp) -> (String, String) {
     (id("payment_id"), id("merchant_id"))
 }
 
+/// A payment's PSP reference is recorded by the commit that sets it (migration V25), and names
+/// that payment for good: no other payment can be given it, a row naming no payment is refused,
+/// and none can be changed, deleted or truncated.
+#[actix_web::test]
+async fn a_psp_reference_names_one_payment_for_good() {
+    use tokio_postgres::error::SqlState;
+    let app = spawn_app().await;
+    let (p, _) = captured_payment(&app).await;
+    let db = app.sql().await;
+    let row = db
+        .query_one("SELECT psp, psp_reference FROM payments WHERE id = $1", &[&p])
+        .await
+        .unwrap();
+    let (psp, reference): (String, String) = (row.get(0), row.get(1));
+    let named: Vec<String> = db
+        .query(
+            "SELECT payment_id FROM payment_psp_references WHERE psp = $1 AND psp_reference = $2",
+            &[&psp, &reference],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(named, std::slice::from_ref(&p));
+    // Another payment, a copy of the first with no reference of its own.
+    db.batch_execute(&format!(
+        "INSERT INTO payments SELECT (jsonb_populate_record(p, jsonb_build_object(
+             'id', 'pay_other', 'psp_reference', NULL))).*
+         FROM payments p WHERE p.id = '{p}'"
+    ))
+    .await
+    .unwrap();
+    let give = |payment: &str, reference: &str| {
+        format!(
+            "INSERT INTO payment_psp_references (psp, psp_reference, payment_id)
+             VALUES ('{psp}', '{reference}', '{payment}')"
+        )
+    };
+    for (case, sql, code) in [
+        (
+            "the reference given to another payment",
+            give("pay_other", &reference),
+            SqlState::UNIQUE_VIOLATION,
+        ),
+        (
+            "a reference of no payment",
+            give("pay_nowhere", "pi_nowhere"),
+            SqlState::FOREIGN_KEY_VIOLATION,
+        ),
+        (
+            "the reference moved to another payment",
+            format!("UPDATE payment_psp_references SET payment_id = 'pay_other' WHERE payment_id = '{p}'"),
+            SqlState::INSUFFICIENT_PRIVILEGE,
+        ),
+        (
+            "the reference deleted",
+            format!("DELETE FROM payment_psp_references WHERE payment_id = '{p}'"),
+            SqlState::INSUFFICIENT_PRIVILEGE,
+        ),
+        (
+            "the references truncated",
+            "TRUNCATE payment_psp_references".to_owned(),
+            SqlState::INSUFFICIENT_PRIVILEGE,
+        ),
+    ] {
+        let err = db.batch_execute(&sql).await.expect_err(case);
+        assert_eq!(err.code(), Some(&code), "{case}: {err}");
+    }
+    // A reference of its own the other payment can be given.
+    db.batch_execute(&give("pay_other", "pi_other")).await.unwrap();
+}
+
 /// Writes a refund journal of `payment` in USD, its correlation its own id, with no entries:
 /// what a writer going around payrail could.
 async fn forge_journal(c: &impl tokio_postgres::GenericClient, id: &str, payment: &str, merchant: &str) {

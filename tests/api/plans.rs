@@ -9,8 +9,9 @@ use payrail::adapters::postgres::{commit, events, outbox};
 use crate::helpers::spawn_app;
 
 /// Tables that grow with every payment or event.
-const GROWING: [&str; 12] = [
+const GROWING: [&str; 13] = [
     "payments",
+    "payment_psp_references",
     "connected_accounts",
     "psp_attempts",
     "idempotency_keys",
@@ -201,8 +202,8 @@ async fn explaining_session(
 }
 
 /// The triggers a payment's batch fires (the audit trail's payment check, the entries' balance
-/// and journal checks, the sellers' pending funds, the references of payments, attempts and
-/// journals, and the deferred per-journal check at commit) plan their queries once per session and keep the plan. Planned on
+/// and journal checks, the sellers' pending funds, the references of payments, attempts,
+/// journals and PSP references, and the deferred per-journal check at commit) plan their queries once per session and keep the plan. Planned on
 /// a new database, each must still probe an index per row: a plan that reads a whole table (a
 /// bitmap scan over a whole index is one) would then run on every batch as the table grows.
 #[actix_web::test]
@@ -264,6 +265,8 @@ async fn the_triggers_of_every_payment_probe_indexes_on_a_new_database() {
              SELECT merchant_id, id, 'payment.plan', '{}' FROM payments WHERE id = '$p';
              INSERT INTO psp_attempts (id, payment_id, operation, amount, started_at)
              SELECT 'att_plan' || g, '$p', 'capture', 100, now() FROM generate_series(1, 16) g;
+             INSERT INTO payment_psp_references (psp, psp_reference, payment_id)
+             SELECT 'sandbox', 'pi_plan' || g, 'pay_plan' || g FROM generate_series(1, 16) g;
              SET CONSTRAINTS ALL IMMEDIATE;"
                 .replace("$p", &p)
                 .as_str(),
@@ -281,6 +284,7 @@ async fn the_triggers_of_every_payment_probe_indexes_on_a_new_database() {
         "FROM new_payments",
         "FROM new_attempts",
         "FROM new_journals",
+        "FROM new_references",
         "INSERT INTO seller_pending_funds",
         "FROM entries WHERE journal_id = NEW.id",
     ] {

@@ -36,12 +36,15 @@ pub const PROCESSED: &str = "SELECT u.i FROM unnest($1::text[], $2::text[]) WITH
     CROSS JOIN LATERAL (SELECT 1 FROM processed_events e
                          WHERE e.provider = u.provider AND e.event_id = u.event_id LIMIT 1) x";
 
-/// The payment of each (PSP, reference) of a batch that has one: the payment's own reference,
-/// or one of its authorizations that was failed over (its events are recorded, not applied).
+/// The payment of each (PSP, reference) of a batch that has one: a reference the payment was
+/// given (`payment_psp_references`), or one of its authorizations that was failed over (its
+/// events are recorded, not applied).
 pub const PAYMENTS_OF_REFERENCES: &str = "SELECT u.i, x.id, x.merchant_id
     FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(psp, reference, i)
     CROSS JOIN LATERAL (
-        (SELECT id, merchant_id FROM payments WHERE psp = u.psp AND psp_reference = u.reference)
+        (SELECT p.id, p.merchant_id FROM payments p
+         WHERE p.id = (SELECT r.payment_id FROM payment_psp_references r
+                       WHERE r.psp = u.psp AND r.psp_reference = u.reference))
         UNION ALL
         (SELECT p.id, p.merchant_id FROM psp_attempts a JOIN payments p ON p.id = a.payment_id
          JOIN connectors c ON c.id = a.connector_id

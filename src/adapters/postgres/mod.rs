@@ -150,6 +150,16 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "payment_references",
         include_str!("../../../migrations/V23__payment_references.sql"),
     ),
+    (
+        24,
+        "idempotency_keys_brin",
+        include_str!("../../../migrations/V24__idempotency_keys_brin.sql"),
+    ),
+    (
+        25,
+        "payment_psp_references",
+        include_str!("../../../migrations/V25__payment_psp_references.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.

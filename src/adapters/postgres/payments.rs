@@ -245,7 +245,9 @@ impl Db {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM payments WHERE psp = $1 AND psp_reference = $2 AND merchant_id = $3"
+                "SELECT {COLUMNS} FROM payments
+                 WHERE id = (SELECT payment_id FROM payment_psp_references WHERE psp = $1 AND psp_reference = $2)
+                   AND psp = $1 AND psp_reference = $2 AND merchant_id = $3"
             ))
             .await
             .map_err(pg_error)?;

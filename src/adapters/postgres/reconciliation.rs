@@ -312,7 +312,9 @@ impl Db {
                 &format!(
                     "SELECT {COLUMNS}, EXISTS (SELECT 1 FROM settlement_lines l WHERE l.payment_id = payments.id
                          AND l.kind = 'charge' AND l.outcome = 'matched' AND l.connector_id = $4)
-                     FROM payments WHERE psp = $1 AND psp_reference = ANY($2) AND merchant_id = $3"
+                     FROM payments
+                     WHERE id IN (SELECT payment_id FROM payment_psp_references WHERE psp = $1 AND psp_reference = ANY($2))
+                       AND psp = $1 AND psp_reference = ANY($2) AND merchant_id = $3"
                 ),
                 &[&psp, &references, &merchant.as_str(), &connector],
             )
