@@ -125,6 +125,65 @@ async fn the_statements_of_every_payment_probe_indexes_on_a_new_database() {
     assert!(wrong.is_empty(), "plans that read whole tables: {wrong:#?}");
 }
 
+/// Runs each statement `times` times (every array NULL: no rows) in one transaction opened by
+/// `begin`, and returns those PostgreSQL planned for their parameters (custom plans) instead of
+/// running the plan it keeps.
+async fn custom_planned(
+    client: &tokio_postgres::Client,
+    begin: &str,
+    statements: &[(&str, &str)],
+    times: usize,
+) -> Vec<String> {
+    client.batch_execute(begin).await.unwrap();
+    for (name, sql) in statements {
+        client
+            .batch_execute(&format!("PREPARE custom_{name} AS {sql}"))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let nulls = vec!["NULL"; parameters(sql)].join(", ");
+        for _ in 0..times {
+            client
+                .batch_execute(&format!("EXECUTE custom_{name}({nulls})"))
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+    let planned = client
+        .query(
+            "SELECT name, custom_plans FROM pg_prepared_statements WHERE name LIKE 'custom\\_%' AND custom_plans > 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| format!("{}: {} custom plans", r.get::<_, String>(0), r.get::<_, i64>(1)))
+        .collect();
+    client.batch_execute("ROLLBACK; DEALLOCATE ALL").await.unwrap();
+    planned
+}
+
+/// A batch's statements and the look-ups run the plan their connection keeps, from the first
+/// execution on: left to choose, PostgreSQL plans a statement that joins the batch's arrays
+/// afresh for every batch (a custom plan, which knows the arrays' lengths, is always priced
+/// below the generic one), and planning cost more than running.
+#[actix_web::test]
+async fn a_batch_and_a_look_up_never_plan_their_statements_again() {
+    let app = spawn_app().await;
+    let client = app.sql().await;
+    let batch = format!("BEGIN; {}", commit::PLANNER);
+    let planned = custom_planned(&client, &batch, commit::STATEMENTS, 8).await;
+    assert!(planned.is_empty(), "a batch's statements planned again: {planned:?}");
+    let lookups = [
+        ("processed", events::PROCESSED),
+        ("references", events::PAYMENTS_OF_REFERENCES),
+    ];
+    let planned = custom_planned(&client, events::LOOKUP_BEGIN, &lookups, 8).await;
+    assert!(planned.is_empty(), "look-ups planned again: {planned:?}");
+    // The check itself: without the setting, PostgreSQL does plan some of them again.
+    let planned = custom_planned(&client, "BEGIN", &lookups, 8).await;
+    assert!(!planned.is_empty(), "custom plans are not seen at all");
+}
+
 #[test]
 fn a_plan_that_reads_a_whole_table_is_found() {
     let plan = |lines: &[&str]| lines.iter().map(|l| (*l).to_owned()).collect::<Vec<_>>();

@@ -22,14 +22,19 @@ const RELAY_LOCK: i64 = 7_423_003;
 /// A relay round's first statement: the relay's lock, and the planner's settings for the
 /// round's read, which must walk the `outbox_relay` index from the cursor and stop at its
 /// limit. A new database's statistics make a bitmap scan and a sort look cheaper, which would
-/// read every event after the cursor (all of them, after an outage of NATS) per round.
+/// read every event after the cursor (all of them, after an outage of NATS) per round. And
+/// each statement's generic plan, made once per connection (as `commit::PLANNER` says why).
 pub const RELAY_BEGIN: &str = "SELECT pg_try_advisory_xact_lock($1),
-        set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)";
+        set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
+        set_config('plan_cache_mode', 'force_generic_plan', true)";
 
 /// The cursor, read by a statement of its own once the lock is held: a statement's snapshot is
 /// taken before it runs, so one that also took the lock could read the cursor as it was before
 /// the previous holder's round committed.
 const RELAY_CURSOR: &str = "SELECT tx::text, id, tx >= pg_snapshot_xmax(pg_current_snapshot()) FROM outbox_cursor";
+
+/// The cursor moved past the events a round published.
+const RELAY_ADVANCE: &str = "UPDATE outbox_cursor SET tx = $1::text::xid8, id = $2";
 
 /// The events after the relay's cursor, in its order, each with whether every transaction up to
 /// its own has ended. On the `outbox_relay` index, the cursor's position its condition.
@@ -71,19 +76,24 @@ impl Db {
         Fut: std::future::Future<Output = Vec<i64>>,
     {
         let mut client = self.client().await?;
+        // Prepared once per connection: a statement sent as text is parsed, planned and
+        // described again each time, a round trip more per statement, at every round.
+        let prepare = |sql| client.prepare_cached(sql);
+        let (begin, cursor, read, advance) = (
+            prepare(RELAY_BEGIN).await.map_err(pg_error)?,
+            prepare(RELAY_CURSOR).await.map_err(pg_error)?,
+            prepare(RELAY_READ).await.map_err(pg_error)?,
+            prepare(RELAY_ADVANCE).await.map_err(pg_error)?,
+        );
         let tx = client.transaction().await.map_err(pg_error)?;
-        let locked: bool = tx
-            .query_one(RELAY_BEGIN, &[&RELAY_LOCK])
-            .await
-            .map_err(pg_error)?
-            .get(0);
+        let locked: bool = tx.query_one(&begin, &[&RELAY_LOCK]).await.map_err(pg_error)?.get(0);
         if !locked {
             return Ok(Relayed {
                 busy: true,
                 ..Relayed::default()
             });
         }
-        let cursor = tx.query_one(RELAY_CURSOR, &[]).await.map_err(pg_error)?;
+        let cursor = tx.query_one(&cursor, &[]).await.map_err(pg_error)?;
         let (after_tx, after_id): (String, i64) = (cursor.get(0), cursor.get(1));
         if cursor.get::<_, bool>(2) {
             // Written by transactions this cluster has not reached: the database was copied
@@ -99,7 +109,7 @@ impl Db {
         // Ordered by (tx, id), the events of ended transactions come first; the first one of a
         // transaction still older than a running one ends the batch.
         let rows = tx
-            .query(RELAY_READ, &[&after_tx, &after_id, &limit])
+            .query(&read, &[&after_tx, &after_id, &limit])
             .await
             .map_err(pg_error)?;
         let ready = rows.iter().take_while(|r| r.get::<_, bool>(7)).count();
@@ -143,12 +153,7 @@ impl Db {
                 ..Relayed::default()
             });
         };
-        tx.execute(
-            "UPDATE outbox_cursor SET tx = $1::text::xid8, id = $2",
-            &[last_tx, last_id],
-        )
-        .await
-        .map_err(pg_error)?;
+        tx.execute(&advance, &[last_tx, last_id]).await.map_err(pg_error)?;
         tx.commit().await.map_err(pg_error)?;
         Ok(Relayed {
             published: passed,
