@@ -60,6 +60,7 @@ import collections, re, sys
 wal, nodes, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 names = dict(l.rstrip("\n").split("|", 1) for l in open(nodes) if "|" in l)
 count, size, by_kind, by_rel = 0, 0, collections.Counter(), collections.Counter()
+locks = collections.Counter()
 for line in open(wal):
     m = re.search(r"rmgr: (\w+)\s+len \(rec/tot\):\s+\d+/\s*(\d+).*?desc: (\w+)", line)
     if not m:
@@ -68,13 +69,20 @@ for line in open(wal):
     size += int(m.group(2))
     by_kind[f"{m.group(1)} {m.group(3)}"] += 1
     r = re.search(r"rel \d+/\d+/(\d+)", line)
-    by_rel[names.get(r.group(1), r.group(1)) if r else "-"] += 1
+    rel = names.get(r.group(1), r.group(1)) if r else "-"
+    by_rel[rel] += 1
+    if m.group(1) == "Heap" and m.group(3) == "LOCK":
+        locks[rel] += 1
 if n <= 0 or count == 0:
     sys.exit("no payments or no WAL in the window")
 print(f"== WAL per payment, {n} payments in the middle half: {count / n:.1f} records, {size / n:,.0f} bytes")
 for k, c in by_kind.most_common(10):
     print(f"  {k:<28} {c / n:6.2f}")
 print("  records by relation:")
-for k, c in by_rel.most_common(12):
+for k, c in by_rel.most_common(24):
+    print(f"  {k:<44} {c / n:6.2f}")
+# A row lock (FOR SHARE, ON CONFLICT DO UPDATE, or an update moving a row to another page).
+print("  Heap LOCK records by relation:")
+for k, c in locks.most_common(6):
     print(f"  {k:<44} {c / n:6.2f}")
 PY
