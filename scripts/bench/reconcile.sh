@@ -81,7 +81,7 @@ cpu1=$(cpu)
 hwm=$(awk '/VmHWM/ {print $2}' /proc/$pid/status)
 read -r b0 p0 n0 <<< "$cpu0"; read -r b1 p1 n1 <<< "$cpu1"
 hz=$(getconf CLK_TCK)
-echo "CPU seconds over the run: machine $(((b1 - b0) / hz)) of $(($(nproc) * ${secs%.*})); payrail $(((p1 - p0) / hz)), nats-server $(((n1 - n0) / hz)), the rest (PostgreSQL) $(((b1 - b0 - p1 + p0 - n1 + n0) / hz))"
+echo "CPU seconds over the run: machine $(((b1 - b0) / hz)) of $(awk -v n="$(nproc)" -v s="$secs" 'BEGIN { printf "%d", n * s + 0.5 }'); payrail $(((p1 - p0) / hz)), nats-server $(((n1 - n0) / hz)), the rest (PostgreSQL) $(((b1 - b0 - p1 + p0 - n1 + n0) / hz))"
 python3 - "$work/run.json" "$secs" "$lines" "$rss_before" "$hwm" <<'PY'
 import json, sys
 run = json.load(open(sys.argv[1]))
