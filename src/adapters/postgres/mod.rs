@@ -160,6 +160,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "payment_psp_references",
         include_str!("../../../migrations/V25__payment_psp_references.sql"),
     ),
+    (
+        26,
+        "payments_half_pages",
+        include_str!("../../../migrations/V26__payments_half_pages.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.
