@@ -191,9 +191,9 @@ async fn captured_payment(app: &TestApp) -> (String, String) {
     (id("payment_id"), id("merchant_id"))
 }
 
-/// A payment's PSP reference is recorded by the commit that sets it (migration V25), and names
-/// that payment for good: no other payment can be given it, a row naming no payment is refused,
-/// and none can be changed, deleted or truncated.
+/// A payment's PSP reference is recorded by the database as the payment's row is written
+/// (migration V24), whoever writes it, and names that payment for good: no other payment can be
+/// given it, and no record can be changed, deleted or truncated.
 #[actix_web::test]
 async fn a_psp_reference_names_one_payment_for_good() {
     use tokio_postgres::error::SqlState;
@@ -205,49 +205,53 @@ async fn a_psp_reference_names_one_payment_for_good() {
         .await
         .unwrap();
     let (psp, reference): (String, String) = (row.get(0), row.get(1));
-    let named: Vec<String> = db
-        .query(
-            "SELECT payment_id FROM payment_psp_references WHERE psp = $1 AND psp_reference = $2",
-            &[&psp, &reference],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(named, std::slice::from_ref(&p));
-    // Another payment, a copy of the first with no reference of its own.
+    let named = |reference: String| {
+        let (db, psp) = (&db, psp.clone());
+        async move {
+            db.query(
+                "SELECT payment_id FROM payment_psp_references WHERE psp = $1 AND psp_reference = $2",
+                &[&psp, &reference],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+        }
+    };
+    // Recorded by payrail's own commit.
+    assert_eq!(named(reference.clone()).await, std::slice::from_ref(&p));
+    // Another payment, a copy of the first written in SQL with a reference of its own: recorded
+    // too.
     db.batch_execute(&format!(
         "INSERT INTO payments SELECT (jsonb_populate_record(p, jsonb_build_object(
-             'id', 'pay_other', 'psp_reference', NULL))).*
+             'id', 'pay_other', 'psp_reference', 'pi_other'))).*
          FROM payments p WHERE p.id = '{p}'"
     ))
     .await
     .unwrap();
-    let give = |payment: &str, reference: &str| {
-        format!(
-            "INSERT INTO payment_psp_references (psp, psp_reference, payment_id)
-             VALUES ('{psp}', '{reference}', '{payment}')"
-        )
-    };
+    assert_eq!(named("pi_other".into()).await, ["pay_other"]);
     for (case, sql, code) in [
         (
-            "the reference given to another payment",
-            give("pay_other", &reference),
+            "the first payment's reference given to the other",
+            format!("UPDATE payments SET psp_reference = '{reference}' WHERE id = 'pay_other'"),
             SqlState::UNIQUE_VIOLATION,
         ),
         (
-            "a reference of no payment",
-            give("pay_nowhere", "pi_nowhere"),
-            SqlState::FOREIGN_KEY_VIOLATION,
+            "the first payment's reference recorded for the other",
+            format!(
+                "INSERT INTO payment_psp_references (psp, psp_reference, payment_id)
+                 VALUES ('{psp}', '{reference}', 'pay_other')"
+            ),
+            SqlState::UNIQUE_VIOLATION,
         ),
         (
-            "the reference moved to another payment",
+            "a reference moved to another payment",
             format!("UPDATE payment_psp_references SET payment_id = 'pay_other' WHERE payment_id = '{p}'"),
             SqlState::INSUFFICIENT_PRIVILEGE,
         ),
         (
-            "the reference deleted",
+            "a reference deleted",
             format!("DELETE FROM payment_psp_references WHERE payment_id = '{p}'"),
             SqlState::INSUFFICIENT_PRIVILEGE,
         ),
@@ -260,8 +264,19 @@ async fn a_psp_reference_names_one_payment_for_good() {
         let err = db.batch_execute(&sql).await.expect_err(case);
         assert_eq!(err.code(), Some(&code), "{case}: {err}");
     }
-    // A reference of its own the other payment can be given.
-    db.batch_execute(&give("pay_other", "pi_other")).await.unwrap();
+    // Writing a payment again with the reference it has records nothing more, one given back a
+    // reference it had is not refused, and a new one is recorded beside the old.
+    db.batch_execute(&format!(
+        "UPDATE payments SET psp_reference = 'pi_other' WHERE id = 'pay_other';
+         UPDATE payments SET psp = 'elsewhere' WHERE id = 'pay_other';
+         UPDATE payments SET psp = '{psp}' WHERE id = 'pay_other';
+         UPDATE payments SET psp_reference = 'pi_other_2' WHERE id = 'pay_other';"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(named("pi_other".into()).await, ["pay_other"]);
+    assert_eq!(named("pi_other_2".into()).await, ["pay_other"]);
+    assert_eq!(named(reference).await, [p]);
 }
 
 /// Writes a refund journal of `payment` in USD, its correlation its own id, with no entries:

@@ -229,16 +229,6 @@ const PAYMENTS_UPDATE: &str = "UPDATE payments p SET status = u.status, amount_c
     WHERE p.id = u.id AND p.version = u.version - 1
     RETURNING p.id";
 
-/// Every PSP reference a payment's row is given, kept where lookups by reference find it
-/// (migration V25): the payments table itself indexes no column its updates change, so those
-/// updates can be heap-only. A reference already recorded for the same payment is skipped; one
-/// recorded for another payment fails the batch (the primary key), as two payments can never
-/// share a PSP reference.
-const REFERENCES: &str = "INSERT INTO payment_psp_references (psp, psp_reference, payment_id)
-    SELECT u.psp, u.reference, u.id FROM unnest($1::text[], $2::text[], $3::text[]) AS u(psp, reference, id)
-    WHERE NOT EXISTS (SELECT 1 FROM payment_psp_references r
-                      WHERE r.psp = u.psp AND r.psp_reference = u.reference AND r.payment_id = u.id)";
-
 const REFUNDS: &str =
     "INSERT INTO refunds (id, payment_id, merchant_id, amount, currency, status, reason, psp_reference,
         created_at, updated_at, reverse_splits, refund_application_fee)
@@ -369,7 +359,6 @@ statements! {
     payments_check: PAYMENTS_CHECK,
     payments_update: PAYMENTS_UPDATE,
     payments_state_update: PAYMENTS_STATE_UPDATE,
-    psp_references: REFERENCES,
     refunds: REFUNDS,
     transitions: TRANSITIONS,
     attempts_start: ATTEMPTS_START,
@@ -419,12 +408,6 @@ columns!(RefundColumns {
     updated_at: DateTime<Utc>,
     reverse_splits: bool,
     refund_application_fee: bool,
-});
-
-columns!(ReferenceColumns {
-    psp: String,
-    reference: String,
-    payment_id: String,
 });
 
 columns!(StateColumns {
@@ -541,7 +524,6 @@ pub struct Columns {
     check: CheckColumns,
     upd: PaymentColumns,
     state: StateColumns,
-    references: ReferenceColumns,
     refunds: RefundColumns,
     transitions: TransitionColumns,
     starts: AttemptStartColumns,
@@ -591,20 +573,6 @@ struct PaymentColumns {
     risk: Vec<Option<Value>>,
     splits: Vec<Option<Value>>,
     routing: Vec<Option<Value>>,
-}
-
-impl ReferenceColumns {
-    /// The payment's PSP reference, if it has one not already in this batch.
-    fn push<'a>(&mut self, p: &'a Payment, seen: &mut std::collections::HashSet<(&'a str, &'a str, &'a str)>) {
-        let Some(reference) = p.psp_reference.as_deref() else {
-            return;
-        };
-        if seen.insert((p.psp.as_str(), reference, p.id.as_str())) {
-            self.psp.push(p.psp.clone());
-            self.reference.push(reference.to_owned());
-            self.payment_id.push(p.id.to_string());
-        }
-    }
 }
 
 impl StateColumns {
@@ -738,8 +706,6 @@ impl Columns {
     /// Public for the hot-path benchmark (`benches/hot_path.rs`).
     pub fn of(batch: &[&Commit]) -> Result<Columns, StoreError> {
         let mut c = Columns::default();
-        // A reference written twice in one statement would conflict with itself.
-        let mut references = std::collections::HashSet::new();
         for commit in batch {
             let Some(p) = commit.payment.as_ref() else { continue };
             let at = p.updated_at;
@@ -748,12 +714,10 @@ impl Columns {
                 c.check.version.push(p.version);
             } else if p.version == 1 {
                 c.ins.push(p)?;
-                c.references.push(p, &mut references);
             } else if commit.state_only {
                 c.state.push(p);
             } else {
                 c.upd.push(p)?;
-                c.references.push(p, &mut references);
             }
             for r in &commit.refunds {
                 let t = &mut c.refunds;
@@ -978,14 +942,6 @@ impl Db {
             true,
             cols.state.len(),
             cols.state.params(),
-        );
-        queue(
-            &mut pending,
-            tx,
-            &st.psp_references,
-            false,
-            cols.references.len(),
-            cols.references.params(),
         );
         queue(
             &mut pending,

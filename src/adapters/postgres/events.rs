@@ -52,10 +52,13 @@ pub const PAYMENTS_OF_REFERENCES: &str = "SELECT u.i, x.id, x.merchant_id
         LIMIT 1) x";
 
 /// A look-up's transaction: the statement's generic plan from its first execution on (checked
-/// by the plan test), as a batch's statements (`commit::PLANNER`). Left to choose, PostgreSQL
-/// planned [`PAYMENTS_OF_REFERENCES`] afresh for every batch, about 220 µs a time: a custom
-/// plan, which knows the arrays' lengths, is always priced below the generic one.
-pub const LOOKUP_BEGIN: &str = "BEGIN READ ONLY; SET LOCAL plan_cache_mode = force_generic_plan";
+/// by the plan test), under the planner settings of a batch's statements (`commit::PLANNER`):
+/// kept for the connection's life, the plan must be index probes whatever the tables held when
+/// it was made. Left to choose, PostgreSQL planned [`PAYMENTS_OF_REFERENCES`] afresh for every
+/// batch, about 220 µs a time: a custom plan, which knows the arrays' lengths, is always priced
+/// below the generic one.
+pub const LOOKUP_BEGIN: &str = "BEGIN READ ONLY; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off;
+    SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; SET LOCAL plan_cache_mode = force_generic_plan";
 
 /// A (provider or PSP, id or reference) pair waiting for its batch's look-up.
 pub type Pair = (String, String);
@@ -106,7 +109,11 @@ impl Db {
             )
             .await
         };
-        open.ended(&ended);
+        // Back to the pool only after a COMMIT that succeeded: any other end closes the
+        // connection, so none is handed on inside a transaction, aborted or not.
+        if ended.is_ok() {
+            open.ended(&ended);
+        }
         begun.map_err(pg_error)?;
         let rows = rows.map_err(pg_error)?;
         ended.map_err(pg_error)?;

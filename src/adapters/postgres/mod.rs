@@ -152,18 +152,13 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (
         24,
-        "idempotency_keys_brin",
-        include_str!("../../../migrations/V24__idempotency_keys_brin.sql"),
+        "payment_psp_references",
+        include_str!("../../../migrations/V24__payment_psp_references.sql"),
     ),
     (
         25,
-        "payment_psp_references",
-        include_str!("../../../migrations/V25__payment_psp_references.sql"),
-    ),
-    (
-        26,
         "payments_half_pages",
-        include_str!("../../../migrations/V26__payments_half_pages.sql"),
+        include_str!("../../../migrations/V25__payments_half_pages.sql"),
     ),
 ];
 

@@ -1,4 +1,4 @@
--- Since V25 no update of a payment changes an indexed column, so each can be heap-only (HOT)
+-- Since V24 no update of a payment changes an indexed column, so each can be heap-only (HOT)
 -- when its new version fits on the row's page. With a quarter of each page kept free (V8), half
 -- of the outcomes' updates found no room: a payment's row grows at its outcome (the card, the
 -- risk decision, the routing), from about 500 to 800 bytes. With half of each page free, 96 % of
