@@ -10,6 +10,12 @@
 -- reference; a row trigger on `payments` records it here whenever a row is written with a new
 -- one, so every writer is covered (payrail's batches, a node of the previous version still
 -- running during an upgrade, an operator's SQL), in the same transaction.
+-- The strongest lock first, before anything else here takes a weaker one: DROP INDEX below needs
+-- it, and upgrading to it after the triggers' lock could deadlock with a batch holding a row
+-- lock on a payment. Readers and writers of payments wait until this migration commits; those
+-- that write then have their references recorded by the trigger.
+LOCK TABLE payments IN ACCESS EXCLUSIVE MODE;
+
 CREATE TABLE payment_psp_references (
     psp           text NOT NULL,
     psp_reference text NOT NULL,
@@ -50,9 +56,7 @@ CREATE TRIGGER payments_psp_reference_set BEFORE UPDATE OF psp, psp_reference ON
                        AND (OLD.psp_reference IS DISTINCT FROM NEW.psp_reference OR OLD.psp IS DISTINCT FROM NEW.psp))
     EXECUTE FUNCTION payments_record_psp_reference();
 
--- What the payments held before, with no writer in between (the lock lasts until this migration
--- commits: payments written meanwhile wait, then their trigger records them).
-LOCK TABLE payments IN SHARE ROW EXCLUSIVE MODE;
+-- What the payments held before (the lock, taken first, lasts until this migration commits).
 INSERT INTO payment_psp_references (psp, psp_reference, payment_id)
     SELECT psp, psp_reference, id FROM payments WHERE psp_reference IS NOT NULL;
 DROP INDEX payments_psp_reference;
