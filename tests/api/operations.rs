@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
+use payrail::adapters::postgres::SetupError;
 use payrail::adapters::psp::sandbox::{LEDGER_PANIC_ONCE, PANIC_ONCE};
 use serde_json::json;
 
@@ -329,6 +330,45 @@ async fn a_migration_runs_under_its_own_timeouts_not_the_pools() {
     assert_eq!(
         (row.get::<_, String>(0), row.get::<_, String>(1)),
         ("1h".to_owned(), "10s".to_owned())
+    );
+}
+
+#[actix_web::test]
+async fn a_migration_recorded_under_another_name_stops_the_process() {
+    let app = spawn_app().await;
+    let db = &app.state.db;
+    assert_eq!(
+        db.apply_migrations(&[(9003, "first", "CREATE TABLE renamed_probe (n int)")])
+            .await
+            .unwrap(),
+        [9003]
+    );
+    // A build whose migrations were renumbered: its 9003 is another migration, and what
+    // follows it was written against that one, so nothing after it may run either.
+    let err = db
+        .apply_migrations(&[
+            (9003, "second", "SELECT 1"),
+            (9004, "after it", "CREATE TABLE after_renamed (n int)"),
+        ])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SetupError::MigrationMismatch { version: 9003, recorded, expected }
+            if recorded == "first" && expected == "second"),
+        "{err}"
+    );
+    let sql = app.sql().await;
+    let after = sql
+        .query_one("SELECT to_regclass('after_renamed') IS NULL", &[])
+        .await
+        .unwrap();
+    assert!(after.get::<_, bool>(0), "nothing after the mismatch ran");
+    // The lock is given back: the right list still applies.
+    assert_eq!(
+        db.apply_migrations(&[(9003, "first", "unused"), (9004, "after it", "SELECT 1")])
+            .await
+            .unwrap(),
+        [9004]
     );
 }
 

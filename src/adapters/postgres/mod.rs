@@ -49,8 +49,9 @@ pub const MIGRATION_TIMEOUTS: &str = "SET LOCAL statement_timeout = '1h'; SET LO
 /// How long a starting process waits for another that is applying migrations.
 const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(3600);
 
-/// The versioned migrations in `migrations/`, applied in order, each once.
-const MIGRATIONS: &[(i32, &str, &str)] = &[
+/// The versioned migrations in `migrations/`, applied in order, each once (public so that a
+/// test can stop a database at an earlier version).
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "init", include_str!("../../../migrations/V1__init.sql")),
     (
         2,
@@ -196,6 +197,15 @@ pub enum SetupError {
     Pool(String),
     #[error("another process has been applying migrations for longer than {0:?}")]
     MigrationsBusy(Duration),
+    /// The database records another migration under this version: this build's migrations
+    /// were renumbered or renamed after that one was applied, so what the database holds is
+    /// not what this build's later migrations were written against.
+    #[error("migration {version} was applied as {recorded:?}, but this build names it {expected:?}")]
+    MigrationMismatch {
+        version: i32,
+        recorded: String,
+        expected: String,
+    },
 }
 
 impl Db {
@@ -372,6 +382,11 @@ impl Db {
     /// [`MIGRATION_TIMEOUTS`], not the pool's `statement_timeout`: building an index or
     /// rewriting a table of a large database takes longer than any request may, while a lock
     /// it cannot get (behind a long `ledger verify`, say) still fails it soon and plainly.
+    ///
+    /// A version is known by its number and its name: one the database recorded under another
+    /// name stops the process ([`SetupError::MigrationMismatch`]) before anything later is
+    /// applied. Versions the database holds and this build does not know (a newer node's,
+    /// during a rolling upgrade) are left alone.
     pub async fn apply_migrations(&self, migrations: &[(i32, &str, &str)]) -> Result<Vec<i32>, SetupError> {
         let mut client = self.pool.get().await.map_err(|e| SetupError::Pool(e.to_string()))?;
         // Another process may be applying a long migration: wait for it as long as one of its
@@ -398,10 +413,18 @@ impl Db {
                 .await?;
             let mut applied = Vec::new();
             for (version, name, sql) in migrations {
-                let done = client
-                    .query_opt("SELECT 1 FROM payrail_migrations WHERE version = $1", &[version])
+                let recorded = client
+                    .query_opt("SELECT name FROM payrail_migrations WHERE version = $1", &[version])
                     .await?;
-                if done.is_some() {
+                if let Some(row) = recorded {
+                    let recorded: String = row.get(0);
+                    if recorded != *name {
+                        return Ok(Err(SetupError::MigrationMismatch {
+                            version: *version,
+                            recorded,
+                            expected: (*name).to_owned(),
+                        }));
+                    }
                     continue;
                 }
                 let tx = client.transaction().await?;
@@ -415,11 +438,11 @@ impl Db {
                 tx.commit().await?;
                 applied.push(*version);
             }
-            Ok::<_, tokio_postgres::Error>(applied)
+            Ok::<_, tokio_postgres::Error>(Ok(applied))
         }
         .await;
         client.batch_execute("SELECT pg_advisory_unlock(7423001)").await?;
-        Ok(result?)
+        result?
     }
 }
 
@@ -496,6 +519,37 @@ pub fn pg_error(e: tokio_postgres::Error) -> StoreError {
             let message = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
             tracing::error!(sqlstate = code.code(), %message, "database rejected a statement");
             StoreError::Broken
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MIGRATIONS;
+
+    /// Every file in `migrations/` is registered under its own version and name, in order,
+    /// and nothing is registered without its file.
+    #[test]
+    fn the_registered_migrations_are_the_files_in_migrations() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
+        let mut files: Vec<(i32, String)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .map(|file| {
+                let stem = file.strip_suffix(".sql").expect("only .sql files in migrations/");
+                let (version, name) = stem
+                    .strip_prefix('V')
+                    .and_then(|rest| rest.split_once("__"))
+                    .expect("V<version>__<name>.sql");
+                (version.parse().unwrap(), name.to_owned())
+            })
+            .collect();
+        files.sort();
+        let registered: Vec<(i32, String)> = MIGRATIONS.iter().map(|(v, n, _)| (*v, (*n).to_owned())).collect();
+        assert_eq!(registered, files);
+        for ((version, name, sql), _) in MIGRATIONS.iter().zip(&files) {
+            let file = std::fs::read_to_string(format!("{dir}/V{version}__{name}.sql")).unwrap();
+            assert_eq!(*sql, file, "V{version} includes its own file");
         }
     }
 }
