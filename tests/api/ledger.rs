@@ -276,7 +276,138 @@ async fn a_psp_reference_names_one_payment_for_good() {
     .unwrap();
     assert_eq!(named("pi_other".into()).await, ["pay_other"]);
     assert_eq!(named("pi_other_2".into()).await, ["pay_other"]);
-    assert_eq!(named(reference).await, [p]);
+    // An insert that ends as nothing records nothing (migration V26: before it, the trigger ran
+    // ahead of the conflict's arbitration); one that ends as an update records what it wrote.
+    let again = |reference: &str, action: &str| {
+        format!(
+            "INSERT INTO payments SELECT (jsonb_populate_record(p, jsonb_build_object(
+                 'psp_reference', '{reference}'))).*
+             FROM payments p WHERE p.id = 'pay_other' ON CONFLICT (id) DO {action}"
+        )
+    };
+    db.batch_execute(&again("pi_never", "NOTHING")).await.unwrap();
+    assert!(named("pi_never".into()).await.is_empty());
+    db.batch_execute(&again(
+        "pi_other_3",
+        "UPDATE SET psp_reference = excluded.psp_reference",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(named("pi_other_3".into()).await, ["pay_other"]);
+    assert_eq!(named(reference).await, std::slice::from_ref(&p));
+
+    // Two sessions giving one new reference to two payments at once: the second waits for the
+    // first's record, and is refused once it commits.
+    let first = app.sql().await;
+    let second = app.sql().await;
+    first
+        .batch_execute("BEGIN; UPDATE payments SET psp_reference = 'pi_race' WHERE id = 'pay_other'")
+        .await
+        .unwrap();
+    let racing = actix_rt::spawn({
+        let p = p.clone();
+        async move {
+            second
+                .batch_execute(&format!(
+                    "UPDATE payments SET psp_reference = 'pi_race' WHERE id = '{p}'"
+                ))
+                .await
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%pi_race%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the second session never waited");
+        actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    first.batch_execute("COMMIT").await.unwrap();
+    let err = racing.await.unwrap().expect_err("the second writer is refused");
+    assert_eq!(err.code(), Some(&SqlState::UNIQUE_VIOLATION), "{err}");
+    assert_eq!(named("pi_race".into()).await, ["pay_other"]);
+}
+
+/// Migration V24 records the references payments held before it, so a database upgraded across
+/// it finds them as one that started after it does, and refuses them to any other payment.
+#[actix_web::test]
+async fn the_references_held_before_v24_are_recorded_by_it() {
+    use payrail::adapters::postgres::{Db, MIGRATIONS};
+    let app = spawn_app().await;
+    let (p, merchant) = captured_payment(&app).await;
+    let now = app.sql().await;
+    let json = |table: &str, id: &str| {
+        let (now, sql) = (
+            &now,
+            format!("SELECT row_to_json(t)::text FROM {table} t WHERE id = $1"),
+        );
+        let id = id.to_owned();
+        async move { now.query_one(&sql, &[&id]).await.unwrap().get::<_, String>(0) }
+    };
+    let (merchant_row, payment_row) = (json("merchants", &merchant).await, json("payments", &p).await);
+
+    // A database as V23 left it, holding that payment, and one of its copies with no reference.
+    let config = crate::helpers::test_config();
+    let before = Db::connect(&config.database).await.unwrap();
+    let up_to_23: Vec<_> = MIGRATIONS.iter().copied().filter(|(v, _, _)| *v <= 23).collect();
+    assert_eq!(before.apply_migrations(&up_to_23).await.unwrap().len(), 23);
+    let (old, conn) = tokio_postgres::connect(&config.database.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    actix_rt::spawn(conn);
+    old.execute(
+        "INSERT INTO merchants SELECT * FROM json_populate_record(NULL::merchants, $1::text::json)",
+        &[&merchant_row],
+    )
+    .await
+    .unwrap();
+    old.execute(
+        "INSERT INTO payments SELECT * FROM json_populate_record(NULL::payments, $1::text::json)",
+        &[&payment_row],
+    )
+    .await
+    .unwrap();
+    old.batch_execute(&format!(
+        "INSERT INTO payments SELECT (jsonb_populate_record(p, jsonb_build_object(
+             'id', 'pay_unanswered', 'psp_reference', NULL))).*
+         FROM payments p WHERE p.id = '{p}'"
+    ))
+    .await
+    .unwrap();
+
+    assert_eq!(before.migrate().await.unwrap().first(), Some(&24));
+    let recorded: Vec<(String, String, String)> = old
+        .query("SELECT psp, psp_reference, payment_id FROM payment_psp_references", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let held = now
+        .query_one("SELECT psp, psp_reference FROM payments WHERE id = $1", &[&p])
+        .await
+        .unwrap();
+    assert_eq!(recorded, [(held.get(0), held.get(1), p.clone())]);
+    let err = old
+        .batch_execute(&format!(
+            "UPDATE payments SET psp_reference = (SELECT psp_reference FROM payments WHERE id = '{p}')
+             WHERE id = 'pay_unanswered'"
+        ))
+        .await
+        .expect_err("the reference is the first payment's");
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION));
+    drop(old);
+    let (root, name) = config.database.url.rsplit_once('/').unwrap();
+    crate::helpers::drop_database(root, name).await;
 }
 
 /// Writes a refund journal of `payment` in USD, its correlation its own id, with no entries:

@@ -191,6 +191,46 @@ async fn a_batch_and_a_look_up_never_plan_their_statements_again() {
     assert!(!planned.is_empty(), "custom plans are not seen at all");
 }
 
+/// A table with any BEFORE UPDATE row trigger has each row an UPDATE touches locked before the
+/// trigger is called, whatever its column list and condition then decide: a WAL record and a
+/// second write of the row's header per update. The tables a batch updates (by UPDATE or by
+/// `ON CONFLICT … DO UPDATE`) keep their row checks in AFTER triggers (migration V26).
+#[actix_web::test]
+async fn no_table_a_batch_updates_locks_its_rows_for_a_before_trigger() {
+    let app = spawn_app().await;
+    let client = app.sql().await;
+    let mut updated: Vec<String> = commit::STATEMENTS
+        .iter()
+        .filter_map(|(_, sql)| {
+            let sql = sql.trim_start();
+            let table = match sql.strip_prefix("UPDATE ") {
+                Some(rest) => rest,
+                None if sql.contains("DO UPDATE") => sql.strip_prefix("INSERT INTO ")?,
+                None => return None,
+            };
+            table.split_whitespace().next().map(str::to_owned)
+        })
+        .collect();
+    updated.sort();
+    updated.dedup();
+    for table in ["payments", "psp_attempts", "idempotency_keys", "ledger_accounts"] {
+        assert!(updated.iter().any(|t| t == table), "{table} is not among {updated:?}");
+    }
+    // tgtype: 1 row, 2 before, 16 update.
+    let before: Vec<String> = client
+        .query(
+            "SELECT c.relname || '.' || t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+             WHERE NOT t.tgisinternal AND t.tgtype & 19 = 19 AND c.relname = ANY($1) ORDER BY 1",
+            &[&updated],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(before.is_empty(), "BEFORE UPDATE row triggers: {before:?}");
+}
+
 #[test]
 fn a_plan_that_reads_a_whole_table_is_found() {
     let plan = |lines: &[&str]| lines.iter().map(|l| (*l).to_owned()).collect::<Vec<_>>();

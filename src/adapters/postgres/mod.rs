@@ -161,6 +161,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "payments_half_pages",
         include_str!("../../../migrations/V25__payments_half_pages.sql"),
     ),
+    (
+        26,
+        "after_row_checks",
+        include_str!("../../../migrations/V26__after_row_checks.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.
