@@ -166,6 +166,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "after_row_checks",
         include_str!("../../../migrations/V26__after_row_checks.sql"),
     ),
+    (
+        27,
+        "idempotency_keys_room",
+        include_str!("../../../migrations/V27__idempotency_keys_room.sql"),
+    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.
