@@ -500,9 +500,10 @@ async fn an_outage_fails_over_and_the_breaker_opens_then_closes() {
         .find(|c| c["id"] == a.as_str())
         .unwrap()
         .clone();
-    assert_eq!(
-        (a_health["breaker"].as_str(), a_health["outage"].as_bool()),
-        (Some("open"), Some(true)),
+    // Open, or half-open when the 400 ms cool-down has passed since (a loaded machine takes that
+    // long for the last payments): no probe has gone to A yet either way.
+    assert!(
+        matches!(a_health["breaker"].as_str(), Some("open" | "half_open")) && a_health["outage"] == true,
         "{a_health}"
     );
     assert_eq!(a_health["breaker_opened"], 1);
