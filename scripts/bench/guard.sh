@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The performance regression guard `.ci/run` runs (issue 16): a short create+confirm load
 # (automatic capture, 64 connections, the default setup with sandbox webhooks and the outbox
-# relay) against a release build, beside docs/DESIGN.md's PostgreSQL ceiling measured in the
+# relay) against the `guard` profile's build (release without fat LTO), beside docs/DESIGN.md's PostgreSQL ceiling measured in the
 # same run. It fails when payrail / ceiling falls below the floor: a ratio, never an absolute
 # time, because this machine's speed drifts from day to day. The floor is docs/BENCHMARKS.md's
 # figure less a wide noise margin (0.23x-0.34x in every run since the group commits of
@@ -13,7 +13,8 @@ cd "$(dirname "$0")/../.."
 secs=${1:-5}
 floor=${2:-${PAYRAIL_PERF_FLOOR:-0.20}}
 command -v pgbench >/dev/null || { echo "pgbench is missing (postgresql-client)" >&2; exit 1; }
-cargo build --release --quiet --bin payrail
+cargo build --profile guard --quiet --bin payrail
+bin=./target/guard/payrail
 db=payrail_guard
 port=18095
 export PAYRAIL__DATABASE__URL=postgres://postgres@127.0.0.1:5432/$db
@@ -24,14 +25,14 @@ export PAYRAIL__RECONCILIATION__DAILY_AT_UTC=""
 report=$(mktemp)
 psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/dev/null
 python3 scripts/fuzz/drop_streams.py GUARD_PSP_EVENTS GUARD_EVENTS 2>/dev/null || true
-./target/release/payrail serve > "$report.log" 2>&1 &
+$bin serve > "$report.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/dev/null || true; python3 scripts/fuzz/drop_streams.py GUARD_PSP_EVENTS GUARD_EVENTS 2>/dev/null || true; rm -f "$report" "$report.log"' EXIT
 for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
 curl -sf "http://127.0.0.1:$port/readyz" >/dev/null || { tail "$report.log"; exit 1; }
-./target/release/payrail loadgen --url "http://127.0.0.1:$port" --compare-postgres --connections 64 \
+$bin loadgen --url "http://127.0.0.1:$port" --compare-postgres --connections 64 \
     --duration "$secs" --report "$report" > /dev/null 2>&1
-./target/release/payrail ledger verify | tail -1
+$bin ledger verify | tail -1
 python3 - "$report" "$floor" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
