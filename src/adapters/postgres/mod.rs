@@ -171,11 +171,6 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "idempotency_keys_room",
         include_str!("../../../migrations/V27__idempotency_keys_room.sql"),
     ),
-    (
-        28,
-        "entries_keyed_by_journal",
-        include_str!("../../../migrations/V28__entries_keyed_by_journal.sql"),
-    ),
 ];
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.
