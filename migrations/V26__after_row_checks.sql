@@ -13,6 +13,10 @@
 -- record a reference for a row that was never inserted; an AFTER trigger runs only for the row
 -- that was (its update's trigger, for the row that was updated instead).
 --
+-- This supersedes two comments of earlier migrations: V23's, that the column-list triggers on
+-- `merchant_id` and `payment_id` cost nothing when no UPDATE sets the column (they cost the lock),
+-- and V24's, that references are recorded before the row is written (now as it is written).
+--
 -- Both tables are locked first, in the order a batch writes them, before anything takes a weaker
 -- lock (DROP TRIGGER needs this one).
 LOCK TABLE payments, psp_attempts IN ACCESS EXCLUSIVE MODE;

@@ -300,6 +300,7 @@ async fn a_psp_reference_names_one_payment_for_good() {
     // first's record, and is refused once it commits.
     let first = app.sql().await;
     let second = app.sql().await;
+    let first_pid: i32 = first.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
     first
         .batch_execute("BEGIN; UPDATE payments SET psp_reference = 'pi_race' WHERE id = 'pay_other'")
         .await
@@ -318,9 +319,8 @@ async fn a_psp_reference_names_one_payment_for_good() {
     loop {
         let waiting: i64 = db
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%pi_race%'",
-                &[],
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                &[&first_pid],
             )
             .await
             .unwrap()

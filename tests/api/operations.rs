@@ -343,10 +343,12 @@ async fn a_migration_recorded_under_another_name_stops_the_process() {
             .unwrap(),
         [9003]
     );
-    // A build whose migrations were renumbered: its 9003 is another migration, and what
-    // follows it was written against that one, so nothing after it may run either.
+    // A build whose migrations were renumbered: its 9003 is another migration, and the others
+    // were written against that one, so none may run, not even one numbered before it that
+    // the database lacks.
     let err = db
         .apply_migrations(&[
+            (9002, "before it", "CREATE TABLE before_renamed (n int)"),
             (9003, "second", "SELECT 1"),
             (9004, "after it", "CREATE TABLE after_renamed (n int)"),
         ])
@@ -358,11 +360,14 @@ async fn a_migration_recorded_under_another_name_stops_the_process() {
         "{err}"
     );
     let sql = app.sql().await;
-    let after = sql
-        .query_one("SELECT to_regclass('after_renamed') IS NULL", &[])
+    let untouched = sql
+        .query_one(
+            "SELECT to_regclass('before_renamed') IS NULL AND to_regclass('after_renamed') IS NULL",
+            &[],
+        )
         .await
         .unwrap();
-    assert!(after.get::<_, bool>(0), "nothing after the mismatch ran");
+    assert!(untouched.get::<_, bool>(0), "nothing ran beside the mismatch");
     // The lock is given back: the right list still applies.
     assert_eq!(
         db.apply_migrations(&[(9003, "first", "unused"), (9004, "after it", "SELECT 1")])

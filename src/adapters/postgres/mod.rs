@@ -394,8 +394,7 @@ impl Db {
     /// it cannot get (behind a long `ledger verify`, say) still fails it soon and plainly.
     ///
     /// A version is known by its number and its name: one the database recorded under another
-    /// name stops the process ([`SetupError::MigrationMismatch`]) before anything later is
-    /// applied. Versions the database holds and this build does not know (a newer node's,
+    /// name stops the process ([`SetupError::MigrationMismatch`]) before anything is applied. Versions the database holds and this build does not know (a newer node's,
     /// during a rolling upgrade) are left alone.
     pub async fn apply_migrations(&self, migrations: &[(i32, &str, &str)]) -> Result<Vec<i32>, SetupError> {
         let mut client = self.pool.get().await.map_err(|e| SetupError::Pool(e.to_string()))?;
@@ -421,20 +420,29 @@ impl Db {
                          version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());",
                 )
                 .await?;
-            let mut applied = Vec::new();
-            for (version, name, sql) in migrations {
-                let recorded = client
-                    .query_opt("SELECT name FROM payrail_migrations WHERE version = $1", &[version])
-                    .await?;
-                if let Some(row) = recorded {
-                    let recorded: String = row.get(0);
-                    if recorded != *name {
+            // Every version this build knows and the database recorded is checked before any
+            // is applied: a mismatch stops the start with nothing new written.
+            let recorded: std::collections::HashMap<i32, String> = client
+                .query("SELECT version, name FROM payrail_migrations", &[])
+                .await?
+                .iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect();
+            for (version, name, _) in migrations {
+                match recorded.get(version) {
+                    Some(recorded) if recorded != name => {
                         return Ok(Err(SetupError::MigrationMismatch {
                             version: *version,
-                            recorded,
+                            recorded: recorded.clone(),
                             expected: (*name).to_owned(),
                         }));
                     }
+                    _ => {}
+                }
+            }
+            let mut applied = Vec::new();
+            for (version, name, sql) in migrations {
+                if recorded.contains_key(version) {
                     continue;
                 }
                 let tx = client.transaction().await?;

@@ -201,9 +201,10 @@ impl Db {
     ) -> Result<Vec<(PaymentId, MerchantId)>, StoreError> {
         let client = self.client().await?;
         let secs = older_than_ms as f64 / 1000.0;
+        // payments first: the order in which a batch and a migration (V26) lock the two tables.
         let rows = client
             .query(
-                "SELECT p.id, p.merchant_id FROM psp_attempts a JOIN payments p ON p.id = a.payment_id
+                "SELECT p.id, p.merchant_id FROM payments p JOIN psp_attempts a ON a.payment_id = p.id
                  WHERE a.outcome IS NULL AND a.started_at < now() - make_interval(secs => $1)
                  GROUP BY p.id, p.merchant_id ORDER BY min(a.started_at) LIMIT $2",
                 &[&secs, &limit],
