@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The performance regression guard `.ci/run` runs (issue 16): a short create+confirm load
 # (automatic capture, 64 connections, the default setup with sandbox webhooks and the outbox
-# relay) against the `guard` profile's build (release without fat LTO), beside docs/DESIGN.md's PostgreSQL ceiling measured in the
-# same run. It fails when payrail / ceiling falls below the floor: a ratio, never an absolute
+# relay) against the `guard` profile's build (release without fat LTO), beside docs/DESIGN.md's
+# PostgreSQL ceiling measured in the same run. It fails when payrail / ceiling falls below the floor: a ratio, never an absolute
 # time, because this machine's speed drifts from day to day. The floor is docs/BENCHMARKS.md's
 # figure less a wide noise margin (0.23x-0.34x in every run since the group commits of
 # 2026-11-27 night, on a slow night and a fast day alike; 0.340x and 0.342x for the build of

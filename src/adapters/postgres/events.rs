@@ -55,9 +55,9 @@ pub const PAYMENTS_OF_REFERENCES: &str = "SELECT u.i, x.id, x.merchant_id
 /// by the plan test), under the planner settings of a batch's statements (`commit::PLANNER`)
 /// and with bitmap scans off too (the look-up's probes name single keys, never a range worth a
 /// bitmap): kept for the connection's life, the plan must be index probes whatever the tables
-/// held when it was made. Left to choose, PostgreSQL planned [`PAYMENTS_OF_REFERENCES`] afresh for every
-/// batch, about 220 µs a time: a custom plan, which knows the arrays' lengths, is always priced
-/// below the generic one.
+/// held when it was made. Left to choose, PostgreSQL planned [`PAYMENTS_OF_REFERENCES`] afresh
+/// for every batch, about 220 µs a time: a custom plan, which knows the arrays' lengths, is
+/// always priced below the generic one.
 pub const LOOKUP_BEGIN: &str = "BEGIN READ ONLY; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off;
     SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; SET LOCAL plan_cache_mode = force_generic_plan";
 

@@ -394,8 +394,9 @@ impl Db {
     /// it cannot get (behind a long `ledger verify`, say) still fails it soon and plainly.
     ///
     /// A version is known by its number and its name: one the database recorded under another
-    /// name stops the process ([`SetupError::MigrationMismatch`]) before anything is applied. Versions the database holds and this build does not know (a newer node's,
-    /// during a rolling upgrade) are left alone.
+    /// name stops the process ([`SetupError::MigrationMismatch`]) before anything is applied.
+    /// Versions the database holds and this build does not know (a newer node's, during a
+    /// rolling upgrade) are left alone.
     pub async fn apply_migrations(&self, migrations: &[(i32, &str, &str)]) -> Result<Vec<i32>, SetupError> {
         let mut client = self.pool.get().await.map_err(|e| SetupError::Pool(e.to_string()))?;
         // Another process may be applying a long migration: wait for it as long as one of its
