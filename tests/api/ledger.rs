@@ -315,8 +315,7 @@ async fn a_psp_reference_names_one_payment_for_good() {
                 .await
         }
     });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
+    crate::events::wait_for("the second session to wait for the first", async || {
         let waiting: i64 = db
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
@@ -325,12 +324,9 @@ async fn a_psp_reference_names_one_payment_for_good() {
             .await
             .unwrap()
             .get(0);
-        if waiting == 1 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the second session never waited");
-        actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        waiting == 1
+    })
+    .await;
     first.batch_execute("COMMIT").await.unwrap();
     let err = racing.await.unwrap().expect_err("the second writer is refused");
     assert_eq!(err.code(), Some(&SqlState::UNIQUE_VIOLATION), "{err}");
