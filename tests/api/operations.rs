@@ -396,3 +396,132 @@ async fn a_process_starting_while_another_migrates_waits_past_the_pools_timeout(
     assert_eq!(applied, [9002]);
     assert!(started.elapsed() >= Duration::from_millis(1_800));
 }
+
+/// The swap V28 waits for, if any: when the waiting transaction began, to tell one try from the
+/// next.
+async fn waiting_swap(sql: &tokio_postgres::Client) -> Option<String> {
+    sql.query_opt(
+        "SELECT a.xact_start::text FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+         WHERE l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND l.relation = 'entries'::regclass AND l.mode = 'AccessExclusiveLock' AND NOT l.granted",
+        &[],
+    )
+    .await
+    .unwrap()
+    .map(|row| row.get(0))
+}
+
+/// Back to V27's entries: the key on `id` and the index on `journal_id`.
+const ENTRIES_BEFORE_V28: &str =
+    "ALTER TABLE entries DROP CONSTRAINT entries_pkey, ADD CONSTRAINT entries_pkey PRIMARY KEY (id);
+     CREATE INDEX entries_journal ON entries (journal_id);
+     DELETE FROM payrail_migrations WHERE version = 28";
+
+async fn entries_key(sql: &tokio_postgres::Client) -> Vec<String> {
+    sql.query_one(
+        "SELECT array_agg(a.attname::text ORDER BY k.n)
+         FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k(attnum, n), pg_attribute a
+         WHERE i.indexrelid = 'entries_pkey'::regclass AND a.attrelid = i.indrelid AND a.attnum = k.attnum",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// V28 builds the entries' new key CONCURRENTLY: a writer is not held up while it is built, and
+/// its last step (the swap, which needs the table to itself) waits at most a second at a time,
+/// then tries again.
+#[actix_web::test]
+async fn the_entries_key_is_built_while_writers_go_on() {
+    use payrail::adapters::postgres::MIGRATIONS;
+
+    let app = spawn_app().await;
+    for _ in 0..3 {
+        assert_eq!(app.pay(1_000, "pm_card_visa", "automatic", true).await.status, 201);
+    }
+    let sql = app.sql().await;
+    let entries: i64 = sql.query_one("SELECT count(*) FROM entries", &[]).await.unwrap().get(0);
+    assert!(entries >= 9, "three captured payments, three entries each: {entries}");
+    sql.batch_execute(ENTRIES_BEFORE_V28).await.unwrap();
+    assert_eq!(entries_key(&sql).await, ["id"]);
+
+    // A writer in the middle of its transaction, and a reader in the middle of its own.
+    let writer = app.sql().await;
+    writer
+        .batch_execute("BEGIN; LOCK TABLE entries IN ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let reader = app.sql().await;
+    reader
+        .batch_execute("BEGIN; LOCK TABLE entries IN ACCESS SHARE MODE")
+        .await
+        .unwrap();
+    let migrate = actix_rt::spawn({
+        let db = app.state.db.clone();
+        async move { db.apply_migrations(MIGRATIONS).await }
+    });
+    // The build waits for the writer to finish...
+    crate::events::wait_for("the index build to wait for the writer", async || {
+        sql.query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'
+               AND query LIKE 'CREATE UNIQUE INDEX CONCURRENTLY%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    // ...and holds up no other writer meanwhile.
+    let other = app.sql().await;
+    other
+        .batch_execute("SET lock_timeout = '2s'; BEGIN; LOCK TABLE entries IN ROW EXCLUSIVE MODE; COMMIT")
+        .await
+        .expect("a writer goes on while the key is built");
+    writer.batch_execute("COMMIT").await.unwrap();
+
+    // The swap waits for the reader, gives up after its second, and tries again.
+    let mut first = None;
+    crate::events::wait_for("the swap to wait for the reader", async || {
+        first = waiting_swap(&sql).await;
+        first.is_some()
+    })
+    .await;
+    crate::events::wait_for("the swap to be tried again", async || {
+        waiting_swap(&sql).await.is_some_and(|t| Some(t) != first)
+    })
+    .await;
+    assert!(
+        !migrate.is_finished(),
+        "a busy table is tried again, not a failed start"
+    );
+    reader.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(migrate.await.unwrap().unwrap(), [28]);
+    assert_eq!(entries_key(&sql).await, ["journal_id", "id"]);
+    let gone = sql
+        .query_one(
+            "SELECT to_regclass('entries_journal') IS NULL AND to_regclass('entries_journal_id_key') IS NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(gone.get::<_, bool>(0), "one index where there were two");
+
+    // A build that died half-way left an index under the new key's name (here not even the
+    // right one): the migration drops it and builds the key again.
+    sql.batch_execute(ENTRIES_BEFORE_V28).await.unwrap();
+    sql.batch_execute("CREATE INDEX entries_journal_id_key ON entries (id)")
+        .await
+        .unwrap();
+    assert_eq!(app.state.db.apply_migrations(MIGRATIONS).await.unwrap(), [28]);
+    assert_eq!(entries_key(&sql).await, ["journal_id", "id"]);
+
+    // The ledger reads as before and takes new payments.
+    assert_eq!(app.pay(1_000, "pm_card_visa", "automatic", true).await.status, 201);
+    let after: i64 = sql.query_one("SELECT count(*) FROM entries", &[]).await.unwrap().get(0);
+    assert!(after > entries, "{after} entries after {entries}");
+    assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
+}

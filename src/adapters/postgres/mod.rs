@@ -171,7 +171,40 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "idempotency_keys_room",
         include_str!("../../../migrations/V27__idempotency_keys_room.sql"),
     ),
+    (
+        28,
+        "entries_keyed_by_journal",
+        include_str!("../../../migrations/V28__entries_keyed_by_journal.sql"),
+    ),
 ];
+
+/// The first line of a migration that cannot run in one transaction (an index built
+/// `CONCURRENTLY`, which writers do not wait for). Its steps, one statement each and separated
+/// by [`STEP`] lines, run on their own, outside a transaction, under [`STEP_TIMEOUTS`]; the last
+/// step (any number of statements) runs in the transaction that records the migration. Every
+/// step but the last must be safe to run again: a start that dies between them runs them all
+/// again.
+pub const OUTSIDE_A_TRANSACTION: &str = "-- payrail: outside a transaction";
+
+/// The line between two steps of an [`OUTSIDE_A_TRANSACTION`] migration.
+pub const STEP: &str = "-- payrail: step";
+
+/// What bounds a step run outside a transaction: an hour, for the work and for any wait. An
+/// index built `CONCURRENTLY` waits for every transaction that could still use the table (a long
+/// `ledger verify`, say) without holding up any writer meanwhile.
+const STEP_TIMEOUTS: &str = "SET statement_timeout = '1h'; SET lock_timeout = '1h'";
+
+/// How many times the last step of an [`OUTSIDE_A_TRANSACTION`] migration is tried when it could
+/// not get a lock in time (its own `lock_timeout` keeps each wait short, since writers queue
+/// behind it), one second apart.
+const LAST_STEP_TRIES: u32 = 30;
+
+/// A migration's steps when it runs [`OUTSIDE_A_TRANSACTION`], or `None` for one transaction.
+pub fn steps(sql: &str) -> Option<Vec<&str>> {
+    let rest = sql.strip_prefix(OUTSIDE_A_TRANSACTION)?;
+    let rest = rest.strip_prefix('\n')?;
+    Some(rest.split(&format!("\n{STEP}\n")).collect())
+}
 
 /// A handle on the pool. Cloning is cheap: the pool is shared.
 #[derive(Clone)]
@@ -446,15 +479,51 @@ impl Db {
                 if recorded.contains_key(version) {
                     continue;
                 }
-                let tx = client.transaction().await?;
-                tx.batch_execute(MIGRATION_TIMEOUTS).await?;
-                tx.batch_execute(sql).await?;
-                tx.execute(
-                    "INSERT INTO payrail_migrations (version, name) VALUES ($1, $2)",
-                    &[version, name],
-                )
-                .await?;
-                tx.commit().await?;
+                let last = match steps(sql) {
+                    None => sql,
+                    Some(steps) => {
+                        let (last, before) = steps.split_last().map_or(("", &[][..]), |(l, b)| (*l, b));
+                        client.batch_execute(STEP_TIMEOUTS).await?;
+                        let mut ran = Ok(());
+                        for step in before {
+                            ran = client.batch_execute(step).await;
+                            if ran.is_err() {
+                                break;
+                            }
+                        }
+                        // Back to the pool's settings (the connection's start-up options) either way.
+                        client.batch_execute("RESET statement_timeout; RESET lock_timeout").await?;
+                        ran?;
+                        last
+                    }
+                };
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    let tx = client.transaction().await?;
+                    tx.batch_execute(MIGRATION_TIMEOUTS).await?;
+                    let done = async {
+                        tx.batch_execute(last).await?;
+                        tx.execute(
+                            "INSERT INTO payrail_migrations (version, name) VALUES ($1, $2)",
+                            &[version, name],
+                        )
+                        .await?;
+                        tx.commit().await
+                    }
+                    .await;
+                    match done {
+                        Err(e)
+                            if steps(sql).is_some()
+                                && tries < LAST_STEP_TRIES
+                                && e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+                        {
+                            tracing::warn!(version, tries, "migration: the table is busy; trying its last step again");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        done => break done?,
+                    }
+                }
                 applied.push(*version);
             }
             Ok::<_, tokio_postgres::Error>(Ok(applied))
@@ -544,7 +613,7 @@ pub fn pg_error(e: tokio_postgres::Error) -> StoreError {
 
 #[cfg(test)]
 mod tests {
-    use super::MIGRATIONS;
+    use super::{steps, MIGRATIONS, OUTSIDE_A_TRANSACTION, STEP};
 
     /// Every file in `migrations/` is registered under its own version and name, in order,
     /// and nothing is registered without its file.
@@ -569,6 +638,43 @@ mod tests {
         for ((version, name, sql), _) in MIGRATIONS.iter().zip(&files) {
             let file = std::fs::read_to_string(format!("{dir}/V{version}__{name}.sql")).unwrap();
             assert_eq!(*sql, file, "V{version} includes its own file");
+        }
+    }
+
+    #[test]
+    fn a_migration_runs_in_steps_only_when_its_first_line_says_so() {
+        assert_eq!(steps("CREATE TABLE t (n int);\nDROP TABLE t;"), None);
+        assert_eq!(
+            steps(&format!("-- a comment\n{OUTSIDE_A_TRANSACTION}\nSELECT 1;")),
+            None
+        );
+        assert_eq!(
+            steps(&format!(
+                "{OUTSIDE_A_TRANSACTION}\n-- why\nSELECT 1;\n{STEP}\nSELECT 2;\n{STEP}\nSELECT 3;\nSELECT 4;\n"
+            )),
+            Some(vec!["-- why\nSELECT 1;", "SELECT 2;", "SELECT 3;\nSELECT 4;\n"])
+        );
+        // A step marker inside a line is not a step.
+        assert_eq!(
+            steps(&format!("{OUTSIDE_A_TRANSACTION}\nSELECT '{STEP}';")),
+            Some(vec![&*format!("SELECT '{STEP}';")])
+        );
+        // Every step run outside a transaction is one statement (PostgreSQL runs several sent
+        // at once in one transaction, where `CONCURRENTLY` is refused).
+        for (version, _, sql) in MIGRATIONS {
+            let Some(steps) = steps(sql) else { continue };
+            assert!(steps.len() >= 2, "V{version} has steps");
+            for step in &steps[..steps.len() - 1] {
+                let code: String = step
+                    .lines()
+                    .filter(|line| !line.trim_start().starts_with("--"))
+                    .collect();
+                assert_eq!(
+                    code.matches(';').count(),
+                    1,
+                    "V{version}: one statement per step: {step}"
+                );
+            }
         }
     }
 }
