@@ -510,14 +510,51 @@ async fn the_entries_key_is_built_while_writers_go_on() {
         .unwrap();
     assert!(gone.get::<_, bool>(0), "one index where there were two");
 
-    // A build that died half-way left an index under the new key's name (here not even the
-    // right one): the migration drops it and builds the key again.
-    sql.batch_execute(ENTRIES_BEFORE_V28).await.unwrap();
-    sql.batch_execute("CREATE INDEX entries_journal_id_key ON entries (id)")
-        .await
-        .unwrap();
-    assert_eq!(app.state.db.apply_migrations(MIGRATIONS).await.unwrap(), [28]);
-    assert_eq!(entries_key(&sql).await, ["journal_id", "id"]);
+    // What a start that died or gave up left under the new key's name: a build that did not
+    // finish (PostgreSQL marks it invalid) or an index that is not the key is dropped and the key
+    // built again; a finished build is kept, not built again.
+    for (left, kept) in [
+        (
+            "CREATE UNIQUE INDEX entries_journal_id_key ON entries (journal_id, id);
+             UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'entries_journal_id_key'::regclass",
+            false,
+        ),
+        ("CREATE INDEX entries_journal_id_key ON entries (id)", false),
+        (
+            "CREATE UNIQUE INDEX entries_journal_id_key ON entries (journal_id, id)",
+            true,
+        ),
+    ] {
+        sql.batch_execute(ENTRIES_BEFORE_V28).await.unwrap();
+        sql.batch_execute(left).await.unwrap();
+        let before: u32 = sql
+            .query_one("SELECT 'entries_journal_id_key'::regclass::oid", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(app.state.db.apply_migrations(MIGRATIONS).await.unwrap(), [28]);
+        assert_eq!(entries_key(&sql).await, ["journal_id", "id"], "{left}");
+        let key: u32 = sql
+            .query_one(
+                "SELECT conindid FROM pg_constraint WHERE conname = 'entries_pkey' AND conrelid = 'entries'::regclass",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(key == before, kept, "{left}");
+        let valid: bool = sql
+            .query_one("SELECT indisvalid FROM pg_index WHERE indexrelid = $1", &[&key])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(valid, "{left}");
+        let discarded = sql
+            .query_one("SELECT to_regclass('entries_journal_id_key_discarded') IS NULL", &[])
+            .await
+            .unwrap();
+        assert!(discarded.get::<_, bool>(0), "what was put aside is dropped");
+    }
 
     // The ledger reads as before and takes new payments.
     assert_eq!(app.pay(1_000, "pm_card_visa", "automatic", true).await.status, 201);

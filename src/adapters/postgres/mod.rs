@@ -179,7 +179,8 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
 ];
 
 /// The first line of a migration that cannot run in one transaction (an index built
-/// `CONCURRENTLY`, which writers do not wait for). Its steps, one statement each and separated
+/// `CONCURRENTLY`, which writers do not wait for). Its steps, one statement each (a `DO` block
+/// is one) and separated
 /// by [`STEP`] lines, run on their own, outside a transaction, under [`STEP_TIMEOUTS`]; the last
 /// step (any number of statements) runs in the transaction that records the migration. Every
 /// step but the last must be safe to run again: a start that dies between them runs them all
@@ -668,6 +669,9 @@ mod tests {
                 let code: String = step
                     .lines()
                     .filter(|line| !line.trim_start().starts_with("--"))
+                    .collect::<String>()
+                    .split("$$")
+                    .step_by(2) // outside dollar quotes (a DO block's body)
                     .collect();
                 assert_eq!(
                     code.matches(';').count(),
