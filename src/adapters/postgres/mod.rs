@@ -480,51 +480,7 @@ impl Db {
                 if recorded.contains_key(version) {
                     continue;
                 }
-                let last = match steps(sql) {
-                    None => sql,
-                    Some(steps) => {
-                        let (last, before) = steps.split_last().map_or(("", &[][..]), |(l, b)| (*l, b));
-                        client.batch_execute(STEP_TIMEOUTS).await?;
-                        let mut ran = Ok(());
-                        for step in before {
-                            ran = client.batch_execute(step).await;
-                            if ran.is_err() {
-                                break;
-                            }
-                        }
-                        // Back to the pool's settings (the connection's start-up options) either way.
-                        client.batch_execute("RESET statement_timeout; RESET lock_timeout").await?;
-                        ran?;
-                        last
-                    }
-                };
-                let mut tries = 0;
-                loop {
-                    tries += 1;
-                    let tx = client.transaction().await?;
-                    tx.batch_execute(MIGRATION_TIMEOUTS).await?;
-                    let done = async {
-                        tx.batch_execute(last).await?;
-                        tx.execute(
-                            "INSERT INTO payrail_migrations (version, name) VALUES ($1, $2)",
-                            &[version, name],
-                        )
-                        .await?;
-                        tx.commit().await
-                    }
-                    .await;
-                    match done {
-                        Err(e)
-                            if steps(sql).is_some()
-                                && tries < LAST_STEP_TRIES
-                                && e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
-                        {
-                            tracing::warn!(version, tries, "migration: the table is busy; trying its last step again");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                        done => break done?,
-                    }
-                }
+                apply_one(&mut client, *version, name, sql).await?;
                 applied.push(*version);
             }
             Ok::<_, tokio_postgres::Error>(Ok(applied))
@@ -532,6 +488,61 @@ impl Db {
         .await;
         client.batch_execute("SELECT pg_advisory_unlock(7423001)").await?;
         result?
+    }
+}
+
+/// Applies one migration and records it: whole, in one transaction, or step by step when it
+/// runs [`OUTSIDE_A_TRANSACTION`].
+async fn apply_one(client: &mut Object, version: i32, name: &str, sql: &str) -> Result<(), tokio_postgres::Error> {
+    let stepped = steps(sql);
+    let last = match &stepped {
+        None => sql,
+        Some(steps) => {
+            let (last, before) = steps.split_last().map_or(("", &[][..]), |(l, b)| (*l, b));
+            client.batch_execute(STEP_TIMEOUTS).await?;
+            let mut ran = Ok(());
+            for step in before {
+                ran = client.batch_execute(step).await;
+                if ran.is_err() {
+                    break;
+                }
+            }
+            // Back to the pool's settings (the connection's start-up options) either way.
+            client
+                .batch_execute("RESET statement_timeout; RESET lock_timeout")
+                .await?;
+            ran?;
+            last
+        }
+    };
+    // Only a stepped migration's last step is tried again: it keeps its own lock waits short.
+    let tries = if stepped.is_some() { LAST_STEP_TRIES } else { 1 };
+    let mut tried = 0;
+    loop {
+        tried += 1;
+        let tx = client.transaction().await?;
+        tx.batch_execute(MIGRATION_TIMEOUTS).await?;
+        let done = async {
+            tx.batch_execute(last).await?;
+            tx.execute(
+                "INSERT INTO payrail_migrations (version, name) VALUES ($1, $2)",
+                &[&version, &name],
+            )
+            .await?;
+            tx.commit().await
+        }
+        .await;
+        match done {
+            Err(e) if tried < tries && e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                tracing::warn!(
+                    version,
+                    tried,
+                    "migration: the table is busy; trying its last step again"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            done => return done,
+        }
     }
 }
 
