@@ -144,6 +144,8 @@ pub struct Metrics {
     transitions: Family<TransitionLabels, Counter>,
     ledger_commit: Histogram,
     ledger_batch_size: Histogram,
+    idempotency_claim: Histogram,
+    payment_commit: Histograms<KindLabels>,
     ledger_split_batches: Counter,
     mailbox_depth: Family<ActorLabels, Gauge>,
     actors_live: Family<ActorLabels, Gauge>,
@@ -203,6 +205,8 @@ impl Metrics {
             ledger_commit: seconds(),
             // 1, 2, 4, … 2,048 commits per transaction.
             ledger_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            idempotency_claim: seconds(),
+            payment_commit: Histograms::new_with_constructor(seconds),
             ledger_split_batches: Counter::default(),
             mailbox_depth: Family::default(),
             actors_live: Family::default(),
@@ -296,6 +300,16 @@ impl Metrics {
             "ledger_batch_size",
             "Commits written per ledger transaction",
             m.ledger_batch_size.clone(),
+        );
+        r.register(
+            "idempotency_claim_duration_seconds",
+            "Time a request waited for its Idempotency-Key to be claimed (or found) before its work began",
+            m.idempotency_claim.clone(),
+        );
+        r.register(
+            "payment_commit_duration_seconds",
+            "Time one payment actor's commit waited, from its ledger shard's mailbox to its answer, by what it records",
+            m.payment_commit.clone(),
         );
         r.register(
             "ledger_split_batches",
@@ -540,6 +554,19 @@ impl Metrics {
     }
 
     /// One ledger batch: how many commits it held and how long its transaction took.
+    /// A request's claim of its key, from asking to the answer (the claims' group commit).
+    pub fn idempotency_claim(&self, took: Duration) {
+        self.idempotency_claim.observe(took.as_secs_f64());
+    }
+
+    /// One payment commit, from the actor's asking to the answer: `attempt_start` (before a
+    /// PSP call), `psp_answer`, `psp_event` or `other`.
+    pub fn payment_commit(&self, kind: &'static str, took: Duration) {
+        self.payment_commit
+            .get_or_create(&KindLabels { kind })
+            .observe(took.as_secs_f64());
+    }
+
     pub fn ledger_batch(&self, size: usize, took: Duration) {
         self.ledger_batch_size.observe(size as f64);
         self.ledger_commit.observe(took.as_secs_f64());

@@ -116,10 +116,12 @@ where
             holder: &l.holder,
             live: &live,
         });
+    let asked = std::time::Instant::now();
     let begun = state
         .db
         .idempotency_begin_as(&merchant.id, &key, &fp, lease, claimant.as_ref())
         .await?;
+    state.metrics.idempotency_claim(asked.elapsed());
     let verdict = match &begun {
         Begin::Proceed { fence: 1, .. } => "new",
         Begin::Proceed { .. } => "taken over",

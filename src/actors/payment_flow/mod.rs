@@ -421,7 +421,19 @@ impl<'a> Flow<'a> {
             (Some(r), None) => self.deps.landing.begin(r),
             _ => None,
         };
-        match (self.deps.store.commit(commit).await, retry) {
+        let kind = if commit.processed_event.is_some() {
+            "psp_event"
+        } else if commit.attempt_finished.is_some() {
+            "psp_answer"
+        } else if commit.attempt_started.is_some() {
+            "attempt_start"
+        } else {
+            "other"
+        };
+        let asked = std::time::Instant::now();
+        let committed = self.deps.store.commit(commit).await;
+        self.deps.metrics.payment_commit(kind, asked.elapsed());
+        match (committed, retry) {
             (Ok(()), _) => {}
             (Err(CommitError::Fenced), Some(retry)) => {
                 tracing::info!(payment_id = %next.id, "idempotency key taken over; committing the PSP's answer without it");
