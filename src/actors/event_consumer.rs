@@ -20,6 +20,7 @@ use super::mailbox::{ActorStats, Mailbox};
 use super::payment::{Op, PaymentCall};
 use super::registry::PaymentRegistry;
 use crate::adapters::nats::{Nats, PspEvent};
+use crate::adapters::postgres::events::EventPayment;
 use crate::adapters::postgres::payouts::PayoutEvent;
 use crate::adapters::postgres::Db;
 use crate::config::NatsConfig;
@@ -331,7 +332,11 @@ impl Worker {
                 Err(_) => Verdict::Retry("retried", "the database was unavailable"),
             };
         }
-        let mut found = match self.db.payment_of_reference(&event.provider, &event.reference).await {
+        let look_up = || {
+            self.db
+                .payment_of_event(&event.provider, &event.reference, &event.event_id)
+        };
+        let mut found = match look_up().await {
             Ok(found) => found,
             Err(_) => return Verdict::Retry("retried", "the database was unavailable"),
         };
@@ -341,12 +346,17 @@ impl Worker {
             && !event.reference.is_empty()
             && self.registry.deps().landing.wait(&event.reference, LANDING_WAIT).await
         {
-            found = match self.db.payment_of_reference(&event.provider, &event.reference).await {
+            found = match look_up().await {
                 Ok(found) => found,
                 Err(_) => return Verdict::Retry("retried", "the database was unavailable"),
             };
         }
-        let Some((payment_id, merchant)) = found else {
+        let Some(EventPayment {
+            payment: payment_id,
+            merchant,
+            processed,
+        }) = found
+        else {
             if event.reference.is_empty() || !concerns_a_payment(&event.event_type) {
                 // Recorded, acknowledged, ignored (docs/API.md).
                 return match self
@@ -366,6 +376,18 @@ impl Worker {
             tracing::warn!(payment_id = %payment_id, event_id = %event.event_id, "a connector's event names another merchant's payment; dropped");
             return Verdict::Ack("foreign");
         }
+        if processed {
+            // Recorded already (a redelivery, or the PSP's retry after JetStream's duplicate
+            // window): nothing to apply, no need to wake the payment.
+            return Verdict::Ack("duplicate");
+        }
+        // An event's deliveries are handled one at a time: one reference, so one partition,
+        // whose worker takes its batches in turn, each grouped by reference. Nothing records
+        // this event between the look-up and its actor, which need not look again.
+        let event = PspEvent {
+            unrecorded: true,
+            ..event
+        };
         let call = PaymentCall::new(merchant, Op::PspEvent(Arc::new(event)), None);
         match self.registry.call(&payment_id, call).await {
             Ok(reply) if reply.status == super::payment_flow::DUPLICATE_EVENT => Verdict::Ack("duplicate"),

@@ -114,6 +114,13 @@ pub struct PspEvent {
     /// payments.
     #[serde(default)]
     pub merchant: Option<String>,
+    /// Not carried: the event consumer found no `processed_events` row for this event when it
+    /// looked its payment up, just before handing it to the payment's actor (one partition's
+    /// events for one payment are handled one at a time), so the actor need not look again.
+    /// The `processed_events` primary key still refuses a second record of it. `false` (look
+    /// again) whenever it was not so found: a forwarded call, a test, the simulation's choice.
+    #[serde(skip)]
+    pub unrecorded: bool,
 }
 
 /// The partition of a PSP object reference: one payment's events always share one.

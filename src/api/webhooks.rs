@@ -206,6 +206,7 @@ fn stripe_event(
         object: serde_json::to_vec(object).unwrap_or_default(),
         raw: raw.to_vec(),
         merchant: None,
+        unrecorded: false,
     })
 }
 
@@ -254,6 +255,7 @@ fn adyen_events(key: &str, raw: &[u8]) -> Result<Vec<PspEvent>, ApiError> {
             object: serde_json::to_vec(n).unwrap_or_default(),
             raw: raw.to_vec(),
             merchant: None,
+            unrecorded: false,
         })?);
     }
     Ok(events)

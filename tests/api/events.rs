@@ -87,6 +87,7 @@ async fn an_event_delivered_three_times_and_again_after_the_window_applies_once(
         object: serde_json::to_vec(&object).unwrap(),
         raw: b"{}".to_vec(),
         merchant: None,
+        unrecorded: false,
     };
     let nats = &app.state.nats;
     let subject = nats.psp_subject(

@@ -30,6 +30,7 @@ use serde_json::Value;
 use payrail::actors::event_consumer::{disposition, Disposition};
 use payrail::actors::payment_flow::{process, Live, PaymentDeps};
 use payrail::actors::{IdemKey, Op, Reply};
+use payrail::adapters::nats::PspEvent;
 use payrail::adapters::postgres::commit::AttemptOutcome;
 use payrail::adapters::postgres::idempotency::Begin;
 use payrail::adapters::psp::{IntentStatus, PspError, PspRefundStatus};
@@ -556,15 +557,35 @@ impl Sim {
             if down {
                 Err(())
             } else {
+                // As the consumer's look-up: the payment, and whether the event is recorded.
+                let recorded =
+                    w.db.processed
+                        .contains(&(event.provider.clone(), event.event_id.clone()));
                 Ok(w.db
                     .payments
                     .values()
                     .find(|p| p.psp_reference.as_deref() == Some(event.reference.as_str()))
-                    .map(|p| p.id.clone()))
+                    .map(|p| (p.id.clone(), recorded)))
             }
         };
         match found {
-            Ok(Some(payment)) => {
+            Ok(Some((_, true))) => {
+                lock(&self.w).note(format!("consumer: LOOKUP found {} recorded already", event.event_id));
+                let duplicate = Reply {
+                    status: payrail::actors::payment_flow::DUPLICATE_EVENT,
+                    body: Vec::new(),
+                    stored: false,
+                };
+                self.finish(Origin::Consumer(serial), Ok(duplicate));
+            }
+            Ok(Some((payment, false))) => {
+                // Unlike payrail's consumer, the simulation may deliver a PSP's resend of an
+                // event while the first delivery is still with the actor: the look-up's answer
+                // can be stale here, and the store's primary key must catch it.
+                let event = PspEvent {
+                    unrecorded: true,
+                    ..event
+                };
                 let msg = Msg {
                     op: Op::PspEvent(Arc::new(event)),
                     idem: None,
@@ -1084,6 +1105,8 @@ struct Coverage {
     splits: u64,
     ambiguous: u64,
     takeovers: u64,
+    duplicates_at_lookup: u64,
+    duplicates_at_key: u64,
     failed_over_unreachable: u64,
     failed_over_soft: u64,
 }
@@ -1136,6 +1159,8 @@ impl Coverage {
         self.crashes += count("CRASH");
         self.splits += count("SPLIT");
         self.ambiguous += count("landed, reported failed");
+        self.duplicates_at_lookup += count("LOOKUP found");
+        self.duplicates_at_key += count("KEY refused a second record");
         self.takeovers +=
             w.db.idempotency
                 .values()
@@ -1267,7 +1292,7 @@ fn main() {
     println!(
         "coverage: {} answers 2xx, {} 4xx; {} PSP effects, {} refunds succeeded, {} disputes; {} events applied, \
          {} dead letters, {} exceptions; {} crashes, {} split incarnations, {} ambiguous commits, {} key takeovers; \
-         failovers: {} unreachable, {} soft declines",
+         failovers: {} unreachable, {} soft declines; events seen again: {} at the look-up, {} by processed_events' key",
         c.answered_2xx,
         c.answered_4xx,
         c.psp_effects,
@@ -1281,7 +1306,9 @@ fn main() {
         c.ambiguous,
         c.takeovers,
         c.failed_over_unreachable,
-        c.failed_over_soft
+        c.failed_over_soft,
+        c.duplicates_at_lookup,
+        c.duplicates_at_key
     );
     println!("{passed} passed, {failed} failed");
     if failed > 0 {

@@ -567,6 +567,11 @@ impl World {
                 return Err(StoreError::Unavailable.into());
             }
         }
+        if let (Err(_), Some(e)) = (&result, &c.processed_event) {
+            if self.db.processed.contains(&(e.provider.clone(), e.event_id.clone())) {
+                self.note(format!("store: KEY refused a second record of {}", e.event_id));
+            }
+        }
         self.note(format!("store: commit {} -> {:?}", describe(c), result.as_ref().err()));
         result
     }
@@ -588,6 +593,7 @@ impl World {
             raw: serde_json::to_vec(&json!({ "id": id, "type": event_type, "data": { "object": object } }))
                 .unwrap_or_default(),
             merchant: None,
+            unrecorded: false,
         };
         self.note(format!("psp: sends {event_type} {id} for {reference}"));
         self.psp.sent.insert(id, event.clone());

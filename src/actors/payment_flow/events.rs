@@ -19,7 +19,8 @@ impl Flow<'_> {
     /// before payrail knows its reference) is not recorded: it fails, and the consumer
     /// delivers it again later, or parks it as a dead letter.
     pub(super) async fn psp_event(&mut self, e: &PspEvent) -> Result<Reply, Halt> {
-        if self.deps.store.event_processed(&e.provider, &e.event_id).await? {
+        // The consumer's look-up of the payment said whether it was recorded, just before.
+        if !e.unrecorded && self.deps.store.event_processed(&e.provider, &e.event_id).await? {
             return Ok(Reply {
                 status: DUPLICATE_EVENT,
                 body: Vec::new(),

@@ -38,9 +38,13 @@ pub const PROCESSED: &str = "SELECT u.i FROM unnest($1::text[], $2::text[]) WITH
 
 /// The payment of each (PSP, reference) of a batch that has one: a reference the payment was
 /// given (`payment_psp_references`), or one of its authorizations that was failed over (its
-/// events are recorded, not applied).
-pub const PAYMENTS_OF_REFERENCES: &str = "SELECT u.i, x.id, x.merchant_id
-    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(psp, reference, i)
+/// events are recorded, not applied); and whether the event (the PSP's, by id) is recorded in
+/// `processed_events`, one probe of its primary key per event as in [`PROCESSED`] (an `EXISTS`
+/// in the select list was planned as a hashed subplan over the whole index: `tests/api/plans.rs`).
+pub const PAYMENTS_OF_REFERENCES: &str = "SELECT u.i, x.id, x.merchant_id, d.recorded IS NOT NULL
+    FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(psp, reference, event_id, i)
+    LEFT JOIN LATERAL (SELECT true AS recorded FROM processed_events e
+                        WHERE e.provider = u.psp AND e.event_id = u.event_id LIMIT 1) d ON true
     CROSS JOIN LATERAL (
         (SELECT p.id, p.merchant_id FROM payments p
          WHERE p.id = (SELECT r.payment_id FROM payment_psp_references r
@@ -64,6 +68,18 @@ pub const LOOKUP_BEGIN: &str = "BEGIN READ ONLY; SET LOCAL enable_seqscan = off;
 /// A (provider or PSP, id or reference) pair waiting for its batch's look-up.
 pub type Pair = (String, String);
 
+/// A PSP event waiting for the look-up of its payment: (provider, reference, event id).
+pub type EventKey = (String, String, String);
+
+/// The payment a PSP event concerns, and whether the event was recorded as processed when it
+/// was looked up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventPayment {
+    pub payment: PaymentId,
+    pub merchant: MerchantId,
+    pub processed: bool,
+}
+
 impl Db {
     /// Whether the event was processed. Concurrent look-ups (the consumers' and actors') are
     /// read together, one statement per batch (`group`); each sees every commit made before
@@ -74,7 +90,9 @@ impl Db {
             .submit((provider.to_owned(), event_id.to_owned()), move |batch| {
                 let db = db.clone();
                 async move {
-                    let found = db.read_pairs(PROCESSED, &batch, |_| ()).await;
+                    let providers: Vec<&str> = batch.iter().map(|w| w.row.0.as_str()).collect();
+                    let ids: Vec<&str> = batch.iter().map(|w| w.row.1.as_str()).collect();
+                    let found = db.read_batch(PROCESSED, &[&providers, &ids], |_| ()).await;
                     for (i, w) in batch.into_iter().enumerate() {
                         let _ = w
                             .answer
@@ -85,18 +103,17 @@ impl Db {
             .await
     }
 
-    /// Runs a batch look-up over `(a, b)` pairs whose rows start with the pair's ordinal (from
-    /// 1); the rest of each row is read by `row`. By batch position (from 0).
-    async fn read_pairs<A, V>(
+    /// Runs a batch look-up over the batch's columns (`params`, one array each) whose rows
+    /// start with the row's ordinal (from 1); the rest of each row is read by `row`. By batch
+    /// position (from 0).
+    async fn read_batch<V>(
         &self,
         sql: &str,
-        batch: &[super::group::Waiting<Pair, A>],
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
         row: impl Fn(&tokio_postgres::Row) -> V,
     ) -> Result<std::collections::HashMap<usize, V>, StoreError> {
         let mut open = super::commit::Open::new(self.client().await?);
         let stmt = open.client().prepare_cached(sql).await.map_err(pg_error)?;
-        let a: Vec<&str> = batch.iter().map(|w| w.row.0.as_str()).collect();
-        let b: Vec<&str> = batch.iter().map(|w| w.row.1.as_str()).collect();
         // In a transaction of its own, to run the statement's generic plan (LOOKUP_BEGIN); the
         // three messages go out together, one round trip. A BEGIN refused would leave a read
         // that commits on its own, and a COMMIT without a transaction is only a warning.
@@ -105,7 +122,7 @@ impl Db {
             // Polled, and so sent, in this order.
             futures_util::future::join3(
                 tx.batch_execute(LOOKUP_BEGIN),
-                tx.query(&stmt, &[&a, &b]),
+                tx.query(&stmt, params),
                 tx.batch_execute("COMMIT"),
             )
             .await
@@ -147,38 +164,50 @@ impl Db {
         Ok(())
     }
 
-    /// The payment a PSP reference (`pi_…`) belongs to: the payment's own, or one of its
-    /// authorizations that was failed over (its events are recorded, not applied). Read with
-    /// concurrent look-ups, as [`Db::event_processed`].
-    pub async fn payment_of_reference(
+    /// The payment a PSP event's reference (`pi_…`) belongs to: the payment's own, or one of
+    /// its authorizations that was failed over (its events are recorded, not applied); and
+    /// whether the event is recorded as processed. Read with concurrent look-ups, as
+    /// [`Db::event_processed`].
+    pub async fn payment_of_event(
         &self,
-        psp: &str,
+        provider: &str,
         reference: &str,
-    ) -> Result<Option<(PaymentId, MerchantId)>, StoreError> {
+        event_id: &str,
+    ) -> Result<Option<EventPayment>, StoreError> {
         let db = self.clone();
         self.reference_lookups
-            .submit((psp.to_owned(), reference.to_owned()), move |batch| {
-                let db = db.clone();
-                async move {
-                    let found = db
-                        .read_pairs(PAYMENTS_OF_REFERENCES, &batch, |r| {
-                            (PaymentId::from_trusted(r.get(1)), MerchantId::from_trusted(r.get(2)))
-                        })
-                        .await;
-                    match found {
-                        Ok(mut found) => {
-                            for (i, w) in batch.into_iter().enumerate() {
-                                let _ = w.answer.send(Ok(found.remove(&i)));
+            .submit(
+                (provider.to_owned(), reference.to_owned(), event_id.to_owned()),
+                move |batch| {
+                    let db = db.clone();
+                    async move {
+                        let column =
+                            |f: fn(&EventKey) -> &String| batch.iter().map(|w| f(&w.row).as_str()).collect::<Vec<_>>();
+                        let (providers, references, ids) = (column(|k| &k.0), column(|k| &k.1), column(|k| &k.2));
+                        let found = db
+                            .read_batch(PAYMENTS_OF_REFERENCES, &[&providers, &references, &ids], |r| {
+                                EventPayment {
+                                    payment: PaymentId::from_trusted(r.get(1)),
+                                    merchant: MerchantId::from_trusted(r.get(2)),
+                                    processed: r.get(3),
+                                }
+                            })
+                            .await;
+                        match found {
+                            Ok(mut found) => {
+                                for (i, w) in batch.into_iter().enumerate() {
+                                    let _ = w.answer.send(Ok(found.remove(&i)));
+                                }
                             }
-                        }
-                        Err(e) => {
-                            for w in batch {
-                                let _ = w.answer.send(Err(e.clone()));
+                            Err(e) => {
+                                for w in batch {
+                                    let _ = w.answer.send(Err(e.clone()));
+                                }
                             }
                         }
                     }
-                }
-            })
+                },
+            )
             .await
     }
 

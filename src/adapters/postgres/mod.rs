@@ -222,9 +222,8 @@ pub struct Db {
     bookings: std::sync::Arc<group::Group<sandbox::Booking, ()>>,
     /// PSP events' dedupe look-ups, read together ([`group`]).
     processed_lookups: std::sync::Arc<group::Group<events::Pair, bool>>,
-    /// PSP references' payments, read together ([`group`]).
-    reference_lookups:
-        std::sync::Arc<group::Group<events::Pair, Option<(crate::domain::PaymentId, crate::domain::MerchantId)>>>,
+    /// PSP events' payments, and whether each event is recorded, read together ([`group`]).
+    reference_lookups: std::sync::Arc<group::Group<events::EventKey, Option<events::EventPayment>>>,
 }
 
 /// Rows one group-committed statement carries at most, and rows that may wait for one.

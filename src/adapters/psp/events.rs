@@ -173,6 +173,7 @@ mod tests {
             object: serde_json::to_vec(&object).unwrap(),
             raw: Vec::new(),
             merchant: None,
+            unrecorded: false,
         }
     }
 
