@@ -553,7 +553,6 @@ impl Metrics {
         self.webhook_endpoints_disabled.inc();
     }
 
-    /// One ledger batch: how many commits it held and how long its transaction took.
     /// A request's claim of its key, from asking to the answer (the claims' group commit).
     pub fn idempotency_claim(&self, took: Duration) {
         self.idempotency_claim.observe(took.as_secs_f64());
@@ -567,6 +566,7 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// One ledger batch: how many commits it held and how long its transaction took.
     pub fn ledger_batch(&self, size: usize, took: Duration) {
         self.ledger_batch_size.observe(size as f64);
         self.ledger_commit.observe(took.as_secs_f64());

@@ -381,9 +381,10 @@ impl Worker {
             // window): nothing to apply, no need to wake the payment.
             return Verdict::Ack("duplicate");
         }
-        // An event's deliveries are handled one at a time: one reference, so one partition,
-        // whose worker takes its batches in turn, each grouped by reference. Nothing records
-        // this event between the look-up and its actor, which need not look again.
+        // An event's deliveries are handled one at a time here (one reference, so one
+        // partition, whose worker takes its batches in turn, each grouped by reference): the
+        // actor can save its own look-up. Across a partition's handover the primary key of
+        // `processed_events` still refuses a second record (`PspEvent::unrecorded`).
         let event = PspEvent {
             unrecorded: true,
             ..event

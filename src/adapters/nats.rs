@@ -115,10 +115,12 @@ pub struct PspEvent {
     #[serde(default)]
     pub merchant: Option<String>,
     /// Not carried: the event consumer found no `processed_events` row for this event when it
-    /// looked its payment up, just before handing it to the payment's actor (one partition's
-    /// events for one payment are handled one at a time), so the actor need not look again.
-    /// The `processed_events` primary key still refuses a second record of it. `false` (look
-    /// again) whenever it was not so found: a forwarded call, a test, the simulation's choice.
+    /// looked its payment up, just before handing it to the payment's actor, which then saves
+    /// its own look-up. Only a saving: an event's deliveries are handled one at a time on one
+    /// node (one reference, one partition), but a partition changing hands, or a commit of the
+    /// event that failed and may have landed, can record it in between; the `processed_events`
+    /// primary key is what refuses a second record. `false` (the actor looks) whenever it was
+    /// not so found: a call forwarded from another node, a reloaded actor's second run, a test.
     #[serde(skip)]
     pub unrecorded: bool,
 }

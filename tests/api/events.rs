@@ -58,6 +58,63 @@ pub(crate) async fn journals(app: &TestApp, payment: &str) -> Vec<String> {
     .collect()
 }
 
+/// The consumer marks an event its look-up found unrecorded, and the actor then saves its own
+/// look-up; a mark gone stale (a partition handed over, another node recorded the event in
+/// between) is caught by `processed_events`' primary key, and the actor's second run, after
+/// reloading, looks again and answers with a duplicate: the event is applied once.
+#[actix_web::test]
+async fn an_event_marked_unrecorded_after_it_was_recorded_is_applied_once() {
+    use payrail::actors::{Op, PaymentCall};
+    use payrail::domain::{MerchantId, PaymentId};
+    let app = spawn_app().await;
+    let r = app.pay(4200, "pm_card_visa", "manual", true).await;
+    let (p, pi, merchant) = (
+        r.body["payment_id"].as_str().unwrap().to_owned(),
+        r.body["psp_reference"].as_str().unwrap().to_owned(),
+        r.body["merchant_id"].as_str().unwrap().to_owned(),
+    );
+    let object =
+        json!({ "id": pi, "object": "payment_intent", "amount": 4200, "amount_received": 4200, "currency": "usd" });
+    assert_eq!(
+        send_event(&app, "evt_marked", "payment_intent.succeeded", object.clone()).await,
+        200
+    );
+    wait_for("the event to be recorded", async || processed(&app, "evt_marked").await).await;
+    let stale = PspEvent {
+        provider: "sandbox".into(),
+        event_id: "evt_marked".into(),
+        event_type: "payment_intent.succeeded".into(),
+        reference: pi,
+        object: serde_json::to_vec(&object).unwrap(),
+        raw: b"{}".to_vec(),
+        merchant: None,
+        unrecorded: true,
+    };
+    let call = PaymentCall::new(
+        MerchantId::from_trusted(merchant),
+        Op::PspEvent(std::sync::Arc::new(stale)),
+        None,
+    );
+    let reply = app
+        .state
+        .registry
+        .call(&PaymentId::from_trusted(p.clone()), call)
+        .await
+        .expect("answered, after the key refused the second record");
+    assert_eq!(reply.status, payrail::actors::payment_flow::DUPLICATE_EVENT);
+    assert_eq!(journals(&app, &p).await, ["capture"]);
+    let db = app.sql().await;
+    let records: i64 = db
+        .query_one(
+            "SELECT count(*) FROM processed_events WHERE event_id = 'evt_marked'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(records, 1);
+}
+
 #[actix_web::test]
 async fn an_event_delivered_three_times_and_again_after_the_window_applies_once() {
     let app = spawn_app().await;

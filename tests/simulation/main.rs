@@ -1311,6 +1311,12 @@ fn main() {
         c.duplicates_at_key
     );
     println!("{passed} passed, {failed} failed");
+    // The PSP-event dedupe's two layers are both reached: a repeat seen by the consumer's
+    // look-up, and a resend that slipped past it refused by the primary key.
+    assert!(
+        a.seeds < 100 || (c.duplicates_at_lookup > 0 && c.duplicates_at_key > 0),
+        "the seeds no longer reach both layers of the PSP-event dedupe"
+    );
     if failed > 0 {
         std::process::exit(1);
     }

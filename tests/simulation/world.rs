@@ -567,7 +567,7 @@ impl World {
                 return Err(StoreError::Unavailable.into());
             }
         }
-        if let (Err(_), Some(e)) = (&result, &c.processed_event) {
+        if let (Err(CommitError::Store(_)), Some(e)) = (&result, &c.processed_event) {
             if self.db.processed.contains(&(e.provider.clone(), e.event_id.clone())) {
                 self.note(format!("store: KEY refused a second record of {}", e.event_id));
             }

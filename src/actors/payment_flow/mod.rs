@@ -21,6 +21,7 @@ use std::time::Duration;
 use super::error::PaymentError;
 use super::payment::{IdemKey, Op, Reply};
 use super::store::{Clock, PaymentStore};
+use crate::adapters::nats::PspEvent;
 use crate::adapters::postgres::commit::{
     AttemptOutcome, Commit, CommitError, IdempotencyWrite, OutboxEvent, ProcessedEvent, Transition,
 };
@@ -204,6 +205,14 @@ pub async fn process(
                 // Whatever the first run sent may have reached a PSP: no failover from here.
                 flow.unsent = None;
                 flow.fallbacks.clear();
+                // The commit that failed may have recorded the event: look again.
+                let op = match op {
+                    Op::PspEvent(e) if e.unrecorded => Op::PspEvent(std::sync::Arc::new(PspEvent {
+                        unrecorded: false,
+                        ..(*e).clone()
+                    })),
+                    op => op,
+                };
                 result = flow.execute(op).await;
             }
             Ok(None) => result = Err(PaymentError::NotFound("payment").into()),

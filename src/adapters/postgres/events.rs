@@ -43,8 +43,6 @@ pub const PROCESSED: &str = "SELECT u.i FROM unnest($1::text[], $2::text[]) WITH
 /// in the select list was planned as a hashed subplan over the whole index: `tests/api/plans.rs`).
 pub const PAYMENTS_OF_REFERENCES: &str = "SELECT u.i, x.id, x.merchant_id, d.recorded IS NOT NULL
     FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(psp, reference, event_id, i)
-    LEFT JOIN LATERAL (SELECT true AS recorded FROM processed_events e
-                        WHERE e.provider = u.psp AND e.event_id = u.event_id LIMIT 1) d ON true
     CROSS JOIN LATERAL (
         (SELECT p.id, p.merchant_id FROM payments p
          WHERE p.id = (SELECT r.payment_id FROM payment_psp_references r
@@ -53,7 +51,9 @@ pub const PAYMENTS_OF_REFERENCES: &str = "SELECT u.i, x.id, x.merchant_id, d.rec
         (SELECT p.id, p.merchant_id FROM psp_attempts a JOIN payments p ON p.id = a.payment_id
          JOIN connectors c ON c.id = a.connector_id
          WHERE a.psp_reference = u.reference AND c.psp = u.psp)
-        LIMIT 1) x";
+        LIMIT 1) x
+    LEFT JOIN LATERAL (SELECT true AS recorded FROM processed_events e
+                        WHERE e.provider = u.psp AND e.event_id = u.event_id LIMIT 1) d ON true";
 
 /// A look-up's transaction: the statement's generic plan from its first execution on (checked
 /// by the plan test), under the planner settings of a batch's statements (`commit::PLANNER`)
@@ -65,7 +65,7 @@ pub const PAYMENTS_OF_REFERENCES: &str = "SELECT u.i, x.id, x.merchant_id, d.rec
 pub const LOOKUP_BEGIN: &str = "BEGIN READ ONLY; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off;
     SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; SET LOCAL plan_cache_mode = force_generic_plan";
 
-/// A (provider or PSP, id or reference) pair waiting for its batch's look-up.
+/// A (provider, event id) pair waiting for its batch's dedupe look-up.
 pub type Pair = (String, String);
 
 /// A PSP event waiting for the look-up of its payment: (provider, reference, event id).
@@ -81,8 +81,8 @@ pub struct EventPayment {
 }
 
 impl Db {
-    /// Whether the event was processed. Concurrent look-ups (the consumers' and actors') are
-    /// read together, one statement per batch (`group`); each sees every commit made before
+    /// Whether the event was processed: the actor's own check, for an event no consumer looked
+    /// up just before (`PspEvent::unrecorded`). Concurrent look-ups are read together, one statement per batch (`group`); each sees every commit made before
     /// it asked.
     pub async fn event_processed(&self, provider: &str, event_id: &str) -> Result<bool, StoreError> {
         let db = self.clone();
