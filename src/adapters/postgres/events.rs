@@ -82,8 +82,8 @@ pub struct EventPayment {
 
 impl Db {
     /// Whether the event was processed: the actor's own check, for an event no consumer looked
-    /// up just before (`PspEvent::unrecorded`). Concurrent look-ups are read together, one statement per batch (`group`); each sees every commit made before
-    /// it asked.
+    /// up just before (`PspEvent::unrecorded`). Concurrent look-ups are read together, one
+    /// statement per batch (`group`); each sees every commit made before it asked.
     pub async fn event_processed(&self, provider: &str, event_id: &str) -> Result<bool, StoreError> {
         let db = self.clone();
         self.processed_lookups
