@@ -37,6 +37,20 @@ pub(crate) async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// A sandbox `payment_intent.succeeded` as the bridge carries it, for a test to hand on itself.
+fn succeeded(event_id: &str, reference: &str, object: &Value, unrecorded: bool) -> PspEvent {
+    PspEvent {
+        provider: "sandbox".into(),
+        event_id: event_id.into(),
+        event_type: "payment_intent.succeeded".into(),
+        reference: reference.into(),
+        object: serde_json::to_vec(object).unwrap(),
+        raw: b"{}".to_vec(),
+        merchant: None,
+        unrecorded,
+    }
+}
+
 async fn processed(app: &TestApp, event_id: &str) -> bool {
     let db = app.sql().await;
     db.query_opt("SELECT 1 FROM processed_events WHERE event_id = $1", &[&event_id])
@@ -80,16 +94,7 @@ async fn an_event_marked_unrecorded_after_it_was_recorded_is_applied_once() {
         200
     );
     wait_for("the event to be recorded", async || processed(&app, "evt_marked").await).await;
-    let stale = PspEvent {
-        provider: "sandbox".into(),
-        event_id: "evt_marked".into(),
-        event_type: "payment_intent.succeeded".into(),
-        reference: pi,
-        object: serde_json::to_vec(&object).unwrap(),
-        raw: b"{}".to_vec(),
-        merchant: None,
-        unrecorded: true,
-    };
+    let stale = succeeded("evt_marked", &pi, &object, true);
     let call = PaymentCall::new(
         MerchantId::from_trusted(merchant),
         Op::PspEvent(std::sync::Arc::new(stale)),
@@ -136,16 +141,7 @@ async fn an_event_delivered_three_times_and_again_after_the_window_applies_once(
     })
     .await;
     // Past JetStream's duplicate window: the same event published afresh, under another msg id.
-    let again = PspEvent {
-        provider: "sandbox".into(),
-        event_id: "evt_cap_1".into(),
-        event_type: "payment_intent.succeeded".into(),
-        reference: pi.clone(),
-        object: serde_json::to_vec(&object).unwrap(),
-        raw: b"{}".to_vec(),
-        merchant: None,
-        unrecorded: false,
-    };
+    let again = succeeded("evt_cap_1", &pi, &object, false);
     let nats = &app.state.nats;
     let subject = nats.psp_subject(
         payrail::adapters::nats::partition(&pi, app.state.config.nats.partitions),

@@ -1310,13 +1310,14 @@ fn main() {
         c.duplicates_at_lookup,
         c.duplicates_at_key
     );
+    // The default run reaches both layers of the PSP-event dedupe: a repeat seen by the
+    // consumer's look-up, and a resend that slipped past it refused by the primary key.
+    let default_run = a.faults == Faults::all() && !a.first && a.seeds >= 100;
+    if default_run && (c.duplicates_at_lookup == 0 || c.duplicates_at_key == 0) {
+        failed += 1;
+        println!("coverage FAILED: the seeds no longer reach both layers of the PSP-event dedupe");
+    }
     println!("{passed} passed, {failed} failed");
-    // The PSP-event dedupe's two layers are both reached: a repeat seen by the consumer's
-    // look-up, and a resend that slipped past it refused by the primary key.
-    assert!(
-        a.seeds < 100 || (c.duplicates_at_lookup > 0 && c.duplicates_at_key > 0),
-        "the seeds no longer reach both layers of the PSP-event dedupe"
-    );
     if failed > 0 {
         std::process::exit(1);
     }

@@ -56,7 +56,7 @@ impl Rng {
 }
 
 /// Which faults a run injects. A regression hunt turns on one class at a time.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Faults {
     /// Clients give up and retry after the key's lease ran out.
     pub lease_expiry: bool,
