@@ -6,6 +6,8 @@
 use std::time::Duration;
 
 use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::{body, json_value, AppState};
@@ -179,35 +181,69 @@ fn stripe_event(
     let now = chrono::Utc::now().timestamp();
     verify_stripe(header, raw, secrets, w.tolerance_seconds as i64, now)
         .map_err(|e| signature_invalid(&e.to_string()))?;
-    let event: Value = serde_json::from_slice(raw).map_err(|_| malformed("the event is not valid JSON"))?;
-    let id = event["id"]
-        .as_str()
+    stripe_event_of(provider, raw)
+}
+
+/// The event of a verified Stripe-format body.
+fn stripe_event_of(provider: &str, raw: &[u8]) -> Result<PspEvent, ApiError> {
+    let event: StripeEnvelope = serde_json::from_slice(raw).map_err(|_| malformed("the event is not valid JSON"))?;
+    let text = |v: Option<&RawValue>| v.and_then(|v| serde_json::from_str::<String>(v.get()).ok());
+    let id = text(event.id)
         .filter(|s| !s.is_empty() && s.len() <= 255)
         .ok_or_else(|| malformed("the event has no id"))?;
-    let event_type = event["type"]
-        .as_str()
+    let event_type = text(event.event_type)
         .filter(|s| !s.is_empty() && s.len() <= 255)
         .ok_or_else(|| malformed("the event has no type"))?;
-    let object = event["data"]["object"]
-        .as_object()
+    let object = event
+        .data
+        .and_then(|d| d.object)
+        .filter(|o| o.get().starts_with('{'))
         .ok_or_else(|| malformed("the event has no data.object"))?;
     // docs/API.md: data.object.id for payment_intent.* and payout.*, data.object.payment_intent
-    // for charge.*.
+    // for charge.*. Only those two members are read of the object; it is passed on as sent.
+    let refs: StripeObjectRefs =
+        serde_json::from_str(object.get()).map_err(|_| malformed("the event is not valid JSON"))?;
     let reference = if event_type.starts_with("payment_intent.") || event_type.starts_with("payout.") {
-        object.get("id")
+        refs.id
     } else {
-        object.get("payment_intent")
+        refs.payment_intent
     };
     checked(PspEvent {
         provider: provider.to_owned(),
-        event_id: id.to_owned(),
-        event_type: event_type.to_owned(),
-        reference: reference.and_then(Value::as_str).unwrap_or_default().to_owned(),
-        object: serde_json::to_vec(object).unwrap_or_default(),
+        event_id: id,
+        event_type,
+        reference: text(reference).unwrap_or_default(),
+        object: object.get().as_bytes().to_vec(),
         raw: raw.to_vec(),
         merchant: None,
         unrecorded: false,
     })
+}
+
+/// A Stripe-format event as far as the bridge reads it: members are borrowed from the body and
+/// parsed only when read, so no tree of the event is built (a webhook per payment).
+#[derive(Deserialize)]
+struct StripeEnvelope<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(rename = "type", borrow, default)]
+    event_type: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data: Option<StripeData<'a>>,
+}
+
+#[derive(Deserialize)]
+struct StripeData<'a> {
+    #[serde(borrow, default)]
+    object: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct StripeObjectRefs<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    payment_intent: Option<&'a RawValue>,
 }
 
 /// Adyen notifications: each item verified by its own HMAC; any bad one refuses the request.
@@ -259,4 +295,76 @@ fn adyen_events(key: &str, raw: &[u8]) -> Result<Vec<PspEvent>, ApiError> {
         })?);
     }
     Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(raw: &str) -> Result<PspEvent, String> {
+        stripe_event_of("sandbox", raw.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_payment_intent_event_is_found_by_its_object_id_and_the_object_passes_as_sent() {
+        let raw = r#"{ "id": "evt_1", "type": "payment_intent.succeeded", "created": 1,
+                      "data": { "object": {"id": "pi_\u0041", "amount": 100, "nested": {"id": "no"}} } }"#;
+        let e = parsed(raw).unwrap();
+        assert_eq!(
+            (e.event_id.as_str(), e.event_type.as_str(), e.reference.as_str()),
+            ("evt_1", "payment_intent.succeeded", "pi_A")
+        );
+        assert_eq!(
+            std::str::from_utf8(&e.object).unwrap(),
+            r#"{"id": "pi_\u0041", "amount": 100, "nested": {"id": "no"}}"#
+        );
+        assert_eq!(e.raw, raw.as_bytes());
+        assert_eq!(e.provider, "sandbox");
+    }
+
+    #[test]
+    fn a_charge_event_is_found_by_its_payment_intent_and_a_missing_one_is_no_reference() {
+        let e = parsed(
+            r#"{"id":"evt_2","type":"charge.dispute.created","data":{"object":{"id":"dp_1","payment_intent":"pi_9"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(e.reference, "pi_9");
+        // An expanded (object) payment_intent, or none, names no payment.
+        for object in [r#"{"id":"dp_1","payment_intent":{"id":"pi_9"}}"#, r#"{"id":"dp_1"}"#] {
+            let raw = format!(r#"{{"id":"evt_3","type":"charge.dispute.created","data":{{"object":{object}}}}}"#);
+            assert_eq!(parsed(&raw).unwrap().reference, "");
+        }
+    }
+
+    #[test]
+    fn an_event_without_a_text_id_a_text_type_or_an_object_is_malformed() {
+        for (raw, why) in [
+            ("not json", "not valid JSON"),
+            (r#"{"type":"x.y","data":{"object":{}}}"#, "has no id"),
+            (r#"{"id":7,"type":"x.y","data":{"object":{}}}"#, "has no id"),
+            (r#"{"id":"","type":"x.y","data":{"object":{}}}"#, "has no id"),
+            (r#"{"id":"evt_1","type":null,"data":{"object":{}}}"#, "has no type"),
+            (r#"{"id":"evt_1","type":"x.y"}"#, "has no data.object"),
+            (
+                r#"{"id":"evt_1","type":"x.y","data":{"object":[1]}}"#,
+                "has no data.object",
+            ),
+            (
+                r#"{"id":"evt_1","type":"x.y","data":{"object":"pi_1"}}"#,
+                "has no data.object",
+            ),
+            (
+                r#"{"id":"evt\u0001","type":"x.y","data":{"object":{}}}"#,
+                "printable ASCII",
+            ),
+        ] {
+            let e = parsed(raw).unwrap_err();
+            assert!(e.contains(why), "{raw}: {e}");
+        }
+        let long = format!(
+            r#"{{"id":"{}","type":"x.y","data":{{"object":{{}}}}}}"#,
+            "e".repeat(256)
+        );
+        assert!(parsed(&long).unwrap_err().contains("has no id"));
+    }
 }

@@ -420,8 +420,10 @@ impl<'a> Flow<'a> {
             .map(|t| (t.from.map(Status::as_str).unwrap_or("none"), t.to.as_str()));
         // What this commit records of the outside world (a PSP answer, a PSP event) must land
         // even if the key was taken over; a commit that would only start something must not.
+        // Only a commit that writes a key can find it taken over: no copy for the others (a PSP
+        // event's, one per payment, carries the event's raw body).
         let records_a_fact = commit.attempt_finished.is_some() || commit.processed_event.is_some();
-        let retry = records_a_fact.then(|| Commit {
+        let retry = (records_a_fact && commit.idempotency.is_some()).then(|| Commit {
             idempotency: None,
             ..commit.clone()
         });
