@@ -336,16 +336,19 @@ impl Worker {
             self.db
                 .payment_of_event(&event.provider, &event.reference, &event.event_id)
         };
+        // A commit storing this reference under way here (the sandbox's event most often
+        // outruns its payment's commit): wait for it first, so that one look-up finds it.
+        let landing = &self.registry.deps().landing;
+        if !event.reference.is_empty() {
+            landing.wait(&event.reference, LANDING_WAIT).await;
+        }
         let mut found = match look_up().await {
             Ok(found) => found,
             Err(_) => return Verdict::Retry("retried", "the database was unavailable"),
         };
-        // Not stored yet, but its commit is under way here: wait for it and look again, rather
+        // Not stored yet, but its commit began here since: wait for it and look again, rather
         // than come back in half a second.
-        if found.is_none()
-            && !event.reference.is_empty()
-            && self.registry.deps().landing.wait(&event.reference, LANDING_WAIT).await
-        {
+        if found.is_none() && !event.reference.is_empty() && landing.wait(&event.reference, LANDING_WAIT).await {
             found = match look_up().await {
                 Ok(found) => found,
                 Err(_) => return Verdict::Retry("retried", "the database was unavailable"),

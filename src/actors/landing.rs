@@ -3,7 +3,8 @@
 //! sandbox's event often reaches the event consumer while the payment's commit waits for its
 //! ledger batch. Without this, such an event fails its lookup and JetStream delivers it again
 //! half a second later (a NAK, a redelivery and a second lookup for nearly half of all events
-//! under load). With it, the consumer waits for the commit in hand and looks again.
+//! under load). With it, the consumer waits for the commit in hand before its look-up (one
+//! look-up, not a miss and a second), and looks again if such a commit began after it missed.
 //!
 //! It only tells the consumer *when* to look again: the database's answer stays the only one
 //! that routes an event.

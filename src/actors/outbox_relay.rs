@@ -1,8 +1,9 @@
 //! `OutboxRelay`: publishes committed outbox rows to `{prefix}.events.<merchant>` on the
 //! `{prefix}_EVENTS` stream, in the order of the transactions that wrote them and pipelined,
 //! `Nats-Msg-Id` = `outbox-<id>`, and moves its cursor past the acknowledged ones. A commit that
-//! writes outbox rows wakes it; otherwise it polls. Events that an older, still running
-//! transaction holds back are looked at again within milliseconds. Downstream consumers are
+//! writes outbox rows wakes it; otherwise it polls. Rounds are at least `GATHER` apart, so a
+//! stream of commits is relayed in rounds, not a round per commit. Events that an older, still
+//! running transaction holds back are looked at again within milliseconds. Downstream consumers are
 //! at-least-once and idempotent (docs/DESIGN.md). Bounded: `BATCH` rows a round; with NATS or
 //! PostgreSQL down it backs off (capped) and catches up afterwards.
 
@@ -18,6 +19,10 @@ const IDLE: Duration = Duration::from_millis(200);
 /// within milliseconds); doubled while the same wait goes on, up to [`HELD_MAX`].
 const HELD_MIN: Duration = Duration::from_millis(1);
 const HELD_MAX: Duration = Duration::from_millis(100);
+/// Rounds begin at least this far apart, unless the last one published a full batch: under a
+/// steady stream of commits each round takes what gathered meanwhile, instead of one round (a
+/// PostgreSQL transaction) per commit that wakes the relay.
+const GATHER: Duration = Duration::from_millis(5);
 
 /// Events held back this long by one wait are logged, with the oldest transaction that holds
 /// them (any database of the PostgreSQL cluster), and again at this interval while it lasts.
@@ -31,7 +36,14 @@ pub fn spawn(db: Db, nats: Nats, shutdown: crate::shutdown::Shutdown) {
         // Since when events have waited with none published, and when that was last logged.
         let mut held_since: Option<Instant> = None;
         let mut warned: Option<Instant> = None;
+        let mut last_round: Option<Instant> = None;
         while !shutdown.is_stopping() {
+            if let Some(gap) = last_round.and_then(|at| GATHER.checked_sub(at.elapsed())) {
+                if shutdown.sleep(gap).await {
+                    break;
+                }
+            }
+            last_round = Some(Instant::now());
             let nats_ref = &nats;
             let round = db
                 .relay_outbox(BATCH, |rows| async move { publish_in_order(nats_ref, &rows).await })
@@ -58,7 +70,11 @@ pub fn spawn(db: Db, nats: Nats, shutdown: crate::shutdown::Shutdown) {
             backoff = match round {
                 // NATS refused or timed out: as when nothing waits (woken by commits, or polls).
                 Ok(r) if r.failed => IDLE,
-                Ok(r) if r.published as i64 == BATCH => Duration::ZERO,
+                Ok(r) if r.published as i64 == BATCH => {
+                    // Catching up: the next round at once.
+                    last_round = None;
+                    Duration::ZERO
+                }
                 // Events wait behind a transaction still running (a batch in flight, most often,
                 // which ends within milliseconds): look again soon, then less and less often.
                 // Not woken by commits: under load one lands every few milliseconds, and each
