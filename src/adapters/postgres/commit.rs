@@ -895,12 +895,10 @@ impl Db {
         let tx: &tokio_postgres::Client = client;
         // From here until COMMIT or ROLLBACK is answered, the guard closes the connection if
         // this future is dropped.
-        // Everything below goes out in one stream, BEGIN first and the balances last, and is
-        // read back in order: one round trip before COMMIT, not one per step. A BEGIN that
-        // failed fails the batch ([`verdict`] reads the first error); a failed statement aborts
-        // the transaction, so none of those after it is written either.
-        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(19);
-        pending.push(Box::pin(async move { tx.batch_execute(BEGIN).await.map(|()| None) }));
+        tx.batch_execute(BEGIN).await.map_err(pg_error)?;
+        // Everything below goes out in one stream, the balances last, and is read back in
+        // order: one round trip between BEGIN and COMMIT, not one per step.
+        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(18);
         // First, so that the lease rows are held before anything is written.
         let lease_check = match &fence_statement {
             Some(statement) => queue(
