@@ -339,16 +339,19 @@ impl Worker {
         // A commit storing this reference under way here (the sandbox's event most often
         // outruns its payment's commit): wait for it first, so that one look-up finds it.
         let landing = &self.registry.deps().landing;
-        if !event.reference.is_empty() {
-            landing.wait(&event.reference, LANDING_WAIT).await;
-        }
+        let waited = !event.reference.is_empty() && landing.wait(&event.reference, LANDING_WAIT).await;
         let mut found = match look_up().await {
             Ok(found) => found,
             Err(_) => return Verdict::Retry("retried", "the database was unavailable"),
         };
-        // Not stored yet, but its commit began here since: wait for it and look again, rather
-        // than come back in half a second.
-        if found.is_none() && !event.reference.is_empty() && landing.wait(&event.reference, LANDING_WAIT).await {
+        // Not stored yet, but its commit began here since (none was under way before the
+        // look-up; one that was, and still runs after the bound, is not waited for twice): wait
+        // for it and look again, rather than come back in half a second.
+        if found.is_none()
+            && !waited
+            && !event.reference.is_empty()
+            && landing.wait(&event.reference, LANDING_WAIT).await
+        {
             found = match look_up().await {
                 Ok(found) => found,
                 Err(_) => return Verdict::Retry("retried", "the database was unavailable"),

@@ -186,6 +186,10 @@ fn stripe_event(
 
 /// The event of a verified Stripe-format body.
 fn stripe_event_of(provider: &str, raw: &[u8]) -> Result<PspEvent, ApiError> {
+    // The body is a JSON object (a derived struct would also take an array).
+    if raw.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(malformed("the event is not a JSON object"));
+    }
     let event: StripeEnvelope = serde_json::from_slice(raw).map_err(|_| malformed("the event is not valid JSON"))?;
     let text = |v: Option<&RawValue>| v.and_then(|v| serde_json::from_str::<String>(v.get()).ok());
     let id = text(event.id)
@@ -194,25 +198,31 @@ fn stripe_event_of(provider: &str, raw: &[u8]) -> Result<PspEvent, ApiError> {
     let event_type = text(event.event_type)
         .filter(|s| !s.is_empty() && s.len() <= 255)
         .ok_or_else(|| malformed("the event has no type"))?;
-    let object = event
+    let data: Option<StripeData> = event
         .data
+        .filter(|d| d.get().starts_with('{'))
+        .map(|d| serde_json::from_str(d.get()))
+        .transpose()
+        .map_err(|_| malformed("the event is not valid JSON"))?;
+    let object = data
         .and_then(|d| d.object)
         .filter(|o| o.get().starts_with('{'))
         .ok_or_else(|| malformed("the event has no data.object"))?;
+    // The object is read whole, as the consumer will read it: skimming alone lets through what
+    // it cannot read (a lone surrogate escape), and an object it cannot read has no fields.
+    let parsed: Value = serde_json::from_str(object.get()).map_err(|_| malformed("the event is not valid JSON"))?;
     // docs/API.md: data.object.id for payment_intent.* and payout.*, data.object.payment_intent
-    // for charge.*. Only those two members are read of the object; it is passed on as sent.
-    let refs: StripeObjectRefs =
-        serde_json::from_str(object.get()).map_err(|_| malformed("the event is not valid JSON"))?;
+    // for charge.*. It is passed on as sent.
     let reference = if event_type.starts_with("payment_intent.") || event_type.starts_with("payout.") {
-        refs.id
+        parsed.get("id")
     } else {
-        refs.payment_intent
+        parsed.get("payment_intent")
     };
     checked(PspEvent {
         provider: provider.to_owned(),
         event_id: id,
         event_type,
-        reference: text(reference).unwrap_or_default(),
+        reference: reference.and_then(Value::as_str).unwrap_or_default().to_owned(),
         object: object.get().as_bytes().to_vec(),
         raw: raw.to_vec(),
         merchant: None,
@@ -221,7 +231,7 @@ fn stripe_event_of(provider: &str, raw: &[u8]) -> Result<PspEvent, ApiError> {
 }
 
 /// A Stripe-format event as far as the bridge reads it: members are borrowed from the body and
-/// parsed only when read, so no tree of the event is built (a webhook per payment).
+/// parsed only when read, so no tree of the whole event is built (a webhook per payment).
 #[derive(Deserialize)]
 struct StripeEnvelope<'a> {
     #[serde(borrow, default)]
@@ -229,21 +239,13 @@ struct StripeEnvelope<'a> {
     #[serde(rename = "type", borrow, default)]
     event_type: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    data: Option<StripeData<'a>>,
+    data: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
 struct StripeData<'a> {
     #[serde(borrow, default)]
     object: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct StripeObjectRefs<'a> {
-    #[serde(borrow, default)]
-    id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    payment_intent: Option<&'a RawValue>,
 }
 
 /// Adyen notifications: each item verified by its own HMAC; any bad one refuses the request.
@@ -339,7 +341,20 @@ mod tests {
     #[test]
     fn an_event_without_a_text_id_a_text_type_or_an_object_is_malformed() {
         for (raw, why) in [
-            ("not json", "not valid JSON"),
+            ("not json", "not a JSON object"),
+            (r#"["evt_1","x.y",{"object":{"id":"pi_1"}}]"#, "not a JSON object"),
+            (
+                r#"{"id":"evt_1","type":"x.y","data":[{"object":{}}]}"#,
+                "has no data.object",
+            ),
+            (
+                r#"{"id":"evt_1","type":"x.y","data":{"object":{"id":"pi_\ud800"}}}"#,
+                "not valid JSON",
+            ),
+            (
+                r#"{"id":"evt_1","type":"x.y","data":{"object":{"id":"pi_1"}"#,
+                "not valid JSON",
+            ),
             (r#"{"type":"x.y","data":{"object":{}}}"#, "has no id"),
             (r#"{"id":7,"type":"x.y","data":{"object":{}}}"#, "has no id"),
             (r#"{"id":"","type":"x.y","data":{"object":{}}}"#, "has no id"),

@@ -325,7 +325,9 @@ pub const PLANNER: &str = planner!();
 
 /// A batch's transaction opens with its planner settings, in one message. Its answer is awaited
 /// before any statement is sent: were BEGIN refused (a cancel landing on it), statements sent
-/// behind it would each commit on their own.
+/// behind it would each commit on their own (tokio-postgres ends every statement with its own
+/// Sync). Pipelining it was tried and measured no faster (docs/BENCHMARKS.md, "2026-11-29
+/// (later)"): keep the round trip.
 const BEGIN: &str = concat!("BEGIN; ", planner!());
 
 /// Every statement of a batch, named once: the prepared set a batch runs ([`Statements`]) and
