@@ -108,16 +108,7 @@ async fn an_event_marked_unrecorded_after_it_was_recorded_is_applied_once() {
         .expect("answered, after the key refused the second record");
     assert_eq!(reply.status, payrail::actors::payment_flow::DUPLICATE_EVENT);
     assert_eq!(journals(&app, &p).await, ["capture"]);
-    let db = app.sql().await;
-    let records: i64 = db
-        .query_one(
-            "SELECT count(*) FROM processed_events WHERE event_id = 'evt_marked'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(records, 1);
+    assert_eq!(app.count("processed_events WHERE event_id = 'evt_marked'").await, 1);
 }
 
 #[actix_web::test]
