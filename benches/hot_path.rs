@@ -83,6 +83,7 @@ fn capture_commit(payment: &Payment, i: usize) -> Commit {
             resource_id: Some(p.id.to_string()),
             response: Some((201, body)),
             fence: 1,
+            claim: None,
         }),
         payment: Some(p),
         ..Commit::default()

@@ -24,6 +24,10 @@ pub enum PaymentError {
     /// A newer request with the same idempotency key took the key over while this one ran.
     #[error("the idempotency key was taken over by a newer request")]
     KeyTakenOver,
+    /// The create's first commit was to claim its idempotency key, and another request holds
+    /// it: nothing was written.
+    #[error("the idempotency key is held by another request")]
+    KeyHeld,
     /// Not now: a dependency is down, a bound is reached, or what the message needs has not
     /// happened yet (an event before its predecessor). Retrying later is right.
     #[error("{0} is unavailable; retry later")]

@@ -30,6 +30,10 @@ pub struct IdemKey {
     /// The key's fence: which takeover of the key this request holds. A commit that completes
     /// the key must still find this fence, or it lost the key to a newer request.
     pub fence: i64,
+    /// The key has no row yet: the call's first commit claims it ([`KeyClaim`]). Cleared once
+    /// a commit has.
+    #[serde(default)]
+    pub claim: Option<crate::adapters::postgres::idempotency::KeyClaim>,
 }
 
 /// A merchant's operation on a payment. Serializable: in cluster mode a call travels to the

@@ -27,6 +27,11 @@ pub enum ApiError {
     IdempotencyKeyMissing,
     #[error("a request with this Idempotency-Key is still in flight")]
     IdempotencyKeyInUse,
+    /// A create's first commit was to claim its key, and another request holds the key: the
+    /// API then claims it the ordinary way (`api::idempotency::run_first`). Should it reach a
+    /// client, it reads as `idempotency_key_in_use`.
+    #[error("a request with this Idempotency-Key is still in flight")]
+    IdempotencyKeyHeld,
     #[error("this Idempotency-Key was used with another method, path or body")]
     IdempotencyKeyReused,
     #[error("request body is larger than {0} bytes")]
@@ -74,9 +79,10 @@ impl ApiError {
             }
             ApiError::Authentication => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::InvalidState(_) | ApiError::IdempotencyKeyInUse | ApiError::Conflict { .. } => {
-                StatusCode::CONFLICT
-            }
+            ApiError::InvalidState(_)
+            | ApiError::IdempotencyKeyInUse
+            | ApiError::IdempotencyKeyHeld
+            | ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -91,7 +97,9 @@ impl ApiError {
     pub fn error_type(&self) -> &'static str {
         match self {
             ApiError::Authentication => "authentication_error",
-            ApiError::IdempotencyKeyInUse | ApiError::IdempotencyKeyReused => "idempotency_error",
+            ApiError::IdempotencyKeyInUse | ApiError::IdempotencyKeyHeld | ApiError::IdempotencyKeyReused => {
+                "idempotency_error"
+            }
             ApiError::RateLimited => "rate_limit_error",
             ApiError::Unavailable(_) | ApiError::Internal | ApiError::Remote { .. } | ApiError::OutcomeUnknown => {
                 "api_error"
@@ -108,7 +116,7 @@ impl ApiError {
             ApiError::InvalidState(_) => "payment_invalid_state",
             ApiError::AmountTooLarge { .. } => "amount_too_large",
             ApiError::IdempotencyKeyMissing => "idempotency_key_missing",
-            ApiError::IdempotencyKeyInUse => "idempotency_key_in_use",
+            ApiError::IdempotencyKeyInUse | ApiError::IdempotencyKeyHeld => "idempotency_key_in_use",
             ApiError::Conflict { code, .. } => code,
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::BodyTooLarge(_) => "body_too_large",
@@ -150,6 +158,7 @@ impl ApiError {
             self,
             ApiError::Authentication
                 | ApiError::IdempotencyKeyInUse
+                | ApiError::IdempotencyKeyHeld
                 | ApiError::IdempotencyKeyReused
                 | ApiError::IdempotencyKeyMissing
                 | ApiError::RateLimited
@@ -202,6 +211,7 @@ impl From<crate::actors::PaymentError> for ApiError {
             P::NotFound(what) => ApiError::NotFound(what),
             P::PspRefused { code, message, param } => ApiError::InvalidRequest { code, message, param },
             P::KeyTakenOver => ApiError::IdempotencyKeyInUse,
+            P::KeyHeld => ApiError::IdempotencyKeyHeld,
             P::Unavailable(what) => ApiError::Unavailable(what),
             P::Store(s) => s.into(),
             P::OutcomeUnknown => ApiError::OutcomeUnknown,

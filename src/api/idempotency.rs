@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use super::{json_response, AppState};
 use crate::actors::{IdemKey, Reply};
-use crate::adapters::postgres::idempotency::Begin;
+use crate::adapters::postgres::idempotency::{Begin, KeyClaim};
 use crate::adapters::postgres::merchants::Merchant;
 use crate::api::error::ApiError;
 
@@ -156,6 +156,7 @@ where
                     merchant: merchant.id.clone(),
                     key: key.clone(),
                     fence,
+                    claim: None,
                 },
                 resource_id,
             };
@@ -179,6 +180,71 @@ where
             result.map(|reply| json_response(reply.status, reply.body))
         }
     }
+}
+
+/// [`run`] for a create whose new payment's first commit claims the key itself, so that a
+/// request costs no claim of its own before it (docs/DESIGN.md, "A key claimed by the payment's
+/// first commit"). Sound because nothing the operation does before that commit reaches the
+/// world (no PSP call, no stored row) and the payment's id is new: a request that holds the key
+/// already (the first of a retried request, a duplicate sent at the same time) is found by that
+/// commit, which then writes nothing. `Ok(None)` says so: the caller then claims the key with
+/// [`run`], which answers as for any key in use (a replay, 409, 422).
+///
+/// The key is completed as [`run`] completes it, on the row only if it is this request's: the
+/// one its commit inserted (naming `resource`), or a new one if the request ended before it.
+/// A request that ended before its commit and finds the key held (its answer computed again by a
+/// retry, say) is answered as the key says too, so a retry replays the first answer.
+pub async fn run_first<F, Fut>(
+    state: &AppState,
+    merchant: &Merchant,
+    req: &HttpRequest,
+    key: &str,
+    body: &[u8],
+    resource: &str,
+    op: F,
+) -> Result<Option<HttpResponse>, ApiError>
+where
+    F: FnOnce(Ticket) -> Fut,
+    Fut: Future<Output = Result<Reply, ApiError>>,
+{
+    let claim = KeyClaim {
+        fingerprint: fingerprint(req.method().as_str(), req.path(), body).to_vec(),
+        lease_ms: state.config.idempotency.in_flight_lease_ms,
+        holder: state.leases.as_ref().map(|l| l.holder.to_string()),
+    };
+    let ticket = Ticket {
+        key: IdemKey {
+            merchant: merchant.id.clone(),
+            key: key.to_owned(),
+            fence: 1,
+            claim: Some(claim.clone()),
+        },
+        resource_id: None,
+    };
+    let result = op(ticket).await;
+    if matches!(result, Err(ApiError::IdempotencyKeyHeld)) {
+        tracing::debug!("idempotency key held; claiming it");
+        return Ok(None);
+    }
+    let ours = match completion(&result) {
+        Completion::Stored | Completion::Keep => Ok(true),
+        Completion::Store(status, body) => {
+            state
+                .db
+                .idempotency_store_first(&merchant.id, key, &claim, resource, status, &body)
+                .await
+        }
+        Completion::Release => state.db.idempotency_release_first(&merchant.id, key, resource).await,
+    };
+    match ours {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::debug!("idempotency key held; claiming it");
+            return Ok(None);
+        }
+        Err(e) => tracing::warn!(error = %e, "could not complete an idempotency record"),
+    }
+    result.map(|reply| Some(json_response(reply.status, reply.body)))
 }
 
 /// What an operation's result leaves on its idempotency key.

@@ -193,6 +193,26 @@ fn with_local_id(state: &AppState, mut payment: Payment) -> Result<Payment, ApiE
     Err(ApiError::Unavailable("this node's partitions (it owns none yet)"))
 }
 
+/// Has the new payment's actor store it (and, with `confirm`, authorize it): like every other
+/// change, creation goes through the actor.
+async fn store_new(
+    state: &AppState,
+    merchant: &Merchant,
+    payment: Payment,
+    confirm: bool,
+    key: crate::actors::IdemKey,
+) -> Result<Reply, ApiError> {
+    // Checked here, not with the request's form: a retry is answered as the first was.
+    splits_payable(state, merchant, &payment).await?;
+    let id = payment.id.clone();
+    let live = Live {
+        payment,
+        open: Vec::new(),
+    };
+    let call = PaymentCall::new(merchant.id.clone(), Op::Create { confirm }, Some(key));
+    Ok(state.registry.call_with(&id, Some(live), call).await?)
+}
+
 /// `POST /api/v1/payments`
 pub async fn create(
     state: web::Data<AppState>,
@@ -200,6 +220,22 @@ pub async fn create(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let (merchant, body, key) = idempotency::begin(&state, &req, payload).await?;
+    // A valid request is first tried with its payment's first commit claiming the key; a key
+    // held already (or a request that does not parse, or no partition to create it in) goes the
+    // ordinary way below.
+    if let Some((payment, confirm)) = new_payment(&state, &merchant, &body)
+        .ok()
+        .and_then(|(p, confirm)| Some((with_local_id(&state, p).ok()?, confirm)))
+    {
+        let id = payment.id.to_string();
+        let first = idempotency::run_first(&state, &merchant, &req, &key, &body, &id, |ticket| {
+            store_new(&state, &merchant, payment, confirm, ticket.key)
+        })
+        .await?;
+        if let Some(answer) = first {
+            return Ok(answer);
+        }
+    }
     let parsed = new_payment(&state, &merchant, &body);
     let (st, m) = (&state, &merchant);
     idempotency::run(
@@ -236,18 +272,8 @@ pub async fn create(
                     stored: false,
                 });
             }
-            // Checked here, not with the request's form: a retry is answered as the first was.
-            splits_payable(state, merchant, &payment).await?;
-            // The payment's actor stores it (and, with confirm, authorizes it): like every
-            // other change, creation goes through the actor.
             let payment = with_local_id(state, payment)?;
-            let id = payment.id.clone();
-            let live = Live {
-                payment,
-                open: Vec::new(),
-            };
-            let call = PaymentCall::new(merchant.id.clone(), Op::Create { confirm }, Some(ticket.key));
-            Ok(state.registry.call_with(&id, Some(live), call).await?)
+            store_new(state, merchant, payment, confirm, ticket.key).await
         },
     )
     .await

@@ -208,3 +208,145 @@ async fn claims_made_together_are_committed_together_and_each_key_is_claimed_onc
     assert!(begins[21].is_err(), "the refused row fails alone: {:?}", begins[21]);
     assert_eq!(app.count("idempotency_keys").await, 20);
 }
+
+/// How many keys were claimed by a claim of their own (`payrail_idempotency_claim_duration_seconds`).
+async fn claims_made(app: &crate::helpers::TestApp) -> u64 {
+    let m = app.request("GET", "/metrics", None, None, None).await;
+    String::from_utf8_lossy(&m.raw)
+        .lines()
+        .find_map(|l| l.strip_prefix("payrail_idempotency_claim_duration_seconds_count "))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// The key's digest, as `api::idempotency::key` stores it.
+fn digest(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// docs/DESIGN.md, "A key claimed by the payment's first commit": a create makes no claim of its
+/// own; the commit that stores the payment inserts the key's row, naming it.
+#[actix_web::test]
+async fn a_create_claims_its_key_with_the_commit_that_stores_the_payment() {
+    let app = spawn_app().await;
+    let created = app
+        .request("POST", "/api/v1/payments", Some(DEMO_KEY), Some("first"), Some(CREATE))
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let pending = CREATE.replace(r#","confirm":true"#, "");
+    let unconfirmed = app
+        .request(
+            "POST",
+            "/api/v1/payments",
+            Some(DEMO_KEY),
+            Some("second"),
+            Some(&pending),
+        )
+        .await;
+    assert_eq!(unconfirmed.status, 201, "{}", unconfirmed.body);
+    assert_eq!(claims_made(&app).await, 0, "no claim before the payment's commit");
+    let client = app.sql().await;
+    for (key, r) in [("first", &created), ("second", &unconfirmed)] {
+        let row = client
+            .query_one(
+                "SELECT resource_id, fence, response_status, response_body FROM idempotency_keys WHERE key = $1",
+                &[&digest(key)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            row.get::<_, Option<String>>(0).as_deref(),
+            r.body["payment_id"].as_str()
+        );
+        assert_eq!(row.get::<_, i64>(1), 1);
+        assert_eq!(row.get::<_, Option<i16>>(2), Some(201));
+        assert_eq!(row.get::<_, Option<Vec<u8>>>(3).as_deref(), Some(&r.raw[..]));
+    }
+    // A retry finds the row and replays; another body with the key is refused.
+    let again = app
+        .request("POST", "/api/v1/payments", Some(DEMO_KEY), Some("first"), Some(CREATE))
+        .await;
+    assert_eq!((again.status, again.raw == created.raw), (201, true));
+    assert_eq!(again.headers.get("idempotent-replayed").unwrap(), "true");
+    let reused = app
+        .request(
+            "POST",
+            "/api/v1/payments",
+            Some(DEMO_KEY),
+            Some("first"),
+            Some(&pending),
+        )
+        .await;
+    assert_eq!(reused.status, 422, "{}", reused.body);
+    assert_eq!(app.count("payments").await, 2);
+}
+
+/// A create whose key another request holds in flight: its payment's commit finds the row and
+/// writes nothing (no payment, no audit row, no event), and the request is answered as any
+/// request on a key in flight.
+#[actix_web::test]
+async fn a_create_on_a_key_held_in_flight_writes_nothing_and_is_409() {
+    let app = spawn_app().await;
+    let merchant = app.first_merchant().await;
+    let fp = payrail::api::idempotency::fingerprint("POST", "/api/v1/payments", CREATE.as_bytes());
+    let held = app
+        .state
+        .db
+        .idempotency_begin(&merchant, &digest("held"), &fp, 60_000)
+        .await
+        .unwrap();
+    assert!(matches!(
+        held,
+        payrail::adapters::postgres::idempotency::Begin::Proceed { fence: 1, .. }
+    ));
+    let r = app
+        .request("POST", "/api/v1/payments", Some(DEMO_KEY), Some("held"), Some(CREATE))
+        .await;
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (409, Some("idempotency_key_in_use")),
+        "{}",
+        r.body
+    );
+    for table in ["payments", "payment_transitions", "psp_attempts", "outbox"] {
+        assert_eq!(app.count(table).await, 0, "{table}");
+    }
+    assert_eq!(
+        claims_made(&app).await,
+        1,
+        "the held key was then claimed the ordinary way"
+    );
+    // Another body with the key is still a reuse.
+    let other = CREATE.replace("4999", "5000");
+    let r = app
+        .request("POST", "/api/v1/payments", Some(DEMO_KEY), Some("held"), Some(&other))
+        .await;
+    assert_eq!(r.status, 422, "{}", r.body);
+}
+
+/// A create refused before its payment's commit (a split to an account that does not exist)
+/// stores its answer on a row of its own, and a retry replays it.
+#[actix_web::test]
+async fn a_create_refused_before_its_commit_stores_its_answer() {
+    let app = spawn_app().await;
+    let body = json!({ "order_id": "ord_split", "amount": { "value": 1000, "currency": "USD" },
+        "payment_method": "pm_card_visa", "splits": [{ "account": "acct_missing", "amount": 500 }] })
+    .to_string();
+    let first = app
+        .request("POST", "/api/v1/payments", Some(DEMO_KEY), Some("refused"), Some(&body))
+        .await;
+    assert_eq!(
+        (first.status, first.body["error"]["code"].as_str()),
+        (400, Some("resource_missing")),
+        "{}",
+        first.body
+    );
+    let again = app
+        .request("POST", "/api/v1/payments", Some(DEMO_KEY), Some("refused"), Some(&body))
+        .await;
+    assert_eq!((again.status, again.raw == first.raw), (400, true));
+    assert_eq!(again.headers.get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(app.count("payments").await, 0);
+    assert_eq!(app.count("idempotency_keys").await, 1);
+}

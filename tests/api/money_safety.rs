@@ -393,6 +393,7 @@ async fn a_create_commit_that_lost_its_key_inserts_nothing() {
                 resource_id: Some(payment.id.to_string()),
                 response: Some((201, b"{}".to_vec())),
                 fence,
+                claim: None,
             }),
             payment: Some(payment),
             ..Commit::default()

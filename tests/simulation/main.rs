@@ -32,7 +32,7 @@ use payrail::actors::payment_flow::{process, Live, PaymentDeps};
 use payrail::actors::{IdemKey, Op, Reply};
 use payrail::adapters::nats::PspEvent;
 use payrail::adapters::postgres::commit::AttemptOutcome;
-use payrail::adapters::postgres::idempotency::Begin;
+use payrail::adapters::postgres::idempotency::{Begin, KeyClaim};
 use payrail::adapters::psp::{IntentStatus, PspError, PspRefundStatus};
 use payrail::api::error::ApiError;
 use payrail::api::idempotency::{completion, Completion};
@@ -104,6 +104,9 @@ struct Request {
     state: ReqState,
     tries: u32,
     fence: i64,
+    /// A create sent without a claim, its payment's first commit to claim the key
+    /// (`api::idempotency::run_first`); cleared by its answer.
+    first: bool,
     /// The connection now waiting; an answer for an older one goes nowhere.
     conn: u64,
     sent: bool,
@@ -260,6 +263,7 @@ impl Sim {
             state: ReqState::Ready,
             tries: 0,
             fence: 0,
+            first: false,
             conn: 0,
             sent: false,
             answer: None,
@@ -290,6 +294,49 @@ impl Sim {
         };
         self.requests[i].sent = true;
         self.requests[i].tries += 1;
+        let fingerprint = format!("{kind:?}:{amount:?}");
+        if let Kind::Create(confirm) = kind {
+            // As the API sends every create first: no claim, the payment's first commit claims.
+            self.note(format!("client: sends {key} ({kind:?}) claimed by its first commit"));
+            self.connections += 1;
+            let conn = self.connections;
+            let r = &mut self.requests[i];
+            r.state = ReqState::Waiting;
+            r.fence = 1;
+            r.first = true;
+            r.conn = conn;
+            let payment = r.payment.clone();
+            let draft = self.drafts.iter().find(|d| d.id == payment).cloned().expect("draft");
+            let msg = Msg {
+                op: Op::Create { confirm },
+                idem: Some(IdemKey {
+                    merchant: self.merchant.clone(),
+                    key,
+                    fence: 1,
+                    claim: Some(KeyClaim {
+                        fingerprint: fingerprint.into_bytes(),
+                        lease_ms: LEASE_MS as u64,
+                        holder: None,
+                    }),
+                }),
+                origin: Origin::Client(i, conn),
+                known: Some(Live {
+                    payment: draft,
+                    open: Vec::new(),
+                }),
+            };
+            self.deliver(&payment, msg);
+            return;
+        }
+        self.claim_and_send(i);
+    }
+
+    /// The request claims its key, as `api::idempotency::run` does, and goes on as the claim says.
+    fn claim_and_send(&mut self, i: usize) {
+        let (key, kind, amount) = {
+            let r = &self.requests[i];
+            (r.key.clone(), r.kind, r.amount)
+        };
         let fingerprint = format!("{kind:?}:{amount:?}");
         let begun = lock(&self.w).idempotency_begin(&key, &fingerprint, LEASE_MS);
         self.note(format!("client: sends {key} ({kind:?} {amount:?}) -> {begun:?}"));
@@ -353,6 +400,7 @@ impl Sim {
                         merchant: self.merchant.clone(),
                         key,
                         fence,
+                        claim: None,
                     }),
                     origin: Origin::Client(i, conn),
                     known,
@@ -459,12 +507,38 @@ impl Sim {
                     return;
                 }
                 let (key, fence) = (self.requests[i].key.clone(), self.requests[i].fence);
-                let _ = match completion(&result) {
-                    Completion::Stored => Ok(()),
-                    Completion::Store(status, body) => lock(&self.w).idempotency_store(&key, fence, status, &body),
-                    Completion::Release => lock(&self.w).idempotency_release(&key, fence),
-                    Completion::Keep => Ok(()),
-                };
+                if std::mem::take(&mut self.requests[i].first) {
+                    // `api::idempotency::run_first`: a held key is claimed the ordinary way, by
+                    // the same request; otherwise the key is completed only if it is this one's.
+                    if matches!(result, Err(ApiError::IdempotencyKeyHeld)) {
+                        self.note(format!("client: {key} is held; claiming it"));
+                        return self.claim_and_send(i);
+                    }
+                    let (kind, amount) = (self.requests[i].kind, self.requests[i].amount);
+                    let fingerprint = format!("{kind:?}:{amount:?}");
+                    let payment = self.requests[i].payment.to_string();
+                    let ours = {
+                        let mut w = lock(&self.w);
+                        match completion(&result) {
+                            Completion::Stored | Completion::Keep => Ok(true),
+                            Completion::Store(status, body) => {
+                                w.idempotency_store_first(&key, &fingerprint, &payment, status, &body)
+                            }
+                            Completion::Release => w.idempotency_release_first(&key, &payment),
+                        }
+                    };
+                    if matches!(ours, Ok(false)) {
+                        self.note(format!("client: {key} is held; claiming it"));
+                        return self.claim_and_send(i);
+                    }
+                } else {
+                    let _ = match completion(&result) {
+                        Completion::Stored => Ok(()),
+                        Completion::Store(status, body) => lock(&self.w).idempotency_store(&key, fence, status, &body),
+                        Completion::Release => lock(&self.w).idempotency_release(&key, fence),
+                        Completion::Keep => Ok(()),
+                    };
+                }
                 match result {
                     Ok(reply) => {
                         self.requests[i].state = ReqState::Done;

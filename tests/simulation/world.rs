@@ -193,6 +193,22 @@ impl Tables {
     /// The batch's statements in order, all or nothing (the caller applies it to a copy).
     fn apply(&mut self, c: &Commit, now_ms: i64) -> Result<(), CommitError> {
         let Some(p) = &c.payment else { return Ok(()) };
+        // IDEMPOTENCY_CLAIM, first in a batch: a key some row holds fails the commit.
+        if let Some((i, claim)) = c.idempotency.as_ref().and_then(|i| Some((i, i.claim.as_ref()?))) {
+            if self.idempotency.contains_key(&i.key) {
+                return Err(CommitError::KeyHeld);
+            }
+            self.idempotency.insert(
+                i.key.clone(),
+                IdemRow {
+                    fingerprint: String::from_utf8_lossy(&claim.fingerprint).into_owned(),
+                    fence: 1,
+                    locked_until: now_ms + claim.lease_ms as i64,
+                    response: i.response.clone(),
+                    resource_id: i.resource_id.clone(),
+                },
+            );
+        }
         if c.unchanged {
             // PAYMENTS_CHECK: the stored row must still hold this version; nothing is written.
             match self.payments.get(&p.id) {
@@ -272,7 +288,7 @@ impl Tables {
                 amount,
             });
         }
-        if let Some(i) = &c.idempotency {
+        if let Some(i) = c.idempotency.as_ref().filter(|i| i.claim.is_none()) {
             let fenced = FENCE_CHECKS;
             let row = self.idempotency.get_mut(&i.key);
             match row {
@@ -532,6 +548,57 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// `Db::idempotency_store_first`: a new row with the answer, or the answer on the row this
+    /// request's first commit inserted (it names `payment`); another request's row stays as it is.
+    pub fn idempotency_store_first(
+        &mut self,
+        key: &str,
+        fingerprint: &str,
+        payment: &str,
+        status: u16,
+        body: &[u8],
+    ) -> Result<bool, ApiError> {
+        if self.store_down() {
+            return Err(ApiError::Unavailable("database"));
+        }
+        let now = self.now_ms;
+        match self.db.idempotency.get_mut(key) {
+            None => {
+                self.db.idempotency.insert(
+                    key.to_owned(),
+                    IdemRow {
+                        fingerprint: fingerprint.to_owned(),
+                        fence: 1,
+                        locked_until: now,
+                        response: Some((status, body.to_vec())),
+                        resource_id: None,
+                    },
+                );
+                Ok(true)
+            }
+            Some(row) if row.response.is_none() && row.fence == 1 && row.resource_id.as_deref() == Some(payment) => {
+                row.response = Some((status, body.to_vec()));
+                Ok(true)
+            }
+            Some(_) => Ok(false),
+        }
+    }
+
+    /// `Db::idempotency_release_first`: frees the row this request's first commit inserted.
+    pub fn idempotency_release_first(&mut self, key: &str, payment: &str) -> Result<bool, ApiError> {
+        if self.store_down() {
+            return Err(ApiError::Unavailable("database"));
+        }
+        let now = self.now_ms;
+        match self.db.idempotency.get_mut(key) {
+            Some(row) if row.response.is_none() && row.fence == 1 && row.resource_id.as_deref() == Some(payment) => {
+                row.locked_until = now - 1;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     pub fn idempotency_release(&mut self, key: &str, fence: i64) -> Result<(), ApiError> {

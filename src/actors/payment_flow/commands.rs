@@ -218,6 +218,7 @@ impl Flow<'_> {
             resource_id: Some(payment.id.to_string()),
             response: (!confirm).then(|| (201, object.clone())),
             fence: i.fence,
+            claim: i.claim.clone(),
         });
         let attempt = match confirm && !blocked {
             true => Some(self.routed_attempt(&mut payment).await?),

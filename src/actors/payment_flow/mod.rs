@@ -95,6 +95,11 @@ impl From<CommitError> for Halt {
                 error: PaymentError::KeyTakenOver,
                 stale: false,
             },
+            // Nothing was written: a payment being created is dropped by `process`.
+            CommitError::KeyHeld => Halt {
+                error: PaymentError::KeyHeld,
+                stale: false,
+            },
             // Another node owns the payment now: this actor's memory is not to be trusted.
             CommitError::Moved => Halt {
                 error: PaymentError::Unavailable(crate::actors::forward::MOVED),
@@ -199,6 +204,11 @@ pub async fn process(
         match deps.store.load(&id).await {
             Ok(Some(live)) => {
                 tracing::info!(payment_id = %id, "reloaded from the store");
+                // A payment being created whose first commit claimed its key: the payment is
+                // stored, so that commit landed, and the key's row with it.
+                if let Some(i) = flow.idem.as_mut() {
+                    i.claim = None;
+                }
                 flow.live = live;
                 flow.by_key = true;
                 flow.fresh = false;
@@ -380,6 +390,7 @@ impl<'a> Flow<'a> {
             resource_id: None,
             response: response.clone(),
             fence: i.fence,
+            claim: i.claim.clone(),
         });
         commit
     }
@@ -445,7 +456,12 @@ impl<'a> Flow<'a> {
         let committed = self.deps.store.commit(commit).await;
         self.deps.metrics.payment_commit(kind, asked.elapsed());
         match (committed, retry) {
-            (Ok(()), _) => {}
+            (Ok(()), _) => {
+                // The key's row exists now: later commits complete it.
+                if let Some(i) = self.idem.as_mut() {
+                    i.claim = None;
+                }
+            }
             (Err(CommitError::Fenced), Some(retry)) => {
                 tracing::info!(payment_id = %next.id, "idempotency key taken over; committing the PSP's answer without it");
                 self.idem = None;

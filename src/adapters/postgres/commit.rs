@@ -84,6 +84,10 @@ pub struct IdempotencyWrite {
     pub response: Option<(u16, Vec<u8>)>,
     /// The fence the request holds: the write lands only while the key still has it.
     pub fence: i64,
+    /// The request's first commit, on a key no claim was made for: it inserts the key's row
+    /// (with `resource_id` and `response`), and fails as [`CommitError::KeyHeld`] if a row holds
+    /// the key already.
+    pub claim: Option<super::idempotency::KeyClaim>,
 }
 
 /// A PSP event this commit applies (or records as changing nothing): its dedupe row.
@@ -154,6 +158,10 @@ pub enum CommitError {
     /// longer speaks for it.
     #[error("the idempotency key was taken over by a newer request")]
     Fenced,
+    /// The commit was to claim its request's idempotency key, and a row holds the key already
+    /// (another request with it, before or at the same time): nothing was written.
+    #[error("the idempotency key is held by another request")]
+    KeyHeld,
     /// Cluster mode: the payment's partition is no longer this node's (its lease expired or
     /// moved): nothing was written.
     #[error("the payment's partition moved to another node")]
@@ -172,6 +180,7 @@ impl Clone for CommitError {
         match self {
             CommitError::Stale => CommitError::Stale,
             CommitError::Fenced => CommitError::Fenced,
+            CommitError::KeyHeld => CommitError::KeyHeld,
             CommitError::Moved => CommitError::Moved,
             CommitError::Unavailable(what) => CommitError::Unavailable(what),
             CommitError::Store(e) => CommitError::Store(e.clone()),
@@ -268,6 +277,19 @@ const IDEMPOTENCY: &str = "UPDATE idempotency_keys k SET resource_id = coalesce(
         AS u(merchant_id, key, resource_id, status, body, fence)
     WHERE k.merchant_id = u.merchant_id AND k.key = u.key AND k.response_status IS NULL AND k.fence = u.fence
     RETURNING k.key";
+
+/// A request's first commit claims its key ([`IdempotencyWrite::claim`]): the row, as a claim
+/// would insert it, already naming what the commit creates. A key some row holds inserts
+/// nothing, and the row missing from RETURNING fails the commit as `KeyHeld`. In key order, so
+/// that two batches claiming the same keys wait for each other in one order, never in a cycle.
+const IDEMPOTENCY_CLAIM: &str = "INSERT INTO idempotency_keys (merchant_id, key, fingerprint, locked_until, holder,
+        resource_id, response_status, response_body)
+    SELECT u.merchant_id, u.key, u.fingerprint, now() + make_interval(secs => u.lease), u.holder, u.resource_id,
+        u.status, u.body
+    FROM unnest($1::text[], $2::text[], $3::bytea[], $4::float8[], $5::text[], $6::text[], $7::int2[], $8::bytea[])
+        AS u(merchant_id, key, fingerprint, lease, holder, resource_id, status, body)
+    ORDER BY u.merchant_id, u.key
+    ON CONFLICT (merchant_id, key) DO NOTHING RETURNING key";
 
 const EXCEPTIONS: &str = "INSERT INTO payment_exceptions (payment_id, merchant_id, detail)
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[])";
@@ -369,6 +391,7 @@ statements! {
     entries: ENTRIES,
     outbox: OUTBOX,
     idempotency: IDEMPOTENCY,
+    idempotency_claim: IDEMPOTENCY_CLAIM,
     balances: BALANCES,
     processed: PROCESSED,
     disputes: DISPUTES,
@@ -492,6 +515,17 @@ columns!(IdempotencyColumns {
     fence: i64,
 });
 
+columns!(ClaimColumns {
+    merchant_id: String,
+    key: String,
+    fingerprint: Vec<u8>,
+    lease: f64,
+    holder: Option<String>,
+    resource_id: Option<String>,
+    response_status: Option<i16>,
+    response_body: Option<Vec<u8>>,
+});
+
 columns!(ExceptionColumns {
     payment_id: String,
     merchant_id: String,
@@ -534,6 +568,7 @@ pub struct Columns {
     entries: EntryColumns,
     outbox: OutboxColumns,
     idempotency: IdempotencyColumns,
+    claims: ClaimColumns,
     exceptions: ExceptionColumns,
     processed: ProcessedColumns,
     disputes: DisputeColumns,
@@ -816,7 +851,17 @@ impl Columns {
                 t.created_at.push(d.created_at);
                 t.updated_at.push(d.updated_at);
             }
-            if let Some(i) = &commit.idempotency {
+            if let Some((i, claim)) = commit.idempotency.as_ref().and_then(|i| Some((i, i.claim.as_ref()?))) {
+                let t = &mut c.claims;
+                t.merchant_id.push(i.merchant_id.to_string());
+                t.key.push(i.key.clone());
+                t.fingerprint.push(claim.fingerprint.clone());
+                t.lease.push(claim.lease_ms as f64 / 1000.0);
+                t.holder.push(claim.holder.clone());
+                t.resource_id.push(i.resource_id.clone());
+                t.response_status.push(i.response.as_ref().map(|(s, _)| *s as i16));
+                t.response_body.push(i.response.as_ref().map(|(_, b)| b.clone()));
+            } else if let Some(i) = &commit.idempotency {
                 let t = &mut c.idempotency;
                 t.merchant_id.push(i.merchant_id.to_string());
                 t.key.push(i.key.clone());
@@ -913,6 +958,16 @@ impl Db {
             ),
             None => None,
         };
+        // Then the keys this batch claims: a key held already fails the batch before anything
+        // else could (a payment's row, say).
+        let claim_check = queue(
+            &mut pending,
+            tx,
+            &st.idempotency_claim,
+            true,
+            cols.claims.len(),
+            cols.claims.params(),
+        );
         queue(
             &mut pending,
             tx,
@@ -1047,6 +1102,7 @@ impl Db {
             stale: stale_check,
             state: state_check,
             fence: fence_check,
+            claim: claim_check,
         };
         match verdict(results, &checks, &fences, &cols) {
             Ok(()) => open.commit().await.map_err(pg_error)?,
@@ -1069,6 +1125,7 @@ struct Checks {
     stale: Option<usize>,
     state: Option<usize>,
     fence: Option<usize>,
+    claim: Option<usize>,
 }
 
 /// What a batch's results say: a partition that moved, a lost race, a key taken over, a
@@ -1095,6 +1152,9 @@ fn verdict(
     }
     if matches!(count(checks.fence), Some(n) if n as usize != cols.idempotency.len()) {
         return Err(CommitError::Fenced);
+    }
+    if matches!(count(checks.claim), Some(n) if n as usize != cols.claims.len()) {
+        return Err(CommitError::KeyHeld);
     }
     match results.into_iter().find_map(Result::err) {
         Some(e) => Err(pg_error(e).into()),

@@ -24,6 +24,19 @@ pub struct Claimant<'a> {
     pub live: &'a (dyn Fn() -> Vec<String> + Sync),
 }
 
+/// A key a request's first commit claims itself, instead of a claim's own transaction before it
+/// (docs/DESIGN.md, "A key claimed by the payment's first commit"): what the claim's row holds.
+/// The commit inserts the row, or fails as `KeyHeld` if any row holds the key already.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KeyClaim {
+    /// [`crate::api::idempotency::fingerprint`] of the request.
+    pub fingerprint: Vec<u8>,
+    /// `[idempotency] in_flight_lease_ms`.
+    pub lease_ms: u64,
+    /// Cluster mode: the claiming process, as a claim names it.
+    pub holder: Option<String>,
+}
+
 /// A key's claim waiting for its batch ([`Db::idempotency_begin_as`]).
 pub struct Claim {
     merchant: String,
@@ -270,6 +283,72 @@ impl Db {
             .await
             .map_err(pg_error)?;
         Ok(())
+    }
+
+    /// [`Db::idempotency_store`] for a request whose first commit was to claim its key
+    /// ([`KeyClaim`]): the row is inserted with the answer if no row holds the key (the
+    /// request ended before its first commit), or completed if it is the one that commit
+    /// inserted (it names `payment`). A row another request holds is left alone: `false`.
+    pub async fn idempotency_store_first(
+        &self,
+        merchant: &MerchantId,
+        key: &str,
+        claim: &KeyClaim,
+        payment: &str,
+        status: u16,
+        body: &[u8],
+    ) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO idempotency_keys AS k (merchant_id, key, fingerprint, locked_until, holder, response_status,
+                        response_body)
+                 VALUES ($1, $2, $3, now(), $4, $5, $6)
+                 ON CONFLICT (merchant_id, key) DO UPDATE
+                    SET response_status = excluded.response_status, response_body = excluded.response_body
+                    WHERE k.response_status IS NULL AND k.fence = 1 AND k.resource_id = $7",
+            )
+            .await
+            .map_err(pg_error)?;
+        client
+            .execute(
+                &stmt,
+                &[
+                    &merchant.as_str(),
+                    &key,
+                    &claim.fingerprint,
+                    &claim.holder,
+                    &(status as i16),
+                    &body,
+                    &payment,
+                ],
+            )
+            .await
+            .map_err(pg_error)
+            .map(|n| n == 1)
+    }
+
+    /// [`Db::idempotency_release`] for a request whose first commit was to claim its key: frees
+    /// the row that commit inserted (it names `payment`), if it did (`true`); nothing else.
+    pub async fn idempotency_release_first(
+        &self,
+        merchant: &MerchantId,
+        key: &str,
+        payment: &str,
+    ) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE idempotency_keys SET locked_until = now() - interval '1 millisecond'
+                 WHERE merchant_id = $1 AND key = $2 AND response_status IS NULL AND fence = 1 AND resource_id = $3",
+            )
+            .await
+            .map_err(pg_error)?;
+        client
+            .execute(&stmt, &[&merchant.as_str(), &key, &payment])
+            .await
+            .map_err(pg_error)
+            .map(|n| n == 1)
     }
 
     /// Deletes at most `limit` records older than the retention; returns how many.
