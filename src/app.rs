@@ -273,6 +273,7 @@ impl Application {
             metrics,
             rate_limiter,
             leases,
+            recent_keys: Default::default(),
         });
         let app_state = state.clone();
         let server = HttpServer::new(move || {

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use super::{json_response, AppState};
 use crate::actors::{IdemKey, Reply};
-use crate::adapters::postgres::idempotency::{Begin, KeyClaim};
+use crate::adapters::postgres::idempotency::{Begin, KeyClaim, Released};
 use crate::adapters::postgres::merchants::Merchant;
 use crate::api::error::ApiError;
 
@@ -182,6 +182,41 @@ where
     }
 }
 
+/// Keys this node saw a create use lately: a retry, or a duplicate sent while the first still
+/// runs, claims its key the ordinary way at once instead of running up to a commit that would
+/// find the key held (and making its batch be written again commit by commit). Only a saving:
+/// a key missing here (used on another node, or forgotten) still meets the held key at that
+/// commit. Bounded: two generations of at most [`RECENT_KEYS`] each; when the newer fills, the
+/// older is dropped.
+#[derive(Default)]
+pub struct RecentKeys {
+    generations: std::sync::Mutex<[std::collections::HashSet<u64>; 2]>,
+}
+
+/// Keys a generation of [`RecentKeys`] holds: two of them, about 2 MiB, cover the minutes in
+/// which clients retry at this node's peak rate.
+pub const RECENT_KEYS: usize = 65_536;
+
+impl RecentKeys {
+    /// Notes `key` (a digest, as [`key`] makes it) of `merchant`; `true` if it was noted already.
+    pub fn seen(&self, merchant: &str, key: &str) -> bool {
+        let digest = key
+            .get(..16)
+            .and_then(|k| u64::from_str_radix(k, 16).ok())
+            .unwrap_or_default();
+        let id = digest ^ crate::domain::ids::stable_hash(merchant);
+        let mut g = self.generations.lock().unwrap_or_else(|p| p.into_inner());
+        if g[0].contains(&id) || g[1].contains(&id) {
+            return true;
+        }
+        if g[0].len() >= RECENT_KEYS {
+            g[1] = std::mem::take(&mut g[0]);
+        }
+        g[0].insert(id);
+        false
+    }
+}
+
 /// [`run`] for a create whose new payment's first commit claims the key itself, so that a
 /// request costs no claim of its own before it (docs/DESIGN.md, "A key claimed by the payment's
 /// first commit"). Sound because nothing the operation does before that commit reaches the
@@ -234,7 +269,12 @@ where
                 .idempotency_store_first(&merchant.id, key, &claim, resource, status, &body)
                 .await
         }
-        Completion::Release => state.db.idempotency_release_first(&merchant.id, key, resource).await,
+        // A 5xx with no row at all stays the answer (nothing ran); another request's row answers.
+        Completion::Release => state
+            .db
+            .idempotency_release_first(&merchant.id, key, resource)
+            .await
+            .map(|r| r != Released::Held),
     };
     match ours {
         Ok(true) => {}
@@ -275,7 +315,31 @@ pub fn completion(result: &Result<Reply, ApiError>) -> Completion {
 
 #[cfg(test)]
 mod tests {
-    use super::fingerprint;
+    use super::{fingerprint, RecentKeys, RECENT_KEYS};
+
+    #[test]
+    fn recent_keys_are_seen_once_per_merchant_and_stay_bounded() {
+        // As `key` makes them: hex digests, whose first 64 bits differ.
+        let k = |i: usize| {
+            format!(
+                "{:016x}{}",
+                (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                "0".repeat(48)
+            )
+        };
+        let recent = RecentKeys::default();
+        assert!(!recent.seen("mer_a", &k(1)));
+        assert!(recent.seen("mer_a", &k(1)));
+        assert!(!recent.seen("mer_b", &k(1)), "keys are per merchant");
+        for i in 2..(2 * RECENT_KEYS + 10) {
+            recent.seen("mer_a", &k(i));
+        }
+        let g = recent.generations.lock().unwrap();
+        assert!(g[0].len() <= RECENT_KEYS && g[1].len() <= RECENT_KEYS);
+        drop(g);
+        assert!(!recent.seen("mer_a", &k(1)), "the oldest are forgotten");
+        assert!(recent.seen("mer_a", &k(2 * RECENT_KEYS + 9)), "the newest are kept");
+    }
 
     #[test]
     fn fingerprints_separate_method_path_and_body() {

@@ -72,6 +72,8 @@ pub struct AppState {
     pub rate_limiter: ratelimit::RateLimiter,
     /// Cluster mode: partition ownership (routing, `/admin/v1/cluster`, readiness).
     pub leases: Option<Arc<crate::adapters::cluster::Leases>>,
+    /// Idempotency keys creates used lately on this node (`idempotency::RecentKeys`).
+    pub recent_keys: idempotency::RecentKeys,
 }
 
 pub const MAX_CACHED_KEYS: usize = 100_000;

@@ -220,11 +220,13 @@ pub async fn create(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let (merchant, body, key) = idempotency::begin(&state, &req, payload).await?;
-    // A valid request is first tried with its payment's first commit claiming the key; a key
-    // held already (or a request that does not parse, or no partition to create it in) goes the
-    // ordinary way below.
+    // A valid request with a key this node has not seen lately is first tried with its
+    // payment's first commit claiming the key; a key held already (or seen lately, or a request
+    // that does not parse, or no partition to create it in) goes the ordinary way below.
+    let fresh = !state.recent_keys.seen(merchant.id.as_str(), &key);
     if let Some((payment, confirm)) = new_payment(&state, &merchant, &body)
         .ok()
+        .filter(|_| fresh)
         .and_then(|(p, confirm)| Some((with_local_id(&state, p).ok()?, confirm)))
     {
         let id = payment.id.to_string();

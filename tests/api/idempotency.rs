@@ -269,6 +269,11 @@ async fn a_create_claims_its_key_with_the_commit_that_stores_the_payment() {
         .await;
     assert_eq!((again.status, again.raw == created.raw), (201, true));
     assert_eq!(again.headers.get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(
+        claims_made(&app).await,
+        1,
+        "a key this node saw lately is claimed at once"
+    );
     let reused = app
         .request(
             "POST",

@@ -32,7 +32,7 @@ use payrail::actors::payment_flow::{process, Live, PaymentDeps};
 use payrail::actors::{IdemKey, Op, Reply};
 use payrail::adapters::nats::PspEvent;
 use payrail::adapters::postgres::commit::AttemptOutcome;
-use payrail::adapters::postgres::idempotency::{Begin, KeyClaim};
+use payrail::adapters::postgres::idempotency::{Begin, KeyClaim, Released};
 use payrail::adapters::psp::{IntentStatus, PspError, PspRefundStatus};
 use payrail::api::error::ApiError;
 use payrail::api::idempotency::{completion, Completion};
@@ -107,6 +107,12 @@ struct Request {
     /// A create sent without a claim, its payment's first commit to claim the key
     /// (`api::idempotency::run_first`); cleared by its answer.
     first: bool,
+    /// A create: the id the script gave its payment (its first send's), and the id of the new
+    /// payment its current send would store. As the API draws a new id for every create it
+    /// runs, every resend and every fallback to a claim tries a new id; the request's and its
+    /// successors' `payment` become whichever id the answer names.
+    base: PaymentId,
+    trying: PaymentId,
     /// The connection now waiting; an answer for an older one goes nowhere.
     conn: u64,
     sent: bool,
@@ -264,6 +270,8 @@ impl Sim {
             tries: 0,
             fence: 0,
             first: false,
+            base: payment.clone(),
+            trying: payment.clone(),
             conn: 0,
             sent: false,
             answer: None,
@@ -305,8 +313,12 @@ impl Sim {
             r.fence = 1;
             r.first = true;
             r.conn = conn;
-            let payment = r.payment.clone();
-            let draft = self.drafts.iter().find(|d| d.id == payment).cloned().expect("draft");
+            let payment = match r.tries {
+                1 => r.base.clone(),
+                n => PaymentId::from_trusted(format!("{}r{n}", r.base)),
+            };
+            r.trying = payment.clone();
+            let draft = self.draft(i, &payment);
             let msg = Msg {
                 op: Op::Create { confirm },
                 idem: Some(IdemKey {
@@ -349,13 +361,20 @@ impl Sim {
                 r.fence = fence;
                 r.conn = conn;
                 let money = |v: i64| Money::new(v, Currency::parse("EUR").expect("EUR"));
-                let payment = self.requests[i].payment.clone();
+                let mut payment = self.requests[i].payment.clone();
+                if let Kind::Create(_) = kind {
+                    // A new payment gets a new id; one the key created is resumed.
+                    payment = match resource_id.as_deref() {
+                        Some(id) => PaymentId::from_trusted(id.to_owned()),
+                        None => PaymentId::from_trusted(format!("{}c", self.requests[i].trying)),
+                    };
+                    self.requests[i].trying = payment.clone();
+                }
                 let mut known = None;
                 let op = match kind {
                     Kind::Create(confirm) if resource_id.is_none() => {
-                        let draft = self.drafts.iter().find(|d| d.id == payment).cloned().expect("draft");
                         known = Some(Live {
-                            payment: draft,
+                            payment: self.draft(i, &payment),
                             open: Vec::new(),
                         });
                         Op::Create { confirm }
@@ -407,13 +426,39 @@ impl Sim {
                 };
                 self.deliver(&payment, msg);
             }
-            Ok(Begin::Replay { status, body }) => {
-                self.requests[i].state = ReqState::Done;
-                self.requests[i].answer = Some((status, body));
-            }
+            Ok(Begin::Replay { status, body }) => self.done(i, status, body),
             Ok(Begin::InFlight) | Err(_) => self.retry_later(i),
             Ok(Begin::Mismatch) => panic!("the simulation never reuses a key for another request"),
         }
+    }
+
+    /// The script's draft of request `i`'s new payment, under `id`.
+    fn draft(&self, i: usize, id: &PaymentId) -> Payment {
+        let base = &self.requests[i].base;
+        let mut draft = self.drafts.iter().find(|d| &d.id == base).cloned().expect("draft");
+        draft.id = id.clone();
+        draft
+    }
+
+    /// Request `i` has its final answer. A create's names its payment: the script's later
+    /// requests for it go to that id.
+    fn done(&mut self, i: usize, status: u16, body: Vec<u8>) {
+        if let (Kind::Create(_), 201) = (self.requests[i].kind, status) {
+            let named = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["payment_id"].as_str().map(str::to_owned));
+            if let Some(id) = named.map(PaymentId::from_trusted) {
+                let base = self.requests[i].base.clone();
+                if id != base {
+                    self.note(format!("client: {} created {id}", self.requests[i].key));
+                }
+                for r in self.requests.iter_mut().filter(|r| r.payment == base) {
+                    r.payment = id.clone();
+                }
+            }
+        }
+        self.requests[i].state = ReqState::Done;
+        self.requests[i].answer = Some((status, body));
     }
 
     fn retry_later(&mut self, i: usize) {
@@ -516,7 +561,7 @@ impl Sim {
                     }
                     let (kind, amount) = (self.requests[i].kind, self.requests[i].amount);
                     let fingerprint = format!("{kind:?}:{amount:?}");
-                    let payment = self.requests[i].payment.to_string();
+                    let payment = self.requests[i].trying.to_string();
                     let ours = {
                         let mut w = lock(&self.w);
                         match completion(&result) {
@@ -524,7 +569,9 @@ impl Sim {
                             Completion::Store(status, body) => {
                                 w.idempotency_store_first(&key, &fingerprint, &payment, status, &body)
                             }
-                            Completion::Release => w.idempotency_release_first(&key, &payment),
+                            Completion::Release => {
+                                w.idempotency_release_first(&key, &payment).map(|r| r != Released::Held)
+                            }
                         }
                     };
                     if matches!(ours, Ok(false)) {
@@ -540,14 +587,8 @@ impl Sim {
                     };
                 }
                 match result {
-                    Ok(reply) => {
-                        self.requests[i].state = ReqState::Done;
-                        self.requests[i].answer = Some((reply.status, reply.body));
-                    }
-                    Err(e) if e.is_replayable() => {
-                        self.requests[i].state = ReqState::Done;
-                        self.requests[i].answer = Some((e.status().as_u16(), e.body()));
-                    }
+                    Ok(reply) => self.done(i, reply.status, reply.body),
+                    Err(e) if e.is_replayable() => self.done(i, e.status().as_u16(), e.body()),
                     Err(_) => self.retry_later(i),
                 }
             }
@@ -1025,6 +1066,18 @@ impl Sim {
                     Some(Ok(Answer::Intent(i))) if !matches!(i.status, IntentStatus::Failed(_))
                 )
         };
+        // A create's key stores one payment at most, whichever id each of its tries drew.
+        for r in self.requests.iter().filter(|r| matches!(r.kind, Kind::Create(_))) {
+            let retry = format!("{}r", r.base);
+            let stored: Vec<_> =
+                w.db.payments
+                    .keys()
+                    .filter(|id| **id == r.base || id.as_str().starts_with(&retry))
+                    .collect();
+            if stored.len() > 1 {
+                bad.push(format!("key {} created {} payments: {stored:?}", r.key, stored.len()));
+            }
+        }
         // No key produces two effects. A key may start more than one attempt only for an
         // authorization that failed over or reached no PSP: then every attempt but its last
         // ended `unreachable` (the PSP never acted on it), `failed` (a soft decline) or
@@ -1033,7 +1086,7 @@ impl Sim {
             let mut attempts: Vec<_> =
                 w.db.attempts
                     .values()
-                    .filter(|a| a.payment == r.payment && a.attempt.idem_key.as_deref() == Some(r.key.as_str()))
+                    .filter(|a| a.attempt.idem_key.as_deref() == Some(r.key.as_str()))
                     .collect();
             attempts.sort_by_key(|a| a.seq);
             if attempts.len() > 1 {

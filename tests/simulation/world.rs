@@ -15,7 +15,7 @@ use payrail::actors::payment_flow::Live;
 use payrail::actors::store::{Clock, CommitFuture, PaymentStore, StoreFuture};
 use payrail::adapters::nats::PspEvent;
 use payrail::adapters::postgres::commit::{AttemptOutcome, Commit, CommitError};
-use payrail::adapters::postgres::idempotency::Begin;
+use payrail::adapters::postgres::idempotency::{Begin, Released};
 use payrail::adapters::postgres::payments::Attempt;
 use payrail::adapters::postgres::StoreError;
 use payrail::adapters::psp::{
@@ -578,8 +578,9 @@ impl World {
                 );
                 Ok(true)
             }
-            Some(row) if row.response.is_none() && row.fence == 1 && row.resource_id.as_deref() == Some(payment) => {
-                row.response = Some((status, body.to_vec()));
+            // The row this request's first commit inserted; an answer that commit stored stays.
+            Some(row) if row.fence == 1 && row.resource_id.as_deref() == Some(payment) => {
+                row.response.get_or_insert_with(|| (status, body.to_vec()));
                 Ok(true)
             }
             Some(_) => Ok(false),
@@ -587,7 +588,7 @@ impl World {
     }
 
     /// `Db::idempotency_release_first`: frees the row this request's first commit inserted.
-    pub fn idempotency_release_first(&mut self, key: &str, payment: &str) -> Result<bool, ApiError> {
+    pub fn idempotency_release_first(&mut self, key: &str, payment: &str) -> Result<Released, ApiError> {
         if self.store_down() {
             return Err(ApiError::Unavailable("database"));
         }
@@ -595,9 +596,10 @@ impl World {
         match self.db.idempotency.get_mut(key) {
             Some(row) if row.response.is_none() && row.fence == 1 && row.resource_id.as_deref() == Some(payment) => {
                 row.locked_until = now - 1;
-                Ok(true)
+                Ok(Released::Ours)
             }
-            _ => Ok(false),
+            Some(_) => Ok(Released::Held),
+            None => Ok(Released::NoRow),
         }
     }
 

@@ -95,10 +95,12 @@ impl From<CommitError> for Halt {
                 error: PaymentError::KeyTakenOver,
                 stale: false,
             },
-            // Nothing was written: a payment being created is dropped by `process`.
+            // Nothing of this commit was written, but an earlier run of it may have been: a
+            // batch whose COMMIT went unanswered is written again commit by commit, and a create
+            // that had landed then finds its own key. `process` looks for the payment.
             CommitError::KeyHeld => Halt {
                 error: PaymentError::KeyHeld,
-                stale: false,
+                stale: true,
             },
             // Another node owns the payment now: this actor's memory is not to be trusted.
             CommitError::Moved => Halt {
@@ -225,6 +227,15 @@ pub async fn process(
                 };
                 result = flow.execute(op).await;
             }
+            // A create whose key another request holds: its payment was never stored.
+            Ok(None)
+                if matches!(
+                    result,
+                    Err(Halt {
+                        error: PaymentError::KeyHeld,
+                        ..
+                    })
+                ) => {}
             Ok(None) => result = Err(PaymentError::NotFound("payment").into()),
             Err(e) => {
                 result = Err(Halt {

@@ -280,15 +280,16 @@ const IDEMPOTENCY: &str = "UPDATE idempotency_keys k SET resource_id = coalesce(
 
 /// A request's first commit claims its key ([`IdempotencyWrite::claim`]): the row, as a claim
 /// would insert it, already naming what the commit creates. A key some row holds inserts
-/// nothing, and the row missing from RETURNING fails the commit as `KeyHeld`. In key order, so
-/// that two batches claiming the same keys wait for each other in one order, never in a cycle.
+/// nothing, and the row missing from RETURNING fails the commit as `KeyHeld`. In key order (byte
+/// order, as the group-committed claims sort theirs), so that two batches claiming the same keys
+/// wait for each other in one order, never in a cycle.
 const IDEMPOTENCY_CLAIM: &str = "INSERT INTO idempotency_keys (merchant_id, key, fingerprint, locked_until, holder,
         resource_id, response_status, response_body)
     SELECT u.merchant_id, u.key, u.fingerprint, now() + make_interval(secs => u.lease), u.holder, u.resource_id,
         u.status, u.body
     FROM unnest($1::text[], $2::text[], $3::bytea[], $4::float8[], $5::text[], $6::text[], $7::int2[], $8::bytea[])
         AS u(merchant_id, key, fingerprint, lease, holder, resource_id, status, body)
-    ORDER BY u.merchant_id, u.key
+    ORDER BY u.merchant_id COLLATE \"C\", u.key COLLATE \"C\"
     ON CONFLICT (merchant_id, key) DO NOTHING RETURNING key";
 
 const EXCEPTIONS: &str = "INSERT INTO payment_exceptions (payment_id, merchant_id, detail)

@@ -37,6 +37,17 @@ pub struct KeyClaim {
     pub holder: Option<String>,
 }
 
+/// What [`Db::idempotency_release_first`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Released {
+    /// The request's own row, freed.
+    Ours,
+    /// No row: the request ended before its first commit, and nothing holds the key.
+    NoRow,
+    /// Another request's row holds the key.
+    Held,
+}
+
 /// A key's claim waiting for its batch ([`Db::idempotency_begin_as`]).
 pub struct Claim {
     merchant: String,
@@ -288,7 +299,8 @@ impl Db {
     /// [`Db::idempotency_store`] for a request whose first commit was to claim its key
     /// ([`KeyClaim`]): the row is inserted with the answer if no row holds the key (the
     /// request ended before its first commit), or completed if it is the one that commit
-    /// inserted (it names `payment`). A row another request holds is left alone: `false`.
+    /// inserted (it names `payment`; an answer that commit stored stays). A row another
+    /// request holds is left alone: `false`.
     pub async fn idempotency_store_first(
         &self,
         merchant: &MerchantId,
@@ -305,8 +317,10 @@ impl Db {
                         response_body)
                  VALUES ($1, $2, $3, now(), $4, $5, $6)
                  ON CONFLICT (merchant_id, key) DO UPDATE
-                    SET response_status = excluded.response_status, response_body = excluded.response_body
-                    WHERE k.response_status IS NULL AND k.fence = 1 AND k.resource_id = $7",
+                    SET response_status = coalesce(k.response_status, excluded.response_status),
+                        response_body = CASE WHEN k.response_status IS NULL THEN excluded.response_body
+                                             ELSE k.response_body END
+                    WHERE k.fence = 1 AND k.resource_id = $7",
             )
             .await
             .map_err(pg_error)?;
@@ -329,26 +343,36 @@ impl Db {
     }
 
     /// [`Db::idempotency_release`] for a request whose first commit was to claim its key: frees
-    /// the row that commit inserted (it names `payment`), if it did (`true`); nothing else.
+    /// the row that commit inserted (it names `payment`), if it did. `Held` if another request's
+    /// row holds the key.
     pub async fn idempotency_release_first(
         &self,
         merchant: &MerchantId,
         key: &str,
         payment: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Released, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
-                "UPDATE idempotency_keys SET locked_until = now() - interval '1 millisecond'
-                 WHERE merchant_id = $1 AND key = $2 AND response_status IS NULL AND fence = 1 AND resource_id = $3",
+                "WITH freed AS (
+                     UPDATE idempotency_keys SET locked_until = now() - interval '1 millisecond'
+                     WHERE merchant_id = $1 AND key = $2 AND response_status IS NULL AND fence = 1
+                       AND resource_id = $3
+                     RETURNING 1)
+                 SELECT EXISTS (SELECT 1 FROM freed),
+                        EXISTS (SELECT 1 FROM idempotency_keys WHERE merchant_id = $1 AND key = $2)",
             )
             .await
             .map_err(pg_error)?;
-        client
-            .execute(&stmt, &[&merchant.as_str(), &key, &payment])
+        let row = client
+            .query_one(&stmt, &[&merchant.as_str(), &key, &payment])
             .await
-            .map_err(pg_error)
-            .map(|n| n == 1)
+            .map_err(pg_error)?;
+        Ok(match (row.get::<_, bool>(0), row.get::<_, bool>(1)) {
+            (true, _) => Released::Ours,
+            (false, false) => Released::NoRow,
+            (false, true) => Released::Held,
+        })
     }
 
     /// Deletes at most `limit` records older than the retention; returns how many.
