@@ -256,6 +256,7 @@ where
         },
         resource_id: None,
     };
+    tracing::debug!(verdict = "first commit", "idempotency key");
     let result = op(ticket).await;
     if matches!(result, Err(ApiError::IdempotencyKeyHeld)) {
         tracing::debug!("idempotency key held; claiming it");

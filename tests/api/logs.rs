@@ -131,7 +131,7 @@ async fn handler_and_actor_log_lines_carry_the_request_id() {
     );
     assert!(
         ours.iter()
-            .any(|l| l.contains("idempotency key") && l.contains("verdict=\"new\"")),
+            .any(|l| l.contains("idempotency key") && l.contains("verdict=\"first commit\"")),
         "the handler's line carries it: {ours:#?}"
     );
     assert!(

@@ -168,7 +168,8 @@ async fn metrics_name_every_kind_and_carry_no_ids() {
         "# TYPE payrail_psp_events counter",
         "payrail_ledger_batch_size_count",
         "payrail_ledger_commit_duration_seconds_bucket{le=",
-        "payrail_idempotency_claim_duration_seconds_count 1\n",
+        // The create's key was claimed by its payment's first commit, not by a claim.
+        "payrail_idempotency_claim_duration_seconds_count 0\n",
         "payrail_payment_commit_duration_seconds_count{kind=\"attempt_start\"} 1\n",
         "payrail_payment_commit_duration_seconds_count{kind=\"psp_answer\"} 1\n",
         "payrail_payment_transitions_total{from=\"pending\",to=\"captured\"} 1",
