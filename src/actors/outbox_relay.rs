@@ -21,8 +21,10 @@ const HELD_MIN: Duration = Duration::from_millis(1);
 const HELD_MAX: Duration = Duration::from_millis(100);
 /// Rounds begin at least this far apart, unless the last one published a full batch: under a
 /// steady stream of commits each round takes what gathered meanwhile, instead of one round (a
-/// PostgreSQL transaction) per commit that wakes the relay.
-const GATHER: Duration = Duration::from_millis(5);
+/// PostgreSQL transaction) per commit that wakes the relay. 20 ms rather than 5: at 100
+/// payments/s a round a payment and a third fewer, about one PostgreSQL transaction of seven
+/// (docs/BENCHMARKS.md, "2026-11-29 (afternoon)"); an event waits at most that much more.
+const GATHER: Duration = Duration::from_millis(20);
 
 /// Events held back this long by one wait are logged, with the oldest transaction that holds
 /// them (any database of the PostgreSQL cluster), and again at this interval while it lasts.
