@@ -23,7 +23,7 @@ const HELD_MAX: Duration = Duration::from_millis(100);
 /// steady stream of commits each round takes what gathered meanwhile, instead of one round (a
 /// PostgreSQL transaction) per commit that wakes the relay. 20 ms rather than 5: at 100
 /// payments/s a round a payment and a third fewer, about one PostgreSQL transaction of seven
-/// (docs/BENCHMARKS.md, "2026-11-29 (afternoon)"); an event waits at most that much more.
+/// (docs/BENCHMARKS.md, "2026-11-29 (afternoon)"); an event waits at most that long for its round.
 const GATHER: Duration = Duration::from_millis(20);
 
 /// Events held back this long by one wait are logged, with the oldest transaction that holds
