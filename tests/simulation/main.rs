@@ -1066,6 +1066,13 @@ impl Sim {
                     Some(Ok(Answer::Intent(i))) if !matches!(i.status, IntentStatus::Failed(_))
                 )
         };
+        // A create is never answered "no such payment": one whose payment did not land answers a
+        // 5xx, and its retry creates it.
+        for r in self.requests.iter().filter(|r| matches!(r.kind, Kind::Create(_))) {
+            if let Some((404, _)) = r.answer {
+                bad.push(format!("key {} (a create) was answered 404", r.key));
+            }
+        }
         // A create's key stores one payment at most, whichever id each of its tries drew.
         for r in self.requests.iter().filter(|r| matches!(r.kind, Kind::Create(_))) {
             let retry = format!("{}r", r.base);

@@ -227,15 +227,10 @@ pub async fn process(
                 };
                 result = flow.execute(op).await;
             }
-            // A create whose key another request holds: its payment was never stored.
-            Ok(None)
-                if matches!(
-                    result,
-                    Err(Halt {
-                        error: PaymentError::KeyHeld,
-                        ..
-                    })
-                ) => {}
+            // A payment being created that is not stored: its first commit did not land (its key
+            // was held, the partition moved, the commit failed). The commit's own error stands,
+            // never a 404 that a retry would replay instead of creating it.
+            Ok(None) if flow.fresh => {}
             Ok(None) => result = Err(PaymentError::NotFound("payment").into()),
             Err(e) => {
                 result = Err(Halt {
