@@ -3,7 +3,7 @@
 //! `Nats-Msg-Id` = `outbox-<id>`, and moves its cursor past the acknowledged ones. A commit that
 //! writes outbox rows wakes it; otherwise it polls. Rounds are at least `GATHER` apart, so a
 //! stream of commits is relayed in rounds, not a round per commit. Events that an older, still
-//! running transaction holds back are looked at again within milliseconds. Downstream consumers are
+//! running transaction holds back are looked at again at the next round. Downstream consumers are
 //! at-least-once and idempotent (docs/DESIGN.md). Bounded: `BATCH` rows a round; with NATS or
 //! PostgreSQL down it backs off (capped) and catches up afterwards.
 
@@ -22,8 +22,9 @@ const HELD_MAX: Duration = Duration::from_millis(100);
 /// Rounds begin at least this far apart, unless the last one published a full batch: under a
 /// steady stream of commits each round takes what gathered meanwhile, instead of one round (a
 /// PostgreSQL transaction) per commit that wakes the relay. 20 ms rather than 5: at 100
-/// payments/s a round a payment and a third fewer, about one PostgreSQL transaction of seven
-/// (docs/BENCHMARKS.md, "2026-11-29 (afternoon)"); an event waits at most that long for its round.
+/// payments/s, 5.8 PostgreSQL transactions a payment instead of 7.0 (docs/BENCHMARKS.md,
+/// "2026-11-29 (afternoon)"); an event nothing holds back waits at most that long for its round,
+/// and one held back is looked at again no sooner.
 const GATHER: Duration = Duration::from_millis(20);
 
 /// Events held back this long by one wait are logged, with the oldest transaction that holds
