@@ -224,9 +224,9 @@ pub async fn create(
     // payment's first commit claiming the key; a key held already (or seen lately, or a request
     // that does not parse, or no partition to create it in) goes the ordinary way below.
     let fresh = !state.recent_keys.seen(merchant.id.as_str(), &key);
-    if let Some((payment, confirm)) = new_payment(&state, &merchant, &body)
-        .ok()
-        .filter(|_| fresh)
+    if let Some((payment, confirm)) = fresh
+        .then(|| new_payment(&state, &merchant, &body).ok())
+        .flatten()
         .and_then(|(p, confirm)| Some((with_local_id(&state, p).ok()?, confirm)))
     {
         let id = payment.id.to_string();
