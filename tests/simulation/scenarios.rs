@@ -336,6 +336,48 @@ fn ambiguous_commit_is_resolved_from_the_store() -> Result<(), String> {
     )
 }
 
+/// A create with confirm whose first commit lands while its batch's COMMIT goes unanswered: the
+/// ledger shard writes the commit again, and that second run finds the key the first run
+/// claimed (`KeyHeld`). The request looks for its payment, finds it, and goes on at once
+/// (authorized, captured, 201 on its first send). Without the look (`KeyHeld` taken as final)
+/// it fell back to the ordinary claim, met its own key in flight, and its client could only
+/// wait out the key's lease.
+fn a_create_whose_first_commit_ran_twice_goes_on() -> Result<(), String> {
+    let mut s = Sim::scripted();
+    let (p, draft) = s.new_payment(1000, false);
+    s.drafts.push(draft);
+    let k = s.request(&p, Kind::Create(true), None);
+    lock(&s.w).rng = Rng::new(1); // no decline
+    lock(&s.w).force_rerun = 1;
+    s.send(k);
+    for _ in 0..100 {
+        s.run_actors();
+        if s.requests[k].state != ReqState::Waiting {
+            break;
+        }
+        if !lock(&s.w).psp.pending.is_empty() {
+            s.psp(Psp::Act);
+        }
+    }
+    ensure(
+        s.requests[k].state == ReqState::Done && s.requests[k].tries == 1,
+        format!(
+            "the create is {:?} after {} sends, not answered on its first",
+            s.requests[k].state, s.requests[k].tries
+        ),
+    )?;
+    ensure(s.answer(k).0 == 201, format!("the create answered {}", s.answer(k).0))?;
+    ensure(
+        s.state(&p).status == Status::Captured,
+        format!("the payment is {:?}", s.state(&p).status),
+    )?;
+    s.verdict()?;
+    ensure(
+        s.attempts_of(k) == 1,
+        format!("the create's key started {} attempts", s.attempts_of(k)),
+    )
+}
+
 /// Finding 5: capture 1,000, refund 400, then the PSP disputes 1,000. The dispute takes 600.
 fn dispute_takes_at_most_what_is_left() -> Result<(), String> {
     let mut s = Sim::scripted();
@@ -542,6 +584,10 @@ pub const ALL: &[(&str, Scenario)] = &[
     (
         "finding 4: ambiguous commit resolved from the store",
         ambiguous_commit_is_resolved_from_the_store,
+    ),
+    (
+        "a create whose first commit ran twice goes on at once",
+        a_create_whose_first_commit_ran_twice_goes_on,
     ),
     (
         "finding 5: dispute takes at most what is left",

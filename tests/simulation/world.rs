@@ -450,6 +450,9 @@ pub struct World {
     pub check_violations: Vec<String>,
     /// Scripted faults: the next this many commits land and report failure.
     pub force_ambiguous: u32,
+    /// Scripted faults: the next this many commits land, their COMMIT goes unanswered, and the
+    /// ledger shard writes each again: its second run is the answer.
+    pub force_rerun: u32,
 }
 
 pub type Shared = Arc<Mutex<World>>;
@@ -473,6 +476,7 @@ impl World {
             verbose,
             check_violations: Vec::new(),
             force_ambiguous: 0,
+            force_rerun: 0,
         }
     }
 
@@ -631,10 +635,12 @@ impl World {
             self.db = copy;
             let forced = self.force_ambiguous > 0;
             self.force_ambiguous = self.force_ambiguous.saturating_sub(1);
-            if forced || (!self.calm && self.faults.ambiguous_commits && self.rng.chance(40)) {
+            let rerun = self.force_rerun > 0;
+            self.force_rerun = self.force_rerun.saturating_sub(1);
+            if forced || rerun || (!self.calm && self.faults.ambiguous_commits && self.rng.chance(40)) {
                 // The ledger shard writes a batch whose COMMIT went unanswered again commit by
                 // commit (`ledger_shard`): then the commit's own second run is its answer.
-                if !forced && self.rng.chance(500) {
+                if rerun || (!forced && self.rng.chance(500)) {
                     let mut again = self.db.clone();
                     let rerun = again.apply(c, self.now_ms);
                     self.note(format!(
