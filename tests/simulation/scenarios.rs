@@ -1,5 +1,5 @@
 //! Scripted regression scenarios: each replays, move by move, an interleaving that lost or
-//! doubled money before its fix (docs/RELIABILITY.md, "Findings and their fixes"). They run
+//! doubled money, or left a request stuck, before its fix (docs/RELIABILITY.md, "Findings and their fixes"). They run
 //! before the random seeds, in the same world, against the same invariants.
 
 use payrail::adapters::psp::{PspError, PspRefundStatus};

@@ -451,7 +451,8 @@ pub struct World {
     /// Scripted faults: the next this many commits land and report failure.
     pub force_ambiguous: u32,
     /// Scripted faults: the next this many commits land, their COMMIT goes unanswered, and the
-    /// ledger shard writes each again: its second run is the answer.
+    /// ledger shard writes each again: its second run is the answer. Over `force_ambiguous` when
+    /// both are set (a commit alone in its batch is answered as `force_ambiguous` says).
     pub force_rerun: u32,
 }
 
@@ -635,23 +636,23 @@ impl World {
             self.db = copy;
             let forced = self.force_ambiguous > 0;
             self.force_ambiguous = self.force_ambiguous.saturating_sub(1);
-            let rerun = self.force_rerun > 0;
+            let rerun_forced = self.force_rerun > 0;
             self.force_rerun = self.force_rerun.saturating_sub(1);
-            if forced || rerun || (!self.calm && self.faults.ambiguous_commits && self.rng.chance(40)) {
+            if forced || rerun_forced || (!self.calm && self.faults.ambiguous_commits && self.rng.chance(40)) {
                 // The ledger shard writes a batch whose COMMIT went unanswered again commit by
                 // commit (`ledger_shard`): then the commit's own second run is its answer.
-                if rerun || (!forced && self.rng.chance(500)) {
+                if rerun_forced || (!forced && self.rng.chance(500)) {
                     let mut again = self.db.clone();
-                    let rerun = again.apply(c, self.now_ms);
+                    let second = again.apply(c, self.now_ms);
                     self.note(format!(
                         "store: commit of {} landed, written again -> {:?}",
                         describe(c),
-                        rerun.as_ref().err()
+                        second.as_ref().err()
                     ));
-                    if rerun.is_ok() {
+                    if second.is_ok() {
                         self.db = again;
                     }
-                    return rerun;
+                    return second;
                 }
                 self.note(format!("store: commit of {} landed, reported failed", describe(c)));
                 return Err(StoreError::Unavailable.into());
