@@ -1,6 +1,7 @@
 //! Scripted regression scenarios: each replays, move by move, an interleaving that lost or
-//! doubled money, or left a request stuck, before its fix (docs/RELIABILITY.md, "Findings and their fixes"). They run
-//! before the random seeds, in the same world, against the same invariants.
+//! doubled money, or left a request stuck, before its fix (docs/RELIABILITY.md, "Findings and
+//! their fixes"). They run before the random seeds, in the same world, against the same
+//! invariants.
 
 use payrail::adapters::psp::{PspError, PspRefundStatus};
 use payrail::domain::{DisputeStatus, PaymentId, RefundStatus, Status};
