@@ -209,6 +209,110 @@ async fn claims_made_together_are_committed_together_and_each_key_is_claimed_onc
     assert_eq!(app.count("idempotency_keys").await, 20);
 }
 
+/// A create whose first commit was to claim its key, ending after it: it frees or completes only
+/// the row that commit inserted (naming its payment), keeps an answer that commit stored, and
+/// leaves another request's row alone. Against PostgreSQL, as the simulation models it.
+#[actix_web::test]
+async fn a_first_commits_key_is_released_or_completed_only_when_it_is_ours() {
+    use payrail::adapters::postgres::idempotency::{KeyClaim, Released};
+    let app = spawn_app().await;
+    let merchant = app.first_merchant().await;
+    let db = app.state.db.clone();
+    let sql = app.sql().await;
+    let key = |i: usize| format!("{i:064}");
+    // The row a first commit inserts: in flight, fence 1, naming its payment.
+    let claimed = |k: String, payment: &'static str| {
+        let (sql, merchant) = (&sql, merchant.to_string());
+        async move {
+            sql.execute(
+                "INSERT INTO idempotency_keys (merchant_id, key, fingerprint, locked_until, resource_id)
+                 VALUES ($1, $2, 'fp', now() + interval '30 seconds', $3)",
+                &[&merchant, &k, &payment],
+            )
+            .await
+            .unwrap();
+        }
+    };
+    let locked = |k: String| {
+        let (sql, merchant) = (&sql, merchant.to_string());
+        async move {
+            let row = sql
+                .query_one(
+                    "SELECT locked_until > now() FROM idempotency_keys WHERE merchant_id = $1 AND key = $2",
+                    &[&merchant, &k],
+                )
+                .await
+                .unwrap();
+            row.get::<_, bool>(0)
+        }
+    };
+
+    // No row at all: the request ended before its commit; nothing to free, nothing holds the key.
+    assert_eq!(
+        db.idempotency_release_first(&merchant, &key(1), "pay_a").await,
+        Ok(Released::NoRow)
+    );
+    // Its own row: freed.
+    claimed(key(2), "pay_a").await;
+    assert_eq!(
+        db.idempotency_release_first(&merchant, &key(2), "pay_a").await,
+        Ok(Released::Ours)
+    );
+    assert!(!locked(key(2)).await, "freed");
+    // Another request's row: held, and left locked.
+    claimed(key(3), "pay_other").await;
+    assert_eq!(
+        db.idempotency_release_first(&merchant, &key(3), "pay_a").await,
+        Ok(Released::Held)
+    );
+    assert!(locked(key(3)).await, "another's row stays locked");
+
+    let claim = KeyClaim {
+        fingerprint: b"fp".to_vec(),
+        lease_ms: 30_000,
+        holder: None,
+    };
+    // Completing: its own row takes the answer; another's does not.
+    claimed(key(4), "pay_a").await;
+    assert_eq!(
+        db.idempotency_store_first(&merchant, &key(4), &claim, "pay_a", 201, b"first")
+            .await,
+        Ok(true)
+    );
+    assert_eq!(
+        db.idempotency_store_first(&merchant, &key(3), &claim, "pay_a", 201, b"mine")
+            .await,
+        Ok(false)
+    );
+    // An answer already stored (by the commit itself) stays.
+    assert_eq!(
+        db.idempotency_store_first(&merchant, &key(4), &claim, "pay_a", 409, b"later")
+            .await,
+        Ok(true)
+    );
+    let answers = sql
+        .query(
+            "SELECT key, response_status, response_body FROM idempotency_keys
+             WHERE merchant_id = $1 AND key = ANY($2) ORDER BY key",
+            &[&merchant.to_string(), &vec![key(3), key(4)]],
+        )
+        .await
+        .unwrap();
+    let answers: Vec<(Option<i16>, Option<Vec<u8>>)> = answers.iter().map(|r| (r.get(1), r.get(2))).collect();
+    assert_eq!(
+        answers,
+        vec![(None, None), (Some(201), Some(b"first".to_vec()))],
+        "another's row untouched; the first answer kept"
+    );
+    // No row: the answer is inserted with the key (a 4xx before the commit).
+    assert_eq!(
+        db.idempotency_store_first(&merchant, &key(5), &claim, "pay_a", 422, b"bad")
+            .await,
+        Ok(true)
+    );
+    assert_eq!(app.count("idempotency_keys").await, 4);
+}
+
 /// How many keys were claimed by a claim of their own (`payrail_idempotency_claim_duration_seconds`).
 async fn claims_made(app: &crate::helpers::TestApp) -> u64 {
     let m = app.request("GET", "/metrics", None, None, None).await;

@@ -129,6 +129,13 @@ impl Sim {
 
     /// Sends request `i` and lets the PSP act on everything until it is answered.
     fn complete(&mut self, i: usize) -> (u16, Value) {
+        self.drive(i);
+        self.answer(i)
+    }
+
+    /// Sends request `i` and lets the PSP act on everything until the request waits no more
+    /// (answered, or sent back to its client to retry later).
+    fn drive(&mut self, i: usize) {
         self.send(i);
         for _ in 0..100 {
             self.run_actors();
@@ -139,7 +146,6 @@ impl Sim {
                 self.psp(Psp::Act);
             }
         }
-        self.answer(i)
     }
 
     fn answer(&self, i: usize) -> (u16, Value) {
@@ -350,16 +356,7 @@ fn a_create_whose_first_commit_ran_twice_goes_on() -> Result<(), String> {
     let k = s.request(&p, Kind::Create(true), None);
     lock(&s.w).rng = Rng::new(1); // no decline
     lock(&s.w).force_rerun = 1;
-    s.send(k);
-    for _ in 0..100 {
-        s.run_actors();
-        if s.requests[k].state != ReqState::Waiting {
-            break;
-        }
-        if !lock(&s.w).psp.pending.is_empty() {
-            s.psp(Psp::Act);
-        }
-    }
+    s.drive(k);
     ensure(
         s.requests[k].state == ReqState::Done && s.requests[k].tries == 1,
         format!(
