@@ -1,7 +1,9 @@
 //! Every known-answer vector of shared/vectors/webhook_signatures.json (copied into
 //! tests/vectors/), plus properties of the parser: tolerance, rotation, tampering.
 
-use payrail::adapters::psp::signature::{sign_stripe, verify_adyen, verify_stripe, AdyenFields, SignatureError};
+use payrail::adapters::psp::signature::{
+    sign_stripe, verify_adyen, verify_stripe, AdyenFields, SignatureError, MAX_SIGNATURES,
+};
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -113,6 +115,39 @@ fn malformed_headers_are_refused() {
     for h in ["", "t=1", "v1=00", "t=x,v1=00", "t=1,v1=zz", "garbage", "t=1,v0=00"] {
         assert!(verify_stripe(h, b"{}", &["s"], 300, 1).is_err(), "{h}");
     }
+}
+
+#[test]
+fn a_timestamp_at_the_ends_of_the_range_is_stale_not_an_overflow() {
+    for t in [i64::MIN, i64::MAX] {
+        let header = format!("t={t},v1={}", "00".repeat(32));
+        assert_eq!(
+            verify_stripe(&header, b"{}", &["s"], 300, 1_700_000_000),
+            Err(SignatureError::Stale),
+            "{t}"
+        );
+    }
+}
+
+#[test]
+fn a_header_with_many_signatures_is_refused_before_any_is_computed() {
+    let body = vec![b'x'; 256 * 1024];
+    let good = sign_stripe(&body, "whsec_x", 1_000);
+    let v1 = good.split_once(",v1=").unwrap().1;
+    // Empty and short signatures are skipped; the real one among them still verifies.
+    let padded = format!("t=1000,v1=,v1=00,v1={v1},v1={}", "ab".repeat(32));
+    assert_eq!(verify_stripe(&padded, &body, &["whsec_x"], 300, 1_000), Ok(1_000));
+    // Up to MAX_SIGNATURES are looked at; one more and the header is not Stripe's.
+    let many = |n: usize| format!("t=1000{}", ",v1=".repeat(n));
+    assert_eq!(
+        verify_stripe(&many(MAX_SIGNATURES), &body, &["whsec_x"], 300, 1_000),
+        Err(SignatureError::Mismatch)
+    );
+    let flood = many(30_000);
+    assert_eq!(
+        verify_stripe(&flood, &body, &["whsec_x", "whsec_y"], 300, 1_000),
+        Err(SignatureError::Malformed)
+    );
 }
 
 proptest! {
