@@ -309,7 +309,13 @@ impl Worker {
                 };
             }
         };
-        // Only the payout rail's own events (the sandbox's, in this build) move payouts.
+        // Only the payout rail's own events (the sandbox's, in this build) move payouts: signed
+        // with the deployment's secret, never with a merchant connector's (a merchant could
+        // otherwise report its own paid payout as failed and be credited again).
+        if event.event_type.starts_with("payout.") && event.merchant.is_some() {
+            tracing::warn!(event_id = %event.event_id, "a connector's event about a payout; dropped");
+            return Verdict::Ack("foreign");
+        }
         if event.event_type.starts_with("payout.") && !event.reference.is_empty() && event.provider == "sandbox" {
             // The payout rail's report: it belongs to a payout, not a payment.
             let object: serde_json::Value = serde_json::from_slice(&event.object).unwrap_or_default();

@@ -118,7 +118,7 @@ pub async fn create(
             match st.db.create_payout(&p).await? {
                 Moved::Created(p) => idempotency::reply_json(201, &submit(st, p).await.to_object()),
                 Moved::Existing(p) => idempotency::reply_json(200, &p.to_object()),
-                Moved::Insufficient => Err(ApiError::invalid(
+                Moved::Insufficient | Moved::Uncovered => Err(ApiError::invalid(
                     "balance_insufficient",
                     "the available balance in this currency does not cover the payout",
                     None,

@@ -98,7 +98,7 @@ pub async fn create(
         match st.db.create_transfer(&t).await? {
             Moved::Created(t) => idempotency::reply_json(201, &t.to_object()),
             Moved::Existing(t) => idempotency::reply_json(200, &t.to_object()),
-            Moved::Insufficient => Err(insufficient()),
+            Moved::Insufficient | Moved::Uncovered => Err(insufficient()),
             Moved::NotFound => Err(ApiError::NotFound("transfer")),
         }
     })
@@ -159,6 +159,11 @@ pub async fn reverse(
                 Moved::Insufficient => Err(ApiError::invalid(
                     "amount_too_large",
                     "the amount is more than what is left of the transfer",
+                    "amount".to_owned(),
+                )),
+                Moved::Uncovered => Err(ApiError::invalid(
+                    "balance_insufficient",
+                    "the seller's available balance does not cover the reversal",
                     "amount".to_owned(),
                 )),
                 Moved::NotFound => Err(ApiError::NotFound("transfer")),

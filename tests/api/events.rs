@@ -29,6 +29,16 @@ pub(crate) async fn send_event(app: &TestApp, id: &str, event_type: &str, object
     r.status().as_u16()
 }
 
+/// Waits until the server has counted a PSP event with `outcome` (`payrail_psp_events_total`).
+pub(crate) async fn wait_for_event_outcome(app: &TestApp, outcome: &str) {
+    let needle = format!("outcome=\"{outcome}\"");
+    wait_for(&format!("a PSP event with outcome {outcome}"), async || {
+        let m = app.request("GET", "/metrics", None, None, None).await;
+        String::from_utf8_lossy(&m.raw).contains(&needle)
+    })
+    .await;
+}
+
 pub(crate) async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while !check().await {

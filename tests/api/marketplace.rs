@@ -3,14 +3,27 @@
 
 use serde_json::{json, Value};
 
-use crate::events::{send_event, wait_for};
-use crate::helpers::{spawn_app, TestApp, DEMO_KEY};
+use crate::events::{send_event, wait_for, wait_for_event_outcome};
+use crate::helpers::{spawn_app, spawn_app_with, TestApp, DEMO_KEY};
 
 async fn account(app: &TestApp, name: &str) -> String {
     let r = app
         .post(
             "/api/v1/accounts",
             json!({ "name": name, "country": "FR", "default_currency": "USD", "email": "seller@example.com" }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body["id"].as_str().unwrap().to_owned()
+}
+
+/// A seller paid out only when asked, its funds available on the day they are captured.
+async fn manual_account(app: &TestApp) -> String {
+    let r = app
+        .post(
+            "/api/v1/accounts",
+            json!({ "name": "A", "country": "FR", "default_currency": "USD",
+                    "payout_schedule": { "delay_days": 0, "interval": "manual" } }),
         )
         .await;
     assert_eq!(r.status, 201, "{}", r.body);
@@ -640,6 +653,63 @@ async fn a_transfer_is_idempotent_and_reversed_at_most_in_full() {
 }
 
 #[actix_web::test]
+async fn a_reversal_takes_back_only_what_the_seller_still_has() {
+    let app = spawn_app().await;
+    let a = manual_account(&app).await;
+    app.pay(5_000, "pm_card_visa", "automatic", true).await;
+    let payable = platform_payable(&app).await;
+    let t = app
+        .post(
+            "/api/v1/transfers",
+            json!({ "amount": 1_000, "currency": "USD", "destination": a }),
+        )
+        .await;
+    assert_eq!(t.status, 201, "{}", t.body);
+    let id = t.body["id"].as_str().unwrap().to_owned();
+    // The seller is paid 700 of it.
+    let po = app
+        .post(
+            "/api/v1/payouts",
+            json!({ "amount": 700, "currency": "USD", "account": a }),
+        )
+        .await;
+    assert_eq!(po.status, 201, "{}", po.body);
+    payout_settles(&app, po.body["id"].as_str().unwrap(), "paid").await;
+    assert_eq!(seller(&app, &a).await, (0, 300));
+    // Reversing more than the seller still has would hand the platform money that already left
+    // for the seller's bank, for the platform to pay out a second time: refused, nothing moves.
+    for body in [json!({}), json!({ "amount": 301 })] {
+        let r = app.post(&format!("/api/v1/transfers/{id}/reversals"), body).await;
+        assert_eq!(
+            (r.status, r.body["error"]["code"].as_str()),
+            (400, Some("balance_insufficient")),
+            "{}",
+            r.body
+        );
+    }
+    assert_eq!(seller(&app, &a).await, (0, 300));
+    assert_eq!(platform_payable(&app).await, payable - 1_000);
+    // What the seller still has comes back.
+    let back = app
+        .post(&format!("/api/v1/transfers/{id}/reversals"), json!({ "amount": 300 }))
+        .await;
+    assert_eq!(
+        (back.status, back.body["amount"].as_i64()),
+        (201, Some(300)),
+        "{}",
+        back.body
+    );
+    assert_eq!(seller(&app, &a).await, (0, 0));
+    assert_eq!(platform_payable(&app).await, payable - 700);
+    let t = app.get(&format!("/api/v1/transfers/{id}")).await.body;
+    assert_eq!(
+        (t["amount_reversed"].as_i64(), t["reversed"].as_bool()),
+        (Some(300), Some(false))
+    );
+    assert_ledger_clean(&app).await;
+}
+
+#[actix_web::test]
 async fn funds_become_available_on_their_day_once() {
     let app = spawn_app().await;
     let now_account = |name: &'static str, delay: i64| {
@@ -708,13 +778,7 @@ async fn payout_settles(app: &TestApp, id: &str, status: &str) -> Value {
 #[actix_web::test]
 async fn payouts_leave_the_available_balance_and_come_back_if_they_fail() {
     let app = spawn_app().await;
-    let r = app
-        .post(
-            "/api/v1/accounts",
-            json!({ "name": "A", "country": "FR", "default_currency": "USD", "payout_schedule": { "delay_days": 0, "interval": "manual" } }),
-        )
-        .await;
-    let a = r.body["id"].as_str().unwrap().to_owned();
+    let a = manual_account(&app).await;
     split_payment(
         &app,
         10_000,
@@ -939,15 +1003,11 @@ async fn a_daily_schedule_pays_out_the_available_balance_once_a_day() {
 async fn payout_events_apply_once_a_pending_payout_cancels_and_a_canceled_one_takes_no_outcome() {
     use payrail::adapters::postgres::payouts::Payout;
     use payrail::adapters::postgres::transfers::Moved;
-    let app = spawn_app().await;
-    let r = app
-        .post(
-            "/api/v1/accounts",
-            json!({ "name": "A", "country": "FR", "default_currency": "USD",
-                    "payout_schedule": { "delay_days": 0, "interval": "manual" } }),
-        )
-        .await;
-    let a = r.body["id"].as_str().unwrap().to_owned();
+    // A secrets key, so that the platform can have a connector with a webhook secret of its own.
+    let app =
+        spawn_app_with(|c| c.secrets.key = "8f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0".into())
+            .await;
+    let a = manual_account(&app).await;
     let p = split_payment(
         &app,
         10_000,
@@ -1005,24 +1065,62 @@ async fn payout_events_apply_once_a_pending_payout_cancels_and_a_canceled_one_ta
     for id in ["evt_po_1", "evt_po_1", "evt_po_2"] {
         assert_eq!(send_event(&app, id, "payout.paid", paid("po_events", 2_000)).await, 200);
     }
-    // One saying another amount is refused.
+    // One saying another amount is refused, and so is one that names no amount or currency.
     assert_eq!(
         send_event(&app, "evt_po_odd", "payout.failed", paid("po_events", 1)).await,
         200
     );
+    let bare = json!({ "id": "po_events", "object": "payout", "status": "failed" });
+    assert_eq!(send_event(&app, "evt_po_bare", "payout.failed", bare).await, 200);
     let db = app.sql().await;
     wait_for("the payout events processed", async || {
         let n: i64 = db
             .query_one(
-                "SELECT count(*) FROM processed_events WHERE event_id IN ('evt_po_late', 'evt_po_1', 'evt_po_2', 'evt_po_odd')",
+                "SELECT count(*) FROM processed_events
+                 WHERE event_id IN ('evt_po_late', 'evt_po_1', 'evt_po_2', 'evt_po_odd', 'evt_po_bare')",
                 &[],
             )
             .await
             .unwrap()
             .get(0);
-        n == 4
+        n == 5
     })
     .await;
+    // The platform's own connector secret signs events about its payments only: a payout's
+    // "failure" it signed (after the money reached the bank) is dropped, never applied.
+    let token = app.state.config.admin.token.clone();
+    let secret = "whsec_platform_connector_secret";
+    let c = app
+        .request(
+            "POST",
+            &format!("/admin/v1/merchants/{platform}/connectors"),
+            Some(&token),
+            None,
+            Some(
+                &json!({ "connector_id": "mca_platform", "psp": "sandbox", "label": "P",
+                         "credentials": { "webhook_secret": secret } })
+                .to_string(),
+            ),
+        )
+        .await;
+    assert_eq!(c.status, 201, "{}", c.body);
+    let mut forged = paid("po_events", 2_000);
+    forged["status"] = json!("failed");
+    let body = json!({ "id": "evt_po_forged", "object": "event", "type": "payout.failed", "created": 1,
+                       "data": { "object": forged } })
+    .to_string();
+    let signature =
+        payrail::adapters::psp::signature::sign_stripe(body.as_bytes(), secret, chrono::Utc::now().timestamp());
+    let r = app
+        .client
+        .post(format!("{}/internal/webhooks/psp/sandbox/mca_platform", app.address))
+        .insert_header(("Stripe-Signature", signature))
+        .insert_header(("Content-Type", "application/json"))
+        .send_body(body)
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    wait_for_event_outcome(&app, "foreign").await;
     assert_eq!(app.get("/api/v1/payouts/po_cancel").await.body["status"], "canceled");
     assert_eq!(app.get("/api/v1/payouts/po_events").await.body["status"], "paid");
     let journals = |kind: &'static str| {

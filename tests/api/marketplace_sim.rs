@@ -256,8 +256,13 @@ async fn a_thousand_payments_of_a_marketplace_keep_every_balance_true() {
             reqs.push((format!("/api/v1/transfers/{t}/reversals"), body));
         }
     }
+    // A reversal takes back only what its seller still has available (payouts ran above).
     for r in waves(&app, reqs).await {
-        assert_eq!(r.status, 201, "{}", r.body);
+        assert!(
+            r.status == 201 || (r.status == 400 && r.body["error"]["code"] == "balance_insufficient"),
+            "{}",
+            r.body
+        );
     }
 
     // The disputes open by themselves; close each, won or lost.

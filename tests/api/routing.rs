@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use crate::events::wait_for;
+use crate::events::{wait_for, wait_for_event_outcome};
 use crate::helpers::{spawn_app_with, TestApp, DEMO_KEY};
 
 const KEY: &str = "8f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
@@ -284,19 +284,7 @@ async fn connectors_keep_their_credentials_sealed_and_are_made_once_per_id() {
                          "data": { "object": { "id": pi, "status": "canceled" } } })
     .to_string();
     assert_eq!(post(secret.to_owned(), forged).await, 200);
-    wait_for("the forged event to be dropped", async || {
-        let m = app
-            .client
-            .get(format!("{}/metrics", app.address))
-            .send()
-            .await
-            .unwrap()
-            .body()
-            .await
-            .unwrap();
-        String::from_utf8_lossy(&m).contains("outcome=\"foreign\"")
-    })
-    .await;
+    wait_for_event_outcome(&app, "foreign").await;
     let id = theirs.body["payment_id"].as_str().unwrap();
     let still = app
         .request("GET", &format!("/api/v1/payments/{id}"), Some(&other), None, None)

@@ -285,10 +285,12 @@ impl Db {
             return Ok(PayoutEvent::Duplicate);
         }
         let current = from_row(&row);
-        let amount_differs = object["amount"].as_i64().is_some_and(|a| a != current.amount);
-        let currency_differs = object["currency"]
+        // An outcome names the payout's amount and currency; one that leaves either out is not
+        // the rail's report of this payout, and moves nothing.
+        let amount_differs = object["amount"].as_i64() != Some(current.amount);
+        let currency_differs = !object["currency"]
             .as_str()
-            .is_some_and(|c| !c.eq_ignore_ascii_case(&current.currency));
+            .is_some_and(|c| c.eq_ignore_ascii_case(&current.currency));
         if amount_differs || currency_differs || current.status == "canceled" {
             tracing::error!(payout = %current.id, event_id, event_type, status = %current.status,
                 amount_differs, currency_differs, "a payout event that cannot apply: recorded, nothing moved");

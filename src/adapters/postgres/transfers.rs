@@ -87,6 +87,8 @@ pub enum Moved<T> {
     /// The platform's balance does not cover it (a transfer), or it is more than what is
     /// left of the transfer (a reversal).
     Insufficient,
+    /// The seller's available balance does not cover it (a reversal).
+    Uncovered,
     /// No such transfer (a reversal).
     NotFound,
 }
@@ -255,8 +257,9 @@ impl Db {
     }
 
     /// Reverses `amount` of the platform's transfer (`None`: what is left of it), or finds the
-    /// reversal `reversal_id` names. The seller's available balance may go negative: the
-    /// platform takes back what it sent, and the seller's next funds make it whole.
+    /// reversal `reversal_id` names. Only what the seller still has available comes back: the
+    /// seller's balance is locked as a seller's payout locks it and must cover the reversal, so
+    /// money the seller was paid out is never also returned to the platform to pay out again.
     pub async fn reverse_transfer(
         &self,
         platform: &MerchantId,
@@ -298,6 +301,21 @@ impl Db {
         let amount = amount.unwrap_or(left);
         if amount <= 0 || amount > left {
             return Ok(Moved::Insufficient);
+        }
+        // After the transfer's row lock: a seller's payout takes only the balance's, so the
+        // two locks are never waited for in the opposite order.
+        lock_balance(&tx, &format!("available:{}", current.destination), &current.currency).await?;
+        let available: i64 = tx
+            .query_one(
+                "SELECT coalesce(sum(credit_total - debit_total), 0)::bigint FROM ledger_accounts
+                 WHERE account = $1 AND currency = $2",
+                &[&seller_available(&current.destination), &current.currency],
+            )
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        if available < amount {
+            return Ok(Moved::Uncovered);
         }
         let row = tx
             .query_one(
