@@ -99,6 +99,7 @@ pub async fn create(
             if rail(st).is_none() {
                 return Err(ApiError::Unavailable("the payout rail"));
             }
+            let asked_bank = bank.clone();
             p.bank_account = match &p.account {
                 Some(a) => {
                     let account = st.db.account(&m.id, a).await?.ok_or_else(|| {
@@ -117,7 +118,16 @@ pub async fn create(
             };
             match st.db.create_payout(&p).await? {
                 Moved::Created(p) => idempotency::reply_json(201, &submit(st, p).await.to_object()),
-                Moved::Existing(p) => idempotency::reply_json(200, &p.to_object()),
+                // Made by an earlier request with this key whose record expired: the same payout
+                // is found again, another one is not answered as if it had been made.
+                // (A bank account not given is the account's default, which may have changed since.)
+                Moved::Existing(found)
+                    if (found.amount, &found.currency, &found.account) == (p.amount, &p.currency, &p.account)
+                        && asked_bank.is_none_or(|b| b == found.bank_account) =>
+                {
+                    idempotency::reply_json(200, &found.to_object())
+                }
+                Moved::Existing(_) | Moved::Reused => Err(ApiError::IdempotencyKeyReused),
                 Moved::Insufficient | Moved::Uncovered => Err(ApiError::invalid(
                     "balance_insufficient",
                     "the available balance in this currency does not cover the payout",

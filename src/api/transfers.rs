@@ -15,6 +15,23 @@ fn path_transfer(req: &HttpRequest) -> Result<String, ApiError> {
     super::path_id_with(req, "tr_", "transfer")
 }
 
+/// Whether `found`, made by an earlier request with the key, is the transfer `asked` describes.
+fn same_transfer(found: &Transfer, asked: &Transfer) -> bool {
+    (
+        found.amount,
+        &found.currency,
+        &found.destination,
+        &found.source_payment,
+        &found.transfer_group,
+    ) == (
+        asked.amount,
+        &asked.currency,
+        &asked.destination,
+        &asked.source_payment,
+        &asked.transfer_group,
+    )
+}
+
 fn insufficient() -> ApiError {
     ApiError::invalid(
         "balance_insufficient",
@@ -97,7 +114,10 @@ pub async fn create(
         }
         match st.db.create_transfer(&t).await? {
             Moved::Created(t) => idempotency::reply_json(201, &t.to_object()),
-            Moved::Existing(t) => idempotency::reply_json(200, &t.to_object()),
+            // Made by an earlier request with this key whose record expired: the same transfer
+            // is found again, another one is not answered as if it had been made.
+            Moved::Existing(found) if same_transfer(&found, &t) => idempotency::reply_json(200, &found.to_object()),
+            Moved::Existing(_) | Moved::Reused => Err(ApiError::IdempotencyKeyReused),
             Moved::Insufficient | Moved::Uncovered => Err(insufficient()),
             Moved::NotFound => Err(ApiError::NotFound("transfer")),
         }
@@ -155,7 +175,10 @@ pub async fn reverse(
         |(id, amount), _| async move {
             match st.db.reverse_transfer(&m.id, &id, &reversal_id, amount).await? {
                 Moved::Created((t, r)) => idempotency::reply_json(201, &r.to_object(&t)),
-                Moved::Existing((t, r)) => idempotency::reply_json(200, &r.to_object(&t)),
+                Moved::Existing((t, r)) if amount.is_none_or(|a| a == r.amount) => {
+                    idempotency::reply_json(200, &r.to_object(&t))
+                }
+                Moved::Existing(_) | Moved::Reused => Err(ApiError::IdempotencyKeyReused),
                 Moved::Insufficient => Err(ApiError::invalid(
                     "amount_too_large",
                     "the amount is more than what is left of the transfer",

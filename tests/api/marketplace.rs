@@ -709,6 +709,83 @@ async fn a_reversal_takes_back_only_what_the_seller_still_has() {
     assert_ledger_clean(&app).await;
 }
 
+/// POST `body` to `path` as the demo platform with idempotency key `key`.
+async fn post_with_key(app: &TestApp, path: &str, key: &str, body: Value) -> crate::helpers::Response {
+    app.request("POST", path, Some(DEMO_KEY), Some(key), Some(&body.to_string()))
+        .await
+}
+
+#[actix_web::test]
+async fn a_key_whose_record_expired_finds_what_it_made_and_nothing_else() {
+    let app = spawn_app().await;
+    let a = manual_account(&app).await;
+    app.pay(5_000, "pm_card_visa", "automatic", true).await;
+    let db = app.sql().await;
+    // The purge of records past `[idempotency] retention_hours`, all at once.
+    let expire = async || {
+        db.execute("DELETE FROM idempotency_keys", &[]).await.unwrap();
+    };
+    let reused = |r: &crate::helpers::Response| (r.status, r.body["error"]["code"].as_str().map(str::to_owned));
+    let refused = (422, Some("idempotency_key_reused".to_owned()));
+
+    let transfer = |amount: i64| json!({ "amount": amount, "currency": "USD", "destination": a });
+    let t = post_with_key(&app, "/api/v1/transfers", "k-tr", transfer(1_000)).await;
+    assert_eq!(t.status, 201, "{}", t.body);
+    let t2 = post_with_key(&app, "/api/v1/transfers", "k-tr2", transfer(500)).await;
+    assert_eq!(t2.status, 201, "{}", t2.body);
+    let (t, t2) = (t.body["id"].as_str().unwrap(), t2.body["id"].as_str().unwrap());
+    let reversal = |id: &str| format!("/api/v1/transfers/{id}/reversals");
+    let r = post_with_key(&app, &reversal(t), "k-rev", json!({ "amount": 100 })).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let po = json!({ "amount": 300, "currency": "USD", "account": a });
+    let p = post_with_key(&app, "/api/v1/payouts", "k-po", po.clone()).await;
+    assert_eq!(p.status, 201, "{}", p.body);
+    expire().await;
+
+    // The same requests again find what they made.
+    let again = post_with_key(&app, "/api/v1/transfers", "k-tr", transfer(1_000)).await;
+    assert_eq!(
+        (again.status, again.body["id"].as_str()),
+        (200, Some(t)),
+        "{}",
+        again.body
+    );
+    let again = post_with_key(&app, &reversal(t), "k-rev", json!({ "amount": 100 })).await;
+    assert_eq!(
+        (again.status, &again.body["id"]),
+        (200, &r.body["id"]),
+        "{}",
+        again.body
+    );
+    let again = post_with_key(&app, "/api/v1/payouts", "k-po", po).await;
+    assert_eq!(
+        (again.status, &again.body["id"]),
+        (200, &p.body["id"]),
+        "{}",
+        again.body
+    );
+    expire().await;
+    // Other requests with those keys are not answered with what the keys made before.
+    let other = post_with_key(&app, "/api/v1/transfers", "k-tr", transfer(999)).await;
+    assert_eq!(reused(&other), refused, "{}", other.body);
+    let other = post_with_key(&app, &reversal(t), "k-rev", json!({ "amount": 200 })).await;
+    assert_eq!(reused(&other), refused, "{}", other.body);
+    let other = post_with_key(&app, &reversal(t2), "k-rev", json!({ "amount": 100 })).await;
+    assert_eq!(reused(&other), refused, "{}", other.body);
+    let more = json!({ "amount": 301, "currency": "USD", "account": a });
+    let other = post_with_key(&app, "/api/v1/payouts", "k-po", more).await;
+    assert_eq!(reused(&other), refused, "{}", other.body);
+    assert_eq!(
+        (
+            app.count("transfers").await,
+            app.count("transfer_reversals").await,
+            app.count("payouts").await
+        ),
+        (2, 1, 1)
+    );
+    assert_ledger_clean(&app).await;
+}
+
 #[actix_web::test]
 async fn funds_become_available_on_their_day_once() {
     let app = spawn_app().await;

@@ -91,6 +91,9 @@ pub enum Moved<T> {
     Uncovered,
     /// No such transfer (a reversal).
     NotFound,
+    /// The id, derived from the request's idempotency key, names a reversal of another
+    /// transfer: the key was used before, for something else (its record since expired).
+    Reused,
 }
 
 fn from_row(row: &tokio_postgres::Row) -> Transfer {
@@ -283,12 +286,15 @@ impl Db {
         let current = from_row(&current);
         if let Some(r) = tx
             .query_opt(
-                "SELECT id, transfer_id, amount, created_at FROM transfer_reversals WHERE id = $1 AND transfer_id = $2",
-                &[&reversal_id, &transfer_id],
+                "SELECT id, transfer_id, amount, created_at FROM transfer_reversals WHERE id = $1",
+                &[&reversal_id],
             )
             .await
             .map_err(pg_error)?
         {
+            if r.get::<_, &str>(1) != transfer_id {
+                return Ok(Moved::Reused);
+            }
             let r = Reversal {
                 id: r.get(0),
                 transfer_id: r.get(1),
