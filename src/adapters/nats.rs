@@ -68,23 +68,46 @@ impl Nats {
 
     async fn ensure_streams(&self, config: &NatsConfig) -> Result<(), NatsError> {
         let window = Duration::from_secs(config.duplicate_window_secs);
-        for (name, subject) in [
-            (self.psp_events_stream(), format!("{}.psp.events.>", self.prefix)),
-            (self.events_stream(), format!("{}.events.>", self.prefix)),
-        ] {
-            self.jetstream
-                .get_or_create_stream(stream::Config {
-                    name,
-                    subjects: vec![subject],
-                    storage: stream::StorageType::File,
-                    duplicate_window: window,
-                    max_messages: config.max_stream_messages,
-                    max_age: Duration::from_secs(7 * 24 * 3600),
-                    num_replicas: config.replicas,
-                    ..Default::default()
-                })
+        // PSP events: a work queue. An event leaves the stream when its partition's consumer
+        // acknowledges it (applied, or parked as a dead letter), never because newer ones came
+        // or time passed: a full stream refuses the next publish, and the bridge answers 503 so
+        // that the PSP retries. (With the default limits retention, a stalled partition's oldest
+        // events were dropped, unapplied, once `max_stream_messages` newer ones had arrived.)
+        let psp = stream::Config {
+            name: self.psp_events_stream(),
+            subjects: vec![format!("{}.psp.events.>", self.prefix)],
+            retention: stream::RetentionPolicy::WorkQueue,
+            discard: stream::DiscardPolicy::New,
+            storage: stream::StorageType::File,
+            duplicate_window: window,
+            max_messages: config.max_stream_messages,
+            num_replicas: config.replicas,
+            ..Default::default()
+        };
+        // Outbox events: a history, read by merchant-webhook delivery at its own pace.
+        let events = stream::Config {
+            name: self.events_stream(),
+            subjects: vec![format!("{}.events.>", self.prefix)],
+            storage: stream::StorageType::File,
+            duplicate_window: window,
+            max_messages: config.max_stream_messages,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            num_replicas: config.replicas,
+            ..Default::default()
+        };
+        for wanted in [psp, events] {
+            let mut stream = self
+                .jetstream
+                .get_or_create_stream(wanted.clone())
                 .await
                 .map_err(|e| NatsError::JetStream(e.to_string()))?;
+            // An existing stream keeps its settings (JetStream cannot change a stream's
+            // retention): say so, rather than run with weaker guarantees unnoticed.
+            let info = stream.info().await.map_err(|e| NatsError::JetStream(e.to_string()))?;
+            if info.config.retention != wanted.retention || info.config.discard != wanted.discard {
+                tracing::warn!(stream = %wanted.name, retention = ?info.config.retention, discard = ?info.config.discard,
+                    "the stream was made with other settings than this version makes; recreate it when it is drained (docs/DESIGN.md, \"NATS JetStream layout\")");
+            }
         }
         Ok(())
     }

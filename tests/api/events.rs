@@ -502,6 +502,46 @@ async fn bad_signatures_stale_timestamps_and_malformed_bodies_are_400_and_publis
 }
 
 #[actix_web::test]
+async fn a_full_event_stream_refuses_new_events_and_keeps_every_unapplied_one() {
+    // Room for two events; unknown payments' events stay unapplied (retried, not parked).
+    let app = spawn_app_with(|c| {
+        c.nats.max_stream_messages = 2;
+        c.nats.max_deliver = 1_000;
+    })
+    .await;
+    let stream = || async {
+        app.state
+            .nats
+            .jetstream
+            .get_stream(app.state.nats.psp_events_stream())
+            .await
+            .unwrap()
+    };
+    let info = async || stream().await.info().await.unwrap().state.clone();
+    // An applied event leaves the stream: the sandbox's own events for a payment.
+    let paid = app.pay(1_000, "pm_card_visa", "automatic", true).await;
+    assert_eq!(paid.body["status"], "captured", "{}", paid.body);
+    wait_for_event_outcome(&app, "applied").await;
+    wait_for("the applied events to leave the stream", async || {
+        info().await.messages == 0
+    })
+    .await;
+    let orphan = |n: u32| json!({ "id": format!("pi_nobody_{n}"), "object": "payment_intent", "amount": 100 });
+    for n in 1..=2 {
+        let status = send_event(&app, &format!("evt_orphan_{n}"), "payment_intent.succeeded", orphan(n)).await;
+        assert_eq!(status, 200);
+    }
+    // Full: the next one is refused, so that the PSP sends it again later; none is dropped.
+    let status = send_event(&app, "evt_orphan_3", "payment_intent.succeeded", orphan(3)).await;
+    assert_eq!(status, 503);
+    let state = info().await;
+    assert_eq!((state.messages, state.first_sequence), (2, state.last_sequence - 1));
+    let first = stream().await.get_raw_message(state.first_sequence).await.unwrap();
+    let first: PspEvent = rmp_serde::from_slice(&first.payload).unwrap();
+    assert_eq!(first.event_id, "evt_orphan_1");
+}
+
+#[actix_web::test]
 async fn an_event_for_an_unknown_payment_is_retried_then_parked_as_a_dead_letter() {
     let app = spawn_app_with(|c| c.nats.max_deliver = 2).await;
     let object = json!({ "id": "pi_nobody", "object": "payment_intent", "amount": 100 });
