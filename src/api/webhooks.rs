@@ -248,6 +248,10 @@ struct StripeData<'a> {
     object: Option<&'a RawValue>,
 }
 
+/// The most items an Adyen notification may carry (Adyen batches at most six): each becomes an
+/// event that carries the whole body, published one after another.
+const MAX_ADYEN_ITEMS: usize = 6;
+
 /// Adyen notifications: each item verified by its own HMAC; any bad one refuses the request.
 fn adyen_events(key: &str, raw: &[u8]) -> Result<Vec<PspEvent>, ApiError> {
     if key.is_empty() {
@@ -258,6 +262,9 @@ fn adyen_events(key: &str, raw: &[u8]) -> Result<Vec<PspEvent>, ApiError> {
         .as_array()
         .filter(|i| !i.is_empty())
         .ok_or_else(|| malformed("no notificationItems"))?;
+    if items.len() > MAX_ADYEN_ITEMS {
+        return Err(malformed("more than 6 notificationItems"));
+    }
     let mut events = Vec::with_capacity(items.len());
     for item in items {
         let n = &item["NotificationRequestItem"];
@@ -336,6 +343,37 @@ mod tests {
             let raw = format!(r#"{{"id":"evt_3","type":"charge.dispute.created","data":{{"object":{object}}}}}"#);
             assert_eq!(parsed(&raw).unwrap().reference, "");
         }
+    }
+
+    #[test]
+    fn an_adyen_notification_carries_at_most_six_items() {
+        let key = "44782def547aaa06c910c43932b1eb0c71fc68d9d0c057550c48ec2acf6ba056";
+        let body = |n: usize| {
+            let items: Vec<Value> = (0..n)
+                .map(|i| {
+                    let psp = format!("psp{i}");
+                    let fields = AdyenFields {
+                        psp_reference: &psp,
+                        merchant_account_code: "M",
+                        merchant_reference: "r",
+                        value: "100",
+                        currency: "EUR",
+                        event_code: "AUTHORISATION",
+                        success: "true",
+                        ..Default::default()
+                    };
+                    let signature = crate::adapters::psp::signature::sign_adyen(&fields, key).unwrap();
+                    serde_json::json!({ "NotificationRequestItem": {
+                        "pspReference": psp, "merchantAccountCode": "M", "merchantReference": "r",
+                        "amount": { "value": 100, "currency": "EUR" }, "eventCode": "AUTHORISATION",
+                        "success": "true", "additionalData": { "hmacSignature": signature } } })
+                })
+                .collect();
+            serde_json::to_vec(&serde_json::json!({ "live": "false", "notificationItems": items })).unwrap()
+        };
+        assert_eq!(adyen_events(key, &body(6)).map(|e| e.len()).ok(), Some(6));
+        let seven = adyen_events(key, &body(7)).map(|e| e.len()).unwrap_err();
+        assert!(seven.to_string().contains("more than 6"), "{seven}");
     }
 
     #[test]
