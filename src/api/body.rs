@@ -207,7 +207,12 @@ impl<'a> Fields<'a> {
         }
         Ok(Some(crate::domain::risk::Customer {
             email: email.map(|e| e.to_ascii_lowercase()),
-            ip: ip.map(str::to_owned),
+            // One form per address (`::ffff:1.2.3.4` is 1.2.3.4; IPv6 compressed, lower case), so
+            // that lists and velocity see one address once.
+            ip: ip.map(|ip| {
+                ip.parse::<std::net::IpAddr>()
+                    .map_or_else(|_| ip.to_owned(), |a| a.to_canonical().to_string())
+            }),
             country: country.map(str::to_owned),
         }))
     }

@@ -161,7 +161,16 @@ pub async fn add_item(
         &body,
         parsed,
         |(name, item), _| async move {
-            st.db.add_risk_list_item(&m.id, &name, &item).await?;
+            if !st.db.add_risk_list_item(&m.id, &name, &item).await? {
+                return Err(ApiError::invalid(
+                    "list_full",
+                    format!(
+                        "a list holds at most {} items",
+                        crate::adapters::postgres::risk::MAX_LIST_ITEMS
+                    ),
+                    None,
+                ));
+            }
             st.risk.invalidate(&m.id);
             let object = json!({ "object": "risk_list_item", "list": name, "item": item });
             idempotency::reply_json(201, &object)

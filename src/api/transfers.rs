@@ -175,7 +175,9 @@ pub async fn reverse(
         |(id, amount), _| async move {
             match st.db.reverse_transfer(&m.id, &id, &reversal_id, amount).await? {
                 Moved::Created((t, r)) => idempotency::reply_json(201, &r.to_object(&t)),
-                Moved::Existing((t, r)) if amount.is_none_or(|a| a == r.amount) => {
+                // The same reversal: of this amount, or, asked without one (all that is left),
+                // one after which nothing is left.
+                Moved::Existing((t, r)) if amount.map_or(t.amount_reversed == t.amount, |a| a == r.amount) => {
                     idempotency::reply_json(200, &r.to_object(&t))
                 }
                 Moved::Existing(_) | Moved::Reused => Err(ApiError::IdempotencyKeyReused),
@@ -187,7 +189,7 @@ pub async fn reverse(
                 Moved::Uncovered => Err(ApiError::invalid(
                     "balance_insufficient",
                     "the seller's available balance does not cover the reversal",
-                    "amount".to_owned(),
+                    amount.map(|_| "amount".to_owned()),
                 )),
                 Moved::NotFound => Err(ApiError::NotFound("transfer")),
             }

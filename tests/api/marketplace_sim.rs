@@ -371,7 +371,7 @@ async fn a_thousand_payments_of_a_marketplace_keep_every_balance_true() {
             let taken: i64 = db
                 .query_one(
                     "SELECT coalesce(sum(e.debit), 0)::bigint FROM entries e JOIN journals j ON j.id = e.journal_id
-                     WHERE e.account = $1 AND j.kind IN ('refund', 'dispute_opened', 'transfer_reversal')
+                     WHERE e.account = $1 AND j.kind IN ('refund', 'dispute_opened')
                        AND j.created_at > (SELECT min(created_at) FROM payouts WHERE account = $2)",
                     &[&format!("seller_available:{acct}"), acct],
                 )

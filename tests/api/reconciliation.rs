@@ -481,6 +481,37 @@ async fn a_malformed_report_is_refused_whole_and_bad_lines_are_exceptions_with_t
 }
 
 #[actix_web::test]
+async fn a_connector_is_missing_only_its_own_captures() {
+    let app = spawn_app_with(quiet).await;
+    let a = demo_connector(&app).await;
+    let merchant = app.get("/api/v1/connectors").await.body["data"][0]["merchant_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mine = app.pay(4200, "pm_card_visa", "automatic", true).await;
+    let reference = mine.body["psp_reference"].as_str().unwrap().to_owned();
+    // A second connector of the same PSP takes the merchant's next payment.
+    let path = format!("/admin/v1/merchants/{merchant}/connectors");
+    let b = json!({ "connector_id": "mca_other", "psp": "sandbox", "label": "B" });
+    let r = operator(&app, "POST", &path, Some(b)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let path = format!("/admin/v1/merchants/{merchant}/routing");
+    let r = operator(&app, "PUT", &path, Some(json!({ "default": ["mca_other"] }))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let theirs = app.pay(777, "pm_card_visa", "automatic", true).await;
+    assert_eq!(theirs.body["routing"]["connector_id"], "mca_other", "{}", theirs.body);
+    // A's report names A's capture, and only it: nothing of A's is missing, and B's capture is
+    // B's to find in B's reports.
+    let header = "id,type,source,amount,fee,net,currency,created,available_on,reporting_category\n";
+    let now = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S");
+    let csv = format!("{header}txn_a,charge,{reference},42.00,1.30,40.70,usd,{now},,charge\n");
+    let r = upload(&app, &format!("connector_id={a}"), csv).await;
+    assert_eq!((r.status, &r.body["matched"]), (201, &json!(1)), "{}", r.body);
+    let all = exceptions(&app, "").await;
+    assert!(!by_type(&all).contains_key("missing_in_report"), "{all:#?}");
+}
+
+#[actix_web::test]
 async fn the_reconcile_command_streams_a_file_to_the_server() {
     let app = spawn_app_with(quiet).await;
     let connector = demo_connector(&app).await;

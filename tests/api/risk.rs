@@ -225,6 +225,118 @@ async fn the_built_in_rules_stop_card_testing_from_one_ip_and_an_allow_rule_over
 }
 
 #[actix_web::test]
+async fn card_testing_from_the_addresses_of_one_ipv6_block_counts_as_one_ip() {
+    let app = spawn_app().await;
+    let mut outcomes = Vec::new();
+    for n in 0..7 {
+        let token = tokenize(&app, &card_number(n)).await;
+        // A fresh address of the same /64 for each card, written in other forms too.
+        let ip = if n % 2 == 0 {
+            format!("2001:db8:7:7::{:x}", n + 1)
+        } else {
+            format!("2001:0DB8:0007:0007:0000:0000:0000:{:04x}", n + 1)
+        };
+        let p = pay(&app, 100, &token, "automatic", json!({ "ip": ip })).await;
+        outcomes.push(p["status"].as_str().unwrap().to_owned());
+        if n == 1 {
+            // Stored in one form.
+            assert_eq!(p["customer"]["ip"], "2001:db8:7:7::2", "{p}");
+        }
+    }
+    assert_eq!(outcomes[..5], ["captured"; 5], "{outcomes:?}");
+    assert_eq!(outcomes[5..], ["failed"; 2], "{outcomes:?}");
+}
+
+#[actix_web::test]
+async fn a_list_holds_at_most_its_bound_and_an_item_it_has_is_still_added_once() {
+    let app = spawn_app().await;
+    let merchant = app.get("/api/v1/connectors").await.body["data"][0]["merchant_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let max = payrail::adapters::postgres::risk::MAX_LIST_ITEMS;
+    app.sql()
+        .await
+        .execute(
+            "INSERT INTO risk_list_items (merchant_id, list, item)
+             SELECT $1, 'big', 'item' || n FROM generate_series(1, $2::bigint) n",
+            &[&merchant, &max],
+        )
+        .await
+        .unwrap();
+    assert_eq!(add_to(&app, "big", "item1").await, 201, "an item it has: added once");
+    let full = app
+        .post("/api/v1/risk/lists/big/items", json!({ "item": "one_more" }))
+        .await;
+    assert_eq!(
+        (full.status, full.body["error"]["code"].as_str()),
+        (400, Some("list_full")),
+        "{}",
+        full.body
+    );
+    assert_eq!(app.count("risk_list_items").await, max);
+    assert_eq!(add_to(&app, "small", "one_more").await, 201, "another list has room");
+}
+
+async fn add_to(app: &TestApp, list: &str, item: &str) -> u16 {
+    app.post(&format!("/api/v1/risk/lists/{list}/items"), json!({ "item": item }))
+        .await
+        .status
+}
+
+#[actix_web::test]
+async fn an_approval_that_landed_before_its_capture_began_goes_on_to_capture() {
+    use sha2::Digest;
+    let app = spawn_app().await;
+    rule(&app, "review", ":amount: = 4321").await;
+    let p = pay(
+        &app,
+        4_321,
+        "pm_card_visa",
+        "automatic",
+        json!({ "email": "a@example.com" }),
+    )
+    .await;
+    assert_eq!(p["status"], "in_review", "{p}");
+    let (id, merchant) = (p["payment_id"].as_str().unwrap(), p["merchant_id"].as_str().unwrap());
+    // The approval's first request (key K) committed the approval and stopped before its
+    // capture began: the row is authorized, a version on, and K's claim has no answer and a
+    // lease that ran out.
+    let path = format!("/api/v1/payments/{id}/approve");
+    let db = app.sql().await;
+    let moved = db
+        .execute(
+            "UPDATE payments SET status = 'authorized', version = version + 1 WHERE id = $1 AND status = 'in_review'",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved, 1);
+    let key = hex::encode(sha2::Sha256::digest(b"approve-once"));
+    let fingerprint = payrail::api::idempotency::fingerprint("POST", &path, b"{}").to_vec();
+    db.execute(
+        "INSERT INTO idempotency_keys (merchant_id, key, fingerprint, locked_until) VALUES ($1, $2, $3, now() - interval '1 second')",
+        &[&merchant, &key, &fingerprint],
+    )
+    .await
+    .unwrap();
+    // K's retry takes the key over and resumes: the capture the approval promised.
+    let approved = app
+        .request("POST", &path, Some(DEMO_KEY), Some("approve-once"), Some("{}"))
+        .await;
+    assert_eq!(
+        (approved.status, approved.body["status"].as_str()),
+        (200, Some("captured")),
+        "{}",
+        approved.body
+    );
+    // Another key's approval is refused: the payment is no longer in review.
+    let again = app.post(&path, json!({})).await;
+    assert_eq!(again.status, 409, "{}", again.body);
+    assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
+}
+
+#[actix_web::test]
 async fn bad_predicates_are_refused_with_their_position() {
     let app = spawn_app_with(|_| {}).await;
     let r = app

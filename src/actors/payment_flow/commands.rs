@@ -63,9 +63,20 @@ impl Flow<'_> {
     /// The merchant approves a payment held for review: it is authorized like any other, and
     /// with automatic capture it is captured now.
     pub(super) async fn approve(&mut self) -> Result<Reply, Halt> {
+        let capture = self.payment().capture_strategy == CaptureStrategy::Automatic;
+        let reviewed = self
+            .payment()
+            .risk
+            .as_ref()
+            .is_some_and(|r| r.outcome == RiskAction::Review);
+        if self.by_key && capture && reviewed && self.payment().state.status == Status::Authorized {
+            // This key's approval landed and its capture never began (the process stopped
+            // between the two commits, or the approval's commit went unanswered): go on with
+            // the capture the request promised, rather than refuse the approval it made.
+            return self.capture(None).await;
+        }
         let (state, _) =
             decide(&self.payment().state, Input::Approve).map_err(|r| PaymentError::rejected(r, "payment"))?;
-        let capture = self.payment().capture_strategy == CaptureStrategy::Automatic;
         let mut next = self.next_version();
         next.state = state;
         let body = reply_body(&next.object());

@@ -658,6 +658,10 @@ impl Db {
         to: DateTime<Utc>,
     ) -> Result<i64, StoreError> {
         let client = self.client().await?;
+        // A payment is the connector's that authorized it (`routing`; none: the merchant's own
+        // sandbox connector). Matching on the PSP alone, each of two connectors of one PSP
+        // took the other's captures for missing from its own reports.
+        let own = crate::domain::ids::sandbox_connector_id(&connector.merchant_id);
         let captures = client
             .execute(
                 "INSERT INTO reconciliation_exceptions (id, connector_id, run_id, type, dedupe_key, reference, payment_id,
@@ -667,13 +671,13 @@ impl Db {
                         'captured ' || to_char(j.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC; in no report'
                  FROM journals j JOIN payments p ON p.id = j.payment_id
                  WHERE j.merchant_id = $3 AND j.created_at >= $4 AND j.created_at < $5 AND j.kind = 'capture'
-                   AND p.psp = $6
+                   AND p.psp = $6 AND coalesce(p.routing->>'connector_id', $7) = $1
                    AND NOT EXISTS (SELECT 1 FROM settlement_lines l WHERE l.payment_id = p.id AND l.kind = 'charge'
                                    AND l.outcome = 'matched' AND l.connector_id = $1)
                    AND NOT EXISTS (SELECT 1 FROM settlement_lines l WHERE l.payment_id = p.id AND l.kind = 'charge'
                                    AND l.outcome = 'exception' AND l.connector_id = $1)
                  ON CONFLICT (connector_id, type, dedupe_key) DO NOTHING",
-                &[&connector.id, &run_id, &connector.merchant_id.as_str(), &from, &to, &connector.psp],
+                &[&connector.id, &run_id, &connector.merchant_id.as_str(), &from, &to, &connector.psp, &own],
             )
             .await
             .map_err(pg_error)?;
@@ -686,13 +690,13 @@ impl Db {
                         'refunded ' || to_char(j.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC; in no report'
                  FROM journals j JOIN refunds r ON r.id = j.correlation_id JOIN payments p ON p.id = r.payment_id
                  WHERE j.merchant_id = $3 AND j.created_at >= $4 AND j.created_at < $5 AND j.kind = 'refund'
-                   AND p.psp = $6
+                   AND p.psp = $6 AND coalesce(p.routing->>'connector_id', $7) = $1
                    AND NOT EXISTS (SELECT 1 FROM settlement_lines l WHERE l.refund_id = r.id AND l.outcome = 'matched'
                                    AND l.connector_id = $1)
                    AND NOT EXISTS (SELECT 1 FROM settlement_lines l WHERE l.refund_id = r.id AND l.outcome = 'exception'
                                    AND l.connector_id = $1)
                  ON CONFLICT (connector_id, type, dedupe_key) DO NOTHING",
-                &[&connector.id, &run_id, &connector.merchant_id.as_str(), &from, &to, &connector.psp],
+                &[&connector.id, &run_id, &connector.merchant_id.as_str(), &from, &to, &connector.psp, &own],
             )
             .await
             .map_err(pg_error)?;

@@ -20,6 +20,8 @@ pub struct RiskRow {
 
 /// The most rules one merchant may have.
 pub const MAX_RULES: i64 = 200;
+/// The most items one list of a merchant holds.
+pub const MAX_LIST_ITEMS: i64 = 100_000;
 
 fn rule_from_row(r: &tokio_postgres::Row) -> RiskRow {
     RiskRow {
@@ -114,17 +116,42 @@ impl Db {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
-    /// Adds an item to a list (once: adding it again changes nothing).
-    pub async fn add_risk_list_item(&self, merchant: &MerchantId, list: &str, item: &str) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client
-            .execute(
-                "INSERT INTO risk_list_items (merchant_id, list, item) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+    /// Adds an item to a list (once: adding it again changes nothing); false when the list
+    /// holds [`MAX_LIST_ITEMS`] already. The count is checked under a lock on the list, so
+    /// concurrent additions never take it past the bound: the risk engine reads that many, and an
+    /// item past them would never match.
+    pub async fn add_risk_list_item(&self, merchant: &MerchantId, list: &str, item: &str) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('risk_list:' || $1 || ':' || $2))",
+            &[&merchant.as_str(), &list],
+        )
+        .await
+        .map_err(pg_error)?;
+        let row = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM risk_list_items WHERE merchant_id = $1 AND list = $2 AND item = $3),
+                        (SELECT count(*) FROM risk_list_items WHERE merchant_id = $1 AND list = $2)",
                 &[&merchant.as_str(), &list, &item],
             )
             .await
             .map_err(pg_error)?;
-        Ok(())
+        let (there, items): (bool, i64) = (row.get(0), row.get(1));
+        if there {
+            return Ok(true);
+        }
+        if items >= MAX_LIST_ITEMS {
+            return Ok(false);
+        }
+        tx.execute(
+            "INSERT INTO risk_list_items (merchant_id, list, item) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            &[&merchant.as_str(), &list, &item],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(true)
     }
 
     pub async fn delete_risk_list_item(
@@ -144,16 +171,18 @@ impl Db {
         Ok(n > 0)
     }
 
-    /// The attempts of the last `window_ms` that carried risk signals, oldest first, at most
-    /// `limit`: what velocity counters start from.
+    /// The attempts of the last `window_ms` that carried risk signals, the newest `limit` of
+    /// them, oldest first: what velocity counters start from (the last hour counts most).
     pub async fn risk_history(&self, window_ms: i64, limit: i64) -> Result<Vec<HistoryRow>, StoreError> {
         let client = self.client().await?;
         let secs = window_ms as f64 / 1000.0;
         let rows = client
             .query(
-                "SELECT customer, card, amount, updated_at FROM payments
-                 WHERE created_at > now() - make_interval(secs => $1) AND (customer IS NOT NULL OR card IS NOT NULL)
-                 ORDER BY created_at LIMIT $2",
+                "SELECT customer, card, amount, updated_at FROM (
+                     SELECT customer, card, amount, updated_at, created_at FROM payments
+                     WHERE created_at > now() - make_interval(secs => $1) AND (customer IS NOT NULL OR card IS NOT NULL)
+                     ORDER BY created_at DESC LIMIT $2) newest
+                 ORDER BY created_at",
                 &[&secs, &limit],
             )
             .await
