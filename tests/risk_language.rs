@@ -91,12 +91,38 @@ proptest! {
         prop_assert_eq!(parsed.unwrap(), e);
     }
 
+    /// Three-valued, as SQL: what reads a missing attribute is unknown, `not` keeps it unknown,
+    /// and a predicate fires only when true. With every attribute known it is boolean algebra.
     #[test]
     fn evaluation_follows_boolean_algebra(a in expr(), b in expr(), s in signals()) {
         let and = Expr::And(Box::new(a.clone()), Box::new(b.clone())).eval(&s);
         let or = Expr::Or(Box::new(a.clone()), Box::new(b.clone())).eval(&s);
         prop_assert_eq!(and, a.eval(&s) && b.eval(&s));
         prop_assert_eq!(or, a.eval(&s) || b.eval(&s));
-        prop_assert_eq!(Expr::Not(Box::new(a.clone())).eval(&s), !a.eval(&s));
+        let not = |e: &Expr| Expr::Not(Box::new(e.clone()));
+        prop_assert!(!(not(&a).eval(&s) && a.eval(&s)), "never a predicate and its negation");
+        prop_assert_eq!(not(&not(&a)).eval(&s), a.eval(&s));
+        let (mut attrs, mut lists) = (Vec::new(), Vec::new());
+        a.names(&mut attrs, &mut lists);
+        if attrs.iter().all(|n| s.0.contains_key(n)) {
+            prop_assert_eq!(not(&a).eval(&s), !a.eval(&s));
+        }
+    }
+
+    /// A predicate that holds with an attribute missing holds whatever value it is given: it
+    /// did not depend on it (missing data never makes a rule fire).
+    #[test]
+    fn a_missing_attribute_never_makes_a_rule_fire(a in expr(), s in signals(), v in any::<i64>()) {
+        let (mut attrs, mut lists) = (Vec::new(), Vec::new());
+        a.names(&mut attrs, &mut lists);
+        if let Some(missing) = attrs.iter().find(|n| !s.0.contains_key(*n)) {
+            if a.eval(&s) {
+                for value in [Value::Int(v), Value::Bool(true), Value::Bool(false)] {
+                    let mut known = S(s.0.clone());
+                    known.0.insert(missing.clone(), value);
+                    prop_assert!(a.eval(&known), "{} holds with {} missing but not with it set", a, missing);
+                }
+            }
+        }
     }
 }

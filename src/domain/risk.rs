@@ -369,21 +369,40 @@ pub fn parse(src: &str) -> Result<Expr, ParseError> {
 }
 
 impl Expr {
-    /// Whether the predicate holds for `signals`. Never fails: a missing attribute or a
-    /// comparison of values of different kinds is false.
+    /// Whether the predicate holds for `signals`. Never fails: a comparison of values of
+    /// different kinds is false, and one that reads an attribute the payment does not have is
+    /// unknown, which `not` leaves unknown; a rule fires only when its predicate is true, so
+    /// never on missing data (`not (:ip_country: = 'US')` included).
     pub fn eval(&self, s: &dyn Signals) -> bool {
+        self.truth(s) == Some(true)
+    }
+
+    /// Three-valued: `None` is unknown. `and` is false when either side is, `or` true when
+    /// either side is (each short-circuits as before).
+    fn truth(&self, s: &dyn Signals) -> Option<bool> {
         match self {
-            Expr::And(a, b) => a.eval(s) && b.eval(s),
-            Expr::Or(a, b) => a.eval(s) || b.eval(s),
-            Expr::Not(e) => !e.eval(s),
-            Expr::Truth(o) => matches!(value(o, s), Some(Value::Bool(true))),
-            Expr::In { operand, list, negated } => match value(operand, s) {
-                None => false,
-                Some(v) => s.listed(list, &v) != *negated,
+            Expr::And(a, b) => match a.truth(s) {
+                Some(false) => Some(false),
+                left => match (left, b.truth(s)) {
+                    (_, Some(false)) => Some(false),
+                    (Some(true), Some(true)) => Some(true),
+                    _ => None,
+                },
             },
+            Expr::Or(a, b) => match a.truth(s) {
+                Some(true) => Some(true),
+                left => match (left, b.truth(s)) {
+                    (_, Some(true)) => Some(true),
+                    (Some(false), Some(false)) => Some(false),
+                    _ => None,
+                },
+            },
+            Expr::Not(e) => e.truth(s).map(|t| !t),
+            Expr::Truth(o) => value(o, s).map(|v| matches!(v, Value::Bool(true))),
+            Expr::In { operand, list, negated } => value(operand, s).map(|v| s.listed(list, &v) != *negated),
             Expr::Cmp(l, op, r) => match (value(l, s), value(r, s)) {
-                (Some(a), Some(b)) => compare(&a, *op, &b),
-                _ => false,
+                (Some(a), Some(b)) => Some(compare(&a, *op, &b)),
+                _ => None,
             },
         }
     }
@@ -532,6 +551,17 @@ mod tests {
         assert!(!holds(":email: in @high_risk_bins"));
         assert!(!holds(":email: not in @high_risk_bins"));
         assert!(!holds(":amount: = 'text'"), "kinds differ: false");
+        // `not` of what is unknown stays unknown; `and`/`or` decide when one side does.
+        assert!(!holds("not (:email: = 'a@b.c')"));
+        assert!(!holds("not (:email: in @high_risk_bins)"));
+        assert!(!holds("not (:email: = 'a@b.c' or :amount: < 10)"));
+        assert!(holds("not (:email: = 'a@b.c' and :amount: < 10)"), "the amount decides");
+        assert!(holds(":email: = 'a@b.c' or :amount: > 10"), "the amount decides");
+        assert!(!holds("not (:email: = 'a@b.c' or :amount: > 10)"));
+        assert!(
+            holds("not (:amount: = 'text')"),
+            "kinds differ: false, so its negation holds"
+        );
     }
 
     #[test]
