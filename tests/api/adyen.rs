@@ -187,7 +187,20 @@ async fn pay(app: &TestApp, amount: i64, method: &str, capture: &str) -> Value {
 
 /// An Adyen notification of one item, signed with the connector's HMAC key, to its URL.
 async fn notify(app: &TestApp, code: &str, success: bool, psp: &str, original: &str, amount: i64, reason: &str) {
-    let value = amount.to_string();
+    notify_item(app, code, success, psp, original, Some(amount), reason).await;
+}
+
+/// A notification item as Adyen signs it; `amount` `None` leaves its value out.
+async fn notify_item(
+    app: &TestApp,
+    code: &str,
+    success: bool,
+    psp: &str,
+    original: &str,
+    amount: Option<i64>,
+    reason: &str,
+) {
+    let value = amount.map(|a| a.to_string()).unwrap_or_default();
     let success = if success { "true" } else { "false" };
     let fields = payrail::adapters::psp::signature::AdyenFields {
         psp_reference: psp,
@@ -202,7 +215,7 @@ async fn notify(app: &TestApp, code: &str, success: bool, psp: &str, original: &
     let signature = payrail::adapters::psp::signature::sign_adyen(&fields, HMAC_KEY).unwrap();
     let body = json!({ "live": "false", "notificationItems": [ { "NotificationRequestItem": {
         "additionalData": { "hmacSignature": signature },
-        "amount": { "currency": "EUR", "value": amount },
+        "amount": { "currency": "EUR", "value": amount.map_or(Value::Null, |a| json!(a)) },
         "eventCode": code, "eventDate": "2026-11-27T12:00:00+01:00", "merchantAccountCode": ACCOUNT,
         "merchantReference": "ref", "originalReference": original, "pspReference": psp,
         "reason": reason, "success": success } } ] });
@@ -267,6 +280,28 @@ async fn an_adyen_payment_is_decided_by_its_notifications() {
     assert_eq!(cancel.status, 409, "{}", cancel.body);
     assert_eq!(app.count("journals").await, 0, "nothing posted before Adyen confirms");
     let capture_ref = last_modification(&seen, "/captures", "CAP");
+    // A success that names no amount decides nothing: the capture may be of part.
+    let exceptions = async |payment: &str| -> i64 {
+        app.sql()
+            .await
+            .query_one(
+                "SELECT count(*) FROM payment_exceptions WHERE payment_id = $1",
+                &[&payment],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    };
+    // (Another notification: its id is its pspReference and event code.)
+    notify_item(&app, "CAPTURE", true, &format!("{capture_ref}X"), &psp, None, "").await;
+    wait_for("the amount-less capture's exception", async || {
+        exceptions(&id).await == 1
+    })
+    .await;
+    assert_eq!(
+        app.get(&format!("/api/v1/payments/{id}")).await.body["status"],
+        "capturing"
+    );
     notify(&app, "CAPTURE", true, &capture_ref, &psp, 1_500, "").await;
     status_is(&app, &id, "captured").await;
     assert_eq!(
@@ -336,6 +371,27 @@ async fn an_adyen_payment_is_decided_by_its_notifications() {
     assert_eq!(auto["status"], "captured", "{auto}");
     let auto_psp = auto["psp_reference"].as_str().unwrap().to_owned();
     notify(&app, "AUTHORISATION", true, &auto_psp, "", 1_200, "").await;
+    // Booked as captured at once; Adyen then says the capture failed: the books and Adyen
+    // disagree about money, so an operator is told (nothing is moved on a guess).
+    let auto_id = auto["payment_id"].as_str().unwrap().to_owned();
+    notify(
+        &app,
+        "CAPTURE_FAILED",
+        true,
+        &format!("{auto_psp}C"),
+        &auto_psp,
+        1_200,
+        "",
+    )
+    .await;
+    wait_for("the failed capture's exception", async || {
+        exceptions(&auto_id).await == 1
+    })
+    .await;
+    assert_eq!(
+        app.get(&format!("/api/v1/payments/{auto_id}")).await.body["status"],
+        "captured"
+    );
 
     // Refused: the payment's answer, with Adyen's reason as the decline code.
     let refused = pay(&app, 900, "pm_stored_refused", "automatic").await;

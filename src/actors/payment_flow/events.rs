@@ -57,6 +57,15 @@ impl Flow<'_> {
             return self.settle_event(outcome, &cause).await;
         }
         match translated.fact {
+            PspFact::Succeeded { amount: None } if status == Status::Capturing => {
+                // A capture under way may be of part of the authorization: only the PSP's amount
+                // says what it took. Without one nothing is guessed; an operator sees it, and the
+                // PSP's own report of the capture (or reconciliation) decides.
+                outcome.exception = Some(format!(
+                    "{cause} {}: a success without an amount while a capture is under way; nothing applied",
+                    e.event_id
+                ));
+            }
             PspFact::Succeeded { amount } => {
                 let amount = amount.unwrap_or(self.payment().state.amount);
                 outcome.input = match status {
@@ -102,6 +111,15 @@ impl Flow<'_> {
             PspFact::CaptureFailed => {
                 if status == Status::Capturing {
                     outcome.input = Some(Input::CaptureFailed);
+                } else if self.payment().state.captured > 0 {
+                    // Booked as captured (Adyen's AUTHORISATION with automatic capture is
+                    // booked at once), and the PSP says the capture failed: the books and the
+                    // PSP disagree about money, which an operator must see.
+                    outcome.exception = Some(format!(
+                        "{cause} {}: the PSP reports a failed capture of a payment booked as captured ({}); nothing applied",
+                        e.event_id,
+                        self.payment().state.captured
+                    ));
                 }
             }
             PspFact::Refunds(listed) => {
