@@ -6,9 +6,9 @@
 //! Why NATS and not HTTP to the owner: every node already holds a NATS connection (no second
 //! connection pool, no peer addresses to keep), requests carry no HTTP parsing or auth twice,
 //! and "no responders" tells at once that the owner is gone. The caller waits at most
-//! `[cluster] forward_timeout_ms`; a call that gets no answer is a 503, and the idempotency
-//! key the caller holds is released, so a retry is safe (the owner's commit is fenced by the
-//! key either way).
+//! `[cluster] forward_timeout_ms`; a call that gets no answer is a 503 whose outcome is unknown:
+//! the idempotency key stays in flight until its lease passes (the call may still complete at
+//! the owner), and a retry meanwhile is 409, then the stored answer.
 
 use std::sync::Arc;
 use std::time::Duration;

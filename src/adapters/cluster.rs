@@ -87,8 +87,12 @@ pub struct Leases {
     serve_until: Box<[AtomicU64]>,
     epoch: Instant,
     view: RwLock<View>,
-    /// The watch has delivered what the bucket held when it started.
+    /// The watch has delivered what the bucket held when it started (cleared when it breaks).
     current: std::sync::atomic::AtomicBool,
+    /// When the watch last delivered an entry (milliseconds since `epoch`). Every node's own
+    /// renewals come through it each round, so a healthy watch is never silent for a lease's
+    /// time to live.
+    last_seen: AtomicU64,
 }
 
 /// One partition as `/admin/v1/cluster` shows it.
@@ -129,6 +133,7 @@ impl Leases {
                 nodes: BTreeMap::new(),
             }),
             current: std::sync::atomic::AtomicBool::new(false),
+            last_seen: AtomicU64::new(0),
         }
     }
 
@@ -203,12 +208,39 @@ impl Leases {
         nodes
     }
 
-    /// The processes (`<node>/<instance>`) of the live nodes, this one included.
-    pub fn holders(&self) -> Vec<String> {
-        self.nodes()
-            .into_iter()
-            .map(|n| format!("{}/{}", n.node, n.instance))
-            .collect()
+    /// The processes (`<node>/<instance>`) of the live nodes, this one included; `None` while
+    /// this node's view cannot be trusted to name them all (its watch broke or fell silent:
+    /// NATS unreachable from here). A node cut off from NATS sees every other node's entries
+    /// age out and would take them for gone: what is decided by departure (a key taken over
+    /// from a process that left, a reconciliation run failed) waits for a trusted view.
+    pub fn holders(&self) -> Option<Vec<String>> {
+        self.view_trusted().then(|| {
+            self.nodes()
+                .into_iter()
+                .map(|n| format!("{}/{}", n.node, n.instance))
+                .collect()
+        })
+    }
+
+    /// Whether the watch is caught up and has delivered within a lease's time to live.
+    fn view_trusted(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.current.load(Ordering::Acquire)
+            && now.saturating_sub(self.last_seen.load(Ordering::Acquire)) < self.ttl.as_millis() as u64
+    }
+
+    /// The watch delivered an entry; `current`: it has caught up with the bucket.
+    fn note_seen(&self, current: bool) {
+        self.last_seen
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+        if current {
+            self.current.store(true, Ordering::Release);
+        }
+    }
+
+    /// The watch broke: until it is open and caught up again, the view is not trusted.
+    fn watch_broken(&self) {
+        self.current.store(false, Ordering::Release);
     }
 
     /// Every partition with its live owner, if it has one.
@@ -267,9 +299,8 @@ impl Leases {
             let ttl = self.ttl;
             view.nodes.retain(|_, s| s.at.elapsed() < ttl * 20);
         }
-        if entry.seen_current {
-            self.current.store(true, Ordering::Release);
-        }
+        drop(view);
+        self.note_seen(entry.seen_current);
     }
 }
 
@@ -464,8 +495,12 @@ impl LeaseKeeper {
         self.rebalance(held, started).await;
         // Now and then, with a complete view of the live nodes: the reconciliation runs of
         // processes that left the cluster are failed (they will never finish).
-        if n.is_multiple_of(DEPARTED_RUNS_EVERY) && leases.current.load(Ordering::Acquire) {
-            match self.db.fail_departed_runs(&leases.holders()).await {
+        let live = n
+            .is_multiple_of(DEPARTED_RUNS_EVERY)
+            .then(|| leases.holders())
+            .flatten();
+        if let Some(live) = live {
+            match self.db.fail_departed_runs(&live).await {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!(
                     runs = n,
@@ -608,8 +643,12 @@ async fn watch(kv: kv::Store, leases: Arc<Leases>, shutdown: Shutdown) {
                         }
                     }
                 }
+                leases.watch_broken();
             }
-            Err(e) => tracing::warn!(error = %e, "cluster lease watch could not start"),
+            Err(e) => {
+                leases.watch_broken();
+                tracing::warn!(error = %e, "cluster lease watch could not start")
+            }
         }
         shutdown.sleep(Duration::from_millis(250)).await;
     }
@@ -630,6 +669,25 @@ mod tests {
             },
             "http://127.0.0.1:1".into(),
         )
+    }
+
+    #[test]
+    fn departures_are_decided_only_on_a_view_that_is_caught_up_and_fresh() {
+        let l = leases(3_000);
+        assert_eq!(l.holders(), None, "not caught up yet");
+        l.note_seen(false);
+        assert_eq!(l.holders(), None, "still not caught up");
+        l.note_seen(true);
+        assert_eq!(l.holders().map(|h| h.len()), Some(1), "this node");
+        l.watch_broken();
+        assert_eq!(l.holders(), None, "the watch broke");
+        l.note_seen(true);
+        assert!(l.holders().is_some());
+        // A watch silent for a lease's time to live (NATS unreachable from here).
+        let quick = leases(1);
+        quick.note_seen(true);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(quick.holders(), None, "silent for longer than a lease lives");
     }
 
     #[test]

@@ -108,7 +108,7 @@ where
     let lease = state.config.idempotency.in_flight_lease_ms;
     // Cluster mode: the claim names this process, and a key whose process is no longer a live
     // node's is taken over at once.
-    let live = || state.leases.as_ref().map_or_else(Vec::new, |l| l.holders());
+    let live = || state.leases.as_ref().and_then(|l| l.holders());
     let claimant = state
         .leases
         .as_ref()

@@ -398,7 +398,7 @@ async fn a_key_claimed_by_a_process_no_longer_in_the_cluster_is_taken_over_at_on
     let app = crate::helpers::spawn_app().await;
     let db = &app.state.db;
     let merchant = app.first_merchant().await;
-    let both = || vec!["a/1".to_owned(), "b/2".to_owned()];
+    let both = || Some(vec!["a/1".to_owned(), "b/2".to_owned()]);
     let (a, b) = (
         Claimant {
             holder: "a/1",
@@ -428,8 +428,20 @@ async fn a_key_claimed_by_a_process_no_longer_in_the_cluster_is_taken_over_at_on
         .await
         .unwrap();
     assert_eq!(early, Begin::InFlight);
+    // A node that cannot tell who is live (cut off from NATS: every other node looks gone to
+    // it) takes nothing over by departure: a's claim stands until its lease passes.
+    let blind = || None;
+    let cut_off = Claimant {
+        holder: "b/2",
+        live: &blind,
+    };
+    let unsure = db
+        .idempotency_begin_as(&merchant, &key, b"fp", lease, Some(&cut_off))
+        .await
+        .unwrap();
+    assert_eq!(unsure, Begin::InFlight);
     // a has left the cluster: b takes the key over at once, under a new fence.
-    let only_b = || vec!["b/2".to_owned()];
+    let only_b = || Some(vec!["b/2".to_owned()]);
     let gone = Claimant {
         holder: "b/2",
         live: &only_b,

@@ -21,7 +21,9 @@ pub enum Begin {
 /// found already claimed, not on every request.
 pub struct Claimant<'a> {
     pub holder: &'a str,
-    pub live: &'a (dyn Fn() -> Vec<String> + Sync),
+    /// The live processes, or `None` when this node cannot tell (its view of the cluster is
+    /// not trusted): then a key is taken over only once its lease has run out.
+    pub live: &'a (dyn Fn() -> Option<Vec<String>> + Sync),
 }
 
 /// A key a request's first commit claims itself, instead of a claim's own transaction before it
@@ -185,8 +187,10 @@ impl Db {
             )
             .await
             .map_err(pg_error)?;
-        let cluster = claimant.is_some();
-        let live: Vec<String> = claimant.map_or_else(Vec::new, |c| (c.live)());
+        // Taken over by departure only on a trusted view of who is live.
+        let live: Option<Vec<String>> = claimant.and_then(|c| (c.live)());
+        let cluster = live.is_some();
+        let live = live.unwrap_or_default();
         let Some(row) = client
             .query_opt(&stmt, &[&merchant.as_str(), &key, &cluster, &live])
             .await
