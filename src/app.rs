@@ -269,6 +269,7 @@ impl Application {
             connectors,
             public_url: public_url_for_state,
             merchants: DashMap::new(),
+            key_lookups: tokio::sync::Semaphore::new(crate::api::KEY_LOOKUPS),
             currencies,
             metrics,
             rate_limiter,

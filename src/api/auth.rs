@@ -38,6 +38,17 @@ async fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Arc<Merchan
     if let Some(m) = state.merchants.get(&hash) {
         return Ok(m.clone());
     }
+    // Waits as long as a pooled connection may be waited for; then the database is, for this
+    // request, unavailable (503), as when the pool is exhausted.
+    let wait = std::time::Duration::from_millis(state.config.database.pool_wait_ms);
+    let _lookup = tokio::time::timeout(wait, state.key_lookups.acquire())
+        .await
+        .map_err(|_| ApiError::Unavailable("database"))?
+        .map_err(|_| ApiError::Internal)?;
+    if let Some(m) = state.merchants.get(&hash) {
+        // Looked up by another request while this one waited.
+        return Ok(m.clone());
+    }
     let m = Arc::new(
         state
             .db

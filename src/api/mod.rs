@@ -66,6 +66,9 @@ pub struct AppState {
     /// Merchants by API key hash. Keys are not revoked in this version, so a cached entry
     /// stays true; bounded by `MAX_CACHED_KEYS`.
     pub merchants: DashMap<[u8; 32], Arc<Merchant>>,
+    /// Look-ups of keys the cache does not hold, at most [`KEY_LOOKUPS`] at once: a flood of
+    /// made-up keys (each one a query) holds that many of the pool's connections, never all.
+    pub key_lookups: tokio::sync::Semaphore,
     /// The currencies this deployment accepts (`[payments] currencies`).
     pub currencies: Vec<Currency>,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -77,6 +80,8 @@ pub struct AppState {
 }
 
 pub const MAX_CACHED_KEYS: usize = 100_000;
+/// Key look-ups in the database at once (see `AppState::key_lookups`).
+pub const KEY_LOOKUPS: usize = 4;
 
 /// Declares every route once: registered by [`routes`], and listed in [`ROUTES`] for the test
 /// that keeps `/openapi.json` and the server in step.

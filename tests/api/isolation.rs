@@ -101,6 +101,25 @@ async fn missing_or_wrong_credentials_are_401() {
         )
         .await;
     assert_eq!(r.status, 401);
+    // A flood of made-up keys (each one a look-up, a few at a time) is answered 401 throughout,
+    // and a merchant whose key was never cached here is let in meanwhile.
+    let flood = (0..64).map(|i| {
+        let key = format!("sk_test_madeup_{i:04}");
+        let app = &app;
+        async move {
+            app.request("GET", "/api/v1/balance", Some(&key), None, None)
+                .await
+                .status
+        }
+    });
+    let other = app.new_merchant().await;
+    let (statuses, real) = futures_util::future::join(
+        futures_util::future::join_all(flood),
+        app.request("GET", "/api/v1/balance", Some(&other), None, None),
+    )
+    .await;
+    assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
+    assert_eq!(real.status, 200, "{}", real.body);
 }
 
 #[actix_web::test]
