@@ -442,6 +442,10 @@ impl Reconciler {
                 totals.exceptions += counts.exceptions;
                 let matched = write.lines.iter().filter(|l| l.matched).count() as i64;
                 totals.matched += matched;
+                // The report's day counts every line it holds, those an earlier run applied
+                // included: a report run again (after a failure past its chunks, say) has the
+                // same day, and raises what is missing from it.
+                totals.latest = totals.latest.max(write.already_latest);
                 for l in &write.lines {
                     totals.latest = totals.latest.max(Some(l.line.created));
                 }
@@ -507,6 +511,7 @@ impl Reconciler {
             match applied.get(&l.key) {
                 Some(r) if r != run_id => {
                     already += 1;
+                    w.already_latest = w.already_latest.max(Some(l.created));
                     continue;
                 }
                 Some(_) => {}

@@ -512,6 +512,42 @@ async fn a_connector_is_missing_only_its_own_captures() {
 }
 
 #[actix_web::test]
+async fn a_report_run_again_has_the_same_day_and_raises_what_is_missing_since() {
+    let app = spawn_app_with(quiet).await;
+    let a = demo_connector(&app).await;
+    let paid = app.pay(4200, "pm_card_visa", "automatic", true).await;
+    let reference = paid.body["psp_reference"].as_str().unwrap().to_owned();
+    let header = "id,type,source,amount,fee,net,currency,created,available_on,reporting_category\n";
+    let now = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S");
+    let csv = format!("{header}txn_a,charge,{reference},42.00,1.30,40.70,usd,{now},,charge\n");
+    let first = upload(&app, &format!("connector_id={a}"), csv.clone()).await;
+    assert_eq!(
+        (first.status, &first.body["matched"]),
+        (201, &json!(1)),
+        "{}",
+        first.body
+    );
+    let missing = async || {
+        by_type(&exceptions(&app, "").await)
+            .get("missing_in_report")
+            .map_or(0, Vec::len)
+    };
+    assert_eq!(missing().await, 0);
+    // A capture the report does not name, then the same report again: every line of it was
+    // applied before, and its day is still its lines' day.
+    let later = app.pay(777, "pm_card_visa", "automatic", true).await;
+    assert_eq!(later.body["status"], "captured", "{}", later.body);
+    let again = upload(&app, &format!("connector_id={a}"), csv).await;
+    assert_eq!(
+        (again.status, &again.body["already_applied"]),
+        (201, &json!(1)),
+        "{}",
+        again.body
+    );
+    assert_eq!(missing().await, 1, "the capture missing from the report");
+}
+
+#[actix_web::test]
 async fn the_reconcile_command_streams_a_file_to_the_server() {
     let app = spawn_app_with(quiet).await;
     let connector = demo_connector(&app).await;

@@ -150,6 +150,9 @@ pub struct ChunkWrite {
     /// The references (intent, refund, dispute) of the lines this chunk matched: their open
     /// `missing_in_report` and `status_mismatch` exceptions resolve themselves.
     pub matched_references: Vec<String>,
+    /// The latest time among the lines an earlier run applied (skipped here): with the lines
+    /// this chunk applies, they give the report's day, also when the report is run again.
+    pub already_latest: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
