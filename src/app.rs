@@ -395,13 +395,29 @@ fn spawn_housekeeping(state: web::Data<AppState>, shutdown: crate::shutdown::Shu
         // docs/DESIGN.md, "Calling the PSP safely": an attempt with no outcome is completed even if
         // its client never comes back. Older than twice the PSP timeout: surely not in flight.
         let every = Duration::from_millis(recovery.config.psp.timeout_ms.clamp(1_000, 30_000));
+        // Each round takes the next page, and starts over after the last: every stale attempt
+        // has its turn, however many older ones cannot be completed yet.
+        let mut after: Option<crate::adapters::postgres::payments::StalePlace> = None;
         while !stop.sleep(every).await {
             let stale = recovery.config.psp.timeout_ms * 2;
-            let Ok(mut found) = recovery.db.payments_with_stale_attempts(stale, SWEEP_BATCH).await else {
+            let Ok(page) = recovery
+                .db
+                .payments_with_stale_attempts(stale, after.as_ref(), SWEEP_BATCH)
+                .await
+            else {
                 continue;
             };
+            after = if (page.len() as i64) < SWEEP_BATCH {
+                None
+            } else {
+                page.last().map(|(_, _, place)| place.clone())
+            };
             // Cluster mode: each node completes its own partitions' payments.
-            found.retain(|(id, _)| !recovery.registry.is_elsewhere(id));
+            let found: Vec<_> = page
+                .into_iter()
+                .filter(|(id, _, _)| !recovery.registry.is_elsewhere(id))
+                .map(|(id, merchant, _)| (id, merchant))
+                .collect();
             // The oldest first, several at once: one slow PSP call does not hold up the rest.
             // The Resolve reloads each payment from PostgreSQL, so an attempt its actor's
             // memory missed (an ambiguous commit) is completed too.

@@ -267,3 +267,36 @@ async fn an_attempt_left_open_is_completed_even_if_no_client_returns() {
     assert_eq!(status, "captured");
     assert_eq!(healthy.count("journals").await, 1);
 }
+
+#[actix_web::test]
+async fn the_sweeper_pages_through_every_stale_attempt_oldest_first() {
+    // A slow tick: the sweeper stays out of the way while the pages are read here.
+    let app = spawn_app_with(|c| c.psp.timeout_ms = 30_000).await;
+    let db = app.sql().await;
+    let mut ids = Vec::new();
+    for (n, minutes) in [(1, 50), (2, 70), (3, 60)] {
+        let p = app.pay(1_000 + n, "pm_card_visa", "manual", true).await;
+        let id = p.body["payment_id"].as_str().unwrap().to_owned();
+        db.execute(
+            "INSERT INTO psp_attempts (id, payment_id, operation, amount, started_at)
+             VALUES ($1, $2, 'capture', 100, now() - make_interval(mins => $3))",
+            &[&format!("att_stale_{n}"), &id, &minutes],
+        )
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    // Oldest first: payment 2 (70 min), 3 (60), 1 (50); two a page, then the rest, then none.
+    let page = |after| {
+        let db = &app.state.db;
+        async move { db.payments_with_stale_attempts(60_000, after, 2).await.unwrap() }
+    };
+    let first = page(None).await;
+    let names = |p: &[(payrail::domain::PaymentId, payrail::domain::MerchantId, _)]| {
+        p.iter().map(|(id, _, _)| id.to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(names(&first), [ids[1].clone(), ids[2].clone()]);
+    let second = page(Some(&first[1].2)).await;
+    assert_eq!(names(&second), [ids[0].clone()]);
+    assert!(page(Some(&second[0].2)).await.is_empty());
+}

@@ -138,6 +138,14 @@ fn attempt_from_row(row: &tokio_postgres::Row) -> Result<Attempt, StoreError> {
     })
 }
 
+/// Where a page of payments with stale attempts ended: the oldest open attempt's start, then
+/// the payment's id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StalePlace {
+    pub since: chrono::DateTime<chrono::Utc>,
+    pub payment: PaymentId,
+}
+
 impl Db {
     /// A payment and its PSP attempts that have no outcome yet: what its actor starts from.
     pub async fn load_payment(&self, id: &PaymentId) -> Result<Option<(Payment, Vec<Attempt>)>, StoreError> {
@@ -193,27 +201,40 @@ impl Db {
 
     /// Payments with a PSP attempt open for longer than `older_than_ms`: a crash, an outage or
     /// an ambiguous commit left them, and no request has come back for them. The longest
-    /// waiting first, at most `limit`.
+    /// waiting first, at most `limit`, after `after` (the place the previous page ended): the
+    /// sweeper pages through all of them over its rounds, so attempts it cannot complete yet
+    /// (a connector down, another node's partitions) never keep newer ones from their turn.
     pub async fn payments_with_stale_attempts(
         &self,
         older_than_ms: u64,
+        after: Option<&StalePlace>,
         limit: i64,
-    ) -> Result<Vec<(PaymentId, MerchantId)>, StoreError> {
+    ) -> Result<Vec<(PaymentId, MerchantId, StalePlace)>, StoreError> {
         let client = self.client().await?;
         let secs = older_than_ms as f64 / 1000.0;
+        let (since, id) = after.map_or((None, ""), |a| (Some(a.since), a.payment.as_str()));
         // payments first: the order in which a batch and a migration (V26) lock the two tables.
         let rows = client
             .query(
-                "SELECT p.id, p.merchant_id FROM payments p JOIN psp_attempts a ON a.payment_id = p.id
+                "SELECT p.id, p.merchant_id, min(a.started_at) FROM payments p JOIN psp_attempts a ON a.payment_id = p.id
                  WHERE a.outcome IS NULL AND a.started_at < now() - make_interval(secs => $1)
-                 GROUP BY p.id, p.merchant_id ORDER BY min(a.started_at) LIMIT $2",
-                &[&secs, &limit],
+                 GROUP BY p.id, p.merchant_id
+                 HAVING $3::timestamptz IS NULL OR (min(a.started_at), p.id) > ($3::timestamptz, $4::text)
+                 ORDER BY min(a.started_at), p.id LIMIT $2",
+                &[&secs, &limit, &since, &id],
             )
             .await
             .map_err(pg_error)?;
         Ok(rows
             .iter()
-            .map(|r| (PaymentId::from_trusted(r.get(0)), MerchantId::from_trusted(r.get(1))))
+            .map(|r| {
+                let id = PaymentId::from_trusted(r.get(0));
+                let place = StalePlace {
+                    since: r.get(2),
+                    payment: id.clone(),
+                };
+                (id, MerchantId::from_trusted(r.get(1)), place)
+            })
             .collect())
     }
 
