@@ -83,6 +83,21 @@ pub struct LedgerShard {
 
 /// The sandbox-only supervision drill: a commit of a sandbox payment made with
 /// `sandbox::LEDGER_PANIC_ONCE` panics inside the batch, once per order id.
+/// Whether a failed batch of `n` commits is written again commit by commit, so that one bad
+/// commit fails alone. Not when the database was unavailable: its COMMIT may have landed (an
+/// answer lost), and a commit written a second time after landing could pass again where it
+/// checks only the payment's version (one that moves nothing) and be answered for as if the
+/// first had failed; nor would a database that is down take the commits one by one, each
+/// waiting its turn for a connection. Every commit of it is answered that its fate is unknown,
+/// and each flow reloads its payment and resumes by key (docs/DESIGN.md, "Ambiguous commits").
+fn split_after(e: &CommitError, n: usize) -> bool {
+    n > 1
+        && !matches!(
+            e,
+            CommitError::Store(crate::adapters::postgres::StoreError::Unavailable)
+        )
+}
+
 fn fault_drill(drill: &dashmap::DashMap<String, ()>, commits: &[&Commit]) {
     use crate::adapters::psp::sandbox::LEDGER_PANIC_ONCE;
     for p in commits.iter().filter_map(|c| c.payment.as_ref()) {
@@ -151,7 +166,9 @@ impl LedgerShard {
             metrics.handled("ledger_shard", started.elapsed());
             match result {
                 Ok(()) => batch.into_iter().for_each(|q| drop(q.reply.send(Ok(())))),
-                Err(e) if batch.len() == 1 => batch.into_iter().for_each(|q| drop(q.reply.send(Err(e.clone())))),
+                Err(e) if !split_after(&e, batch.len()) => {
+                    batch.into_iter().for_each(|q| drop(q.reply.send(Err(e.clone()))))
+                }
                 Err(e) => {
                     tracing::info!(size = batch.len(), error = %e, "batch failed; committing one by one");
                     stats.split_batches.fetch_add(1, Ordering::Relaxed);
@@ -275,6 +292,24 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::adapters::postgres::StoreError;
+
+    #[test]
+    fn a_batch_whose_fate_is_unknown_is_never_written_again() {
+        // Unavailable: the COMMIT may have landed; every commit is told so, none rerun.
+        assert!(!split_after(&CommitError::Store(StoreError::Unavailable), 25));
+        // A statement refused, a lost race, a key held: nothing landed; one by one, so that
+        // only the commit at fault fails.
+        for e in [
+            CommitError::Store(StoreError::Broken),
+            CommitError::Stale,
+            CommitError::KeyHeld,
+            CommitError::Fenced,
+        ] {
+            assert!(split_after(&e, 25), "{e}");
+            assert!(!split_after(&e, 1), "one commit is its own answer: {e}");
+        }
+    }
 
     #[test]
     fn shards_are_stable_and_spread() {
