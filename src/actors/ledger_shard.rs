@@ -81,23 +81,20 @@ pub struct LedgerShard {
     drill: Arc<dashmap::DashMap<String, ()>>,
 }
 
-/// The sandbox-only supervision drill: a commit of a sandbox payment made with
-/// `sandbox::LEDGER_PANIC_ONCE` panics inside the batch, once per order id.
 /// Whether a failed batch of `n` commits is written again commit by commit, so that one bad
-/// commit fails alone. Not when the database was unavailable: its COMMIT may have landed (an
-/// answer lost), and a commit written a second time after landing could pass again where it
-/// checks only the payment's version (one that moves nothing) and be answered for as if the
-/// first had failed; nor would a database that is down take the commits one by one, each
-/// waiting its turn for a connection. Every commit of it is answered that its fate is unknown,
-/// and each flow reloads its payment and resumes by key (docs/DESIGN.md, "Ambiguous commits").
+/// commit fails alone. Not when its COMMIT went unanswered ([`CommitError::Unknown`]): the
+/// batch may have landed, and a commit written a second time after landing could pass again
+/// where it checks only the payment's version (one that moves nothing) and be answered for as
+/// if the first had failed. Every commit of it is told its fate is unknown, and each flow
+/// reloads its payment and resumes by key (docs/DESIGN.md, "Ambiguous commits"). A failure
+/// before the COMMIT (a statement refused, a deadlock, a timeout, a connection lost mid-way)
+/// rolled the batch back: it is split.
 fn split_after(e: &CommitError, n: usize) -> bool {
-    n > 1
-        && !matches!(
-            e,
-            CommitError::Store(crate::adapters::postgres::StoreError::Unavailable)
-        )
+    n > 1 && !matches!(e, CommitError::Unknown)
 }
 
+/// The sandbox-only supervision drill: a commit of a sandbox payment made with
+/// `sandbox::LEDGER_PANIC_ONCE` panics inside the batch, once per order id.
 fn fault_drill(drill: &dashmap::DashMap<String, ()>, commits: &[&Commit]) {
     use crate::adapters::psp::sandbox::LEDGER_PANIC_ONCE;
     for p in commits.iter().filter_map(|c| c.payment.as_ref()) {
@@ -296,11 +293,12 @@ mod tests {
 
     #[test]
     fn a_batch_whose_fate_is_unknown_is_never_written_again() {
-        // Unavailable: the COMMIT may have landed; every commit is told so, none rerun.
-        assert!(!split_after(&CommitError::Store(StoreError::Unavailable), 25));
-        // A statement refused, a lost race, a key held: nothing landed; one by one, so that
-        // only the commit at fault fails.
+        // No answer to the COMMIT: it may have landed; every commit is told so, none rerun.
+        assert!(!split_after(&CommitError::Unknown, 25));
+        // A statement refused, a deadlock or a lost connection before the COMMIT, a lost race,
+        // a key held: nothing landed; one by one, so that only the commit at fault fails.
         for e in [
+            CommitError::Store(StoreError::Unavailable),
             CommitError::Store(StoreError::Broken),
             CommitError::Stale,
             CommitError::KeyHeld,

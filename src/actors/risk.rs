@@ -263,6 +263,8 @@ struct MerchantRisk {
     rules: Vec<Rule>,
     lists: DashMap<String, Arc<HashSet<String>>>,
     loaded: std::time::Instant,
+    /// One caller reads a stale copy's rules again; the others go on with the copy meanwhile.
+    refreshing: std::sync::atomic::AtomicBool,
 }
 
 /// How long a merchant's rules and lists are used before they are read again: a change made
@@ -336,11 +338,24 @@ impl RiskEngine {
     }
 
     async fn merchant(&self, merchant: &MerchantId) -> Result<Arc<MerchantRisk>, StoreError> {
-        if let Some(m) = self.cache.get(merchant) {
-            if m.loaded.elapsed() < RULES_FRESH_FOR {
+        let cached = self.cache.get(merchant).map(|m| m.clone());
+        if let Some(m) = &cached {
+            // Fresh, or being read again by another payment (this one uses the copy, at most
+            // a reload's time older than it should be): no query.
+            if m.loaded.elapsed() < RULES_FRESH_FOR || m.refreshing.swap(true, Ordering::AcqRel) {
                 return Ok(m.clone());
             }
         }
+        let loaded = self.load(merchant).await;
+        if let Some(m) = &cached {
+            // Replaced in the cache, or not (the read failed, or a change landed meanwhile and
+            // it was not kept): either way the next payment that finds this copy may try again.
+            m.refreshing.store(false, Ordering::Release);
+        }
+        loaded
+    }
+
+    async fn load(&self, merchant: &MerchantId) -> Result<Arc<MerchantRisk>, StoreError> {
         let generation = self.generation.load(Ordering::SeqCst);
         let mut rules = self.defaults.clone();
         for RiskRow {
@@ -373,6 +388,7 @@ impl RiskEngine {
             rules,
             lists,
             loaded: std::time::Instant::now(),
+            refreshing: std::sync::atomic::AtomicBool::new(false),
         });
         if self.generation.load(Ordering::SeqCst) != generation {
             // A change landed while this was read: used once, never kept.

@@ -329,6 +329,25 @@ fn settings(config: &ClusterConfig) -> String {
 /// nodes with another partition count or TTL refuses this node: one payment must map to one
 /// partition, and a lease must expire when every node thinks it does.
 pub async fn open_bucket(nats: &Nats, config: &ClusterConfig, replicas: usize) -> Result<kv::Store, NatsError> {
+    // A cluster of nats-servers just started (or busy electing its leaders) may time out the
+    // first requests: tried again, a bounded number of times, as the streams are.
+    let mut tries = 0;
+    loop {
+        match open_bucket_once(nats, config, replicas).await {
+            Err(NatsError::JetStream(e)) if tries < BUCKET_SETUP_TRIES && !e.contains("other settings") => {
+                tries += 1;
+                tracing::warn!(error = %e, tries, "the lease bucket is not ready; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            opened => return opened,
+        }
+    }
+}
+
+/// How often opening the lease bucket is tried at start.
+const BUCKET_SETUP_TRIES: u32 = 20;
+
+async fn open_bucket_once(nats: &Nats, config: &ClusterConfig, replicas: usize) -> Result<kv::Store, NatsError> {
     use async_nats::jetstream::stream;
     let name = bucket(&nats.prefix);
     let wanted = settings(config);

@@ -96,14 +96,15 @@ impl Nats {
             ..Default::default()
         };
         for wanted in [psp, events] {
-            let mut stream = self
+            let stream = self
                 .jetstream
                 .get_or_create_stream(wanted.clone())
                 .await
                 .map_err(|e| NatsError::JetStream(e.to_string()))?;
             // An existing stream keeps its settings (JetStream cannot change a stream's
             // retention): say so, rather than run with weaker guarantees unnoticed.
-            let info = stream.info().await.map_err(|e| NatsError::JetStream(e.to_string()))?;
+            // The created (or found) stream's settings, as the server answered the call.
+            let info = stream.cached_info();
             if info.config.retention != wanted.retention || info.config.discard != wanted.discard {
                 tracing::warn!(stream = %wanted.name, retention = ?info.config.retention, discard = ?info.config.discard,
                     "the stream was made with other settings than this version makes; recreate it when it is drained (docs/DESIGN.md, \"NATS JetStream layout\")");

@@ -136,7 +136,11 @@ fn list_item(raw: &str) -> Result<String, ApiError> {
         return Err(ApiError::param("item", "item must be 1 to 256 characters"));
     }
     body::no_card_data("item", &item)?;
-    Ok(item)
+    // An IP address in the one form payments store theirs (`::ffff:1.2.3.4` as 1.2.3.4, IPv6
+    // compressed), so that `:ip: in @list` matches however either was written.
+    Ok(item
+        .parse::<std::net::IpAddr>()
+        .map_or(item, |a| a.to_canonical().to_string()))
 }
 
 /// `POST /api/v1/risk/lists/{name}/items`: `{ "item" }` (an email, IP, BIN, fingerprint,
@@ -197,8 +201,14 @@ pub async fn list_items(state: web::Data<AppState>, req: HttpRequest) -> Result<
 pub async fn delete_item(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let merchant = auth::merchant(&state, &req).await?;
     let name = list_name(&req)?;
-    let item = list_item(req.match_info().get("item").unwrap_or_default())?;
+    let raw = req.match_info().get("item").unwrap_or_default();
+    let item = list_item(raw)?;
     state.db.delete_risk_list_item(&merchant.id, &name, &item).await?;
+    // An IP item stored before items were kept in one form goes by its own spelling too.
+    let spelled = raw.trim().to_ascii_lowercase();
+    if spelled != item {
+        state.db.delete_risk_list_item(&merchant.id, &name, &spelled).await?;
+    }
     state.risk.invalidate(&merchant.id);
     Ok(json_value(
         200,

@@ -245,6 +245,18 @@ async fn card_testing_from_the_addresses_of_one_ipv6_block_counts_as_one_ip() {
     }
     assert_eq!(outcomes[..5], ["captured"; 5], "{outcomes:?}");
     assert_eq!(outcomes[5..], ["failed"; 2], "{outcomes:?}");
+    // A list item that is an address is kept in the same form, so that it matches.
+    rule(&app, "allow", ":ip: in @trusted_ips").await;
+    let add = app
+        .post(
+            "/api/v1/risk/lists/trusted_ips/items",
+            json!({ "item": "2001:0DB8:0007:0007:0000:0000:0000:0009" }),
+        )
+        .await;
+    assert_eq!(add.body["item"], "2001:db8:7:7::9", "{}", add.body);
+    let token = tokenize(&app, &card_number(50)).await;
+    let p = pay(&app, 100, &token, "automatic", json!({ "ip": "2001:db8:7:7::9" })).await;
+    assert_eq!(p["status"], "captured", "the trusted address is let through: {p}");
 }
 
 #[actix_web::test]
@@ -312,6 +324,14 @@ async fn an_approval_that_landed_before_its_capture_began_goes_on_to_capture() {
         .await
         .unwrap();
     assert_eq!(moved, 1);
+    // Another request's approval meanwhile is refused: it did not approve this payment (its
+    // own commit loses the race on the version and nothing of it lands).
+    let other = app.post(&path, json!({})).await;
+    assert_eq!(other.status, 409, "{}", other.body);
+    assert_eq!(
+        app.get(&format!("/api/v1/payments/{id}")).await.body["status"],
+        "authorized"
+    );
     let key = hex::encode(sha2::Sha256::digest(b"approve-once"));
     let fingerprint = payrail::api::idempotency::fingerprint("POST", &path, b"{}").to_vec();
     db.execute(

@@ -69,10 +69,13 @@ impl Flow<'_> {
             .risk
             .as_ref()
             .is_some_and(|r| r.outcome == RiskAction::Review);
-        if self.by_key && capture && reviewed && self.payment().state.status == Status::Authorized {
-            // This key's approval landed and its capture never began (the process stopped
-            // between the two commits, or the approval's commit went unanswered): go on with
-            // the capture the request promised, rather than refuse the approval it made.
+        // This key's approval may have landed without its capture: a takeover of the key (the
+        // first request stopped between the two commits), or this request's own approval
+        // commit unanswered. Not any reload: an approval that lost a race (`Stale`) did not land.
+        let ours = self.idem.as_ref().is_some_and(|i| i.fence > 1) || self.approval_unanswered;
+        if ours && capture && reviewed && self.payment().state.status == Status::Authorized {
+            // Go on with the capture the request promised, rather than refuse the approval it
+            // made.
             return self.capture(None).await;
         }
         let (state, _) =
@@ -82,7 +85,12 @@ impl Flow<'_> {
         let body = reply_body(&next.object());
         let response = (!capture).then(|| (200, body.clone()));
         let commit = self.transition_commit(&self.live.payment.clone(), &next, "api.approve", response);
-        self.commit(next, commit).await?;
+        let committed = self.commit(next, commit).await;
+        if matches!(&committed, Err(h) if matches!(h.error, PaymentError::Store(_))) {
+            // Its fate unknown: after the reload, a payment authorized is this approval's.
+            self.approval_unanswered = true;
+        }
+        committed?;
         if capture {
             return self.capture(None).await;
         }

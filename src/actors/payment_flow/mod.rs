@@ -95,9 +95,9 @@ impl From<CommitError> for Halt {
                 error: PaymentError::KeyTakenOver,
                 stale: false,
             },
-            // Nothing of this commit was written, but an earlier run of it may have been: a
-            // batch whose COMMIT went unanswered is written again commit by commit, and a create
-            // that had landed then finds its own key. `process` looks for the payment.
+            // Nothing of this commit was written, but an earlier run of it may have been (a
+            // create that had landed and is written again finds its own key). `process` looks
+            // for the payment.
             CommitError::KeyHeld => Halt {
                 error: PaymentError::KeyHeld,
                 stale: true,
@@ -113,6 +113,10 @@ impl From<CommitError> for Halt {
                 stale: false,
             },
             // Ambiguous: the transaction may have committed. Memory is no longer the truth.
+            CommitError::Unknown => Halt {
+                error: crate::adapters::postgres::StoreError::Unavailable.into(),
+                stale: true,
+            },
             CommitError::Store(e) => Halt {
                 error: e.into(),
                 stale: true,
@@ -188,6 +192,7 @@ pub async fn process(
         fallbacks: Vec::new(),
         unsent: None,
         soft_retried: false,
+        approval_unanswered: false,
     };
     let mut result = if matches!(op, Op::Resolve) {
         // The sweeper found an attempt open in the store: memory may not know it (an ambiguous
@@ -280,6 +285,8 @@ struct Flow<'a> {
     unsent: Option<AttemptId>,
     /// A soft decline was already retried on another connector.
     soft_retried: bool,
+    /// This request's approval commit went unanswered (it may have landed).
+    approval_unanswered: bool,
 }
 
 impl<'a> Flow<'a> {

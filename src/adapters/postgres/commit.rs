@@ -170,6 +170,10 @@ pub enum CommitError {
     /// was written.
     #[error("{0} is unavailable")]
     Unavailable(&'static str),
+    /// The COMMIT was sent and no answer came (the connection broke): the transaction may
+    /// have landed or not. Unlike a failure before it, the batch is not written again.
+    #[error("the database did not answer the commit")]
+    Unknown,
     /// The store failed; unless it says otherwise, the commit may have landed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -183,6 +187,7 @@ impl Clone for CommitError {
             CommitError::KeyHeld => CommitError::KeyHeld,
             CommitError::Moved => CommitError::Moved,
             CommitError::Unavailable(what) => CommitError::Unavailable(what),
+            CommitError::Unknown => CommitError::Unknown,
             CommitError::Store(e) => CommitError::Store(e.clone()),
         }
     }
@@ -1106,7 +1111,12 @@ impl Db {
             claim: claim_check,
         };
         match verdict(results, &checks, &fences, &cols) {
-            Ok(()) => open.commit().await.map_err(pg_error)?,
+            // The server's refusal of the COMMIT (a deferred check) is an answer: rolled back.
+            // No answer at all (the connection broke) leaves its fate unknown.
+            Ok(()) => open.commit().await.map_err(|e| match e.code() {
+                Some(_) => CommitError::Store(pg_error(e)),
+                None => CommitError::Unknown,
+            })?,
             Err(e) => {
                 open.roll_back().await;
                 return Err(e);
