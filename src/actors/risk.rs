@@ -267,6 +267,15 @@ struct MerchantRisk {
     refreshing: std::sync::atomic::AtomicBool,
 }
 
+/// Lets a stale copy be read again once the read that took it over ends, however it ends.
+struct RefreshDone(Arc<MerchantRisk>);
+
+impl Drop for RefreshDone {
+    fn drop(&mut self) {
+        self.0.refreshing.store(false, Ordering::Release);
+    }
+}
+
 /// How long a merchant's rules and lists are used before they are read again: a change made
 /// through another node (which cannot invalidate this one's cache) takes effect here within it.
 pub const RULES_FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(5);
@@ -346,13 +355,10 @@ impl RiskEngine {
                 return Ok(m.clone());
             }
         }
-        let loaded = self.load(merchant).await;
-        if let Some(m) = &cached {
-            // Replaced in the cache, or not (the read failed, or a change landed meanwhile and
-            // it was not kept): either way the next payment that finds this copy may try again.
-            m.refreshing.store(false, Ordering::Release);
-        }
-        loaded
+        // Whatever happens to the read (it fails, a change lands meanwhile and it is not kept,
+        // it panics), the next payment that finds this copy may try again.
+        let _reset = cached.as_ref().map(|m| RefreshDone(m.clone()));
+        self.load(merchant).await
     }
 
     async fn load(&self, merchant: &MerchantId) -> Result<Arc<MerchantRisk>, StoreError> {
@@ -375,11 +381,17 @@ impl RiskEngine {
         let lists = DashMap::new();
         for list in names.1 {
             if !lists.contains_key(&list) {
+                // An IP address in the form payments store theirs, also one stored before items
+                // were kept so (`::ffff:1.2.3.4`, uncompressed IPv6).
                 let items: HashSet<String> = self
                     .db
                     .risk_list_items(merchant, &list, crate::adapters::postgres::risk::MAX_LIST_ITEMS)
                     .await?
                     .into_iter()
+                    .map(|i| {
+                        i.parse::<std::net::IpAddr>()
+                            .map_or(i, |a| a.to_canonical().to_string())
+                    })
                     .collect();
                 lists.insert(list, Arc::new(items));
             }

@@ -23,8 +23,8 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 pub type CommitFuture<'a> = Pin<Box<dyn Future<Output = Result<(), CommitError>> + 'a>>;
 
 /// The payment flow's storage. Every write is a [`Commit`]: all of it lands, or none of it.
-/// A commit error other than [`CommitError::Stale`] or [`CommitError::Fenced`] is ambiguous:
-/// the transaction may have committed although its answer was lost.
+/// [`CommitError::Store`] and [`CommitError::Unknown`] are ambiguous: the transaction may have
+/// committed although its answer was lost. The others say nothing was written.
 pub trait PaymentStore: Send + Sync + 'static {
     /// A payment with its PSP attempts that have no outcome yet.
     fn load<'a>(&'a self, id: &'a PaymentId) -> StoreFuture<'a, Option<Live>>;

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! An attribute the payment does not have (no IP given, say) makes every comparison that uses
-//! it false, `!=` and `not in` included: a rule never fires on missing data.
+//! it unknown, `!=` and `not in` included, and `not` keeps it unknown: a rule fires only when
+//! its predicate is true, so never on missing data.
 
 use std::fmt;
 

@@ -260,6 +260,27 @@ async fn card_testing_from_the_addresses_of_one_ipv6_block_counts_as_one_ip() {
 }
 
 #[actix_web::test]
+async fn an_ip_list_item_stored_in_another_form_still_matches() {
+    let app = spawn_app().await;
+    rule(&app, "block", ":ip: in @blocked_ips").await;
+    let merchant = app.get("/api/v1/connectors").await.body["data"][0]["merchant_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // As an item added before items were kept in one form.
+    app.sql()
+        .await
+        .execute(
+            "INSERT INTO risk_list_items (merchant_id, list, item) VALUES ($1, 'blocked_ips', '::ffff:203.0.113.77')",
+            &[&merchant],
+        )
+        .await
+        .unwrap();
+    let p = pay(&app, 100, "pm_card_visa", "automatic", json!({ "ip": "203.0.113.77" })).await;
+    assert_eq!(p["status"], "failed", "{p}");
+}
+
+#[actix_web::test]
 async fn a_list_holds_at_most_its_bound_and_an_item_it_has_is_still_added_once() {
     let app = spawn_app().await;
     let merchant = app.get("/api/v1/connectors").await.body["data"][0]["merchant_id"]

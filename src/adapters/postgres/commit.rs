@@ -1111,11 +1111,13 @@ impl Db {
             claim: claim_check,
         };
         match verdict(results, &checks, &fences, &cols) {
-            // The server's refusal of the COMMIT (a deferred check) is an answer: rolled back.
-            // No answer at all (the connection broke) leaves its fate unknown.
-            Ok(()) => open.commit().await.map_err(|e| match e.code() {
-                Some(_) => CommitError::Store(pg_error(e)),
-                None => CommitError::Unknown,
+            // A refusal of the COMMIT itself (a deferred check: class 23; a serialization
+            // failure or deadlock: class 40) is an answer: rolled back. Anything else (no answer
+            // at all, the backend terminated or shut down: it may have committed locally first)
+            // leaves its fate unknown.
+            Ok(()) => open.commit().await.map_err(|e| match e.code().map(|c| c.code()) {
+                Some(c) if c.starts_with("23") || c.starts_with("40") => CommitError::Store(pg_error(e)),
+                _ => CommitError::Unknown,
             })?,
             Err(e) => {
                 open.roll_back().await;
