@@ -388,10 +388,7 @@ impl RiskEngine {
                     .risk_list_items(merchant, &list, crate::adapters::postgres::risk::MAX_LIST_ITEMS)
                     .await?
                     .into_iter()
-                    .map(|i| {
-                        i.parse::<std::net::IpAddr>()
-                            .map_or(i, |a| a.to_canonical().to_string())
-                    })
+                    .map(|i| crate::domain::risk::canonical_ip(&i))
                     .collect();
                 lists.insert(list, Arc::new(items));
             }

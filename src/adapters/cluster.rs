@@ -334,7 +334,7 @@ pub async fn open_bucket(nats: &Nats, config: &ClusterConfig, replicas: usize) -
     let mut tries = 0;
     loop {
         match open_bucket_once(nats, config, replicas).await {
-            Err(NatsError::JetStream(e)) if tries < BUCKET_SETUP_TRIES && !e.contains("other settings") => {
+            Err(NatsError::JetStream(e)) if tries < BUCKET_SETUP_TRIES => {
                 tries += 1;
                 tracing::warn!(error = %e, tries, "the lease bucket is not ready; trying again");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -371,7 +371,7 @@ async fn open_bucket_once(nats: &Nats, config: &ClusterConfig, replicas: usize) 
         .map_err(|e| NatsError::JetStream(e.to_string()))?;
     let found = made.cached_info().config.description.clone().unwrap_or_default();
     if found != wanted || made.cached_info().config.max_age != Duration::from_millis(config.lease_ttl_ms) {
-        return Err(NatsError::JetStream(format!(
+        return Err(NatsError::Settings(format!(
             "the cluster's lease bucket KV_{name} was made with other settings ({found}); this node has \
              [cluster] partitions = {} and lease_ttl_ms = {}: every node of a cluster must agree",
             config.partitions, config.lease_ttl_ms

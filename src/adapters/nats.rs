@@ -25,6 +25,10 @@ pub enum NatsError {
     Connect(String),
     #[error("JetStream: {0}")]
     JetStream(String),
+    /// What JetStream holds was made with settings this node cannot work with: trying again
+    /// changes nothing.
+    #[error("JetStream: {0}")]
+    Settings(String),
 }
 
 impl Nats {

@@ -209,10 +209,7 @@ impl<'a> Fields<'a> {
             email: email.map(|e| e.to_ascii_lowercase()),
             // One form per address (`::ffff:1.2.3.4` is 1.2.3.4; IPv6 compressed, lower case), so
             // that lists and velocity see one address once.
-            ip: ip.map(|ip| {
-                ip.parse::<std::net::IpAddr>()
-                    .map_or_else(|_| ip.to_owned(), |a| a.to_canonical().to_string())
-            }),
+            ip: ip.map(crate::domain::risk::canonical_ip),
             country: country.map(str::to_owned),
         }))
     }

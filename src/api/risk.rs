@@ -138,9 +138,7 @@ fn list_item(raw: &str) -> Result<String, ApiError> {
     body::no_card_data("item", &item)?;
     // An IP address in the one form payments store theirs (`::ffff:1.2.3.4` as 1.2.3.4, IPv6
     // compressed), so that `:ip: in @list` matches however either was written.
-    Ok(item
-        .parse::<std::net::IpAddr>()
-        .map_or(item, |a| a.to_canonical().to_string()))
+    Ok(crate::domain::risk::canonical_ip(&item))
 }
 
 /// `POST /api/v1/risk/lists/{name}/items`: `{ "item" }` (an email, IP, BIN, fingerprint,

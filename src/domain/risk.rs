@@ -378,26 +378,27 @@ impl Expr {
         self.truth(s) == Some(true)
     }
 
+    /// `and` (`decisive` false) and `or` (true): either side with the decisive value decides
+    /// (the right one is not read when the left does); both known and not decisive, the other
+    /// value; otherwise unknown.
+    fn either_decides(a: &Expr, b: &Expr, s: &dyn Signals, decisive: bool) -> Option<bool> {
+        let left = a.truth(s);
+        if left == Some(decisive) {
+            return left;
+        }
+        match (left, b.truth(s)) {
+            (_, Some(v)) if v == decisive => Some(decisive),
+            (Some(_), Some(_)) => Some(!decisive),
+            _ => None,
+        }
+    }
+
     /// Three-valued: `None` is unknown. `and` is false when either side is, `or` true when
     /// either side is (each short-circuits as before).
     fn truth(&self, s: &dyn Signals) -> Option<bool> {
         match self {
-            Expr::And(a, b) => match a.truth(s) {
-                Some(false) => Some(false),
-                left => match (left, b.truth(s)) {
-                    (_, Some(false)) => Some(false),
-                    (Some(true), Some(true)) => Some(true),
-                    _ => None,
-                },
-            },
-            Expr::Or(a, b) => match a.truth(s) {
-                Some(true) => Some(true),
-                left => match (left, b.truth(s)) {
-                    (_, Some(true)) => Some(true),
-                    (Some(false), Some(false)) => Some(false),
-                    _ => None,
-                },
-            },
+            Expr::And(a, b) => Self::either_decides(a, b, s, false),
+            Expr::Or(a, b) => Self::either_decides(a, b, s, true),
             Expr::Not(e) => e.truth(s).map(|t| !t),
             Expr::Truth(o) => value(o, s).map(|v| matches!(v, Value::Bool(true))),
             Expr::In { operand, list, negated } => value(operand, s).map(|v| s.listed(list, &v) != *negated),
@@ -580,6 +581,13 @@ mod tests {
         let long = vec![":amount: > 1"; 120].join(" and ");
         assert!(parse(&long).is_err(), "too many terms");
     }
+}
+
+/// An IP address in its one form (an IPv4-mapped IPv6 address as the IPv4 one, IPv6 compressed
+/// in lower case), as payments and list items store it; text that is not an address as it is.
+pub fn canonical_ip(text: &str) -> String {
+    text.parse::<std::net::IpAddr>()
+        .map_or_else(|_| text.to_owned(), |a| a.to_canonical().to_string())
 }
 
 /// What a payment's customer is known by (sent by the merchant with the payment).

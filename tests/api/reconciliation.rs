@@ -56,6 +56,13 @@ async fn upload(app: &TestApp, query: &str, csv: String) -> Response {
     }
 }
 
+/// A Stripe-format report of one charge of 42.00 USD (fee 1.30) on `reference`, made now.
+fn one_charge_report(reference: &str) -> String {
+    let header = "id,type,source,amount,fee,net,currency,created,available_on,reporting_category\n";
+    let now = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S");
+    format!("{header}txn_a,charge,{reference},42.00,1.30,40.70,usd,{now},,charge\n")
+}
+
 async fn exceptions(app: &TestApp, query: &str) -> Vec<Value> {
     let r = operator(
         app,
@@ -484,10 +491,7 @@ async fn a_malformed_report_is_refused_whole_and_bad_lines_are_exceptions_with_t
 async fn a_connector_is_missing_only_its_own_captures() {
     let app = spawn_app_with(quiet).await;
     let a = demo_connector(&app).await;
-    let merchant = app.get("/api/v1/connectors").await.body["data"][0]["merchant_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let merchant = app.first_merchant().await;
     let mine = app.pay(4200, "pm_card_visa", "automatic", true).await;
     let reference = mine.body["psp_reference"].as_str().unwrap().to_owned();
     // A second connector of the same PSP takes the merchant's next payment.
@@ -502,9 +506,7 @@ async fn a_connector_is_missing_only_its_own_captures() {
     assert_eq!(theirs.body["routing"]["connector_id"], "mca_other", "{}", theirs.body);
     // A's report names A's capture, and only it: nothing of A's is missing, and B's capture is
     // B's to find in B's reports.
-    let header = "id,type,source,amount,fee,net,currency,created,available_on,reporting_category\n";
-    let now = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S");
-    let csv = format!("{header}txn_a,charge,{reference},42.00,1.30,40.70,usd,{now},,charge\n");
+    let csv = one_charge_report(&reference);
     let r = upload(&app, &format!("connector_id={a}"), csv).await;
     assert_eq!((r.status, &r.body["matched"]), (201, &json!(1)), "{}", r.body);
     let all = exceptions(&app, "").await;
@@ -517,9 +519,7 @@ async fn a_report_run_again_has_the_same_day_and_raises_what_is_missing_since() 
     let a = demo_connector(&app).await;
     let paid = app.pay(4200, "pm_card_visa", "automatic", true).await;
     let reference = paid.body["psp_reference"].as_str().unwrap().to_owned();
-    let header = "id,type,source,amount,fee,net,currency,created,available_on,reporting_category\n";
-    let now = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S");
-    let csv = format!("{header}txn_a,charge,{reference},42.00,1.30,40.70,usd,{now},,charge\n");
+    let csv = one_charge_report(&reference);
     let first = upload(&app, &format!("connector_id={a}"), csv.clone()).await;
     assert_eq!(
         (first.status, &first.body["matched"]),

@@ -263,10 +263,7 @@ async fn card_testing_from_the_addresses_of_one_ipv6_block_counts_as_one_ip() {
 async fn an_ip_list_item_stored_in_another_form_still_matches() {
     let app = spawn_app().await;
     rule(&app, "block", ":ip: in @blocked_ips").await;
-    let merchant = app.get("/api/v1/connectors").await.body["data"][0]["merchant_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let merchant = app.first_merchant().await.to_string();
     // As an item added before items were kept in one form.
     app.sql()
         .await
@@ -283,10 +280,7 @@ async fn an_ip_list_item_stored_in_another_form_still_matches() {
 #[actix_web::test]
 async fn a_list_holds_at_most_its_bound_and_an_item_it_has_is_still_added_once() {
     let app = spawn_app().await;
-    let merchant = app.get("/api/v1/connectors").await.body["data"][0]["merchant_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let merchant = app.first_merchant().await.to_string();
     let max = payrail::adapters::postgres::risk::MAX_LIST_ITEMS;
     app.sql()
         .await

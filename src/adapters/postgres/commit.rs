@@ -1111,13 +1111,12 @@ impl Db {
             claim: claim_check,
         };
         match verdict(results, &checks, &fences, &cols) {
-            // A refusal of the COMMIT itself (a deferred check: class 23; a serialization
-            // failure or deadlock: class 40) is an answer: rolled back. Anything else (no answer
-            // at all, the backend terminated or shut down: it may have committed locally first)
-            // leaves its fate unknown.
-            Ok(()) => open.commit().await.map_err(|e| match e.code().map(|c| c.code()) {
-                Some(c) if c.starts_with("23") || c.starts_with("40") => CommitError::Store(pg_error(e)),
-                _ => CommitError::Unknown,
+            Ok(()) => open.commit().await.map_err(|e| {
+                if refused_at_commit(e.code()) {
+                    CommitError::Store(pg_error(e))
+                } else {
+                    CommitError::Unknown
+                }
             })?,
             Err(e) => {
                 open.roll_back().await;
@@ -1129,6 +1128,14 @@ impl Db {
         }
         Ok(())
     }
+}
+
+/// Whether an error answering a COMMIT says the transaction was rolled back: a refusal of the
+/// COMMIT itself (a deferred check, class 23; a serialization failure or deadlock, class 40).
+/// Anything else (no answer at all; the backend terminated or shut down, which may come after
+/// the commit was flushed locally) leaves its fate unknown.
+fn refused_at_commit(code: Option<&tokio_postgres::error::SqlState>) -> bool {
+    code.is_some_and(|c| c.code().starts_with("23") || c.code().starts_with("40"))
 }
 
 /// Where a batch's counted statements are in its results.
@@ -1286,4 +1293,28 @@ fn aggregate(batch: &[&Commit]) -> Result<Deltas, StoreError> {
         }
     }
     Ok(deltas)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refused_at_commit;
+    use tokio_postgres::error::SqlState;
+
+    #[test]
+    fn a_commit_is_taken_as_rolled_back_only_when_the_server_refused_it() {
+        for refused in [
+            SqlState::CHECK_VIOLATION,
+            SqlState::FOREIGN_KEY_VIOLATION,
+            SqlState::UNIQUE_VIOLATION,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+        ] {
+            assert!(refused_at_commit(Some(&refused)), "{}", refused.code());
+        }
+        // No answer, or the backend went away: the COMMIT may have been flushed first.
+        assert!(!refused_at_commit(None));
+        for unknown in [SqlState::ADMIN_SHUTDOWN, SqlState::CRASH_SHUTDOWN, SqlState::IO_ERROR] {
+            assert!(!refused_at_commit(Some(&unknown)), "{}", unknown.code());
+        }
+    }
 }
