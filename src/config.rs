@@ -585,6 +585,9 @@ impl Config {
         if w.claim_lease_secs * 1000 <= w.timeout_ms {
             return bad("[webhooks_out] claim_lease_secs must be longer than timeout_ms: a delivery in flight must not be taken twice");
         }
+        if w.poll_interval_ms.saturating_mul(3) >= w.claim_lease_secs.saturating_mul(1000) {
+            return bad("[webhooks_out] poll_interval_ms must be under a third of claim_lease_secs: the poller renews the leases of the deliveries its node holds");
+        }
         if w.retry_base_ms == 0
             || w.retry_max_ms < w.retry_base_ms
             || w.event_retention_days * 86_400 < w.retry_window_secs
@@ -716,6 +719,9 @@ mod tests {
         let short_lease = [("PAYRAIL__WEBHOOKS_OUT__CLAIM_LEASE_SECS", "5")];
         let r = Config::from_toml(&base(), short_lease.iter().map(|(a, b)| (a.to_string(), b.to_string())));
         assert!(matches!(r, Err(ConfigError::Invalid(m)) if m.contains("claim_lease_secs")));
+        let slow_poll = [("PAYRAIL__WEBHOOKS_OUT__POLL_INTERVAL_MS", "20000")];
+        let r = Config::from_toml(&base(), slow_poll.iter().map(|(a, b)| (a.to_string(), b.to_string())));
+        assert!(matches!(r, Err(ConfigError::Invalid(m)) if m.contains("poll_interval_ms")));
     }
 
     #[test]

@@ -54,6 +54,8 @@ const MAX_CACHED_MERCHANTS: usize = 100_000;
 /// Events deleted per pruning round, and how often pruning runs.
 const PRUNE_BATCH: i64 = 10_000;
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// Held deliveries whose leases one statement renews.
+const RENEW_CHUNK: usize = 5_000;
 
 /// One merchant's enabled endpoints.
 pub type Endpoints = Arc<Vec<Arc<EndpointRow>>>;
@@ -72,15 +74,6 @@ impl EndpointCache {
     pub fn invalidate(&self, merchant: &str) {
         self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.map.remove(merchant);
-    }
-
-    /// Whether `endpoint` is still among `merchant`'s enabled endpoints, as far as this node
-    /// knows without asking PostgreSQL (true when it does not know).
-    fn still_enabled(&self, merchant: &str, endpoint: &str) -> bool {
-        match self.map.get(merchant) {
-            Some(e) if e.0.elapsed() < CACHE_TTL => e.1.iter().any(|x| x.id == endpoint),
-            _ => true,
-        }
     }
 
     async fn get(&self, db: &Db, merchant: &str) -> Result<Endpoints, StoreError> {
@@ -183,6 +176,13 @@ struct Job {
     event_created: Option<DateTime<Utc>>,
 }
 
+/// What this node knows of a delivery it holds: the lease it renews is that of this claim only.
+#[derive(Clone, Copy)]
+struct Held {
+    retry_until: DateTime<Utc>,
+    attempts: i32,
+}
+
 struct Shared {
     db: Db,
     config: WebhooksOutConfig,
@@ -192,10 +192,11 @@ struct Shared {
     client: WebhookClient,
     workers: RefCell<HashMap<String, mpsc::Sender<Job>>>,
     /// Deliveries this node holds (in a mailbox or in flight), with the retry window they were
-    /// claimed in: a claim that finds one of them again in the same window (its lease ran out
-    /// while it waited) does not queue it twice; in a new window (a redelivery asked for
-    /// meanwhile) it is queued again.
-    held: RefCell<HashMap<i64, DateTime<Utc>>>,
+    /// claimed in and the attempts made before: a claim that finds one of them again in the same
+    /// window does not queue it twice; in a new window (a redelivery asked for meanwhile) it is
+    /// queued again. The poller renews their leases ([`renew_leases`]), so that no other node
+    /// takes what waits here in a long queue.
+    held: RefCell<HashMap<i64, Held>>,
     /// POSTs in flight over all endpoints.
     in_flight: Arc<Semaphore>,
     outcomes: mpsc::Sender<Attempt>,
@@ -230,7 +231,7 @@ impl Shared {
     /// Puts `job` in its endpoint's mailbox, starting the worker if needed. False when there is
     /// no room: the caller gives the delivery back to PostgreSQL ([`Shared::release`]).
     fn hand(self: &Rc<Self>, job: Job) -> bool {
-        if self.held.borrow().get(&job.delivery_id) == Some(&job.retry_until) {
+        if self.held.borrow().get(&job.delivery_id).map(|h| h.retry_until) == Some(job.retry_until) {
             // Already here, waiting or in flight; the claim only renewed its lease. (Claimed in
             // another window, it is a redelivery asked for meanwhile: it is sent again.)
             return true;
@@ -238,7 +239,11 @@ impl Shared {
         if self.room() == 0 {
             return false;
         }
-        let (delivery, window) = (job.delivery_id, job.retry_until);
+        let delivery = job.delivery_id;
+        let held = Held {
+            retry_until: job.retry_until,
+            attempts: job.attempts,
+        };
         let id = job.endpoint.id.clone();
         let sender = {
             let mut workers = self.workers.borrow_mut();
@@ -253,7 +258,7 @@ impl Shared {
         };
         match sender.try_send(job) {
             Ok(()) => {
-                self.held.borrow_mut().insert(delivery, window);
+                self.held.borrow_mut().insert(delivery, held);
                 self.stats.mailbox_depth.fetch_add(1, Ordering::Relaxed);
                 true
             }
@@ -278,15 +283,23 @@ impl Shared {
         }
     }
 
-    /// One attempt: sign with the endpoint's current secrets, POST, and pass the outcome on.
+    /// One attempt: the endpoint as it is now (a job may have waited in its mailbox while the
+    /// merchant changed its URL, rotated its secret, disabled or deleted it), signed with its
+    /// current secrets, POSTed, and the outcome passed on.
     async fn attempt(&self, job: Job) {
-        if !self.cache.still_enabled(&job.endpoint.merchant_id, &job.endpoint.id) {
-            // Disabled (its pending deliveries ended) or deleted (they went with it) meanwhile.
-            return;
-        }
+        let endpoint = match self.cache.get(&self.db, &job.endpoint.merchant_id).await {
+            Ok(list) => list.iter().find(|e| e.id == job.endpoint.id).cloned(),
+            Err(e) => {
+                // Nothing is sent on a guess: the delivery's lease runs out and it is claimed again.
+                tracing::warn!(endpoint = %job.endpoint.id, error = %e, "webhooks: cannot read the endpoint; not sent");
+                return;
+            }
+        };
+        // Disabled (its pending deliveries ended) or deleted (they went with it) meanwhile.
+        let Some(endpoint) = endpoint else { return };
         let now = Utc::now();
-        let header = signature_header(&job.body, &job.endpoint.signing_secrets(now), now.timestamp());
-        let sent = self.client.post(&job.endpoint.url, &header, job.body.clone()).await;
+        let header = signature_header(&job.body, &endpoint.signing_secrets(now), now.timestamp());
+        let sent = self.client.post(&endpoint.url, &header, job.body.clone()).await;
         let at = Utc::now();
         let lag = job
             .event_created
@@ -352,7 +365,7 @@ async fn work(shared: Rc<Shared>, endpoint: String, mut rx: mpsc::Receiver<Job>)
             let (delivery, window) = (job.delivery_id, job.retry_until);
             s.attempt(job).await;
             let mut held = s.held.borrow_mut();
-            if held.get(&delivery) == Some(&window) {
+            if held.get(&delivery).map(|h| h.retry_until) == Some(window) {
                 held.remove(&delivery);
             }
         });
@@ -520,7 +533,12 @@ async fn poll(shared: Rc<Shared>) {
     let _running = shared.shutdown.enter();
     let interval = Duration::from_millis(shared.config.poll_interval_ms.max(10));
     let mut last_prune: Option<Instant> = None;
+    let mut last_renewal = Instant::now();
     while !shared.shutdown.is_stopping() {
+        if last_renewal.elapsed() >= shared.lease() / 3 {
+            last_renewal = Instant::now();
+            renew_leases(&shared).await;
+        }
         let room = shared.room().min(shared.config.fetch_batch) as i64;
         let mut full = false;
         if room > 0 {
@@ -570,6 +588,39 @@ async fn poll(shared: Rc<Shared>) {
             break;
         }
     }
+}
+
+/// Renews the leases of the deliveries this node holds, a third of a lease before they could
+/// run out, so that a delivery waiting in a long mailbox is not claimed and POSTed by another
+/// node meanwhile. Each renewal is fenced by the claim it renews (the attempts made and the
+/// retry window): an outcome recorded since, or a redelivery asked for, is left as it is.
+async fn renew_leases(shared: &Shared) {
+    let held: Vec<(i64, Held)> = shared.held.borrow().iter().map(|(id, h)| (*id, *h)).collect();
+    for chunk in held.chunks(RENEW_CHUNK) {
+        if let Err(e) = shared
+            .db
+            .renew_delivery_leases(chunk_columns(chunk), shared.lease())
+            .await
+        {
+            // Not fatal: a lease that runs out means at worst one duplicate POST (at least once).
+            tracing::warn!(error = %e, "webhook poller: cannot renew the leases of held deliveries");
+            return;
+        }
+    }
+}
+
+fn chunk_columns(chunk: &[(i64, Held)]) -> (Vec<i64>, Vec<i32>, Vec<DateTime<Utc>>) {
+    let mut columns = (
+        Vec::with_capacity(chunk.len()),
+        Vec::with_capacity(chunk.len()),
+        Vec::with_capacity(chunk.len()),
+    );
+    for (id, h) in chunk {
+        columns.0.push(*id);
+        columns.1.push(h.attempts);
+        columns.2.push(h.retry_until);
+    }
+    columns
 }
 
 /// The recorder: outcomes in batches, each batch one transaction; a failed write is retried

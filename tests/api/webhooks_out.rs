@@ -915,3 +915,206 @@ async fn a_redelivery_asked_for_while_a_delivery_is_under_way_is_made_too() {
     assert!(receiver.hits().iter().all(|h| h.event["id"] == event.as_str()));
     wait_for_latest_delivery_succeeded(&app, &id, "the last one to be recorded").await;
 }
+
+#[actix_web::test]
+async fn queued_deliveries_go_to_the_endpoint_as_it_is_now_not_as_it_was_when_queued() {
+    // One POST at a time to a slow endpoint: the others wait in its mailbox while the merchant
+    // moves the endpoint to another URL, then deletes it.
+    let app = spawn_app_with(|c| c.webhooks_out.max_in_flight_per_endpoint = 1).await;
+    let (old, new) = (Receiver::start().await, Receiver::start().await);
+    old.delay_ms.store(1500, Ordering::SeqCst);
+    let endpoint = create_endpoint(&app, json!({ "url": old.url, "enabled_events": ["payment.created"] })).await;
+    let id = endpoint["id"].as_str().unwrap().to_owned();
+    for _ in 0..5 {
+        assert_eq!(app.pay(100, "pm_card_visa", "manual", false).await.status, 201);
+    }
+    wait_for("the first POST to the old URL", 15, async || !old.hits().is_empty()).await;
+    let moved = app
+        .post(&format!("/api/v1/webhook_endpoints/{id}"), json!({ "url": new.url }))
+        .await;
+    assert_eq!(moved.status, 200, "{}", moved.body);
+    wait_for("all five events", 30, async || {
+        let mut ids: Vec<String> = old
+            .hits()
+            .iter()
+            .chain(new.hits().iter())
+            .map(|h| h.event["id"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len() == 5
+    })
+    .await;
+    assert_eq!(
+        old.hits().len(),
+        1,
+        "only the POST under way when the URL changed went to the old URL"
+    );
+    assert_eq!(new.hits().len(), 4);
+
+    // Deleted while deliveries wait: none of them is sent.
+    new.delay_ms.store(1500, Ordering::SeqCst);
+    for _ in 0..4 {
+        assert_eq!(app.pay(100, "pm_card_visa", "manual", false).await.status, 201);
+    }
+    wait_for("the first of the next four", 15, async || new.hits().len() == 5).await;
+    let r = app
+        .request(
+            "DELETE",
+            &format!("/api/v1/webhook_endpoints/{id}"),
+            Some(DEMO_KEY),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    // The POST under way ends (1.5 s); whatever else waited would follow within as long again.
+    let settled = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < settled {
+        assert_eq!(new.hits().len(), 5, "a delivery of a deleted endpoint was sent");
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[actix_web::test]
+async fn a_redelivery_to_an_endpoint_disabled_meanwhile_makes_no_delivery() {
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    let endpoint = create_endpoint(&app, json!({ "url": receiver.url })).await;
+    let id = endpoint["id"].as_str().unwrap().to_owned();
+    app.pay(100, "pm_card_visa", "manual", false).await;
+    wait_for_latest_delivery_succeeded(&app, &id, "the first delivery").await;
+    let event = receiver.hits()[0].event["id"].as_str().unwrap().to_owned();
+    let row = payrail::domain::webhook::parse_event_id(&event).unwrap();
+    // The API read the endpoint as enabled, then the merchant's disabling committed.
+    let r = app
+        .post(&format!("/api/v1/webhook_endpoints/{id}"), json!({ "disabled": true }))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let made = app
+        .state
+        .db
+        .redeliver(row, std::slice::from_ref(&id), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(made, 0);
+    let pending: i64 = app
+        .sql()
+        .await
+        .query_one(
+            "SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = $1 AND status = 'pending'",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        pending, 0,
+        "a pending delivery on a disabled endpoint is never claimed nor ended"
+    );
+}
+
+#[actix_web::test]
+async fn a_node_keeps_the_leases_of_the_deliveries_waiting_in_its_mailbox() {
+    // Leases of 2 s, a slow endpoint taking one POST at a time: deliveries wait in the mailbox
+    // for several leases. Another node's claim (made here directly) must find none of them.
+    // Room for the eight only, so that this node's own poller claims (at most one at a time)
+    // nothing that would hide an expired lease from the other's.
+    let app = spawn_app_with(|c| {
+        c.webhooks_out.max_queued_total = 8;
+        c.webhooks_out.claim_lease_secs = 2;
+        c.webhooks_out.timeout_ms = 1_500;
+        c.webhooks_out.poll_interval_ms = 50;
+        c.webhooks_out.max_in_flight_per_endpoint = 1;
+    })
+    .await;
+    let receiver = Receiver::start().await;
+    receiver.delay_ms.store(1_000, Ordering::SeqCst);
+    create_endpoint(
+        &app,
+        json!({ "url": receiver.url, "enabled_events": ["payment.created"] }),
+    )
+    .await;
+    for _ in 0..8 {
+        assert_eq!(app.pay(100, "pm_card_visa", "manual", false).await.status, 201);
+    }
+    wait_for("the first POST", 15, async || !receiver.hits().is_empty()).await;
+    let first = Instant::now();
+    // Two and a half leases later, most of the eight still wait here.
+    while first.elapsed() < Duration::from_millis(5_000) {
+        let taken = app
+            .state
+            .db
+            .claim_due_deliveries(100, Duration::from_secs(2), &[])
+            .await
+            .unwrap();
+        assert!(
+            taken.is_empty(),
+            "another node took {} deliveries this node holds",
+            taken.len()
+        );
+        actix_rt::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(receiver.hits().len() < 8, "the test needs deliveries still waiting");
+    receiver.delay_ms.store(0, Ordering::SeqCst);
+    wait_for("all eight", 30, async || receiver.hits().len() >= 8).await;
+}
+
+#[actix_web::test]
+async fn an_event_or_delivery_cursor_that_names_no_row_of_the_list_gives_an_empty_page() {
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    let endpoint = create_endpoint(&app, json!({ "url": receiver.url })).await;
+    let id = endpoint["id"].as_str().unwrap().to_owned();
+    for _ in 0..2 {
+        app.pay(100, "pm_card_visa", "automatic", true).await;
+    }
+    let other = app.new_merchant().await;
+    let pay = json!({ "order_id": "o", "amount": { "value": 100, "currency": "USD" },
+                      "payment_method": "pm_card_visa", "capture_strategy": "manual", "confirm": false });
+    let r = app
+        .request(
+            "POST",
+            "/api/v1/payments",
+            Some(&other),
+            Some("k-other"),
+            Some(&pay.to_string()),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let theirs = app.request("GET", "/api/v1/events", Some(&other), None, None).await;
+    let their_event = theirs.body["data"][0]["id"].as_str().unwrap().to_owned();
+    let page = app.get(&format!("/api/v1/events?starting_after={their_event}")).await;
+    assert_eq!(
+        (page.status, page.body["data"].clone()),
+        (200, json!([])),
+        "another merchant's event"
+    );
+    let page = app.get("/api/v1/events?starting_after=evt_0fffffffffffffff").await;
+    assert_eq!(page.body["data"], json!([]), "an event that does not exist");
+    let mine = app.get("/api/v1/events").await.body["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let page = app.get(&format!("/api/v1/events?starting_after={mine}")).await;
+    assert!(
+        !page.body["data"].as_array().unwrap().is_empty(),
+        "its own cursor still pages"
+    );
+
+    wait_for("deliveries", 15, async || receiver.hits().len() >= 2).await;
+    let log = app.get(&format!("/api/v1/webhook_endpoints/{id}/deliveries")).await;
+    let last = log.body["data"][0]["id"].as_str().unwrap().to_owned();
+    let page = app
+        .get(&format!(
+            "/api/v1/webhook_endpoints/{id}/deliveries?starting_after={last}"
+        ))
+        .await;
+    assert!(!page.body["data"].as_array().unwrap().is_empty());
+    let page = app
+        .get(&format!(
+            "/api/v1/webhook_endpoints/{id}/deliveries?starting_after=wd_999999999"
+        ))
+        .await;
+    assert_eq!((page.status, page.body["data"].clone()), (200, json!([])));
+}

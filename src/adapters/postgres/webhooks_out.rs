@@ -236,7 +236,8 @@ impl Db {
             .prepare_cached(
                 "SELECT id, event_type, coalesce(body::text, payload::text), created_at FROM outbox
                  WHERE merchant_id = $1
-                   AND ($2::bigint IS NULL OR id < $2)
+                   AND ($2::bigint IS NULL
+                        OR (id < $2 AND EXISTS (SELECT 1 FROM outbox c WHERE c.id = $2 AND c.merchant_id = $1)))
                    AND ($3::text IS NULL OR event_type = $3)
                    AND ($4::text IS NULL OR left(event_type, length($4)) = $4)
                    AND ($5::timestamptz IS NULL OR created_at >= $5)
@@ -502,7 +503,7 @@ impl Db {
                 "INSERT INTO webhook_deliveries (endpoint_id, event_id, next_attempt_at, retry_until)
                  SELECT e, v, now() + make_interval(secs => $3), now() + make_interval(secs => $4)
                  FROM unnest($1::text[], $2::bigint[]) AS t(e, v)
-                 WHERE EXISTS (SELECT 1 FROM webhook_endpoints w WHERE w.id = t.e AND w.status = 'enabled')
+                 WHERE EXISTS (SELECT 1 FROM webhook_endpoints w WHERE w.id = t.e AND w.status = 'enabled' FOR SHARE)
                  ON CONFLICT (endpoint_id, event_id) DO NOTHING
                  RETURNING id, endpoint_id, event_id, retry_until",
             )
@@ -521,6 +522,29 @@ impl Db {
                 retry_until: r.get(3),
             })
             .collect())
+    }
+
+    /// Extends the leases of deliveries a node holds, each only while it is still the claim that
+    /// node made (`attempts` and `retry_until` unchanged, still pending).
+    pub async fn renew_delivery_leases(
+        &self,
+        (ids, attempts, windows): (Vec<i64>, Vec<i32>, Vec<DateTime<Utc>>),
+        lease: Duration,
+    ) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE webhook_deliveries d SET next_attempt_at = now() + make_interval(secs => $4)
+                 FROM unnest($1::bigint[], $2::int[], $3::timestamptz[]) AS h(id, attempts, retry_until)
+                 WHERE d.id = h.id AND d.attempts = h.attempts AND d.retry_until = h.retry_until
+                   AND d.status = 'pending'",
+                &[&ids, &attempts, &windows, &interval(lease)],
+            )
+            .await
+            .map_err(pg_error)
     }
 
     /// Takes up to `limit` deliveries whose time has come (retries, and deliveries whose lease
@@ -741,7 +765,10 @@ impl Db {
                  FROM webhook_deliveries d
                  JOIN webhook_endpoints w ON w.id = d.endpoint_id AND w.merchant_id = $1
                  LEFT JOIN outbox o ON o.id = d.event_id
-                 WHERE d.endpoint_id = $2 AND ($3::bigint IS NULL OR d.id < $3) AND ($4::text IS NULL OR d.status = $4)
+                 WHERE d.endpoint_id = $2
+                   AND ($3::bigint IS NULL
+                        OR (d.id < $3 AND EXISTS (SELECT 1 FROM webhook_deliveries c WHERE c.id = $3 AND c.endpoint_id = $2)))
+                   AND ($4::text IS NULL OR d.status = $4)
                  ORDER BY d.id DESC LIMIT $5",
                 &[&merchant, &endpoint, &starting_after, &status, &(limit + 1)],
             )
@@ -772,13 +799,19 @@ impl Db {
     }
 
     /// Schedules `event` again, now, to each of `endpoints` (the caller has checked they are
-    /// the merchant's and enabled), with a fresh retry window. Returns how many.
+    /// the merchant's) that is enabled, with a fresh retry window. Returns how many.
+    ///
+    /// Here and in [`Db::insert_deliveries`], the endpoint's row is share-locked: a disabling
+    /// that commits first is seen (the lock waits for it, then reads the row again), and one that
+    /// comes later waits for this insert and ends what it made. Without the lock, a delivery made
+    /// beside a disabling would stay pending on a disabled endpoint, never claimed nor ended.
     pub async fn redeliver(&self, event: i64, endpoints: &[String], window: Duration) -> Result<u64, StoreError> {
         let client = self.client().await?;
         client
             .execute(
                 "INSERT INTO webhook_deliveries (endpoint_id, event_id, next_attempt_at, retry_until)
                  SELECT e, $2, now(), now() + make_interval(secs => $3) FROM unnest($1::text[]) AS e
+                 WHERE EXISTS (SELECT 1 FROM webhook_endpoints w WHERE w.id = e AND w.status = 'enabled' FOR SHARE)
                  ON CONFLICT (endpoint_id, event_id) DO UPDATE SET
                      status = 'pending', attempts = 0, next_attempt_at = now(), retry_until = EXCLUDED.retry_until,
                      delivered_at = NULL",
@@ -797,7 +830,7 @@ impl Db {
                         count(*) FILTER (WHERE d.attempts > 0),
                         COALESCE(EXTRACT(EPOCH FROM now() - min(d.created_at) FILTER (WHERE w.failing_since IS NULL)), 0)::float8,
                         COALESCE(EXTRACT(EPOCH FROM now() - min(d.created_at) FILTER (WHERE w.failing_since IS NOT NULL)), 0)::float8
-                 FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id
+                 FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id AND w.status = 'enabled'
                  WHERE d.status = 'pending'",
                 &[],
             )
