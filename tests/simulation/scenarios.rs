@@ -99,6 +99,17 @@ impl Sim {
         *call.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(answer);
     }
 
+    /// Refunds of `p` of each amount, each taken by the PSP as pending.
+    fn refunds_pending_at_the_psp(&mut self, p: &PaymentId, amounts: &[i64]) {
+        for &amount in amounts {
+            let r = self.request(p, Kind::Refund, Some(amount));
+            self.send(r);
+            self.run_actors();
+            self.psp_refund_pending();
+            self.run_actors();
+        }
+    }
+
     /// Every actor moves until none can (each waits for the PSP, or has nothing to do).
     fn run_actors(&mut self) {
         self.run_actors_in(false)
@@ -450,14 +461,8 @@ fn a_refused_outcome_has_no_side_effects() -> Result<(), String> {
 fn out_of_order_events_wait_and_every_listed_refund_settles() -> Result<(), String> {
     let mut s = Sim::scripted();
     let p = s.captured(1000);
-    for amount in [100, 200] {
-        let r = s.request(&p, Kind::Refund, Some(amount));
-        s.send(r);
-        s.run_actors();
-        // Pending at the PSP: settled below by one event that lists both.
-        s.psp_refund_pending();
-        s.run_actors();
-    }
+    // Pending at the PSP: settled below by one event that lists both.
+    s.refunds_pending_at_the_psp(&p, &[100, 200]);
     let reference = s.reference(&p);
     {
         let mut w = lock(&s.w);
@@ -569,6 +574,72 @@ fn an_event_in_another_currency_is_not_applied() -> Result<(), String> {
     ensure(exceptions == 1, "kept as an exception")
 }
 
+/// A refund the PSP refuses, whose closing commit lands while its COMMIT goes unanswered: the
+/// request runs again from the store and must find its refused attempt by its key (400, nothing
+/// refunded). Before the fix the close had taken the key off the request and the failed commit
+/// never put it back, so the re-run started a second refund with an attempt under no key: its
+/// outcome was not the key's answer, and a retry of the key answered the first one's refusal.
+fn a_refused_refund_whose_close_is_ambiguous_answers_its_refusal() -> Result<(), String> {
+    let mut s = Sim::scripted();
+    let p = s.captured(1000);
+    let k = s.request(&p, Kind::Refund, Some(300));
+    s.send(k);
+    s.run_actors();
+    lock(&s.w).force_ambiguous = 1;
+    s.psp(Psp::Refuse);
+    s.run_actors();
+    s.verdict()?;
+    let (status, body) = s.answer(k);
+    ensure(status == 400, format!("the refund answered {status}: {body}"))?;
+    let refunded = s.state(&p).refunded;
+    ensure(refunded == 0, format!("refunded {refunded}"))?;
+    let w = lock(&s.w);
+    ensure(
+        w.db.refunds.len() == 1,
+        format!("{} refunds for one key", w.db.refunds.len()),
+    )?;
+    let unkeyed = w.db.attempts.values().filter(|a| a.attempt.idem_key.is_none()).count();
+    ensure(unkeyed == 0, format!("{unkeyed} attempts under no key"))
+}
+
+/// A refund event that lists one refund twice, once succeeded and once failed (a PSP
+/// contradicting itself): neither is applied, so the other pending refund keeps its reservation.
+/// Before the fix each listing settled the same pending refund again: its journal posted, then
+/// a failure released 100 more of the reservation, which the other refund still held.
+fn a_refund_listed_twice_settles_at_most_once() -> Result<(), String> {
+    let mut s = Sim::scripted();
+    let p = s.captured(1000);
+    s.refunds_pending_at_the_psp(&p, &[100, 100]);
+    let reference = s.reference(&p);
+    let first = lock(&s.w).psp.intents[&reference].refunds[0].0.clone();
+    s.emit(
+        &p,
+        "charge.refunded",
+        json!({ "object": "charge", "currency": "eur", "refunds": { "data": [
+            { "id": first, "status": "succeeded" }, { "id": first, "status": "failed" } ] } }),
+    );
+    s.deliver_events();
+    let st = s.state(&p);
+    ensure(
+        (st.refunded, st.refund_pending) == (0, 200),
+        format!("refunded {}, pending {}", st.refunded, st.refund_pending),
+    )?;
+    let exceptions = lock(&s.w).db.exceptions.len();
+    ensure(exceptions == 1, format!("{exceptions} exceptions"))
+}
+
+/// A dispute for a payment with nothing captured opens nothing, and says so.
+fn a_dispute_of_a_payment_with_nothing_to_dispute_is_an_exception() -> Result<(), String> {
+    let mut s = Sim::scripted();
+    let p = s.authorized(1000);
+    s.emit(&p, "charge.dispute.created", json!({ "id": "du_1", "currency": "eur" }));
+    s.deliver_events();
+    s.verdict()?;
+    ensure(s.state(&p).disputed == 0, "nothing disputed")?;
+    let exceptions = lock(&s.w).db.exceptions.len();
+    ensure(exceptions == 1, format!("{exceptions} exceptions"))
+}
+
 /// A scripted scenario: `Err` says which invariant broke.
 pub type Scenario = fn() -> Result<(), String>;
 
@@ -606,6 +677,18 @@ pub const ALL: &[(&str, Scenario)] = &[
     (
         "finding 10: an event in another currency is not applied",
         an_event_in_another_currency_is_not_applied,
+    ),
+    (
+        "a refused refund whose close is ambiguous answers its refusal",
+        a_refused_refund_whose_close_is_ambiguous_answers_its_refusal,
+    ),
+    (
+        "a refund listed twice settles at most once",
+        a_refund_listed_twice_settles_at_most_once,
+    ),
+    (
+        "a dispute of a payment with nothing to dispute is an exception",
+        a_dispute_of_a_payment_with_nothing_to_dispute_is_an_exception,
     ),
     (
         "risk: review holds through a lost answer and redelivered events",

@@ -287,10 +287,14 @@ impl Flow<'_> {
             refund_status: refund.as_ref().map(|_| RefundStatus::Failed),
             exception: None,
         };
+        // The close is not the request's answer, so it carries no key; the key comes back
+        // however the commit ends: a commit of unknown fate re-runs the request, which must
+        // still find its attempts by their key (without it, it would start another under a key
+        // of its own, and answer for neither).
         let saved = self.idem.take();
-        self.apply(o, Some(attempt), cause, status, refund).await?;
+        let applied = self.apply(o, Some(attempt), cause, status, refund).await;
         self.idem = saved;
-        Ok(())
+        applied.map(|_| ())
     }
 
     /// One call of `attempt` to its connector. `NotSent` only for the first send of an

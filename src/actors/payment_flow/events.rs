@@ -147,6 +147,9 @@ impl Flow<'_> {
                     self.dispute = Some(d);
                 }
             }
+            PspFact::Notice(what) => {
+                outcome.exception = Some(format!("{cause} {}: {what}", e.event_id));
+            }
             PspFact::Other => {}
         }
         self.event = Some(event);
@@ -173,6 +176,14 @@ impl Flow<'_> {
         let asked = amount.unwrap_or(s.captured);
         let left = s.disputable();
         let amount = asked.min(left);
+        if amount <= 0 {
+            // Nothing captured, all of it refunded or disputed, or an amount that is not one.
+            outcome.exception = Some(format!(
+                "{cause} {reference}: the PSP disputes {asked}, but the payment ({:?}) has {left} left to dispute; no dispute opened",
+                self.payment().status()
+            ));
+            return Ok(());
+        }
         if amount < asked {
             outcome.exception = Some(format!(
                 "{cause} {reference}: the PSP disputes {asked}, but only {left} is left after refunds; opened for {}",
@@ -216,8 +227,21 @@ impl Flow<'_> {
             .await?;
         let mut settle = Vec::new();
         let mut unknown = Vec::new();
-        for l in listed {
+        // A refund listed twice settles once; listed as both succeeded and failed, not at all
+        // (the PSP contradicts itself: an operator decides).
+        let mut contradicted = Vec::new();
+        for (i, l) in listed.iter().enumerate() {
             let Some(status) = l.status else { continue };
+            let earlier = listed[..i]
+                .iter()
+                .filter(|o| o.reference == l.reference)
+                .filter_map(|o| o.status);
+            if earlier.clone().next().is_some() {
+                if earlier.into_iter().any(|s| s != status) && !contradicted.contains(&l.reference) {
+                    contradicted.push(l.reference.clone());
+                }
+                continue;
+            }
             match known
                 .iter()
                 .find(|r| r.psp_reference.as_deref() == Some(l.reference.as_str()))
@@ -230,9 +254,24 @@ impl Flow<'_> {
         if !unknown.is_empty() && self.live.open.iter().any(|a| matches!(a.op, PspOp::Refund { .. })) {
             return Err(PaymentError::Unavailable("the refund this event settles (not recorded yet)").into());
         }
+        settle.retain(|(r, _)| {
+            !contradicted
+                .iter()
+                .any(|c| r.psp_reference.as_deref() == Some(c.as_str()))
+        });
         let mut last = Outcome::recorded();
+        let mut problems = Vec::new();
         if !unknown.is_empty() {
-            last.exception = Some(format!("{cause}: refunds payrail did not make: {}", unknown.join(", ")));
+            problems.push(format!("refunds payrail did not make: {}", unknown.join(", ")));
+        }
+        if !contradicted.is_empty() {
+            problems.push(format!(
+                "refunds listed as both succeeded and failed, not settled: {}",
+                contradicted.join(", ")
+            ));
+        }
+        if !problems.is_empty() {
+            last.exception = Some(format!("{cause}: {}", problems.join("; ")));
         }
         let event = self.event.take();
         for (r, status) in settle {

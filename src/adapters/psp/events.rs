@@ -48,6 +48,9 @@ pub enum PspFact {
         reference: String,
         won: bool,
     },
+    /// A fact that moves nothing payrail books, but that an operator must see: kept as a payment
+    /// exception (a dispute inquiry to answer, money the PSP took that payrail cannot book).
+    Notice(&'static str),
     /// An event type that changes nothing for payrail (recorded, acknowledged, ignored).
     Other,
 }
@@ -101,11 +104,18 @@ pub fn translate(event: &PspEvent) -> Translated {
                     .collect(),
             )
         }
-        "charge.dispute.created" => PspFact::DisputeOpened {
+        // An inquiry (`warning_*`: Stripe has withdrawn nothing) is to be answered, not booked;
+        // if it becomes a chargeback, its `charge.dispute.funds_withdrawn` opens the dispute.
+        "charge.dispute.created" | "charge.dispute.updated" if inquiry(&object) => {
+            PspFact::Notice("a dispute inquiry: no funds were withdrawn; answer it at the PSP")
+        }
+        "charge.dispute.created" | "charge.dispute.funds_withdrawn" => PspFact::DisputeOpened {
             reference: text(&object["id"]).unwrap_or_else(|| event.event_id.clone()),
             amount: object["amount"].as_i64(),
             reason: text(&object["reason"]),
         },
+        // An inquiry closed without becoming a chargeback: nothing moved, nothing to close.
+        "charge.dispute.closed" if inquiry(&object) => PspFact::Other,
         "charge.dispute.closed" => PspFact::DisputeClosed {
             reference: text(&object["id"]).unwrap_or_default(),
             won: object["status"] == "won",
@@ -117,6 +127,12 @@ pub fn translate(event: &PspEvent) -> Translated {
         fact,
         currency: text(&object["currency"]),
     }
+}
+
+/// A Stripe dispute in its inquiry stage (`warning_needs_response`, `warning_under_review`,
+/// `warning_closed`): no funds are withdrawn for it.
+fn inquiry(dispute: &Value) -> bool {
+    dispute["status"].as_str().is_some_and(|s| s.starts_with("warning_"))
 }
 
 /// An Adyen notification item (`NotificationRequestItem`) in payrail's terms. Its `success`
@@ -151,6 +167,11 @@ fn adyen(item: &Value) -> Translated {
             reason: reason.map(str::to_owned),
         },
         ("CHARGEBACK_REVERSED", _) => PspFact::DisputeClosed { reference, won: true },
+        // The dispute, won once, is lost after all: Adyen deducts its amount again. A won dispute
+        // is final here, so the books cannot follow on their own.
+        ("SECOND_CHARGEBACK" | "PREARBITRATION_LOST", _) => {
+            PspFact::Notice("the PSP deducted a disputed amount again after the dispute was won; book it by hand")
+        }
         _ => PspFact::Other,
     };
     Translated {
@@ -223,5 +244,48 @@ mod tests {
         let mut garbage = event("payment_intent.succeeded", Value::Null);
         garbage.object = b"not json".to_vec();
         assert_eq!(translate(&garbage).fact, PspFact::Succeeded { amount: None });
+    }
+
+    #[test]
+    fn a_stripe_inquiry_books_nothing_until_funds_are_withdrawn() {
+        let dispute = |status: &str| json!({ "id": "du_1", "amount": 1000, "currency": "usd", "status": status });
+        for t in ["charge.dispute.created", "charge.dispute.updated"] {
+            for status in ["warning_needs_response", "warning_under_review"] {
+                assert!(
+                    matches!(translate(&event(t, dispute(status))).fact, PspFact::Notice(_)),
+                    "{t} {status}"
+                );
+            }
+        }
+        assert_eq!(
+            translate(&event("charge.dispute.closed", dispute("warning_closed"))).fact,
+            PspFact::Other,
+            "an inquiry closed is neither won nor lost"
+        );
+        let opened = PspFact::DisputeOpened {
+            reference: "du_1".into(),
+            amount: Some(1000),
+            reason: None,
+        };
+        for t in ["charge.dispute.created", "charge.dispute.funds_withdrawn"] {
+            assert_eq!(translate(&event(t, dispute("needs_response"))).fact, opened, "{t}");
+        }
+        assert_eq!(
+            translate(&event("charge.dispute.updated", dispute("under_review"))).fact,
+            PspFact::Other
+        );
+    }
+
+    #[test]
+    fn an_adyen_chargeback_after_a_won_dispute_is_for_an_operator() {
+        let item = |code: &str| {
+            json!({ "eventCode": code, "success": "true", "pspReference": "ADY_D1",
+                    "amount": { "value": 1000, "currency": "EUR" } })
+        };
+        for code in ["SECOND_CHARGEBACK", "PREARBITRATION_LOST"] {
+            assert!(matches!(adyen(&item(code)).fact, PspFact::Notice(_)), "{code}");
+        }
+        assert_eq!(adyen(&item("NOTIFICATION_OF_CHARGEBACK")).fact, PspFact::Other);
+        assert!(matches!(adyen(&item("CHARGEBACK")).fact, PspFact::DisputeOpened { .. }));
     }
 }
