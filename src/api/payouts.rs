@@ -134,6 +134,11 @@ pub async fn create(
                     None,
                 )),
                 Moved::NotFound => Err(ApiError::NotFound("payout")),
+                Moved::Inactive => Err(ApiError::invalid(
+                    "account_inactive",
+                    "a disabled account is not paid out",
+                    "account".to_owned(),
+                )),
             }
         },
     )
@@ -208,18 +213,17 @@ pub async fn housekeeping(state: &AppState) {
     if config.scheduled_payouts {
         match state.db.scheduled_payouts_due(TICK_PAYOUTS).await {
             Ok(due) => {
-                let day = now().date_naive();
-                for (platform, account, currency, available, bank) in due {
-                    let key = format!("scheduled:{account}:{currency}:{day}");
+                for d in due {
+                    let key = format!("scheduled:{}:{}:{}", d.account, d.currency, d.day);
                     let at = now();
                     let p = Payout {
-                        id: idempotency::derived_id("po", platform.as_str(), &key),
-                        platform_id: platform,
-                        account: Some(account),
-                        amount: available,
-                        currency,
+                        id: idempotency::derived_id("po", d.platform.as_str(), &key),
+                        platform_id: d.platform,
+                        account: Some(d.account),
+                        amount: d.available,
+                        currency: d.currency,
                         status: "pending".into(),
-                        bank_account: bank,
+                        bank_account: d.bank_account,
                         automatic: true,
                         failure_code: None,
                         created_at: at,

@@ -120,6 +120,11 @@ pub async fn create(
             Moved::Existing(_) | Moved::Reused => Err(ApiError::IdempotencyKeyReused),
             Moved::Insufficient | Moved::Uncovered => Err(insufficient()),
             Moved::NotFound => Err(ApiError::NotFound("transfer")),
+            Moved::Inactive => Err(ApiError::invalid(
+                "account_inactive",
+                "the destination account is not active",
+                "destination".to_owned(),
+            )),
         }
     })
     .await
@@ -191,7 +196,7 @@ pub async fn reverse(
                     "the seller's available balance does not cover the reversal",
                     amount.map(|_| "amount".to_owned()),
                 )),
-                Moved::NotFound => Err(ApiError::NotFound("transfer")),
+                Moved::NotFound | Moved::Inactive => Err(ApiError::NotFound("transfer")),
             }
         },
     )

@@ -46,6 +46,24 @@ async fn seller(app: &TestApp, acct: &str) -> (i64, i64) {
     (pick("pending"), pick("available"))
 }
 
+/// A seller made with `account` (the create request's body), paid `share` of a captured split
+/// payment of `amount`, its funds released.
+async fn funded_seller(app: &TestApp, account: Value, amount: i64, share: i64) -> String {
+    let r = app.post("/api/v1/accounts", account).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let a = r.body["id"].as_str().unwrap().to_owned();
+    split_payment(
+        app,
+        amount,
+        "automatic",
+        "pm_card_visa",
+        json!({ "splits": [{ "account": a, "amount": share }] }),
+    )
+    .await;
+    app.state.db.release_seller_funds(100).await.unwrap();
+    a
+}
+
 async fn platform_payable(app: &TestApp) -> i64 {
     let b = app.get("/api/v1/balance").await.body;
     b["balances"]
@@ -1035,23 +1053,14 @@ async fn concurrent_payouts_never_exceed_the_available_balance() {
 #[actix_web::test]
 async fn a_daily_schedule_pays_out_the_available_balance_once_a_day() {
     let app = spawn_app().await;
-    let r = app
-        .post(
-            "/api/v1/accounts",
-            json!({ "name": "A", "country": "FR", "default_currency": "USD",
-                    "payout_schedule": { "delay_days": 0, "interval": "daily", "minimum": 100 } }),
-        )
-        .await;
-    let a = r.body["id"].as_str().unwrap().to_owned();
-    split_payment(
+    let a = funded_seller(
         &app,
+        json!({ "name": "A", "country": "FR", "default_currency": "USD",
+                "payout_schedule": { "delay_days": 0, "interval": "daily", "minimum": 100 } }),
         1_000,
-        "automatic",
-        "pm_card_visa",
-        json!({ "splits": [{ "account": a, "amount": 700 }] }),
+        700,
     )
     .await;
-    app.state.db.release_seller_funds(100).await.unwrap();
     payrail::api::payouts::housekeeping(&app.state).await;
     // New funds the same day wait for tomorrow's payout.
     split_payment(
@@ -1073,6 +1082,71 @@ async fn a_daily_schedule_pays_out_the_available_balance_once_a_day() {
     );
     payout_settles(&app, data[0]["id"].as_str().unwrap(), "paid").await;
     assert_eq!(seller(&app, &a).await, (0, 300));
+    assert_ledger_clean(&app).await;
+}
+
+#[actix_web::test]
+async fn a_seller_disabled_while_the_schedule_runs_is_not_paid_out() {
+    let app = spawn_app().await;
+    let a = funded_seller(
+        &app,
+        json!({ "name": "A", "country": "FR", "default_currency": "USD",
+                "payout_schedule": { "delay_days": 0, "interval": "daily" } }),
+        1_000,
+        700,
+    )
+    .await;
+    // The tick read its due list; the platform disables the seller before its turn comes.
+    let due = app.state.db.scheduled_payouts_due(1_000).await.unwrap();
+    assert_eq!(due.len(), 1);
+    let disabled = app
+        .post(&format!("/api/v1/accounts/{a}"), json!({ "status": "disabled" }))
+        .await;
+    assert_eq!(disabled.status, 200, "{}", disabled.body);
+    let d = &due[0];
+    let payout = |id: &str| payrail::adapters::postgres::payouts::Payout {
+        id: id.to_owned(),
+        platform_id: d.platform.clone(),
+        account: Some(d.account.clone()),
+        amount: d.available,
+        currency: d.currency.clone(),
+        status: "pending".into(),
+        bank_account: d.bank_account.clone(),
+        automatic: true,
+        failure_code: None,
+        created_at: chrono::Utc::now(),
+        updated_at: chrono::Utc::now(),
+    };
+    let made = app.state.db.create_payout(&payout("po_sched_test")).await.unwrap();
+    assert!(
+        matches!(made, payrail::adapters::postgres::transfers::Moved::Inactive),
+        "a disabled seller was paid out"
+    );
+    assert_eq!(seller(&app, &a).await, (0, 700));
+
+    // A payout made while the seller was active, not yet handed to the rail when it was
+    // disabled: it stays pending (cancelable), and the rail never gets it.
+    let enabled = app
+        .post(&format!("/api/v1/accounts/{a}"), json!({ "status": "active" }))
+        .await;
+    assert_eq!(enabled.status, 200, "{}", enabled.body);
+    let made = app.state.db.create_payout(&payout("po_sched_test2")).await.unwrap();
+    assert!(matches!(
+        made,
+        payrail::adapters::postgres::transfers::Moved::Created(_)
+    ));
+    app.post(&format!("/api/v1/accounts/{a}"), json!({ "status": "disabled" }))
+        .await;
+    let handed = app.state.db.payout_in_transit("po_sched_test2").await.unwrap().unwrap();
+    assert_eq!(handed.status, "pending");
+    let canceled = app.post("/api/v1/payouts/po_sched_test2/cancel", json!({})).await;
+    assert_eq!(
+        (canceled.status, canceled.body["status"].as_str()),
+        (200, Some("canceled")),
+        "{}",
+        canceled.body
+    );
+    assert_eq!(seller(&app, &a).await, (0, 700));
     assert_ledger_clean(&app).await;
 }
 

@@ -11,7 +11,7 @@
 //! platform's own balance. Like a transfer, a payout takes the source's balance lock and is
 //! inserted only where the committed balance covers it, with its journal, in one transaction.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{json, Value};
 
 use super::outbox::insert_event;
@@ -125,15 +125,29 @@ impl Db {
         {
             return Ok(Moved::Existing(from_row(&row)));
         }
+        if let Some(account) = &p.account {
+            // Share-locked: a disabling that commits first is seen, one that comes later waits
+            // for this payout (and the payout, still `pending`, is not handed on: below).
+            let status = tx
+                .query_opt(
+                    "SELECT status FROM connected_accounts WHERE id = $1 AND platform_id = $2 FOR SHARE",
+                    &[&account.as_str(), &p.platform_id.as_str()],
+                )
+                .await
+                .map_err(pg_error)?;
+            if status.is_none_or(|r| r.get::<_, &str>(0) == "disabled") {
+                return Ok(Moved::Inactive);
+            }
+        }
         let source = p.source();
         let row = tx
             .query_opt(
                 &format!(
                     "INSERT INTO payouts (id, platform_id, account, amount, currency, status, bank_account, automatic,
                          created_at, updated_at)
-                     SELECT $1, $2, $3, $4::bigint, $5, 'pending', $6, $7, $8, $8
+                     SELECT $1, $2, $3, $4::bigint, $5, 'pending', $6, $7, now(), now()
                      WHERE (SELECT coalesce(sum(credit_total - debit_total), 0)::bigint FROM ledger_accounts
-                            WHERE account = $9 AND currency = $5)
+                            WHERE account = $8 AND currency = $5)
                          -- The platform's own balance still owes its pending refunds.
                          - (SELECT coalesce(sum(amount), 0)::bigint FROM refunds
                             WHERE $3::text IS NULL AND merchant_id = $2 AND currency = $5 AND status = 'pending')
@@ -148,7 +162,6 @@ impl Db {
                     &p.currency,
                     &p.bank_account,
                     &p.automatic,
-                    &p.created_at,
                     &source,
                 ],
             )
@@ -163,7 +176,7 @@ impl Db {
             Entry::credit(PAYOUTS_IN_TRANSIT, p.amount),
         ];
         let platform = p.platform_id.as_str();
-        post(&tx, "payout", &p.id, platform, &p.currency, &entries, p.created_at).await?;
+        post(&tx, "payout", &p.id, platform, &p.currency, &entries, stored.created_at).await?;
         insert_event(&tx, platform, "payout.created", &stored.to_object()).await?;
         tx.commit().await.map_err(pg_error)?;
         self.outbox_committed();
@@ -172,7 +185,8 @@ impl Db {
 
     /// The payout is handed to the rail: `pending` → `in_transit`, committed BEFORE the rail is
     /// called, so a payout the rail may have is never cancelable (an outcome that came first
-    /// stays).
+    /// stays). A seller's payout whose account is disabled stays `pending` (cancelable; handed
+    /// on if the account is enabled again).
     pub async fn payout_in_transit(&self, id: &str) -> Result<Option<Payout>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
@@ -180,6 +194,8 @@ impl Db {
             .query_opt(
                 &format!(
                     "UPDATE payouts SET status = 'in_transit', updated_at = now() WHERE id = $1 AND status = 'pending'
+                       AND (account IS NULL OR EXISTS (SELECT 1 FROM connected_accounts a
+                                                       WHERE a.id = payouts.account AND a.status <> 'disabled' FOR SHARE))
                      RETURNING {COLUMNS}"
                 ),
                 &[&id],
@@ -403,15 +419,14 @@ impl Db {
 
     /// Sellers whose payout schedule says "now": active, `daily` (or `weekly` on a Monday,
     /// UTC), with an available balance of at least their minimum (and more than nothing), per
-    /// currency: (platform, account, currency, available, bank account).
-    pub async fn scheduled_payouts_due(
-        &self,
-        limit: i64,
-    ) -> Result<Vec<(MerchantId, AccountId, String, i64, String)>, StoreError> {
+    /// currency. Days are the database's (UTC), as is every payout's `created_at`, so that
+    /// nodes whose clocks disagree near midnight agree on which day a payout is of.
+    pub async fn scheduled_payouts_due(&self, limit: i64) -> Result<Vec<ScheduledPayout>, StoreError> {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT a.platform_id, a.id, b.currency::text, b.available, a.bank_account
+                "SELECT a.platform_id, a.id, b.currency::text, b.available, a.bank_account,
+                        (now() AT TIME ZONE 'UTC')::date
                  FROM connected_accounts a
                  JOIN LATERAL (SELECT currency, sum(credit_total - debit_total)::bigint AS available
                                FROM ledger_accounts WHERE account = 'seller_available:' || a.id
@@ -430,15 +445,24 @@ impl Db {
             .map_err(pg_error)?;
         Ok(rows
             .iter()
-            .map(|r| {
-                (
-                    MerchantId::from_trusted(r.get(0)),
-                    AccountId::from_trusted(r.get(1)),
-                    r.get(2),
-                    r.get(3),
-                    r.get(4),
-                )
+            .map(|r| ScheduledPayout {
+                platform: MerchantId::from_trusted(r.get(0)),
+                account: AccountId::from_trusted(r.get(1)),
+                currency: r.get(2),
+                available: r.get(3),
+                bank_account: r.get(4),
+                day: r.get(5),
             })
             .collect())
     }
+}
+
+/// A seller due a scheduled payout: what it is paid, in which currency, on which (UTC) day.
+pub struct ScheduledPayout {
+    pub platform: MerchantId,
+    pub account: AccountId,
+    pub currency: String,
+    pub available: i64,
+    pub bank_account: String,
+    pub day: NaiveDate,
 }

@@ -94,6 +94,8 @@ pub enum Moved<T> {
     /// The id, derived from the request's idempotency key, names a reversal of another
     /// transfer: the key was used before, for something else (its record since expired).
     Reused,
+    /// The seller's account is disabled (a payout): it is not paid out.
+    Inactive,
 }
 
 fn from_row(row: &tokio_postgres::Row) -> Transfer {
