@@ -650,6 +650,135 @@ async fn postgres_itself_refuses_an_unbalanced_journal_and_changes_to_entries() 
     assert_eq!(report.orphan_entries, ["jr_orphan"], "{report:?}");
 }
 
+/// Migration V29's guards, each against what got past the checks before it: a temporary table
+/// shadowing the real one inside a check, an id renamed away from what names it, entries added
+/// to a journal committed earlier, an audit trail deleted; and verify reading a journal whose
+/// entries are in another currency than its own.
+#[actix_web::test]
+async fn what_got_past_the_database_checks_no_longer_does() {
+    use tokio_postgres::error::SqlState;
+    let app = spawn_app().await;
+    let (p, merchant) = captured_payment(&app).await;
+    let mut db = app.sql().await;
+
+    // Every plpgsql function of the schema reads the schema's tables, whatever the session's
+    // path: a `CREATE OR REPLACE` without its path fails here.
+    let unpinned: Vec<String> = db
+        .query(
+            "SELECT p.proname::text FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+             WHERE p.pronamespace = current_schema()::regnamespace AND l.lanname = 'plpgsql'
+               AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search\\_path=%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        unpinned.is_empty(),
+        "functions without a fixed search_path: {unpinned:?}"
+    );
+    // A temporary `journals` and `entries` that balance do not stand in for the real ones.
+    let tx = db.transaction().await.unwrap();
+    tx.batch_execute(
+        "CREATE TEMP TABLE journals (id text, currency char(3), tx xid8) ON COMMIT DROP;
+         CREATE TEMP TABLE entries (id bigint, journal_id text, currency char(3), debit bigint, credit bigint) ON COMMIT DROP;
+         INSERT INTO pg_temp.journals VALUES ('jr_shadow', 'USD', pg_current_xact_id());
+         INSERT INTO pg_temp.entries VALUES (1, 'jr_shadow', 'USD', 1, 0), (2, 'jr_shadow', 'USD', 0, 1);",
+    )
+    .await
+    .unwrap();
+    // (This session's own unqualified names would find its temporary tables: named in full.)
+    tx.execute(
+        "INSERT INTO public.journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at)
+         VALUES ('jr_shadow', $1, $2, 'refund', 'jr_shadow', 'USD', now())",
+        &[&p, &merchant],
+    )
+    .await
+    .unwrap();
+    let err = tx
+        .batch_execute(
+            "INSERT INTO public.entries (journal_id, account, currency, debit, credit)
+             VALUES ('jr_shadow', 'psp_clearing', 'EUR', 0, 1000000)",
+        )
+        .await
+        .expect_err("an unbalanced journal behind a temporary table");
+    assert_eq!(err.code(), Some(&SqlState::CHECK_VIOLATION), "{err}");
+    drop(tx);
+
+    // Ids never change: a renamed payment or merchant would leave what names it naming nothing.
+    for sql in [
+        format!("UPDATE payments SET id = 'pay_renamed' WHERE id = '{p}'"),
+        format!("UPDATE merchants SET id = 'mer_renamed' WHERE id = '{merchant}'"),
+    ] {
+        let err = db.batch_execute(&sql).await.expect_err(&sql);
+        assert_eq!(err.code(), Some(&SqlState::FOREIGN_KEY_VIOLATION), "{sql}: {err}");
+    }
+    // An ordinary update of either still goes.
+    db.batch_execute(&format!("UPDATE payments SET updated_at = updated_at WHERE id = '{p}'"))
+        .await
+        .unwrap();
+
+    // A journal's entries are its own transaction's: balanced entries added later are refused.
+    let journal: String = db
+        .query_one("SELECT id FROM journals WHERE payment_id = $1 LIMIT 1", &[&p])
+        .await
+        .unwrap()
+        .get(0);
+    let err = db
+        .execute(
+            "INSERT INTO entries (journal_id, account, currency, debit, credit)
+             VALUES ($1, 'psp_clearing', 'USD', 777, 0), ($1, 'platform_fee_revenue', 'USD', 0, 777)",
+            &[&journal],
+        )
+        .await
+        .expect_err("entries added to a committed journal");
+    assert_eq!(err.code(), Some(&SqlState::CHECK_VIOLATION), "{err}");
+    // In its own transaction, through a savepoint too, a new journal takes its entries.
+    let mut tx = db.transaction().await.unwrap();
+    forge_journal(&tx, "jr_fresh", &p, &merchant).await;
+    let sp = tx.savepoint("entries").await.unwrap();
+    sp.execute(
+        "INSERT INTO entries (journal_id, account, currency, debit, credit)
+         VALUES ('jr_fresh', 'psp_clearing', 'USD', 3, 0), ('jr_fresh', 'platform_fee_revenue', 'USD', 0, 3)",
+        &[],
+    )
+    .await
+    .unwrap();
+    sp.commit().await.unwrap();
+    tx.rollback().await.unwrap();
+
+    // The audit trail stays.
+    for sql in [
+        "DELETE FROM payment_transitions",
+        "DELETE FROM psp_attempts",
+        "TRUNCATE payment_transitions",
+        "TRUNCATE psp_attempts CASCADE",
+    ] {
+        let err = db.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{sql}: {err}");
+    }
+
+    // Two journals that each debit one currency and credit another, slipped in around the
+    // triggers (a restore): the totals per currency still net to zero, but verify names both.
+    let tx = db.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "SET LOCAL session_replication_role = replica;
+         INSERT INTO journals (id, payment_id, merchant_id, kind, correlation_id, currency, created_at) VALUES
+         ('jr_mix_a', '{p}', '{merchant}', 'refund', 'jr_mix_a', 'USD', now()),
+         ('jr_mix_b', '{p}', '{merchant}', 'refund', 'jr_mix_b', 'EUR', now());
+         INSERT INTO entries (journal_id, account, currency, debit, credit) VALUES
+         ('jr_mix_a', 'psp_clearing', 'USD', 500, 0), ('jr_mix_a', 'psp_clearing', 'EUR', 0, 500),
+         ('jr_mix_b', 'psp_clearing', 'EUR', 500, 0), ('jr_mix_b', 'psp_clearing', 'USD', 0, 500);"
+    ))
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let report = app.state.db.verify_ledger().await.unwrap();
+    assert_eq!(report.unbalanced_journals, ["jr_mix_a", "jr_mix_b"], "{report:?}");
+}
+
 /// The references of a payment's rows (its merchant, the payment of an attempt or a journal)
 /// are checked once per statement, without the row locks of foreign keys (migration V23), and
 /// still hold: a row naming what does not exist is refused, the names cannot change, and what
@@ -755,11 +884,23 @@ async fn postgres_itself_refuses_a_payment_attempt_or_journal_naming_what_does_n
         let err = db.batch_execute(sql).await.expect_err(case);
         assert_eq!(err.code(), Some(&SqlState::FOREIGN_KEY_VIOLATION), "{case}: {err}");
     }
-    // Named by nothing, each goes.
+    // An attempt is kept for good (V29), so that payment stays. Named by nothing, a payment and
+    // then its merchant go.
+    let err = db
+        .batch_execute("DELETE FROM psp_attempts WHERE id = 'att_bare'")
+        .await
+        .expect_err("an attempt deleted");
+    assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{err}");
     db.batch_execute(
-        "DELETE FROM psp_attempts WHERE id = 'att_bare';
-         DELETE FROM payments WHERE id = 'pay_bare';
-         DELETE FROM merchants WHERE id = 'mer_bare';",
+        "INSERT INTO merchants (id, name, default_currency, fee_bps, fee_fixed)
+         VALUES ('mer_bare2', 'bare', 'USD', 0, 0)",
+    )
+    .await
+    .unwrap();
+    db.batch_execute(&copy("pay_bare2", "mer_bare2")).await.unwrap();
+    db.batch_execute(
+        "DELETE FROM payments WHERE id = 'pay_bare2';
+         DELETE FROM merchants WHERE id = 'mer_bare2';",
     )
     .await
     .unwrap();

@@ -150,8 +150,12 @@ impl Db {
         }
         for row in client
             .query(
+                // An entry in another currency than its journal's makes it unbalanced too: two
+                // journals that each convert one currency into another net to zero per currency.
                 "SELECT j.id FROM journals j LEFT JOIN entries e ON e.journal_id = j.id
-                 GROUP BY j.id HAVING count(e.id) < 2 OR coalesce(sum(e.debit), 0) <> coalesce(sum(e.credit), 0)
+                 GROUP BY j.id
+                 HAVING count(e.id) < 2 OR coalesce(sum(e.debit), 0) <> coalesce(sum(e.credit), 0)
+                     OR coalesce(bool_or(e.currency <> j.currency), false)
                  ORDER BY 1 LIMIT 1000",
                 &[],
             )

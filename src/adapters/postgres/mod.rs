@@ -176,6 +176,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "entries_keyed_by_journal",
         include_str!("../../../migrations/V28__entries_keyed_by_journal.sql"),
     ),
+    (
+        29,
+        "database_guards",
+        include_str!("../../../migrations/V29__database_guards.sql"),
+    ),
 ];
 
 /// The first line of a migration that cannot run in one transaction (an index built
