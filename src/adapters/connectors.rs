@@ -244,7 +244,11 @@ impl Connectors for Directory {
             let eligible: Vec<&str> = m
                 .connectors
                 .iter()
-                .filter(|c| c.enabled && (c.currencies.is_empty() || c.currencies.iter().any(|x| x == currency)))
+                .filter(|c| {
+                    c.enabled
+                        && payment.currency.psp_counts_in_iso_units(&c.psp)
+                        && (c.currencies.is_empty() || c.currencies.iter().any(|x| x == currency))
+                })
                 .map(|c| c.id.as_str())
                 .collect();
             let facts = Facts {

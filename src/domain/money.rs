@@ -77,6 +77,14 @@ impl Currency {
     pub fn exponent(&self) -> u8 {
         self.exponent
     }
+
+    /// Whether `psp` counts this currency's amounts in its ISO 4217 minor units, as payrail
+    /// sends and reads them. Not so: Stripe's ISK (two decimals in its API), Adyen's CLP and
+    /// ISK (two) and IDR (none). Such a payment is never routed to that PSP: its amount would be
+    /// charged at a hundredth or a hundred times, and its events and reports read the same way.
+    pub fn psp_counts_in_iso_units(&self, psp: &str) -> bool {
+        !matches!((psp, self.code()), ("stripe", "ISK") | ("adyen", "CLP" | "ISK" | "IDR"))
+    }
 }
 
 impl fmt::Debug for Currency {
@@ -164,6 +172,23 @@ pub fn platform_fee(amount: i64, fee_bps: u32, fee_fixed: i64) -> i64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_psp_whose_minor_units_differ_from_iso_takes_no_such_currency() {
+        let c = |code| Currency::parse(code).unwrap();
+        for (psp, code) in [("stripe", "ISK"), ("adyen", "CLP"), ("adyen", "ISK"), ("adyen", "IDR")] {
+            assert!(!c(code).psp_counts_in_iso_units(psp), "{psp} {code}");
+        }
+        for (psp, code) in [
+            ("stripe", "JPY"),
+            ("stripe", "CLP"),
+            ("adyen", "JPY"),
+            ("sandbox", "ISK"),
+            ("stripe", "USD"),
+        ] {
+            assert!(c(code).psp_counts_in_iso_units(psp), "{psp} {code}");
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -50,6 +50,12 @@ fn answer(path: &str, body: &Value, n: usize) -> (u16, Value) {
                 200,
                 json!({ "pspReference": psp, "resultCode": "Pending", "merchantReference": body["reference"] }),
             ),
+            // Adyen still works on an earlier send under this key.
+            Some("stored_in_progress") => (
+                422,
+                json!({ "status": 422, "errorCode": "704", "message": "request already processed or in progress",
+                        "errorType": "validation" }),
+            ),
             Some("stored_bad") => (
                 422,
                 json!({ "status": 422, "errorCode": "14_0417", "message": "The stored payment method is not found",
@@ -413,6 +419,28 @@ async fn an_adyen_payment_is_decided_by_its_notifications() {
         "{}",
         bad.body
     );
+    // "Request already processed or in progress" is not a refusal: the authorization may still
+    // succeed there, so the attempt stays open (sent again under its key), and nothing is
+    // answered as refused (a new confirm would be a new key: a second authorization).
+    let busy = app
+        .post(
+            "/api/v1/payments",
+            json!({ "order_id": "o", "amount": { "value": 900, "currency": "EUR" },
+                    "payment_method": "pm_stored_in_progress", "confirm": true }),
+        )
+        .await;
+    assert_eq!(busy.status, 503, "{}", busy.body);
+    let open: i64 = app
+        .sql()
+        .await
+        .query_one(
+            "SELECT count(*) FROM psp_attempts WHERE operation = 'authorize' AND outcome IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open, 1, "the authorization's attempt stays open");
 
     // A capture Adyen fails leaves the authorization as it was; then a cancel.
     let p2 = pay(&app, 3_000, "pm_stored_card_3", "manual").await;

@@ -47,9 +47,21 @@ impl AdyenPsp {
         ];
         let sent = super::http::request("POST", &url, &headers).send_json(&body).await;
         let who = format!("adyen connector {}", self.connector);
-        let super::http::Answer { status, body: v, .. } = super::http::answer(&who, sent).await?;
+        let super::http::Answer {
+            status,
+            body: v,
+            transient,
+            ..
+        } = super::http::answer(&who, sent).await?;
         match status {
             200..=299 => Ok(v),
+            // "Request already processed or in progress" (errorCode 704), or any answer Adyen
+            // marks transient: a request under this key may be under way there and may still
+            // succeed. Never a refusal: the attempt stays open, sent again with the same key.
+            _ if transient || v["errorCode"] == "704" => Err(PspError::Unavailable(format!(
+                "{who}: {status} {} (in progress; sent again later)",
+                v["errorCode"].as_str().unwrap_or("transient")
+            ))),
             401 | 403 | 429 => Err(PspError::NotSent(format!(
                 "{who}: {status} {}",
                 v["errorType"].as_str().unwrap_or("")

@@ -55,6 +55,11 @@ pub async fn answer(
         .headers()
         .get("idempotent-replayed")
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    // Adyen marks an answer whose request may succeed if sent again (one still in progress).
+    let transient = resp
+        .headers()
+        .get("transient-error")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
     let body = resp
         .body()
         .limit(MAX_ANSWER_BYTES)
@@ -64,13 +69,16 @@ pub async fn answer(
         status,
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
         replayed,
+        transient,
     })
 }
 
 /// A PSP's answer: its status, its JSON body (`Null` when it is not JSON), and whether it is
-/// the saved answer to a key already used (`Idempotent-Replayed: true`).
+/// the saved answer to a key already used (`Idempotent-Replayed: true`), or one to send again
+/// later (`transient-error: true`).
 pub struct Answer {
     pub status: u16,
     pub body: Value,
     pub replayed: bool,
+    pub transient: bool,
 }

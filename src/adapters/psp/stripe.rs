@@ -70,6 +70,7 @@ impl StripePsp {
             status,
             body: v,
             replayed,
+            ..
         } = super::http::answer(&who, sent).await?;
         match status {
             200..=299 => Ok((v, replayed)),
