@@ -18,6 +18,9 @@ use crate::domain::{MerchantId, Payment};
 /// Rows per page of an export: one query and about 200 KiB of CSV at a time.
 const EXPORT_PAGE: i64 = 2000;
 
+/// Pages of 100 refunds the customer's receipt page reads at most.
+const RECEIPT_REFUND_PAGES: usize = 10;
+
 fn window(q: &std::collections::HashMap<String, String>, from: &str, to: &str) -> Result<Window, ApiError> {
     let window = Window {
         from: time_param(q, from)?,
@@ -37,13 +40,14 @@ pub async fn balance_transactions(state: web::Data<AppState>, req: HttpRequest) 
     let q = query(&req)?;
     let limit = int_param(&q, "limit", 10, 1, 100)?;
     let window = window(&q, "created[gte]", "created[lt]")?;
-    let after = q.get("starting_after").map(String::as_str);
-    if after.is_some_and(|a| !a.starts_with("jr_") || a.len() > 64) {
-        return Err(ApiError::param(
-            "starting_after",
-            "starting_after must be a balance transaction id",
-        ));
-    }
+    let after = match q.get("starting_after") {
+        None => None,
+        Some(a) => Some(
+            crate::domain::JournalId::parse(a)
+                .ok_or_else(|| ApiError::param("starting_after", "starting_after must be a balance transaction id"))?,
+        ),
+    };
+    let after = after.as_ref().map(|a| a.as_str());
     let mut page = state
         .db
         .balance_transactions(&merchant.id, &window, Cursor::Newest(after), limit + 1)
@@ -240,7 +244,7 @@ pub async fn receipt(state: web::Data<AppState>, req: HttpRequest) -> Result<Htt
             "amount_captured": p.state.captured,
             "amount_refunded": p.state.refunded,
             "status": p.status().as_str(),
-            "card": p.card.as_ref().map(|c| json!({ "brand": c.brand, "last4": c.last4 })),
+            "card": p.card.as_ref().filter(|c| !c.last4.is_empty()).map(|c| json!({ "brand": c.brand, "last4": c.last4 })),
             "created_at": timestamp(p.created_at),
             "refunds": refunds,
         }),
@@ -308,7 +312,22 @@ pub async fn receipt_html(state: web::Data<AppState>, req: HttpRequest) -> Resul
     let Some((p, merchant)) = state.db.payment_by_receipt(token).await? else {
         return Ok(not_found());
     };
-    let (refunds, _) = state.db.refunds_of_payment(&p.id, 100, None).await?;
+    // Every refund but the failed ones, oldest first, read a page at a time up to a bound.
+    let mut refunds = Vec::new();
+    let mut more = true;
+    let mut after = None;
+    for _ in 0..RECEIPT_REFUND_PAGES {
+        let (page, has_more) = state.db.refunds_of_payment(&p.id, 100, after.as_ref()).await?;
+        after = page.last().map(|r| r.id.clone());
+        refunds.extend(
+            page.into_iter()
+                .filter(|r| r.status != crate::domain::RefundStatus::Failed),
+        );
+        more = has_more;
+        if !more {
+            break;
+        }
+    }
     let mut rows = format!(
         "<tr><td>Paid</td><td>{}</td></tr>",
         escape(&money(p.state.captured, p.currency))
@@ -321,10 +340,7 @@ pub async fn receipt_html(state: web::Data<AppState>, req: HttpRequest) -> Resul
         "<tr><td>Date</td><td>{}</td></tr>",
         p.created_at.format("%-d %B %Y, %H:%M UTC")
     );
-    for r in refunds
-        .iter()
-        .filter(|r| r.status != crate::domain::RefundStatus::Failed)
-    {
+    for r in &refunds {
         let what = if r.status == crate::domain::RefundStatus::Pending {
             "Refund (pending)"
         } else {
@@ -335,6 +351,9 @@ pub async fn receipt_html(state: web::Data<AppState>, req: HttpRequest) -> Resul
             r.created_at.format("%-d %b %Y"),
             escape(&money(r.amount.minor, r.amount.currency))
         );
+    }
+    if more {
+        rows += "<tr><td>More refunds</td><td>in the total above</td></tr>";
     }
     rows += &format!("<tr><td>Reference</td><td>{}</td></tr>", escape(p.id.as_str()));
     let net = p.state.captured - p.state.refunded;

@@ -92,12 +92,12 @@ async fn balance_transactions_list_the_merchants_movements_newest_first() {
     // A window in the future holds nothing; a bad cursor is a 400; another merchant sees none.
     let future = app.get("/api/v1/balance_transactions?created[gte]=4102444800").await;
     assert_eq!(future.body["data"].as_array().unwrap().len(), 0);
-    assert_eq!(
-        app.get("/api/v1/balance_transactions?starting_after=pay_x")
-            .await
-            .status,
-        400
-    );
+    for cursor in ["pay_x", "jr_", "jr_a-b", "jr_%00"] {
+        let r = app
+            .get(&format!("/api/v1/balance_transactions?starting_after={cursor}"))
+            .await;
+        assert_eq!(r.status, 400, "{cursor}: {}", r.body);
+    }
     let other = app.new_merchant().await;
     let theirs = app
         .request("GET", "/api/v1/balance_transactions", Some(&other), None, None)
@@ -210,6 +210,24 @@ async fn a_receipt_is_a_page_the_customer_opens_with_its_token_alone() {
         assert!(html.contains(expected), "{expected} not in {html}");
     }
     assert!(!html.contains("4242424242424242"));
+    // A hundred failed refunds before it do not push the one that succeeded off the page.
+    app.sql()
+        .await
+        .execute(
+            "INSERT INTO refunds (id, payment_id, merchant_id, amount, currency, status, created_at, updated_at)
+             SELECT 're_failed_' || i, p.id, p.merchant_id, 1, p.currency, 'failed',
+                    now() - interval '1 day', now() - interval '1 day'
+             FROM payments p, generate_series(1, 100) i WHERE p.id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let (_, _, html) = text(&app, path, None).await;
+    assert!(
+        html.contains("−USD 9.99"),
+        "the refund that succeeded is not on the page: {html}"
+    );
+    assert!(!html.contains("−USD 0.01"), "a failed refund is on the page");
     // Unknown or malformed tokens: a 404 page that says nothing more.
     let (status, _, html) = text(&app, "/receipts/rcpt_00000000000000000000000000000000", None).await;
     assert_eq!(status, 404);
