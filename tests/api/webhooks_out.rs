@@ -1118,3 +1118,27 @@ async fn an_event_or_delivery_cursor_that_names_no_row_of_the_list_gives_an_empt
         .await;
     assert_eq!((page.status, page.body["data"].clone()), (200, json!([])));
 }
+
+#[actix_web::test]
+async fn concurrent_creations_never_pass_the_bound_on_endpoints() {
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    let other = app.new_merchant().await;
+    let body = json!({ "url": receiver.url }).to_string();
+    let made = futures_util::future::join_all((0..24).map(|i| {
+        let (app, other, body) = (&app, &other, &body);
+        async move {
+            let key = format!("endpoint-{i}");
+            app.request("POST", "/api/v1/webhook_endpoints", Some(other), Some(&key), Some(body))
+                .await
+                .status
+        }
+    }))
+    .await;
+    assert_eq!(made.iter().filter(|s| **s == 201).count(), 16, "{made:?}");
+    assert!(made.iter().all(|s| *s == 201 || *s == 400), "{made:?}");
+    let listed = app
+        .request("GET", "/api/v1/webhook_endpoints", Some(&other), None, None)
+        .await;
+    assert_eq!(listed.body["data"].as_array().unwrap().len(), 16);
+}

@@ -331,7 +331,15 @@ impl Db {
     /// finds it), and says whether this call made it; `None` when the merchant already has
     /// [`MAX_ENDPOINTS`].
     pub async fn insert_endpoint(&self, e: &EndpointRow) -> Result<Option<(EndpointRow, bool)>, StoreError> {
-        let client = self.client().await?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        // One creation per merchant at a time: the count below must see the others' endpoints.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('webhook_endpoints:' || $1))",
+            &[&e.merchant_id],
+        )
+        .await
+        .map_err(pg_error)?;
         let sql = format!(
             "WITH existing AS (SELECT count(*) AS n FROM webhook_endpoints WHERE merchant_id = $2),
                   ins AS (INSERT INTO webhook_endpoints (id, merchant_id, url, description, enabled_events, secret)
@@ -342,7 +350,7 @@ impl Db {
              SELECT {ENDPOINT_COLUMNS}, false FROM webhook_endpoints WHERE id = $1 AND merchant_id = $2
              LIMIT 1"
         );
-        let row = client
+        let row = tx
             .query_opt(
                 &sql,
                 &[
@@ -357,6 +365,7 @@ impl Db {
             )
             .await
             .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
         Ok(row.as_ref().map(|r| (endpoint_from_row(r), r.get(13))))
     }
 
