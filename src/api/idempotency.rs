@@ -161,14 +161,14 @@ where
                 resource_id,
             };
             let result = op(parsed, ticket).await;
+            let mut first_answer = None;
             let done = match completion(&result) {
                 Completion::Stored => Ok(()),
-                Completion::Store(status, body) => {
-                    state
-                        .db
-                        .idempotency_store(&merchant.id, &key, fence, status, &body)
-                        .await
-                }
+                Completion::Store(status, body) => state
+                    .db
+                    .idempotency_store(&merchant.id, &key, fence, status, &body)
+                    .await
+                    .map(|stored| first_answer = stored),
                 Completion::Release => state.db.idempotency_release(&merchant.id, &key, fence).await,
                 Completion::Keep => Ok(()),
             };
@@ -176,6 +176,11 @@ where
                 // The operation's answer stands; the record stays in flight until the lease ends,
                 // and a retry then resumes from what the operation left.
                 tracing::warn!(error = %e, "could not complete an idempotency record");
+            }
+            if let Some((status, body)) = first_answer {
+                // This request's own commit stored its answer before the re-run's: every retry
+                // replays that one, so this answer is it too.
+                return Ok(json_response(status, body));
             }
             result.map(|reply| json_response(reply.status, reply.body))
         }

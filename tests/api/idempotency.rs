@@ -459,3 +459,104 @@ async fn a_create_refused_before_its_commit_stores_its_answer() {
     assert_eq!(app.count("payments").await, 0);
     assert_eq!(app.count("idempotency_keys").await, 1);
 }
+
+/// A request whose own commit stored its answer (the commit landed, reported failed, and the
+/// request ran again) answers with that stored answer, never with the re-run's: it is what every
+/// retry of the key replays. Another fence's answer is not taken for this request's.
+#[actix_web::test]
+async fn storing_an_answer_finds_the_one_its_own_commit_stored() {
+    let app = crate::helpers::spawn_app().await;
+    let merchant = app.first_merchant().await;
+    let key = "a".repeat(64);
+    let db = app.sql().await;
+    db.execute(
+        "INSERT INTO idempotency_keys (merchant_id, key, fingerprint, locked_until, fence, response_status, response_body)
+         VALUES ($1, $2, '\\x00', now() + interval '1 minute', 2, 200, '{\"status\":\"canceled\"}')",
+        &[&merchant.as_str(), &key],
+    )
+    .await
+    .unwrap();
+    let found = app
+        .state
+        .db
+        .idempotency_store(&merchant, &key, 2, 409, b"{}")
+        .await
+        .unwrap();
+    assert_eq!(found, Some((200, br#"{"status":"canceled"}"#.to_vec())));
+    let other_fence = app
+        .state
+        .db
+        .idempotency_store(&merchant, &key, 1, 409, b"{}")
+        .await
+        .unwrap();
+    assert_eq!(
+        other_fence, None,
+        "an answer stored under another fence is not this request's"
+    );
+    // A key with no answer yet takes this one.
+    let fresh = "b".repeat(64);
+    db.execute(
+        "INSERT INTO idempotency_keys (merchant_id, key, fingerprint, locked_until) VALUES ($1, $2, '\\x00', now())",
+        &[&merchant.as_str(), &fresh],
+    )
+    .await
+    .unwrap();
+    let stored = app
+        .state
+        .db
+        .idempotency_store(&merchant, &fresh, 1, 409, b"{\"error\":1}")
+        .await
+        .unwrap();
+    assert_eq!(stored, None);
+    let row = db
+        .query_one(
+            "SELECT response_status, response_body FROM idempotency_keys WHERE key = $1",
+            &[&fresh],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, i16>(0), row.get::<_, Vec<u8>>(1)),
+        (409, b"{\"error\":1}".to_vec())
+    );
+}
+
+/// A key used again after its record was purged is a new request: the attempt an earlier use of
+/// the key started does not answer it (it would answer a new refund with the old one).
+#[actix_web::test]
+async fn an_attempt_from_before_the_keys_record_is_not_the_keys() {
+    let app = crate::helpers::spawn_app().await;
+    let paid = app.pay(1000, "pm_card_visa", "automatic", true).await;
+    let id = paid.body["payment_id"].as_str().unwrap().to_owned();
+    let r = app
+        .post(
+            &format!("/api/v1/payments/{id}/refunds"),
+            json!({ "amount": { "value": 300, "currency": "USD" } }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let db = app.sql().await;
+    let key: String = db
+        .query_one(
+            "SELECT idempotency_key FROM psp_attempts WHERE payment_id = $1 AND operation = 'refund'",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let payment = payrail::domain::PaymentId::parse(&id).unwrap();
+    let found = app.state.db.attempt_by_key(&payment, &key).await.unwrap();
+    assert!(found.is_some(), "the key's own attempt is found");
+    // Two days later the record is purged and the key used again: its new record is today's.
+    db.batch_execute(&format!(
+        "UPDATE psp_attempts SET started_at = started_at - interval '2 days' WHERE payment_id = '{id}';
+         UPDATE idempotency_keys SET created_at = now() WHERE key = '{key}';"
+    ))
+    .await
+    .unwrap();
+    let found = app.state.db.attempt_by_key(&payment, &key).await.unwrap();
+    assert!(
+        found.is_none(),
+        "an attempt of the key's earlier use answered its new one"
+    );
+}

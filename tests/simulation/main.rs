@@ -86,6 +86,8 @@ enum Kind {
     Capture,
     Cancel,
     Refund,
+    /// Approve a payment held for review.
+    Approve,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -405,6 +407,7 @@ impl Sim {
                         amount: amount.map(money),
                     },
                     Kind::Cancel => Op::Cancel,
+                    Kind::Approve => Op::Approve,
                     Kind::Refund => Op::Refund {
                         amount: amount.map(money),
                         reason: None,
@@ -579,12 +582,15 @@ impl Sim {
                         return self.claim_and_send(i);
                     }
                 } else {
-                    let _ = match completion(&result) {
-                        Completion::Stored => Ok(()),
+                    let stored = match completion(&result) {
                         Completion::Store(status, body) => lock(&self.w).idempotency_store(&key, fence, status, &body),
-                        Completion::Release => lock(&self.w).idempotency_release(&key, fence),
-                        Completion::Keep => Ok(()),
+                        Completion::Release => lock(&self.w).idempotency_release(&key, fence).map(|_| None),
+                        Completion::Stored | Completion::Keep => Ok(None),
                     };
+                    if let Ok(Some((status, body))) = stored {
+                        // `api::idempotency::run`: the key's first answer is this request's.
+                        return self.done(i, status, body);
+                    }
                 }
                 match result {
                     Ok(reply) => self.done(i, reply.status, reply.body),

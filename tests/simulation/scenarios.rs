@@ -99,6 +99,36 @@ impl Sim {
         *call.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(answer);
     }
 
+    /// A risk check that holds every payment for review.
+    fn hold_every_payment_for_review(&mut self) {
+        self.deps = Arc::new(PaymentDeps {
+            store: Arc::new(SimStore(self.w.clone())),
+            psp: Arc::new(SimPsp(self.w.clone())),
+            connectors: Arc::new(payrail::adapters::psp::connector::OneConnector::new(Arc::new(SimPsp(
+                self.w.clone(),
+            )))),
+            psp_timeout: None,
+            clock: Arc::new(SimClock(self.w.clone())),
+            risk: Arc::new(AlwaysReview),
+            metrics: Arc::new(payrail::metrics::Metrics::default()),
+            landing: Default::default(),
+        });
+    }
+
+    /// A payment of 1,000 with automatic capture, every payment held for review, confirmed; the
+    /// PSP answers its authorization with `mode`. Its id and the confirm's request.
+    fn confirmed_under_review(&mut self, mode: Psp) -> (PaymentId, usize) {
+        self.hold_every_payment_for_review();
+        let p = self.add_payment(1000, false);
+        let confirm = self.request(&p, Kind::Confirm, None);
+        lock(&self.w).rng = Rng::new(1); // no decline
+        self.send(confirm);
+        self.run_actors();
+        self.psp(mode);
+        self.run_actors();
+        (p, confirm)
+    }
+
     /// Refunds of `p` of each amount, each taken by the PSP as pending.
     fn refunds_pending_at_the_psp(&mut self, p: &PaymentId, amounts: &[i64]) {
         for &amount in amounts {
@@ -525,25 +555,7 @@ fn anothers_refused_attempt_does_not_fail_this_request() -> Result<(), String> {
 /// back, and the PSP was asked to authorize only (manual capture).
 fn review_holds_through_a_lost_answer_and_redelivered_events() -> Result<(), String> {
     let mut s = Sim::scripted();
-    s.deps = Arc::new(PaymentDeps {
-        store: Arc::new(SimStore(s.w.clone())),
-        psp: Arc::new(SimPsp(s.w.clone())),
-        connectors: Arc::new(payrail::adapters::psp::connector::OneConnector::new(Arc::new(SimPsp(
-            s.w.clone(),
-        )))),
-        psp_timeout: None,
-        clock: Arc::new(SimClock(s.w.clone())),
-        risk: Arc::new(AlwaysReview),
-        metrics: Arc::new(payrail::metrics::Metrics::default()),
-        landing: Default::default(),
-    });
-    let p = s.add_payment(1000, false);
-    let confirm = s.request(&p, Kind::Confirm, None);
-    lock(&s.w).rng = Rng::new(1); // no decline
-    s.send(confirm);
-    s.run_actors();
-    s.psp(Psp::ActThenTimeout);
-    s.run_actors();
+    let (p, confirm) = s.confirmed_under_review(Psp::ActThenTimeout);
     s.abandon(confirm);
     s.verdict()?;
     let st = s.state(&p);
@@ -640,6 +652,52 @@ fn a_dispute_of_a_payment_with_nothing_to_dispute_is_an_exception() -> Result<()
     ensure(exceptions == 1, format!("{exceptions} exceptions"))
 }
 
+/// The merchant approves a payment held for review, with automatic capture. The approval lands;
+/// the capture's first commit does not (a partition handed over, a conflict) and the payment is
+/// reloaded. The re-run must go on with the capture this request's approval promised. Before the
+/// fix it ran the approval again, which a payment already authorized refuses: a 409 stored as
+/// the key's answer, and the payment never captured.
+fn an_approval_whose_capture_did_not_commit_captures_after_the_reload() -> Result<(), String> {
+    let mut s = Sim::scripted();
+    let (p, _) = s.confirmed_under_review(Psp::Act);
+    ensure(
+        s.state(&p).status == Status::InReview,
+        format!("held: {:?}", s.state(&p).status),
+    )?;
+    let k = s.request(&p, Kind::Approve, None);
+    lock(&s.w).refuse_nth = 2;
+    s.send(k);
+    s.run_actors();
+    s.psp(Psp::Act);
+    s.run_actors();
+    s.verdict()?;
+    let (status, body) = s.answer(k);
+    ensure(status == 200, format!("the approval answered {status}: {body}"))?;
+    ensure(
+        s.state(&p).status == Status::Captured,
+        format!("the payment is {:?}", s.state(&p).status),
+    )
+}
+
+/// A cancel whose commit (which stores its 200 as the key's answer) lands while reported failed:
+/// the reload finds the payment canceled, and the re-run's refusal (409) must not be the answer,
+/// since every retry of the key replays the stored 200.
+fn a_cancel_whose_commit_landed_unanswered_answers_what_its_key_replays() -> Result<(), String> {
+    let mut s = Sim::scripted();
+    let p = s.add_payment(1000, true);
+    let k = s.request(&p, Kind::Cancel, None);
+    lock(&s.w).force_ambiguous = 1;
+    s.send(k);
+    s.run_actors();
+    s.verdict()?;
+    let (status, body) = s.answer(k);
+    ensure(status == 200, format!("the cancel answered {status}: {body}"))?;
+    ensure(
+        s.state(&p).status == Status::Canceled,
+        format!("the payment is {:?}", s.state(&p).status),
+    )
+}
+
 /// A scripted scenario: `Err` says which invariant broke.
 pub type Scenario = fn() -> Result<(), String>;
 
@@ -689,6 +747,14 @@ pub const ALL: &[(&str, Scenario)] = &[
     (
         "a dispute of a payment with nothing to dispute is an exception",
         a_dispute_of_a_payment_with_nothing_to_dispute_is_an_exception,
+    ),
+    (
+        "an approval whose capture did not commit captures after the reload",
+        an_approval_whose_capture_did_not_commit_captures_after_the_reload,
+    ),
+    (
+        "a cancel whose commit landed unanswered answers what its key replays",
+        a_cancel_whose_commit_landed_unanswered_answers_what_its_key_replays,
     ),
     (
         "risk: review holds through a lost answer and redelivered events",

@@ -454,6 +454,9 @@ pub struct World {
     /// ledger shard writes each again: its second run is the answer. Over `force_ambiguous` when
     /// both are set (a commit alone in its batch is answered as `force_ambiguous` says).
     pub force_rerun: u32,
+    /// Scripted faults: counting down, the commit that brings this to 0 does not land and
+    /// reports failure (2: the next commit lands, the one after is refused).
+    pub refuse_nth: u32,
 }
 
 pub type Shared = Arc<Mutex<World>>;
@@ -477,6 +480,7 @@ impl World {
             verbose,
             check_violations: Vec::new(),
             force_ambiguous: 0,
+            refuse_nth: 0,
             force_rerun: 0,
         }
     }
@@ -543,16 +547,27 @@ impl World {
         })
     }
 
-    pub fn idempotency_store(&mut self, key: &str, fence: i64, status: u16, body: &[u8]) -> Result<(), ApiError> {
+    /// `Db::idempotency_store`: the answer, unless the key holds one under this fence already
+    /// (returned instead).
+    pub fn idempotency_store(
+        &mut self,
+        key: &str,
+        fence: i64,
+        status: u16,
+        body: &[u8],
+    ) -> Result<Option<(u16, Vec<u8>)>, ApiError> {
         if self.store_down() {
             return Err(ApiError::Unavailable("database"));
         }
         if let Some(row) = self.db.idempotency.get_mut(key) {
-            if row.response.is_none() && (!FENCE_CHECKS || row.fence == fence) {
-                row.response = Some((status, body.to_vec()));
+            if !FENCE_CHECKS || row.fence == fence {
+                match &row.response {
+                    None => row.response = Some((status, body.to_vec())),
+                    Some(stored) => return Ok(Some(stored.clone())),
+                }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// `Db::idempotency_store_first`: a new row with the answer, or the answer on the row this
@@ -625,6 +640,13 @@ impl World {
         if self.store_down() {
             self.note("store: commit refused (outage)".into());
             return Err(StoreError::Unavailable.into());
+        }
+        if self.refuse_nth > 0 {
+            self.refuse_nth -= 1;
+            if self.refuse_nth == 0 {
+                self.note(format!("store: commit of {} refused (scripted)", describe(c)));
+                return Err(StoreError::Unavailable.into());
+            }
         }
         let mut copy = self.db.clone();
         let result = copy.apply(c, self.now_ms);

@@ -70,9 +70,10 @@ impl Flow<'_> {
             .as_ref()
             .is_some_and(|r| r.outcome == RiskAction::Review);
         // This key's approval may have landed without its capture: a takeover of the key (the
-        // first request stopped between the two commits), or this request's own approval
-        // commit unanswered. Not any reload: an approval that lost a race (`Stale`) did not land.
-        let ours = self.idem.as_ref().is_some_and(|i| i.fence > 1) || self.approval_unanswered;
+        // first request stopped between the two commits), or this message's own approval, which
+        // landed (its capture's commit then failed and the payment was reloaded) or may have (its
+        // commit unanswered). Not any reload: an approval that lost a race (`Stale`) did not land.
+        let ours = self.idem.as_ref().is_some_and(|i| i.fence > 1) || self.approved_here;
         if ours && capture && reviewed && self.payment().state.status == Status::Authorized {
             // Go on with the capture the request promised, rather than refuse the approval it
             // made.
@@ -86,9 +87,9 @@ impl Flow<'_> {
         let response = (!capture).then(|| (200, body.clone()));
         let commit = self.transition_commit(&self.live.payment.clone(), &next, "api.approve", response);
         let committed = self.commit(next, commit).await;
-        if matches!(&committed, Err(h) if matches!(h.error, PaymentError::Store(_))) {
-            // Its fate unknown: after the reload, a payment authorized is this approval's.
-            self.approval_unanswered = true;
+        if committed.is_ok() || matches!(&committed, Err(h) if matches!(h.error, PaymentError::Store(_))) {
+            // Landed, or its fate unknown: after a reload, a payment authorized is this approval's.
+            self.approved_here = true;
         }
         committed?;
         if capture {

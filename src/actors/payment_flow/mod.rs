@@ -192,7 +192,7 @@ pub async fn process(
         fallbacks: Vec::new(),
         unsent: None,
         soft_retried: false,
-        approval_unanswered: false,
+        approved_here: false,
     };
     let mut result = if matches!(op, Op::Resolve) {
         // The sweeper found an attempt open in the store: memory may not know it (an ambiguous
@@ -285,8 +285,9 @@ struct Flow<'a> {
     unsent: Option<AttemptId>,
     /// A soft decline was already retried on another connector.
     soft_retried: bool,
-    /// This request's approval commit went unanswered (it may have landed).
-    approval_unanswered: bool,
+    /// This message's approval commit landed, or went unanswered (it may have): after a reload,
+    /// an authorized payment is its approval's, and the capture it promised goes on.
+    approved_here: bool,
 }
 
 impl<'a> Flow<'a> {

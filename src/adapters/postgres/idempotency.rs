@@ -258,7 +258,9 @@ impl Db {
     }
 
     /// Stores a response that no commit of the operation stored (a 4xx the operation produced),
-    /// if the key still holds `fence`.
+    /// if the key still holds `fence`. Returns the answer the key holds instead, when a commit of
+    /// this same request stored one (it landed, though reported failed, and the request ran
+    /// again from the reloaded payment): that first answer is the request's.
     pub async fn idempotency_store(
         &self,
         merchant: &MerchantId,
@@ -266,20 +268,32 @@ impl Db {
         fence: i64,
         status: u16,
         body: &[u8],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<(u16, Vec<u8>)>, StoreError> {
         let client = self.client().await?;
+        // The answer already stored under this fence, if there is one: a commit of this request
+        // that landed though it was reported failed stored its own answer, which is the key's.
         let stmt = client
             .prepare_cached(
-                "UPDATE idempotency_keys SET response_status = $3, response_body = $4
-                 WHERE merchant_id = $1 AND key = $2 AND response_status IS NULL AND fence = $5",
+                "WITH stored AS (
+                     UPDATE idempotency_keys SET response_status = $3, response_body = $4
+                     WHERE merchant_id = $1 AND key = $2 AND response_status IS NULL AND fence = $5
+                     RETURNING 1)
+                 SELECT response_status, response_body FROM idempotency_keys
+                 WHERE merchant_id = $1 AND key = $2 AND fence = $5 AND response_status IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM stored)",
             )
             .await
             .map_err(pg_error)?;
-        client
-            .execute(&stmt, &[&merchant.as_str(), &key, &(status as i16), &body, &fence])
+        let row = client
+            .query_opt(&stmt, &[&merchant.as_str(), &key, &(status as i16), &body, &fence])
             .await
             .map_err(pg_error)?;
-        Ok(())
+        Ok(row.map(|r| {
+            (
+                r.get::<_, i16>(0) as u16,
+                r.get::<_, Option<Vec<u8>>>(1).unwrap_or_default(),
+            )
+        }))
     }
 
     /// Frees a key whose request failed with a 5xx so that it may be retried at once. The row

@@ -171,7 +171,9 @@ impl Db {
     }
 
     /// The PSP attempt that the request with idempotency key `key` started on the payment: the
-    /// last one, when a failover made it start several.
+    /// last one, when a failover made it start several. Only an attempt started since the key's
+    /// record was made (less an hour for clocks): a key used again after its record was purged
+    /// is a new request, which an earlier use's attempt does not answer.
     pub async fn attempt_by_key(
         &self,
         payment: &PaymentId,
@@ -181,7 +183,12 @@ impl Db {
         let stmt = client
             .prepare_cached(
                 "SELECT id, operation, amount, refund_id, idempotency_key, connector_id, started_at, outcome FROM psp_attempts
-                 WHERE payment_id = $1 AND idempotency_key = $2 ORDER BY started_at DESC, id DESC LIMIT 1",
+                 WHERE payment_id = $1 AND idempotency_key = $2
+                   AND started_at >= coalesce(
+                       (SELECT k.created_at FROM idempotency_keys k JOIN payments p ON k.merchant_id = p.merchant_id
+                         WHERE p.id = $1 AND k.key = $2) - interval '1 hour',
+                       '-infinity')
+                 ORDER BY started_at DESC, id DESC LIMIT 1",
             )
             .await
             .map_err(pg_error)?;
