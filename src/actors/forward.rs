@@ -201,9 +201,12 @@ impl Forwarder {
 
     async fn answer(&self, registry: &PaymentRegistry, payload: &[u8]) -> Answer {
         let Ok(request) = rmp_serde::from_slice::<Request>(payload) else {
+            // A call this node cannot read (a node of another version sent it): not the client's
+            // fault, and nothing was done; the client may send it again (to a node that can).
+            let refused = crate::api::error::ApiError::Unavailable("forwarding");
             return Answer::Error {
-                status: 400,
-                body: crate::api::error::ApiError::Internal.body(),
+                status: refused.status().as_u16(),
+                body: refused.body(),
                 replayable: false,
             };
         };
