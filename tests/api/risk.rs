@@ -469,3 +469,46 @@ async fn velocity_is_rebuilt_from_the_last_day_after_a_restart() {
         3
     );
 }
+
+#[actix_web::test]
+async fn concurrent_rule_creations_never_pass_the_bound() {
+    let app = spawn_app().await;
+    let merchant = app.first_merchant().await;
+    let db = app.sql().await;
+    let have: i64 = db
+        .query_one(
+            "SELECT count(*) FROM risk_rules WHERE merchant_id = $1",
+            &[&merchant.as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    db.execute(
+        "INSERT INTO risk_rules (id, merchant_id, action, predicate)
+         SELECT 'rr_seed_' || i, $1, 'review', ':amount: > 99999999998' FROM generate_series(1, $2::int) i",
+        &[&merchant.as_str(), &(190 - have as i32)],
+    )
+    .await
+    .unwrap();
+    let made = futures_util::future::join_all((0..30).map(|i| {
+        let app = &app;
+        async move {
+            let body = json!({ "action": "block", "predicate": format!(":amount: > {}", 1_000_000 + i) }).to_string();
+            let key = format!("rule-{i}");
+            app.request("POST", "/api/v1/risk/rules", Some(DEMO_KEY), Some(&key), Some(&body))
+                .await
+                .status
+        }
+    }))
+    .await;
+    assert_eq!(made.iter().filter(|s| **s == 201).count(), 10, "{made:?}");
+    let stored: i64 = db
+        .query_one(
+            "SELECT count(*) FROM risk_rules WHERE merchant_id = $1",
+            &[&merchant.as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 200, "a rule past the bound is neither listed nor evaluated");
+}

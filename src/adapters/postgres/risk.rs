@@ -64,8 +64,17 @@ impl Db {
         predicate: &str,
         description: Option<&str>,
     ) -> Result<Option<RiskRow>, StoreError> {
-        let client = self.client().await?;
-        let row = client
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        // One creation per merchant at a time: the count below must see the others' rules (a
+        // rule past the bound would be neither listed nor evaluated).
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('risk_rules:' || $1))",
+            &[&merchant.as_str()],
+        )
+        .await
+        .map_err(pg_error)?;
+        let row = tx
             .query_opt(
                 "WITH existing AS (SELECT count(*) AS n FROM risk_rules WHERE merchant_id = $1),
                       ins AS (INSERT INTO risk_rules (id, merchant_id, action, predicate, description)
@@ -79,6 +88,7 @@ impl Db {
             )
             .await
             .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
         Ok(row.as_ref().map(rule_from_row))
     }
 
