@@ -238,7 +238,9 @@ pub async fn webhook_endpoints(state: web::Data<AppState>, req: HttpRequest) -> 
         Some(s @ ("enabled" | "disabled")) => Some(s),
         Some(_) => return Err(ApiError::param("status", "status must be enabled or disabled")),
     };
-    let rows = state.db.all_endpoints(status, limit).await?;
+    let mut rows = state.db.all_endpoints(status, limit + 1).await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
     let data: Vec<serde_json::Value> = rows
         .iter()
         .map(|e| {
@@ -247,7 +249,7 @@ pub async fn webhook_endpoints(state: web::Data<AppState>, req: HttpRequest) -> 
             v
         })
         .collect();
-    Ok(json_value(200, &crate::domain::record::list_object(data, false)))
+    Ok(json_value(200, &crate::domain::record::list_object(data, more)))
 }
 
 /// `POST /admin/v1/dead_letters/{id}/replay`: publishes a dead letter's envelope to its

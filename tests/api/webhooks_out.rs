@@ -1141,4 +1141,21 @@ async fn concurrent_creations_never_pass_the_bound_on_endpoints() {
         .request("GET", "/api/v1/webhook_endpoints", Some(&other), None, None)
         .await;
     assert_eq!(listed.body["data"].as_array().unwrap().len(), 16);
+    // The operators' list says when there are more than it shows.
+    let token = app.state.config.admin.token.clone();
+    for (limit, more) in [(10, true), (1000, false)] {
+        let ops = app
+            .request(
+                "GET",
+                &format!("/admin/v1/webhook_endpoints?limit={limit}"),
+                Some(&token),
+                None,
+                None,
+            )
+            .await;
+        assert_eq!(ops.body["has_more"], more, "limit {limit}");
+        if more {
+            assert_eq!(ops.body["data"].as_array().unwrap().len(), limit);
+        }
+    }
 }
