@@ -270,6 +270,7 @@ impl Application {
             public_url: public_url_for_state,
             merchants: DashMap::new(),
             key_lookups: tokio::sync::Semaphore::new(crate::api::KEY_LOOKUPS),
+            probes: tokio::sync::Semaphore::new(crate::api::PROBES),
             currencies,
             metrics,
             rate_limiter,

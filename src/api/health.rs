@@ -10,9 +10,14 @@ pub async fn healthz() -> HttpResponse {
     json_value(200, &json!({ "status": "ok" }))
 }
 
-/// `GET /readyz`: PostgreSQL and NATS both answer.
+/// `GET /readyz`: PostgreSQL and NATS both answer. The ping takes one of the probes' permits
+/// (`AppState::probes`), waiting at most half a second: a flood of probes is answered 503 (not
+/// known to be ready), never with the pool's connections.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let database = state.db.ping().await;
+    let database = match tokio::time::timeout(std::time::Duration::from_millis(500), state.probes.acquire()).await {
+        Ok(Ok(_permit)) => state.db.ping().await,
+        _ => false,
+    };
     let nats = state.nats.is_connected();
     let Some(leases) = &state.leases else {
         let status = if database && nats { 200 } else { 503 };

@@ -20,16 +20,30 @@ fn figures(s: &ActorStats) -> ActorFigures {
 }
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    let lag = state.nats.psp_consumer_lag(state.config.nats.partitions).await;
-    // The alert: a dead letter is an event payrail could not apply; each waits for an operator.
-    let unreplayed = tokio::time::timeout(Duration::from_millis(500), state.db.dead_letters_unreplayed())
+    // The figures read from JetStream and PostgreSQL, by at most `PROBES` scrapes at once; a
+    // scrape that waits longer than a second goes without them (their gauges keep the last
+    // reading).
+    let permit = tokio::time::timeout(Duration::from_secs(1), state.probes.acquire())
         .await
         .ok()
         .and_then(Result::ok);
-    let backlog = tokio::time::timeout(Duration::from_millis(500), state.db.webhook_backlog())
-        .await
-        .ok()
-        .and_then(Result::ok);
+    let (lag, unreplayed, backlog) = match permit {
+        Some(_permit) => {
+            let lag = state.nats.psp_consumer_lag(state.config.nats.partitions).await;
+            // The alert: a dead letter is an event payrail could not apply; each waits for an
+            // operator.
+            let unreplayed = tokio::time::timeout(Duration::from_millis(500), state.db.dead_letters_unreplayed())
+                .await
+                .ok()
+                .and_then(Result::ok);
+            let backlog = tokio::time::timeout(Duration::from_millis(500), state.db.webhook_backlog())
+                .await
+                .ok()
+                .and_then(Result::ok);
+            (lag, unreplayed, backlog)
+        }
+        None => (None, None, None),
+    };
     let pool = state.db.pool_status();
     let scrape = Scrape {
         actors: vec![

@@ -69,6 +69,10 @@ pub struct AppState {
     /// Look-ups of keys the cache does not hold, at most [`KEY_LOOKUPS`] at once: a flood of
     /// made-up keys (each one a query) holds that many of the pool's connections, never all.
     pub key_lookups: tokio::sync::Semaphore,
+    /// The unauthenticated probes' work on PostgreSQL and JetStream (`/readyz`'s ping,
+    /// `/metrics`' backlog queries), at most [`PROBES`] at once: a flood of scrapes holds that
+    /// many connections, never the pool.
+    pub probes: tokio::sync::Semaphore,
     /// The currencies this deployment accepts (`[payments] currencies`).
     pub currencies: Vec<Currency>,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -82,6 +86,8 @@ pub struct AppState {
 pub const MAX_CACHED_KEYS: usize = 100_000;
 /// Key look-ups in the database at once (see `AppState::key_lookups`).
 pub const KEY_LOOKUPS: usize = 4;
+/// Probes at work at once (see `AppState::probes`).
+pub const PROBES: usize = 2;
 
 /// Declares every route once: registered by [`routes`], and listed in [`ROUTES`] for the test
 /// that keeps `/openapi.json` and the server in step.
