@@ -286,8 +286,16 @@ pub async fn fetch_batch(
         .await
         .map_err(|e| NatsError::JetStream(e.to_string()))?;
     let mut messages = Vec::with_capacity(max);
-    while let Some(Ok(m)) = batch.next().await {
-        messages.push(m);
+    loop {
+        match batch.next().await {
+            Some(Ok(m)) => messages.push(m),
+            // The pull failed (the consumer or its stream is gone: no responders, say). With
+            // nothing in hand that is the caller's to handle (back off, make the consumer
+            // again); an empty batch would have it pull again at once, forever.
+            Some(Err(e)) if messages.is_empty() => return Err(NatsError::JetStream(e.to_string())),
+            // The pull expired, or failed after some messages: what came is handed on.
+            Some(Err(_)) | None => break,
+        }
     }
     Ok(messages)
 }

@@ -1094,3 +1094,41 @@ async fn an_event_racing_its_payments_commit_is_applied_on_its_first_delivery() 
         "the event was sent back for a redelivery: {m}"
     );
 }
+
+/// A partition's durable consumer deleted under a running node (an operator recreating it with
+/// new settings, say): each worker's pull fails, and the worker makes its consumer again and
+/// goes on, rather than pulling an empty batch at once, forever.
+#[actix_web::test]
+async fn a_deleted_consumer_is_made_again_and_its_events_applied() {
+    let app = spawn_app().await;
+    let count = async || -> i64 {
+        app.sql()
+            .await
+            .query_one("SELECT count(*) FROM processed_events", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(app.pay(1_000, "pm_card_visa", "automatic", true).await.status, 201);
+    wait_for("the first payment's event", async || count().await >= 1).await;
+    let before = count().await;
+    let stream = app
+        .state
+        .nats
+        .jetstream
+        .get_stream(app.state.nats.psp_events_stream())
+        .await
+        .unwrap();
+    for p in 0..app.state.config.nats.partitions {
+        stream
+            .delete_consumer(&format!("{}_psp_{p}", app.state.nats.prefix))
+            .await
+            .unwrap();
+    }
+    assert_eq!(app.pay(1_000, "pm_card_visa", "automatic", true).await.status, 201);
+    wait_for(
+        "the second payment's event, through a consumer made again",
+        async || count().await > before,
+    )
+    .await;
+}
