@@ -4,6 +4,14 @@
 use crate::adapters::postgres::StoreError;
 use crate::domain::Rejection;
 
+/// `PaymentError::Unavailable` reasons about capacity or the PSP's API, not about the message
+/// itself: a PSP event meeting one waits it out without counting toward its dead letter.
+pub const PSP_UNAVAILABLE: &str = "psp";
+pub const CONNECTOR_UNAVAILABLE: &str = "connector";
+pub const ACTOR_GONE: &str = "payment actor";
+pub const MAILBOX_FULL: &str = "payment actor (mailbox full)";
+pub const TOO_MANY_LIVE: &str = "payment actors (too many live)";
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PaymentError {
     /// The state machine refused the operation; `param` names the request field it concerns.
@@ -65,5 +73,13 @@ impl PaymentError {
                 | PaymentError::Remote { status: 503, .. }
                 | PaymentError::OutcomeUnknown
         )
+    }
+}
+
+impl PaymentError {
+    /// Capacity or the PSP's API (see [`PSP_UNAVAILABLE`] and the others), not the message.
+    pub fn is_pressure(&self) -> bool {
+        matches!(self, PaymentError::Unavailable(w)
+            if [PSP_UNAVAILABLE, CONNECTOR_UNAVAILABLE, ACTOR_GONE, MAILBOX_FULL, TOO_MANY_LIVE].contains(w))
     }
 }

@@ -72,9 +72,12 @@ enum Verdict {
     Ack(&'static str),
     /// Failed: deliver it again later, or park it once it failed often enough.
     Retry(&'static str, &'static str),
-    /// Cluster mode: its payment's partition is between owners. Delivered again shortly and
-    /// never parked for it: a lease moves within seconds.
-    Wait,
+    /// Not the event's doing: in cluster mode its payment's partition is between owners
+    /// (`moving`: a lease moves within seconds); or the payment is held up by the PSP's API (an
+    /// earlier attempt it must resolve first) or by payrail's own bounds (a full mailbox)
+    /// (`waiting`). Delivered again shortly, and never parked for it: the event applies once the
+    /// PSP or the payment can take it.
+    Wait(&'static str),
 }
 
 /// What becomes of an event whose handling failed on its `delivered`-th delivery.
@@ -206,12 +209,12 @@ impl Worker {
                 self.record(message, outcome);
                 message.ack().await
             }
-            Verdict::Wait => {
+            Verdict::Wait(outcome) => {
                 if self.waits.len() >= MAX_REMEMBERED_WAITS {
                     self.waits.clear();
                 }
                 *self.waits.entry(sequence).or_insert(0) += 1;
-                self.record(message, "moving");
+                self.record(message, outcome);
                 let delay = Duration::from_millis(500 * (waited + 1).clamp(1, 10) as u64);
                 message.ack_with(AckKind::Nak(Some(delay))).await
             }
@@ -407,7 +410,11 @@ impl Worker {
             Ok(_) => Verdict::Ack("applied"),
             Err(e) if super::forward::is_handover(&e) => {
                 tracing::info!(payment_id = %payment_id, error = %e, "PSP event waits for its payment's partition to settle on a node");
-                Verdict::Wait
+                Verdict::Wait("moving")
+            }
+            Err(e) if e.is_pressure() => {
+                tracing::info!(payment_id = %payment_id, error = %e, "PSP event waits: its payment cannot take it now");
+                Verdict::Wait("waiting")
             }
             Err(e) => {
                 tracing::warn!(payment_id = %payment_id, error = %e, "PSP event not applied yet; it will be redelivered");

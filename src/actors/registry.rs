@@ -133,7 +133,7 @@ impl PaymentRegistry {
         for _ in 0..MAX_DELIVERY_TRIES {
             let entry = self.entry(id, &mut known.clone())?;
             if entry.mailbox.depth() >= self.config.mailbox_capacity as i64 {
-                return Err(PaymentError::Unavailable("payment actor (mailbox full)"));
+                return Err(PaymentError::Unavailable(crate::actors::error::MAILBOX_FULL));
             }
             entry.mailbox.sent();
             match entry.addr.send(call.clone()).await {
@@ -146,7 +146,7 @@ impl PaymentRegistry {
                 }
             }
         }
-        Err(PaymentError::Unavailable("payment actor"))
+        Err(PaymentError::Unavailable(crate::actors::error::ACTOR_GONE))
     }
 
     fn entry(&self, id: &PaymentId, known: &mut Option<Live>) -> Result<ActorEntry, PaymentError> {
@@ -156,7 +156,7 @@ impl PaymentRegistry {
             }
         }
         if self.actors.len() >= self.config.max_live {
-            return Err(PaymentError::Unavailable("payment actors (too many live)"));
+            return Err(PaymentError::Unavailable(crate::actors::error::TOO_MANY_LIVE));
         }
         let entry = match self.actors.entry(id.clone()) {
             Entry::Occupied(o) if o.get().addr.connected() => o.get().clone(),

@@ -974,3 +974,67 @@ async fn an_open_stripe_attempt_past_stripes_key_window_is_not_sent_again() {
         .get(0);
     assert_eq!(open, 1, "left open for an operator");
 }
+
+/// A PSP event for a payment whose earlier attempt is still open while the PSP's API times out:
+/// the event waits (the attempt must be resolved first), delivered again and again past
+/// `max_deliver`, and is never parked as a dead letter for it; once the API answers, it applies.
+#[actix_web::test]
+async fn an_event_waiting_for_the_psps_api_is_never_parked_for_it() {
+    let app = spawn_app_with(|c| c.psp.timeout_ms = 150).await;
+    let (merchant, a) = demo(&app).await;
+    let path = format!("/admin/v1/merchants/{merchant}/connectors/{a}");
+    let slow = |ms: u64| operator(&app, "POST", &path, json!({ "settings": { "latency_ms": ms } }));
+    let p = pay(&app, 2_500, "USD", "pm_card_visa", "manual", json!({})).await;
+    let id = p.body["payment_id"].as_str().unwrap().to_owned();
+    let reference = p.body["psp_reference"].as_str().unwrap().to_owned();
+    // The capture's call times out: its attempt stays open.
+    assert_eq!(slow(600).await.status, 200);
+    let r = app.post(&format!("/api/v1/payments/{id}/capture"), json!({})).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    // An event for the payment: every delivery meets the open attempt, whose resend times out.
+    let object = json!({ "id": reference, "amount_received": 2_500, "currency": "usd" });
+    assert_eq!(
+        crate::events::send_event(&app, "evt_waits", "payment_intent.succeeded", object).await,
+        200
+    );
+    let waited = async || -> u64 {
+        let m = app.request("GET", "/metrics", None, None, None).await;
+        String::from_utf8_lossy(&m.raw)
+            .lines()
+            .find(|l| l.starts_with("payrail_psp_events_total") && l.contains("outcome=\"waiting\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    while waited().await <= app.state.config.nats.max_deliver as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the event was not delivered past max_deliver"
+        );
+        actix_rt::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let token = app.state.config.admin.token.clone();
+    let parked = app
+        .request("GET", "/admin/v1/dead_letters", Some(&token), None, None)
+        .await;
+    assert_eq!(parked.body["total"], 0, "{}", parked.body);
+    // The API answers again: the capture is resolved, and the event is taken.
+    assert_eq!(slow(0).await.status, 200);
+    wait_for("the payment to be captured", async || {
+        app.get(&format!("/api/v1/payments/{id}")).await.body["status"] == "captured"
+    })
+    .await;
+    wait_for("the event to be taken", async || {
+        app.sql()
+            .await
+            .query_one(
+                "SELECT count(*) FROM processed_events WHERE event_id = 'evt_waits'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+}

@@ -247,7 +247,7 @@ impl Flow<'_> {
                 tracing::warn!(payment_id = %self.payment().id, error = %e, "no connector could be reached");
                 self.close_untouched(&attempt, AttemptOutcome::Unreachable, cause, status, refund)
                     .await?;
-                return Err(PaymentError::Unavailable("psp").into());
+                return Err(PaymentError::Unavailable(crate::actors::error::PSP_UNAVAILABLE).into());
             }
             Err(Called::Halt(Halt {
                 error: PaymentError::PspRefused { code, message, param },
@@ -317,7 +317,9 @@ impl Flow<'_> {
             tracing::error!(payment_id = %p.id, attempt = %attempt.id, connector = %connector.id,
                 "an open Stripe attempt is past Stripe's idempotency window: not sent again; an operator must resolve it");
             self.deps.metrics.psp_error(connector.kind, "idempotency_window_passed");
-            return Err(Called::Halt(PaymentError::Unavailable("psp").into()));
+            return Err(Called::Halt(
+                PaymentError::Unavailable(crate::actors::error::PSP_UNAVAILABLE).into(),
+            ));
         }
         let answer = match attempt.op {
             PspOp::Authorize => {
@@ -366,7 +368,9 @@ impl Flow<'_> {
         match answer {
             Err(Called::NotSent(e)) if !(first_send && attempt.op == PspOp::Authorize) => {
                 tracing::warn!(payment_id = %p.id, error = %e, "PSP not reached; the attempt stays open");
-                Err(Called::Halt(PaymentError::Unavailable("psp").into()))
+                Err(Called::Halt(
+                    PaymentError::Unavailable(crate::actors::error::PSP_UNAVAILABLE).into(),
+                ))
             }
             other => other,
         }
@@ -443,7 +447,7 @@ impl Flow<'_> {
             Some(c) => Ok(c),
             None => {
                 tracing::error!(payment_id = %self.payment().id, connector = ?id, "the payment's connector is gone");
-                Err(PaymentError::Unavailable("connector").into())
+                Err(PaymentError::Unavailable(crate::actors::error::CONNECTOR_UNAVAILABLE).into())
             }
         }
     }
@@ -494,11 +498,15 @@ impl Flow<'_> {
             Ok(Err(PspError::NotSent(e))) => Err(Called::NotSent(e)),
             Ok(Err(PspError::Unavailable(e))) => {
                 tracing::warn!(payment_id = %self.payment().id, error = %e, "PSP unavailable");
-                Err(Called::Halt(PaymentError::Unavailable("psp").into()))
+                Err(Called::Halt(
+                    PaymentError::Unavailable(crate::actors::error::PSP_UNAVAILABLE).into(),
+                ))
             }
             Err(_) => {
                 tracing::warn!(payment_id = %self.payment().id, "PSP call timed out");
-                Err(Called::Halt(PaymentError::Unavailable("psp").into()))
+                Err(Called::Halt(
+                    PaymentError::Unavailable(crate::actors::error::PSP_UNAVAILABLE).into(),
+                ))
             }
         }
     }
@@ -512,7 +520,7 @@ impl Flow<'_> {
     ) -> Result<T, Halt> {
         self.call(connector, operation, call).await.map_err(|e| match e {
             Called::Halt(h) => h,
-            Called::NotSent(_) => PaymentError::Unavailable("psp").into(),
+            Called::NotSent(_) => PaymentError::Unavailable(crate::actors::error::PSP_UNAVAILABLE).into(),
         })
     }
 
