@@ -108,8 +108,42 @@ impl StripePsp {
                 param: v["error"]["param"].as_str().map(str::to_owned),
             }
             .into()),
+            500..=599 if replayed => Err(Fail::Saved5xx(status)),
             _ => Err(PspError::Unavailable(format!("stripe: {status}")).into()),
         }
+    }
+
+    /// A POST under `key`; if Stripe answers with a 5xx it saved for the key, `done` reads what
+    /// Stripe holds now: `Some` is the answer (the request took effect, or something else
+    /// decided), `None` means the request did nothing, and it is sent again once under
+    /// `{key}:again` (a key of its own: the first one only ever gets the saved error).
+    async fn again_unless_done(
+        &self,
+        path: &str,
+        key: &str,
+        form: &[(&str, String)],
+        done: impl AsyncFnOnce(&Self) -> Result<Option<Value>, Fail>,
+    ) -> Result<Value, Fail> {
+        match self.call("POST", path, Some(key.to_owned()), form).await {
+            Err(Fail::Saved5xx(status)) => {
+                tracing::warn!(connector = %self.connector, status, "stripe saved an error for the key; reading what it did");
+                match done(self).await? {
+                    Some(now) => Ok(now),
+                    None => self.call("POST", path, Some(format!("{key}:again")), form).await,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// The intent as Stripe holds it now, `Some` unless its status is `pending` (what a request
+    /// that did nothing leaves).
+    async fn intent_unless(&self, reference: &str, pending: &[&str]) -> Result<Option<Value>, Fail> {
+        let now = self
+            .call("GET", &format!("/v1/payment_intents/{reference}"), None, &[])
+            .await?;
+        let status = now["status"].as_str().unwrap_or_default();
+        Ok((!pending.contains(&status)).then_some(now))
     }
 
     async fn authorize(&self, req: AuthorizeRequest) -> Result<Intent, PspError> {
@@ -154,11 +188,11 @@ impl StripePsp {
             return intent(&created, None);
         }
         let confirmed = self
-            .call(
-                "POST",
+            .again_unless_done(
                 &format!("/v1/payment_intents/{id}/confirm"),
-                Some(format!("{}:confirm", req.key)),
+                &format!("{}:confirm", req.key),
                 &[],
+                async |s| s.intent_unless(&id, &["requires_confirmation"]).await,
             )
             .await;
         match confirmed {
@@ -171,7 +205,7 @@ impl StripePsp {
             }),
             // Not confirmed (`NotSent`): the intent exists unconfirmed, nothing is authorized,
             // and Stripe expires it; another connector may take the payment.
-            Err(Fail::Psp(e)) => Err(e),
+            Err(f @ (Fail::Psp(_) | Fail::Saved5xx(_))) => Err(f.into()),
         }
     }
 }
@@ -180,6 +214,10 @@ impl StripePsp {
 enum Fail {
     /// A 402: the card was declined.
     Declined(Failure),
+    /// A 5xx Stripe saved for this idempotency key (`Idempotent-Replayed: true`): the request
+    /// ended there with an error, and every resend under the key gets it again. What it did is
+    /// to be read from Stripe ([`StripePsp::again_unless_done`]).
+    Saved5xx(u16),
     Psp(PspError),
 }
 
@@ -194,6 +232,7 @@ impl From<Fail> for PspError {
     fn from(f: Fail) -> PspError {
         match f {
             Fail::Psp(e) => e,
+            Fail::Saved5xx(status) => PspError::Unavailable(format!("stripe: {status}, saved for the key")),
             Fail::Declined(d) => PspError::Invalid {
                 code: d.code,
                 message: d.message,
@@ -260,11 +299,11 @@ impl Psp for StripePsp {
     fn capture(&self, key: AttemptId, reference: String, amount: Money) -> PspFuture<'_, Intent> {
         Box::pin(async move {
             let v = self
-                .call(
-                    "POST",
+                .again_unless_done(
                     &format!("/v1/payment_intents/{reference}/capture"),
-                    Some(key.to_string()),
+                    key.as_str(),
                     &[("amount_to_capture", amount.minor.to_string())],
+                    async |s| s.intent_unless(&reference, &["requires_capture"]).await,
                 )
                 .await?;
             intent(&v, Some(amount.minor))
@@ -273,12 +312,18 @@ impl Psp for StripePsp {
 
     fn cancel(&self, key: AttemptId, reference: String) -> PspFuture<'_, Intent> {
         Box::pin(async move {
+            let cancelable = [
+                "requires_payment_method",
+                "requires_capture",
+                "requires_confirmation",
+                "requires_action",
+            ];
             let v = self
-                .call(
-                    "POST",
+                .again_unless_done(
                     &format!("/v1/payment_intents/{reference}/cancel"),
-                    Some(key.to_string()),
+                    key.as_str(),
                     &[],
+                    async |s| s.intent_unless(&reference, &cancelable).await,
                 )
                 .await?;
             intent(&v, None)
@@ -287,13 +332,28 @@ impl Psp for StripePsp {
 
     fn refund(&self, key: AttemptId, reference: String, amount: Money) -> PspFuture<'_, PspRefund> {
         Box::pin(async move {
+            // The attempt rides along as metadata: how a refund whose answer Stripe saved as an
+            // error is found (or known not to exist) among the intent's refunds.
+            let form = [
+                ("payment_intent", reference.clone()),
+                ("amount", amount.minor.to_string()),
+                ("metadata[payrail_attempt_id]", key.to_string()),
+            ];
             let v = self
-                .call(
-                    "POST",
-                    "/v1/refunds",
-                    Some(key.to_string()),
-                    &[("payment_intent", reference), ("amount", amount.minor.to_string())],
-                )
+                .again_unless_done("/v1/refunds", key.as_str(), &form, async |s| {
+                    let listed = s
+                        .call(
+                            "GET",
+                            &format!("/v1/refunds?payment_intent={reference}&limit=100"),
+                            None,
+                            &[],
+                        )
+                        .await?;
+                    Ok(listed["data"]
+                        .as_array()
+                        .and_then(|l| l.iter().find(|r| r["metadata"]["payrail_attempt_id"] == key.as_str()))
+                        .cloned())
+                })
                 .await?;
             let reference = v["id"]
                 .as_str()
@@ -484,7 +544,10 @@ mod tests {
             seen[0].2
         );
         assert_eq!(seen[2].2, "amount_to_capture=1500");
-        assert_eq!(seen[3].2, "payment_intent=pi_3Qrec&amount=500");
+        assert_eq!(
+            seen[3].2,
+            "payment_intent=pi_3Qrec&amount=500&metadata%5Bpayrail_attempt_id%5D=att_3"
+        );
     }
 
     /// A resend after a confirm whose answer was lost: Stripe replays the create's saved answer
@@ -508,6 +571,72 @@ mod tests {
                 "GET /v1/payment_intents/pi_3Qrec HTTP/1.1"
             ]
         );
+    }
+
+    /// Stripe's saved 500 for a key: every resend under it gets this again.
+    const SAVED_500: &str = r#"REPLAY:{"error":{"type":"api_error","message":"An unknown error occurred"}}"#;
+
+    fn lines_and_keys(seen: &Arc<Mutex<Vec<Seen>>>) -> Vec<(String, Option<String>)> {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .map(|s| (s.0.clone(), header(s, "idempotency-key").map(str::to_owned)))
+            .collect()
+    }
+
+    #[actix_rt::test]
+    async fn a_capture_stripe_saved_as_an_error_is_read_and_made_under_a_key_of_its_own() {
+        let eur = |m| Money::new(m, Currency::parse("EUR").unwrap());
+        // Nothing was captured (the intent still waits for it): asked again under `:again`.
+        let (base, seen) = double(vec![(500, SAVED_500), (200, AUTHORIZED), (200, CAPTURED)]);
+        let stripe = StripePsp::new("mca_s".into(), "sk".into(), Some(base));
+        let key = AttemptId::from_trusted("att_c".into());
+        let i = stripe
+            .capture(key.clone(), "pi_3Qrec".into(), eur(1_500))
+            .await
+            .unwrap();
+        assert_eq!(i.status, IntentStatus::Succeeded { amount_captured: 1500 });
+        let sent = lines_and_keys(&seen);
+        assert_eq!(sent[1].0, "GET /v1/payment_intents/pi_3Qrec HTTP/1.1");
+        assert_eq!(sent[2].1.as_deref(), Some("att_c:again"));
+        // It was captured after all: that is the answer, nothing is sent again.
+        let (base, seen) = double(vec![(500, SAVED_500), (200, CAPTURED)]);
+        let stripe = StripePsp::new("mca_s".into(), "sk".into(), Some(base));
+        let i = stripe.capture(key, "pi_3Qrec".into(), eur(1_500)).await.unwrap();
+        assert_eq!(i.status, IntentStatus::Succeeded { amount_captured: 1500 });
+        assert_eq!(lines_and_keys(&seen).len(), 2);
+    }
+
+    #[actix_rt::test]
+    async fn a_refund_stripe_saved_as_an_error_is_found_by_its_attempt_or_made_again() {
+        let eur = |m| Money::new(m, Currency::parse("EUR").unwrap());
+        let key = AttemptId::from_trusted("att_f".into());
+        // It exists (found among the intent's refunds by its attempt): never made twice.
+        let listed = r#"{"object":"list","data":[{"id":"re_other","status":"succeeded","metadata":{}},
+            {"id":"re_3Qmine","status":"succeeded","metadata":{"payrail_attempt_id":"att_f"}}]}"#;
+        let (base, seen) = double(vec![(500, SAVED_500), (200, listed)]);
+        let stripe = StripePsp::new("mca_s".into(), "sk".into(), Some(base));
+        let r = stripe.refund(key.clone(), "pi_3Qrec".into(), eur(500)).await.unwrap();
+        assert_eq!(
+            (r.reference.as_str(), r.status),
+            ("re_3Qmine", PspRefundStatus::Succeeded)
+        );
+        let sent = lines_and_keys(&seen);
+        assert_eq!(sent.len(), 2);
+        assert_eq!(sent[1].0, "GET /v1/refunds?payment_intent=pi_3Qrec&limit=100 HTTP/1.1");
+        assert!(seen.lock().unwrap()[0]
+            .2
+            .contains("metadata%5Bpayrail_attempt_id%5D=att_f"));
+        // It does not: made once more, under a key of its own.
+        let (base, seen) = double(vec![
+            (500, SAVED_500),
+            (200, r#"{"object":"list","data":[]}"#),
+            (200, REFUND_PENDING),
+        ]);
+        let stripe = StripePsp::new("mca_s".into(), "sk".into(), Some(base));
+        let r = stripe.refund(key, "pi_3Qrec".into(), eur(500)).await.unwrap();
+        assert_eq!(r.reference, "re_3Qrec");
+        assert_eq!(lines_and_keys(&seen)[2].1.as_deref(), Some("att_f:again"));
     }
 
     #[actix_rt::test]
