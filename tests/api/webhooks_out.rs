@@ -633,6 +633,34 @@ async fn a_merchant_created_with_a_webhook_url_has_it_as_its_first_endpoint() {
     let hit = receiver.hits().remove(0);
     let now = chrono::Utc::now().timestamp();
     assert!(verify_stripe(&hit.signature, &hit.body, &[&secret], 300, now).is_ok());
+
+    // The endpoint cannot be stored (the database refuses it, here by a trigger of the test's
+    // own): the merchant and its key are made, and the key is answered all the same.
+    app.sql()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION refuse_endpoints() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$;
+             CREATE TRIGGER refuse_endpoints BEFORE INSERT ON webhook_endpoints
+                 FOR EACH ROW EXECUTE FUNCTION refuse_endpoints();",
+        )
+        .await
+        .unwrap();
+    let body = json!({ "name": "Unhooked", "default_currency": "USD", "webhook_url": receiver.url }).to_string();
+    let r = app
+        .request("POST", "/admin/v1/merchants", Some(&token), None, Some(&body))
+        .await;
+    assert_eq!(
+        (r.status, r.body["webhook_endpoint"].clone()),
+        (201, Value::Null),
+        "{}",
+        r.body
+    );
+    let key = r.body["api_key"].as_str().unwrap().to_owned();
+    let listed = app
+        .request("GET", "/api/v1/webhook_endpoints", Some(&key), None, None)
+        .await;
+    assert_eq!((listed.status, listed.body["data"].clone()), (200, json!([])));
 }
 
 #[actix_web::test]
