@@ -1132,3 +1132,36 @@ async fn a_deleted_consumer_is_made_again_and_its_events_applied() {
     )
     .await;
 }
+
+/// An event parked again while its dead letter waits (the acknowledgement after the first
+/// parking was lost) is one dead letter, not two; an unreadable one is always its own.
+#[actix_web::test]
+async fn an_event_parked_twice_is_one_dead_letter() {
+    let app = spawn_app().await;
+    let park = |deliveries: i32, envelope: Option<&'static [u8]>| {
+        app.state.db.dead_letter(
+            "sandbox",
+            "evt_twice",
+            "payment_intent.succeeded",
+            "pi_x",
+            "no payment with this PSP reference",
+            deliveries,
+            b"{}",
+            envelope,
+        )
+    };
+    park(5, Some(b"envelope")).await.unwrap();
+    park(6, Some(b"envelope")).await.unwrap();
+    let token = app.state.config.admin.token.clone();
+    let listed = app
+        .request("GET", "/admin/v1/dead_letters", Some(&token), None, None)
+        .await;
+    assert_eq!(listed.body["total"], 1, "{}", listed.body);
+    assert_eq!(listed.body["data"][0]["deliveries"], 6);
+    park(5, None).await.unwrap();
+    park(5, None).await.unwrap();
+    let listed = app
+        .request("GET", "/admin/v1/dead_letters", Some(&token), None, None)
+        .await;
+    assert_eq!(listed.body["total"], 3, "{}", listed.body);
+}

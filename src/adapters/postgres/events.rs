@@ -224,10 +224,18 @@ impl Db {
         envelope: Option<&[u8]>,
     ) -> Result<(), StoreError> {
         let client = self.client().await?;
+        // An event parked again while its dead letter waits (the acknowledgement after parking
+        // was lost, and JetStream delivered it once more) updates that one: one alert, one
+        // replay. An unreadable one (no envelope, so no trustworthy id) is always a row of its own.
         client
             .execute(
-                "INSERT INTO dead_letters (provider, event_id, event_type, reference, reason, deliveries, raw, envelope)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                "WITH open AS (
+                     UPDATE dead_letters SET reason = $5, deliveries = greatest(deliveries, $6)
+                     WHERE $8::bytea IS NOT NULL AND envelope IS NOT NULL AND replayed_at IS NULL
+                       AND provider = $1 AND event_id = $2
+                     RETURNING 1)
+                 INSERT INTO dead_letters (provider, event_id, event_type, reference, reason, deliveries, raw, envelope)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE NOT EXISTS (SELECT 1 FROM open)",
                 &[
                     &provider,
                     &event_id,
