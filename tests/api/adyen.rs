@@ -37,10 +37,15 @@ fn answer(path: &str, body: &Value, n: usize) -> (u16, Value) {
     let amount = body["amount"].clone();
     if path == "/v71/payments" {
         let psp = format!("PSP{:013}", n);
-        return match body["paymentMethod"]["storedPaymentMethodId"]
-            .as_str()
-            .map(|m| m.trim_start_matches("pm_"))
-        {
+        // Adyen's own stored-card ids: payrail's `pm_` prefix does not reach Adyen.
+        assert!(
+            !body["paymentMethod"]["storedPaymentMethodId"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("pm_"),
+            "{body}"
+        );
+        return match body["paymentMethod"]["storedPaymentMethodId"].as_str() {
             Some("stored_refused") => (
                 200,
                 json!({ "pspReference": psp, "resultCode": "Refused", "refusalReason": "Not enough balance",
@@ -543,7 +548,7 @@ async fn an_adyen_payment_is_decided_by_its_notifications() {
     assert_eq!(first["amount"], json!({ "currency": "EUR", "value": 2000 }));
     assert_eq!(
         first["paymentMethod"],
-        json!({ "type": "scheme", "storedPaymentMethodId": "pm_stored_card_1" })
+        json!({ "type": "scheme", "storedPaymentMethodId": "stored_card_1" })
     );
     assert_eq!(first["additionalData"]["manualCapture"], "true");
     assert_eq!(first["reference"], id.as_str());

@@ -88,7 +88,10 @@ impl AdyenPsp {
             "amount": Self::amount(req.amount),
             "reference": req.payment_id.as_str(),
             // The merchant's stored card at Adyen (payrail never sees a card).
-            "paymentMethod": { "type": "scheme", "storedPaymentMethodId": req.payment_method },
+            // payrail's payment methods are `pm_…` tokens: an Adyen stored card is `pm_` and its
+            // `storedPaymentMethodId` (Adyen's own ids have no such prefix).
+            "paymentMethod": { "type": "scheme",
+                               "storedPaymentMethodId": req.payment_method.strip_prefix("pm_").unwrap_or(&req.payment_method) },
             "shopperInteraction": "ContAuth",
             "recurringProcessingModel": "CardOnFile",
             "metadata": { "payrail_attempt_id": req.key.as_str() },
