@@ -8,6 +8,8 @@ use crate::domain::Rejection;
 /// itself: a PSP event meeting one waits it out without counting toward its dead letter.
 pub const PSP_UNAVAILABLE: &str = "psp";
 pub const CONNECTOR_UNAVAILABLE: &str = "connector";
+/// Not pressure: the actor panicked on the message, or stopped before taking it three times; a
+/// PSP event meeting that counts toward its dead letter (a bug must be seen, not retried forever).
 pub const ACTOR_GONE: &str = "payment actor";
 pub const MAILBOX_FULL: &str = "payment actor (mailbox full)";
 pub const TOO_MANY_LIVE: &str = "payment actors (too many live)";
@@ -80,6 +82,27 @@ impl PaymentError {
     /// Capacity or the PSP's API (see [`PSP_UNAVAILABLE`] and the others), not the message.
     pub fn is_pressure(&self) -> bool {
         matches!(self, PaymentError::Unavailable(w)
-            if [PSP_UNAVAILABLE, CONNECTOR_UNAVAILABLE, ACTOR_GONE, MAILBOX_FULL, TOO_MANY_LIVE].contains(w))
+            if [PSP_UNAVAILABLE, CONNECTOR_UNAVAILABLE, MAILBOX_FULL, TOO_MANY_LIVE].contains(w))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_capacity_and_the_psps_api_are_pressure_a_panic_or_a_hold_is_not() {
+        for w in [PSP_UNAVAILABLE, CONNECTOR_UNAVAILABLE, MAILBOX_FULL, TOO_MANY_LIVE] {
+            assert!(PaymentError::Unavailable(w).is_pressure(), "{w}");
+        }
+        for w in [
+            ACTOR_GONE,
+            "the dispute this event closes (not opened yet)",
+            "the refund this event settles (not recorded yet)",
+            "ledger",
+        ] {
+            assert!(!PaymentError::Unavailable(w).is_pressure(), "{w}");
+        }
+        assert!(!PaymentError::NotFound("payment").is_pressure());
     }
 }

@@ -294,7 +294,7 @@ impl Handler<PaymentCall> for PaymentActor {
                     .load_error
                     .as_deref()
                     .cloned()
-                    .unwrap_or(PaymentError::Unavailable("payment actor"));
+                    .unwrap_or(PaymentError::Unavailable(crate::actors::error::ACTOR_GONE));
                 return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
             }
         };
@@ -325,7 +325,7 @@ impl Handler<PaymentCall> for PaymentActor {
                     tracing::error!(payment_id = %act.id, "payment actor panicked; restarting from PostgreSQL");
                     act.shared.kind.restarts.fetch_add(1, Ordering::Relaxed);
                     ctx.stop();
-                    Err(PaymentError::Unavailable("payment actor"))
+                    Err(PaymentError::Unavailable(crate::actors::error::ACTOR_GONE))
                 }
             }
         })))
