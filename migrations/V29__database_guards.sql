@@ -1,10 +1,11 @@
 -- Guards the database keeps whoever writes to it: a repair script, a role with grants, a bug.
 
--- The tables whose triggers or columns change, locked first in the order a ledger batch writes
--- them (V26), so that a node still running cannot deadlock with this migration.
-LOCK TABLE merchants, payments, payment_transitions, psp_attempts, journals IN ACCESS EXCLUSIVE MODE;
+-- The tables whose triggers or columns change, locked first in the order a ledger batch takes
+-- them (V26): `merchants` last, since a batch's reference checks read it after writing payments
+-- and journals. A node still running cannot deadlock with this migration.
+LOCK TABLE payments, payment_transitions, psp_attempts, journals, merchants IN ACCESS EXCLUSIVE MODE;
 
--- 1. Every function of this schema reads this schema's tables, never a session's temporary
+-- 1. Every trigger function of this schema reads this schema's tables, never a session's temporary
 -- table of the same name. Unqualified names are looked up in `pg_temp` first unless the path
 -- says otherwise, so a temporary `journals` or `entries` (made by anyone: every role may make
 -- temporary tables) used to take the place of the real one inside the balance check, which then
@@ -15,8 +16,13 @@ DO $$
 DECLARE
     f regprocedure;
 BEGIN
+    -- payrail's own: the schema's plpgsql trigger functions this role owns, none of an
+    -- extension's (an extension installed into the same schema keeps its functions as they are).
     FOR f IN SELECT p.oid::regprocedure FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
               WHERE p.pronamespace = current_schema()::regnamespace AND l.lanname = 'plpgsql'
+                AND p.prokind = 'f' AND p.prorettype = 'trigger'::regtype AND p.proowner = current_user::regrole
+                AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+                                  AND d.objid = p.oid AND d.deptype = 'e')
     LOOP
         EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_temp', f, current_schema());
     END LOOP;

@@ -661,12 +661,13 @@ async fn what_got_past_the_database_checks_no_longer_does() {
     let (p, merchant) = captured_payment(&app).await;
     let mut db = app.sql().await;
 
-    // Every plpgsql function of the schema reads the schema's tables, whatever the session's
+    // Every trigger function of the schema reads the schema's tables, whatever the session's
     // path: a `CREATE OR REPLACE` without its path fails here.
     let unpinned: Vec<String> = db
         .query(
             "SELECT p.proname::text FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
              WHERE p.pronamespace = current_schema()::regnamespace AND l.lanname = 'plpgsql'
+               AND p.prokind = 'f' AND p.prorettype = 'trigger'::regtype
                AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search\\_path=%')",
             &[],
         )
