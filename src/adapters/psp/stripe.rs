@@ -93,9 +93,7 @@ impl StripePsp {
             409 => {
                 Err(PspError::Unavailable(format!("stripe: 409 {}", v["error"]["code"].as_str().unwrap_or(""))).into())
             }
-            _ if v["error"]["type"] == "idempotency_error" => {
-                Err(PspError::Unavailable("stripe: idempotency_error".into()).into())
-            }
+            _ if v["error"]["type"] == "idempotency_error" => Err(Fail::KeyParamsDiffer),
             400..=499 => Err(PspError::Invalid {
                 code: v["error"]["code"]
                     .as_str()
@@ -136,6 +134,32 @@ impl StripePsp {
         }
     }
 
+    /// The refund made by `attempt` among the intent's refunds (newest first, a page of 100 at a
+    /// time, at most [`REFUND_PAGES`]): `None` only when the whole list was read without it.
+    async fn refund_of_attempt(&self, reference: &str, attempt: &str) -> Result<Option<Value>, Fail> {
+        let mut after = String::new();
+        for _ in 0..REFUND_PAGES {
+            let page = self
+                .call(
+                    "GET",
+                    &format!("/v1/refunds?payment_intent={reference}&limit=100{after}"),
+                    None,
+                    &[],
+                )
+                .await?;
+            let data = page["data"].as_array().cloned().unwrap_or_default();
+            if let Some(found) = data.iter().find(|r| r["metadata"]["payrail_attempt_id"] == attempt) {
+                return Ok(Some(found.clone()));
+            }
+            match data.last().and_then(|r| r["id"].as_str()) {
+                Some(last) if page["has_more"] == true => after = format!("&starting_after={last}"),
+                _ => return Ok(None),
+            }
+        }
+        // Not read to its end: whether it exists is unknown, so nothing is made again.
+        Err(PspError::Unavailable("stripe: the intent's refunds are too many to read".into()).into())
+    }
+
     /// The intent as Stripe holds it now, `Some` unless its status is `pending` (what a request
     /// that did nothing leaves).
     async fn intent_unless(&self, reference: &str, pending: &[&str]) -> Result<Option<Value>, Fail> {
@@ -167,9 +191,20 @@ impl StripePsp {
         if req.three_d_secure {
             form.push(("payment_method_options[card][request_three_d_secure]", "any".to_owned()));
         }
-        let (mut created, replayed) = self
+        let created = match self
             .call_replayed("POST", "/v1/payment_intents", Some(req.key.to_string()), &form)
-            .await?;
+            .await
+        {
+            // The create ended in an error Stripe keeps for the key. An intent it may have made is
+            // unconfirmed (confirming is a call of its own), so it moves no money: create again
+            // under a key of its own.
+            Err(Fail::Saved5xx(_)) => {
+                self.call_replayed("POST", "/v1/payment_intents", Some(format!("{}:again", req.key)), &form)
+                    .await
+            }
+            other => other,
+        };
+        let (mut created, replayed) = created?;
         let id = created["id"]
             .as_str()
             .filter(|s| s.starts_with("pi_"))
@@ -205,10 +240,13 @@ impl StripePsp {
             }),
             // Not confirmed (`NotSent`): the intent exists unconfirmed, nothing is authorized,
             // and Stripe expires it; another connector may take the payment.
-            Err(f @ (Fail::Psp(_) | Fail::Saved5xx(_))) => Err(f.into()),
+            Err(f @ (Fail::Psp(_) | Fail::Saved5xx(_) | Fail::KeyParamsDiffer)) => Err(f.into()),
         }
     }
 }
+
+/// Pages of 100 refunds read to find one whose answer Stripe saved as an error.
+const REFUND_PAGES: usize = 10;
 
 /// What a Stripe call can end in besides its answer.
 enum Fail {
@@ -218,6 +256,9 @@ enum Fail {
     /// ended there with an error, and every resend under the key gets it again. What it did is
     /// to be read from Stripe ([`StripePsp::again_unless_done`]).
     Saved5xx(u16),
+    /// `idempotency_error`: the key is being worked on, or was used with other parameters (a
+    /// request sent before this version, without the metadata it now carries). Unknown.
+    KeyParamsDiffer,
     Psp(PspError),
 }
 
@@ -233,6 +274,7 @@ impl From<Fail> for PspError {
         match f {
             Fail::Psp(e) => e,
             Fail::Saved5xx(status) => PspError::Unavailable(format!("stripe: {status}, saved for the key")),
+            Fail::KeyParamsDiffer => PspError::Unavailable("stripe: idempotency_error".into()),
             Fail::Declined(d) => PspError::Invalid {
                 code: d.code,
                 message: d.message,
@@ -339,22 +381,19 @@ impl Psp for StripePsp {
                 ("amount", amount.minor.to_string()),
                 ("metadata[payrail_attempt_id]", key.to_string()),
             ];
-            let v = self
+            let made = self
                 .again_unless_done("/v1/refunds", key.as_str(), &form, async |s| {
-                    let listed = s
-                        .call(
-                            "GET",
-                            &format!("/v1/refunds?payment_intent={reference}&limit=100"),
-                            None,
-                            &[],
-                        )
-                        .await?;
-                    Ok(listed["data"]
-                        .as_array()
-                        .and_then(|l| l.iter().find(|r| r["metadata"]["payrail_attempt_id"] == key.as_str()))
-                        .cloned())
+                    s.refund_of_attempt(&reference, key.as_str()).await
                 })
-                .await?;
+                .await;
+            let v = match made {
+                // First sent by a version that gave no metadata: the same request as then.
+                Err(Fail::KeyParamsDiffer) => {
+                    self.call("POST", "/v1/refunds", Some(key.to_string()), &form[..2])
+                        .await?
+                }
+                other => other?,
+            };
             let reference = v["id"]
                 .as_str()
                 .filter(|s| s.starts_with("re_"))
@@ -637,6 +676,36 @@ mod tests {
         let r = stripe.refund(key, "pi_3Qrec".into(), eur(500)).await.unwrap();
         assert_eq!(r.reference, "re_3Qrec");
         assert_eq!(lines_and_keys(&seen)[2].1.as_deref(), Some("att_f:again"));
+    }
+
+    #[actix_rt::test]
+    async fn a_refund_first_sent_without_metadata_is_asked_again_as_it_was_then() {
+        let eur = |m| Money::new(m, Currency::parse("EUR").unwrap());
+        let differ = r#"{"error":{"type":"idempotency_error","message":"Keys for idempotent requests can only be used with the same parameters they were first used with."}}"#;
+        let (base, seen) = double(vec![(400, differ), (200, REFUND_PENDING)]);
+        let stripe = StripePsp::new("mca_s".into(), "sk".into(), Some(base));
+        let r = stripe
+            .refund(AttemptId::from_trusted("att_o".into()), "pi_3Qrec".into(), eur(500))
+            .await
+            .unwrap();
+        assert_eq!(r.reference, "re_3Qrec");
+        let seen = seen.lock().unwrap();
+        assert_eq!(header(&seen[1], "idempotency-key"), Some("att_o"));
+        assert_eq!(seen[1].2, "payment_intent=pi_3Qrec&amount=500");
+    }
+
+    #[actix_rt::test]
+    async fn a_create_stripe_saved_as_an_error_is_made_again_under_a_key_of_its_own() {
+        let (base, seen) = double(vec![(500, SAVED_500), (200, CREATED), (200, AUTHORIZED)]);
+        let stripe = StripePsp::new("mca_s".into(), "sk".into(), Some(base));
+        let i = stripe
+            .authorize(request("att_n", CaptureStrategy::Manual))
+            .await
+            .unwrap();
+        assert_eq!(i.status, IntentStatus::Authorized { amount: 2000 });
+        let sent = lines_and_keys(&seen);
+        assert_eq!(sent[1].1.as_deref(), Some("att_n:again"));
+        assert_eq!(sent[2].1.as_deref(), Some("att_n:confirm"));
     }
 
     #[actix_rt::test]
