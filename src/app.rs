@@ -271,6 +271,7 @@ impl Application {
             merchants: DashMap::new(),
             key_lookups: tokio::sync::Semaphore::new(crate::api::KEY_LOOKUPS),
             probes: tokio::sync::Semaphore::new(crate::api::PROBES),
+            readiness: tokio::sync::Semaphore::new(crate::api::PROBES),
             currencies,
             metrics,
             rate_limiter,

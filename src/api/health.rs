@@ -10,11 +10,11 @@ pub async fn healthz() -> HttpResponse {
     json_value(200, &json!({ "status": "ok" }))
 }
 
-/// `GET /readyz`: PostgreSQL and NATS both answer. The ping takes one of the probes' permits
-/// (`AppState::probes`), waiting at most half a second: a flood of probes is answered 503 (not
+/// `GET /readyz`: PostgreSQL and NATS both answer. The ping takes one of readiness' permits
+/// (`AppState::readiness`), waiting at most half a second: a flood of probes is answered 503 (not
 /// known to be ready), never with the pool's connections.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let database = match tokio::time::timeout(std::time::Duration::from_millis(500), state.probes.acquire()).await {
+    let database = match tokio::time::timeout(std::time::Duration::from_millis(500), state.readiness.acquire()).await {
         Ok(Ok(_permit)) => state.db.ping().await,
         _ => false,
     };

@@ -21,13 +21,9 @@ fn figures(s: &ActorStats) -> ActorFigures {
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     // The figures read from JetStream and PostgreSQL, by at most `PROBES` scrapes at once; a
-    // scrape that waits longer than a second goes without them (their gauges keep the last
-    // reading).
-    let permit = tokio::time::timeout(Duration::from_secs(1), state.probes.acquire())
-        .await
-        .ok()
-        .and_then(Result::ok);
-    let (lag, unreplayed, backlog) = match permit {
+    // scrape that finds no permit free goes without them at once (their gauges keep the last
+    // reading), so scrapes never queue.
+    let (lag, unreplayed, backlog) = match state.probes.try_acquire().ok() {
         Some(_permit) => {
             let lag = state.nats.psp_consumer_lag(state.config.nats.partitions).await;
             // The alert: a dead letter is an event payrail could not apply; each waits for an

@@ -69,10 +69,13 @@ pub struct AppState {
     /// Look-ups of keys the cache does not hold, at most [`KEY_LOOKUPS`] at once: a flood of
     /// made-up keys (each one a query) holds that many of the pool's connections, never all.
     pub key_lookups: tokio::sync::Semaphore,
-    /// The unauthenticated probes' work on PostgreSQL and JetStream (`/readyz`'s ping,
-    /// `/metrics`' backlog queries), at most [`PROBES`] at once: a flood of scrapes holds that
-    /// many connections, never the pool.
+    /// `/metrics`' work on PostgreSQL and JetStream, at most [`PROBES`] scrapes at once: a flood
+    /// of scrapes holds that many connections, never the pool. A scrape that finds none free
+    /// does not queue.
     pub probes: tokio::sync::Semaphore,
+    /// `/readyz`'s pings, at most [`PROBES`] at once, apart from the scrapes: a scrape flood
+    /// never makes a node look unready.
+    pub readiness: tokio::sync::Semaphore,
     /// The currencies this deployment accepts (`[payments] currencies`).
     pub currencies: Vec<Currency>,
     pub metrics: Arc<crate::metrics::Metrics>,

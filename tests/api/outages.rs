@@ -220,16 +220,29 @@ async fn events_in_flight_when_payrail_is_killed_are_redelivered_and_applied_onc
     crate::helpers::drop_database(&root, &db_name).await;
 }
 
-/// The unauthenticated probes use at most `PROBES` database connections at once: with every
-/// permit taken (a flood of scrapes), `/readyz` says not ready rather than wait for the pool,
-/// and `/metrics` still answers, without its database figures.
+/// The unauthenticated probes use at most `PROBES` database connections each: with every
+/// scrape permit taken (a flood of scrapes), `/metrics` still answers at once, without its
+/// database figures, and `/readyz` is not affected; with every readiness permit taken (a flood
+/// of pings), `/readyz` says not ready rather than wait for the pool.
 #[actix_web::test]
 async fn a_flood_of_probes_never_holds_more_than_its_connections() {
     let app = crate::helpers::spawn_app().await;
     assert_eq!(app.request("GET", "/readyz", None, None, None).await.status, 200);
-    let held = app
+    let scrapes = app
         .state
         .probes
+        .acquire_many(payrail::api::PROBES as u32)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let metrics = app.request("GET", "/metrics", None, None, None).await;
+    assert_eq!(metrics.status, 200);
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert_eq!(app.request("GET", "/readyz", None, None, None).await.status, 200);
+    drop(scrapes);
+    let pings = app
+        .state
+        .readiness
         .acquire_many(payrail::api::PROBES as u32)
         .await
         .unwrap();
@@ -238,10 +251,6 @@ async fn a_flood_of_probes_never_holds_more_than_its_connections() {
         (ready.status, ready.body["database"].clone()),
         (503, serde_json::json!(false))
     );
-    let started = Instant::now();
-    let metrics = app.request("GET", "/metrics", None, None, None).await;
-    assert_eq!(metrics.status, 200);
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
-    drop(held);
+    drop(pings);
     assert_eq!(app.request("GET", "/readyz", None, None, None).await.status, 200);
 }
