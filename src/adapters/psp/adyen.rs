@@ -55,16 +55,16 @@ impl AdyenPsp {
         } = super::http::answer(&who, sent).await?;
         match status {
             200..=299 => Ok(v),
-            // "Request already processed or in progress" (errorCode 704), or any answer Adyen
-            // marks transient: a request under this key may be under way there and may still
-            // succeed. Never a refusal: the attempt stays open, sent again with the same key.
-            _ if transient || v["errorCode"] == "704" => Err(PspError::Unavailable(format!(
-                "{who}: {status} {} (in progress; sent again later)",
-                v["errorCode"].as_str().unwrap_or("transient")
-            ))),
             401 | 403 | 429 => Err(PspError::NotSent(format!(
                 "{who}: {status} {}",
                 v["errorType"].as_str().unwrap_or("")
+            ))),
+            // "Request already processed or in progress" (errorCode 704), or any other answer
+            // Adyen marks transient: a request under this key may be under way there and may
+            // still succeed. Never a refusal: the attempt stays open, sent again with the key.
+            _ if transient || v["errorCode"] == "704" => Err(PspError::Unavailable(format!(
+                "{who}: {status} {} (in progress; sent again later)",
+                v["errorCode"].as_str().unwrap_or("transient")
             ))),
             400 | 404 | 422 => Err(PspError::Invalid {
                 code: v["errorCode"]
