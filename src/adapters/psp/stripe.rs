@@ -256,8 +256,8 @@ enum Fail {
     /// ended there with an error, and every resend under the key gets it again. What it did is
     /// to be read from Stripe ([`StripePsp::again_unless_done`]).
     Saved5xx(u16),
-    /// `idempotency_error`: the key is being worked on, or was used with other parameters (a
-    /// request sent before this version, without the metadata it now carries). Unknown.
+    /// `idempotency_error`: the key was used with other parameters (a request sent before this
+    /// version, without the metadata it now carries; a key still being worked on is a 409).
     KeyParamsDiffer,
     Psp(PspError),
 }
