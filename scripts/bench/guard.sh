@@ -12,11 +12,8 @@ cd "$(dirname "$0")/../.."
 secs=${1:-5}
 floor=${2:-${PAYRAIL_PERF_FLOOR:-0.25}}
 command -v pgbench >/dev/null || { echo "pgbench is missing (postgresql-client)" >&2; exit 1; }
-# CARGO_TARGET_DIR: `.ci/run` builds the guard in a target directory of its own (in the
-# background, while the tests run); this build is then up to date and costs nothing.
-target_dir=${CARGO_TARGET_DIR:-target}
-cargo build --profile guard --quiet --bin payrail --target-dir "$target_dir"
-bin=$target_dir/guard/payrail
+cargo build --profile guard --quiet --bin payrail
+bin=./target/guard/payrail
 db=payrail_guard
 port=18095
 export PAYRAIL__DATABASE__URL=postgres://postgres@127.0.0.1:5432/$db
