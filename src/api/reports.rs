@@ -168,10 +168,22 @@ fn payment_row(p: &Payment) -> [String; 12] {
         p.state.refunded.to_string(),
         p.state.disputed.to_string(),
         p.capture_strategy.as_str().to_owned(),
-        p.order_id.clone(),
-        p.psp.clone(),
-        p.psp_reference.clone().unwrap_or_default(),
+        text_cell(&p.order_id),
+        text_cell(&p.psp),
+        text_cell(p.psp_reference.as_deref().unwrap_or_default()),
     ]
+}
+
+/// A text cell of an export, safe to open in a spreadsheet: text that a spreadsheet would read
+/// as a formula (it begins with `=`, `+`, `-`, `@`, a tab or a carriage return) is given a
+/// leading `'`, which spreadsheets show as text (OWASP's "CSV injection"). Only the columns whose
+/// text comes from outside (a merchant's order id, a PSP's reference) pass through here; ids and
+/// amounts are payrail's own, and a negative amount stays a number.
+fn text_cell(s: &str) -> String {
+    match s.as_bytes().first() {
+        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r') => format!("'{s}"),
+        _ => s.to_owned(),
+    }
 }
 
 async fn export(state: web::Data<AppState>, req: HttpRequest, export: Export) -> Result<HttpResponse, ApiError> {
@@ -381,6 +393,16 @@ mod tests {
             escape("<b>\"Tom & Jerry's\"</b>"),
             "&lt;b&gt;&quot;Tom &amp; Jerry&#39;s&quot;&lt;/b&gt;"
         );
+    }
+
+    #[test]
+    fn text_a_spreadsheet_would_run_as_a_formula_is_given_a_leading_quote() {
+        for formula in ["=1+1", "+1", "-2+3", "@SUM(A1)", "\t=1", "\r=1"] {
+            assert_eq!(text_cell(formula), format!("'{formula}"));
+        }
+        for plain in ["ord_9x7k2m", "", "a=b", "'=1", " =1"] {
+            assert_eq!(text_cell(plain), plain);
+        }
     }
 
     #[test]

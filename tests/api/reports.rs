@@ -137,6 +137,7 @@ async fn exports_stream_every_row_across_pages_as_csv() {
     assert_eq!(&rows[4499][0], "pay_copy004500");
     assert_eq!(&rows[4500][0], first.as_str());
     assert_eq!(&rows[4500][9], "ord,with \"quotes\"");
+    assert_eq!(&rows[4499][9], "ord_4500");
     assert_eq!((&rows[4500][5], &rows[4500][6]), ("1234", "234"));
     let ids: std::collections::HashSet<&str> = rows.iter().map(|r| r.get(0).unwrap()).collect();
     assert_eq!(ids.len(), 4501, "no row twice");
@@ -177,6 +178,25 @@ async fn exports_stream_every_row_across_pages_as_csv() {
     let other = app.new_merchant().await;
     let (_, _, theirs) = text(&app, "/api/v1/reports/payments.csv", Some(&other)).await;
     assert_eq!(theirs.lines().count(), 1);
+}
+
+/// An order id a spreadsheet would run as a formula is exported as text; the API still answers
+/// the order id as it was given.
+#[actix_web::test]
+async fn an_order_id_that_reads_as_a_formula_is_exported_as_text() {
+    let app = spawn_app().await;
+    let formula = "=HYPERLINK(\"https://evil.example\",\"x\")";
+    let id = pay(&app, 500, formula).await;
+    let plain = pay(&app, 600, "ord-1").await;
+    let (status, _, csv) = text(&app, "/api/v1/reports/payments.csv", Some(DEMO_KEY)).await;
+    assert_eq!(status, 200);
+    let mut reader = csv::Reader::from_reader(csv.as_bytes());
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    let order = |id: &str| rows.iter().find(|r| &r[0] == id).map(|r| r[9].to_owned()).unwrap();
+    assert_eq!(order(&id), format!("'{formula}"));
+    assert_eq!(order(&plain), "ord-1");
+    let r = app.get(&format!("/api/v1/payments/{id}")).await;
+    assert_eq!(r.body["order_id"], formula);
 }
 
 #[actix_web::test]
