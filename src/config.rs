@@ -478,6 +478,15 @@ pub struct RateLimitConfig {
     pub enabled: bool,
     pub requests_per_second: u32,
     pub burst: u32,
+    /// Look-ups of keys that turn out not to exist, per client address and minute, before that
+    /// client's look-ups are refused (429) for the rest of the minute; 0 turns it off. Applies
+    /// whether or not `enabled` is set.
+    #[serde(default = "default_failed_keys_per_minute")]
+    pub failed_keys_per_minute: u32,
+}
+
+fn default_failed_keys_per_minute() -> u32 {
+    60
 }
 
 #[derive(Debug, Clone, Deserialize)]

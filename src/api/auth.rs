@@ -38,6 +38,11 @@ async fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Arc<Merchan
     if let Some(m) = state.merchants.get(&hash) {
         return Ok(m.clone());
     }
+    // A client whose keys failed too often this minute looks up no more of them.
+    let client = req.peer_addr().map(|a| a.ip());
+    if let Some(secs) = client.and_then(|c| state.rate_limiter.failed_keys.refused(c, now_secs())) {
+        return Err(ApiError::KeysFailing(secs));
+    }
     // Waits as long as a pooled connection may be waited for; then the database is, for this
     // request, unavailable (503), as when the pool is exhausted.
     let wait = std::time::Duration::from_millis(state.config.database.pool_wait_ms);
@@ -49,17 +54,23 @@ async fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Arc<Merchan
         // Looked up by another request while this one waited.
         return Ok(m.clone());
     }
-    let m = Arc::new(
-        state
-            .db
-            .merchant_by_key_hash(&hash)
-            .await?
-            .ok_or(ApiError::Authentication)?,
-    );
+    let Some(m) = state.db.merchant_by_key_hash(&hash).await? else {
+        if let Some(client) = client {
+            state.rate_limiter.failed_keys.failed(client, now_secs());
+        }
+        return Err(ApiError::Authentication);
+    };
+    let m = Arc::new(m);
     if state.merchants.len() < MAX_CACHED_KEYS {
         state.merchants.insert(hash, m.clone());
     }
     Ok(m)
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Passes when the request carries the operator token; 401 otherwise.

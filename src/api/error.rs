@@ -38,6 +38,10 @@ pub enum ApiError {
     BodyTooLarge(usize),
     #[error("too many requests")]
     RateLimited,
+    /// This client's keys failed too often of late: no look-up for it until the minute is
+    /// over (`[ratelimit] failed_keys_per_minute`); the seconds left.
+    #[error("too many requests with keys that are not valid; retry later")]
+    KeysFailing(u64),
     #[error("{0} is unavailable; retry later")]
     Unavailable(&'static str),
     /// The request collides with work under way on the same object (409).
@@ -85,7 +89,7 @@ impl ApiError {
             | ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited | ApiError::KeysFailing(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::OutcomeUnknown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Remote { status, .. } => {
@@ -100,7 +104,7 @@ impl ApiError {
             ApiError::IdempotencyKeyInUse | ApiError::IdempotencyKeyHeld | ApiError::IdempotencyKeyReused => {
                 "idempotency_error"
             }
-            ApiError::RateLimited => "rate_limit_error",
+            ApiError::RateLimited | ApiError::KeysFailing(_) => "rate_limit_error",
             ApiError::Unavailable(_) | ApiError::Internal | ApiError::Remote { .. } | ApiError::OutcomeUnknown => {
                 "api_error"
             }
@@ -121,6 +125,7 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::BodyTooLarge(_) => "body_too_large",
             ApiError::RateLimited => "rate_limited",
+            ApiError::KeysFailing(_) => "too_many_failed_keys",
             ApiError::Unavailable(_) | ApiError::OutcomeUnknown => "dependency_unavailable",
             ApiError::Internal => "internal_error",
             ApiError::Remote { .. } => "remote",
@@ -162,6 +167,7 @@ impl ApiError {
                 | ApiError::IdempotencyKeyReused
                 | ApiError::IdempotencyKeyMissing
                 | ApiError::RateLimited
+                | ApiError::KeysFailing(_)
                 | ApiError::BodyTooLarge(_)
         ) && self.status().as_u16() < 500
     }
@@ -184,7 +190,9 @@ impl actix_web::ResponseError for ApiError {
     fn error_response(&self) -> actix_web::HttpResponse {
         let mut resp = actix_web::HttpResponse::build(self.status());
         resp.content_type("application/json");
-        if matches!(self, ApiError::Unavailable(_) | ApiError::RateLimited) || self.status().as_u16() == 503 {
+        if let ApiError::KeysFailing(secs) = self {
+            resp.insert_header(("Retry-After", secs.to_string()));
+        } else if matches!(self, ApiError::Unavailable(_) | ApiError::RateLimited) || self.status().as_u16() == 503 {
             resp.insert_header(("Retry-After", "1"));
         }
         resp.body(self.body())

@@ -3,9 +3,11 @@
 //! per key); merchants idle long enough that their bucket is full again are evicted, so
 //! memory follows the merchants active now, not every merchant ever seen.
 
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use crate::config::RateLimitConfig;
@@ -18,6 +20,8 @@ pub struct RateLimiter {
     enabled: bool,
     limiter: DefaultKeyedRateLimiter<MerchantId>,
     checks: AtomicU64,
+    /// Failed key look-ups per client.
+    pub failed_keys: FailedKeys,
 }
 
 impl RateLimiter {
@@ -28,6 +32,7 @@ impl RateLimiter {
             enabled: config.enabled,
             limiter: governor::RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
             checks: AtomicU64::new(0),
+            failed_keys: FailedKeys::new(config.failed_keys_per_minute),
         }
     }
 
@@ -54,6 +59,80 @@ impl RateLimiter {
     }
 }
 
+/// Clients tracked at most; past it, a new client is not tracked until the minute turns (the
+/// look-ups it makes are still bounded by `api::KEY_LOOKUPS`).
+const MAX_CLIENTS: usize = 65_536;
+
+/// `[ratelimit] failed_keys_per_minute`: how many look-ups of keys that do not exist each client
+/// address may make in a minute of the clock, after which its look-ups are refused until the
+/// minute ends. Keys already known to this process are answered from memory and never refused.
+/// Guessing a key is hopeless (128 random bits); this keeps a client that tries from spending
+/// the database's look-up turns that merchants' first requests wait in.
+pub struct FailedKeys {
+    per_minute: u32,
+    /// Client → (minute of the clock, failures in it).
+    clients: DashMap<IpAddr, (u64, u32)>,
+}
+
+impl FailedKeys {
+    pub fn new(per_minute: u32) -> FailedKeys {
+        FailedKeys {
+            per_minute,
+            clients: DashMap::new(),
+        }
+    }
+
+    /// An IPv6 client is known by its /64, the block one host is usually given.
+    fn client(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => {
+                    let s = v6.segments();
+                    IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+                }
+            },
+            v4 => v4,
+        }
+    }
+
+    /// The seconds left in the minute when `ip` may look up no more keys in it; `None` when it
+    /// may. `now` is seconds since the epoch.
+    pub fn refused(&self, ip: IpAddr, now: u64) -> Option<u64> {
+        if self.per_minute == 0 {
+            return None;
+        }
+        let entry = self.clients.get(&Self::client(ip))?;
+        let (minute, failures) = *entry;
+        (minute == now / 60 && failures >= self.per_minute).then(|| 60 - now % 60)
+    }
+
+    /// Counts a look-up by `ip` of a key that does not exist.
+    pub fn failed(&self, ip: IpAddr, now: u64) {
+        if self.per_minute == 0 {
+            return;
+        }
+        let minute = now / 60;
+        let client = Self::client(ip);
+        if self.clients.len() >= MAX_CLIENTS && !self.clients.contains_key(&client) {
+            self.clients.retain(|_, (m, _)| *m == minute);
+            if self.clients.len() >= MAX_CLIENTS {
+                return;
+            }
+        }
+        let mut entry = self.clients.entry(client).or_insert((minute, 0));
+        if entry.0 != minute {
+            *entry = (minute, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+    }
+
+    /// Clients tracked now.
+    pub fn tracked(&self) -> usize {
+        self.clients.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,7 +142,61 @@ mod tests {
             enabled,
             requests_per_second: per_second,
             burst,
+            failed_keys_per_minute: 60,
         })
+    }
+
+    #[test]
+    fn a_client_whose_keys_fail_is_refused_until_the_minute_ends() {
+        let f = FailedKeys::new(3);
+        let ip: IpAddr = "203.0.113.7".parse().unwrap();
+        let other: IpAddr = "203.0.113.8".parse().unwrap();
+        let t = 120 * 60 + 10;
+        for i in 0..3 {
+            assert_eq!(f.refused(ip, t + i), None, "failure {i} is still allowed");
+            f.failed(ip, t + i);
+        }
+        assert_eq!(f.refused(ip, t + 5), Some(45), "refused for the rest of the minute");
+        assert_eq!(f.refused(other, t + 5), None, "another client is not");
+        assert_eq!(f.refused(ip, t + 40), Some(10));
+        assert_eq!(f.refused(ip, t + 49), Some(1));
+        // The next minute starts afresh.
+        assert_eq!(f.refused(ip, 121 * 60), None);
+        f.failed(ip, 121 * 60);
+        assert_eq!(f.refused(ip, 121 * 60 + 1), None);
+    }
+
+    #[test]
+    fn an_ipv6_client_is_known_by_its_64_and_a_mapped_ipv4_by_its_address() {
+        let f = FailedKeys::new(2);
+        let t = 60 * 1_000;
+        f.failed("2001:db8:1:2::1".parse().unwrap(), t);
+        f.failed("2001:db8:1:2:ffff::9".parse().unwrap(), t);
+        assert!(f.refused("2001:db8:1:2::77".parse().unwrap(), t).is_some());
+        assert!(f.refused("2001:db8:1:3::1".parse().unwrap(), t).is_none());
+        f.failed("::ffff:198.51.100.1".parse().unwrap(), t);
+        f.failed("198.51.100.1".parse().unwrap(), t);
+        assert!(f.refused("198.51.100.1".parse().unwrap(), t).is_some());
+    }
+
+    #[test]
+    fn zero_turns_it_off_and_the_clients_tracked_are_bounded() {
+        let off = FailedKeys::new(0);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        (0..100).for_each(|_| off.failed(ip, 60));
+        assert_eq!((off.refused(ip, 60), off.tracked()), (None, 0));
+        let f = FailedKeys::new(1);
+        let addr = |i: u32| IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        (0..MAX_CLIENTS as u32).for_each(|i| f.failed(addr(i), 60));
+        assert_eq!(f.tracked(), MAX_CLIENTS);
+        // Full in the same minute: a new client is not tracked, the tracked ones stay refused.
+        f.failed(addr(MAX_CLIENTS as u32), 61);
+        assert_eq!(f.tracked(), MAX_CLIENTS);
+        assert!(f.refused(addr(0), 61).is_some());
+        // A minute later the old minute's clients make room.
+        f.failed(addr(MAX_CLIENTS as u32), 120);
+        assert_eq!(f.tracked(), 1);
+        assert!(f.refused(addr(MAX_CLIENTS as u32), 120).is_some());
     }
 
     #[test]

@@ -133,6 +133,47 @@ async fn keys_not_in_the_cache_are_looked_up_a_few_at_a_time() {
     assert_eq!(made_up.status, 401);
 }
 
+/// A client whose made-up keys missed `failed_keys_per_minute` times is refused look-ups for the
+/// rest of the minute (429, with the seconds left), a key it had to look up among them; keys
+/// this process already holds still pass.
+#[actix_web::test]
+async fn a_client_whose_keys_keep_failing_is_refused_look_ups_for_the_minute() {
+    let app = crate::helpers::spawn_app_with(|c| c.ratelimit.failed_keys_per_minute = 3).await;
+    assert_eq!(app.get("/api/v1/balance").await.status, 200);
+    let other = app.new_merchant().await;
+    let mut refused = None;
+    // Three misses are 401s; the fourth look-up is refused (unless the minute turned between
+    // them, when the count starts again: a few more tries, bounded).
+    for _ in 0..8 {
+        let r = app
+            .request("GET", "/api/v1/balance", Some("sk_test_madeup"), None, None)
+            .await;
+        match r.status {
+            401 => assert_eq!(r.body["error"]["type"], "authentication_error"),
+            429 => {
+                refused = Some(r);
+                break;
+            }
+            s => panic!("{s} {}", r.body),
+        }
+    }
+    let r = refused.expect("refused after three misses");
+    assert_eq!(
+        (r.body["error"]["type"].as_str(), r.body["error"]["code"].as_str()),
+        (Some("rate_limit_error"), Some("too_many_failed_keys")),
+    );
+    let after: u64 = r.headers.get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&after), "{after}");
+    // A key this process has answered before passes; one it would have to look up does not
+    // (it may be the guess that came right).
+    assert_eq!(app.get("/api/v1/balance").await.status, 200);
+    let lookup = app.request("GET", "/api/v1/balance", Some(&other), None, None).await;
+    if after >= 3 {
+        // (With less left, the minute may have turned by now.)
+        assert_eq!(lookup.status, 429, "{}", lookup.body);
+    }
+}
+
 #[actix_web::test]
 async fn api_keys_are_stored_only_as_hashes() {
     let app = spawn_app().await;
