@@ -468,6 +468,27 @@ async fn a_key_claimed_by_a_process_no_longer_in_the_cluster_is_taken_over_at_on
     assert_eq!(single, Begin::InFlight);
 }
 
+/// A forwarded call the owner cannot read (a node of another version sent it) is answered 503,
+/// not to be stored: nothing was done, and the client may send it again.
+#[actix_web::test]
+async fn a_forwarded_call_the_owner_cannot_read_is_a_503_not_stored() {
+    let node = spawn_app_with(|c| cluster(c, "a")).await;
+    let leases = node.state.leases.as_ref().expect("cluster mode");
+    let subject = format!("{}.cluster.node.{}", node.state.config.nats.stream_prefix, leases.node);
+    let nats = async_nats::connect(node.state.config.nats.url.as_str()).await.unwrap();
+    let reply = nats
+        .request(subject, b"\xc1 not a call".to_vec().into())
+        .await
+        .expect("the owner answers");
+    let answer: serde_json::Value = rmp_serde::from_slice(&reply.payload).expect("an answer");
+    let error = &answer["Error"];
+    assert_eq!(error["status"], 503, "{answer}");
+    assert_eq!(error["replayable"], false, "{answer}");
+    let body: Vec<u8> = serde_json::from_value(error["body"].clone()).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["code"], "dependency_unavailable", "{body}");
+}
+
 #[actix_web::test]
 async fn a_reconciliation_run_of_a_process_that_left_the_cluster_is_failed() {
     let node = spawn_app_with(|c| cluster(c, "a")).await;
