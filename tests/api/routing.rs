@@ -20,6 +20,8 @@ async fn app() -> TestApp {
         // slow machine saw the breaker half-open, and probing A, between two payments).
         c.routing.breaker.cool_down_ms = 3_000;
         c.routing.cache_ms = 60_000;
+        // A currency Stripe counts otherwise than ISO 4217 does.
+        c.payments.currencies.push("ISK".into());
     })
     .await
 }
@@ -900,6 +902,47 @@ async fn a_connector_that_cannot_be_made_is_skipped_not_tried() {
         let id = p.body["payment_id"].as_str().unwrap();
         assert_eq!(attempts(&app, id).await, [att("authorize", &a, Some("succeeded"))]);
     }
+}
+
+/// A PSP that counts a currency in other units than ISO 4217 is never given a payment in it:
+/// Stripe reads ISK with two decimals, so an ISK payment goes to the next connector, while a USD
+/// one is sent to Stripe first (here unreachable, so it fails over, an attempt recorded).
+#[actix_web::test]
+async fn a_connector_whose_psp_counts_a_currency_otherwise_is_not_given_it() {
+    let app = app().await;
+    let (merchant, a) = demo(&app).await;
+    connector(
+        &app,
+        &merchant,
+        json!({ "connector_id": "mca_stripe_units", "psp": "stripe", "label": "S",
+                "credentials": { "api_key": "sk_test_x", "api_base": "http://127.0.0.1:9" } }),
+    )
+    .await;
+    routing(&app, &merchant, json!({ "default": ["mca_stripe_units", a] })).await;
+    let isk = pay(&app, 5_000, "ISK", "pm_card_visa", "automatic", json!({})).await;
+    assert_eq!(
+        (isk.status, isk.body["routing"]["connector_id"].as_str()),
+        (201, Some(a.as_str())),
+        "{}",
+        isk.body
+    );
+    let id = isk.body["payment_id"].as_str().unwrap();
+    assert_eq!(attempts(&app, id).await, [att("authorize", &a, Some("succeeded"))]);
+    let usd = pay(&app, 5_000, "USD", "pm_card_visa", "automatic", json!({})).await;
+    assert_eq!(
+        (usd.status, usd.body["routing"]["connector_id"].as_str()),
+        (201, Some(a.as_str())),
+        "{}",
+        usd.body
+    );
+    let id = usd.body["payment_id"].as_str().unwrap();
+    assert_eq!(
+        attempts(&app, id).await,
+        [
+            att("authorize", "mca_stripe_units", Some("unreachable")),
+            att("authorize", &a, Some("succeeded"))
+        ]
+    );
 }
 
 /// Stripe keeps an idempotency key's answer for 24 hours: an attempt open longer than that is
