@@ -21,6 +21,9 @@ const SECONDS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// A waiting PSP event's age: a second to a day.
+const WAIT_AGES: &[f64] = &[1.0, 10.0, 60.0, 300.0, 900.0, 3_600.0, 14_400.0, 86_400.0];
+
 fn seconds() -> Histogram {
     Histogram::new(SECONDS.iter().copied())
 }
@@ -162,6 +165,7 @@ pub struct Metrics {
     webhook_deliveries: Family<OutcomeLabels, Counter>,
     webhook_post: Histogram,
     webhook_lag: Histogram,
+    psp_event_wait_age: Histogram,
     webhook_pending: Gauge,
     webhook_retrying: Gauge,
     webhook_oldest: Family<EndpointKindLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -223,6 +227,7 @@ impl Metrics {
             webhook_deliveries: Family::default(),
             webhook_post: seconds(),
             webhook_lag: seconds(),
+            psp_event_wait_age: Histogram::new(WAIT_AGES.iter().copied()),
             webhook_pending: Gauge::default(),
             webhook_retrying: Gauge::default(),
             webhook_oldest: Family::default(),
@@ -388,6 +393,11 @@ impl Metrics {
             m.webhook_lag.clone(),
         );
         r.register(
+            "psp_event_waiting_age_seconds",
+            "Age (since JetStream took it) of each PSP event delivered again because its payment was held up by the PSP's API or payrail's bounds (outcome `waiting`)",
+            m.psp_event_wait_age.clone(),
+        );
+        r.register(
             "webhook_deliveries_pending",
             "Webhook deliveries not yet made (first attempts and retries)",
             m.webhook_pending.clone(),
@@ -495,6 +505,11 @@ impl Metrics {
                 outcome,
             })
             .inc();
+    }
+
+    /// A PSP event that waits (outcome `waiting`), this old since JetStream took it.
+    pub fn psp_event_waiting(&self, age: Duration) {
+        self.psp_event_wait_age.observe(age.as_secs_f64());
     }
 
     pub fn replayed(&self) {

@@ -99,6 +99,15 @@ pub fn disposition(delivered: i64, max_deliver: i64) -> Disposition {
     }
 }
 
+/// How long ago `published` (nanoseconds since the epoch, JetStream's clock) was; zero when the
+/// clocks disagree so that it looks to be in the future.
+fn age_of(published: i128) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    Duration::from_nanos(u64::try_from(now - published).unwrap_or(0))
+}
+
 struct Worker {
     partition: u32,
     nats: Nats,
@@ -215,6 +224,10 @@ impl Worker {
                 }
                 *self.waits.entry(sequence).or_insert(0) += 1;
                 self.record(message, outcome);
+                if let Ok(info) = message.info() {
+                    self.metrics
+                        .psp_event_waiting(age_of(info.published.unix_timestamp_nanos()));
+                }
                 let delay = Duration::from_millis(500 * (waited + 1).clamp(1, 10) as u64);
                 message.ack_with(AckKind::Nak(Some(delay))).await
             }

@@ -1061,6 +1061,22 @@ async fn an_event_waiting_for_the_psps_api_is_never_parked_for_it() {
         .request("GET", "/admin/v1/dead_letters", Some(&token), None, None)
         .await;
     assert_eq!(parked.body["total"], 0, "{}", parked.body);
+    // Each wait's age is observed: operators see how long events have been held up.
+    let m = app.request("GET", "/metrics", None, None, None).await;
+    let metrics = String::from_utf8_lossy(&m.raw);
+    let ages: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("payrail_psp_event_waiting_age_seconds_count"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(ages >= app.state.config.nats.max_deliver as u64, "{metrics}");
+    let sum: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("payrail_psp_event_waiting_age_seconds_sum"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    // Ages in seconds since the event was published, within this test's minute.
+    assert!(sum > 0.0 && sum < ages as f64 * 60.0, "{sum} over {ages}");
     // The API answers again: the capture is resolved, and the event is taken.
     assert_eq!(slow(0).await.status, 200);
     wait_for("the payment to be captured", async || {
