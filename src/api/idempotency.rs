@@ -233,7 +233,9 @@ impl RecentKeys {
 /// The key is completed as [`run`] completes it, on the row only if it is this request's: the
 /// one its commit inserted (naming `resource`), or a new one if the request ended before it.
 /// A request that ended before its commit and finds the key held (its answer computed again by a
-/// retry, say) is answered as the key says too, so a retry replays the first answer.
+/// retry, say) is answered as the key says too, so a retry replays the first answer; and one
+/// whose commit stored an answer though it was reported failed answers that stored answer, not
+/// its re-run's.
 pub async fn run_first<F, Fut>(
     state: &AppState,
     merchant: &Merchant,
@@ -269,12 +271,16 @@ where
     }
     let ours = match completion(&result) {
         Completion::Stored | Completion::Keep => Ok(true),
-        Completion::Store(status, body) => {
-            state
-                .db
-                .idempotency_store_first(&merchant.id, key, &claim, resource, status, &body)
-                .await
-        }
+        Completion::Store(status, body) => match state
+            .db
+            .idempotency_store_first(&merchant.id, key, &claim, resource, status, &body)
+            .await
+        {
+            // The key's answer now: this request's (or the one its own landed commit stored).
+            Ok(Some((status, body))) => return Ok(Some(json_response(status, body))),
+            Ok(None) => Ok(false),
+            Err(e) => Err(e),
+        },
         // A 5xx with no row at all stays the answer (nothing ran); another request's row answers.
         Completion::Release => state
             .db

@@ -277,18 +277,18 @@ async fn a_first_commits_key_is_released_or_completed_only_when_it_is_ours() {
     assert_eq!(
         db.idempotency_store_first(&merchant, &key(4), &claim, "pay_a", 201, b"first")
             .await,
-        Ok(true)
+        Ok(Some((201, b"first".to_vec())))
     );
     assert_eq!(
         db.idempotency_store_first(&merchant, &key(3), &claim, "pay_a", 201, b"mine")
             .await,
-        Ok(false)
+        Ok(None)
     );
-    // An answer already stored (by the commit itself) stays.
+    // An answer already stored (by the commit itself) stays, and is the one to give.
     assert_eq!(
         db.idempotency_store_first(&merchant, &key(4), &claim, "pay_a", 409, b"later")
             .await,
-        Ok(true)
+        Ok(Some((201, b"first".to_vec())))
     );
     let answers = sql
         .query(
@@ -308,7 +308,7 @@ async fn a_first_commits_key_is_released_or_completed_only_when_it_is_ours() {
     assert_eq!(
         db.idempotency_store_first(&merchant, &key(5), &claim, "pay_a", 422, b"bad")
             .await,
-        Ok(true)
+        Ok(Some((422, b"bad".to_vec())))
     );
     assert_eq!(app.count("idempotency_keys").await, 4);
 }

@@ -570,7 +570,16 @@ impl Sim {
                         match completion(&result) {
                             Completion::Stored | Completion::Keep => Ok(true),
                             Completion::Store(status, body) => {
-                                w.idempotency_store_first(&key, &fingerprint, &payment, status, &body)
+                                match w.idempotency_store_first(&key, &fingerprint, &payment, status, &body) {
+                                    Ok(Some((status, body))) => {
+                                        // `api::idempotency::run_first`: the key's answer is this
+                                        // request's.
+                                        drop(w);
+                                        return self.done(i, status, body);
+                                    }
+                                    Ok(None) => Ok(false),
+                                    Err(e) => Err(e),
+                                }
                             }
                             Completion::Release => {
                                 w.idempotency_release_first(&key, &payment).map(|r| r != Released::Held)

@@ -571,7 +571,8 @@ impl World {
     }
 
     /// `Db::idempotency_store_first`: a new row with the answer, or the answer on the row this
-    /// request's first commit inserted (it names `payment`); another request's row stays as it is.
+    /// request's first commit inserted (it names `payment`); the key's answer then, or `None` for
+    /// another request's row, which stays as it is.
     pub fn idempotency_store_first(
         &mut self,
         key: &str,
@@ -579,7 +580,7 @@ impl World {
         payment: &str,
         status: u16,
         body: &[u8],
-    ) -> Result<bool, ApiError> {
+    ) -> Result<Option<(u16, Vec<u8>)>, ApiError> {
         if self.store_down() {
             return Err(ApiError::Unavailable("database"));
         }
@@ -596,14 +597,13 @@ impl World {
                         resource_id: None,
                     },
                 );
-                Ok(true)
+                Ok(Some((status, body.to_vec())))
             }
             // The row this request's first commit inserted; an answer that commit stored stays.
-            Some(row) if row.fence == 1 && row.resource_id.as_deref() == Some(payment) => {
-                row.response.get_or_insert_with(|| (status, body.to_vec()));
-                Ok(true)
-            }
-            Some(_) => Ok(false),
+            Some(row) if row.fence == 1 && row.resource_id.as_deref() == Some(payment) => Ok(Some(
+                row.response.get_or_insert_with(|| (status, body.to_vec())).clone(),
+            )),
+            Some(_) => Ok(None),
         }
     }
 

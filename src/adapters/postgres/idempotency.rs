@@ -317,8 +317,9 @@ impl Db {
     /// [`Db::idempotency_store`] for a request whose first commit was to claim its key
     /// ([`KeyClaim`]): the row is inserted with the answer if no row holds the key (the
     /// request ended before its first commit), or completed if it is the one that commit
-    /// inserted (it names `payment`; an answer that commit stored stays). A row another
-    /// request holds is left alone: `false`.
+    /// inserted (it names `payment`; an answer that commit stored stays). Returns the answer
+    /// the key holds now, this request's to give (the one that commit stored, if it landed
+    /// though reported failed); `None` for a row another request holds, left alone.
     pub async fn idempotency_store_first(
         &self,
         merchant: &MerchantId,
@@ -327,7 +328,7 @@ impl Db {
         payment: &str,
         status: u16,
         body: &[u8],
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<(u16, Vec<u8>)>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
@@ -338,12 +339,13 @@ impl Db {
                     SET response_status = coalesce(k.response_status, excluded.response_status),
                         response_body = CASE WHEN k.response_status IS NULL THEN excluded.response_body
                                              ELSE k.response_body END
-                    WHERE k.fence = 1 AND k.resource_id = $7",
+                    WHERE k.fence = 1 AND k.resource_id = $7
+                 RETURNING k.response_status, k.response_body",
             )
             .await
             .map_err(pg_error)?;
-        client
-            .execute(
+        let row = client
+            .query_opt(
                 &stmt,
                 &[
                     &merchant.as_str(),
@@ -356,8 +358,13 @@ impl Db {
                 ],
             )
             .await
-            .map_err(pg_error)
-            .map(|n| n == 1)
+            .map_err(pg_error)?;
+        Ok(row.map(|r| {
+            (
+                r.get::<_, i16>(0) as u16,
+                r.get::<_, Option<Vec<u8>>>(1).unwrap_or_default(),
+            )
+        }))
     }
 
     /// [`Db::idempotency_release`] for a request whose first commit was to claim its key: frees
