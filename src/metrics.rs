@@ -166,6 +166,7 @@ pub struct Metrics {
     webhook_post: Histogram,
     webhook_lag: Histogram,
     psp_event_wait_age: Histogram,
+    key_lookups_refused: Counter,
     webhook_pending: Gauge,
     webhook_retrying: Gauge,
     webhook_oldest: Family<EndpointKindLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -228,6 +229,7 @@ impl Metrics {
             webhook_post: seconds(),
             webhook_lag: seconds(),
             psp_event_wait_age: Histogram::new(WAIT_AGES.iter().copied()),
+            key_lookups_refused: Counter::default(),
             webhook_pending: Gauge::default(),
             webhook_retrying: Gauge::default(),
             webhook_oldest: Family::default(),
@@ -393,6 +395,11 @@ impl Metrics {
             m.webhook_lag.clone(),
         );
         r.register(
+            "api_key_lookups_refused",
+            "Requests refused (429 too_many_failed_keys) because their client's keys were not valid too often this minute",
+            m.key_lookups_refused.clone(),
+        );
+        r.register(
             "psp_event_waiting_age_seconds",
             "Age (since JetStream took it) of each PSP event delivered again because its payment was held up by the PSP's API or payrail's bounds (outcome `waiting`)",
             m.psp_event_wait_age.clone(),
@@ -510,6 +517,11 @@ impl Metrics {
     /// A PSP event that waits (outcome `waiting`), this old since JetStream took it.
     pub fn psp_event_waiting(&self, age: Duration) {
         self.psp_event_wait_age.observe(age.as_secs_f64());
+    }
+
+    /// A key look-up refused: its client's keys failed too often this minute.
+    pub fn key_lookup_refused(&self) {
+        self.key_lookups_refused.inc();
     }
 
     pub fn replayed(&self) {

@@ -224,7 +224,7 @@ impl Worker {
                 }
                 *self.waits.entry(sequence).or_insert(0) += 1;
                 self.record(message, outcome);
-                if let Ok(info) = message.info() {
+                if let (Ok(info), "waiting") = (message.info(), outcome) {
                     self.metrics
                         .psp_event_waiting(age_of(info.published.unix_timestamp_nanos()));
                 }

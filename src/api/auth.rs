@@ -40,8 +40,15 @@ async fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Arc<Merchan
     }
     // A client whose keys failed too often this minute looks up no more of them.
     let client = req.peer_addr().map(|a| a.ip());
-    if let Some(secs) = client.and_then(|c| state.rate_limiter.failed_keys.refused(c, now_secs())) {
-        return Err(ApiError::KeysFailing(secs));
+    let refused = || {
+        let secs = client.and_then(|c| state.rate_limiter.failed_keys.refused(c, now_secs()));
+        if secs.is_some() {
+            state.metrics.key_lookup_refused();
+        }
+        secs.map(ApiError::KeysFailing)
+    };
+    if let Some(e) = refused() {
+        return Err(e);
     }
     // Waits as long as a pooled connection may be waited for; then the database is, for this
     // request, unavailable (503), as when the pool is exhausted.
@@ -54,9 +61,16 @@ async fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Arc<Merchan
         // Looked up by another request while this one waited.
         return Ok(m.clone());
     }
+    // Asked again: many requests of one client may have passed the first check together, and
+    // the misses of those that went ahead of this one are counted now.
+    if let Some(e) = refused() {
+        return Err(e);
+    }
     let Some(m) = state.db.merchant_by_key_hash(&hash).await? else {
         if let Some(client) = client {
-            state.rate_limiter.failed_keys.failed(client, now_secs());
+            if state.rate_limiter.failed_keys.failed(client, now_secs()) {
+                tracing::warn!(%client, "keys that are not valid, too many this minute: this client's look-ups are refused until it ends");
+            }
         }
         return Err(ApiError::Authentication);
     };

@@ -59,9 +59,13 @@ impl RateLimiter {
     }
 }
 
-/// Clients tracked at most; past it, a new client is not tracked until the minute turns (the
-/// look-ups it makes are still bounded by `api::KEY_LOOKUPS`).
+/// Clients tracked at most, each by its own count; past it (after the earlier minutes' clients
+/// are swept out), new clients share one count, [`OVERFLOW`], until the minute turns.
 const MAX_CLIENTS: usize = 65_536;
+
+/// Where the clients that find the map full are counted together: a flood from more addresses
+/// than the map holds (an IPv6 /48 has 65,536 /64s) meets one limit, not none.
+const OVERFLOW: IpAddr = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
 
 /// `[ratelimit] failed_keys_per_minute`: how many look-ups of keys that do not exist each client
 /// address may make in a minute of the clock, after which its look-ups are refused until the
@@ -72,6 +76,9 @@ pub struct FailedKeys {
     per_minute: u32,
     /// Client → (minute of the clock, failures in it).
     clients: DashMap<IpAddr, (u64, u32)>,
+    /// The minute in which a full map was last swept: once a minute at most, since a sweep
+    /// visits every client.
+    swept: AtomicU64,
 }
 
 impl FailedKeys {
@@ -79,6 +86,23 @@ impl FailedKeys {
         FailedKeys {
             per_minute,
             clients: DashMap::new(),
+            swept: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// The count `ip` is kept under in `minute`: its own, or [`OVERFLOW`] when the map is full.
+    fn key(&self, ip: IpAddr, minute: u64) -> IpAddr {
+        let client = Self::client(ip);
+        if self.clients.len() < MAX_CLIENTS || self.clients.contains_key(&client) {
+            return client;
+        }
+        if self.swept.swap(minute, Ordering::Relaxed) != minute {
+            self.clients.retain(|_, (m, _)| *m == minute);
+        }
+        if self.clients.len() < MAX_CLIENTS {
+            client
+        } else {
+            OVERFLOW
         }
     }
 
@@ -102,29 +126,24 @@ impl FailedKeys {
         if self.per_minute == 0 {
             return None;
         }
-        let entry = self.clients.get(&Self::client(ip))?;
+        let entry = self.clients.get(&self.key(ip, now / 60))?;
         let (minute, failures) = *entry;
         (minute == now / 60 && failures >= self.per_minute).then(|| 60 - now % 60)
     }
 
-    /// Counts a look-up by `ip` of a key that does not exist.
-    pub fn failed(&self, ip: IpAddr, now: u64) {
+    /// Counts a look-up by `ip` of a key that does not exist; true when this one used up the
+    /// client's minute (from now on it is refused).
+    pub fn failed(&self, ip: IpAddr, now: u64) -> bool {
         if self.per_minute == 0 {
-            return;
+            return false;
         }
         let minute = now / 60;
-        let client = Self::client(ip);
-        if self.clients.len() >= MAX_CLIENTS && !self.clients.contains_key(&client) {
-            self.clients.retain(|_, (m, _)| *m == minute);
-            if self.clients.len() >= MAX_CLIENTS {
-                return;
-            }
-        }
-        let mut entry = self.clients.entry(client).or_insert((minute, 0));
+        let mut entry = self.clients.entry(self.key(ip, minute)).or_insert((minute, 0));
         if entry.0 != minute {
             *entry = (minute, 0);
         }
         entry.1 = entry.1.saturating_add(1);
+        entry.1 == self.per_minute
     }
 
     /// Clients tracked now.
@@ -154,7 +173,7 @@ mod tests {
         let t = 120 * 60 + 10;
         for i in 0..3 {
             assert_eq!(f.refused(ip, t + i), None, "failure {i} is still allowed");
-            f.failed(ip, t + i);
+            assert_eq!(f.failed(ip, t + i), i == 2, "the third uses the minute up");
         }
         assert_eq!(f.refused(ip, t + 5), Some(45), "refused for the rest of the minute");
         assert_eq!(f.refused(other, t + 5), None, "another client is not");
@@ -183,20 +202,28 @@ mod tests {
     fn zero_turns_it_off_and_the_clients_tracked_are_bounded() {
         let off = FailedKeys::new(0);
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        (0..100).for_each(|_| off.failed(ip, 60));
+        assert!((0..100).all(|_| !off.failed(ip, 60)));
         assert_eq!((off.refused(ip, 60), off.tracked()), (None, 0));
         let f = FailedKeys::new(1);
         let addr = |i: u32| IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-        (0..MAX_CLIENTS as u32).for_each(|i| f.failed(addr(i), 60));
+        (0..MAX_CLIENTS as u32).for_each(|i| {
+            f.failed(addr(i), 60);
+        });
         assert_eq!(f.tracked(), MAX_CLIENTS);
-        // Full in the same minute: a new client is not tracked, the tracked ones stay refused.
-        f.failed(addr(MAX_CLIENTS as u32), 61);
-        assert_eq!(f.tracked(), MAX_CLIENTS);
+        // Full in the same minute: new clients share one count, so the flood meets a limit;
+        // the tracked ones stay refused.
+        let (new, newer) = (addr(MAX_CLIENTS as u32), addr(MAX_CLIENTS as u32 + 1));
+        assert!(f.refused(new, 61).is_none());
+        assert!(f.failed(new, 61), "the shared count is used up");
+        assert!(f.refused(newer, 62).is_some(), "another new client is refused with it");
+        assert_eq!(f.tracked(), MAX_CLIENTS + 1);
         assert!(f.refused(addr(0), 61).is_some());
-        // A minute later the old minute's clients make room.
-        f.failed(addr(MAX_CLIENTS as u32), 120);
+        // A minute later the old minute's clients make room, in one sweep.
+        assert!(f.refused(new, 120).is_none());
+        f.failed(new, 120);
         assert_eq!(f.tracked(), 1);
-        assert!(f.refused(addr(MAX_CLIENTS as u32), 120).is_some());
+        assert!(f.refused(new, 120).is_some());
+        assert!(f.refused(newer, 120).is_none());
     }
 
     #[test]

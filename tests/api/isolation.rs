@@ -164,6 +164,12 @@ async fn a_client_whose_keys_keep_failing_is_refused_look_ups_for_the_minute() {
     );
     let after: u64 = r.headers.get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&after), "{after}");
+    let m = app.request("GET", "/metrics", None, None, None).await;
+    let metrics = String::from_utf8_lossy(&m.raw);
+    assert!(
+        metrics.lines().any(|l| l == "payrail_api_key_lookups_refused_total 1"),
+        "{metrics}"
+    );
     // A key this process has answered before passes; one it would have to look up does not
     // (it may be the guess that came right).
     assert_eq!(app.get("/api/v1/balance").await.status, 200);
@@ -172,6 +178,41 @@ async fn a_client_whose_keys_keep_failing_is_refused_look_ups_for_the_minute() {
         // (With less left, the minute may have turned by now.)
         assert_eq!(lookup.status, 429, "{}", lookup.body);
     }
+}
+
+/// Many made-up keys from one client at once: those that waited for a look-up turn while the
+/// others missed are refused when their turn comes, so the misses stop near the limit (at most
+/// one more per look-up turn) instead of at the size of the burst.
+#[actix_web::test]
+async fn a_burst_of_made_up_keys_stops_near_the_limit() {
+    let app = crate::helpers::spawn_app_with(|c| c.ratelimit.failed_keys_per_minute = 3).await;
+    // Not across a minute's turn, which starts the count again.
+    let second = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            % 60
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while second() >= 55 {
+        assert!(std::time::Instant::now() < deadline);
+        actix_rt::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let burst = (0..24).map(|i| {
+        let app = &app;
+        async move {
+            let key = format!("sk_test_madeup{i}");
+            app.request("GET", "/api/v1/balance", Some(&key), None, None)
+                .await
+                .status
+        }
+    });
+    let statuses = futures_util::future::join_all(burst).await;
+    let missed = statuses.iter().filter(|s| **s == 401).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(missed + refused, 24, "{statuses:?}");
+    assert!(missed <= 3 + payrail::api::KEY_LOOKUPS, "{statuses:?}");
 }
 
 #[actix_web::test]
