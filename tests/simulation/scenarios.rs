@@ -417,6 +417,34 @@ fn a_create_whose_first_commit_ran_twice_goes_on() -> Result<(), String> {
     )
 }
 
+/// A create (confirmed, captured at once) whose commit lands while reported failed, at each of
+/// its commits in turn: whatever the re-run computes, the create answers what its key stored,
+/// since every retry of the key replays that.
+fn a_create_answers_what_its_key_replays_whichever_commit_went_unanswered() -> Result<(), String> {
+    for nth in 1..=4 {
+        let mut s = Sim::scripted();
+        let (p, draft) = s.new_payment(1000, false);
+        s.drafts.push(draft);
+        let k = s.request(&p, Kind::Create(true), None);
+        lock(&s.w).rng = Rng::new(1); // no decline
+        lock(&s.w).ambiguous_nth = nth;
+        s.drive(k);
+        s.verdict()?;
+        let answered = s.requests[k].answer.clone();
+        let key = s.requests[k].key.clone();
+        let stored = lock(&s.w).db.idempotency.get(&key).and_then(|row| row.response.clone());
+        ensure(
+            answered.is_some() && answered == stored,
+            format!(
+                "commit {nth} unanswered: the create answered {:?}, its key replays {:?}",
+                answered.map(|(s, b)| (s, String::from_utf8_lossy(&b).into_owned())),
+                stored.map(|(s, b)| (s, String::from_utf8_lossy(&b).into_owned()))
+            ),
+        )?;
+    }
+    Ok(())
+}
+
 /// Finding 5: capture 1,000, refund 400, then the PSP disputes 1,000. The dispute takes 600.
 fn dispute_takes_at_most_what_is_left() -> Result<(), String> {
     let mut s = Sim::scripted();
@@ -715,6 +743,10 @@ pub const ALL: &[(&str, Scenario)] = &[
     (
         "a create whose first commit ran twice goes on at once",
         a_create_whose_first_commit_ran_twice_goes_on,
+    ),
+    (
+        "a create answers what its key replays, whichever commit went unanswered",
+        a_create_answers_what_its_key_replays_whichever_commit_went_unanswered,
     ),
     (
         "finding 5: dispute takes at most what is left",

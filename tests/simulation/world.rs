@@ -457,6 +457,9 @@ pub struct World {
     /// Scripted faults: counting down, the commit that brings this to 0 does not land and
     /// reports failure (2: the next commit lands, the one after is refused).
     pub refuse_nth: u32,
+    /// Scripted faults: counting down, the commit that brings this to 0 lands and reports
+    /// failure (2: the next commit is answered, the one after lands unanswered).
+    pub ambiguous_nth: u32,
 }
 
 pub type Shared = Arc<Mutex<World>>;
@@ -481,6 +484,7 @@ impl World {
             check_violations: Vec::new(),
             force_ambiguous: 0,
             refuse_nth: 0,
+            ambiguous_nth: 0,
             force_rerun: 0,
         }
     }
@@ -656,7 +660,9 @@ impl World {
         }
         if result.is_ok() {
             self.db = copy;
-            let forced = self.force_ambiguous > 0;
+            let nth = self.ambiguous_nth == 1;
+            self.ambiguous_nth = self.ambiguous_nth.saturating_sub(1);
+            let forced = self.force_ambiguous > 0 || nth;
             self.force_ambiguous = self.force_ambiguous.saturating_sub(1);
             let rerun_forced = self.force_rerun > 0;
             self.force_rerun = self.force_rerun.saturating_sub(1);
