@@ -707,6 +707,48 @@ fn an_approval_whose_capture_did_not_commit_captures_after_the_reload() -> Resul
     )
 }
 
+/// The approval of a payment held for review, with automatic capture, whose commits each in turn
+/// land while reported failed (the approval's own commit is the one `approval_unanswered`
+/// resumes from): the payment is captured once, and the approval answers 200, what its key
+/// replays.
+fn an_approval_whose_commit_went_unanswered_captures_once() -> Result<(), String> {
+    for nth in 1..=3 {
+        let mut s = Sim::scripted();
+        let (p, _) = s.confirmed_under_review(Psp::Act);
+        let k = s.request(&p, Kind::Approve, None);
+        lock(&s.w).ambiguous_nth = nth;
+        s.send(k);
+        for _ in 0..10 {
+            s.run_actors();
+            if lock(&s.w).psp.pending.is_empty() {
+                break;
+            }
+            s.psp(Psp::Act);
+        }
+        s.verdict()?;
+        let (status, body) = s.answer(k);
+        ensure(
+            status == 200,
+            format!("commit {nth} unanswered: the approval answered {status}: {body}"),
+        )?;
+        let key = s.requests[k].key.clone();
+        let stored = lock(&s.w).db.idempotency.get(&key).and_then(|row| row.response.clone());
+        ensure(
+            stored == s.requests[k].answer,
+            format!("commit {nth} unanswered: the key replays {stored:?}"),
+        )?;
+        let st = s.state(&p);
+        ensure(
+            st.status == Status::Captured && st.captured == 1000,
+            format!(
+                "commit {nth} unanswered: the payment is {:?}, {} captured",
+                st.status, st.captured
+            ),
+        )?;
+    }
+    Ok(())
+}
+
 /// A cancel whose commit (which stores its 200 as the key's answer) lands while reported failed:
 /// the reload finds the payment canceled, and the re-run's refusal (409) must not be the answer,
 /// since every retry of the key replays the stored 200.
@@ -743,6 +785,10 @@ pub const ALL: &[(&str, Scenario)] = &[
     (
         "a create whose first commit ran twice goes on at once",
         a_create_whose_first_commit_ran_twice_goes_on,
+    ),
+    (
+        "an approval whose commit went unanswered captures once",
+        an_approval_whose_commit_went_unanswered_captures_once,
     ),
     (
         "a create answers what its key replays, whichever commit went unanswered",
