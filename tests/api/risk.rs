@@ -191,6 +191,36 @@ async fn review_holds_the_payment_until_approved_or_rejected_and_lists_apply_at_
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
 }
 
+/// A payment a review rule holds whose card asks for 3-D Secure: once the customer finishes it,
+/// the payment is held for review, not authorized; it is the merchant's approval that
+/// authorizes (and, with automatic capture, captures) it.
+#[actix_web::test]
+async fn a_reviewed_payment_that_needed_3ds_stays_held_after_it() {
+    let app = spawn_app().await;
+    rule(&app, "review", ":amount: = 4321").await;
+    let p = pay(&app, 4_321, "pm_card_threeDSecureRequired", "automatic", json!({})).await;
+    assert_eq!(p["status"], "requires_action", "{p}");
+    let id = p["payment_id"].as_str().unwrap().to_owned();
+    let reference = p["psp_reference"].as_str().unwrap().to_owned();
+    let done = app.complete_3ds(&reference).await;
+    assert_eq!(
+        (done.status, done.body["status"].as_str()),
+        (200, Some("in_review")),
+        "{}",
+        done.body
+    );
+    let capture = app.post(&format!("/api/v1/payments/{id}/capture"), json!({})).await;
+    assert_eq!(capture.status, 409, "not capturable while in review: {}", capture.body);
+    let approved = app.post(&format!("/api/v1/payments/{id}/approve"), json!({})).await;
+    assert_eq!(
+        (approved.status, approved.body["status"].as_str()),
+        (200, Some("captured")),
+        "{}",
+        approved.body
+    );
+    assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
+}
+
 #[actix_web::test]
 async fn the_built_in_rules_stop_card_testing_from_one_ip_and_an_allow_rule_overrides_them() {
     let app = spawn_app().await;

@@ -26,6 +26,16 @@ pub(super) struct Outcome {
 }
 
 impl Outcome {
+    /// A payment a rule held for review is only authorized until the merchant decides: an
+    /// authorization the PSP reports, whether in its answer to the call or when it is read again
+    /// after 3-D Secure, holds the payment for review instead.
+    pub(super) fn held_if_reviewed(mut self, risk: Option<RiskAction>) -> Outcome {
+        if risk == Some(RiskAction::Review) && self.input == Some(Input::Authorized) {
+            self.input = Some(Input::HeldForReview);
+        }
+        self
+    }
+
     pub(super) fn of_intent(intent: Intent, op: PspOp) -> Outcome {
         let mut o = Outcome {
             input: None,
@@ -336,13 +346,9 @@ impl Flow<'_> {
                     },
                     three_d_secure: risk == Some(RiskAction::RequestThreeDs),
                 };
-                self.call(&connector, "authorize", psp.authorize(req)).await.map(|i| {
-                    let mut o = Outcome::of_intent(i, attempt.op);
-                    if risk == Some(RiskAction::Review) && o.input == Some(Input::Authorized) {
-                        o.input = Some(Input::HeldForReview);
-                    }
-                    o
-                })
+                self.call(&connector, "authorize", psp.authorize(req))
+                    .await
+                    .map(|i| Outcome::of_intent(i, attempt.op).held_if_reviewed(risk))
             }
             PspOp::Capture { amount } => self
                 .call(

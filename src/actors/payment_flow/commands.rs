@@ -388,7 +388,8 @@ impl Flow<'_> {
         let intent = self
             .call_psp(&connector, "retrieve", connector.psp.retrieve(reference))
             .await?;
-        let outcome = Outcome::of_intent(intent, PspOp::Authorize);
+        let risk = self.payment().risk.as_ref().map(|r| r.outcome);
+        let outcome = Outcome::of_intent(intent, PspOp::Authorize).held_if_reviewed(risk);
         self.apply(outcome, None, "psp.three_d_secure_completed", 200, None)
             .await
     }
