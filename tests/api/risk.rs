@@ -191,6 +191,45 @@ async fn review_holds_the_payment_until_approved_or_rejected_and_lists_apply_at_
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
 }
 
+/// A card number never reaches a rule or a list, however its digits are grouped: a rule's
+/// numbers may be written with underscores, which its parser drops.
+#[actix_web::test]
+async fn a_card_number_is_refused_in_a_rule_or_a_list_item_however_grouped() {
+    let app = spawn_app().await;
+    for predicate in [":card_bin: = 4242_4242_4242_4242", ":card_bin: = '4242.4242.4242.4242'"] {
+        let r = app
+            .post(
+                "/api/v1/risk/rules",
+                json!({ "action": "block", "predicate": predicate }),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.body["error"]["code"].as_str()),
+            (400, Some("card_data_not_allowed")),
+            "{predicate}: {}",
+            r.body
+        );
+    }
+    let r = app
+        .post(
+            "/api/v1/risk/lists/cards/items",
+            json!({ "item": "4242_4242_4242_4242" }),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let sql = app.sql().await;
+    let stored: i64 = sql
+        .query_one(
+            "SELECT (SELECT count(*) FROM risk_rules WHERE predicate LIKE '%4242%')
+                  + (SELECT count(*) FROM risk_list_items WHERE item LIKE '%4242%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0);
+}
+
 /// A payment a review rule holds whose card asks for 3-D Secure: once the customer finishes it,
 /// the payment is held for review, not authorized; it is the merchant's approval that
 /// authorizes (and, with automatic capture, captures) it.
