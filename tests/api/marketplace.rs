@@ -670,6 +670,58 @@ async fn a_transfer_is_idempotent_and_reversed_at_most_in_full() {
     assert_ledger_clean(&app).await;
 }
 
+/// The store's own check: a destination disabled or restricted after the request read it as
+/// active (here, before the transfer's transaction) receives nothing.
+#[actix_web::test]
+async fn a_transfer_to_an_account_disabled_since_it_was_read_is_refused() {
+    let app = spawn_app().await;
+    let a = account(&app, "A").await;
+    app.pay(5_000, "pm_card_visa", "automatic", true).await;
+    let platform = app.first_merchant().await;
+    let transfer = |id: &str| payrail::adapters::postgres::transfers::Transfer {
+        id: id.to_owned(),
+        platform_id: platform.clone(),
+        destination: payrail::domain::AccountId::parse(&a).unwrap(),
+        amount: 1_000,
+        currency: "USD".into(),
+        amount_reversed: 0,
+        source_payment: None,
+        transfer_group: None,
+        metadata: json!({}),
+        created_at: chrono::Utc::now(),
+    };
+    for status in ["restricted", "disabled"] {
+        let r = app
+            .post(&format!("/api/v1/accounts/{a}"), json!({ "status": status }))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let moved = app
+            .state
+            .db
+            .create_transfer(&transfer(&format!("tr_{status}")))
+            .await
+            .unwrap();
+        assert!(
+            matches!(moved, payrail::adapters::postgres::transfers::Moved::Inactive),
+            "{status}: {moved:?}"
+        );
+    }
+    assert_eq!(app.count("transfers").await, 0);
+    assert_eq!(seller(&app, &a).await, (0, 0));
+    // Active again: the same transfer is made.
+    let r = app
+        .post(&format!("/api/v1/accounts/{a}"), json!({ "status": "active" }))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let moved = app.state.db.create_transfer(&transfer("tr_active")).await.unwrap();
+    assert!(
+        matches!(moved, payrail::adapters::postgres::transfers::Moved::Created(_)),
+        "{moved:?}"
+    );
+    assert_eq!(seller(&app, &a).await, (0, 1_000));
+    assert_ledger_clean(&app).await;
+}
+
 #[actix_web::test]
 async fn a_reversal_takes_back_only_what_the_seller_still_has() {
     let app = spawn_app().await;

@@ -193,6 +193,19 @@ impl Db {
         {
             return Ok(Moved::Existing(from_row(&row)));
         }
+        // The destination as it is now, held so: an account disabled or restricted since the
+        // request read it (or while this waited for the balance lock) receives nothing, and one
+        // being changed waits for this transfer.
+        let status = tx
+            .query_opt(
+                "SELECT status FROM connected_accounts WHERE id = $1 AND platform_id = $2 FOR SHARE",
+                &[&t.destination.as_str(), &platform],
+            )
+            .await
+            .map_err(pg_error)?;
+        if status.is_none_or(|r| r.get::<_, &str>(0) != "active") {
+            return Ok(Moved::Inactive);
+        }
         let payable = merchant_payable(&t.platform_id);
         let row = tx
             .query_opt(
