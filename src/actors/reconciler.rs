@@ -529,7 +529,8 @@ impl Reconciler {
             ));
         }
         let mut settle = Vec::new();
-        let mut fees: BTreeMap<String, i64> = BTreeMap::new();
+        // Summed wide: a chunk's lines may not overflow it; the sum must fit a journal's amount.
+        let mut fees: BTreeMap<String, i128> = BTreeMap::new();
         for (l, kind) in fresh {
             let mut applied = AppliedLine {
                 line: l.clone(),
@@ -678,6 +679,7 @@ impl Reconciler {
                 None => {
                     applied.matched = true;
                     w.matched_references.push(l.reference.clone());
+                    w.matched_keys.push(l.key.clone());
                 }
                 Some((kind, detail, expected)) => {
                     let mut e = exception(kind, l.key.clone(), l, format!("line {}: {detail}", l.line_no));
@@ -695,7 +697,7 @@ impl Reconciler {
             }
             // The PSP kept its fee whether or not the line matched: every applied line's fee
             // is posted (a status-mismatched line's waits with the line).
-            *fees.entry(l.currency.clone()).or_default() += l.fee;
+            *fees.entry(l.currency.clone()).or_default() += i128::from(l.fee);
             w.lines.push(applied);
         }
         // A line given twice names what its first copy matched.
@@ -717,7 +719,11 @@ impl Reconciler {
             w.exceptions[i].refund_id = refund;
         }
         for (currency, fee) in fees.into_iter().filter(|(_, f)| *f != 0) {
-            let amount = fee.checked_abs().unwrap_or(0);
+            // A journal's amount is a positive i64; fees beyond it are no report's.
+            let amount = i64::try_from(fee.unsigned_abs()).map_err(|_| ReconError::Refused {
+                run_id: run_id.to_owned(),
+                reason: format!("the fees of a chunk's {currency} lines add up beyond what an amount may be"),
+            })?;
             let entries = if fee > 0 {
                 vec![
                     Entry::debit(PSP_FEES_EXPENSE, amount),

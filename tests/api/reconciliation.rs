@@ -487,6 +487,41 @@ async fn a_malformed_report_is_refused_whole_and_bad_lines_are_exceptions_with_t
     assert_eq!(r.status, 400);
 }
 
+/// A dispute's line matches while its reversal's, beside it, does not (payrail has the dispute
+/// still open): the reversal's `status_mismatch` stays open; it is resolved only by its own line
+/// matching later, once payrail has the dispute won.
+#[actix_web::test]
+async fn a_line_that_matched_does_not_resolve_another_lines_mismatch() {
+    let app = spawn_app_with(quiet).await;
+    let connector = demo_connector(&app).await;
+    let disputed = app.pay(3000, "pm_card_createDispute", "automatic", true).await;
+    let id = disputed.body["payment_id"].as_str().unwrap().to_owned();
+    wait_for("the dispute", async || status(&app, &id).await == "chargeback_open").await;
+    let du: String = app
+        .sql()
+        .await
+        .query_one("SELECT psp_reference FROM disputes WHERE payment_id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    let header = "id,type,source,amount,fee,net,currency,created,available_on,reporting_category\n";
+    let now = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S");
+    let report = format!(
+        "{header}txn_du1,adjustment,{du},-30.00,0,-30.00,usd,{now},,dispute\n\
+         txn_du2,adjustment,{du},30.00,0,30.00,usd,{now},,dispute_reversal\n"
+    );
+    let r = upload(&app, &format!("connector_id={connector}"), report).await;
+    // The dispute's line matched; the reversal's did not, and the capture is missing from it.
+    assert_eq!(
+        (r.body["matched"].as_i64(), r.body["exceptions"].as_i64()),
+        (Some(1), Some(2)),
+        "{}",
+        r.body
+    );
+    let open = exceptions(&app, "type=status_mismatch&status=open").await;
+    assert_eq!(open.len(), 1, "the reversal's mismatch stays open: {open:?}");
+}
+
 #[actix_web::test]
 async fn a_connector_is_missing_only_its_own_captures() {
     let app = spawn_app_with(quiet).await;

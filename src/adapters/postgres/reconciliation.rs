@@ -148,8 +148,12 @@ pub struct ChunkWrite {
     pub fee_journals: Vec<SettlementJournal>,
     pub payout_journals: Vec<SettlementJournal>,
     /// The references (intent, refund, dispute) of the lines this chunk matched: their open
-    /// `missing_in_report` and `status_mismatch` exceptions resolve themselves.
+    /// `missing_in_report` exceptions resolve themselves.
     pub matched_references: Vec<String>,
+    /// The keys of the lines this chunk matched: a `status_mismatch` an earlier run raised for
+    /// the very line resolves itself (another line of the same object, a dispute's reversal
+    /// beside its opening say, leaves it open).
+    pub matched_keys: Vec<String>,
     /// The latest time among the lines an earlier run applied (skipped here): with the lines
     /// this chunk applies, they give the report's day, also when the report is run again.
     pub already_latest: Option<DateTime<Utc>>,
@@ -636,9 +640,10 @@ impl Db {
             tx.execute(
                 "UPDATE reconciliation_exceptions SET status = 'resolved', resolved_by = 'reconciliation',
                      resolution = 'matched by run ' || $2, resolved_at = now()
-                 WHERE connector_id = $1 AND type IN ('missing_in_report', 'status_mismatch') AND status = 'open'
-                   AND reference = ANY($3)",
-                &[&connector.id, &run_id, &w.matched_references],
+                 WHERE connector_id = $1 AND status = 'open'
+                   AND ((type = 'missing_in_report' AND reference = ANY($3))
+                        OR (type = 'status_mismatch' AND dedupe_key = ANY($4)))",
+                &[&connector.id, &run_id, &w.matched_references, &w.matched_keys],
             )
             .await
             .map_err(pg_error)?;
