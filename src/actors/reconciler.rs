@@ -486,8 +486,10 @@ impl Reconciler {
             self.db.applied_lines(&connector.id, &keys),
             self.db
                 .payments_by_references(merchant, &connector.psp, &connector.id, &charges),
-            self.db.refunds_by_references(merchant, &connector.id, &refund_refs),
-            self.db.disputes_by_references(merchant, &dispute_refs),
+            self.db
+                .refunds_by_references(merchant, &connector.psp, &connector.id, &refund_refs),
+            self.db
+                .disputes_by_references(merchant, &connector.psp, &connector.id, &dispute_refs),
             self.db.matched_disputes(&connector.id, &dispute_refs),
         )?;
         let mut matched_disputes: HashSet<(LineKind, String)> = matched_disputes

@@ -542,10 +542,19 @@ async fn a_connector_is_missing_only_its_own_captures() {
     // A's report names A's capture, and only it: nothing of A's is missing, and B's capture is
     // B's to find in B's reports.
     let csv = one_charge_report(&reference);
-    let r = upload(&app, &format!("connector_id={a}"), csv).await;
+    let r = upload(&app, &format!("connector_id={a}"), csv.clone()).await;
     assert_eq!((r.status, &r.body["matched"]), (201, &json!(1)), "{}", r.body);
     let all = exceptions(&app, "").await;
     assert!(!by_type(&all).contains_key("missing_in_report"), "{all:#?}");
+    // A's report given under B matches nothing of A's a second time: its charge is not B's.
+    let r = upload(&app, "connector_id=mca_other", csv).await;
+    assert_eq!((r.status, &r.body["matched"]), (201, &json!(0)), "{}", r.body);
+    let all = exceptions(&app, "").await;
+    assert_eq!(by_type(&all)["missing_in_payrail"].len(), 1, "{all:#?}");
+    assert_eq!(
+        scalar(&app, "SELECT count(*) FROM settlement_lines WHERE outcome = 'matched'").await,
+        1
+    );
 }
 
 #[actix_web::test]

@@ -301,8 +301,11 @@ impl Db {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// The merchant's payments at `psp` with these references, by reference; and the ids of
-    /// those a line of `connector` matched already.
+    /// The merchant's payments at `psp` with these references that `connector` authorized (the
+    /// one their routing names; none: the merchant's own sandbox connector), by reference; and
+    /// the ids of those a line of `connector` matched already. Another connector's payments are
+    /// not this report's: a report given under the wrong connector finds none of them, rather
+    /// than match them a second time.
     pub async fn payments_by_references(
         &self,
         merchant: &MerchantId,
@@ -321,9 +324,16 @@ impl Db {
                          AND l.kind = 'charge' AND l.outcome = 'matched' AND l.connector_id = $4)
                      FROM payments
                      WHERE id IN (SELECT payment_id FROM payment_psp_references WHERE psp = $1 AND psp_reference = ANY($2))
-                       AND psp = $1 AND psp_reference = ANY($2) AND merchant_id = $3"
+                       AND psp = $1 AND psp_reference = ANY($2) AND merchant_id = $3
+                       AND coalesce(routing->>'connector_id', $5) = $4"
                 ),
-                &[&psp, &references, &merchant.as_str(), &connector],
+                &[
+                    &psp,
+                    &references,
+                    &merchant.as_str(),
+                    &connector,
+                    &crate::domain::ids::sandbox_connector_id(merchant),
+                ],
             )
             .await
             .map_err(pg_error)?;
@@ -340,11 +350,13 @@ impl Db {
         Ok((out, matched))
     }
 
-    /// The merchant's refunds with these references, by reference; and the ids of those a
-    /// line of `connector` matched already.
+    /// The merchant's refunds with these references, of payments `connector` authorized at
+    /// `psp` (as [`Db::payments_by_references`]), by reference; and the ids of those a line of
+    /// `connector` matched already.
     pub async fn refunds_by_references(
         &self,
         merchant: &MerchantId,
+        psp: &str,
         connector: &str,
         references: &[&str],
     ) -> Result<(HashMap<String, RefundFacts>, HashSet<String>), StoreError> {
@@ -357,8 +369,16 @@ impl Db {
                 "SELECT r.psp_reference, r.id, r.payment_id, r.amount, r.currency::text, r.status,
                         EXISTS (SELECT 1 FROM settlement_lines l WHERE l.refund_id = r.id AND l.outcome = 'matched'
                                 AND l.connector_id = $3)
-                 FROM refunds r WHERE r.psp_reference = ANY($1) AND r.merchant_id = $2",
-                &[&references, &merchant.as_str(), &connector],
+                 FROM refunds r JOIN payments p ON p.id = r.payment_id
+                 WHERE r.psp_reference = ANY($1) AND r.merchant_id = $2
+                   AND p.psp = $4 AND coalesce(p.routing->>'connector_id', $5) = $3",
+                &[
+                    &references,
+                    &merchant.as_str(),
+                    &connector,
+                    &psp,
+                    &crate::domain::ids::sandbox_connector_id(merchant),
+                ],
             )
             .await
             .map_err(pg_error)?;
@@ -382,9 +402,13 @@ impl Db {
         Ok((out, matched))
     }
 
+    /// The merchant's disputes with these references, of payments `connector` authorized at
+    /// `psp` (as [`Db::payments_by_references`]), by reference.
     pub async fn disputes_by_references(
         &self,
         merchant: &MerchantId,
+        psp: &str,
+        connector: &str,
         references: &[&str],
     ) -> Result<HashMap<String, DisputeFacts>, StoreError> {
         if references.is_empty() {
@@ -393,9 +417,17 @@ impl Db {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT psp_reference, payment_id, amount, currency::text, status FROM disputes
-                 WHERE psp_reference = ANY($1) AND merchant_id = $2",
-                &[&references, &merchant.as_str()],
+                "SELECT d.psp_reference, d.payment_id, d.amount, d.currency::text, d.status
+                 FROM disputes d JOIN payments p ON p.id = d.payment_id
+                 WHERE d.psp_reference = ANY($1) AND d.merchant_id = $2
+                   AND p.psp = $3 AND coalesce(p.routing->>'connector_id', $5) = $4",
+                &[
+                    &references,
+                    &merchant.as_str(),
+                    &psp,
+                    &connector,
+                    &crate::domain::ids::sandbox_connector_id(merchant),
+                ],
             )
             .await
             .map_err(pg_error)?;
