@@ -34,6 +34,20 @@ const DAY_MS: i64 = 24 * HOUR_MS;
 const MAX_CACHED_MERCHANTS: usize = 10_000;
 
 /// The attributes a rule may read. A predicate naming another is refused at creation.
+/// The kind of an attribute's value, as rules compare it: `number`, `boolean` or `text`.
+pub fn attribute_kind(name: &str) -> Option<&'static str> {
+    if !ATTRIBUTES.contains(&name) {
+        return None;
+    }
+    Some(if name == "amount" || name.ends_with("_1h") || name.ends_with("_24h") {
+        "number"
+    } else if name == "card_is_prepaid" {
+        "boolean"
+    } else {
+        "text"
+    })
+}
+
 pub const ATTRIBUTES: &[&str] = &[
     "amount",
     "currency",
@@ -620,6 +634,43 @@ mod tests {
             let (mut attrs, mut lists) = (Vec::new(), Vec::new());
             e.names(&mut attrs, &mut lists);
             assert!(attrs.iter().all(|a| ATTRIBUTES.contains(&a.as_str())), "{p}");
+            e.check_kinds(&attribute_kind).unwrap();
         }
+    }
+
+    /// Each attribute's kind is the kind of the value the engine gives it.
+    #[test]
+    fn attribute_kinds_are_the_kinds_of_their_values() {
+        let numbers: Vec<&str> = ATTRIBUTES
+            .iter()
+            .copied()
+            .filter(|a| attribute_kind(a) == Some("number"))
+            .collect();
+        assert_eq!(
+            numbers,
+            [
+                "amount",
+                "ip_attempts_1h",
+                "ip_attempts_24h",
+                "ip_cards_1h",
+                "ip_cards_24h",
+                "ip_amount_1h",
+                "card_attempts_1h",
+                "card_attempts_24h",
+                "card_amount_24h",
+                "email_attempts_24h",
+                "email_cards_24h"
+            ]
+        );
+        assert_eq!(attribute_kind("card_is_prepaid"), Some("boolean"));
+        assert_eq!(attribute_kind("card_bin"), Some("text"));
+        assert_eq!(attribute_kind("nope"), None);
+        let check = |p: &str| parse(p).unwrap().check_kinds(&attribute_kind);
+        assert!(check(":card_bin: = 424242").is_err());
+        assert!(check(":amount: > '5000'").is_err());
+        assert!(check("not :email:").is_err());
+        assert!(check(":card_is_prepaid: and :amount: > 100").is_ok());
+        assert!(check(":card_bin: = '424242' or :ip: in @blocked").is_ok());
+        assert!(check("not (:card_country: != :ip_country:)").is_ok());
     }
 }

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use super::body::{self, Fields};
 use super::{auth, idempotency, json_value, AppState};
-use crate::actors::risk::{ATTRIBUTES, DEFAULT_RULES};
+use crate::actors::risk::{attribute_kind, ATTRIBUTES, DEFAULT_RULES};
 use crate::adapters::postgres::risk::RiskRow;
 use crate::api::error::ApiError;
 use crate::domain::record::{list_object, timestamp};
@@ -27,7 +27,7 @@ fn checked_predicate(src: &str) -> Result<(), ApiError> {
         let at = src.find(&format!(":{a}:")).unwrap_or(0);
         return Err(invalid(format!("unknown attribute :{a}: at position {at}")));
     }
-    Ok(())
+    expr.check_kinds(&attribute_kind).map_err(invalid)
 }
 
 /// `POST /api/v1/risk/rules`: `{ "action", "predicate", "description"? }`.

@@ -409,6 +409,44 @@ impl Expr {
         }
     }
 
+    /// Refuses a predicate with a part that can never hold: a comparison of values of two kinds
+    /// (`:card_bin: = 424242`, text against a number, is never true, so a block rule written so
+    /// would never block), or a bare operand that is not a yes-or-no (`not :email:`). `kind`
+    /// names an attribute's kind: `number`, `text` or `boolean`. Message: what is wrong, in the
+    /// predicate's words.
+    pub fn check_kinds(&self, kind: &dyn Fn(&str) -> Option<&'static str>) -> Result<(), String> {
+        let of = |o: &Operand| match o {
+            Operand::Attr(a) => kind(a),
+            Operand::Lit(Value::Int(_)) => Some("number"),
+            Operand::Lit(Value::Text(_)) => Some("text"),
+            Operand::Lit(Value::Bool(_)) => Some("boolean"),
+        };
+        let shown = |o: &Operand| match o {
+            Operand::Attr(a) => format!(":{a}:"),
+            Operand::Lit(v) => v.to_string(),
+        };
+        match self {
+            Expr::And(a, b) | Expr::Or(a, b) => {
+                a.check_kinds(kind)?;
+                b.check_kinds(kind)
+            }
+            Expr::Not(e) => e.check_kinds(kind),
+            Expr::Truth(o) => match of(o) {
+                Some("boolean") | None => Ok(()),
+                Some(k) => Err(format!("{} is {k}, not a yes-or-no: compare it", shown(o))),
+            },
+            Expr::In { .. } => Ok(()),
+            Expr::Cmp(l, _, r) => match (of(l), of(r)) {
+                (Some(a), Some(b)) if a != b => Err(format!(
+                    "{} is {a} and {} is {b}: they never compare equal",
+                    shown(l),
+                    shown(r)
+                )),
+                _ => Ok(()),
+            },
+        }
+    }
+
     /// The attributes and lists the predicate reads, for validation and for docs.
     pub fn names(&self, attrs: &mut Vec<String>, lists: &mut Vec<String>) {
         let operand = |o: &Operand, attrs: &mut Vec<String>| {

@@ -458,6 +458,22 @@ async fn bad_predicates_are_refused_with_their_position() {
         "{}",
         r.body
     );
+    // A rule that could never hold (text against a number; a text attribute as a yes-or-no)
+    // is refused, not stored to block nothing.
+    for predicate in [":card_bin: = 424242", "not :email:"] {
+        let r = app
+            .post(
+                "/api/v1/risk/rules",
+                json!({ "action": "block", "predicate": predicate }),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.body["error"]["code"].as_str()),
+            (400, Some("predicate_invalid")),
+            "{predicate}: {}",
+            r.body
+        );
+    }
     let r = app
         .post(
             "/api/v1/risk/rules",
