@@ -176,10 +176,12 @@ impl<'a> Fields<'a> {
         let inner = Fields::new(obj, &["email", "ip", "country"], &inner_prefix)?;
         let email = inner.opt_str("email", 254)?;
         if let Some(e) = email {
-            let ok = e
-                .split_once('@')
-                .map(|(l, d)| !l.is_empty() && d.contains('.'))
-                .unwrap_or(false);
+            // No spaces or control characters: lists and velocity read one spelling of an
+            // address, and `a@risky.example ` must not pass a list of `risky.example`.
+            let ok = !e.chars().any(|c| c.is_whitespace() || c.is_control())
+                && e.split_once('@')
+                    .map(|(l, d)| !l.is_empty() && d.trim_end_matches('.').contains('.'))
+                    .unwrap_or(false);
             if !ok {
                 return Err(ApiError::param(
                     &format!("{name}.email"),
@@ -206,7 +208,8 @@ impl<'a> Fields<'a> {
             }
         }
         Ok(Some(crate::domain::risk::Customer {
-            email: email.map(|e| e.to_ascii_lowercase()),
+            // A domain's trailing dot (`risky.example.`, the same domain) is not kept.
+            email: email.map(|e| e.trim_end_matches('.').to_ascii_lowercase()),
             // One form per address (`::ffff:1.2.3.4` is 1.2.3.4; IPv6 compressed, lower case), so
             // that lists and velocity see one address once.
             ip: ip.map(crate::domain::risk::canonical_ip),

@@ -191,6 +191,50 @@ async fn review_holds_the_payment_until_approved_or_rejected_and_lists_apply_at_
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
 }
 
+/// An email is read in one spelling: a domain's trailing dot is the same domain (the list
+/// matches it), and an address with a space in it is refused rather than let past the list.
+#[actix_web::test]
+async fn an_email_domain_list_is_not_passed_by_another_spelling() {
+    let app = spawn_app().await;
+    rule(&app, "review", ":email_domain: in @risky_domains").await;
+    let add = app
+        .post(
+            "/api/v1/risk/lists/risky_domains/items",
+            json!({ "item": "risky.example" }),
+        )
+        .await;
+    assert_eq!(add.status, 201, "{}", add.body);
+    let p = pay(
+        &app,
+        4_000,
+        "pm_card_visa",
+        "manual",
+        json!({ "email": "Mallory@Risky.Example." }),
+    )
+    .await;
+    assert_eq!(p["status"], "in_review", "{p}");
+    assert_eq!(p["customer"]["email"], "mallory@risky.example", "{p}");
+    for email in [
+        "mallory@risky.example ",
+        "mallory@risky.example\t",
+        "mal lory@risky.example",
+    ] {
+        let r = app
+            .post(
+                "/api/v1/payments",
+                json!({ "order_id": "ord_risk", "amount": { "value": 4_000, "currency": "USD" },
+                        "payment_method": "pm_card_visa", "confirm": true, "customer": { "email": email } }),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.body["error"]["param"].as_str()),
+            (400, Some("customer.email")),
+            "{email:?}: {}",
+            r.body
+        );
+    }
+}
+
 /// A card number never reaches a rule or a list, however its digits are grouped: a rule's
 /// numbers may be written with underscores, which its parser drops.
 #[actix_web::test]
