@@ -597,6 +597,21 @@ async fn velocity_is_rebuilt_from_the_last_day_after_a_restart() {
             .attempts,
         3
     );
+    // Made two hours ago and changed since (captured, settled): attempts of the last day, not
+    // of the last hour.
+    app.sql()
+        .await
+        .execute(
+            "UPDATE payments SET created_at = created_at - interval '2 hours', updated_at = now()",
+            &[],
+        )
+        .await
+        .unwrap();
+    let later = payrail::actors::risk::RiskEngine::new(app.state.db.clone(), true);
+    assert_eq!(later.rebuild().await.unwrap(), 3);
+    let hour = later.velocity.window("ip:198.51.100.77", now, 3_600_000);
+    let day = later.velocity.window("ip:198.51.100.77", now, 86_400_000);
+    assert_eq!((hour.attempts, day.attempts), (0, 3));
 }
 
 #[actix_web::test]

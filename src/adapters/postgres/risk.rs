@@ -182,14 +182,17 @@ impl Db {
     }
 
     /// The attempts of the last `window_ms` that carried risk signals, the newest `limit` of
-    /// them, oldest first: what velocity counters start from (the last hour counts most).
+    /// them, oldest first: what velocity counters start from (the last hour counts most). Each
+    /// is counted at its payment's creation, in that order: not at its last change (a capture or
+    /// a settlement hours later would count it as an attempt of the last hour, and put the
+    /// counters' queues out of time order).
     pub async fn risk_history(&self, window_ms: i64, limit: i64) -> Result<Vec<HistoryRow>, StoreError> {
         let client = self.client().await?;
         let secs = window_ms as f64 / 1000.0;
         let rows = client
             .query(
-                "SELECT customer, card, amount, updated_at FROM (
-                     SELECT customer, card, amount, updated_at, created_at FROM payments
+                "SELECT customer, card, amount, created_at FROM (
+                     SELECT customer, card, amount, created_at FROM payments
                      WHERE created_at > now() - make_interval(secs => $1) AND (customer IS NOT NULL OR card IS NOT NULL)
                      ORDER BY created_at DESC LIMIT $2) newest
                  ORDER BY created_at",
