@@ -33,7 +33,6 @@ const DAY_MS: i64 = 24 * HOUR_MS;
 /// Merchants whose rules and lists are cached at once; past it the cache starts over.
 const MAX_CACHED_MERCHANTS: usize = 10_000;
 
-/// The attributes a rule may read. A predicate naming another is refused at creation.
 /// The kind of an attribute's value, as rules compare it: `number`, `boolean` or `text`.
 pub fn attribute_kind(name: &str) -> Option<&'static str> {
     if !ATTRIBUTES.contains(&name) {
@@ -48,6 +47,7 @@ pub fn attribute_kind(name: &str) -> Option<&'static str> {
     })
 }
 
+/// The attributes a rule may read. A predicate naming another is refused at creation.
 pub const ATTRIBUTES: &[&str] = &[
     "amount",
     "currency",
@@ -383,8 +383,18 @@ impl RiskEngine {
         } in self.db.risk_rules(merchant).await?
         {
             // Stored rules were checked when created; one that no longer parses is skipped.
+            if crate::domain::card::contains_pan(&predicate.replace(['_', '.'], " ")) {
+                tracing::warn!(rule = %id, "a stored risk rule holds what looks like a card number: delete it");
+            }
             match (RiskAction::parse(&action), parse(&predicate)) {
-                (Some(action), Ok(predicate)) => rules.push(Rule { id, action, predicate }),
+                (Some(action), Ok(predicate)) => {
+                    // Made before rules with a part that can never hold were refused: it runs
+                    // as it always did, and says so for the merchant to fix it.
+                    if let Err(why) = predicate.check_kinds(&attribute_kind) {
+                        tracing::warn!(rule = %id, %why, "a stored risk rule has a part that can never hold");
+                    }
+                    rules.push(Rule { id, action, predicate })
+                }
                 _ => tracing::warn!(rule = %id, "a stored risk rule does not parse; skipped"),
             }
         }

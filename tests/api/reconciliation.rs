@@ -555,6 +555,23 @@ async fn a_connector_is_missing_only_its_own_captures() {
         scalar(&app, "SELECT count(*) FROM settlement_lines WHERE outcome = 'matched'").await,
         1
     );
+    // The sandbox keeps one book a merchant, which the merchant's own connector reconciles: B's
+    // capture is in it and matches there; B's connector given that line after is a duplicate,
+    // never a second match.
+    let theirs_ref = theirs.body["psp_reference"].as_str().unwrap().to_owned();
+    let header = "id,type,source,amount,fee,net,currency,created,available_on,reporting_category\n";
+    let now = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S");
+    let b_line = format!("{header}txn_b,charge,{theirs_ref},7.77,0.30,7.47,usd,{now},,charge\n");
+    let r = upload(&app, &format!("connector_id={a}"), b_line.clone()).await;
+    assert_eq!((r.status, &r.body["matched"]), (201, &json!(1)), "{}", r.body);
+    let r = upload(&app, "connector_id=mca_other", b_line).await;
+    assert_eq!((r.status, &r.body["matched"]), (201, &json!(0)), "{}", r.body);
+    let all = exceptions(&app, "").await;
+    assert_eq!(by_type(&all)["duplicate_in_report"].len(), 1, "{all:#?}");
+    assert_eq!(
+        scalar(&app, "SELECT count(*) FROM settlement_lines WHERE outcome = 'matched'").await,
+        2
+    );
 }
 
 #[actix_web::test]

@@ -301,11 +301,12 @@ impl Db {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// The merchant's payments at `psp` with these references that `connector` authorized (the
-    /// one their routing names; none: the merchant's own sandbox connector), by reference; and
-    /// the ids of those a line of `connector` matched already. Another connector's payments are
-    /// not this report's: a report given under the wrong connector finds none of them, rather
-    /// than match them a second time.
+    /// The merchant's payments at `psp` with these references that `connector` handled, by
+    /// reference; and the ids of those a line (of any connector) matched already. A connector
+    /// handled the payments its routing names (none: the merchant's own sandbox connector); the
+    /// merchant's own sandbox connector, whose report is the sandbox's whole book of the
+    /// merchant, all of the merchant's sandbox payments. A payment a report of another
+    /// connector matched is a duplicate here, never matched (settled, its fee posted) twice.
     pub async fn payments_by_references(
         &self,
         merchant: &MerchantId,
@@ -321,11 +322,11 @@ impl Db {
             .query(
                 &format!(
                     "SELECT {COLUMNS}, EXISTS (SELECT 1 FROM settlement_lines l WHERE l.payment_id = payments.id
-                         AND l.kind = 'charge' AND l.outcome = 'matched' AND l.connector_id = $4)
+                         AND l.kind = 'charge' AND l.outcome = 'matched')
                      FROM payments
                      WHERE id IN (SELECT payment_id FROM payment_psp_references WHERE psp = $1 AND psp_reference = ANY($2))
                        AND psp = $1 AND psp_reference = ANY($2) AND merchant_id = $3
-                       AND coalesce(routing->>'connector_id', $5) = $4"
+                       AND ($4 = $5 OR coalesce(routing->>'connector_id', $5) = $4)"
                 ),
                 &[
                     &psp,
@@ -350,9 +351,9 @@ impl Db {
         Ok((out, matched))
     }
 
-    /// The merchant's refunds with these references, of payments `connector` authorized at
-    /// `psp` (as [`Db::payments_by_references`]), by reference; and the ids of those a line of
-    /// `connector` matched already.
+    /// The merchant's refunds with these references, of payments `connector` handled at `psp`
+    /// (as [`Db::payments_by_references`]), by reference; and the ids of those a line (of any
+    /// connector) matched already.
     pub async fn refunds_by_references(
         &self,
         merchant: &MerchantId,
@@ -367,11 +368,10 @@ impl Db {
         let rows = client
             .query(
                 "SELECT r.psp_reference, r.id, r.payment_id, r.amount, r.currency::text, r.status,
-                        EXISTS (SELECT 1 FROM settlement_lines l WHERE l.refund_id = r.id AND l.outcome = 'matched'
-                                AND l.connector_id = $3)
+                        EXISTS (SELECT 1 FROM settlement_lines l WHERE l.refund_id = r.id AND l.outcome = 'matched')
                  FROM refunds r JOIN payments p ON p.id = r.payment_id
                  WHERE r.psp_reference = ANY($1) AND r.merchant_id = $2
-                   AND p.psp = $4 AND coalesce(p.routing->>'connector_id', $5) = $3",
+                   AND p.psp = $4 AND ($3 = $5 OR coalesce(p.routing->>'connector_id', $5) = $3)",
                 &[
                     &references,
                     &merchant.as_str(),
@@ -402,8 +402,8 @@ impl Db {
         Ok((out, matched))
     }
 
-    /// The merchant's disputes with these references, of payments `connector` authorized at
-    /// `psp` (as [`Db::payments_by_references`]), by reference.
+    /// The merchant's disputes with these references, of payments `connector` handled at `psp`
+    /// (as [`Db::payments_by_references`]), by reference.
     pub async fn disputes_by_references(
         &self,
         merchant: &MerchantId,
@@ -420,7 +420,7 @@ impl Db {
                 "SELECT d.psp_reference, d.payment_id, d.amount, d.currency::text, d.status
                  FROM disputes d JOIN payments p ON p.id = d.payment_id
                  WHERE d.psp_reference = ANY($1) AND d.merchant_id = $2
-                   AND p.psp = $3 AND coalesce(p.routing->>'connector_id', $5) = $4",
+                   AND p.psp = $3 AND ($4 = $5 OR coalesce(p.routing->>'connector_id', $5) = $4)",
                 &[
                     &references,
                     &merchant.as_str(),
