@@ -214,6 +214,28 @@ async fn an_email_domain_list_is_not_passed_by_another_spelling() {
     .await;
     assert_eq!(p["status"], "in_review", "{p}");
     assert_eq!(p["customer"]["email"], "mallory@risky.example", "{p}");
+    // An item written with the dot is the same domain.
+    let add = app
+        .post(
+            "/api/v1/risk/lists/risky_domains/items",
+            json!({ "item": "Other.Example." }),
+        )
+        .await;
+    assert_eq!(
+        (add.status, add.body["item"].as_str()),
+        (201, Some("other.example")),
+        "{}",
+        add.body
+    );
+    let p = pay(
+        &app,
+        4_000,
+        "pm_card_visa",
+        "manual",
+        json!({ "email": "eve@other.example" }),
+    )
+    .await;
+    assert_eq!(p["status"], "in_review", "{p}");
     for email in [
         "mallory@risky.example ",
         "mallory@risky.example\t",
