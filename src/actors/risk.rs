@@ -672,6 +672,39 @@ mod tests {
                 "email_cards_24h"
             ]
         );
+        // And what the engine gives a payment that has every signal is of that kind.
+        let mut payment = Payment::pending(
+            crate::domain::PaymentId::from_trusted("pay_1".to_owned()),
+            MerchantId::from_trusted("mer_1".to_owned()),
+            crate::domain::Money::new(1000, crate::domain::Currency::parse("USD").unwrap()),
+            "pm_card_visa".to_owned(),
+            "sandbox".to_owned(),
+            Utc::now(),
+        );
+        payment.customer = Some(Box::new(Customer {
+            email: Some("a@b.example".into()),
+            ip: Some("192.0.2.1".into()),
+            country: Some("US".into()),
+        }));
+        let card = CardSignals {
+            fingerprint: "fp".into(),
+            bin: "424242".into(),
+            brand: "visa".into(),
+            country: "US".into(),
+            funding: "prepaid".into(),
+            last4: "4242".into(),
+        };
+        let (velocity, lists) = (Velocity::default(), DashMap::new());
+        let signals = PaymentSignals::new(&payment, Some(&card), &velocity, 0, &lists);
+        for a in ATTRIBUTES {
+            let kind = match signals.attr(a) {
+                Some(Value::Int(_)) => "number",
+                Some(Value::Bool(_)) => "boolean",
+                Some(Value::Text(_)) => "text",
+                None => panic!(":{a}: has no value"),
+            };
+            assert_eq!(attribute_kind(a), Some(kind), ":{a}:");
+        }
         assert_eq!(attribute_kind("card_is_prepaid"), Some("boolean"));
         assert_eq!(attribute_kind("card_bin"), Some("text"));
         assert_eq!(attribute_kind("nope"), None);

@@ -224,6 +224,12 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}{}", uuid::Uuid::now_v7().simple())
 }
 
+/// A look-up's payment `p` was handled by the report's connector: `p` is at its PSP ($3), and
+/// its routing names the connector ($4; none: the merchant's own sandbox connector, $5), or the
+/// connector is the merchant's own sandbox connector, whose report is the sandbox's whole book
+/// of the merchant ([`Db::payments_by_references`]).
+const HANDLED: &str = "p.psp = $3 AND ($4 = $5 OR coalesce(p.routing->>'connector_id', $5) = $4)";
+
 impl Db {
     pub async fn connector(&self, id: &str) -> Result<Option<Connector>, StoreError> {
         let client = self.client().await?;
@@ -318,23 +324,17 @@ impl Db {
             return Ok(Default::default());
         }
         let client = self.client().await?;
+        let own = crate::domain::ids::sandbox_connector_id(merchant);
         let rows = client
             .query(
                 &format!(
-                    "SELECT {COLUMNS}, EXISTS (SELECT 1 FROM settlement_lines l WHERE l.payment_id = payments.id
+                    "SELECT {COLUMNS}, EXISTS (SELECT 1 FROM settlement_lines l WHERE l.payment_id = p.id
                          AND l.kind = 'charge' AND l.outcome = 'matched')
-                     FROM payments
-                     WHERE id IN (SELECT payment_id FROM payment_psp_references WHERE psp = $1 AND psp_reference = ANY($2))
-                       AND psp = $1 AND psp_reference = ANY($2) AND merchant_id = $3
-                       AND ($4 = $5 OR coalesce(routing->>'connector_id', $5) = $4)"
+                     FROM payments p
+                     WHERE p.id IN (SELECT payment_id FROM payment_psp_references WHERE psp = $3 AND psp_reference = ANY($1))
+                       AND p.psp_reference = ANY($1) AND p.merchant_id = $2 AND {HANDLED}"
                 ),
-                &[
-                    &psp,
-                    &references,
-                    &merchant.as_str(),
-                    &connector,
-                    &crate::domain::ids::sandbox_connector_id(merchant),
-                ],
+                &[&references, &merchant.as_str(), &psp, &connector, &own],
             )
             .await
             .map_err(pg_error)?;
@@ -365,20 +365,16 @@ impl Db {
             return Ok(Default::default());
         }
         let client = self.client().await?;
+        let own = crate::domain::ids::sandbox_connector_id(merchant);
         let rows = client
             .query(
-                "SELECT r.psp_reference, r.id, r.payment_id, r.amount, r.currency::text, r.status,
-                        EXISTS (SELECT 1 FROM settlement_lines l WHERE l.refund_id = r.id AND l.outcome = 'matched')
-                 FROM refunds r JOIN payments p ON p.id = r.payment_id
-                 WHERE r.psp_reference = ANY($1) AND r.merchant_id = $2
-                   AND p.psp = $4 AND ($3 = $5 OR coalesce(p.routing->>'connector_id', $5) = $3)",
-                &[
-                    &references,
-                    &merchant.as_str(),
-                    &connector,
-                    &psp,
-                    &crate::domain::ids::sandbox_connector_id(merchant),
-                ],
+                &format!(
+                    "SELECT r.psp_reference, r.id, r.payment_id, r.amount, r.currency::text, r.status,
+                            EXISTS (SELECT 1 FROM settlement_lines l WHERE l.refund_id = r.id AND l.outcome = 'matched')
+                     FROM refunds r JOIN payments p ON p.id = r.payment_id
+                     WHERE r.psp_reference = ANY($1) AND r.merchant_id = $2 AND {HANDLED}"
+                ),
+                &[&references, &merchant.as_str(), &psp, &connector, &own],
             )
             .await
             .map_err(pg_error)?;
@@ -415,19 +411,15 @@ impl Db {
             return Ok(HashMap::new());
         }
         let client = self.client().await?;
+        let own = crate::domain::ids::sandbox_connector_id(merchant);
         let rows = client
             .query(
-                "SELECT d.psp_reference, d.payment_id, d.amount, d.currency::text, d.status
-                 FROM disputes d JOIN payments p ON p.id = d.payment_id
-                 WHERE d.psp_reference = ANY($1) AND d.merchant_id = $2
-                   AND p.psp = $3 AND ($4 = $5 OR coalesce(p.routing->>'connector_id', $5) = $4)",
-                &[
-                    &references,
-                    &merchant.as_str(),
-                    &psp,
-                    &connector,
-                    &crate::domain::ids::sandbox_connector_id(merchant),
-                ],
+                &format!(
+                    "SELECT d.psp_reference, d.payment_id, d.amount, d.currency::text, d.status
+                     FROM disputes d JOIN payments p ON p.id = d.payment_id
+                     WHERE d.psp_reference = ANY($1) AND d.merchant_id = $2 AND {HANDLED}"
+                ),
+                &[&references, &merchant.as_str(), &psp, &connector, &own],
             )
             .await
             .map_err(pg_error)?;
