@@ -215,27 +215,21 @@ impl Reconciler {
         let result = self.run_inner(&run_id, &req).await;
         match result {
             Ok((sha, totals)) => {
-                self.db
-                    .finish_run(
-                        &run_id,
-                        "succeeded",
-                        Some(&sha),
-                        totals.lines,
-                        totals.already,
-                        totals.matched,
-                        totals.exceptions,
-                        None,
-                    )
-                    .await?;
+                self.finish(
+                    &run_id,
+                    "succeeded",
+                    Some(&sha),
+                    [totals.lines, totals.already, totals.matched, totals.exceptions],
+                    None,
+                )
+                .await?;
                 self.metrics
                     .reconciliation_run(&req.connector.psp, totals.matched, totals.exceptions);
             }
             Err(e) => {
                 let reason = e.to_string();
                 tracing::warn!(run_id, connector = %req.connector.id, error = %reason, "reconciliation run failed");
-                self.db
-                    .finish_run(&run_id, "failed", None, 0, 0, 0, 0, Some(&reason))
-                    .await?;
+                self.finish(&run_id, "failed", None, [0; 4], Some(&reason)).await?;
                 if let ReconError::Refused { .. } = e {
                     return Err(ReconError::Refused { run_id, reason });
                 }
@@ -244,6 +238,39 @@ impl Reconciler {
         }
         self.refresh_metrics().await;
         Ok(self.db.run_object(&run_id).await?.unwrap_or(Value::Null))
+    }
+
+    /// Records how a run ended, asking again a few times (1.3 s of pauses in all) when the database
+    /// does not answer. A run whose end still could not be recorded stays `running` until the
+    /// connector's next run in this process fails it, or this process's next start does.
+    async fn finish(
+        &self,
+        run_id: &str,
+        status: &str,
+        sha: Option<&str>,
+        [lines, already, matched, exceptions]: [i64; 4],
+        error: Option<&str>,
+    ) -> Result<(), ReconError> {
+        let mut pause = std::time::Duration::from_millis(100);
+        for attempt in 1..=FINISH_ATTEMPTS {
+            match self
+                .db
+                .finish_run(run_id, status, sha, lines, already, matched, exceptions, error)
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt == FINISH_ATTEMPTS => {
+                    tracing::error!(run_id, status, error = %e, "a reconciliation run's end could not be recorded");
+                    return Err(e.into());
+                }
+                Err(e) => {
+                    tracing::warn!(run_id, attempt, error = %e, "recording a reconciliation run's end; asking again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 3;
+                }
+            }
+        }
+        unreachable!("the last attempt returns")
     }
 
     /// A committed settle's status change, in `/metrics` as the actor's own commits count it.
@@ -544,7 +571,7 @@ impl Reconciler {
             };
             let problem: Option<(&'static str, String, Option<i64>)> = match kind {
                 LineKind::Charge => match payments.get(&l.reference) {
-                    None => Some(("missing_in_payrail", "no payment has this reference".into(), None)),
+                    None => Some(("missing_in_payrail", no_payment(&l.reference), None)),
                     Some(p) => {
                         applied.payment_id = Some(p.id.to_string());
                         let captured = p.state.captured;
@@ -680,7 +707,9 @@ impl Reconciler {
             match problem {
                 None => {
                     applied.matched = true;
-                    w.matched_references.push(l.reference.clone());
+                    if !l.reference.is_empty() {
+                        w.matched_references.push(l.reference.clone());
+                    }
                     w.matched_keys.push(l.key.clone());
                 }
                 Some((kind, detail, expected)) => {
@@ -821,10 +850,25 @@ impl Reconciler {
     }
 }
 
+/// Times a run's end is asked to be recorded (pauses of 0.1, 0.3 and 0.9 s between).
+const FINISH_ATTEMPTS: u32 = 4;
+
 /// Payments settled in one transaction when none of them has a live actor.
 const SETTLE_BATCH: usize = 2000;
 /// Such transactions at once.
 const SETTLE_BATCHES_IN_FLIGHT: usize = 4;
+
+/// Why a charge line found no payment. Stripe names a charge by its `ch_…` (or `py_…`) where
+/// payrail keeps the PaymentIntent's `pi_…`: a report without `payment_intent_id` cannot match.
+fn no_payment(reference: &str) -> String {
+    if reference.starts_with("ch_") || reference.starts_with("py_") {
+        "no payment has this reference: it names a Stripe charge, and payrail knows the PaymentIntent \
+         (pi_…); give the report with its payment_intent_id column"
+            .into()
+    } else {
+        "no payment has this reference".into()
+    }
+}
 
 fn exception(kind: &'static str, dedupe_key: String, l: &ReportLine, detail: String) -> NewException {
     NewException {

@@ -188,10 +188,14 @@ pub fn format_amount(minor: i64, exponent: u8) -> String {
     )
 }
 
-/// "2026-11-27 10:00:00" (both reports, UTC), RFC 3339, or Unix seconds.
+/// "2026-11-27 10:00:00" (both reports, UTC), "2026-11-27 10:00", RFC 3339, or Unix seconds.
 pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     let s = s.trim();
     if let Ok(t) = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S") {
+        return Some(Utc.from_utc_datetime(&t));
+    }
+    // Stripe's Dashboard export writes minutes only.
+    if let Ok(t) = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M") {
         return Some(Utc.from_utc_datetime(&t));
     }
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
@@ -241,7 +245,8 @@ pub fn format_time(t: DateTime<Utc>) -> String {
 enum Columns {
     Stripe {
         id: usize,
-        kind: usize,
+        /// The balance transaction's `type`; Stripe's itemized reports have only the category.
+        kind: Option<usize>,
         source: usize,
         amount: usize,
         fee: usize,
@@ -249,6 +254,9 @@ enum Columns {
         currency: usize,
         created: usize,
         category: Option<usize>,
+        /// `payment_intent_id`: Stripe names a charge by its `ch_…` (or `py_…`) in `source`,
+        /// payrail knows the PaymentIntent.
+        intent: Option<usize>,
     },
     Adyen {
         psp_reference: usize,
@@ -263,6 +271,7 @@ enum Columns {
         created: usize,
         time_zone: Option<usize>,
         batch: usize,
+        merchant_reference: Option<usize>,
     },
 }
 
@@ -315,18 +324,37 @@ impl Columns {
                 .ok_or(FileError::MissingColumn(col, name))
         };
         let maybe = |col: &'static str| header.iter().position(|h| h.trim().eq_ignore_ascii_case(col));
+        // The first of a column's names the header has: the balance transactions export's
+        // (API and Dashboard) first, then the itemized report's (Stripe's Reports API).
+        let any = |cols: &[&'static str]| -> Result<usize, FileError> {
+            cols.iter()
+                .find_map(|c| maybe(c))
+                .ok_or(FileError::MissingColumn(cols[0], name))
+        };
         Ok(match format {
-            Format::Stripe => Columns::Stripe {
-                id: at("id")?,
-                kind: at("type")?,
-                source: at("source")?,
-                amount: at("amount")?,
-                fee: at("fee")?,
-                net: at("net")?,
-                currency: at("currency")?,
-                created: at("created")?,
-                category: maybe("reporting_category"),
-            },
+            Format::Stripe => {
+                let id = any(&["id", "balance_transaction_id"])?;
+                let category = maybe("reporting_category");
+                let kind = maybe("type");
+                if kind.is_none() && category.is_none() {
+                    return Err(FileError::MissingColumn("type", name));
+                }
+                Columns::Stripe {
+                    id,
+                    kind,
+                    source: any(&["source", "source_id"])?,
+                    amount: any(&["amount", "gross"])?,
+                    fee: at("fee")?,
+                    net: at("net")?,
+                    currency: at("currency")?,
+                    // An itemized report's `created` is in the report's own time zone; its
+                    // `created_utc` is the time.
+                    created: any(&["created_utc", "created (utc)", "created"])
+                        .map_err(|_| FileError::MissingColumn("created", name))?,
+                    category,
+                    intent: maybe("payment_intent_id"),
+                }
+            }
             Format::Adyen => Columns::Adyen {
                 psp_reference: at("Psp Reference")?,
                 kind: at("Type")?,
@@ -340,6 +368,7 @@ impl Columns {
                 created: at("Creation Date")?,
                 time_zone: maybe("TimeZone"),
                 batch: at("Batch Number")?,
+                merchant_reference: maybe("Merchant Reference"),
             },
         })
     }
@@ -418,6 +447,7 @@ impl<R: Read> ReportReader<R> {
                 currency,
                 created,
                 category,
+                intent,
             } => {
                 let key = field(*id);
                 if key.is_empty() {
@@ -426,9 +456,8 @@ impl<R: Read> ReportReader<R> {
                 stripe_line(
                     line_no,
                     key,
-                    field(*kind),
-                    category.map(field).unwrap_or(""),
-                    field(*source),
+                    (kind.map(field), category.map(field).unwrap_or("")),
+                    (field(*source), intent.map(field).unwrap_or("")),
                     [field(*amount), field(*fee), field(*net)],
                     field(*currency),
                     field(*created),
@@ -448,15 +477,24 @@ impl<R: Read> ReportReader<R> {
                 created,
                 time_zone,
                 batch,
+                merchant_reference,
             } => {
                 let modification = modification.map(field).unwrap_or("");
-                let key = format!(
+                let mut key = format!(
                     "{}:{}:{}:{}",
                     field(*batch),
                     field(*psp_reference),
                     field(*kind),
                     modification
                 );
+                // A line about no transaction (a payout, an invoice's fee) has neither
+                // reference: its merchant reference tells it from the batch's others.
+                if field(*psp_reference).is_empty() && modification.is_empty() {
+                    if let Some(m) = merchant_reference.map(field).filter(|m| !m.is_empty()) {
+                        key.push(':');
+                        key.push_str(m);
+                    }
+                }
                 adyen_line(
                     line_no,
                     &key,
@@ -521,9 +559,8 @@ fn reference_of(s: &str) -> Result<String, String> {
 fn stripe_line(
     line_no: u64,
     key: &str,
-    kind: &str,
-    category: &str,
-    source: &str,
+    (kind, category): (Option<&str>, &str),
+    (source, intent): (&str, &str),
     [amount, fee, net]: [&str; 3],
     currency: &str,
     created: &str,
@@ -536,26 +573,53 @@ fn stripe_line(
         return Err(format!("amount − fee ≠ net ({amount} − {fee} ≠ {net} minor units)"));
     }
     let created = parse_time(created).ok_or_else(|| format!("created {created:?} is not a time"))?;
-    let line_kind = match (kind, category) {
-        ("charge" | "payment", _) => LineKind::Charge,
-        ("refund" | "payment_refund", _) => LineKind::Refund,
-        ("adjustment", "dispute") | ("dispute", _) => LineKind::Dispute,
-        ("adjustment", "dispute_reversal") => LineKind::DisputeReversal,
-        ("payout", _) => LineKind::Payout,
-        ("", _) => return Err("type is empty".into()),
-        _ => LineKind::Other,
+    let line_kind = match kind {
+        Some(kind) => match (kind, category) {
+            ("charge" | "payment", _) => LineKind::Charge,
+            ("refund" | "payment_refund", _) => LineKind::Refund,
+            ("adjustment", "dispute") | ("dispute", _) => LineKind::Dispute,
+            ("adjustment", "dispute_reversal") => LineKind::DisputeReversal,
+            ("payout", _) => LineKind::Payout,
+            ("", _) => return Err("type is empty".into()),
+            _ => LineKind::Other,
+        },
+        // An itemized report says what a line is by its reporting category alone.
+        None => match category {
+            "charge" => LineKind::Charge,
+            "refund" => LineKind::Refund,
+            "dispute" => LineKind::Dispute,
+            "dispute_reversal" => LineKind::DisputeReversal,
+            "payout" => LineKind::Payout,
+            "" => return Err("reporting_category is empty".into()),
+            _ => LineKind::Other,
+        },
+    };
+    // A charge is about its PaymentIntent when the report names it (payrail's reference of a
+    // Stripe payment); a refund or dispute belongs to it.
+    let intent = if intent.is_empty() {
+        None
+    } else {
+        Some(reference_of(intent)?)
+    };
+    let (reference, intent) = match (line_kind, intent) {
+        (LineKind::Charge, Some(pi)) => (pi, None),
+        (LineKind::Refund | LineKind::Dispute | LineKind::DisputeReversal, intent) => (reference_of(source)?, intent),
+        // Nothing is matched by a payout's or an unsupported line's reference: it may have none
+        // (a Stripe fee line of an itemized report often has no source).
+        (LineKind::Payout | LineKind::Other, _) if source.is_empty() => (String::new(), None),
+        _ => (reference_of(source)?, None),
     };
     Ok(Line {
         line_no,
         key: key.to_owned(),
         kind: line_kind,
-        reference: reference_of(source)?,
-        intent: None,
+        reference,
+        intent,
         amount,
         fee,
         currency,
         created,
-        raw_type: kind.to_owned(),
+        raw_type: kind.unwrap_or(category).to_owned(),
     })
 }
 
@@ -580,8 +644,11 @@ fn adyen_line(
         "" => return Err("Type is empty".into()),
         _ => LineKind::Other,
     };
-    // A payout moves only the net; every other line has its gross.
-    let currency = if gross_currency.is_empty() && line_kind == LineKind::Payout {
+    // A payout, and a line about no transaction (Adyen's `Fee`, `InvoiceDeduction`, …), may move
+    // only the net; a transaction's line has its gross.
+    let transaction = !matches!(line_kind, LineKind::Payout | LineKind::Other);
+    let net_only = gross_currency.is_empty() && gross_debit.is_empty() && gross_credit.is_empty();
+    let currency = if net_only && !transaction {
         currency_of(net_currency)?
     } else {
         currency_of(gross_currency)?
@@ -600,11 +667,15 @@ fn adyen_line(
         Ok(credit - debit)
     };
     let net = credit(net_debit, net_credit)?;
+    // A payout's net is what it moved; a fee line's net is what the PSP kept (its gross, none).
     let amount = if line_kind == LineKind::Payout && gross_debit.is_empty() && gross_credit.is_empty() {
         net
     } else {
         credit(gross_debit, gross_credit)?
     };
+    let fee = amount
+        .checked_sub(net)
+        .ok_or_else(|| "gross less net is beyond what an amount may be".to_owned())?;
     let offset = zone_offset(time_zone).ok_or_else(|| format!("TimeZone {time_zone:?} is not one payrail reads"))?;
     let created = parse_time(created).ok_or_else(|| format!("Creation Date {created:?} is not a time"))?
         - chrono::Duration::seconds(offset);
@@ -612,6 +683,12 @@ fn adyen_line(
         LineKind::Refund | LineKind::Dispute | LineKind::DisputeReversal if !modification.is_empty() => {
             (reference_of(modification)?, Some(reference_of(psp_reference)?))
         }
+        // Nothing is matched by a payout's or an unsupported line's reference: it may have none.
+        LineKind::Payout | LineKind::Other => match (psp_reference, modification) {
+            ("", "") => (String::new(), None),
+            ("", m) => (reference_of(m)?, None),
+            (p, _) => (reference_of(p)?, None),
+        },
         _ => (reference_of(psp_reference)?, None),
     };
     Ok(Line {
@@ -621,7 +698,7 @@ fn adyen_line(
         reference,
         intent,
         amount,
-        fee: amount - net,
+        fee,
         currency,
         created,
         raw_type: kind.to_owned(),
@@ -865,6 +942,118 @@ mod tests {
         assert_eq!(l.reference, "8515131751004933");
         // 07:12:44 CET is 06:12:44 UTC.
         assert_eq!(l.created, Utc.with_ymd_and_hms(2026, 11, 27, 6, 12, 44).unwrap());
+    }
+
+    fn lines(parsed: &[Parsed]) -> Vec<&Line> {
+        parsed
+            .iter()
+            .map(|p| match p {
+                Parsed::Line(l) => l,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stripe_itemized_report_reads_by_category_and_payment_intent() {
+        // Stripe's Reports API (balance_change_from_activity.itemized): no `type`, the charge
+        // named by its ch_…, the PaymentIntent in its own column, `created` in the report's
+        // zone and `created_utc` beside it.
+        let text = "balance_transaction_id,created_utc,created,available_on_utc,currency,gross,fee,net,reporting_category,source_id,description,charge_id,payment_intent_id\n\
+            txn_1,2026-11-27 10:00:00,2026-11-27 11:00:00,2026-11-29 00:00:00,usd,49.99,1.75,48.24,charge,ch_1,,ch_1,pi_1\n\
+            txn_2,2026-11-27 10:05:00,2026-11-27 11:05:00,2026-11-29 00:00:00,usd,-5.00,0.00,-5.00,refund,re_1,,ch_1,pi_1\n\
+            txn_3,2026-11-27 10:06:00,2026-11-27 11:06:00,2026-11-29 00:00:00,usd,-15.00,0.00,-15.00,dispute,du_1,,ch_1,pi_1\n\
+            txn_4,2026-11-27 10:07:00,2026-11-27 11:07:00,2026-11-29 00:00:00,usd,-2.00,0.00,-2.00,fee,,Radar,,\n\
+            txn_5,2026-11-27 10:08:00,2026-11-27 11:08:00,2026-11-29 00:00:00,usd,10.00,0.59,9.41,charge,ch_2,,ch_2,\n";
+        let parsed = read_all(Format::Stripe, text).unwrap();
+        let got: Vec<_> = lines(&parsed)
+            .into_iter()
+            .map(|l| (l.kind, l.reference.as_str(), l.intent.as_deref(), l.amount, l.fee))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (LineKind::Charge, "pi_1", None, 4999, 175),
+                (LineKind::Refund, "re_1", Some("pi_1"), -500, 0),
+                (LineKind::Dispute, "du_1", Some("pi_1"), -1500, 0),
+                // A fee of Stripe's own, about no transaction.
+                (LineKind::Other, "", None, -200, 0),
+                // No PaymentIntent named: the charge stays what the report calls it.
+                (LineKind::Charge, "ch_2", None, 1000, 59),
+            ]
+        );
+        let Parsed::Line(first) = &parsed[0] else {
+            unreachable!()
+        };
+        assert_eq!(first.created, Utc.with_ymd_and_hms(2026, 11, 27, 10, 0, 0).unwrap());
+        assert_eq!(first.raw_type, "charge");
+        // A category payrail does not know reads as a line it does not reconcile; an empty one
+        // does not read; a charge must name what it is about.
+        let text = "balance_transaction_id,created_utc,currency,gross,fee,net,reporting_category,source_id\n\
+                    txn_6,2026-11-27 10:07:00,usd,-2.00,0.00,-2.00,fee,fee_1\n\
+                    txn_7,2026-11-27 10:07:00,usd,-2.00,0.00,-2.00,,fee_2\n\
+                    txn_8,2026-11-27 10:07:00,usd,2.00,0.00,2.00,charge,\n";
+        let parsed = read_all(Format::Stripe, text).unwrap();
+        assert!(
+            matches!(&parsed[0], Parsed::Line(l) if l.kind == LineKind::Other && l.raw_type == "fee" && l.reference == "fee_1")
+        );
+        assert!(matches!(&parsed[1], Parsed::Malformed { reason, .. } if reason == "reporting_category is empty"));
+        assert!(matches!(&parsed[2], Parsed::Malformed { line_no: 4, .. }), "{parsed:?}");
+        // Neither `type` nor `reporting_category`: not a Stripe report payrail can read.
+        assert_eq!(
+            read_all(
+                Format::Stripe,
+                "balance_transaction_id,created_utc,currency,gross,fee,net,source_id\n"
+            )
+            .unwrap_err(),
+            FileError::MissingColumn("type", "stripe")
+        );
+    }
+
+    #[test]
+    fn stripe_dashboard_export_reads() {
+        // The Dashboard's balance export: capitalized names, `Created (UTC)` in minutes.
+        let text = "id,Type,Source,Amount,Fee,Net,Currency,Created (UTC),Available On (UTC),Description\n\
+                    txn_1,charge,pi_1,49.99,1.75,48.24,usd,2026-11-27 10:00,2026-11-29 00:00,order 1\n";
+        let parsed = read_all(Format::Stripe, text).unwrap();
+        let got = lines(&parsed);
+        assert_eq!(
+            (got[0].kind, got[0].reference.as_str(), got[0].amount),
+            (LineKind::Charge, "pi_1", 4999)
+        );
+        assert_eq!(got[0].created, Utc.with_ymd_and_hms(2026, 11, 27, 10, 0, 0).unwrap());
+    }
+
+    #[test]
+    fn adyen_lines_about_no_transaction_read() {
+        // A payout and an invoice's fee carry no PSP reference and only a net; a settled line
+        // without its gross is still malformed.
+        let text = "Company Account,Merchant Account,Psp Reference,Merchant Reference,Payment Method,Creation Date,TimeZone,Type,Modification Reference,Gross Currency,Gross Debit (GC),Gross Credit (GC),Exchange Rate,Net Currency,Net Debit (NC),Net Credit (NC),Commission (NC),Markup (NC),Scheme Fees (NC),Interchange (NC),Payment Method Variant,Modification Merchant Reference,Batch Number\n\
+            TestCompany,TestMerchant,,Payout of batch 42,,2026-11-27 07:12:44,CET,MerchantPayout,,,,,,EUR,1000.00,,,,,,,,42\n\
+            TestCompany,TestMerchant,,Invoice 2026-11,,2026-11-27 07:12:45,CET,Fee,,,,,,EUR,12.50,,,,,,,,42\n\
+            TestCompany,TestMerchant,,Invoice 2026-12,,2026-11-27 07:12:46,CET,Fee,,,,,,EUR,3.00,,,,,,,,42\n\
+            TestCompany,TestMerchant,8515131751004933,order-1,mc,2026-11-27 07:12:47,CET,Settled,,,,,,EUR,,97.10,,,,,,,42\n";
+        let parsed = read_all(Format::Adyen, text).unwrap();
+        assert!(matches!(&parsed[3], Parsed::Malformed { line_no: 5, .. }), "{parsed:?}");
+        let got: Vec<_> = lines(&parsed[..3])
+            .into_iter()
+            .map(|l| (l.key.as_str(), l.kind, l.reference.as_str(), l.amount, l.fee))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "42::MerchantPayout::Payout of batch 42",
+                    LineKind::Payout,
+                    "",
+                    -100_000,
+                    0
+                ),
+                // What the PSP kept: no gross, its net is the fee.
+                ("42::Fee::Invoice 2026-11", LineKind::Other, "", 0, 1250),
+                ("42::Fee::Invoice 2026-12", LineKind::Other, "", 0, 300),
+            ]
+        );
     }
 
     #[test]

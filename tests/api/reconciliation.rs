@@ -23,6 +23,11 @@ fn today() -> String {
     chrono::Utc::now().date_naive().to_string()
 }
 
+/// The upload query of `connector`'s report of today, in Adyen's format.
+fn adyen_day(connector: &str) -> String {
+    format!("connector_id={connector}&format=adyen&date={}", today())
+}
+
 async fn operator(app: &TestApp, method: &str, path: &str, body: Option<Value>) -> Response {
     let token = app.state.config.admin.token.clone();
     let body = body.map(|b| b.to_string());
@@ -90,6 +95,12 @@ async fn status(app: &TestApp, id: &str) -> String {
         .as_str()
         .unwrap()
         .to_owned()
+}
+
+/// What an account holds: its debits less its credits.
+async fn balance(app: &TestApp, account: &str) -> i64 {
+    let sql = "SELECT coalesce(sum(debit_total - credit_total), 0)::int8 FROM ledger_accounts WHERE account = $1";
+    app.sql().await.query_one(sql, &[&account]).await.unwrap().get(0)
 }
 
 async fn scalar(app: &TestApp, sql: &str) -> i64 {
@@ -220,18 +231,8 @@ async fn a_report_with_every_fault_raises_each_exception_once_and_settles_the_re
     let expected_fees: i64 = charged[2..14].iter().map(|(_, a)| charge_fee(*a, fees)).sum::<i64>()
         + 2 * charge_fee(1000, fees)
         + fees.dispute_fee;
-    let balance = |account: &'static str| {
-        let app = &app;
-        async move {
-            scalar(
-                app,
-                &format!("SELECT coalesce(sum(debit_total - credit_total), 0)::int8 FROM ledger_accounts WHERE account = '{account}'"),
-            )
-            .await
-        }
-    };
-    assert_eq!(balance("psp_fees_expense").await, expected_fees);
-    assert!(balance("bank").await > 0);
+    assert_eq!(balance(&app, "psp_fees_expense").await, expected_fees);
+    assert!(balance(&app, "bank").await > 0);
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
     let metrics = app.request("GET", "/metrics", None, None, None).await;
     let text = String::from_utf8_lossy(&metrics.raw).to_string();
@@ -344,12 +345,7 @@ async fn an_adyen_report_matches_every_line_and_feeds_the_same_ledger() {
     );
     wait_for("the actors to passivate", async || app.state.registry.live() == 0).await;
     assert_eq!(csv.lines().count(), 1 + 3 + 1 + 1, "{csv}");
-    let r = upload(
-        &app,
-        &format!("connector_id={connector}&format=adyen&date={}", today()),
-        csv,
-    )
-    .await;
+    let r = upload(&app, &adyen_day(&connector), csv).await;
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.body["matched"], 5, "{}", r.body);
     assert_eq!(r.body["exceptions"], 0, "{}", r.body);
@@ -361,12 +357,146 @@ async fn an_adyen_report_matches_every_line_and_feeds_the_same_ledger() {
     // the platform's part of nothing else: debits and credits balance per account class.
     let fees = &app.state.config.psp.sandbox.settlement;
     let total_fees: i64 = [1999, 2500, 10_000].iter().map(|a| charge_fee(*a, fees)).sum();
-    let bank = scalar(
+    let bank = balance(&app, "bank").await;
+    assert_eq!(bank, 1999 + 2500 + 10_000 - 4000 - total_fees);
+    assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
+}
+
+#[actix_web::test]
+async fn a_stripe_itemized_report_names_charges_by_charge_and_matches_by_payment_intent() {
+    let app = spawn_app_with(quiet).await;
+    let connector = demo_connector(&app).await;
+    let mut intents = Vec::new();
+    for amount in [1999, 2500, 3100] {
+        let r = app.pay(amount, "pm_card_visa", "automatic", true).await;
+        assert_eq!(r.body["status"], "captured", "{}", r.body);
+        let id = r.body["payment_id"].as_str().unwrap().to_owned();
+        let pi = r.body["psp_reference"].as_str().unwrap().to_owned();
+        intents.push((id, pi));
+    }
+    let r = app
+        .post(
+            &format!("/api/v1/payments/{}/refunds", intents[1].0),
+            json!({ "amount": { "value": 500, "currency": "USD" } }),
+        )
+        .await;
+    assert_eq!(r.body["status"], "succeeded", "{}", r.body);
+    // The sandbox's report rewritten as Stripe's Reports API gives it: no `type`, the charge
+    // named by a `ch_…`, its PaymentIntent in `payment_intent_id` (the last charge's left
+    // out), `created` in the report's own zone beside `created_utc`.
+    let report = app.get(&format!("/sandbox/v1/settlement_reports/{}", today())).await;
+    assert_eq!(report.status, 200);
+    let csv = String::from_utf8(report.raw).unwrap();
+    let mut itemized = String::from(
+        "balance_transaction_id,created_utc,created,currency,gross,fee,net,reporting_category,source_id,charge_id,payment_intent_id\n",
+    );
+    for line in csv.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let [id, _, source, amount, fee, net, currency, created, _, category] = f[..] else {
+            panic!("{line}")
+        };
+        let local = "2000-01-01 00:00:00";
+        let (source, intent) = match category {
+            "charge" if source == intents[2].1 => ("ch_last".to_owned(), String::new()),
+            "charge" => (format!("ch_{id}"), source.to_owned()),
+            "refund" => (source.to_owned(), intents[1].1.clone()),
+            "payout" => (source.to_owned(), String::new()),
+            other => panic!("{other}"),
+        };
+        itemized.push_str(&format!(
+            "{id},{created},{local},{currency},{amount},{fee},{net},{category},{source},,{intent}\n"
+        ));
+    }
+    let r = upload(&app, &format!("connector_id={connector}&date={}", today()), itemized).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    // Two charges, the refund and the sandbox's payout of the day.
+    assert_eq!(r.body["matched"], 4, "{}", r.body);
+    for (id, _) in &intents[..2] {
+        assert_eq!(status(&app, id).await, "settled", "{id}");
+    }
+    // The charge whose PaymentIntent the report left out is missing, and says why; payrail's
+    // capture of it is then missing from the report.
+    let list = by_type(&exceptions(&app, "status=open").await);
+    let missing = &list["missing_in_payrail"];
+    assert_eq!(missing.len(), 1, "{list:?}");
+    assert_eq!(missing[0]["reference"], "ch_last");
+    assert!(
+        missing[0]["detail"].as_str().unwrap().contains("payment_intent_id"),
+        "{}",
+        missing[0]
+    );
+    assert_eq!(list["missing_in_report"].len(), 1, "{list:?}");
+    assert_eq!(list["missing_in_report"][0]["payment_id"], intents[2].0.as_str());
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
+}
+
+#[actix_web::test]
+async fn a_run_whose_end_went_unrecorded_is_failed_by_the_connectors_next_run() {
+    let app = spawn_app_with(quiet).await;
+    let connector = demo_connector(&app).await;
+    // What a run leaves when the database stopped answering as it finished: `running`, by this
+    // process (outside cluster mode, no holder).
+    app.sql()
+        .await
+        .execute(
+            "INSERT INTO reconciliation_runs (id, connector_id, format, source, report_date, status)
+             VALUES ('rcn_unfinished', $1, 'stripe', 'upload', current_date, 'running')",
+            &[&connector],
+        )
+        .await
+        .unwrap();
+    let r = app.pay(1000, "pm_card_visa", "automatic", true).await;
+    let reference = r.body["psp_reference"].as_str().unwrap().to_owned();
+    let r = upload(
         &app,
-        "SELECT coalesce(sum(debit_total - credit_total), 0)::int8 FROM ledger_accounts WHERE account = 'bank'",
+        &format!("connector_id={connector}"),
+        one_charge_report(&reference),
     )
     .await;
-    assert_eq!(bank, 1999 + 2500 + 10_000 - 4000 - total_fees);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = operator(&app, "GET", "/admin/v1/reconciliation/runs/rcn_unfinished", None).await;
+    assert_eq!(r.body["status"], "failed", "{}", r.body);
+    assert!(
+        r.body["error"].as_str().unwrap().contains("could not be recorded"),
+        "{}",
+        r.body
+    );
+}
+
+#[actix_web::test]
+async fn an_adyen_report_reads_its_payout_and_fee_lines_that_name_no_transaction() {
+    let app = spawn_app_with(quiet).await;
+    let connector = demo_connector(&app).await;
+    let r = app.pay(10_000, "pm_card_visa", "automatic", true).await;
+    let id = r.body["payment_id"].as_str().unwrap().to_owned();
+    let report = app
+        .get(&format!("/sandbox/v1/settlement_reports/{}?format=adyen", today()))
+        .await;
+    let mut csv = String::from_utf8(report.raw).unwrap();
+    let now = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S");
+    // The batch's payout and an invoice's fee, as Adyen writes them: no PSP reference, a net
+    // only.
+    csv.push_str(&format!(
+        "C,M,,Payout of batch 1,,{now},UTC,MerchantPayout,,,,,,USD,90.00,,,,,,,,1\n\
+         C,M,,Invoice 2026-11,,{now},UTC,Fee,,,,,,USD,12.50,,,,,,,,1\n"
+    ));
+    let fees_before = balance(&app, "psp_fees_expense").await;
+    let r = upload(&app, &adyen_day(&connector), csv).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    // The charge and both payouts (the sandbox's and the added one) match; the fee line is one
+    // payrail does not reconcile, not a line it could not read, and what the PSP kept is posted
+    // all the same.
+    assert_eq!(r.body["matched"], 3, "{}", r.body);
+    let list = by_type(&exceptions(&app, "status=open").await);
+    assert_eq!(list.keys().collect::<Vec<_>>(), vec!["unsupported_line"], "{list:?}");
+    assert_eq!(status(&app, &id).await, "settled");
+    let fees_after = balance(&app, "psp_fees_expense").await;
+    let charge_fee = charge_fee(10_000, &app.state.config.psp.sandbox.settlement);
+    assert_eq!(fees_after - fees_before, charge_fee + 1250);
+    let bank = balance(&app, "bank").await;
+    // The sandbox paid out the day's net; the added payout moved 90.00 more.
+    assert_eq!(bank, 10_000 - charge_fee + 9000);
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
 }
 

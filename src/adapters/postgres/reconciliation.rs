@@ -282,15 +282,27 @@ impl Db {
         date: Option<NaiveDate>,
         holder: Option<&str>,
     ) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client
-            .execute(
-                "INSERT INTO reconciliation_runs (id, connector_id, format, source, report_date, status, holder)
-                 VALUES ($1, $2, $3, $4, $5, 'running', $6)",
-                &[&id, &connector, &format, &source, &date, &holder],
-            )
-            .await
-            .map_err(pg_error)?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        // The caller runs this connector's one run in this process: a run of the connector that
+        // this process left `running` is one whose end could not be recorded (the database did
+        // not answer when it finished). It is failed here, not left `running` for good.
+        tx.execute(
+            "UPDATE reconciliation_runs SET status = 'failed', finished_at = now(),
+                 error = 'its end could not be recorded; the lines it applied stay applied, run the report again'
+             WHERE connector_id = $1 AND status = 'running' AND holder IS NOT DISTINCT FROM $2",
+            &[&connector, &holder],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.execute(
+            "INSERT INTO reconciliation_runs (id, connector_id, format, source, report_date, status, holder)
+             VALUES ($1, $2, $3, $4, $5, 'running', $6)",
+            &[&id, &connector, &format, &source, &date, &holder],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
         Ok(())
     }
 
