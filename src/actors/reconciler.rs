@@ -700,7 +700,11 @@ impl Reconciler {
                 }
                 LineKind::Other => Some((
                     "unsupported_line",
-                    "payrail does not reconcile this type of line".into(),
+                    if l.fee == 0 {
+                        "payrail does not reconcile this type of line; nothing of it was posted".into()
+                    } else {
+                        "payrail does not reconcile this type of line; the fee the PSP kept on it was posted".into()
+                    },
                     None,
                 )),
             };
@@ -722,6 +726,12 @@ impl Reconciler {
                         // payrail may not have heard yet (a capture or refund whose PSP event
                         // is on its way): the line is left unapplied, so the next run of a
                         // report that has it matches it, and resolves this exception.
+                        continue;
+                    }
+                    if kind == "missing_in_payrail" && names_stripe_charge(&l.reference) {
+                        // The report named the charge, not its PaymentIntent: the line is left
+                        // unapplied (its fee too), so the report given again with its
+                        // payment_intent_id column matches it, and resolves this exception.
                         continue;
                     }
                 }
@@ -858,12 +868,16 @@ const SETTLE_BATCH: usize = 2000;
 /// Such transactions at once.
 const SETTLE_BATCHES_IN_FLIGHT: usize = 4;
 
+fn names_stripe_charge(reference: &str) -> bool {
+    reference.starts_with("ch_") || reference.starts_with("py_")
+}
+
 /// Why a charge line found no payment. Stripe names a charge by its `ch_…` (or `py_…`) where
 /// payrail keeps the PaymentIntent's `pi_…`: a report without `payment_intent_id` cannot match.
 fn no_payment(reference: &str) -> String {
-    if reference.starts_with("ch_") || reference.starts_with("py_") {
+    if names_stripe_charge(reference) {
         "no payment has this reference: it names a Stripe charge, and payrail knows the PaymentIntent \
-         (pi_…); give the report with its payment_intent_id column"
+         (pi_…); the line was not applied: give the report again with its payment_intent_id column"
             .into()
     } else {
         "no payment has this reference".into()

@@ -333,7 +333,9 @@ impl Columns {
         };
         Ok(match format {
             Format::Stripe => {
-                let id = any(&["id", "balance_transaction_id"])?;
+                // `balance_transaction_id` names the balance transaction whatever else the file
+                // has; an export's `id` is it too.
+                let id = any(&["balance_transaction_id", "id"]).map_err(|_| FileError::MissingColumn("id", name))?;
                 let category = maybe("reporting_category");
                 let kind = maybe("type");
                 if kind.is_none() && category.is_none() {
@@ -487,10 +489,18 @@ impl<R: Read> ReportReader<R> {
                     field(*kind),
                     modification
                 );
-                // A line about no transaction (a payout, an invoice's fee) has neither
-                // reference: its merchant reference tells it from the batch's others.
+                // A line with neither reference (a payout, an invoice's fee): its merchant
+                // reference tells it from the batch's others. Without that column the same line
+                // would have another key in a file that has it, and be applied twice.
                 if field(*psp_reference).is_empty() && modification.is_empty() {
-                    if let Some(m) = merchant_reference.map(field).filter(|m| !m.is_empty()) {
+                    let Some(m) = merchant_reference.map(field) else {
+                        return malformed(
+                            line_no,
+                            Some(key),
+                            "a line with neither reference needs the report's Merchant Reference column",
+                        );
+                    };
+                    if !m.is_empty() {
                         key.push(':');
                         key.push_str(m);
                     }
@@ -555,6 +565,21 @@ fn reference_of(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+/// Text where a line about no transaction has its reference: printable, at most 128 characters.
+fn description_of(s: &str) -> Result<String, String> {
+    if s.chars().count() > 128 || s.chars().any(char::is_control) {
+        return Err("the Modification Reference is not a reference or a description".into());
+    }
+    Ok(s.to_owned())
+}
+
+/// Adyen's types of line that are a fee the PSP kept (or gave back), about no transaction.
+const ADYEN_FEE_TYPES: [&str; 3] = ["Fee", "MiscCosts", "PaymentCost"];
+
+/// Stripe's balance transaction types, and reporting categories, of its own fees.
+const STRIPE_FEE_TYPES: [&str; 3] = ["stripe_fee", "network_cost", "tax_fee"];
+const STRIPE_FEE_CATEGORIES: [&str; 2] = ["fee", "network_cost"];
+
 #[allow(clippy::too_many_arguments)]
 fn stripe_line(
     line_no: u64,
@@ -593,6 +618,16 @@ fn stripe_line(
             "" => return Err("reporting_category is empty".into()),
             _ => LineKind::Other,
         },
+    };
+    // Stripe's own fee (Radar, a network cost…) is written as a negative amount: it is a fee the
+    // PSP kept, as a charge's fee is.
+    let own_fee = line_kind == LineKind::Other
+        && (kind.is_some_and(|k| STRIPE_FEE_TYPES.contains(&k))
+            || (kind.is_none() && STRIPE_FEE_CATEGORIES.contains(&category)));
+    let (amount, fee) = if own_fee {
+        (0, net.checked_neg().ok_or("net is beyond what an amount may be")?)
+    } else {
+        (amount, fee)
     };
     // A charge is about its PaymentIntent when the report names it (payrail's reference of a
     // Stripe payment); a refund or dispute belongs to it.
@@ -667,15 +702,22 @@ fn adyen_line(
         Ok(credit - debit)
     };
     let net = credit(net_debit, net_credit)?;
-    // A payout's net is what it moved; a fee line's net is what the PSP kept (its gross, none).
-    let amount = if line_kind == LineKind::Payout && gross_debit.is_empty() && gross_credit.is_empty() {
-        net
+    let (amount, fee) = if net_only && !transaction {
+        // A line with only a net: a fee's net is what the PSP kept (a credit gives a fee back);
+        // any other such line (a payout, a deposit correction, a transfer between accounts)
+        // moved its net, and kept nothing.
+        if ADYEN_FEE_TYPES.contains(&kind) {
+            (0, net.checked_neg().ok_or("net is beyond what an amount may be")?)
+        } else {
+            (net, 0)
+        }
     } else {
-        credit(gross_debit, gross_credit)?
+        let amount = credit(gross_debit, gross_credit)?;
+        let fee = amount
+            .checked_sub(net)
+            .ok_or_else(|| "gross less net is beyond what an amount may be".to_owned())?;
+        (amount, fee)
     };
-    let fee = amount
-        .checked_sub(net)
-        .ok_or_else(|| "gross less net is beyond what an amount may be".to_owned())?;
     let offset = zone_offset(time_zone).ok_or_else(|| format!("TimeZone {time_zone:?} is not one payrail reads"))?;
     let created = parse_time(created).ok_or_else(|| format!("Creation Date {created:?} is not a time"))?
         - chrono::Duration::seconds(offset);
@@ -683,10 +725,11 @@ fn adyen_line(
         LineKind::Refund | LineKind::Dispute | LineKind::DisputeReversal if !modification.is_empty() => {
             (reference_of(modification)?, Some(reference_of(psp_reference)?))
         }
-        // Nothing is matched by a payout's or an unsupported line's reference: it may have none.
+        // Nothing is matched by a payout's or an unsupported line's reference: it may have none,
+        // or a description where a reference would be (Adyen writes a fee's or a payout's so).
         LineKind::Payout | LineKind::Other => match (psp_reference, modification) {
             ("", "") => (String::new(), None),
-            ("", m) => (reference_of(m)?, None),
+            ("", m) => (description_of(m)?, None),
             (p, _) => (reference_of(p)?, None),
         },
         _ => (reference_of(psp_reference)?, None),
@@ -964,6 +1007,7 @@ mod tests {
             txn_2,2026-11-27 10:05:00,2026-11-27 11:05:00,2026-11-29 00:00:00,usd,-5.00,0.00,-5.00,refund,re_1,,ch_1,pi_1\n\
             txn_3,2026-11-27 10:06:00,2026-11-27 11:06:00,2026-11-29 00:00:00,usd,-15.00,0.00,-15.00,dispute,du_1,,ch_1,pi_1\n\
             txn_4,2026-11-27 10:07:00,2026-11-27 11:07:00,2026-11-29 00:00:00,usd,-2.00,0.00,-2.00,fee,,Radar,,\n\
+            txn_9,2026-11-27 10:07:30,2026-11-27 11:07:30,2026-11-29 00:00:00,usd,7.00,0.00,7.00,other_adjustment,,,,\n\
             txn_5,2026-11-27 10:08:00,2026-11-27 11:08:00,2026-11-29 00:00:00,usd,10.00,0.59,9.41,charge,ch_2,,ch_2,\n";
         let parsed = read_all(Format::Stripe, text).unwrap();
         let got: Vec<_> = lines(&parsed)
@@ -976,8 +1020,10 @@ mod tests {
                 (LineKind::Charge, "pi_1", None, 4999, 175),
                 (LineKind::Refund, "re_1", Some("pi_1"), -500, 0),
                 (LineKind::Dispute, "du_1", Some("pi_1"), -1500, 0),
-                // A fee of Stripe's own, about no transaction.
-                (LineKind::Other, "", None, -200, 0),
+                // A fee of Stripe's own, about no transaction: what it kept.
+                (LineKind::Other, "", None, 0, 200),
+                // Any other line moved its amount and kept nothing.
+                (LineKind::Other, "", None, 700, 0),
                 // No PaymentIntent named: the charge stays what the report calls it.
                 (LineKind::Charge, "ch_2", None, 1000, 59),
             ]
@@ -1032,10 +1078,12 @@ mod tests {
             TestCompany,TestMerchant,,Payout of batch 42,,2026-11-27 07:12:44,CET,MerchantPayout,,,,,,EUR,1000.00,,,,,,,,42\n\
             TestCompany,TestMerchant,,Invoice 2026-11,,2026-11-27 07:12:45,CET,Fee,,,,,,EUR,12.50,,,,,,,,42\n\
             TestCompany,TestMerchant,,Invoice 2026-12,,2026-11-27 07:12:46,CET,Fee,,,,,,EUR,3.00,,,,,,,,42\n\
+            TestCompany,TestMerchant,,,,2026-11-27 07:12:48,CET,Fee,Fee refund November,,,,,EUR,,1.00,,,,,,,42\n\
+            TestCompany,TestMerchant,,,,2026-11-27 07:12:49,CET,DepositCorrection,Deposit released,,,,,EUR,,250.00,,,,,,,42\n\
             TestCompany,TestMerchant,8515131751004933,order-1,mc,2026-11-27 07:12:47,CET,Settled,,,,,,EUR,,97.10,,,,,,,42\n";
         let parsed = read_all(Format::Adyen, text).unwrap();
-        assert!(matches!(&parsed[3], Parsed::Malformed { line_no: 5, .. }), "{parsed:?}");
-        let got: Vec<_> = lines(&parsed[..3])
+        assert!(matches!(&parsed[5], Parsed::Malformed { line_no: 7, .. }), "{parsed:?}");
+        let got: Vec<_> = lines(&parsed[..5])
             .into_iter()
             .map(|l| (l.key.as_str(), l.kind, l.reference.as_str(), l.amount, l.fee))
             .collect();
@@ -1052,7 +1100,32 @@ mod tests {
                 // What the PSP kept: no gross, its net is the fee.
                 ("42::Fee::Invoice 2026-11", LineKind::Other, "", 0, 1250),
                 ("42::Fee::Invoice 2026-12", LineKind::Other, "", 0, 300),
+                // A fee given back; a description where the reference would be.
+                (
+                    "42::Fee:Fee refund November",
+                    LineKind::Other,
+                    "Fee refund November",
+                    0,
+                    -100
+                ),
+                // Not a fee: it moved its net, and the PSP kept nothing of it.
+                (
+                    "42::DepositCorrection:Deposit released",
+                    LineKind::Other,
+                    "Deposit released",
+                    25_000,
+                    0
+                ),
             ]
+        );
+        // Without the Merchant Reference column, a line with neither reference has no key that
+        // the same report with the column would give it: it is not read.
+        let text = "Psp Reference,Creation Date,Type,Modification Reference,Gross Currency,Gross Debit (GC),Gross Credit (GC),Net Currency,Net Debit (NC),Net Credit (NC),Batch Number\n\
+                    ,2026-11-27 07:12:45,Fee,,,,,EUR,12.50,,42\n";
+        let parsed = read_all(Format::Adyen, text).unwrap();
+        assert!(
+            matches!(&parsed[0], Parsed::Malformed { reason, .. } if reason.contains("Merchant Reference")),
+            "{parsed:?}"
         );
     }
 

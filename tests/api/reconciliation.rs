@@ -382,40 +382,47 @@ async fn a_stripe_itemized_report_names_charges_by_charge_and_matches_by_payment
         .await;
     assert_eq!(r.body["status"], "succeeded", "{}", r.body);
     // The sandbox's report rewritten as Stripe's Reports API gives it: no `type`, the charge
-    // named by a `ch_…`, its PaymentIntent in `payment_intent_id` (the last charge's left
-    // out), `created` in the report's own zone beside `created_utc`.
+    // named by a `ch_…`, its PaymentIntent in `payment_intent_id` (at first the last charge's
+    // left out), `created` in the report's own zone beside `created_utc`.
     let report = app.get(&format!("/sandbox/v1/settlement_reports/{}", today())).await;
     assert_eq!(report.status, 200);
     let csv = String::from_utf8(report.raw).unwrap();
-    let mut itemized = String::from(
-        "balance_transaction_id,created_utc,created,currency,gross,fee,net,reporting_category,source_id,charge_id,payment_intent_id\n",
-    );
-    for line in csv.lines().skip(1) {
-        let f: Vec<&str> = line.split(',').collect();
-        let [id, _, source, amount, fee, net, currency, created, _, category] = f[..] else {
-            panic!("{line}")
-        };
-        let local = "2000-01-01 00:00:00";
-        let (source, intent) = match category {
-            "charge" if source == intents[2].1 => ("ch_last".to_owned(), String::new()),
-            "charge" => (format!("ch_{id}"), source.to_owned()),
-            "refund" => (source.to_owned(), intents[1].1.clone()),
-            "payout" => (source.to_owned(), String::new()),
-            other => panic!("{other}"),
-        };
-        itemized.push_str(&format!(
-            "{id},{created},{local},{currency},{amount},{fee},{net},{category},{source},,{intent}\n"
-        ));
-    }
-    let r = upload(&app, &format!("connector_id={connector}&date={}", today()), itemized).await;
+    let mut report_fees = 0;
+    let itemized = |name_last: bool, report_fees: &mut i64| {
+        let mut out = String::from(
+            "balance_transaction_id,created_utc,created,currency,gross,fee,net,reporting_category,source_id,charge_id,payment_intent_id\n",
+        );
+        for line in csv.lines().skip(1) {
+            let f: Vec<&str> = line.split(',').collect();
+            let [id, _, source, amount, fee, net, currency, created, _, category] = f[..] else {
+                panic!("{line}")
+            };
+            let local = "2000-01-01 00:00:00";
+            let (source, intent) = match category {
+                "charge" if source == intents[2].1 && !name_last => ("ch_last".to_owned(), String::new()),
+                "charge" if source == intents[2].1 => ("ch_last".to_owned(), source.to_owned()),
+                "charge" => (format!("ch_{id}"), source.to_owned()),
+                "refund" => (source.to_owned(), intents[1].1.clone()),
+                "payout" => (source.to_owned(), String::new()),
+                other => panic!("{other}"),
+            };
+            *report_fees += payrail::domain::settlement::parse_amount(fee, 2).unwrap();
+            out.push_str(&format!(
+                "{id},{created},{local},{currency},{amount},{fee},{net},{category},{source},,{intent}\n"
+            ));
+        }
+        out
+    };
+    let query = format!("connector_id={connector}&date={}", today());
+    let r = upload(&app, &query, itemized(false, &mut report_fees)).await;
     assert_eq!(r.status, 201, "{}", r.body);
     // Two charges, the refund and the sandbox's payout of the day.
     assert_eq!(r.body["matched"], 4, "{}", r.body);
     for (id, _) in &intents[..2] {
         assert_eq!(status(&app, id).await, "settled", "{id}");
     }
-    // The charge whose PaymentIntent the report left out is missing, and says why; payrail's
-    // capture of it is then missing from the report.
+    // The charge whose PaymentIntent the report left out is missing, says why, and is not
+    // applied (its fee neither); payrail's capture of it is then missing from the report.
     let list = by_type(&exceptions(&app, "status=open").await);
     let missing = &list["missing_in_payrail"];
     assert_eq!(missing.len(), 1, "{list:?}");
@@ -428,6 +435,23 @@ async fn a_stripe_itemized_report_names_charges_by_charge_and_matches_by_payment
     assert_eq!(list["missing_in_report"].len(), 1, "{list:?}");
     assert_eq!(list["missing_in_report"][0]["payment_id"], intents[2].0.as_str());
     assert_eq!(list.len(), 2, "{list:?}");
+    let last_fee = charge_fee(3100, &app.state.config.psp.sandbox.settlement);
+    assert_eq!(balance(&app, "psp_fees_expense").await, report_fees - last_fee);
+    // Given again with the column, as the detail says: the line matches, both exceptions are
+    // resolved, and every fee of the report is posted once.
+    report_fees = 0;
+    let r = upload(&app, &query, itemized(true, &mut report_fees)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        (r.body["matched"].as_i64(), r.body["already_applied"].as_i64()),
+        (Some(1), Some(4)),
+        "{}",
+        r.body
+    );
+    assert_eq!(status(&app, &intents[2].0).await, "settled");
+    let open = exceptions(&app, "status=open").await;
+    assert!(open.is_empty(), "{open:?}");
+    assert_eq!(balance(&app, "psp_fees_expense").await, report_fees);
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
 }
 
@@ -490,6 +514,8 @@ async fn an_adyen_report_reads_its_payout_and_fee_lines_that_name_no_transaction
     assert_eq!(r.body["matched"], 3, "{}", r.body);
     let list = by_type(&exceptions(&app, "status=open").await);
     assert_eq!(list.keys().collect::<Vec<_>>(), vec!["unsupported_line"], "{list:?}");
+    let detail = list["unsupported_line"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("the fee the PSP kept on it was posted"), "{detail}");
     assert_eq!(status(&app, &id).await, "settled");
     let fees_after = balance(&app, "psp_fees_expense").await;
     let charge_fee = charge_fee(10_000, &app.state.config.psp.sandbox.settlement);

@@ -150,9 +150,10 @@ pub struct ChunkWrite {
     /// The references (intent, refund, dispute) of the lines this chunk matched: their open
     /// `missing_in_report` exceptions resolve themselves.
     pub matched_references: Vec<String>,
-    /// The keys of the lines this chunk matched: a `status_mismatch` an earlier run raised for
-    /// the very line resolves itself (another line of the same object, a dispute's reversal
-    /// beside its opening say, leaves it open).
+    /// The keys of the lines this chunk matched: a `status_mismatch` (or a `missing_in_payrail`
+    /// of a Stripe charge named without its PaymentIntent) an earlier run raised for the very
+    /// line, and left unapplied, resolves itself (another line of the same object, a dispute's
+    /// reversal beside its opening say, leaves it open).
     pub matched_keys: Vec<String>,
     /// The latest time among the lines an earlier run applied (skipped here): with the lines
     /// this chunk applies, they give the report's day, also when the report is run again.
@@ -672,13 +673,13 @@ impl Db {
             Err(e) => return Err(pg_error(e)),
         };
         let exceptions = insert_exceptions(&tx, &connector.id, run_id, &w.exceptions).await?;
-        if !w.matched_references.is_empty() {
+        if !w.matched_keys.is_empty() {
             tx.execute(
                 "UPDATE reconciliation_exceptions SET status = 'resolved', resolved_by = 'reconciliation',
                      resolution = 'matched by run ' || $2, resolved_at = now()
                  WHERE connector_id = $1 AND status = 'open'
                    AND ((type = 'missing_in_report' AND reference = ANY($3))
-                        OR (type = 'status_mismatch' AND dedupe_key = ANY($4)))",
+                        OR (type IN ('status_mismatch', 'missing_in_payrail') AND dedupe_key = ANY($4)))",
                 &[&connector.id, &run_id, &w.matched_references, &w.matched_keys],
             )
             .await
