@@ -376,11 +376,44 @@ impl Columns {
     }
 }
 
+/// The most bytes one record (the header included) may take: a field is at most [`MAX_FIELD`]
+/// characters, and a quote left open would otherwise make the rest of the file one record, held
+/// in memory whole.
+pub const MAX_RECORD_BYTES: u64 = 1 << 20;
+
+/// What the CSV reader may read ahead of the record it is in (its own buffer).
+const READ_AHEAD: u64 = 1 << 16;
+
+/// The input, refused past a limit the reader moves on at each record.
+struct Bounded<R> {
+    inner: R,
+    read: u64,
+    limit: u64,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let room = self.limit.saturating_sub(self.read);
+        if room == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a record runs past {MAX_RECORD_BYTES} bytes (a quote left open?)"),
+            ));
+        }
+        let take = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..take])?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
 /// Reads a report one line at a time.
 pub struct ReportReader<R: Read> {
-    reader: csv::Reader<R>,
+    reader: csv::Reader<Bounded<R>>,
     columns: Columns,
     record: csv::StringRecord,
+    /// The line the next record starts on.
+    next_line: u64,
 }
 
 impl<R: Read> ReportReader<R> {
@@ -389,8 +422,14 @@ impl<R: Read> ReportReader<R> {
             .has_headers(true)
             .flexible(false)
             .trim(csv::Trim::All)
-            .from_reader(input);
-        let header = reader.headers().map_err(structure)?.clone();
+            .from_reader(Bounded {
+                inner: input,
+                read: 0,
+                limit: MAX_RECORD_BYTES + READ_AHEAD,
+            });
+        let header = reader.headers().map_err(|e| structure(e, 1))?.clone();
+        let next = reader.position().clone();
+        reader.get_mut().limit = next.byte() + MAX_RECORD_BYTES + READ_AHEAD;
         if header.is_empty() || header.iter().all(str::is_empty) {
             return Err(FileError::Empty);
         }
@@ -399,12 +438,13 @@ impl<R: Read> ReportReader<R> {
             reader,
             columns,
             record: csv::StringRecord::new(),
+            next_line: next.line(),
         })
     }
 
     /// What the lines were read from.
     pub fn into_inner(self) -> R {
-        self.reader.into_inner()
+        self.reader.into_inner().inner
     }
 
     /// The next line; `None` at the end; an error refuses the whole file.
@@ -413,9 +453,14 @@ impl<R: Read> ReportReader<R> {
             Ok(false) => None,
             Ok(true) => {
                 let line_no = self.record.position().map(|p| p.line()).unwrap_or(0);
+                let next = self.reader.position().clone();
+                self.next_line = next.line();
+                self.reader.get_mut().limit = next.byte() + MAX_RECORD_BYTES + READ_AHEAD;
                 Some(Ok(self.interpret(line_no)))
             }
-            Err(e) => Some(Err(structure(e))),
+            // An input error has no position of its own: the record it broke starts where the
+            // last one ended.
+            Err(e) => Some(Err(structure(e, self.next_line))),
         }
     }
 
@@ -534,8 +579,8 @@ fn malformed(line_no: u64, key: Option<String>, reason: &str) -> Parsed {
     }
 }
 
-fn structure(e: csv::Error) -> FileError {
-    let line = e.position().map(|p| p.line()).unwrap_or(0);
+fn structure(e: csv::Error, line_at: u64) -> FileError {
+    let line = e.position().map(|p| p.line()).unwrap_or(line_at);
     let reason = match e.kind() {
         csv::ErrorKind::Utf8 { .. } => "not UTF-8".to_owned(),
         csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
@@ -1176,6 +1221,27 @@ mod tests {
         let not_utf8: &[u8] = b"id,type,source,amount,fee,net,currency,created\ntxn_\xff,charge,pi,1,0,1,usd,1\n";
         let mut r = ReportReader::new(Format::Stripe, not_utf8).unwrap();
         assert!(matches!(r.next_line(), Some(Err(FileError::Structure { line: 2, .. }))));
+    }
+
+    #[test]
+    fn a_quote_left_open_is_refused_before_the_rest_of_the_file_is_held() {
+        let header = "id,type,source,amount,fee,net,currency,created\n";
+        let good = "txn_1,charge,pi_1,1.00,0.10,0.90,usd,2026-11-27 10:00:00\n";
+        // Far more than one record may take, in lines of an ordinary size: read to the end.
+        let many = good.repeat((3 * MAX_RECORD_BYTES as usize) / good.len());
+        let parsed = read_all(Format::Stripe, &format!("{header}{many}")).unwrap();
+        assert_eq!(parsed.len(), many.lines().count());
+        // A quote opened on line 3 and never closed: the file is refused there, not read whole
+        // into one record.
+        let open = format!("{header}{good}\"txn_2,charge,{}", good.repeat(40_000));
+        assert!(open.len() as u64 > 2 * MAX_RECORD_BYTES);
+        match read_all(Format::Stripe, &open).unwrap_err() {
+            FileError::Structure { line, reason } => {
+                assert_eq!(line, 3);
+                assert!(reason.contains("quote left open"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
