@@ -1,19 +1,35 @@
 #!/usr/bin/env bash
 # The performance regression guard `.ci/run` runs (issue 16): a short create+confirm load
 # (automatic capture, 64 connections, the default setup with sandbox webhooks and the outbox
-# relay) against the `guard` profile's build (release without fat LTO), beside docs/DESIGN.md's
-# PostgreSQL ceiling measured in the same run. It fails when payrail / ceiling falls below the floor: a ratio, never an absolute
-# time, because this machine's speed drifts from day to day. The floor is docs/BENCHMARKS.md's
-# figure less a wide noise margin (0.327x-0.405x in every CI run of 2026-11-29, on machines whose
-# ceiling read 2,900-5,200 tps), so that it catches a step backwards, not the machine's weather.
-# Usage: scripts/bench/guard.sh [seconds] [floor]   (defaults: 5, 0.25)
+# relay), beside docs/DESIGN.md's PostgreSQL ceiling measured in the same run. It fails when
+# payrail / ceiling falls below the floor: a ratio, never an absolute time, because this
+# machine's speed drifts from day to day. The floor is docs/BENCHMARKS.md's figure less a wide
+# noise margin, so that it catches a step backwards, not the machine's weather.
+#
+# By default it loads the debug build `.ci/run` has just made (floor 0.12x: it read
+# 0.216x-0.227x on a slow machine of this kind on 2026-11-30), so that CI builds nothing more:
+# an optimized build from scratch took 8-10 minutes there, a third of CI's time.
+# `GUARD_PROFILE=guard` loads Cargo.toml's `guard` profile instead (release without fat LTO;
+# floor 0.25x: it read 0.327x-0.46x in every run since 2026-11-29).
+# Usage: [GUARD_PROFILE=dev|guard] scripts/bench/guard.sh [seconds] [floor]   (defaults: 5, by profile)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 secs=${1:-5}
-floor=${2:-${PAYRAIL_PERF_FLOOR:-0.25}}
 command -v pgbench >/dev/null || { echo "pgbench is missing (postgresql-client)" >&2; exit 1; }
-cargo build --profile guard --quiet --bin payrail
-bin=./target/guard/payrail
+case "${GUARD_PROFILE:-dev}" in
+    dev)
+        cargo build --quiet --bin payrail
+        bin=./target/debug/payrail
+        default_floor=0.12
+        ;;
+    guard)
+        cargo build --profile guard --quiet --bin payrail
+        bin=./target/guard/payrail
+        default_floor=0.25
+        ;;
+    *) echo "GUARD_PROFILE is dev or guard" >&2; exit 2 ;;
+esac
+floor=${2:-${PAYRAIL_PERF_FLOOR:-$default_floor}}
 db=payrail_guard
 port=18095
 export PAYRAIL__DATABASE__URL=postgres://postgres@127.0.0.1:5432/$db
