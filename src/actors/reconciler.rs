@@ -571,7 +571,7 @@ impl Reconciler {
             };
             let problem: Option<(&'static str, String, Option<i64>)> = match kind {
                 LineKind::Charge => match payments.get(&l.reference) {
-                    None => Some(("missing_in_payrail", no_payment(&l.reference), None)),
+                    None => Some(("missing_in_payrail", no_payment(l.charge_only), None)),
                     Some(p) => {
                         applied.payment_id = Some(p.id.to_string());
                         let captured = p.state.captured;
@@ -728,10 +728,10 @@ impl Reconciler {
                         // report that has it matches it, and resolves this exception.
                         continue;
                     }
-                    if kind == "missing_in_payrail" && names_stripe_charge(&l.reference) {
+                    if kind == "missing_in_payrail" && l.charge_only {
                         // The report named the charge, not its PaymentIntent: the line is left
                         // unapplied (its fee too), so the report given again with its
-                        // payment_intent_id column matches it, and resolves this exception.
+                        // payment_intent_id column finds its payment, and resolves this exception.
                         continue;
                     }
                 }
@@ -739,6 +739,9 @@ impl Reconciler {
             // The PSP kept its fee whether or not the line matched: every applied line's fee
             // is posted (a status-mismatched line's waits with the line).
             *fees.entry(l.currency.clone()).or_default() += i128::from(l.fee);
+            if applied.payment_id.is_some() || applied.refund_id.is_some() {
+                w.found_keys.push(l.key.clone());
+            }
             w.lines.push(applied);
         }
         // A line given twice names what its first copy matched.
@@ -868,14 +871,10 @@ const SETTLE_BATCH: usize = 2000;
 /// Such transactions at once.
 const SETTLE_BATCHES_IN_FLIGHT: usize = 4;
 
-fn names_stripe_charge(reference: &str) -> bool {
-    reference.starts_with("ch_") || reference.starts_with("py_")
-}
-
 /// Why a charge line found no payment. Stripe names a charge by its `ch_…` (or `py_…`) where
 /// payrail keeps the PaymentIntent's `pi_…`: a report without `payment_intent_id` cannot match.
-fn no_payment(reference: &str) -> String {
-    if names_stripe_charge(reference) {
+fn no_payment(charge_only: bool) -> String {
+    if charge_only {
         "no payment has this reference: it names a Stripe charge, and payrail knows the PaymentIntent \
          (pi_…); the line was not applied: give the report again with its payment_intent_id column"
             .into()
@@ -919,6 +918,7 @@ fn to_line(p: Parsed, now: DateTime<Utc>) -> Result<ReportLine, FileError> {
             currency: l.currency.code().to_owned(),
             created: l.created,
             malformed: None,
+            charge_only: l.charge_only,
         },
         Parsed::Malformed {
             line_no: n,
@@ -935,6 +935,7 @@ fn to_line(p: Parsed, now: DateTime<Utc>) -> Result<ReportLine, FileError> {
             currency: String::new(),
             created: now,
             malformed: Some(reason),
+            charge_only: false,
         },
     })
 }

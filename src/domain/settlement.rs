@@ -98,6 +98,9 @@ pub struct Line {
     pub created: DateTime<Utc>,
     /// The report's own type, as written (for an operator).
     pub raw_type: String,
+    /// A Stripe charge named by its charge (`ch_…`, `py_…`) in a file with no
+    /// `payment_intent_id` column: the same file with the column may name its PaymentIntent.
+    pub charge_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -504,7 +507,7 @@ impl<R: Read> ReportReader<R> {
                     line_no,
                     key,
                     (kind.map(field), category.map(field).unwrap_or("")),
-                    (field(*source), intent.map(field).unwrap_or("")),
+                    (field(*source), intent.map(field)),
                     [field(*amount), field(*fee), field(*net)],
                     field(*currency),
                     field(*created),
@@ -526,6 +529,7 @@ impl<R: Read> ReportReader<R> {
                 batch,
                 merchant_reference,
             } => {
+                let has_modification = modification.is_some();
                 let modification = modification.map(field).unwrap_or("");
                 let mut key = format!(
                     "{}:{}:{}:{}",
@@ -534,9 +538,17 @@ impl<R: Read> ReportReader<R> {
                     field(*kind),
                     modification
                 );
-                // A line with neither reference (a payout, an invoice's fee): its merchant
-                // reference tells it from the batch's others. Without that column the same line
-                // would have another key in a file that has it, and be applied twice.
+                // A line with no Psp Reference (a payout, an invoice's fee) is told from the
+                // batch's others by its Modification Reference, or, with neither, its Merchant
+                // Reference. Without those columns the same line would have another key in a
+                // file that has them, and be applied twice.
+                if field(*psp_reference).is_empty() && !has_modification {
+                    return malformed(
+                        line_no,
+                        Some(key),
+                        "a line with no Psp Reference needs the report's Modification Reference column",
+                    );
+                }
                 if field(*psp_reference).is_empty() && modification.is_empty() {
                     let Some(m) = merchant_reference.map(field) else {
                         return malformed(
@@ -619,10 +631,17 @@ fn description_of(s: &str) -> Result<String, String> {
 }
 
 /// Adyen's types of line that are a fee the PSP kept (or gave back), about no transaction.
-const ADYEN_FEE_TYPES: [&str; 3] = ["Fee", "MiscCosts", "PaymentCost"];
+/// (`InvoiceDeduction` is Adyen's invoice for its services, taken from the balance.)
+const ADYEN_FEE_TYPES: [&str; 5] = [
+    "Fee",
+    "MiscCosts",
+    "PaymentCost",
+    "InvoiceDeduction",
+    "AuthorisationSchemeFee",
+];
 
 /// Stripe's balance transaction types, and reporting categories, of its own fees.
-const STRIPE_FEE_TYPES: [&str; 3] = ["stripe_fee", "network_cost", "tax_fee"];
+const STRIPE_FEE_TYPES: [&str; 4] = ["stripe_fee", "stripe_fx_fee", "network_cost", "tax_fee"];
 const STRIPE_FEE_CATEGORIES: [&str; 2] = ["fee", "network_cost"];
 
 #[allow(clippy::too_many_arguments)]
@@ -630,7 +649,7 @@ fn stripe_line(
     line_no: u64,
     key: &str,
     (kind, category): (Option<&str>, &str),
-    (source, intent): (&str, &str),
+    (source, intent): (&str, Option<&str>),
     [amount, fee, net]: [&str; 3],
     currency: &str,
     created: &str,
@@ -676,10 +695,11 @@ fn stripe_line(
     };
     // A charge is about its PaymentIntent when the report names it (payrail's reference of a
     // Stripe payment); a refund or dispute belongs to it.
-    let intent = if intent.is_empty() {
-        None
-    } else {
-        Some(reference_of(intent)?)
+    let charge_only =
+        intent.is_none() && line_kind == LineKind::Charge && (source.starts_with("ch_") || source.starts_with("py_"));
+    let intent = match intent {
+        None | Some("") => None,
+        Some(pi) => Some(reference_of(pi)?),
     };
     let (reference, intent) = match (line_kind, intent) {
         (LineKind::Charge, Some(pi)) => (pi, None),
@@ -700,6 +720,7 @@ fn stripe_line(
         currency,
         created,
         raw_type: kind.unwrap_or(category).to_owned(),
+        charge_only,
     })
 }
 
@@ -724,8 +745,8 @@ fn adyen_line(
         "" => return Err("Type is empty".into()),
         _ => LineKind::Other,
     };
-    // A payout, and a line about no transaction (Adyen's `Fee`, `InvoiceDeduction`, …), may move
-    // only the net; a transaction's line has its gross.
+    // A payout, and a line about no transaction (Adyen's `Fee`, a `DepositCorrection`, …), may
+    // move only the net; a transaction's line has its gross.
     let transaction = !matches!(line_kind, LineKind::Payout | LineKind::Other);
     let net_only = gross_currency.is_empty() && gross_debit.is_empty() && gross_credit.is_empty();
     let currency = if net_only && !transaction {
@@ -790,6 +811,7 @@ fn adyen_line(
         currency,
         created,
         raw_type: kind.to_owned(),
+        charge_only: false,
     })
 }
 
@@ -950,6 +972,7 @@ mod tests {
             currency: usd(),
             created: Utc.with_ymd_and_hms(2026, 11, 27, 10, 0, 0).unwrap(),
             raw_type: kind.as_str().into(),
+            charge_only: false,
         }
     }
 
@@ -1073,6 +1096,8 @@ mod tests {
                 (LineKind::Charge, "ch_2", None, 1000, 59),
             ]
         );
+        // With the column, a charge it leaves empty is not one payrail made: nothing to wait for.
+        assert!(lines(&parsed).iter().all(|l| !l.charge_only));
         let Parsed::Line(first) = &parsed[0] else {
             unreachable!()
         };
@@ -1105,9 +1130,15 @@ mod tests {
     fn stripe_dashboard_export_reads() {
         // The Dashboard's balance export: capitalized names, `Created (UTC)` in minutes.
         let text = "id,Type,Source,Amount,Fee,Net,Currency,Created (UTC),Available On (UTC),Description\n\
-                    txn_1,charge,pi_1,49.99,1.75,48.24,usd,2026-11-27 10:00,2026-11-29 00:00,order 1\n";
+                    txn_1,charge,pi_1,49.99,1.75,48.24,usd,2026-11-27 10:00,2026-11-29 00:00,order 1\n\
+                    txn_2,charge,ch_2,10.00,0.59,9.41,usd,2026-11-27 10:01,2026-11-29 00:00,order 2\n\
+                    txn_3,refund,re_3,-1.00,0.00,-1.00,usd,2026-11-27 10:02,2026-11-29 00:00,order 2\n";
         let parsed = read_all(Format::Stripe, text).unwrap();
         let got = lines(&parsed);
+        // With no payment_intent_id column, a charge named by its charge may be named by its
+        // PaymentIntent in the same report with the column; the others are what they are.
+        let charge_only: Vec<bool> = got.iter().map(|l| l.charge_only).collect();
+        assert_eq!(charge_only, [false, true, false]);
         assert_eq!(
             (got[0].kind, got[0].reference.as_str(), got[0].amount),
             (LineKind::Charge, "pi_1", 4999)
@@ -1170,6 +1201,14 @@ mod tests {
         let parsed = read_all(Format::Adyen, text).unwrap();
         assert!(
             matches!(&parsed[0], Parsed::Malformed { reason, .. } if reason.contains("Merchant Reference")),
+            "{parsed:?}"
+        );
+        // Nor without the Modification Reference column, where its description may be.
+        let text = "Psp Reference,Merchant Reference,Creation Date,Type,Gross Currency,Gross Debit (GC),Gross Credit (GC),Net Currency,Net Debit (NC),Net Credit (NC),Batch Number\n\
+                    ,Payout 42,2026-11-27 07:12:45,MerchantPayout,,,,EUR,12.50,,42\n";
+        let parsed = read_all(Format::Adyen, text).unwrap();
+        assert!(
+            matches!(&parsed[0], Parsed::Malformed { reason, .. } if reason.contains("Modification Reference")),
             "{parsed:?}"
         );
     }

@@ -381,77 +381,93 @@ async fn a_stripe_itemized_report_names_charges_by_charge_and_matches_by_payment
         )
         .await;
     assert_eq!(r.body["status"], "succeeded", "{}", r.body);
-    // The sandbox's report rewritten as Stripe's Reports API gives it: no `type`, the charge
-    // named by a `ch_…`, its PaymentIntent in `payment_intent_id` (at first the last charge's
-    // left out), `created` in the report's own zone beside `created_utc`.
+    // The sandbox's report rewritten as Stripe's Reports API gives it: no `type`, each charge
+    // named by a `ch_…`, `created` in the report's own zone beside `created_utc`; at first
+    // without the `payment_intent_id` column.
     let report = app.get(&format!("/sandbox/v1/settlement_reports/{}", today())).await;
     assert_eq!(report.status, 200);
     let csv = String::from_utf8(report.raw).unwrap();
-    let mut report_fees = 0;
-    let itemized = |name_last: bool, report_fees: &mut i64| {
+    let itemized = |with_intents: bool| {
         let mut out = String::from(
-            "balance_transaction_id,created_utc,created,currency,gross,fee,net,reporting_category,source_id,charge_id,payment_intent_id\n",
+            "balance_transaction_id,created_utc,created,currency,gross,fee,net,reporting_category,source_id",
         );
+        out.push_str(if with_intents { ",payment_intent_id\n" } else { "\n" });
+        let mut fees = 0;
         for line in csv.lines().skip(1) {
             let f: Vec<&str> = line.split(',').collect();
             let [id, _, source, amount, fee, net, currency, created, _, category] = f[..] else {
                 panic!("{line}")
             };
             let local = "2000-01-01 00:00:00";
-            let (source, intent) = match category {
-                "charge" if source == intents[2].1 && !name_last => ("ch_last".to_owned(), String::new()),
-                "charge" if source == intents[2].1 => ("ch_last".to_owned(), source.to_owned()),
-                "charge" => (format!("ch_{id}"), source.to_owned()),
-                "refund" => (source.to_owned(), intents[1].1.clone()),
-                "payout" => (source.to_owned(), String::new()),
+            let (source, intent, amount, net) = match category {
+                // The last charge as the report has it differs from payrail's capture.
+                "charge" if source == intents[2].1 => {
+                    ("ch_last".to_owned(), source, "32.00".to_owned(), "31.00".to_owned())
+                }
+                "charge" => (format!("ch_{id}"), source, amount.to_owned(), net.to_owned()),
+                "refund" | "payout" => (source.to_owned(), "", amount.to_owned(), net.to_owned()),
                 other => panic!("{other}"),
             };
-            *report_fees += payrail::domain::settlement::parse_amount(fee, 2).unwrap();
+            let fee = if source == "ch_last" { "1.00" } else { fee };
+            fees += payrail::domain::settlement::parse_amount(fee, 2).unwrap();
             out.push_str(&format!(
-                "{id},{created},{local},{currency},{amount},{fee},{net},{category},{source},,{intent}\n"
+                "{id},{created},{local},{currency},{amount},{fee},{net},{category},{source}"
             ));
+            out.push_str(&if with_intents {
+                format!(",{intent}\n")
+            } else {
+                "\n".to_owned()
+            });
         }
-        out
+        if with_intents {
+            // A charge payrail did not make (no PaymentIntent of its own): applied, missing.
+            out.push_str("txn_extra,2026-11-27 10:00:00,,usd,9.00,0.50,8.50,charge,ch_extra,\n");
+            fees += 50;
+        }
+        (out, fees)
     };
     let query = format!("connector_id={connector}&date={}", today());
-    let r = upload(&app, &query, itemized(false, &mut report_fees)).await;
+    let (first, _) = itemized(false);
+    let r = upload(&app, &query, first).await;
     assert_eq!(r.status, 201, "{}", r.body);
-    // Two charges, the refund and the sandbox's payout of the day.
-    assert_eq!(r.body["matched"], 4, "{}", r.body);
-    for (id, _) in &intents[..2] {
-        assert_eq!(status(&app, id).await, "settled", "{id}");
-    }
-    // The charge whose PaymentIntent the report left out is missing, says why, and is not
-    // applied (its fee neither); payrail's capture of it is then missing from the report.
+    // The refund and the sandbox's payout of the day match; no charge can.
+    assert_eq!(r.body["matched"], 2, "{}", r.body);
+    // Each charge is missing, says why, and is not applied (its fee neither).
     let list = by_type(&exceptions(&app, "status=open").await);
     let missing = &list["missing_in_payrail"];
-    assert_eq!(missing.len(), 1, "{list:?}");
-    assert_eq!(missing[0]["reference"], "ch_last");
-    assert!(
-        missing[0]["detail"].as_str().unwrap().contains("payment_intent_id"),
-        "{}",
-        missing[0]
-    );
-    assert_eq!(list["missing_in_report"].len(), 1, "{list:?}");
-    assert_eq!(list["missing_in_report"][0]["payment_id"], intents[2].0.as_str());
-    assert_eq!(list.len(), 2, "{list:?}");
-    let last_fee = charge_fee(3100, &app.state.config.psp.sandbox.settlement);
-    assert_eq!(balance(&app, "psp_fees_expense").await, report_fees - last_fee);
-    // Given again with the column, as the detail says: the line matches, both exceptions are
-    // resolved, and every fee of the report is posted once.
-    report_fees = 0;
-    let r = upload(&app, &query, itemized(true, &mut report_fees)).await;
+    assert_eq!(missing.len(), 3, "{list:?}");
+    for m in missing {
+        let detail = m["detail"].as_str().unwrap();
+        assert!(detail.contains("payment_intent_id"), "{m}");
+    }
+    assert_eq!(list["missing_in_report"].len(), 3, "{list:?}");
+    assert_eq!(balance(&app, "psp_fees_expense").await, 0);
+
+    // Given again with the column, as the detail says: the charges find their payments (the
+    // last one's amount differs), every missing_in_payrail of theirs is resolved, and every fee
+    // of the file is posted once.
+    let (second, fees) = itemized(true);
+    let r = upload(&app, &query, second).await;
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(
         (r.body["matched"].as_i64(), r.body["already_applied"].as_i64()),
-        (Some(1), Some(4)),
+        (Some(2), Some(2)),
         "{}",
         r.body
     );
-    assert_eq!(status(&app, &intents[2].0).await, "settled");
-    let open = exceptions(&app, "status=open").await;
-    assert!(open.is_empty(), "{open:?}");
-    assert_eq!(balance(&app, "psp_fees_expense").await, report_fees);
+    for (id, _) in &intents[..2] {
+        assert_eq!(status(&app, id).await, "settled", "{id}");
+    }
+    let list = by_type(&exceptions(&app, "status=open").await);
+    assert_eq!(list["amount_mismatch"].len(), 1, "{list:?}");
+    assert_eq!(list["amount_mismatch"][0]["payment_id"], intents[2].0.as_str());
+    // Only the charge payrail did not make is still missing; it names its charge in a file with
+    // the column, so it was applied, and its detail gives no advice.
+    let missing = &list["missing_in_payrail"];
+    assert_eq!(missing.len(), 1, "{list:?}");
+    assert_eq!(missing[0]["reference"], "ch_extra");
+    assert_eq!(missing[0]["detail"], "line 7: no payment has this reference");
+    assert_eq!(balance(&app, "psp_fees_expense").await, fees);
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
 }
 
@@ -883,6 +899,7 @@ async fn the_database_refuses_a_chunk_whose_lines_or_captures_were_applied_since
             currency: "USD".into(),
             created: now,
             malformed: None,
+            charge_only: false,
         },
         kind: LineKind::Charge,
         payment_id: Some(payment.clone()),

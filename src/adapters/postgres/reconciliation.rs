@@ -79,6 +79,8 @@ pub struct ReportLine {
     pub currency: String,
     pub created: DateTime<Utc>,
     pub malformed: Option<String>,
+    /// A Stripe charge named by its charge in a file with no `payment_intent_id` column.
+    pub charge_only: bool,
 }
 
 /// A refund as reconciliation sees it.
@@ -150,11 +152,14 @@ pub struct ChunkWrite {
     /// The references (intent, refund, dispute) of the lines this chunk matched: their open
     /// `missing_in_report` exceptions resolve themselves.
     pub matched_references: Vec<String>,
-    /// The keys of the lines this chunk matched: a `status_mismatch` (or a `missing_in_payrail`
-    /// of a Stripe charge named without its PaymentIntent) an earlier run raised for the very
-    /// line, and left unapplied, resolves itself (another line of the same object, a dispute's
-    /// reversal beside its opening say, leaves it open).
+    /// The keys of the lines this chunk matched: a `status_mismatch` an earlier run raised for
+    /// the very line, and left unapplied, resolves itself (another line of the same object, a
+    /// dispute's reversal beside its opening say, leaves it open).
     pub matched_keys: Vec<String>,
+    /// The keys of the applied lines that found their payment or refund (matched or not): a
+    /// `missing_in_payrail` an earlier run raised for the very line, and left unapplied,
+    /// resolves itself.
+    pub found_keys: Vec<String>,
     /// The latest time among the lines an earlier run applied (skipped here): with the lines
     /// this chunk applies, they give the report's day, also when the report is run again.
     pub already_latest: Option<DateTime<Utc>>,
@@ -673,14 +678,21 @@ impl Db {
             Err(e) => return Err(pg_error(e)),
         };
         let exceptions = insert_exceptions(&tx, &connector.id, run_id, &w.exceptions).await?;
-        if !w.matched_keys.is_empty() {
+        if !w.matched_keys.is_empty() || !w.found_keys.is_empty() {
             tx.execute(
                 "UPDATE reconciliation_exceptions SET status = 'resolved', resolved_by = 'reconciliation',
                      resolution = 'matched by run ' || $2, resolved_at = now()
                  WHERE connector_id = $1 AND status = 'open'
                    AND ((type = 'missing_in_report' AND reference = ANY($3))
-                        OR (type IN ('status_mismatch', 'missing_in_payrail') AND dedupe_key = ANY($4)))",
-                &[&connector.id, &run_id, &w.matched_references, &w.matched_keys],
+                        OR (type = 'status_mismatch' AND dedupe_key = ANY($4))
+                        OR (type = 'missing_in_payrail' AND dedupe_key = ANY($5)))",
+                &[
+                    &connector.id,
+                    &run_id,
+                    &w.matched_references,
+                    &w.matched_keys,
+                    &w.found_keys,
+                ],
             )
             .await
             .map_err(pg_error)?;

@@ -134,6 +134,7 @@ pub async fn write_report<W: Write>(
                 currency,
                 created: row.at,
                 raw_type: String::new(),
+                charge_only: false,
             };
             let mut copies = 1;
             if kind == LineKind::Charge {
@@ -173,6 +174,7 @@ pub async fn write_report<W: Write>(
             currency,
             created: start + chrono::Duration::hours(12),
             raw_type: String::new(),
+            charge_only: false,
         };
         writer.write(&line, "", batch).map_err(werr)?;
         *net.entry(currency).or_default() += line.amount - line.fee;
@@ -197,6 +199,7 @@ pub async fn write_report<W: Write>(
             currency,
             created: end - chrono::Duration::seconds(1),
             raw_type: String::new(),
+            charge_only: false,
         };
         writer.write(&line, "", batch).map_err(werr)?;
         written += 1;
