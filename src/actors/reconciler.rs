@@ -561,6 +561,11 @@ impl Reconciler {
         // Summed wide: a chunk's lines may not overflow it; the sum must fit a journal's amount.
         let mut fees: BTreeMap<String, i128> = BTreeMap::new();
         for (l, kind) in fresh {
+            if kind == LineKind::Charge && !l.charge_only {
+                // The report names this charge as payrail can find it: a wait for the column
+                // raised by an earlier run is over, whatever the line finds now.
+                w.waiting_over.push(waiting_key(&l.key));
+            }
             let mut applied = AppliedLine {
                 line: l.clone(),
                 kind,
@@ -717,7 +722,11 @@ impl Reconciler {
                     w.matched_keys.push(l.key.clone());
                 }
                 Some((kind, detail, expected)) => {
-                    let mut e = exception(kind, l.key.clone(), l, format!("line {}: {detail}", l.line_no));
+                    // A charge waiting for the column has an exception of its own, which the
+                    // line's evaluation with the column ends (the line may then raise another).
+                    let waiting = kind == "missing_in_payrail" && l.charge_only;
+                    let dedupe = if waiting { waiting_key(&l.key) } else { l.key.clone() };
+                    let mut e = exception(kind, dedupe, l, format!("line {}: {detail}", l.line_no));
                     e.payment_id = applied.payment_id.clone();
                     e.refund_id = applied.refund_id.clone();
                     e.expected = expected;
@@ -728,10 +737,10 @@ impl Reconciler {
                         // report that has it matches it, and resolves this exception.
                         continue;
                     }
-                    if kind == "missing_in_payrail" && l.charge_only {
+                    if waiting {
                         // The report named the charge, not its PaymentIntent: the line is left
-                        // unapplied (its fee too), so the report given again with its
-                        // payment_intent_id column finds its payment, and resolves this exception.
+                        // unapplied (its fee too), for the report given again with its
+                        // payment_intent_id column.
                         continue;
                     }
                 }
@@ -739,8 +748,11 @@ impl Reconciler {
             // The PSP kept its fee whether or not the line matched: every applied line's fee
             // is posted (a status-mismatched line's waits with the line).
             *fees.entry(l.currency.clone()).or_default() += i128::from(l.fee);
-            if applied.payment_id.is_some() || applied.refund_id.is_some() {
-                w.found_keys.push(l.key.clone());
+            // An applied line that names a capture or refund ends its `missing_in_report`, as
+            // it keeps one from being raised.
+            match (kind, &applied.payment_id, &applied.refund_id) {
+                (LineKind::Charge, Some(id), _) | (LineKind::Refund, _, Some(id)) => w.named.push(id.clone()),
+                _ => {}
             }
             w.lines.push(applied);
         }
@@ -870,6 +882,12 @@ const FINISH_ATTEMPTS: u32 = 4;
 const SETTLE_BATCH: usize = 2000;
 /// Such transactions at once.
 const SETTLE_BATCHES_IN_FLIGHT: usize = 4;
+
+/// The `missing_in_payrail` of a charge line waiting for the `payment_intent_id` column has a
+/// key of its own: the line's evaluation with the column ends it, and may raise the plain one.
+fn waiting_key(line_key: &str) -> String {
+    format!("{line_key}:charge_only")
+}
 
 /// Why a charge line found no payment. Stripe names a charge by its `ch_…` (or `py_…`) where
 /// payrail keeps the PaymentIntent's `pi_…`: a report without `payment_intent_id` cannot match.

@@ -264,7 +264,7 @@ enum Columns {
     Adyen {
         psp_reference: usize,
         kind: usize,
-        modification: Option<usize>,
+        modification: usize,
         gross_currency: usize,
         gross_debit: usize,
         gross_credit: usize,
@@ -363,7 +363,9 @@ impl Columns {
             Format::Adyen => Columns::Adyen {
                 psp_reference: at("Psp Reference")?,
                 kind: at("Type")?,
-                modification: maybe("Modification Reference"),
+                // Part of every line's key: a file without it would key a refund or a payout
+                // otherwise than the same report with it, and apply it twice.
+                modification: at("Modification Reference")?,
                 gross_currency: at("Gross Currency")?,
                 gross_debit: at("Gross Debit (GC)")?,
                 gross_credit: at("Gross Credit (GC)")?,
@@ -529,8 +531,7 @@ impl<R: Read> ReportReader<R> {
                 batch,
                 merchant_reference,
             } => {
-                let has_modification = modification.is_some();
-                let modification = modification.map(field).unwrap_or("");
+                let modification = field(*modification);
                 let mut key = format!(
                     "{}:{}:{}:{}",
                     field(*batch),
@@ -540,15 +541,8 @@ impl<R: Read> ReportReader<R> {
                 );
                 // A line with no Psp Reference (a payout, an invoice's fee) is told from the
                 // batch's others by its Modification Reference, or, with neither, its Merchant
-                // Reference. Without those columns the same line would have another key in a
-                // file that has them, and be applied twice.
-                if field(*psp_reference).is_empty() && !has_modification {
-                    return malformed(
-                        line_no,
-                        Some(key),
-                        "a line with no Psp Reference needs the report's Modification Reference column",
-                    );
-                }
+                // Reference. Without that column the same line would have another key in a
+                // file that has it, and be applied twice.
                 if field(*psp_reference).is_empty() && modification.is_empty() {
                     let Some(m) = merchant_reference.map(field) else {
                         return malformed(
@@ -1203,13 +1197,12 @@ mod tests {
             matches!(&parsed[0], Parsed::Malformed { reason, .. } if reason.contains("Merchant Reference")),
             "{parsed:?}"
         );
-        // Nor without the Modification Reference column, where its description may be.
-        let text = "Psp Reference,Merchant Reference,Creation Date,Type,Gross Currency,Gross Debit (GC),Gross Credit (GC),Net Currency,Net Debit (NC),Net Credit (NC),Batch Number\n\
-                    ,Payout 42,2026-11-27 07:12:45,MerchantPayout,,,,EUR,12.50,,42\n";
-        let parsed = read_all(Format::Adyen, text).unwrap();
-        assert!(
-            matches!(&parsed[0], Parsed::Malformed { reason, .. } if reason.contains("Modification Reference")),
-            "{parsed:?}"
+        // A file without the Modification Reference column, part of every line's key, is not
+        // read at all.
+        let text = "Psp Reference,Merchant Reference,Creation Date,Type,Gross Currency,Gross Debit (GC),Gross Credit (GC),Net Currency,Net Debit (NC),Net Credit (NC),Batch Number\n";
+        assert_eq!(
+            read_all(Format::Adyen, text).unwrap_err(),
+            FileError::MissingColumn("Modification Reference", "adyen")
         );
     }
 

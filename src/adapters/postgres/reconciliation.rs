@@ -156,10 +156,14 @@ pub struct ChunkWrite {
     /// the very line, and left unapplied, resolves itself (another line of the same object, a
     /// dispute's reversal beside its opening say, leaves it open).
     pub matched_keys: Vec<String>,
-    /// The keys of the applied lines that found their payment or refund (matched or not): a
-    /// `missing_in_payrail` an earlier run raised for the very line, and left unapplied,
-    /// resolves itself.
-    pub found_keys: Vec<String>,
+    /// The waiting keys (`{key}:charge_only`) of Stripe charge lines evaluated with their
+    /// PaymentIntent's column: the `missing_in_payrail` an earlier run raised for the very line,
+    /// waiting for that column, resolves itself.
+    pub waiting_over: Vec<String>,
+    /// The payments and refunds the chunk's applied charge and refund lines name (matched or
+    /// not): their open `missing_in_report` resolves itself, as an applied line that names a
+    /// capture or refund keeps one from being raised.
+    pub named: Vec<String>,
     /// The latest time among the lines an earlier run applied (skipped here): with the lines
     /// this chunk applies, they give the report's day, also when the report is run again.
     pub already_latest: Option<DateTime<Utc>>,
@@ -678,12 +682,12 @@ impl Db {
             Err(e) => return Err(pg_error(e)),
         };
         let exceptions = insert_exceptions(&tx, &connector.id, run_id, &w.exceptions).await?;
-        if !w.matched_keys.is_empty() || !w.found_keys.is_empty() {
+        if !w.matched_keys.is_empty() || !w.waiting_over.is_empty() || !w.named.is_empty() {
             tx.execute(
                 "UPDATE reconciliation_exceptions SET status = 'resolved', resolved_by = 'reconciliation',
                      resolution = 'matched by run ' || $2, resolved_at = now()
                  WHERE connector_id = $1 AND status = 'open'
-                   AND ((type = 'missing_in_report' AND reference = ANY($3))
+                   AND ((type = 'missing_in_report' AND (reference = ANY($3) OR dedupe_key = ANY($6)))
                         OR (type = 'status_mismatch' AND dedupe_key = ANY($4))
                         OR (type = 'missing_in_payrail' AND dedupe_key = ANY($5)))",
                 &[
@@ -691,7 +695,8 @@ impl Db {
                     &run_id,
                     &w.matched_references,
                     &w.matched_keys,
-                    &w.found_keys,
+                    &w.waiting_over,
+                    &w.named,
                 ],
             )
             .await
