@@ -159,10 +159,11 @@ async fn a_report_with_every_fault_raises_each_exception_once_and_settles_the_re
     assert_eq!(r.status, 201, "{}", r.body);
     let run = r.body.clone();
     assert_eq!(run["status"], "succeeded", "{run}");
-    // 14 charges − 2 missing + 1 duplicate + 2 unknown, 2 refunds, 1 dispute, 1 payout.
-    assert_eq!(run["lines"], 19, "{run}");
-    // Charges 6–13 and the first copy of 5 (9), two refunds, the dispute and the payout.
-    assert_eq!(run["matched"], 13, "{run}");
+    // 14 charges − 2 missing + 1 duplicate + 2 unknown, 2 refunds, 1 dispute; no payout: the
+    // day is under way.
+    assert_eq!(run["lines"], 18, "{run}");
+    // Charges 6–13 and the first copy of 5 (9), two refunds and the dispute.
+    assert_eq!(run["matched"], 12, "{run}");
     assert_eq!(run["exceptions"], 8, "{run}");
     assert_eq!(run["already_applied"], 0, "{run}");
 
@@ -225,14 +226,14 @@ async fn a_report_with_every_fault_raises_each_exception_once_and_settles_the_re
     assert!(settled);
 
     // Fees: every line's in the report once — the matched charges', the mismatched ones', the
-    // unknown ones' (the PSP kept them all) and the dispute's; not the repeated line's. The
-    // payout moved the day's net to the bank.
+    // unknown ones' (the PSP kept them all) and the dispute's; not the repeated line's. Nothing
+    // reached the bank: the PSP pays a day out once it has ended.
     let fees = &app.state.config.psp.sandbox.settlement;
     let expected_fees: i64 = charged[2..14].iter().map(|(_, a)| charge_fee(*a, fees)).sum::<i64>()
         + 2 * charge_fee(1000, fees)
         + fees.dispute_fee;
     assert_eq!(balance(&app, "psp_fees_expense").await, expected_fees);
-    assert!(balance(&app, "bank").await > 0);
+    assert_eq!(balance(&app, "bank").await, 0);
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
     let metrics = app.request("GET", "/metrics", None, None, None).await;
     let text = String::from_utf8_lossy(&metrics.raw).to_string();
@@ -241,7 +242,7 @@ async fn a_report_with_every_fault_raises_each_exception_once_and_settles_the_re
         .find(|l| l.starts_with("payrail_reconciliation_match_ratio{psp=\"sandbox\"}"))
         .unwrap_or_else(|| panic!("no ratio in {text}"));
     let ratio: f64 = ratio_line.rsplit(' ').next().unwrap().parse().unwrap();
-    assert!((ratio - 13.0 / 21.0).abs() < 1e-9, "{ratio_line}");
+    assert!((ratio - 12.0 / 20.0).abs() < 1e-9, "{ratio_line}");
     assert!(text.contains("payrail_reconciliation_exceptions_open{type=\"amount_mismatch\"} 3"));
 
     // The same report again changes nothing.
@@ -257,7 +258,7 @@ async fn a_report_with_every_fault_raises_each_exception_once_and_settles_the_re
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.body["matched"], 0, "{}", r.body);
     assert_eq!(r.body["exceptions"], 0, "{}", r.body);
-    assert_eq!(r.body["already_applied"], 19, "{}", r.body);
+    assert_eq!(r.body["already_applied"], 18, "{}", r.body);
     assert_eq!(app.count("journals").await, journals);
     assert_eq!(exceptions(&app, "").await.len(), 8);
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
@@ -344,22 +345,44 @@ async fn an_adyen_report_matches_every_line_and_feeds_the_same_ledger() {
         "{csv}"
     );
     wait_for("the actors to passivate", async || app.state.registry.live() == 0).await;
-    assert_eq!(csv.lines().count(), 1 + 3 + 1 + 1, "{csv}");
+    // Three charges and the refund; no payout while the day is under way.
+    assert_eq!(csv.lines().count(), 1 + 3 + 1, "{csv}");
     let r = upload(&app, &adyen_day(&connector), csv).await;
     assert_eq!(r.status, 201, "{}", r.body);
-    assert_eq!(r.body["matched"], 5, "{}", r.body);
+    assert_eq!(r.body["matched"], 4, "{}", r.body);
     assert_eq!(r.body["exceptions"], 0, "{}", r.body);
     assert_eq!(r.body["match_ratio"], 1.0);
     for id in &ids {
         assert_eq!(status(&app, id).await, "settled", "{id}");
     }
-    // Net of the day = Σ charges − fees − refund = what the bank received; psp_clearing keeps
-    // the platform's part of nothing else: debits and credits balance per account class.
+    // Net of the day = Σ charges − fees − refund: it waits at the PSP (psp_clearing) until the
+    // day's payout.
     let fees = &app.state.config.psp.sandbox.settlement;
     let total_fees: i64 = [1999, 2500, 10_000].iter().map(|a| charge_fee(*a, fees)).sum();
-    let bank = balance(&app, "bank").await;
-    assert_eq!(bank, 1999 + 2500 + 10_000 - 4000 - total_fees);
+    let net = 1999 + 2500 + 10_000 - 4000 - total_fees;
+    assert_eq!(balance(&app, "psp_clearing").await, net);
+    assert_eq!(balance(&app, "bank").await, 0);
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
+    // Once the day has ended (the book moved back a day), its report pays that net out.
+    app.sql()
+        .await
+        .execute("UPDATE sandbox_settlement_book SET at = at - interval '1 day'", &[])
+        .await
+        .unwrap();
+    let yesterday = (chrono::Utc::now() - chrono::Duration::days(1)).date_naive();
+    let report = app
+        .get(&format!("/sandbox/v1/settlement_reports/{yesterday}?format=adyen"))
+        .await;
+    let csv = String::from_utf8(report.raw).unwrap();
+    let payouts: Vec<&str> = csv.lines().filter(|l| l.contains(",MerchantPayout,")).collect();
+    assert_eq!(payouts.len(), 1, "{csv}");
+    let net_debit = payouts[0].split(',').nth(14).unwrap();
+    assert_eq!(
+        payrail::domain::settlement::parse_amount(net_debit, 2),
+        Some(net),
+        "{}",
+        payouts[0]
+    );
 }
 
 #[actix_web::test]
@@ -429,8 +452,8 @@ async fn a_stripe_itemized_report_names_charges_by_charge_and_matches_by_payment
     let (first, _) = itemized(false);
     let r = upload(&app, &query, first).await;
     assert_eq!(r.status, 201, "{}", r.body);
-    // The refund and the sandbox's payout of the day match; no charge can.
-    assert_eq!(r.body["matched"], 2, "{}", r.body);
+    // The refund matches; no charge can.
+    assert_eq!(r.body["matched"], 1, "{}", r.body);
     // Each charge is missing, says why, and is not applied (its fee neither).
     let list = by_type(&exceptions(&app, "status=open").await);
     let missing = &list["missing_in_payrail"];
@@ -450,7 +473,7 @@ async fn a_stripe_itemized_report_names_charges_by_charge_and_matches_by_payment
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(
         (r.body["matched"].as_i64(), r.body["already_applied"].as_i64()),
-        (Some(2), Some(2)),
+        (Some(2), Some(1)),
         "{}",
         r.body
     );
@@ -468,7 +491,7 @@ async fn a_stripe_itemized_report_names_charges_by_charge_and_matches_by_payment
     // file with the column), with no advice.
     let missing = &list["missing_in_payrail"][0];
     assert_eq!(missing["reference"], "ch_extra");
-    assert_eq!(missing["detail"], "line 7: no payment has this reference");
+    assert_eq!(missing["detail"], "line 6: no payment has this reference");
     assert_eq!(balance(&app, "psp_fees_expense").await, fees);
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
 }
@@ -526,10 +549,9 @@ async fn an_adyen_report_reads_its_payout_and_fee_lines_that_name_no_transaction
     let fees_before = balance(&app, "psp_fees_expense").await;
     let r = upload(&app, &adyen_day(&connector), csv).await;
     assert_eq!(r.status, 201, "{}", r.body);
-    // The charge and both payouts (the sandbox's and the added one) match; the fee line is one
-    // payrail does not reconcile, not a line it could not read, and what the PSP kept is posted
-    // all the same.
-    assert_eq!(r.body["matched"], 3, "{}", r.body);
+    // The charge and the payout match; the fee line is one payrail does not reconcile, not a
+    // line it could not read, and what the PSP kept is posted all the same.
+    assert_eq!(r.body["matched"], 2, "{}", r.body);
     let list = by_type(&exceptions(&app, "status=open").await);
     assert_eq!(list.keys().collect::<Vec<_>>(), vec!["unsupported_line"], "{list:?}");
     let detail = list["unsupported_line"][0]["detail"].as_str().unwrap();
@@ -539,8 +561,8 @@ async fn an_adyen_report_reads_its_payout_and_fee_lines_that_name_no_transaction
     let charge_fee = charge_fee(10_000, &app.state.config.psp.sandbox.settlement);
     assert_eq!(fees_after - fees_before, charge_fee + 1250);
     let bank = balance(&app, "bank").await;
-    // The sandbox paid out the day's net; the added payout moved 90.00 more.
-    assert_eq!(bank, 10_000 - charge_fee + 9000);
+    // The payout moved 90.00 (the sandbox pays its own day out once it has ended).
+    assert_eq!(bank, 9000);
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
 }
 
@@ -810,7 +832,7 @@ async fn the_reconcile_command_streams_a_file_to_the_server() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let run: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(run["matched"], 2, "{run}");
+    assert_eq!(run["matched"], 1, "{run}");
     assert_eq!(run["source"], "upload");
     assert_eq!(status(&app, &id).await, "settled");
 }

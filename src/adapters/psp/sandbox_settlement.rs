@@ -180,9 +180,12 @@ pub async fn write_report<W: Write>(
         *net.entry(currency).or_default() += line.amount - line.fee;
         written += 1;
     }
-    // The day's balance goes to the merchant's bank, one payout per currency.
+    // The day's balance goes to the merchant's bank, one payout per currency, once the day has
+    // ended: a payout in a report of the day so far would stand for the whole day's (its line
+    // has the same key), and the rest of the day would never leave the PSP's balance.
     let tag = &hex::encode(<sha2::Sha256 as sha2::Digest>::digest(merchant.as_bytes()))[..8];
-    for (currency, total) in net.into_iter().filter(|(_, t)| *t > 0) {
+    let ended = end <= chrono::Utc::now();
+    for (currency, total) in net.into_iter().filter(|(_, t)| ended && *t > 0) {
         let id = format!(
             "po_{tag}_{}_{}",
             date.format("%Y%m%d"),
