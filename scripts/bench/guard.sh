@@ -7,7 +7,7 @@
 # noise margin, so that it catches a step backwards, not the machine's weather.
 #
 # By default it loads the debug build `.ci/run` has just made (floor 0.12x: it read
-# 0.216x-0.227x on a slow machine of this kind on 2026-11-30), so that CI builds nothing more:
+# 0.204x-0.236x on a slow machine of this kind on 2026-11-30), so that CI builds nothing more:
 # an optimized build from scratch took 8-10 minutes there, a third of CI's time.
 # `GUARD_PROFILE=guard` loads Cargo.toml's `guard` profile instead (release without fat LTO;
 # floor 0.25x: it read 0.327x-0.46x in every run since 2026-11-29).

@@ -215,21 +215,14 @@ impl Reconciler {
         let result = self.run_inner(&run_id, &req).await;
         match result {
             Ok((sha, totals)) => {
-                self.finish(
-                    &run_id,
-                    "succeeded",
-                    Some(&sha),
-                    [totals.lines, totals.already, totals.matched, totals.exceptions],
-                    None,
-                )
-                .await?;
+                self.finish(&run_id, Ok((&sha, &totals))).await?;
                 self.metrics
                     .reconciliation_run(&req.connector.psp, totals.matched, totals.exceptions);
             }
             Err(e) => {
                 let reason = e.to_string();
                 tracing::warn!(run_id, connector = %req.connector.id, error = %reason, "reconciliation run failed");
-                self.finish(&run_id, "failed", None, [0; 4], Some(&reason)).await?;
+                self.finish(&run_id, Err(&reason)).await?;
                 if let ReconError::Refused { .. } = e {
                     return Err(ReconError::Refused { run_id, reason });
                 }
@@ -243,34 +236,37 @@ impl Reconciler {
     /// Records how a run ended, asking again a few times (1.3 s of pauses in all) when the database
     /// does not answer. A run whose end still could not be recorded stays `running` until the
     /// connector's next run in this process fails it, or this process's next start does.
-    async fn finish(
-        &self,
-        run_id: &str,
-        status: &str,
-        sha: Option<&str>,
-        [lines, already, matched, exceptions]: [i64; 4],
-        error: Option<&str>,
-    ) -> Result<(), ReconError> {
+    /// `outcome` is the file's SHA-256 and the run's counts, or why it failed (its counts 0).
+    async fn finish(&self, run_id: &str, outcome: Result<(&str, &Totals), &str>) -> Result<(), ReconError> {
+        let (status, sha, t, error) = match outcome {
+            Ok((sha, t)) => (
+                "succeeded",
+                Some(sha),
+                [t.lines, t.already, t.matched, t.exceptions],
+                None,
+            ),
+            Err(reason) => ("failed", None, [0; 4], Some(reason)),
+        };
+        let [lines, already, matched, exceptions] = t;
         let mut pause = std::time::Duration::from_millis(100);
-        for attempt in 1..=FINISH_ATTEMPTS {
-            match self
+        let mut attempt = 1;
+        loop {
+            let Err(e) = self
                 .db
                 .finish_run(run_id, status, sha, lines, already, matched, exceptions, error)
                 .await
-            {
-                Ok(()) => return Ok(()),
-                Err(e) if attempt == FINISH_ATTEMPTS => {
-                    tracing::error!(run_id, status, error = %e, "a reconciliation run's end could not be recorded");
-                    return Err(e.into());
-                }
-                Err(e) => {
-                    tracing::warn!(run_id, attempt, error = %e, "recording a reconciliation run's end; asking again");
-                    tokio::time::sleep(pause).await;
-                    pause *= 3;
-                }
+            else {
+                return Ok(());
+            };
+            if attempt == FINISH_ATTEMPTS {
+                tracing::error!(run_id, status, error = %e, "a reconciliation run's end could not be recorded");
+                return Err(e.into());
             }
+            tracing::warn!(run_id, attempt, error = %e, "recording a reconciliation run's end; asking again");
+            tokio::time::sleep(pause).await;
+            pause *= 3;
+            attempt += 1;
         }
-        unreachable!("the last attempt returns")
     }
 
     /// A committed settle's status change, in `/metrics` as the actor's own commits count it.
@@ -721,26 +717,21 @@ impl Reconciler {
                     }
                     w.matched_keys.push(l.key.clone());
                 }
-                Some((kind, detail, expected)) => {
+                Some((problem_kind, detail, expected)) => {
                     // A charge waiting for the column has an exception of its own, which the
                     // line's evaluation with the column ends (the line may then raise another).
-                    let waiting = kind == "missing_in_payrail" && l.charge_only;
+                    let waiting = problem_kind == "missing_in_payrail" && l.charge_only;
                     let dedupe = if waiting { waiting_key(&l.key) } else { l.key.clone() };
-                    let mut e = exception(kind, dedupe, l, format!("line {}: {detail}", l.line_no));
+                    let mut e = exception(problem_kind, dedupe, l, format!("line {}: {detail}", l.line_no));
                     e.payment_id = applied.payment_id.clone();
                     e.refund_id = applied.refund_id.clone();
                     e.expected = expected;
                     w.exceptions.push(e);
-                    if kind == "status_mismatch" {
-                        // payrail may not have heard yet (a capture or refund whose PSP event
-                        // is on its way): the line is left unapplied, so the next run of a
-                        // report that has it matches it, and resolves this exception.
-                        continue;
-                    }
-                    if waiting {
-                        // The report named the charge, not its PaymentIntent: the line is left
-                        // unapplied (its fee too), for the report given again with its
-                        // payment_intent_id column.
+                    if problem_kind == "status_mismatch" || waiting {
+                        // Left unapplied (its fee too), for the next run of a report that holds
+                        // the line: payrail may not have heard yet (a capture or refund whose
+                        // PSP event is on its way), or the report named the charge, not its
+                        // PaymentIntent, and comes again with its payment_intent_id column.
                         continue;
                     }
                 }
@@ -759,7 +750,7 @@ impl Reconciler {
         // A line given twice names what its first copy matched.
         let by_key: std::collections::HashMap<&str, &AppliedLine> =
             w.lines.iter().map(|l| (l.line.key.as_str(), l)).collect();
-        let named: Vec<(usize, Option<String>, Option<String>)> = w
+        let first_copies: Vec<(usize, Option<String>, Option<String>)> = w
             .exceptions
             .iter()
             .enumerate()
@@ -770,7 +761,7 @@ impl Reconciler {
             })
             .collect();
         drop(by_key);
-        for (i, payment, refund) in named {
+        for (i, payment, refund) in first_copies {
             w.exceptions[i].payment_id = payment;
             w.exceptions[i].refund_id = refund;
         }

@@ -327,8 +327,8 @@ impl Columns {
                 .ok_or(FileError::MissingColumn(col, name))
         };
         let maybe = |col: &'static str| header.iter().position(|h| h.trim().eq_ignore_ascii_case(col));
-        // The first of a column's names the header has: the balance transactions export's
-        // (API and Dashboard) first, then the itemized report's (Stripe's Reports API).
+        // The first of a column's names, in the order given, that the header has (Stripe's
+        // balance transactions export and its itemized report name some columns otherwise).
         let any = |cols: &[&'static str]| -> Result<usize, FileError> {
             cols.iter()
                 .find_map(|c| maybe(c))
@@ -624,6 +624,12 @@ fn description_of(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+/// A PSP's own fee line as (amount, fee): no amount, its net (a debit) the fee the PSP kept; a
+/// credit gives a fee back.
+fn kept(net: i64) -> Result<(i64, i64), String> {
+    Ok((0, net.checked_neg().ok_or("net is beyond what an amount may be")?))
+}
+
 /// Adyen's types of line that are a fee the PSP kept (or gave back), about no transaction.
 /// (`InvoiceDeduction` is Adyen's invoice for its services, taken from the balance.)
 const ADYEN_FEE_TYPES: [&str; 5] = [
@@ -638,7 +644,6 @@ const ADYEN_FEE_TYPES: [&str; 5] = [
 const STRIPE_FEE_TYPES: [&str; 4] = ["stripe_fee", "stripe_fx_fee", "network_cost", "tax_fee"];
 const STRIPE_FEE_CATEGORIES: [&str; 2] = ["fee", "network_cost"];
 
-#[allow(clippy::too_many_arguments)]
 fn stripe_line(
     line_no: u64,
     key: &str,
@@ -682,11 +687,7 @@ fn stripe_line(
     let own_fee = line_kind == LineKind::Other
         && (kind.is_some_and(|k| STRIPE_FEE_TYPES.contains(&k))
             || (kind.is_none() && STRIPE_FEE_CATEGORIES.contains(&category)));
-    let (amount, fee) = if own_fee {
-        (0, net.checked_neg().ok_or("net is beyond what an amount may be")?)
-    } else {
-        (amount, fee)
-    };
+    let (amount, fee) = if own_fee { kept(net)? } else { (amount, fee) };
     // A charge is about its PaymentIntent when the report names it (payrail's reference of a
     // Stripe payment); a refund or dispute belongs to it.
     let charge_only =
@@ -767,7 +768,7 @@ fn adyen_line(
         // any other such line (a payout, a deposit correction, a transfer between accounts)
         // moved its net, and kept nothing.
         if ADYEN_FEE_TYPES.contains(&kind) {
-            (0, net.checked_neg().ok_or("net is beyond what an amount may be")?)
+            kept(net)?
         } else {
             (net, 0)
         }

@@ -363,15 +363,16 @@ async fn an_adyen_report_matches_every_line_and_feeds_the_same_ledger() {
     assert_eq!(balance(&app, "psp_clearing").await, net);
     assert_eq!(balance(&app, "bank").await, 0);
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
-    // Once the day has ended (the book moved back a day), its report pays that net out.
+    // Once the day has ended (the book moved back two days: a day that ended minutes ago may
+    // still be landing), its report pays that net out.
     app.sql()
         .await
-        .execute("UPDATE sandbox_settlement_book SET at = at - interval '1 day'", &[])
+        .execute("UPDATE sandbox_settlement_book SET at = at - interval '2 days'", &[])
         .await
         .unwrap();
-    let yesterday = (chrono::Utc::now() - chrono::Duration::days(1)).date_naive();
+    let day = (chrono::Utc::now() - chrono::Duration::days(2)).date_naive();
     let report = app
-        .get(&format!("/sandbox/v1/settlement_reports/{yesterday}?format=adyen"))
+        .get(&format!("/sandbox/v1/settlement_reports/{day}?format=adyen"))
         .await;
     let csv = String::from_utf8(report.raw).unwrap();
     let payouts: Vec<&str> = csv.lines().filter(|l| l.contains(",MerchantPayout,")).collect();
@@ -492,6 +493,27 @@ async fn a_stripe_itemized_report_names_charges_by_charge_and_matches_by_payment
     let missing = &list["missing_in_payrail"][0];
     assert_eq!(missing["reference"], "ch_extra");
     assert_eq!(missing["detail"], "line 6: no payment has this reference");
+    // What resolved the others says how.
+    let resolved = by_type(&exceptions(&app, "status=resolved").await);
+    let notes = |t: &str| -> Vec<String> {
+        let mut n: Vec<String> = resolved[t]
+            .iter()
+            .map(|e| {
+                e["resolution_note"]
+                    .as_str()
+                    .unwrap()
+                    .split(" rcn_")
+                    .next()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        n.sort();
+        n.dedup();
+        n
+    };
+    assert_eq!(notes("missing_in_payrail"), ["read with payment_intent_id by run"]);
+    assert_eq!(notes("missing_in_report"), ["matched by run", "named by run"]);
     assert_eq!(balance(&app, "psp_fees_expense").await, fees);
     assert!(app.state.db.verify_ledger().await.unwrap().is_clean());
 }

@@ -685,7 +685,11 @@ impl Db {
         if !w.matched_keys.is_empty() || !w.waiting_over.is_empty() || !w.named.is_empty() {
             tx.execute(
                 "UPDATE reconciliation_exceptions SET status = 'resolved', resolved_by = 'reconciliation',
-                     resolution = 'matched by run ' || $2, resolved_at = now()
+                     resolution = CASE
+                         WHEN type = 'missing_in_payrail' THEN 'read with payment_intent_id by run '
+                         WHEN type = 'missing_in_report' AND NOT coalesce(reference = ANY($3), false) THEN 'named by run '
+                         ELSE 'matched by run ' END || $2,
+                     resolved_at = now()
                  WHERE connector_id = $1 AND status = 'open'
                    AND ((type = 'missing_in_report' AND (reference = ANY($3) OR dedupe_key = ANY($6)))
                         OR (type = 'status_mismatch' AND dedupe_key = ANY($4))

@@ -1,6 +1,6 @@
 //! The sandbox PSP's settlement reports: one UTC day of its own books (captures, refunds,
-//! disputes), with its fees and one payout to the bank per currency, in Stripe's or Adyen's
-//! format, so that reconciliation runs end to end with no outside account. Faults can be
+//! disputes), with its fees and, once the day has ended, one payout to the bank per currency, in
+//! Stripe's or Adyen's format, so that reconciliation runs end to end with no outside account. Faults can be
 //! injected (`amount_mismatch:3,missing:2,duplicate:1,unknown:2`): each takes the next
 //! charges of the day in booking order, so a test knows which lines it changed.
 
@@ -13,6 +13,9 @@ use crate::adapters::postgres::{Db, StoreError};
 use crate::config::SandboxSettlementConfig;
 use crate::domain::settlement::{Format, Line, LineKind, ReportWriter};
 use crate::domain::Currency;
+
+/// How long after a day's end its report first carries the day's payout.
+const PAYOUT_MARGIN: chrono::Duration = chrono::Duration::minutes(5);
 
 /// Faults a report may carry, each a number of lines.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -182,10 +185,14 @@ pub async fn write_report<W: Write>(
     }
     // The day's balance goes to the merchant's bank, one payout per currency, once the day has
     // ended: a payout in a report of the day so far would stand for the whole day's (its line
-    // has the same key), and the rest of the day would never leave the PSP's balance.
+    // has the same key), and the rest of the day would never leave the PSP's balance. A booking
+    // is stamped when its transaction starts and lands when its group commits: the margin lets
+    // the day's last ones land first.
+    if Utc::now() < end + PAYOUT_MARGIN {
+        net.clear();
+    }
     let tag = &hex::encode(<sha2::Sha256 as sha2::Digest>::digest(merchant.as_bytes()))[..8];
-    let ended = end <= chrono::Utc::now();
-    for (currency, total) in net.into_iter().filter(|(_, t)| ended && *t > 0) {
+    for (currency, total) in net.into_iter().filter(|(_, t)| *t > 0) {
         let id = format!(
             "po_{tag}_{}_{}",
             date.format("%Y%m%d"),
